@@ -1,0 +1,406 @@
+"""Robust image and mask reading.
+
+Every image that enters ccad goes through :func:`load_image` (files) or :func:`coerce_image`
+(anything a user may hand over: a path, a PIL image, a numpy array, a tensor). The result is
+always the convention of the whole package: ``float32`` ``H x W x 3`` in ``[0, 1]`` (grey images
+replicated to three channels, alpha dropped, 16-bit scaled by 65535). These are the inputs
+``x_0`` of the CCAD paper (eq. 15 trains on them, eq. 16 compares them to reconstructions).
+
+Files are decoded with OpenCV (``IMREAD_UNCHANGED``, BGR -> RGB) and, when OpenCV cannot decode a
+file, with Pillow. A missing, empty, corrupt, oversized or non-image file raises
+:class:`ImageReadError`, whose message names the file and the reason, so that a batch loader can
+report it and go on.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+try:  # OpenCV is the primary decoder; Pillow is the fallback.
+    import cv2  # type: ignore
+
+    cv2.setNumThreads(1)
+except Exception:  # pragma: no cover - opencv is a hard dependency, but keep reading possible
+    cv2 = None  # type: ignore
+
+from PIL import Image
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MAX_PIXELS",
+    "ImageReadError",
+    "is_image_file",
+    "list_images",
+    "read_raw",
+    "load_image",
+    "load_mask",
+    "to_tensor",
+    "mask_to_tensor",
+    "coerce_image",
+    "to_float_rgb",
+    "save_image",
+    "save_mask",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: File suffixes (lower case) treated as images by loaders and accepted by :func:`load_image`.
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm", ".pnm"}
+)
+
+#: Images larger than this many pixels are refused before decoding (decompression-bomb guard).
+MAX_PIXELS: int = 100_000_000
+
+_LOSSY = frozenset({".jpg", ".jpeg", ".webp"})
+
+
+class ImageReadError(ValueError):
+    """An image or mask file could not be read.
+
+    Attributes:
+        path: the file that failed (as given).
+        reason: a short human-readable reason (``"file not found"``, ``"cannot decode ..."``).
+    """
+
+    def __init__(self, path: PathLike | str, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"cannot read image '{self.path}': {reason}")
+
+    def __reduce__(self):  # keep picklable for DataLoader workers
+        return (type(self), (self.path, self.reason))
+
+
+def is_image_file(path: PathLike) -> bool:
+    """True when ``path`` has an image suffix (case-insensitive) and does not look like a mask."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def list_images(directory: PathLike, recursive: bool = False) -> list[Path]:
+    """Sorted image files in ``directory`` (hidden files skipped); ``[]`` if it does not exist."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    it = d.rglob("*") if recursive else d.iterdir()
+    out = [
+        p
+        for p in it
+        if p.is_file() and not p.name.startswith(".") and is_image_file(p)
+    ]
+    return sorted(out)
+
+
+# --------------------------------------------------------------------------------------------
+# decoding
+# --------------------------------------------------------------------------------------------
+
+
+def _check_file(path: Path, original: PathLike) -> None:
+    if not path.exists():
+        raise ImageReadError(original, "file not found")
+    if not path.is_file():
+        raise ImageReadError(original, "not a regular file")
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_EXTENSIONS:
+        shown = suffix or "(no extension)"
+        raise ImageReadError(
+            original,
+            f"unsupported file type {shown}; supported: {', '.join(sorted(IMAGE_EXTENSIONS))}",
+        )
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise ImageReadError(original, f"cannot access file ({e.strerror or e})") from e
+    if size == 0:
+        raise ImageReadError(original, "file is empty (0 bytes)")
+
+
+def _check_pixels(h: int, w: int, original: PathLike) -> None:
+    if h <= 0 or w <= 0:
+        raise ImageReadError(original, f"image has an empty size {w}x{h}")
+    if h * w > MAX_PIXELS:
+        raise ImageReadError(
+            original,
+            f"image is {w}x{h} = {h * w / 1e6:.1f} megapixels, over the limit of "
+            f"{MAX_PIXELS / 1e6:.0f} megapixels (possible decompression bomb)",
+        )
+
+
+def _header_size(path: Path) -> tuple[int, int] | None:
+    """(H, W) from the file header via Pillow (no pixel decoding), or None if Pillow cannot tell."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                w, h = im.size
+                return int(h), int(w)
+    except Image.DecompressionBombError:
+        return (MAX_PIXELS + 1, 1)
+    except Exception:
+        return None
+
+
+def _pil_to_array(im: Image.Image) -> np.ndarray:
+    """Pillow image -> numpy array in RGB(A)/grey order with its native dtype."""
+    mode = im.mode
+    if mode in ("1",):
+        return np.asarray(im.convert("L"))
+    if mode in ("P", "PA"):
+        im = im.convert("RGBA" if ("transparency" in im.info or mode == "PA") else "RGB")
+    elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        im = im.convert("RGB")
+    elif mode.startswith("I;16"):
+        return np.asarray(im).astype(np.uint16)
+    elif mode == "LA":
+        return np.asarray(im)[..., 0]
+    return np.asarray(im)
+
+
+def _decode_pil(path: Path, original: PathLike) -> np.ndarray:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                w, h = im.size
+                _check_pixels(h, w, original)
+                im.load()
+                return _pil_to_array(im)
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(original, f"image too large (possible decompression bomb): {e}") from e
+    except Exception as e:
+        raise ImageReadError(original, f"cannot decode image data ({type(e).__name__}: {e})") from e
+
+
+def read_raw(path: PathLike) -> np.ndarray:
+    """Decode an image file to a numpy array with its native dtype, channels in RGB(A) order.
+
+    Returns ``H x W`` (grey) or ``H x W x C`` (C in 3, 4). Raises :class:`ImageReadError` for a
+    missing, empty, non-image, oversized (> :data:`MAX_PIXELS`) or undecodable file.
+    """
+    p = Path(os.fspath(path))
+    _check_file(p, path)
+    hdr = _header_size(p)
+    if hdr is not None:
+        _check_pixels(hdr[0], hdr[1], path)
+    arr: np.ndarray | None = None
+    if cv2 is not None:
+        try:
+            buf = np.fromfile(str(p), dtype=np.uint8)  # works with non-ASCII paths too
+            arr = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+        except Exception:
+            arr = None
+        if arr is not None and arr.size > 0:
+            if arr.ndim == 3 and arr.shape[2] == 3:
+                arr = arr[..., ::-1]
+            elif arr.ndim == 3 and arr.shape[2] == 4:
+                arr = arr[..., [2, 1, 0, 3]]
+        else:
+            arr = None
+    if arr is None:
+        arr = _decode_pil(p, path)
+    if arr.ndim < 2:
+        raise ImageReadError(path, f"decoded data has an unexpected shape {arr.shape}")
+    _check_pixels(arr.shape[0], arr.shape[1], path)
+    return np.ascontiguousarray(arr)
+
+
+def to_float_rgb(arr: np.ndarray, source: str = "array") -> np.ndarray:
+    """Any image array (grey/RGB/RGBA, uint8/uint16/int/bool/float) -> float32 ``H x W x 3`` in [0, 1].
+
+    uint8 is divided by 255, uint16 by 65535, other integers by their dtype maximum; float data
+    already in [0, 1] is kept, other float data is min-max scaled. Channel order is taken as
+    RGB(A); a 2-channel image is grey + alpha; alpha is dropped.
+    """
+    a = np.asarray(arr)
+    if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[2] not in (1, 2, 3, 4):
+        a = np.transpose(a, (1, 2, 0))  # C x H x W given
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3 or a.shape[0] == 0 or a.shape[1] == 0:
+        raise ValueError(f"{source}: expected an H x W or H x W x C image, got shape {a.shape}")
+    c = a.shape[2]
+    if c == 1 or c == 2:
+        a = a[..., :1]
+    elif c >= 3:
+        a = a[..., :3]
+    if a.dtype == np.bool_:
+        out = a.astype(np.float32)
+    elif a.dtype == np.uint8:
+        out = a.astype(np.float32) / 255.0
+    elif a.dtype == np.uint16:
+        out = a.astype(np.float32) / 65535.0
+    elif np.issubdtype(a.dtype, np.integer):
+        info = np.iinfo(a.dtype)
+        af = a.astype(np.float64)
+        if af.min() >= 0 and af.max() <= 255:
+            out = (af / 255.0).astype(np.float32)
+        elif af.min() >= 0 and af.max() <= 65535:
+            out = (af / 65535.0).astype(np.float32)
+        else:
+            out = ((af - info.min) / float(info.max - info.min)).astype(np.float32)
+    elif np.issubdtype(a.dtype, np.floating):
+        af = np.nan_to_num(a.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+        lo, hi = float(af.min()), float(af.max())
+        if lo >= 0.0 and hi <= 1.0:
+            out = af
+        elif lo >= 0.0 and hi <= 255.0 and a.dtype != np.float16:
+            out = af / 255.0
+        else:
+            out = (af - lo) / (hi - lo) if hi > lo else np.zeros_like(af)
+    else:
+        raise ValueError(f"{source}: unsupported image dtype {a.dtype}")
+    if out.shape[2] == 1:
+        out = np.repeat(out, 3, axis=2)
+    return np.ascontiguousarray(np.clip(out, 0.0, 1.0), dtype=np.float32)
+
+
+def load_image(path: PathLike) -> np.ndarray:
+    """Read an image file as float32 ``H x W x 3`` in [0, 1] (the ``x_0`` of CCAD eq. 15/16).
+
+    Grey, RGB, RGBA (alpha dropped), 8/16-bit, PNG/JPG/BMP/TIFF, any size up to
+    :data:`MAX_PIXELS`. Raises :class:`ImageReadError` naming the file for anything unreadable.
+    """
+    arr = read_raw(path)
+    try:
+        return to_float_rgb(arr, source=str(path))
+    except ValueError as e:
+        raise ImageReadError(path, str(e)) from e
+
+
+def load_mask(path: PathLike, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a ground-truth mask as float32 ``H x W`` in {0, 1} (any channel > 0 is defect).
+
+    For lossy formats (JPEG/WebP) the threshold is half the value range instead of 0, so that
+    compression noise is not taken for defect. ``shape=(H, W)`` resizes with nearest neighbour
+    when the mask's size differs (masks stored at another resolution than their image).
+    """
+    arr = read_raw(path)
+    if arr.ndim == 3:
+        if arr.shape[2] == 4:
+            arr = arr[..., :3]
+        arr = arr.max(axis=2)
+    if Path(os.fspath(path)).suffix.lower() in _LOSSY:
+        if arr.dtype == np.uint16:
+            thr = 32767
+        elif np.issubdtype(arr.dtype, np.floating):
+            thr = 0.5
+        else:
+            thr = 127
+    else:
+        thr = 0
+    m = (arr > thr).astype(np.float32)
+    if shape is not None:
+        h, w = int(shape[0]), int(shape[1])
+        if m.shape != (h, w):
+            t = torch.from_numpy(m)[None, None]
+            m = F.interpolate(t, size=(h, w), mode="nearest")[0, 0].numpy()
+    return np.ascontiguousarray(m, dtype=np.float32)
+
+
+def _size_tuple(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(size, (tuple, list)):
+        if len(size) != 2:
+            raise ValueError(f"size must be an int or (H, W), got {size!r}")
+        return int(size[0]), int(size[1])
+    return int(size), int(size)
+
+
+def to_tensor(image: np.ndarray, size: int | tuple[int, int]) -> torch.Tensor:
+    """``H x W x 3`` float image -> ``3 x S x S`` tensor, bilinear resize with antialiasing.
+
+    ``size`` is an int (square) or ``(H, W)``. Values stay in [0, 1].
+    """
+    img = to_float_rgb(image) if (image.dtype != np.float32 or image.ndim != 3) else image
+    t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).contiguous()
+    hw = _size_tuple(size)
+    if tuple(t.shape[1:]) != hw:
+        t = F.interpolate(t[None], size=hw, mode="bilinear", align_corners=False, antialias=True)[0]
+        t = t.clamp_(0.0, 1.0)
+    return t
+
+
+def mask_to_tensor(mask: np.ndarray | None, size: int | tuple[int, int]) -> torch.Tensor:
+    """``H x W`` {0,1} mask -> ``1 x S x S`` float tensor (nearest); ``None`` -> zeros."""
+    hw = _size_tuple(size)
+    if mask is None:
+        return torch.zeros(1, *hw, dtype=torch.float32)
+    m = np.asarray(mask)
+    if m.ndim == 3:
+        m = m.max(axis=2)
+    t = torch.from_numpy((m > 0).astype(np.float32))[None]
+    if tuple(t.shape[1:]) != hw:
+        t = F.interpolate(t[None], size=hw, mode="nearest")[0]
+    return t
+
+
+def coerce_image(x: Any) -> np.ndarray:
+    """Anything image-like -> the :func:`load_image` format (float32 ``H x W x 3`` in [0, 1]).
+
+    Accepts a path (str / PathLike), a PIL image, a numpy array (uint8/uint16/float, grey/RGB/RGBA,
+    ``H x W x C`` or ``C x H x W``) or a torch tensor (``C x H x W`` or ``H x W``, values in [0, 1]).
+    Arrays are taken as RGB channel order.
+    """
+    if isinstance(x, (str, os.PathLike)):
+        return load_image(x)
+    if isinstance(x, Image.Image):
+        w, h = x.size
+        _check_pixels(h, w, "<PIL image>")
+        return to_float_rgb(_pil_to_array(x), source="PIL image")
+    if isinstance(x, torch.Tensor):
+        t = x.detach().cpu()
+        if t.ndim == 4 and t.shape[0] == 1:
+            t = t[0]
+        if t.ndim == 3 and t.shape[0] in (1, 3, 4):
+            t = t.permute(1, 2, 0)
+        return to_float_rgb(t.float().numpy(), source="tensor")
+    if isinstance(x, np.ndarray):
+        if x.ndim >= 2:
+            _check_pixels(x.shape[0], x.shape[1], "<array>")
+        return to_float_rgb(x, source="array")
+    raise TypeError(
+        f"cannot interpret {type(x).__name__} as an image; pass a path, a PIL image, "
+        "a numpy array or a torch tensor"
+    )
+
+
+def save_image(path: PathLike, image: np.ndarray) -> Path:
+    """Write a float [0,1] (grey ``H x W`` or RGB ``H x W x 3``) or uint8/uint16 image to ``path``.
+
+    Float images are written as 8-bit. The parent folder is created. Returns the path.
+    """
+    p = Path(os.fspath(path))
+    p.parent.mkdir(parents=True, exist_ok=True)
+    a = np.asarray(image)
+    if np.issubdtype(a.dtype, np.floating) or a.dtype == np.bool_:
+        a = np.round(np.clip(a.astype(np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    if a.ndim == 3:
+        im = Image.fromarray(np.ascontiguousarray(a[..., :3]), mode=None)
+    elif a.dtype == np.uint16:
+        im = Image.fromarray(a.astype(np.uint16))
+    else:
+        im = Image.fromarray(np.ascontiguousarray(a))
+    suffix = p.suffix.lower()
+    fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".tif": "TIFF",
+           ".tiff": "TIFF", ".webp": "WEBP"}.get(suffix)
+    if fmt is None:
+        raise ValueError(f"cannot save image '{p}': unsupported suffix {suffix or '(none)'}")
+    im.save(p, format=fmt)
+    return p
+
+
+def save_mask(path: PathLike, mask: np.ndarray) -> Path:
+    """Write an ``H x W`` mask as an 8-bit 0/255 PNG (or the suffix's format). Returns the path."""
+    m = (np.asarray(mask) > 0).astype(np.uint8) * 255
+    return save_image(path, m)
