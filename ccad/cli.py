@@ -1,0 +1,334 @@
+"""``ccad``: the command line, a thin wrapper over the Python API.
+
+    ccad bank      DATA --out MODEL        build the feature bank (+ a PatchCore detector) from good images
+    ccad train     DATA --out RUN          train a CCAD(V) detector (resumable)
+    ccad evaluate  MODEL DATA              per-category metrics table (+ JSON)
+    ccad predict   MODEL IMAGE... --out D  heatmap/overlay/mask PNGs and a CSV of scores
+    ccad calibrate MODEL ...               re-calibrate or set the threshold of a saved model
+    ccad push      MODEL REPO_ID           upload a saved model to the Hugging Face Hub
+    ccad pull      REPO_ID --out DIR       download a model from the Hub
+    ccad app                               start the Gradio inspection app
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from . import __version__
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+class _Bar:
+    """A tqdm bar driven by ``progress(done, total)`` callbacks."""
+
+    def __init__(self, desc: str, quiet: bool = False) -> None:
+        self.desc, self.quiet, self.bar = desc, quiet, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        from tqdm.auto import tqdm
+
+        if self.bar is None or self.bar.total != total:
+            if self.bar is not None:
+                self.bar.close()
+            self.bar = tqdm(total=total, desc=self.desc, unit="img", dynamic_ncols=True)
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _load_model(path: str, revision: Optional[str] = None):
+    from .pipeline import AnomalyDetector
+
+    return AnomalyDetector.from_pretrained(path, revision=revision)
+
+
+# ---- commands ---------------------------------------------------------------------------------
+
+def cmd_bank(a: argparse.Namespace) -> int:
+    from .pipeline import fit_detector
+
+    bar = _Bar("features", a.quiet)
+    det = fit_detector(a.data, backbone=a.backbone, layers=a.layers, bank_size=a.size, image_size=a.image_size,
+                       patchcore_ratio=a.patchcore_ratio, calibration_fraction=a.calibration_fraction,
+                       batch_size=a.batch_size, weights=a.weights, progress=bar)
+    bar.close()
+    det.save_pretrained(a.out)
+    skipped = det.info.get("skipped") or []
+    for path, why in skipped:
+        print(f"skipped {path}: {why}", file=sys.stderr)
+    print(json.dumps({"model": str(a.out), **det.bank.summary(), "threshold": det.threshold}, default=str))
+    return 0
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .features import FeatureBank
+    from .pipeline import train_detector
+
+    bank = FeatureBank.load(a.bank) if a.bank else None
+    diffusion = {k: v for k, v in {"start_step": a.start_step, "steps": a.ddim_steps, "guidance": a.guidance}.items()
+                 if v is not None}
+    options = {"checkpoint_every": a.checkpoint_every, "mixed_precision": a.mixed_precision}
+    det = train_detector(a.data, a.out, bank=bank, preset=a.preset, image_size=a.image_size, steps=a.steps,
+                         batch_size=a.batch_size, lr=a.lr, backbone=a.backbone, layers=a.layers, bank_size=a.size,
+                         calibration_fraction=a.calibration_fraction, diffusion=diffusion or None,
+                         train_options=options, resume=a.resume, seed=a.seed)
+    print(json.dumps({"model": str(Path(a.out) / "model"), "steps": det.info.get("train_steps"),
+                      "threshold": det.threshold, "stopped_early": det.info.get("stopped_early")}))
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from .data.datasets import load_dataset
+    from .evaluate import evaluate
+
+    det = _load_model(a.model, a.revision)
+    samples = load_dataset(a.data, split=a.split, layout=a.layout)
+    bar = _Bar("evaluate", a.quiet)
+    report = evaluate(det, samples, batch_size=a.batch_size, progress=bar)
+    bar.close()
+    print(report.table())
+    for path, why in report.errors:
+        print(f"skipped {path}: {why}", file=sys.stderr)
+    if a.json:
+        report.save(a.json)
+        print(f"wrote {a.json}")
+    if a.record:
+        det.info["metrics"] = report.to_json()["per_category"]["mean"]
+        det.save_pretrained(a.model)
+    return 0
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    import cv2
+
+    from .data.datasets import IMAGE_EXTENSIONS
+
+    det = _load_model(a.model, a.revision)
+    if a.threshold is not None:
+        det.threshold = a.threshold
+    items: list[str] = []
+    for p in a.inputs:
+        p = Path(p)
+        if p.is_dir():
+            items.extend(str(f) for f in sorted(p.rglob("*")) if f.suffix.lower() in IMAGE_EXTENSIONS)
+        else:
+            items.append(str(p))
+    if not items:
+        print("error: no images given (files or folders of PNG/JPG/BMP/TIFF)", file=sys.stderr)
+        return 2
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bar = _Bar("predict", a.quiet)
+    results, errors = det.predict_many(items, batch_size=a.batch_size, progress=bar)
+    bar.close()
+    rows = []
+    for r in results:
+        stem = Path(r.path).stem
+        cv2.imwrite(str(out / f"{stem}_heatmap.png"), cv2.cvtColor(r.heatmap(), cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(out / f"{stem}_overlay.png"), cv2.cvtColor(r.overlay(), cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(out / f"{stem}_mask.png"), r.mask.astype("uint8") * 255)
+        if r.reconstruction is not None:
+            rec = (r.reconstruction * 255).round().astype("uint8")
+            cv2.imwrite(str(out / f"{stem}_reconstruction.png"), cv2.cvtColor(rec, cv2.COLOR_RGB2BGR))
+        rows.append({"file": r.path, "score": f"{r.score:.6f}", "threshold": f"{r.threshold:.6f}",
+                     "verdict": r.verdict, "seconds": f"{r.seconds:.3f}"})
+    for path, why in errors:
+        rows.append({"file": path, "score": "", "threshold": "", "verdict": f"error: {why}", "seconds": ""})
+        print(f"skipped {path}: {why}", file=sys.stderr)
+    with open(out / "scores.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["file", "score", "threshold", "verdict", "seconds"])
+        w.writeheader()
+        w.writerows(rows)
+    n_bad = sum(r.is_anomalous for r in results)
+    print(f"{len(results)} images: {n_bad} anomalous, {len(results) - n_bad} good, {len(errors)} unreadable; "
+          f"wrote {out / 'scores.csv'}")
+    return 0 if results or not errors else 1
+
+
+def cmd_calibrate(a: argparse.Namespace) -> int:
+    det = _load_model(a.model)
+    if a.threshold is not None:
+        det.set_threshold_and_save(a.model, a.threshold)
+    else:
+        if not a.good:
+            print("error: give --good FOLDER (held-out good images) or --threshold VALUE", file=sys.stderr)
+            return 2
+        from .data.datasets import load_folder
+
+        method = "sigma" if a.sigma is not None else "fpr"
+        det.calibrate(load_folder(a.good), method=method, fpr=a.fpr, sigma=a.sigma)
+        det.save_pretrained(a.model)
+    cal = det.calibration
+    print(json.dumps({"threshold": det.threshold, "method": cal.method, "n_good": int(cal.good_scores.size),
+                      "false_alarms": cal.false_alarms()}))
+    return 0
+
+
+def cmd_push(a: argparse.Namespace) -> int:
+    det = _load_model(a.model)
+    url = det.push_to_hub(a.repo_id, private=a.private, token=a.token)
+    print(url)
+    return 0
+
+
+def cmd_pull(a: argparse.Namespace) -> int:
+    from huggingface_hub import snapshot_download
+
+    path = snapshot_download(repo_id=a.repo_id, revision=a.revision, local_dir=a.out, token=a.token)
+    det = _load_model(path)  # proves the download is a loadable ccad model
+    print(json.dumps({"path": str(path), "variant": det.variant, "threshold": det.threshold}))
+    return 0
+
+
+def cmd_app(a: argparse.Namespace) -> int:
+    from app.main import launch
+
+    launch(host=a.host, port=a.port, data_root=a.data_root, model=a.model, share=a.share)
+    return 0
+
+
+# ---- parser -----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(prog="ccad", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"ccad {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def data_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("data", help="good images: a folder of images, an MVTec/anomalib category folder (its "
+                                     "train/good is used), a CSV manifest (rows with split=train) or a DAGM folder")
+        sp.add_argument("--backbone", default="tf_efficientnet_lite0",
+                        help="timm backbone for the bank (offline: tf_efficientnet_lite0/2; wide_resnet50_2 via the "
+                             "Hub or --weights)")
+        sp.add_argument("--layers", type=_int_list, default=(2, 3), help="backbone feature levels, e.g. 2,3")
+        sp.add_argument("--size", type=int, default=200, help="coarse bank size xi (1..1000; 100-200 is enough)")
+        sp.add_argument("--calibration-fraction", type=float, default=0.2,
+                        help="share of the good images held out to calibrate the threshold")
+
+    sp = sub.add_parser("bank", help="build the feature bank and a PatchCore detector", formatter_class=fmt,
+                        description="Build the Coarse Feature Bank (coreset of size xi) and the PatchCore memory "
+                                    "bank from good images; saves a working detector folder.")
+    data_opts(sp)
+    sp.add_argument("--out", required=True, help="output model folder")
+    sp.add_argument("--image-size", type=int, default=256, help="square input size in pixels")
+    sp.add_argument("--patchcore-ratio", type=float, default=0.01, help="PatchCore memory = this share of all patches")
+    sp.add_argument("--batch-size", type=int, default=8, help="images per feature-extraction batch")
+    sp.add_argument("--weights", default=None, help="local backbone weights file (safetensors or .pth)")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp.set_defaults(func=cmd_bank)
+
+    sp = sub.add_parser("train", help="train a CCAD(V) detector", formatter_class=fmt,
+                        description="Train the bank-conditioned pixel-space denoiser (CCAD eq. 15) on good images, "
+                                    "calibrate the threshold and save RUN/model. Checkpoints go to RUN; --resume "
+                                    "continues from the latest one.")
+    data_opts(sp)
+    sp.add_argument("--out", required=True, help="run folder (checkpoints; the final model in RUN/model)")
+    sp.add_argument("--bank", default=None, help="a folder with a saved bank (bank.safetensors) to reuse")
+    sp.add_argument("--preset", default="small", choices=["tiny", "small", "base"],
+                    help="denoiser size: tiny (tests), small (CPU), base (GPU, DDAD-like)")
+    sp.add_argument("--image-size", type=int, default=128, help="square input size (256 for base on a GPU)")
+    sp.add_argument("--steps", type=int, default=2000, help="optimiser steps")
+    sp.add_argument("--batch-size", type=int, default=8, help="batch size")
+    sp.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (cosine schedule with warm-up)")
+    sp.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
+    sp.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
+                    help="auto: bf16/fp16 on CUDA, fp32 on CPU")
+    sp.add_argument("--start-step", type=int, default=None, help="reconstruction start step T' (default 250 of 1000)")
+    sp.add_argument("--ddim-steps", type=int, default=None, help="DDIM steps of the reconstruction (default 10)")
+    sp.add_argument("--guidance", type=float, default=None, help="DDAD guidance weight w (default 2)")
+    sp.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    sp.add_argument("--seed", type=int, default=0, help="random seed")
+    sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("evaluate", help="metrics of a model on a labelled dataset", formatter_class=fmt,
+                        description="Per-category image/pixel AUROC, AP, F1-max and pixel AUPRO.")
+    sp.add_argument("model", help="model folder or Hub repo id")
+    sp.add_argument("data", help="MVTec/anomalib folder, CSV manifest, VisA, DAGM ... (see --layout)")
+    sp.add_argument("--split", default="test", help="which split of the dataset to evaluate")
+    sp.add_argument("--layout", default="auto", help="dataset layout (auto-detected by default)")
+    sp.add_argument("--batch-size", type=int, default=8, help="images per batch")
+    sp.add_argument("--json", default=None, help="write the full report (metrics, per-image records) here")
+    sp.add_argument("--record", action="store_true", help="store the mean metrics in the model's card")
+    sp.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp.set_defaults(func=cmd_evaluate)
+
+    sp = sub.add_parser("predict", help="inspect images; write heatmaps, overlays, masks and scores.csv",
+                        formatter_class=fmt)
+    sp.add_argument("model", help="model folder or Hub repo id")
+    sp.add_argument("inputs", nargs="+", help="image files or folders")
+    sp.add_argument("--out", required=True, help="output folder")
+    sp.add_argument("--threshold", type=float, default=None, help="override the model's threshold for this run")
+    sp.add_argument("--batch-size", type=int, default=8, help="images per batch")
+    sp.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp.set_defaults(func=cmd_predict)
+
+    sp = sub.add_parser("calibrate", help="re-calibrate or set a saved model's threshold", formatter_class=fmt,
+                        description="Either --threshold VALUE (set it) or --good FOLDER with --fpr / --sigma "
+                                    "(calibrate on held-out good images). Rewrites the model folder in place.")
+    sp.add_argument("model", help="model folder")
+    sp.add_argument("--good", default=None, help="folder of held-out good images")
+    sp.add_argument("--fpr", type=float, default=0.01, help="target false-alarm rate on good images")
+    sp.add_argument("--sigma", type=float, default=None, help="instead: threshold = good mean + SIGMA * std")
+    sp.add_argument("--threshold", type=float, default=None, help="set this threshold directly")
+    sp.set_defaults(func=cmd_calibrate)
+
+    sp = sub.add_parser("push", help="upload a model folder to the Hugging Face Hub", formatter_class=fmt)
+    sp.add_argument("model", help="model folder")
+    sp.add_argument("repo_id", help="Hub repo id, e.g. user/ccad-tiles")
+    sp.add_argument("--private", action="store_true", help="create the repo as private")
+    sp.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN / the cached login)")
+    sp.set_defaults(func=cmd_push)
+
+    sp = sub.add_parser("pull", help="download a model from the Hugging Face Hub", formatter_class=fmt)
+    sp.add_argument("repo_id", help="Hub repo id")
+    sp.add_argument("--out", required=True, help="local folder")
+    sp.add_argument("--revision", default=None, help="branch, tag or commit")
+    sp.add_argument("--token", default=None, help="Hub token for private repos")
+    sp.set_defaults(func=cmd_pull)
+
+    sp = sub.add_parser("app", help="start the Gradio inspection app", formatter_class=fmt)
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sp.add_argument("--port", type=int, default=7860, help="port")
+    sp.add_argument("--data-root", default=".", help="server folders the app may read are confined to this root")
+    sp.add_argument("--model", default=None, help="model folder or Hub id to load (default: the bundled demo)")
+    sp.add_argument("--share", action="store_true", help="create a public Gradio share link")
+    sp.set_defaults(func=cmd_app)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+    from .data.io import ImageReadError
+    from .pipeline import CheckpointError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ImageReadError, CheckpointError, ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

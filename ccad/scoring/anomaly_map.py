@@ -1,0 +1,98 @@
+"""Input vs reconstruction -> anomaly map -> image score.
+
+Implements CCAD eq. 16: ``M = sum_l up(1 - cos(psi_l(x), psi_l(x_hat)))``, Gaussian-smoothed,
+plus DDAD's optional pixel term ``v * (max f_d / max p_d) * p_d`` (METHOD.md item 6).
+"""
+from __future__ import annotations
+
+import math
+from typing import Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+class LayerExtractor(Protocol):
+    def layer_maps(self, x: torch.Tensor) -> list[torch.Tensor]: ...
+
+
+def gaussian_kernel1d(sigma: float, device: torch.device | None = None) -> torch.Tensor:
+    radius = max(1, int(math.ceil(4.0 * sigma)))
+    xs = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
+    k = torch.exp(-0.5 * (xs / sigma) ** 2)
+    return k / k.sum()
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of ``B x 1 x H x W`` maps (reflect padding); sigma <= 0 is a no-op."""
+    if sigma <= 0:
+        return maps
+    k = gaussian_kernel1d(sigma, maps.device).to(maps.dtype)
+    r = (k.numel() - 1) // 2
+    c = maps.shape[1]
+    h, w = maps.shape[-2:]
+    mode = "reflect" if r < min(h, w) else "replicate"
+    out = F.pad(maps, (r, r, 0, 0), mode=mode)
+    out = F.conv2d(out, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    out = F.pad(out, (0, 0, r, r), mode=mode)
+    return F.conv2d(out, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def scaled_sigma(sigma: float, size: int, reference: int = 256) -> float:
+    """Sigma is given in pixels of a 256 x 256 image (the papers' setting) and scaled to ``size``."""
+    return float(sigma) * float(size) / float(reference)
+
+
+def feature_cosine_map(
+    x: torch.Tensor, x_hat: torch.Tensor, extractor: LayerExtractor, size: Sequence[int] | None = None
+) -> torch.Tensor:
+    """Sum over layers of the upsampled cosine distance ``1 - cos(psi_l(x), psi_l(x_hat))`` (eq. 16)."""
+    size = tuple(size) if size is not None else tuple(x.shape[-2:])
+    both = extractor.layer_maps(torch.cat([x, x_hat], dim=0))
+    n = x.shape[0]
+    total = torch.zeros(n, 1, *size, device=x.device, dtype=torch.float32)
+    for fmap in both:
+        fmap = fmap.float()
+        a, b = fmap[:n], fmap[n:]
+        d = 1.0 - F.cosine_similarity(a, b, dim=1, eps=1e-6).unsqueeze(1)
+        total += F.interpolate(d, size=size, mode="bilinear", align_corners=False)
+    return total
+
+
+def pixel_distance_map(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Mean absolute pixel difference over channels, ``B x 1 x H x W``."""
+    return (x.float() - x_hat.float()).abs().mean(dim=1, keepdim=True)
+
+
+def anomaly_map(
+    x: torch.Tensor,
+    x_hat: torch.Tensor,
+    extractor: LayerExtractor,
+    pixel_weight: float = 0.0,
+    sigma: float = 4.0,
+) -> torch.Tensor:
+    """CCAD eq. 16 (+ DDAD's pixel term): ``B x 1 x H x W`` map at the input's resolution.
+
+    ``x`` and ``x_hat`` are images in [0, 1]. With ``pixel_weight = v > 0`` the map is
+    ``f_d + v * (max f_d / max p_d) * p_d`` per image (DDAD); ``sigma`` is in pixels at 256 px.
+    """
+    if x.shape != x_hat.shape:
+        raise ValueError(f"input {tuple(x.shape)} and reconstruction {tuple(x_hat.shape)} differ in shape")
+    fmap = feature_cosine_map(x, x_hat, extractor)
+    if pixel_weight > 0:
+        pmap = pixel_distance_map(x, x_hat)
+        fmax = fmap.flatten(1).amax(1).view(-1, 1, 1, 1)
+        pmax = pmap.flatten(1).amax(1).clamp_min(1e-8).view(-1, 1, 1, 1)
+        fmap = fmap + pixel_weight * (fmax / pmax) * pmap
+    return gaussian_blur(fmap, scaled_sigma(sigma, x.shape[-1]))
+
+
+def image_score(maps: torch.Tensor, mode: str = "max", topk_ratio: float = 0.01) -> torch.Tensor:
+    """Image score from ``B x 1 x H x W`` maps: the maximum, or the mean of the top-k values."""
+    flat = maps.flatten(1)
+    if mode == "max":
+        return flat.amax(1)
+    if mode == "topk":
+        k = max(1, int(round(flat.shape[1] * float(topk_ratio))))
+        return flat.topk(k, dim=1).values.mean(1)
+    raise ValueError(f"score mode must be 'max' or 'topk', got {mode!r}")
