@@ -116,7 +116,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 def cmd_predict(a: argparse.Namespace) -> int:
     import cv2
 
-    from .data.datasets import IMAGE_EXTENSIONS
+    from .data.io import IMAGE_EXTENSIONS
 
     det = _load_model(a.model, a.revision)
     if a.threshold is not None:

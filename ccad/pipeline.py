@@ -618,7 +618,7 @@ def train_detector(
     good = _as_samples(data)
     train, cal = split_good(good, calibration_fraction, seed)
     dev = torch.device(device) if device is not None else default_device()
-    config = default_config("ccad-v", image_size=image_size, preset=preset)
+    config = default_config("ccad-v", image_size=image_size)
     if bank is None:
         config.bank.backbone, config.bank.layers, config.bank.size = backbone, tuple(layers), int(bank_size)
         bb = get_backbone(backbone, layers=tuple(layers)).to(dev)

@@ -36,13 +36,10 @@ def _patchcore(image_size: int = 256, **_: object) -> DetectorConfig:
     )
 
 
-def _ccad_v(image_size: int = 256, preset: str = "base", **_: object) -> DetectorConfig:
-    from .models.denoiser import DenoiserConfig
-
-    bank = BankConfig()
+def _ccad_v(image_size: int = 256, **_: object) -> DetectorConfig:
+    # The denoiser's config is filled in by training: its bank_dim is the built bank's width.
     return DetectorConfig(
-        variant="ccad-v", image_size=image_size, bank=bank, patchcore=PatchCoreConfig(),
-        denoiser=DenoiserConfig.preset(preset, sample_size=image_size, bank_dim=0).to_dict(),
+        variant="ccad-v", image_size=image_size, bank=BankConfig(), patchcore=None, denoiser=None,
         diffusion=DiffusionConfig(), scoring=ScoringConfig(score_layers=(1, 2, 3), pixel_weight=0.0),
     )
 
