@@ -1,0 +1,58 @@
+"""Training objectives.
+
+CCAD(V), eq. 15: L = E_{x, eps, t} || eps - eps_Theta(x_t; B_c) ||^2 with
+x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (eq. 17), t ~ U{0, ..., T-1}.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from torch import nn
+
+
+def _randn_like(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Standard normal noise shaped like ``x``; drawn on the generator's device, then moved."""
+    if generator is None:
+        return torch.randn_like(x)
+    return torch.randn(x.shape, generator=generator, device=generator.device, dtype=torch.float32).to(
+        device=x.device, dtype=x.dtype
+    )
+
+
+def sample_timesteps(batch: int, scheduler: DDPMScheduler, generator: Optional[torch.Generator] = None,
+                     device: Optional[torch.device] = None) -> torch.Tensor:
+    """Uniform integer timesteps in [0, T) (Algorithm 1, line 2)."""
+    T = int(scheduler.config.num_train_timesteps)
+    gdev = generator.device if generator is not None else "cpu"
+    t = torch.randint(0, T, (batch,), generator=generator, device=gdev)
+    return t.to(device) if device is not None else t
+
+
+def epsilon_loss(model: nn.Module, x0: torch.Tensor, bank: torch.Tensor, scheduler: DDPMScheduler,
+                 generator: Optional[torch.Generator] = None, timesteps: Optional[torch.Tensor] = None,
+                 noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Eq. 15: mean squared error between the true noise and eps_Theta(x_t; B_c).
+
+    Args:
+        model: ``model(x_t, t, bank) -> eps`` (e.g. :class:`ccad.models.BankConditionedUNet`).
+        x0: clean images ``B x C x H x W`` in the model range [-1, 1].
+        bank: the feature bank, ``xi x d`` or ``B x xi x d``.
+        scheduler: a ``DDPMScheduler`` (its ``add_noise`` implements eq. 17).
+        generator: makes t and eps reproducible (drawn on the generator's device).
+        timesteps / noise: override the sampled t / eps (for tests and custom samplers).
+
+    Returns a 0-d float32 tensor (the loss is computed in fp32 even under autocast).
+    """
+    if x0.dim() != 4:
+        raise ValueError(f"x0 must be B x C x H x W, got shape {tuple(x0.shape)}")
+    if timesteps is None:
+        timesteps = sample_timesteps(x0.shape[0], scheduler, generator, device=x0.device)
+    timesteps = timesteps.to(x0.device).long()
+    if noise is None:
+        noise = _randn_like(x0, generator)
+    x_t = scheduler.add_noise(x0, noise, timesteps)
+    eps = model(x_t, timesteps, bank)
+    return F.mse_loss(eps.float(), noise.float())
