@@ -119,7 +119,7 @@ class CurveSweep:
     * AUPRO = (1 / L) * integral_0^L PRO d(FPR) with FPR_k = FP_k / N, trapezoid rule and
       linear interpolation of PRO at FPR = L (L = ``fpr_limit``).
 
-    ``region_weight`` (pixel level) maps a region id to the weight ``1 / (|R| K)`` of each of
+    ``pixel`` only changes the wording of the NaN warnings. ``region_weight`` (pixel level) maps a region id to the weight ``1 / (|R| K)`` of each of
     its pixels; id 0 is the normal class (weight 0). Any id > 0 counts as a positive.
     """
 
@@ -131,7 +131,9 @@ class CurveSweep:
         fpr_limit: float = 0.3,
         decode: Callable[[Any], float] = float,
         record: bool = False,
+        pixel: bool = False,
     ) -> None:
+        self.pixel = pixel
         self.P = int(n_pos)
         self.N = int(n_neg)
         self.weight = region_weight
@@ -234,17 +236,17 @@ class CurveSweep:
     # results ---------------------------------------------------------------------------
     def auroc(self, name: str = "auroc") -> float:
         if self.P == 0 or self.N == 0:
-            return undefined(name, _one_class_reason(self.P, self.N), stacklevel=4)
+            return undefined(name, _one_class_reason(self.P, self.N, self.pixel), stacklevel=4)
         return float(self.auc2 / (2.0 * self.P * self.N))
 
     def ap(self, name: str = "ap") -> float:
         if self.P == 0 or self.N == 0:
-            return undefined(name, _one_class_reason(self.P, self.N), stacklevel=4)
+            return undefined(name, _one_class_reason(self.P, self.N, self.pixel), stacklevel=4)
         return float(self.ap_sum) / self.P
 
     def f1max(self, name: str = "f1max") -> tuple[float, float]:
         if self.P == 0 or self.N == 0:
-            return undefined(name, _one_class_reason(self.P, self.N), stacklevel=4), math.nan
+            return undefined(name, _one_class_reason(self.P, self.N, self.pixel), stacklevel=4), math.nan
         return self.best_f1, self.best_thr
 
     def aupro(self, n_regions: int, name: str = "pixel_aupro") -> float:
@@ -269,7 +271,7 @@ def _one_class_reason(n_pos: int, n_neg: int, pixel: bool = False) -> str:
         return f"no {what} with a known label"
     if n_pos == 0:
         return (
-            "no anomalous regions (masks are all zero)"
+            "no anomalous pixels or regions (masks are all zero)"
             if pixel
             else "only normal samples (label 0), no anomalous ones"
         )

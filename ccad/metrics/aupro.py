@@ -232,7 +232,7 @@ def _packed_sweep(
         dst |= ids
         off += a.size
     keys.sort()  # in place: no second copy of the keys
-    sw = CurveSweep(n_pos, total - n_pos, _weights(sizes, regions), lim, decode=key_to_float32)
+    sw = CurveSweep(n_pos, total - n_pos, _weights(sizes, regions), lim, decode=key_to_float32, pixel=True)
     low = np.uint64(0xFFFFFFFF)
     stop = total
     while stop > 0:
@@ -265,7 +265,7 @@ def _float64_sweep(
         regs[off : off + a.size] = ids.ravel()
         off += a.size
     order = np.argsort(vals)
-    sw = CurveSweep(n_pos, total - n_pos, _weights(sizes, regions), lim, decode=float)
+    sw = CurveSweep(n_pos, total - n_pos, _weights(sizes, regions), lim, decode=float, pixel=True)
     stop = total
     while stop > 0:
         start = max(0, stop - CHUNK)
