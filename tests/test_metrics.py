@@ -94,8 +94,9 @@ def blob_data(rng: np.random.Generator, n: int = 6, h: int = 16, w: int = 18, le
             masks[i][(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 1
     if masks.sum() == 0:
         masks[0, 2:5, 3:6] = 1
-    noise = rng.integers(0, levels, (n, h, w)) / levels
-    maps = (noise + masks * rng.uniform(0.0, 0.8)).astype(np.float32)
+    # integer levels so that tied scores mix normal and anomalous pixels (sloped segments)
+    boost = int(rng.integers(1, levels // 2 + 2))
+    maps = ((rng.integers(0, levels, (n, h, w)) + masks * boost) / levels).astype(np.float32)
     return masks, maps
 
 
