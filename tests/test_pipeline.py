@@ -1,0 +1,128 @@
+"""The object users call: build, predict, save/load, threshold, bad input, CCAD(V) end to end."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from ccad.data.synthetic import write_dataset
+from ccad.pipeline import AnomalyDetector, CheckpointError, fit_detector, train_detector
+
+SIZE = 96
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = write_dataset(tmp_path_factory.mktemp("synthetic"), kinds=("granular",), n_train=14, n_test_good=4,
+                         n_test_defect=2, size=SIZE, seed=3, defects=("spot", "scratch"))
+    return root / "granular"
+
+
+@pytest.fixture(scope="module")
+def patchcore(dataset):
+    return fit_detector(dataset, image_size=64, bank_size=32, calibration_fraction=0.25, device="cpu")
+
+
+def test_patchcore_detector_separates_defects_from_good(patchcore, dataset):
+    det = patchcore
+    assert det.variant == "patchcore" and np.isfinite(det.threshold)
+    assert det.calibration.good_scores.size == 4  # a quarter of the 14 good images held out
+    good = sorted((dataset / "test" / "good").glob("*.png"))
+    bad = sorted((dataset / "test" / "spot").glob("*.png")) + sorted((dataset / "test" / "scratch").glob("*.png"))
+    g = [det.predict(p).score for p in good]
+    b = [det.predict(p).score for p in bad]
+    assert min(b) > np.median(g)
+    assert np.mean(b) > np.mean(g)
+
+
+def test_prediction_is_at_the_original_size_with_mask_verdict_and_timing(patchcore, dataset):
+    path = sorted((dataset / "test" / "spot").glob("*.png"))[0]
+    r = patchcore.predict(path)
+    assert r.image.shape == (SIZE, SIZE, 3) and r.anomaly_map.shape == (SIZE, SIZE)
+    assert r.reconstruction is None  # PatchCore reconstructs nothing
+    assert r.path == str(path) and r.seconds > 0
+    assert r.heatmap().shape == (SIZE, SIZE, 3) and r.heatmap().dtype == np.uint8
+    assert r.overlay().shape == (SIZE, SIZE, 3)
+    low, high = r.with_threshold(r.score - 1e-3), r.with_threshold(r.score + 1e-3)
+    assert low.verdict == "anomalous" and high.verdict == "good"
+    assert low.mask.any() and not high.mask.any()
+    assert low.score == high.score == r.score  # re-labelled, not re-run
+
+
+def test_predict_accepts_any_array_format(patchcore):
+    rng = np.random.default_rng(0)
+    grey16 = (rng.random((70, 50)) * 65535).astype(np.uint16)
+    rgba = (rng.random((40, 90, 4)) * 255).astype(np.uint8)
+    for arr in (grey16, rgba):
+        r = patchcore.predict(arr)
+        assert r.anomaly_map.shape == arr.shape[:2]
+        assert np.isfinite(r.score)
+
+
+def test_save_load_round_trip_and_threshold_change_after_save(patchcore, dataset, tmp_path):
+    patchcore.save_pretrained(tmp_path / "m")
+    assert {"config.json", "bank.safetensors", "patchcore.safetensors", "calibration.json", "README.md"} <= {
+        p.name for p in (tmp_path / "m").iterdir()}
+    back = AnomalyDetector.from_pretrained(tmp_path / "m")
+    img = sorted((dataset / "test" / "scratch").glob("*.png"))[0]
+    assert back.predict(img).score == pytest.approx(patchcore.predict(img).score, rel=1e-5)
+    assert back.threshold == pytest.approx(patchcore.threshold)
+    # The user changes the threshold of the saved model; a fresh load sees it.
+    back.set_threshold_and_save(tmp_path / "m", 123.5)
+    again = AnomalyDetector.from_pretrained(tmp_path / "m")
+    assert again.threshold == 123.5 and again.predict(img).verdict == "good"
+    assert again.calibration.false_alarms() == 0
+
+
+def test_incompatible_or_corrupt_checkpoints_give_clear_errors(patchcore, tmp_path):
+    with pytest.raises(CheckpointError, match="not a ccad model folder"):
+        AnomalyDetector.from_pretrained(tmp_path)
+    patchcore.save_pretrained(tmp_path / "m")
+    bad = tmp_path / "bad"
+    shutil.copytree(tmp_path / "m", bad)
+    (bad / "patchcore.safetensors").write_bytes(b"not safetensors at all")
+    with pytest.raises(CheckpointError, match="weights"):
+        AnomalyDetector.from_pretrained(bad)
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["variant"] = "ccad-f"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="ccad-f"):
+        AnomalyDetector.from_pretrained(bad)
+
+
+def test_predict_many_skips_and_reports_a_corrupt_file(patchcore, dataset, tmp_path):
+    good = sorted((dataset / "test" / "good").glob("*.png"))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    items = [good[0], broken, good[1], tmp_path / "missing.png", good[2]]
+    results, errors = patchcore.predict_many(items, batch_size=2)
+    assert [r.path for r in results] == [str(good[0]), str(good[1]), str(good[2])]
+    assert [e[0] for e in errors] == [str(broken), str(tmp_path / "missing.png")]
+    assert "broken.png" in errors[0][1]
+
+
+def test_empty_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty"):
+        fit_detector(tmp_path / "empty", image_size=64)
+
+
+def test_ccad_v_trains_reconstructs_and_reloads(dataset, tmp_path):
+    seen = []
+    det = train_detector(dataset, tmp_path / "run", preset="tiny", image_size=32, steps=3, batch_size=4,
+                         bank_size=16, calibration_fraction=0.25, diffusion={"start_step": 100, "steps": 2},
+                         train_options={"checkpoint_every": 2, "warmup_steps": 1, "show_progress": False},
+                         callbacks=[lambda s: seen.append(s.step)], device="cpu")
+    assert seen == [1, 2, 3]
+    assert det.variant == "ccad-v" and np.isfinite(det.threshold)
+    img = sorted((dataset / "test" / "spot").glob("*.png"))[0]
+    r = det.predict(img)
+    assert r.reconstruction.shape == (SIZE, SIZE, 3)
+    assert 0.0 <= r.reconstruction.min() and r.reconstruction.max() <= 1.0
+    again = det.predict(img)
+    assert again.score == pytest.approx(r.score, rel=1e-5)  # seeded reconstruction: deterministic
+    back = AnomalyDetector.from_pretrained(tmp_path / "run" / "model")
+    assert back.predict(img).score == pytest.approx(r.score, rel=1e-4)
+    card = back.card()
+    assert card["variant"] == "ccad-v" and card["bank_size"] == 16 and card["denoiser_parameters"] > 0
+    assert card["n_train_images"] == 10
