@@ -1,0 +1,656 @@
+"""The app's callbacks as plain methods (testable without a browser); every computation is a call
+into ``ccad`` (``fit_detector``, ``train_detector``, ``AnomalyDetector``, ``evaluate``).
+
+Every public method turns a bad input into a :class:`UserError` (or a message) naming the file,
+folder or field; nothing a user does can raise out of a callback into the server. The Gradio
+wiring in :mod:`app.main` only adapts these results to components.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from . import views
+from .jobs import FAILED, STOPPED, JobBusy, JobHandle, JobManager
+from .paths import PathError, count_images, resolve_in_root, safe_extract_zip
+from .state import DEMO_MODEL_DIR, SAMPLES_DIR, ModelRegistry
+
+ProgressFn = Optional[Callable[[int, int], None]]
+
+
+class UserError(ValueError):
+    """A problem with what the user asked for; its message is shown in the UI as is."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine access (lazy imports keep `import app` cheap; tests may inject fakes)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Engine:
+    """The ``ccad`` entry points the app calls. Defaults are the real ones."""
+
+    load: Callable[..., Any] = None  # type: ignore[assignment]
+    fit: Callable[..., Any] = None  # type: ignore[assignment]
+    train: Callable[..., Any] = None  # type: ignore[assignment]
+    evaluate: Callable[..., Any] = None  # type: ignore[assignment]
+    load_dataset: Callable[..., Any] = None  # type: ignore[assignment]
+    load_image: Callable[..., Any] = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.load is None:
+            self.load = lambda path, revision=None: _pipeline().AnomalyDetector.from_pretrained(path, revision=revision)
+        if self.fit is None:
+            self.fit = lambda *a, **k: _pipeline().fit_detector(*a, **k)
+        if self.train is None:
+            self.train = lambda *a, **k: _pipeline().train_detector(*a, **k)
+        if self.evaluate is None:
+            def _evaluate(*a: Any, **k: Any) -> Any:
+                from ccad.evaluate import evaluate
+
+                return evaluate(*a, **k)
+            self.evaluate = _evaluate
+        if self.load_dataset is None:
+            def _load_dataset(*a: Any, **k: Any) -> Any:
+                from ccad.data.datasets import load_dataset
+
+                return load_dataset(*a, **k)
+            self.load_dataset = _load_dataset
+        if self.load_image is None:
+            def _load_image(path: Any) -> np.ndarray:
+                from ccad.data.io import load_image
+
+                return load_image(path)
+            self.load_image = _load_image
+
+
+def _pipeline() -> Any:
+    import ccad.pipeline as p
+
+    return p
+
+
+def _is_hub_unreachable(exc: BaseException) -> bool:
+    names = {c.__name__ for c in type(exc).__mro__}
+    if names & {"OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectionError", "ConnectError",
+                "ConnectTimeout", "Timeout", "TimeoutException", "ReadTimeout", "NetworkError"}:
+        return True
+    text = str(exc).lower()
+    return any(s in text for s in ("offline", "connection", "name resolution", "network is unreachable",
+                                   "temporary failure", "max retries", "timed out"))
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # pragma: no cover - torch missing is an install problem
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Inspection results held per browser session
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    """The predictions of the last inspection in one session (labelled at the model's threshold;
+    the UI re-labels them with ``with_threshold`` without re-running the model)."""
+
+    model: str
+    predictions: list[Any] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    selected: int = 0
+
+    def at(self, threshold: Optional[float]) -> list[Any]:
+        if threshold is None or not math.isfinite(float(threshold)):
+            return list(self.predictions)
+        return [p.with_threshold(float(threshold)) for p in self.predictions]
+
+
+TABLE_HEADERS = ["#", "file", "score", "verdict"]
+PANEL_SIZE = 320
+
+
+def _to_uint8(img: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    if img is None:
+        return None
+    if img.dtype == np.uint8:
+        return img
+    return (np.clip(img, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+
+
+class AppController:
+    """All app callbacks; one instance per server (its registry and job manager are shared)."""
+
+    def __init__(self, data_root: str | os.PathLike = ".", state_dir: Optional[str | os.PathLike] = None,
+                 registry: Optional[ModelRegistry] = None, jobs: Optional[JobManager] = None,
+                 engine: Optional[Engine] = None, samples_dir: Optional[str | os.PathLike] = SAMPLES_DIR,
+                 demo_dir: Optional[str | os.PathLike] = DEMO_MODEL_DIR) -> None:
+        self.data_root = Path(data_root).expanduser().resolve()
+        self.state_dir = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="ccad-app-"))
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.registry = registry or ModelRegistry()
+        self.jobs = jobs or JobManager()
+        self.engine = engine or Engine()
+        self.samples_dir = Path(samples_dir) if samples_dir else None
+        self.demo_dir = Path(demo_dir) if demo_dir else None
+        self.startup_message = ""
+        self._last_train: Optional[dict[str, Any]] = None
+
+    # ------------------------------------------------------------------ models
+    def load_startup(self, model: Optional[str] = None) -> str:
+        """Load ``model`` (folder or Hub id) or, by default, the bundled demo; returns a status line.
+
+        Never raises: a missing or broken demo leaves the app usable (build a bank instead).
+        """
+        if model:
+            try:
+                if Path(model).expanduser().is_dir():
+                    name, msg = self._load_path(Path(model).expanduser().resolve(), "folder")
+                else:
+                    name, msg = self.load_from_hub(model, None)
+                self.startup_message = msg
+            except UserError as exc:
+                self.startup_message = f"Could not load {model}: {exc}"
+            return self.startup_message
+        if self.demo_dir is None or not (self.demo_dir / "config.json").is_file():
+            self.startup_message = (f"No bundled demo model found ({self.demo_dir}). Build a detector in the "
+                                    "Feature bank tab, or load one below (folder, zip or Hub id).")
+            return self.startup_message
+        try:
+            det = self.engine.load(str(self.demo_dir))
+        except Exception as exc:
+            self.startup_message = (f"The bundled demo model in {self.demo_dir} could not be loaded ({exc}). "
+                                    "Build a detector in the Feature bank tab or load another model.")
+            return self.startup_message
+        name = self.registry.add(f"demo ({det.variant})", det, "bundled demo model", folder=str(self.demo_dir))
+        self.startup_message = f"Loaded the bundled demo model: {name}."
+        return self.startup_message
+
+    def _load_path(self, path: Path, how: str) -> tuple[str, str]:
+        try:
+            det = self.engine.load(str(path))
+        except Exception as exc:
+            raise UserError(f"{path.name or path}: not a loadable ccad model ({exc})") from None
+        name = self.registry.add(f"{path.name} ({det.variant})", det, f"{how} {path}", folder=str(path))
+        return name, f"Loaded {name} from {how} {path}."
+
+    def load_from_folder(self, folder: str) -> tuple[str, str]:
+        """Load a saved model folder (confined to the data root)."""
+        try:
+            path = resolve_in_root(folder, self.data_root, kind="folder")
+        except PathError as exc:
+            raise UserError(str(exc)) from None
+        if not (path / "config.json").is_file():
+            raise UserError(f"{folder}: no config.json in this folder; pick a folder written by "
+                            "save_pretrained / `ccad bank` / `ccad train`")
+        return self._load_path(path, "folder")
+
+    def load_from_zip(self, zip_file: Optional[str]) -> tuple[str, str]:
+        """Load a model from an uploaded zip of a saved model folder."""
+        if not zip_file:
+            raise UserError("no zip uploaded")
+        try:
+            path = safe_extract_zip(zip_file, Path(tempfile.mkdtemp(prefix="model-", dir=self.state_dir)))
+        except PathError as exc:
+            raise UserError(str(exc)) from None
+        if not (path / "config.json").is_file():
+            found = [p.parent for p in path.rglob("config.json")]
+            if len(found) != 1:
+                raise UserError(f"{Path(zip_file).name}: the zip holds no saved model (config.json not found)")
+            path = found[0]
+        return self._load_path(path, "zip")
+
+    def load_from_hub(self, repo_id: str, revision: Optional[str]) -> tuple[str, str]:
+        """Download and load a model from the Hugging Face Hub; offline says so clearly."""
+        repo_id = (repo_id or "").strip()
+        revision = (revision or "").strip() or None
+        if not repo_id:
+            raise UserError("type a Hub repo id such as user/ccad-tiles")
+        try:
+            from huggingface_hub.utils import validate_repo_id
+
+            validate_repo_id(repo_id)
+        except Exception as exc:
+            raise UserError(f"{repo_id!r} is not a valid Hub repo id ({exc})") from None
+        try:
+            det = self.engine.load(repo_id, revision=revision)
+        except Exception as exc:
+            names = {c.__name__ for c in type(exc).__mro__}
+            if "RepositoryNotFoundError" in names:
+                raise UserError(f"{repo_id}: no such model on the Hugging Face Hub (or it is private)") from None
+            if "RevisionNotFoundError" in names:
+                raise UserError(f"{repo_id}: revision {revision!r} not found on the Hub") from None
+            if _is_hub_unreachable(exc):
+                raise UserError(f"The Hugging Face Hub is unreachable (offline?): cannot download {repo_id}. "
+                                "Everything else keeps working; load a local folder or a zip instead.") from None
+            raise UserError(f"{repo_id}: could not load ({type(exc).__name__}: {exc})") from None
+        tag = f"{repo_id}@{revision}" if revision else repo_id
+        name = self.registry.add(f"{tag} ({det.variant})", det, f"hub {tag}")
+        return name, f"Loaded {name} from the Hugging Face Hub."
+
+    def model_card(self, name: Optional[str]) -> str:
+        entry = self.registry.get(name)
+        if entry is None:
+            return views.card_markdown(None) + ("\n\n" + self.startup_message if self.startup_message else "")
+        try:
+            card = entry.detector.card()
+        except Exception as exc:
+            return f"**{name}**: the card could not be read ({exc})"
+        return views.card_markdown(card, entry.name, entry.source)
+
+    def threshold_range(self, name: Optional[str], batch: Optional[Batch] = None) -> dict[str, float]:
+        """Slider settings: the model's calibrated threshold and a range covering good and batch scores."""
+        det = self.registry.detector(name) if name else None
+        thr = float(getattr(det, "threshold", float("nan"))) if det is not None else float("nan")
+        values = [thr]
+        cal = getattr(det, "calibration", None) if det is not None else None
+        if cal is not None and len(cal.good_scores):
+            values += [float(np.max(cal.good_scores)), float(np.min(cal.good_scores))]
+        if batch is not None:
+            values += [float(p.score) for p in batch.predictions]
+        finite = [v for v in values if math.isfinite(v)]
+        hi = max(finite) * 1.5 if finite and max(finite) > 0 else 1.0
+        lo = min(0.0, min(finite)) if finite else 0.0
+        if not math.isfinite(thr):
+            thr = (lo + hi) / 2
+        step = (hi - lo) / 1000 if hi > lo else 0.001
+        return {"value": thr, "minimum": lo, "maximum": hi, "step": step}
+
+    def false_alarm_text(self, name: Optional[str], threshold: Optional[float]) -> str:
+        det = self.registry.detector(name) if name else None
+        cal = getattr(det, "calibration", None) if det is not None else None
+        if cal is None or not len(cal.good_scores) or threshold is None:
+            return "No calibration good scores stored with this model."
+        n = int(cal.false_alarms(float(threshold)))
+        total = int(len(cal.good_scores))
+        return (f"At threshold {float(threshold):.4g}: {n} of {total} calibration good images would be false "
+                f"alarms ({100.0 * n / max(total, 1):.1f} %). Calibrated threshold: {cal.threshold:.4g}.")
+
+    # ------------------------------------------------------------------ inspect
+    def sample_paths(self) -> list[Path]:
+        if self.samples_dir is None or not self.samples_dir.is_dir():
+            return []
+        return sorted(p for p in self.samples_dir.iterdir()
+                      if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"))
+
+    def gallery_items(self) -> list[tuple[np.ndarray, str]]:
+        """(image, caption) for the sample gallery; images are loaded so no path needs serving."""
+        items = []
+        for p in self.sample_paths():
+            try:
+                items.append((_to_uint8(self.engine.load_image(p)), p.stem))
+            except Exception:
+                continue
+        return items
+
+    def _detector(self, name: Optional[str]) -> Any:
+        det = self.registry.detector(name) if name else None
+        if det is None:
+            raise UserError("no model is loaded: pick one in the model list, build a feature bank "
+                            "(Feature bank tab) or load a model")
+        self.registry.set_active(name)
+        return det
+
+    def inspect(self, name: Optional[str], files: Sequence[Any], progress: ProgressFn = None) -> Batch:
+        """Run the model on uploaded files (paths); bad files are listed in ``batch.errors``."""
+        det = self._detector(name)
+        paths = [str(getattr(f, "name", f)) for f in (files or []) if f]
+        if not paths:
+            raise UserError("no image given: upload one or more images or click a sample")
+        try:
+            preds, errors = det.predict_many(paths, batch_size=4, on_error="skip", progress=progress)
+        except Exception as exc:
+            raise UserError(f"the model failed on this batch ({type(exc).__name__}: {exc})") from None
+        errors = [(Path(p).name, msg) for p, msg in errors]
+        if not preds:
+            raise UserError("no readable image: " + "; ".join(f"{n}: {m}" for n, m in errors[:5]))
+        names = [Path(p.path).name if p.path else f"image {i}" for i, p in enumerate(preds)]
+        order = sorted(range(len(preds)), key=lambda i: -float(preds[i].score))
+        return Batch(model=name or "", predictions=preds, names=names, errors=errors, selected=order[0])
+
+    def inspect_sample(self, name: Optional[str], index: int) -> Batch:
+        paths = self.sample_paths()
+        if not 0 <= int(index) < len(paths):
+            raise UserError(f"no sample number {index}")
+        return self.inspect(name, [str(paths[int(index)])])
+
+    def table_rows(self, batch: Optional[Batch], threshold: Optional[float]) -> list[list[Any]]:
+        """Batch table, worst (highest score) first."""
+        if batch is None:
+            return []
+        preds = batch.at(threshold)
+        rows = [[i, batch.names[i], round(float(p.score), 5), p.verdict] for i, p in enumerate(preds)]
+        return sorted(rows, key=lambda r: -r[2])
+
+    def panels(self, batch: Optional[Batch], index: Optional[int] = None,
+               threshold: Optional[float] = None) -> dict[str, Any]:
+        """The four aligned panels (uint8, same size) and the score / verdict / time of one result."""
+        if batch is None or not batch.predictions:
+            return {"original": None, "reconstruction": None, "heatmap": None, "overlay": None,
+                    "recon_label": "Reconstruction", "score": "", "verdict": "", "time": ""}
+        i = batch.selected if index is None else int(index)
+        p = batch.at(threshold)[i]
+        original = _to_uint8(p.image)
+        if p.reconstruction is not None:
+            recon, label = _to_uint8(p.reconstruction), "Reconstruction"
+        else:
+            recon = np.full_like(original, 128)
+            label = "Reconstruction (none: feature-only PatchCore model)"
+        return {"original": original, "reconstruction": recon, "heatmap": p.heatmap(), "overlay": p.overlay(),
+                "recon_label": label, "score": f"{float(p.score):.4f}", "verdict": p.verdict.upper(),
+                "time": f"{float(p.seconds):.2f} s", "name": batch.names[i]}
+
+    def select_row(self, batch: Optional[Batch], row_value: Sequence[Any]) -> Batch:
+        """Select the clicked table row (by its '#' column, so sorting the table does not matter)."""
+        if batch is None:
+            raise UserError("no batch to select from")
+        try:
+            idx = int(row_value[0])
+        except (TypeError, ValueError, IndexError):
+            raise UserError(f"cannot read the clicked row {row_value!r}") from None
+        if not 0 <= idx < len(batch.predictions):
+            raise UserError(f"row {idx} is not in the current batch")
+        batch.selected = idx
+        return batch
+
+    def histogram(self, name: Optional[str], batch: Optional[Batch], threshold: Optional[float]) -> Any:
+        det = self.registry.detector(name) if name else None
+        cal = getattr(det, "calibration", None) if det is not None else None
+        good = cal.good_scores if cal is not None else None
+        scores = [p.score for p in batch.predictions] if batch else []
+        t = float(threshold) if threshold is not None else float("nan")
+        return views.score_histogram(good, scores, t)
+
+    def downloads(self, batch: Optional[Batch], threshold: Optional[float]) -> list[str]:
+        """Write the selected result's heatmap, overlay and binary mask PNGs and the batch CSV."""
+        if batch is None or not batch.predictions:
+            return []
+        from PIL import Image
+
+        out = Path(tempfile.mkdtemp(prefix="dl-", dir=self.state_dir))
+        preds = batch.at(threshold)
+        p = preds[batch.selected]
+        stem = Path(batch.names[batch.selected]).stem or "image"
+        files = []
+        for suffix, arr in (("heatmap", p.heatmap()), ("overlay", p.overlay()),
+                            ("mask", (p.mask.astype(np.uint8) * 255))):
+            f = out / f"{stem}_{suffix}.png"
+            Image.fromarray(arr).save(f)
+            files.append(str(f))
+        f = out / "batch_scores.csv"
+        with f.open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["file", "score", "threshold", "verdict", "seconds"])
+            for name, q in sorted(zip(batch.names, preds), key=lambda t: -float(t[1].score)):
+                w.writerow([name, f"{float(q.score):.6f}", f"{float(q.threshold):.6f}", q.verdict,
+                            f"{float(q.seconds):.3f}"])
+        files.append(str(f))
+        return files
+
+    def compare(self, other: Optional[str], batch: Optional[Batch]) -> dict[str, Any]:
+        """Run a second model on the selected image (side-by-side comparison of bank vs diffusion)."""
+        if not other or batch is None or not batch.predictions:
+            return self.panels(None)
+        det = self._detector_no_activate(other)
+        p = batch.predictions[batch.selected]
+        try:
+            q = det.predict(p.image)
+        except Exception as exc:
+            raise UserError(f"{other} failed on {batch.names[batch.selected]} ({exc})") from None
+        one = Batch(model=other, predictions=[q], names=[batch.names[batch.selected]])
+        return self.panels(one, 0)
+
+    def _detector_no_activate(self, name: str) -> Any:
+        det = self.registry.detector(name)
+        if det is None:
+            raise UserError(f"model {name!r} is not loaded")
+        return det
+
+    # ------------------------------------------------------------------ feature bank
+    def _data_folder(self, folder: Optional[str], zip_file: Optional[str]) -> Path:
+        """A good-image folder from a server path (confined to the data root) or an uploaded zip."""
+        if zip_file:
+            try:
+                path = safe_extract_zip(zip_file, Path(tempfile.mkdtemp(prefix="data-", dir=self.state_dir)))
+            except PathError as exc:
+                raise UserError(str(exc)) from None
+            label = Path(str(zip_file)).name
+        else:
+            try:
+                path = resolve_in_root(folder or "", self.data_root, kind="folder")
+            except PathError as exc:
+                raise UserError(str(exc)) from None
+            label = folder or str(path)
+        n = count_images(path)
+        if n == 0:
+            raise UserError(f"{label}: the folder holds no images (.png/.jpg/.bmp/.tif)")
+        return path
+
+    def build_bank(self, folder: Optional[str], zip_file: Optional[str], backbone: str, layers: Sequence[int],
+                   xi: int, image_size: int, progress: ProgressFn = None,
+                   cancel: Optional[Callable[[], bool]] = None) -> tuple[str, dict[str, Any], Any, str]:
+        """Build the feature bank + PatchCore detector (``ccad.fit_detector``); register it as a model."""
+        path = self._data_folder(folder, zip_file)
+        layers = tuple(int(v) for v in layers)
+        if not layers:
+            raise UserError("choose at least one backbone layer")
+        if not 1 <= int(xi) <= 1000:
+            raise UserError(f"bank size xi must be in 1..1000, got {xi}")
+        t0 = time.perf_counter()
+        try:
+            det = self.engine.fit(str(path), backbone=backbone, layers=layers, bank_size=int(xi),
+                                  image_size=int(image_size), progress=progress, cancel=cancel)
+        except Exception as exc:
+            if type(exc).__name__ == "Cancelled":
+                raise UserError("bank building cancelled") from None
+            raise UserError(f"building the bank from {path.name} failed ({type(exc).__name__}: {exc})") from None
+        seconds = time.perf_counter() - t0
+        name = self.registry.add(f"bank {path.name} (patchcore)", det, f"bank built from {path}")
+        summary = self.bank_summary(det)
+        fig = self.bank_projection(det, path)
+        return name, summary, fig, (f"Built a {int(xi)}-vector bank and a PatchCore detector from {path.name} in "
+                                    f"{seconds:.1f} s; it is now the active model in the Inspect tab.")
+
+    def bank_summary(self, det: Any) -> dict[str, Any]:
+        bank = getattr(det, "bank", None)
+        if bank is None:
+            return {}
+        try:
+            return dict(bank.summary())
+        except Exception as exc:
+            return {"error": f"summary unavailable ({exc})"}
+
+    def bank_projection(self, det: Any, folder: Optional[Path] = None) -> Any:
+        """PCA projection of the bank against a sample of all patch features (``ccad.features.bank``)."""
+        try:
+            from ccad.features.bank import project_2d
+        except Exception:
+            return views.projection_figure(np.zeros((0, 2)), None)
+        try:
+            proj = project_2d(det.bank, samples=str(folder) if folder else None)
+        except TypeError:
+            proj = project_2d(det.bank)
+        except Exception:
+            return views.projection_figure(np.zeros((0, 2)), None)
+        if isinstance(proj, dict):
+            return views.projection_figure(np.asarray(proj.get("bank")), proj.get("all"))
+        if isinstance(proj, tuple):
+            return views.projection_figure(np.asarray(proj[0]), None if len(proj) < 2 or proj[1] is None
+                                           else np.asarray(proj[1]))
+        return views.projection_figure(np.asarray(proj), None)
+
+    def save_model(self, name: Optional[str], dest: str, what: str = "detector") -> str:
+        """Save the detector (or only its bank) to a folder inside the data root."""
+        det = self._detector_no_activate(name) if name else None
+        if det is None:
+            raise UserError("no model selected to save")
+        try:
+            path = resolve_in_root(dest, self.data_root, must_exist=False)
+        except PathError as exc:
+            raise UserError(str(exc)) from None
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{dest}: exists and is not a folder")
+        try:
+            if what == "bank":
+                path.mkdir(parents=True, exist_ok=True)
+                det.bank.save(path)
+            else:
+                det.save_pretrained(path)
+        except Exception as exc:
+            raise UserError(f"saving to {dest} failed ({type(exc).__name__}: {exc})") from None
+        return f"Saved the {'bank' if what == 'bank' else 'detector'} of {name} to {path}."
+
+    # ------------------------------------------------------------------ training
+    def device_note(self) -> str:
+        if cuda_available():
+            return "A CUDA GPU is available: training uses it (mixed precision)."
+        return ("No GPU found: training runs on the CPU with small settings (preset 'tiny', 64 px, few "
+                "hundred steps). Expect minutes, not seconds; the rest of the app stays usable.")
+
+    def default_train_settings(self) -> dict[str, Any]:
+        if cuda_available():
+            return {"preset": "small", "image_size": 256, "steps": 5000, "batch_size": 16}
+        return {"preset": "tiny", "image_size": 64, "steps": 300, "batch_size": 4}
+
+    def start_training(self, folder: Optional[str], zip_file: Optional[str], bank_model: Optional[str],
+                       preset: str, image_size: int, steps: int, batch_size: int, preview_every: int = 50,
+                       resume: bool = False) -> str:
+        """Start CCAD(V) training in the background job manager (one job per server)."""
+        if self.jobs.busy():
+            snap = self.jobs.snapshot() or {}
+            raise UserError(f"A training job is already running on this server ({snap.get('id')}, step "
+                            f"{snap.get('step')}/{snap.get('total_steps')}). Only one job runs at a time: "
+                            "stop it or wait for it to finish.")
+        if resume:
+            last = self._last_train
+            if last is None:
+                raise UserError("nothing to resume: no stopped training job on this server")
+            params = dict(last, resume=True)
+        else:
+            path = self._data_folder(folder, zip_file)
+            bank = None
+            if bank_model:
+                det = self._detector_no_activate(bank_model)
+                bank = getattr(det, "bank", None)
+            if int(steps) < 1 or int(batch_size) < 1:
+                raise UserError("steps and batch size must be positive")
+            run_dir = self.state_dir / "runs" / time.strftime("train-%Y%m%d-%H%M%S")
+            params = {"data": str(path), "out_dir": str(run_dir), "bank": bank, "bank_model": bank_model or "",
+                      "preset": preset, "image_size": int(image_size), "steps": int(steps),
+                      "batch_size": int(batch_size), "preview_every": max(1, int(preview_every)), "resume": False}
+        self._last_train = dict(params, resume=False)
+        train_fn = self.engine.train
+
+        def target(handle: JobHandle) -> Any:
+            handle.update(total_steps=params["steps"], message="building the bank" if params["bank"] is None
+                          else "training", step=0)
+
+            def on_state(st: Any) -> bool:
+                upd: dict[str, Any] = {"step": int(getattr(st, "step", 0)),
+                                       "total_steps": int(getattr(st, "total_steps", params["steps"])),
+                                       "epoch": int(getattr(st, "epoch", 0)),
+                                       "loss": float(getattr(st, "loss", float("nan"))),
+                                       "lr": float(getattr(st, "lr", float("nan"))),
+                                       "eta_seconds": float(getattr(st, "eta_seconds", float("nan")) or float("nan")),
+                                       "message": "training"}
+                prev = getattr(st, "preview", None)
+                if prev is not None:
+                    upd["preview"] = _to_uint8(np.asarray(prev))
+                handle.update(**upd)
+                return handle.should_stop()
+
+            return train_fn(params["data"], params["out_dir"], bank=params["bank"], variant="ccad-v",
+                            preset=params["preset"], image_size=params["image_size"], steps=params["steps"],
+                            batch_size=params["batch_size"], callbacks=(on_state,),
+                            train_options={"preview_every": params["preview_every"]},
+                            resume=params["resume"], cancel=handle.should_stop)
+
+        def on_done(job: Any) -> None:
+            det = job.result
+            if det is None:
+                return
+            label = "stopped" if job.state == STOPPED else "trained"
+            name = self.registry.add(f"ccad-v {label} {job.id}", det, f"{label} in this app ({params['data']})",
+                                     folder=str(Path(params["out_dir"]) / "model"), activate=False)
+            job.params["model_name"] = name
+
+        try:
+            job = self.jobs.start("train", target, {k: v for k, v in params.items() if k != "bank"}, on_done)
+        except JobBusy as exc:
+            raise UserError(str(exc)) from None
+        return f"Started training job {job.id} ({'resumed' if resume else 'new'}) on {Path(params['data']).name}."
+
+    def stop_training(self) -> str:
+        if self.jobs.stop():
+            return "Stop requested: the job finishes its current step and saves a resumable checkpoint."
+        return "No training job is running."
+
+    def training_status(self) -> dict[str, Any]:
+        """What the Train tab shows; identical for every tab and reload (server-side job)."""
+        snap = self.jobs.snapshot()
+        if snap is None:
+            return {"status": "No training job has run on this server yet.", "progress": "", "losses": [],
+                    "preview": None, "state": "idle", "model_name": None, "can_resume": False}
+        total = snap["total_steps"] or 0
+        pct = f" ({100.0 * snap['step'] / total:.0f} %)" if total else ""
+        progress = (f"step {snap['step']}/{total}{pct} · epoch {snap['epoch']} · loss "
+                    f"{snap['loss']:.4f} · elapsed {views.format_seconds(snap['elapsed'])} · ETA "
+                    f"{views.format_seconds(snap['eta_seconds'])}")
+        status = f"Job {snap['id']}: {snap['state']} - {snap['message']}"
+        if snap["params"].get("model_name"):
+            status += f". Model loaded as '{snap['params']['model_name']}' (pick it in the model list)."
+        return {"status": status, "progress": progress, "losses": snap["losses"], "preview": snap["preview"],
+                "state": snap["state"], "model_name": snap["params"].get("model_name"),
+                "can_resume": snap["state"] in (STOPPED, FAILED) and self._last_train is not None}
+
+    # ------------------------------------------------------------------ evaluate
+    def run_evaluation(self, name: Optional[str], path: str, layout: str = "auto", split: str = "test",
+                       progress: ProgressFn = None) -> dict[str, Any]:
+        """Evaluate a model on a labelled dataset inside the data root (``ccad.evaluate``)."""
+        det = self._detector(name)
+        try:
+            root = resolve_in_root(path, self.data_root, kind="any")
+        except PathError as exc:
+            raise UserError(str(exc)) from None
+        try:
+            samples = self.engine.load_dataset(str(root), split=split, layout=layout)
+        except Exception as exc:
+            raise UserError(f"{path}: cannot read it as a dataset (layout {layout!r}): {exc}") from None
+        if not samples:
+            raise UserError(f"{path}: no {split} images found (layout {layout!r})")
+        labels = {int(s.label) for s in samples}
+        try:
+            report = self.engine.evaluate(det, samples, progress=progress)
+        except Exception as exc:
+            raise UserError(f"evaluation failed ({type(exc).__name__}: {exc})") from None
+        from ccad.evaluate import METRIC_KEYS
+
+        rows = views.metrics_rows(report.per_category, METRIC_KEYS)
+        msg = (f"Evaluated {name} on {len(report.records)} images from {path} in {report.seconds:.1f} s"
+               + (f"; {len(report.errors)} unreadable file(s) skipped" if report.errors else "")
+               + ("" if labels >= {0, 1} else "; only one class present, so AUROC/AP are undefined"))
+        return {"headers": ["category", *METRIC_KEYS], "rows": rows, "roc": views.roc_figure(report.curves),
+                "pr": views.pr_figure(report.curves), "fn": self._gallery(report.worst("fn")),
+                "fp": self._gallery(report.worst("fp")), "message": msg, "report": report}
+
+    def _gallery(self, records: list[dict[str, Any]]) -> list[tuple[np.ndarray, str]]:
+        out = []
+        for r in records:
+            try:
+                img = _to_uint8(self.engine.load_image(r["path"]))
+            except Exception:
+                continue
+            out.append((img, f"{Path(r['path']).name} · {r.get('defect_type', '')} · score {r['score']:.4g}"))
+        return out

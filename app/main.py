@@ -1,0 +1,499 @@
+"""The Gradio Blocks app: ``build_app()`` builds it, ``launch()`` serves it (``ccad app``, ``python app.py``).
+
+Layout: a model bar (model list, card, load from folder / zip / Hugging Face Hub) above five
+tabs: Inspect, Feature bank, Train, Evaluate and DAGM review. All computation is a call into
+``ccad`` through :class:`app.controller.AppController`; this module only wires components.
+Every interactive component has a stable ``elem_id`` (used by the browser tests and by users'
+own automation).
+"""
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import gradio as gr
+
+from . import views
+from .controller import TABLE_HEADERS, AppController, Batch, UserError
+from .state import REPO_ROOT, SAMPLES_DIR
+
+MAX_FILE_SIZE = "200mb"
+CONCURRENCY_LIMIT = 2
+PANEL_HEIGHT = 300
+BACKBONES = ["tf_efficientnet_lite0", "tf_efficientnet_lite2", "wide_resnet50_2"]
+
+CSS = """
+.verdict-box textarea {font-weight: 700; font-size: 1.15em;}
+#inspect-panels .image-container img {object-fit: contain;}
+"""
+
+
+def _import_review() -> tuple[Any, Optional[str], Optional[str]]:
+    """The DAGM review tab (app/review.py, written separately): (builder, shortcuts js, import error)."""
+    try:
+        from .review import REVIEW_SHORTCUTS_JS, build_review_tab
+    except Exception as exc:  # the rest of the app must work without it
+        return None, None, f"{type(exc).__name__}: {exc}"
+    return build_review_tab, REVIEW_SHORTCUTS_JS, None
+
+
+def _mount_review(builder: Any, error: Optional[str], controller: AppController) -> None:
+    if builder is None:
+        gr.Markdown(f"The DAGM review screen is not available in this build ({error}).")
+        return
+    try:
+        builder(lambda: controller.registry.detector(), str(controller.data_root),
+                str(controller.state_dir / "review"))
+    except Exception as exc:
+        gr.Markdown(f"The DAGM review screen could not be built ({type(exc).__name__}: {exc}).")
+
+
+def _err(exc: BaseException) -> str:
+    if isinstance(exc, UserError):
+        return f"⚠️ {exc}"
+    return f"⚠️ Unexpected error ({type(exc).__name__}): {exc}"
+
+
+def build_app(controller: Optional[AppController] = None, data_root: str | os.PathLike = ".",
+              state_dir: Optional[str | os.PathLike] = None, model: Optional[str] = None,
+              load_default: bool = True) -> gr.Blocks:
+    """Build the app. With no ``controller`` one is made for ``data_root`` / ``state_dir`` and the
+    bundled demo model (or ``model``) is loaded; a missing demo is reported, not fatal."""
+    if controller is None:
+        controller = AppController(data_root=data_root, state_dir=state_dir)
+    if load_default and not controller.registry.names():
+        controller.load_startup(model)
+    c = controller
+    cancel_flags: dict[str, threading.Event] = {}
+    gallery = c.gallery_items()
+    settings = c.default_train_settings()
+
+    review_builder, review_js, review_error = _import_review()
+    with warnings.catch_warnings():
+        # Gradio 6 prefers these in launch(); given here they also apply to a plain demo.launch() (Spaces)
+        warnings.simplefilter("ignore", UserWarning)
+        demo = gr.Blocks(title="ccad anomaly inspection", theme=gr.themes.Soft(), css=CSS, js=review_js)
+
+    with demo:
+        gr.Markdown("# ccad · visual anomaly inspection\nLearn *good* from good images; flag what differs. "
+                    "CCAD (bank-conditioned diffusion) and a PatchCore baseline.")
+        with gr.Accordion("Model", open=True):
+            with gr.Row():
+                with gr.Column(scale=2):
+                    model_dd = gr.Dropdown(choices=c.registry.names(), value=c.registry.active, label="Model in use",
+                                           elem_id="model-select", interactive=True)
+                    compare_dd = gr.Dropdown(choices=[""] + c.registry.names(), value="",
+                                             label="Compare side by side with (optional)", elem_id="compare-select")
+                    model_status = gr.Markdown(c.startup_message, elem_id="model-status")
+                with gr.Column(scale=3):
+                    card_md = gr.Markdown(c.model_card(c.registry.active), elem_id="model-card")
+            with gr.Row():
+                with gr.Column():
+                    folder_tb = gr.Textbox(label=f"Model folder (inside {c.data_root})", elem_id="model-folder")
+                    folder_btn = gr.Button("Load folder", elem_id="model-folder-load")
+                with gr.Column():
+                    zip_up = gr.File(label="...or upload a zipped model folder", file_types=[".zip"],
+                                     elem_id="model-zip", type="filepath")
+                with gr.Column():
+                    hub_tb = gr.Textbox(label="Hugging Face Hub repo id", placeholder="user/ccad-model",
+                                        elem_id="hub-repo")
+                    hub_rev = gr.Textbox(label="revision (branch, tag or commit; optional)", elem_id="hub-revision")
+                    hub_btn = gr.Button("Load from the Hub", elem_id="hub-load")
+                    hub_msg = gr.Markdown("", elem_id="hub-status")
+
+        batch_state = gr.State(None)
+
+        with gr.Tabs(elem_id="tabs"):
+            # ------------------------------------------------------------ Inspect
+            with gr.Tab("Inspect", id="inspect", elem_id="tab-inspect"):
+                with gr.Row():
+                    with gr.Column(scale=2):
+                        upload = gr.File(label="Upload one or many images", file_count="multiple",
+                                         file_types=["image"], elem_id="inspect-upload", type="filepath")
+                        run_btn = gr.Button("Inspect", variant="primary", elem_id="inspect-run")
+                    with gr.Column(scale=3):
+                        sample_gallery = gr.Gallery(value=gallery, label="Samples (click one to inspect it)",
+                                                    columns=6, height=180, allow_preview=False,
+                                                    elem_id="inspect-samples")
+                inspect_msg = gr.Markdown("", elem_id="inspect-status")
+                with gr.Row(elem_id="inspect-panels", equal_height=True):
+                    p_orig = gr.Image(label="Original", height=PANEL_HEIGHT, format="png", interactive=False,
+                                      elem_id="panel-original")
+                    p_rec = gr.Image(label="Reconstruction", height=PANEL_HEIGHT, format="png", interactive=False,
+                                     elem_id="panel-reconstruction")
+                    p_heat = gr.Image(label="Heatmap", height=PANEL_HEIGHT, format="png", interactive=False,
+                                      elem_id="panel-heatmap")
+                    p_over = gr.Image(label="Overlay", height=PANEL_HEIGHT, format="png", interactive=False,
+                                      elem_id="panel-overlay")
+                with gr.Row():
+                    score_tb = gr.Textbox(label="Image score", interactive=False, elem_id="inspect-score")
+                    verdict_tb = gr.Textbox(label="Verdict", interactive=False, elem_id="inspect-verdict",
+                                            elem_classes=["verdict-box"])
+                    time_tb = gr.Textbox(label="Time taken", interactive=False, elem_id="inspect-time")
+                    file_tb = gr.Textbox(label="File", interactive=False, elem_id="inspect-file")
+                rng = c.threshold_range(c.registry.active)
+                with gr.Row():
+                    with gr.Column(scale=2):
+                        thr = gr.Slider(minimum=rng["minimum"], maximum=rng["maximum"], value=rng["value"],
+                                        step=rng["step"], label="Threshold (score above it = anomalous)",
+                                        elem_id="inspect-threshold")
+                        reset_thr = gr.Button("Reset to the calibrated threshold", size="sm",
+                                              elem_id="inspect-threshold-reset")
+                        fa_md = gr.Markdown(c.false_alarm_text(c.registry.active, rng["value"]),
+                                            elem_id="inspect-false-alarms")
+                    with gr.Column(scale=3):
+                        hist = gr.Plot(c.histogram(c.registry.active, None, rng["value"]), label="Scores",
+                                       elem_id="inspect-histogram")
+                table = gr.Dataframe(headers=TABLE_HEADERS, value=[], interactive=False, label=(
+                    "Batch (worst first; click a row to show it; click a header to sort)"),
+                    elem_id="inspect-table", datatype=["number", "str", "number", "str"])
+                downloads = gr.File(label="Downloads: heatmap, overlay, mask (selected image) and the batch CSV",
+                                    file_count="multiple", interactive=False, elem_id="inspect-downloads")
+                with gr.Group(visible=True):
+                    gr.Markdown("**Comparison model** (pick one above under 'Compare side by side with')")
+                    with gr.Row():
+                        q_orig = gr.Image(label="Original", height=220, format="png", interactive=False,
+                                          elem_id="compare-original")
+                        q_rec = gr.Image(label="Reconstruction", height=220, format="png", interactive=False,
+                                         elem_id="compare-reconstruction")
+                        q_heat = gr.Image(label="Heatmap", height=220, format="png", interactive=False,
+                                          elem_id="compare-heatmap")
+                        q_over = gr.Image(label="Overlay", height=220, format="png", interactive=False,
+                                          elem_id="compare-overlay")
+                    with gr.Row():
+                        q_score = gr.Textbox(label="Score", interactive=False, elem_id="compare-score")
+                        q_verdict = gr.Textbox(label="Verdict", interactive=False, elem_id="compare-verdict")
+                        q_time = gr.Textbox(label="Time taken", interactive=False, elem_id="compare-time")
+
+            # ------------------------------------------------------------ Feature bank
+            with gr.Tab("Feature bank", id="bank", elem_id="tab-bank"):
+                gr.Markdown("Build the coarse feature bank (a coreset of backbone patch features of good images). "
+                            "The bank is at once a working PatchCore detector: use it in the Inspect tab right "
+                            "away while the diffusion model trains.")
+                with gr.Row():
+                    with gr.Column():
+                        bank_folder = gr.Textbox(label=f"Folder of good images (inside {c.data_root})",
+                                                 elem_id="bank-folder")
+                        bank_zip = gr.File(label="...or upload a zip of good images", file_types=[".zip"],
+                                           type="filepath", elem_id="bank-zip")
+                    with gr.Column():
+                        bank_backbone = gr.Dropdown(BACKBONES, value=BACKBONES[0], label="Backbone",
+                                                    elem_id="bank-backbone")
+                        bank_layers = gr.CheckboxGroup([1, 2, 3, 4], value=[2, 3], label="Layers",
+                                                       elem_id="bank-layers")
+                        bank_xi = gr.Slider(10, 1000, value=200, step=10, label="Bank size xi", elem_id="bank-xi")
+                        bank_size = gr.Dropdown([64, 128, 256, 320], value=256, label="Image size",
+                                                elem_id="bank-image-size")
+                with gr.Row():
+                    bank_build = gr.Button("Build bank", variant="primary", elem_id="bank-build")
+                    bank_cancel = gr.Button("Cancel", elem_id="bank-cancel")
+                bank_msg = gr.Markdown("", elem_id="bank-status")
+                with gr.Row():
+                    bank_summary = gr.JSON(label="Bank summary", elem_id="bank-summary")
+                    bank_plot = gr.Plot(label="Bank vs all patch features (PCA)", elem_id="bank-plot")
+                with gr.Row():
+                    save_path = gr.Textbox(label=f"Save to folder (inside {c.data_root})", elem_id="bank-save-path")
+                    save_what = gr.Radio(["detector", "bank"], value="detector", label="What to save",
+                                         elem_id="bank-save-what")
+                    save_btn = gr.Button("Save the model in use", elem_id="bank-save")
+                save_msg = gr.Markdown("", elem_id="bank-save-status")
+
+            # ------------------------------------------------------------ Train
+            with gr.Tab("Train", id="train", elem_id="tab-train"):
+                gr.Markdown(c.device_note(), elem_id="train-device")
+                with gr.Row():
+                    with gr.Column():
+                        train_folder = gr.Textbox(label=f"Folder of good images (inside {c.data_root})",
+                                                  elem_id="train-folder")
+                        train_zip = gr.File(label="...or upload a zip of good images", file_types=[".zip"],
+                                            type="filepath", elem_id="train-zip")
+                        train_bank = gr.Dropdown([""] + c.registry.of_variant("patchcore"), value="",
+                                                 label="Reuse the bank of (optional; else a bank is built)",
+                                                 elem_id="train-bank")
+                    with gr.Column():
+                        train_preset = gr.Dropdown(["tiny", "small", "base"], value=settings["preset"],
+                                                   label="Denoiser preset", elem_id="train-preset")
+                        train_size = gr.Dropdown([64, 96, 128, 256], value=settings["image_size"],
+                                                 label="Image size", elem_id="train-image-size")
+                        train_steps = gr.Number(value=settings["steps"], precision=0, label="Steps",
+                                                elem_id="train-steps")
+                        train_bs = gr.Number(value=settings["batch_size"], precision=0, label="Batch size",
+                                             elem_id="train-batch-size")
+                        train_prev = gr.Number(value=50, precision=0, label="Reconstruction preview every N steps",
+                                               elem_id="train-preview-every")
+                with gr.Row():
+                    train_start = gr.Button("Start training", variant="primary", elem_id="train-start")
+                    train_stop = gr.Button("Stop (saves a resumable checkpoint)", variant="stop",
+                                           elem_id="train-stop")
+                    train_resume = gr.Button("Resume", elem_id="train-resume")
+                train_msg = gr.Markdown("", elem_id="train-message")
+                train_status = gr.Markdown("", elem_id="train-status")
+                train_progress = gr.Markdown("", elem_id="train-progress")
+                with gr.Row():
+                    train_loss = gr.Plot(views.loss_curve([]), label="Loss", elem_id="train-loss")
+                    train_preview = gr.Image(label="Reconstruction preview", height=260, interactive=False,
+                                             format="png", elem_id="train-preview")
+                timer = gr.Timer(1.5, active=True)
+
+            # ------------------------------------------------------------ Evaluate
+            with gr.Tab("Evaluate", id="evaluate", elem_id="tab-evaluate"):
+                gr.Markdown("Run the model in use on a labelled dataset (MVTec / anomalib folder layout, a CSV "
+                            "manifest or DAGM) inside the data root.")
+                with gr.Row():
+                    eval_path = gr.Textbox(label=f"Dataset folder or CSV (inside {c.data_root})",
+                                           elem_id="eval-path")
+                    eval_layout = gr.Dropdown(["auto", "mvtec", "csv", "dagm", "dagm-ccad", "visa", "folder"],
+                                              value="auto", label="Layout", elem_id="eval-layout")
+                    eval_split = gr.Dropdown(["test", "train", "val"], value="test", label="Split",
+                                             elem_id="eval-split")
+                eval_run = gr.Button("Evaluate", variant="primary", elem_id="eval-run")
+                eval_msg = gr.Markdown("", elem_id="eval-status")
+                eval_table = gr.Dataframe(label="Metrics per category", interactive=False, elem_id="eval-metrics")
+                with gr.Row():
+                    eval_roc = gr.Plot(label="ROC", elem_id="eval-roc")
+                    eval_pr = gr.Plot(label="Precision-recall", elem_id="eval-pr")
+                with gr.Row():
+                    eval_fn = gr.Gallery(label="Worst false negatives (missed defects)", columns=4, height=240,
+                                         elem_id="eval-fn")
+                    eval_fp = gr.Gallery(label="Worst false positives (false alarms)", columns=4, height=240,
+                                         elem_id="eval-fp")
+
+            # ------------------------------------------------------------ DAGM review
+            with gr.Tab("DAGM review", id="review", elem_id="tab-review"):
+                _mount_review(review_builder, review_error, c)
+
+        # ================================================================ wiring
+        inspect_outputs = [p_orig, p_rec, p_heat, p_over, score_tb, verdict_tb, time_tb, file_tb]
+
+        def panel_updates(batch: Optional[Batch], t: Optional[float]) -> list[Any]:
+            v = c.panels(batch, None, t)
+            return [v["original"], gr.update(value=v["reconstruction"], label=v["recon_label"]), v["heatmap"],
+                    v["overlay"], v["score"], v["verdict"], v["time"], v.get("name", "")]
+
+        def compare_updates(other: Optional[str], batch: Optional[Batch]) -> list[Any]:
+            try:
+                v = c.compare(other, batch)
+            except UserError as exc:
+                gr.Warning(str(exc))
+                v = c.panels(None)
+            return [v["original"], gr.update(value=v["reconstruction"], label=v["recon_label"]), v["heatmap"],
+                    v["overlay"], v["score"], v["verdict"], v["time"]]
+
+        compare_outputs = [q_orig, q_rec, q_heat, q_over, q_score, q_verdict, q_time]
+
+        def show_batch(batch: Batch, name: str, t: float, other: Optional[str]) -> list[Any]:
+            rng = c.threshold_range(name, batch)
+            # keep the user's threshold if it is still inside the new range
+            t_use = t if t is not None and rng["minimum"] <= t <= rng["maximum"] else rng["value"]
+            msg = f"Inspected {len(batch.predictions)} image(s) with {name}."
+            if batch.errors:
+                msg += " Skipped: " + "; ".join(f"**{n}**: {m}" for n, m in batch.errors[:10])
+            return [batch, *panel_updates(batch, t_use), c.table_rows(batch, t_use),
+                    gr.update(minimum=rng["minimum"], maximum=rng["maximum"], step=rng["step"], value=t_use),
+                    c.histogram(name, batch, t_use), c.false_alarm_text(name, t_use), c.downloads(batch, t_use),
+                    msg, *compare_updates(other, batch)]
+
+        batch_outputs = [batch_state, *inspect_outputs, table, thr, hist, fa_md, downloads, inspect_msg,
+                         *compare_outputs]
+
+        def no_change(msg: str) -> list[Any]:
+            return [gr.update()] * (len(batch_outputs) - len(compare_outputs) - 1) + [msg] + \
+                [gr.update()] * len(compare_outputs)
+
+        def on_run(name: str, files: Any, t: float, other: str, progress: gr.Progress = gr.Progress()) -> list[Any]:
+            try:
+                batch = c.inspect(name, files or [], progress=lambda d, n: progress((d, n), desc="inspecting"))
+                return show_batch(batch, name, t, other)
+            except Exception as exc:
+                return no_change(_err(exc))
+
+        def on_sample(name: str, t: float, other: str, evt: gr.SelectData) -> list[Any]:
+            try:
+                batch = c.inspect_sample(name, int(evt.index))
+                return show_batch(batch, name, t, other)
+            except Exception as exc:
+                return no_change(_err(exc))
+
+        run_btn.click(on_run, [model_dd, upload, thr, compare_dd], batch_outputs)
+        sample_gallery.select(on_sample, [model_dd, thr, compare_dd], batch_outputs)
+
+        def on_row(batch: Optional[Batch], t: float, other: str, evt: gr.SelectData) -> list[Any]:
+            try:
+                batch = c.select_row(batch, evt.row_value)
+                return [batch, *panel_updates(batch, t), c.downloads(batch, t), "", *compare_updates(other, batch)]
+            except Exception as exc:
+                return [gr.update()] * (len(inspect_outputs) + 2) + [_err(exc)] + [gr.update()] * len(compare_outputs)
+
+        table.select(on_row, [batch_state, thr, compare_dd],
+                     [batch_state, *inspect_outputs, downloads, inspect_msg, *compare_outputs])
+
+        def on_threshold(batch: Optional[Batch], name: str, t: float) -> list[Any]:
+            # re-label only: no model call (Prediction.with_threshold)
+            v = c.panels(batch, None, t) if batch is not None else None
+            return [v["verdict"] if v else gr.update(), v["overlay"] if v else gr.update(),
+                    c.table_rows(batch, t) if batch is not None else gr.update(),
+                    c.histogram(name, batch, t), c.false_alarm_text(name, t)]
+
+        thr.change(on_threshold, [batch_state, model_dd, thr], [verdict_tb, p_over, table, hist, fa_md],
+                   show_progress="hidden", trigger_mode="always_last")
+        thr.release(lambda b, t: c.downloads(b, t), [batch_state, thr], [downloads], show_progress="hidden")
+
+        def on_reset(name: str, batch: Optional[Batch]) -> Any:
+            rng = c.threshold_range(name, batch)
+            return gr.update(value=rng["value"])
+
+        reset_thr.click(on_reset, [model_dd, batch_state], [thr])
+
+        def model_choices(selected: Optional[str]) -> list[Any]:
+            names = c.registry.names()
+            sel = selected if selected in names else c.registry.active
+            return [gr.update(choices=names, value=sel), gr.update(choices=[""] + names),
+                    gr.update(choices=[""] + c.registry.of_variant("patchcore"))]
+
+        def on_model(name: str, batch: Optional[Batch]) -> list[Any]:
+            c.registry.set_active(name)
+            rng = c.threshold_range(name, None)
+            return [c.model_card(name), gr.update(minimum=rng["minimum"], maximum=rng["maximum"],
+                                                  step=rng["step"], value=rng["value"]),
+                    c.histogram(name, None, rng["value"]), c.false_alarm_text(name, rng["value"])]
+
+        model_dd.change(on_model, [model_dd, batch_state], [card_md, thr, hist, fa_md])
+
+        def loaded(result: tuple[str, str]) -> list[Any]:
+            name, msg = result
+            return [*model_choices(name), msg]
+
+        def on_folder(path: str) -> list[Any]:
+            try:
+                return loaded(c.load_from_folder(path))
+            except Exception as exc:
+                return [gr.update()] * 3 + [_err(exc)]
+
+        def on_zip(path: Optional[str]) -> list[Any]:
+            if not path:
+                return [gr.update()] * 4
+            try:
+                return loaded(c.load_from_zip(path))
+            except Exception as exc:
+                return [gr.update()] * 3 + [_err(exc)]
+
+        def on_hub(repo: str, rev: str) -> list[Any]:
+            try:
+                name, msg = c.load_from_hub(repo, rev)
+                return [*model_choices(name), msg]
+            except Exception as exc:
+                return [gr.update()] * 3 + [_err(exc)]
+
+        choice_outputs = [model_dd, compare_dd, train_bank]
+        folder_btn.click(on_folder, [folder_tb], [*choice_outputs, model_status])
+        zip_up.upload(on_zip, [zip_up], [*choice_outputs, model_status])
+        hub_btn.click(on_hub, [hub_tb, hub_rev], [*choice_outputs, hub_msg])
+        compare_dd.change(compare_updates, [compare_dd, batch_state], compare_outputs)
+
+        # ---- bank
+        def on_build(folder: str, zf: Optional[str], backbone: str, layers: list, xi: float, size: int,
+                     request: gr.Request, progress: gr.Progress = gr.Progress()) -> list[Any]:
+            key = getattr(request, "session_hash", None) or "default"
+            flag = cancel_flags.setdefault(key, threading.Event())
+            flag.clear()
+            try:
+                name, summary, fig, msg = c.build_bank(
+                    folder, zf, backbone, layers, int(xi), int(size),
+                    progress=lambda d, n: progress((d, n), desc="building the bank"), cancel=flag.is_set)
+                return [*model_choices(name), summary, fig, msg]
+            except Exception as exc:
+                return [gr.update()] * 5 + [_err(exc)]
+
+        bank_build.click(on_build, [bank_folder, bank_zip, bank_backbone, bank_layers, bank_xi, bank_size],
+                         [*choice_outputs, bank_summary, bank_plot, bank_msg], concurrency_limit=1,
+                         concurrency_id="heavy")
+
+        def on_cancel(request: gr.Request) -> str:
+            key = getattr(request, "session_hash", None) or "default"
+            if key in cancel_flags:
+                cancel_flags[key].set()
+                return "Cancelling the bank build..."
+            return "No bank build is running."
+
+        bank_cancel.click(on_cancel, None, [bank_msg])
+
+        def on_save(name: str, dest: str, what: str) -> str:
+            try:
+                return c.save_model(name, dest, what)
+            except Exception as exc:
+                return _err(exc)
+
+        save_btn.click(on_save, [model_dd, save_path, save_what], [save_msg])
+
+        # ---- train
+        def on_train(folder: str, zf: Optional[str], bank_model: str, preset: str, size: int, steps: float,
+                     bs: float, every: float) -> str:
+            try:
+                return c.start_training(folder, zf, bank_model or None, preset, int(size), int(steps or 0),
+                                        int(bs or 0), int(every or 50))
+            except Exception as exc:
+                return _err(exc)
+
+        train_start.click(on_train, [train_folder, train_zip, train_bank, train_preset, train_size, train_steps,
+                                     train_bs, train_prev], [train_msg])
+
+        def on_resume() -> str:
+            try:
+                return c.start_training(None, None, None, "", 0, 0, 0, resume=True)
+            except Exception as exc:
+                return _err(exc)
+
+        train_resume.click(on_resume, None, [train_msg])
+        train_stop.click(lambda: c.stop_training(), None, [train_msg])
+
+        def on_tick(selected: Optional[str], seen: Optional[int]) -> list[Any]:
+            s = c.training_status()
+            n = len(c.registry.names())
+            choice = model_choices(selected) if n != (seen or 0) else [gr.update()] * 3
+            return [s["status"], s["progress"], views.loss_curve(s["losses"]),
+                    s["preview"] if s["preview"] is not None else gr.update(), *choice, n]
+
+        seen_models = gr.State(len(c.registry.names()))
+        timer.tick(on_tick, [model_dd, seen_models],
+                   [train_status, train_progress, train_loss, train_preview, *choice_outputs, seen_models],
+                   show_progress="hidden")
+
+        # ---- evaluate
+        def on_eval(name: str, path: str, layout: str, split: str,
+                    progress: gr.Progress = gr.Progress()) -> list[Any]:
+            try:
+                r = c.run_evaluation(name, path, layout, split,
+                                     progress=lambda d, n: progress((d, n), desc="evaluating"))
+                import pandas as pd
+
+                return [r["message"], pd.DataFrame(r["rows"], columns=r["headers"]), r["roc"], r["pr"],
+                        r["fn"], r["fp"]]
+            except Exception as exc:
+                return [_err(exc)] + [gr.update()] * 5
+
+        eval_run.click(on_eval, [model_dd, eval_path, eval_layout, eval_split],
+                       [eval_msg, eval_table, eval_roc, eval_pr, eval_fn, eval_fp], concurrency_limit=1,
+                       concurrency_id="heavy")
+
+        def on_load(selected: Optional[str]) -> list[Any]:
+            return model_choices(selected)
+
+        demo.load(on_load, [model_dd], choice_outputs)
+
+    demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=64)
+    demo.ccad_controller = c  # type: ignore[attr-defined]
+    return demo
+
+
+def launch(host: str = "127.0.0.1", port: int = 7860, data_root: str | os.PathLike = ".",
+           model: Optional[str] = None, share: bool = False, state_dir: Optional[str | os.PathLike] = None,
+           demo: Optional[gr.Blocks] = None, **launch_kwargs: Any) -> Any:
+    """Serve the app (``ccad app``): uploads limited to ``MAX_FILE_SIZE``, users queued."""
+    if demo is None:
+        demo = build_app(data_root=data_root, state_dir=state_dir or REPO_ROOT / "runs" / "app",
+                           model=model)
+    return demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE,
+                       allowed_paths=[str(SAMPLES_DIR)], **launch_kwargs)

@@ -1,0 +1,109 @@
+"""Server paths the app may touch: confinement to an allowed root and safe zip extraction.
+
+The app lets a user type a folder path (a dataset, a model, where to save a bank). Every such
+path is resolved *inside* the allowed root given by ``--data-root``: ``..`` components are
+refused outright and a path (or a symlink on the way) that resolves outside the root is refused,
+so a user of a shared server cannot read or write anything else on the machine.
+Uploaded zips are extracted with the same rule for every member (no absolute names, no ``..``,
+no links) and with limits on the member count and the uncompressed size (zip bombs).
+"""
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+import zipfile
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Optional
+
+
+class PathError(ValueError):
+    """A user-supplied path or archive was refused; the message says which and why."""
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+MAX_ZIP_MEMBERS = 20_000
+MAX_ZIP_BYTES = 2 * 1024**3
+
+
+def resolve_in_root(user_path: str | os.PathLike, root: str | os.PathLike, must_exist: bool = True,
+                    kind: str = "folder") -> Path:
+    """Resolve ``user_path`` (relative to ``root`` or absolute) and require it to stay inside ``root``.
+
+    Refuses empty input, any ``..`` component, and paths (including symlinks anywhere on the way)
+    whose real location is outside the real ``root``. ``kind`` ("folder", "file" or "any") is
+    checked when ``must_exist``.
+    """
+    text = str(user_path or "").strip()
+    if not text:
+        raise PathError("no path given: type a folder inside the data root " f"({root})")
+    if "\x00" in text:
+        raise PathError("the path contains a NUL character")
+    parts = PurePosixPath(text).parts + PureWindowsPath(text).parts
+    if any(p == ".." for p in parts):
+        raise PathError(f"{text!r}: '..' is not allowed; give a path inside the data root {root}")
+    root_real = Path(root).expanduser().resolve()
+    candidate = Path(text).expanduser()
+    if not candidate.is_absolute():
+        candidate = root_real / candidate
+    real = candidate.resolve()
+    if real != root_real and root_real not in real.parents:
+        raise PathError(f"{text!r} is outside the allowed data root {root_real} "
+                        "(symlinks out of the root are refused too)")
+    if must_exist:
+        if not real.exists():
+            raise PathError(f"{text!r} does not exist under the data root {root_real}")
+        if kind == "folder" and not real.is_dir():
+            raise PathError(f"{text!r} is not a folder")
+        if kind == "file" and not real.is_file():
+            raise PathError(f"{text!r} is not a file")
+    return real
+
+
+def count_images(folder: Path) -> int:
+    """Number of image files below ``folder`` (recursive), for 'empty folder' messages."""
+    return sum(1 for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def safe_extract_zip(zip_path: str | os.PathLike, dest: Optional[str | os.PathLike] = None,
+                     max_members: int = MAX_ZIP_MEMBERS, max_bytes: int = MAX_ZIP_BYTES) -> Path:
+    """Extract an uploaded zip into ``dest`` (a new temp folder by default) and return that folder.
+
+    Every member must be a plain file or folder with a relative name without ``..``; links,
+    absolute names, more than ``max_members`` members or more than ``max_bytes`` uncompressed
+    bytes are refused with :class:`PathError`. A single top-level folder is returned itself, so
+    ``good.zip`` containing ``good/*.png`` yields the ``good`` folder.
+    """
+    zp = Path(zip_path)
+    if not zipfile.is_zipfile(zp):
+        raise PathError(f"{zp.name}: not a zip archive (upload a .zip of images or of a model folder)")
+    out = Path(dest) if dest is not None else Path(tempfile.mkdtemp(prefix="ccad-upload-"))
+    out.mkdir(parents=True, exist_ok=True)
+    out_real = out.resolve()
+    with zipfile.ZipFile(zp) as zf:
+        infos = zf.infolist()
+        if len(infos) > max_members:
+            raise PathError(f"{zp.name}: {len(infos)} members, more than the limit of {max_members}")
+        total = sum(i.file_size for i in infos)
+        if total > max_bytes:
+            raise PathError(f"{zp.name}: {total / 1e6:.0f} MB uncompressed, more than the limit of "
+                            f"{max_bytes / 1e6:.0f} MB")
+        for info in infos:
+            name = info.filename
+            mode = info.external_attr >> 16
+            if stat.S_ISLNK(mode):
+                raise PathError(f"{zp.name}: member {name!r} is a symbolic link; links are refused")
+            pp = PurePosixPath(name.replace("\\", "/"))
+            if pp.is_absolute() or ".." in pp.parts or (pp.parts and ":" in pp.parts[0]):
+                raise PathError(f"{zp.name}: member {name!r} has an unsafe path")
+            target = (out_real / pp).resolve()
+            if target != out_real and out_real not in target.parents:
+                raise PathError(f"{zp.name}: member {name!r} would land outside the extraction folder")
+        for info in infos:
+            if "__MACOSX" in info.filename:
+                continue
+            zf.extract(info, out_real)
+    entries = [p for p in out_real.iterdir() if p.name != "__MACOSX"]
+    if len(entries) == 1 and entries[0].is_dir():
+        return entries[0]
+    return out_real

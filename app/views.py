@@ -1,0 +1,146 @@
+"""Presentation helpers: plotly figures, tables and text for the app (no method logic).
+
+Everything here turns results computed by ``ccad`` (scores, calibration, loss history, curves,
+bank projections) into something Gradio can show.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+
+GOOD_COLOR = "#2e7d32"
+BAD_COLOR = "#c62828"
+
+
+def _finite(values: Any) -> np.ndarray:
+    a = np.asarray(values, dtype=np.float64).ravel()
+    return a[np.isfinite(a)]
+
+
+def _layout(fig: go.Figure, title: str, x: str, y: str, height: int = 320) -> go.Figure:
+    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, height=height,
+                      margin=dict(l=50, r=20, t=45, b=45), legend=dict(orientation="h", y=-0.25),
+                      template="plotly_white")
+    return fig
+
+
+def score_histogram(good_scores: Optional[Sequence[float]], batch_scores: Sequence[float],
+                    threshold: float) -> go.Figure:
+    """Calibration good-score distribution vs the current batch's scores, with the threshold line."""
+    fig = go.Figure()
+    good = _finite(good_scores if good_scores is not None else [])
+    batch = _finite(batch_scores)
+    if good.size:
+        fig.add_trace(go.Histogram(x=good, name=f"calibration good images ({good.size})", opacity=0.6,
+                                   marker_color=GOOD_COLOR, nbinsx=30))
+    if batch.size:
+        fig.add_trace(go.Histogram(x=batch, name=f"this batch ({batch.size})", opacity=0.6,
+                                   marker_color="#1565c0", nbinsx=30))
+    if threshold is not None and math.isfinite(threshold):
+        fig.add_vline(x=float(threshold), line_color=BAD_COLOR, line_dash="dash",
+                      annotation_text=f"threshold {threshold:.4g}")
+    fig.update_layout(barmode="overlay")
+    return _layout(fig, "Image scores", "score", "images")
+
+
+def loss_curve(losses: Sequence[tuple[int, float]]) -> go.Figure:
+    """Training loss (eq. 15) against the step, raw and smoothed."""
+    fig = go.Figure()
+    if losses:
+        steps = np.array([s for s, _ in losses])
+        vals = np.array([v for _, v in losses], dtype=np.float64)
+        fig.add_trace(go.Scatter(x=steps, y=vals, mode="lines", name="loss", line=dict(color="#90caf9")))
+        if vals.size >= 5:
+            k = max(2, vals.size // 20)
+            smooth = np.convolve(vals, np.ones(k) / k, mode="valid")
+            fig.add_trace(go.Scatter(x=steps[k - 1:], y=smooth, mode="lines", name=f"mean of {k}",
+                                     line=dict(color="#0d47a1")))
+    return _layout(fig, "Training loss", "step", "loss")
+
+
+def roc_figure(curves: dict[str, Any]) -> go.Figure:
+    fig = go.Figure()
+    if "roc" in curves:
+        fpr, tpr = (np.asarray(v) for v in curves["roc"][:2])
+        fig.add_trace(go.Scatter(x=fpr, y=tpr, mode="lines", name="ROC"))
+        fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="chance",
+                                 line=dict(dash="dot", color="grey")))
+    return _layout(fig, "Image-level ROC", "false positive rate", "true positive rate")
+
+
+def pr_figure(curves: dict[str, Any]) -> go.Figure:
+    fig = go.Figure()
+    if "pr" in curves:
+        recall, precision = (np.asarray(v) for v in curves["pr"][:2])
+        fig.add_trace(go.Scatter(x=recall, y=precision, mode="lines", name="PR"))
+    return _layout(fig, "Image-level precision-recall", "recall", "precision")
+
+
+def projection_figure(bank_xy: np.ndarray, all_xy: Optional[np.ndarray]) -> go.Figure:
+    """2-D PCA projection of the bank (xi points) against a sample of all patch features."""
+    fig = go.Figure()
+    if all_xy is not None and len(all_xy):
+        fig.add_trace(go.Scattergl(x=all_xy[:, 0], y=all_xy[:, 1], mode="markers", name="patch features (sample)",
+                                   marker=dict(size=3, color="#b0bec5", opacity=0.5)))
+    if bank_xy is not None and len(bank_xy):
+        fig.add_trace(go.Scattergl(x=bank_xy[:, 0], y=bank_xy[:, 1], mode="markers", name="bank (coreset)",
+                                   marker=dict(size=7, color=BAD_COLOR)))
+    return _layout(fig, "Feature bank: PCA projection", "PC 1", "PC 2", height=380)
+
+
+def card_markdown(card: Optional[dict[str, Any]], name: str = "", source: str = "") -> str:
+    """The model card as a small markdown table."""
+    if not card:
+        return "**No model loaded.** Build a feature bank (Feature bank tab) or load a model above."
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return "-" if not math.isfinite(v) else f"{v:.4g}"
+        if isinstance(v, dict):
+            return ", ".join(f"{k}: {fmt(x)}" for k, x in v.items())
+        if isinstance(v, (list, tuple)):
+            return ", ".join(fmt(x) for x in v)
+        return str(v)
+
+    keys = ["variant", "backbone", "layers", "bank_size", "image_size", "threshold", "n_train_images",
+            "calibration", "reconstruction", "denoiser_parameters", "created"]
+    rows = [f"| {k.replace('_', ' ')} | {fmt(card.get(k))} |" for k in keys if k in card]
+    metrics = card.get("metrics")
+    if metrics:
+        if isinstance(metrics, dict) and all(isinstance(v, dict) for v in metrics.values()):
+            metrics = metrics.get("mean", next(iter(metrics.values())))
+        rows.append(f"| metrics | {fmt(metrics)} |")
+    else:
+        rows.append("| metrics | not recorded |")
+    head = f"**{name}**" + (f" &nbsp;·&nbsp; {source}" if source else "")
+    return head + "\n\n| field | value |\n|---|---|\n" + "\n".join(rows)
+
+
+def format_seconds(s: Optional[float]) -> str:
+    if s is None or not math.isfinite(s):
+        return "-"
+    s = int(round(s))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h {m:02d}m {sec:02d}s" if h else (f"{m}m {sec:02d}s" if m else f"{sec}s")
+
+
+def metrics_rows(per_category: dict[str, dict[str, float]], keys: Sequence[str]) -> list[list[Any]]:
+    rows = []
+    for cat, row in per_category.items():
+        vals = []
+        for k in keys:
+            v = row.get(k)
+            vals.append(None if v is None or (isinstance(v, float) and math.isnan(v)) else round(float(v), 4))
+        rows.append([cat, *vals])
+    return rows
+
+
+def pretty_json(d: Any) -> str:
+    return json.dumps(d, indent=1, default=str)
