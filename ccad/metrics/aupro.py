@@ -19,8 +19,10 @@ O(chunk) temporaries (about 300 MB for the 38 M pixels of the MTD test set).
 
 Scores are compared in float32 (anomaly maps are float32 throughout ``ccad``). If float64
 maps are passed whose values are not exactly representable in float32, the exact float64
-fallback (an argsort; slower and about 20 bytes per pixel) is used instead, so results are
-never changed by rounding.
+fallback (an argsort; about 20 bytes per pixel) is used instead, so results are never
+changed by rounding. Measured on 2 CPU cores with 582 x 256 x 256 maps
+(``benchmarks/metrics_speed.py``): all four pixel metrics in about 3 s and 0.4 GB above the
+input arrays on the float32 path; about 10 s and 1 GB on the float64 fallback.
 """
 
 from __future__ import annotations
