@@ -151,7 +151,7 @@ def test_roc_and_pr_points_match_sklearn() -> None:
     np.testing.assert_allclose(tpr, stpr)
     np.testing.assert_array_equal(thr[1:], sthr[1:])
     assert math.isinf(thr[0])
-    p, r, t = pr_points(y, s)
+    r, p, t = pr_points(y, s)  # x (recall) first, like roc_points
     sp, sr, st = precision_recall_curve(y, s)
     # sklearn: ascending thresholds up to full recall, then (1, 0); ours: increasing recall
     n = st.size

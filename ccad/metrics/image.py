@@ -149,9 +149,11 @@ def roc_points(
 def pr_points(
     labels: Any, scores: Any, max_points: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Precision-recall curve points ``(precision, recall, thresholds)`` for plotting.
+    """Precision-recall curve points ``(recall, precision, thresholds)`` for plotting.
 
-    Ordered by increasing recall: the first point is (precision 1, recall 0) at threshold
+    Note the order: x then y, as :func:`roc_points` returns ``(fpr, tpr, ...)`` (this differs
+    from ``sklearn.metrics.precision_recall_curve``, which returns precision first).
+    Ordered by increasing recall: the first point is (recall 0, precision 1) at threshold
     ``inf``, then one point per distinct score in descending order (precision =
     TP / (TP + FP), recall = TP / P). Recall is NaN when there are no anomalous samples.
     """
@@ -165,4 +167,4 @@ def pr_points(
         )
     thr = np.concatenate([[math.inf], thr])
     keep = _downsample(thr.size, max_points)
-    return precision[keep], recall[keep], thr[keep]
+    return recall[keep], precision[keep], thr[keep]
