@@ -1,0 +1,607 @@
+"""Trainer for the bank-conditioned denoiser (CCAD eq. 15), built on ``accelerate``.
+
+The same code runs on the CPU, on one GPU, or on several under ``accelerate launch``:
+AdamW, cosine learning rate with linear warm-up, gradient clipping, automatic mixed precision on
+CUDA (bf16 where supported, else fp16 with a loss scaler), an fp32 exponential moving average of
+the weights (the model you deploy), a tqdm progress bar, callbacks that see every step and may stop
+training, and resumable checkpoints::
+
+    out_dir/checkpoint-<step>/
+        model/denoiser.safetensors + denoiser.json   trained weights (safetensors, no pickle)
+        ema/denoiser.safetensors + denoiser.json     EMA weights (load with BankConditionedUNet.load)
+        optimizer.safetensors + optimizer.json       AdamW state flattened to tensors + JSON
+        scheduler.json                               LR scheduler state
+        rng.safetensors + rng.json                   torch / CUDA / numpy / python RNG states
+        trainer_state.json                           step, epoch, losses, seconds, config
+
+Determinism: the batch of step s (the sample order) and all of its randomness (t, eps, flips) are
+pure functions of ``(seed, s, process index)``, never of a global RNG or of a data loader's
+position, so "train 6 steps" and "train 3, stop, resume to 6" give identical weights and losses.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .diffusion import ddad_reconstruct, epsilon_loss, make_scheduler
+from .models.denoiser import images_to_model, model_to_images
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_NAME = "trainer_state.json"
+CHECKPOINT_FORMAT = 1
+_MP_CHOICES = ("auto", "no", "fp16", "bf16")
+
+
+# ---------------------------------------------------------------------------------------- config
+@dataclass
+class TrainConfig:
+    """Training hyper-parameters (DDAD/CCAD(V) defaults: lr 3e-4, batch 32, Table 19).
+
+    ``mixed_precision``: ``auto`` = bf16 (or fp16 without bf16 support) on CUDA, ``no`` on CPU.
+    ``checkpoint_every``: steps between checkpoints (0 = only at the end / on stop).
+    ``preview_every``: steps between EMA reconstructions of one training image (0 = never),
+    with ``preview_steps`` DDAD steps from ``preview_start_step``.
+    ``ema_decay`` is warmed up as ``min(ema_decay, (1 + n) / (10 + n))`` after n updates so short
+    runs still give a usable EMA model.
+    """
+
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    mixed_precision: str = "auto"
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    seed: int = 0
+    hflip: bool = False
+    num_workers: int = 0
+    preview_every: int = 0
+    preview_steps: int = 5
+    preview_start_step: int = 250
+    preview_guidance: float = 2.0
+    progress: bool = True
+    channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> "TrainConfig":
+        def need(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise ValueError(f"TrainConfig.{name} {rule}, got {getattr(self, name)!r}")
+
+        need(int(self.steps) >= 1, "steps", "must be >= 1")
+        need(int(self.batch_size) >= 1, "batch_size", "must be >= 1")
+        need(float(self.lr) > 0, "lr", "must be > 0")
+        need(float(self.weight_decay) >= 0, "weight_decay", "must be >= 0")
+        need(int(self.warmup_steps) >= 0, "warmup_steps", "must be >= 0")
+        need(0.0 <= float(self.ema_decay) < 1.0, "ema_decay", "must be in [0, 1)")
+        need(float(self.grad_clip) >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
+        need(self.mixed_precision in _MP_CHOICES, "mixed_precision", f"must be one of {_MP_CHOICES}")
+        need(int(self.checkpoint_every) >= 0, "checkpoint_every", "must be >= 0")
+        need(int(self.keep_checkpoints) >= 1, "keep_checkpoints", "must be >= 1")
+        need(int(self.num_workers) >= 0, "num_workers", "must be >= 0")
+        need(int(self.preview_every) >= 0, "preview_every", "must be >= 0")
+        need(int(self.preview_steps) >= 1, "preview_steps", "must be >= 1")
+        need(int(self.preview_start_step) >= 1, "preview_start_step", "must be >= 1")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown field(s) {unknown}; known: {sorted(names)}")
+        return cls(**data)
+
+
+@dataclass
+class TrainState:
+    """What a callback sees after every optimisation step (``step`` counts completed steps)."""
+
+    step: int
+    total_steps: int
+    epoch: int
+    loss: float
+    lr: float
+    seconds: float
+    eta_seconds: float
+    preview: Optional[np.ndarray] = None  # H x W x 3 float32 in [0, 1] on preview steps
+
+
+@dataclass
+class TrainResult:
+    """``model`` is the EMA model (fp32, eval mode); ``ema`` its :class:`EMA` tracker."""
+
+    model: nn.Module
+    ema: "EMA"
+    losses: list[float]
+    stopped: bool
+    step: int
+    out_dir: Path
+
+
+Callback = Callable[[TrainState], Optional[bool]]
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def _seed_for(*keys: int) -> int:
+    """A 63-bit seed that is a pure function of the integer keys (numpy SeedSequence mixing)."""
+    return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(2, np.uint32)
+               .astype(np.uint64).dot(np.array([1, 1 << 32], dtype=np.uint64)) & ((1 << 63) - 1))
+
+
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """The CPU generator for the randomness of one training step on one process."""
+    return torch.Generator().manual_seed(_seed_for(seed, 1, step, rank))
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Linear warm-up to 1 over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class _TensorImages(Dataset):
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"image": self.images[i]}
+
+
+def _image_of(item: Any) -> torch.Tensor:
+    if isinstance(item, dict):
+        if "image" not in item:
+            raise KeyError(f"dataset items must be dicts with an 'image' key, got keys {sorted(item)}")
+        return item["image"]
+    if torch.is_tensor(item):
+        return item
+    if isinstance(item, (tuple, list)) and item and torch.is_tensor(item[0]):
+        return item[0]
+    raise TypeError(f"dataset items must be dicts with 'image' (3 x S x S in [0, 1]), got {type(item).__name__}")
+
+
+def _collate(items: list[Any]) -> torch.Tensor:
+    return torch.stack([torch.as_tensor(_image_of(it), dtype=torch.float32) for it in items])
+
+
+class StepBatchSampler(Sampler):
+    """Yields the dataset indices of steps ``start..end-1`` for one process.
+
+    Global sample position ``p = step * batch * world + rank * batch + k``; epoch ``p // n`` uses
+    the permutation seeded by ``(seed, epoch)``. So the batch of a step never depends on where a
+    run started, and each process sees a disjoint shard of the global batch.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, end: int, rank: int = 0,
+                 world: int = 1) -> None:
+        self.n, self.batch_size, self.seed = int(n), int(batch_size), int(seed)
+        self.start, self.end, self.rank, self.world = int(start), int(end), int(rank), int(world)
+        self._perm: dict[int, torch.Tensor] = {}
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perm:
+            if len(self._perm) > 4:
+                self._perm.clear()
+            g = torch.Generator().manual_seed(_seed_for(self.seed, 2, epoch))
+            self._perm[epoch] = torch.randperm(self.n, generator=g)
+        return self._perm[epoch]
+
+    def indices(self, step: int) -> list[int]:
+        base = step * self.batch_size * self.world + self.rank * self.batch_size
+        out = []
+        for k in range(self.batch_size):
+            p = base + k
+            out.append(int(self._permutation(p // self.n)[p % self.n]))
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.end):
+            yield self.indices(step)
+
+    def __len__(self) -> int:
+        return max(0, self.end - self.start)
+
+
+class EMA:
+    """fp32 exponential moving average of a model's weights (the weights the detector uses)."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.999, num_updates: int = 0) -> None:
+        self.module = copy.deepcopy(model).float().eval().requires_grad_(False)
+        self.decay = float(decay)
+        self.num_updates = int(num_updates)
+
+    def current_decay(self) -> float:
+        n = self.num_updates
+        return min(self.decay, (1.0 + n) / (10.0 + n))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.num_updates += 1
+        d = self.current_decay()
+        src = dict(model.named_parameters())
+        for name, p in self.module.named_parameters():
+            p.lerp_(src[name].detach().float(), 1.0 - d)
+        src_b = dict(model.named_buffers())
+        for name, b in self.module.named_buffers():
+            b.copy_(src_b[name])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+
+def _save_module(module: nn.Module, directory: Path) -> None:
+    if hasattr(module, "save"):
+        module.save(directory)
+        return
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
+              str(directory / "model.safetensors"))
+
+
+def _load_module(module: nn.Module, directory: Path) -> None:
+    from safetensors.torch import load_file
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{directory}: no .safetensors weights in this checkpoint folder")
+    state = load_file(str(files[0]))
+    device = next(module.parameters()).device
+    module.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Flatten an optimizer state dict to ``optimizer.safetensors`` (tensors) + ``optimizer.json``."""
+    from safetensors.torch import save_file
+
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in sd["state"].items():
+        for key, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    save_file(tensors, str(directory / "optimizer.safetensors"))
+    (directory / "optimizer.json").write_text(json.dumps({"param_groups": sd["param_groups"], "scalars": scalars}))
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Inverse of :func:`save_optimizer` (no pickle involved)."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((directory / "optimizer.json").read_text())
+    tensors = load_file(str(directory / "optimizer.safetensors"))
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    for pid, values in meta.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    np_state = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))
+    py = random.getstate()
+    meta = {"numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "python": [py[0], list(py[1]), py[2]]}
+    return tensors, meta
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+    if "numpy_keys" in tensors and "numpy" in meta:
+        n = meta["numpy"]
+        np.random.set_state((n[0], tensors["numpy_keys"].numpy().astype(np.uint32), n[1], n[2], n[3]))
+    if "python" in meta:
+        p = meta["python"]
+        random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+def list_checkpoints(out_dir: Union[str, Path]) -> list[Path]:
+    """Complete checkpoints in ``out_dir`` (those with a trainer state), oldest step first."""
+    out_dir = Path(out_dir)
+    found = []
+    if out_dir.is_dir():
+        for p in out_dir.iterdir():
+            m = re.fullmatch(re.escape(CHECKPOINT_PREFIX) + r"(\d+)", p.name)
+            if m and p.is_dir() and (p / STATE_NAME).is_file():
+                found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(out_dir: Union[str, Path]) -> Optional[Path]:
+    ckpts = list_checkpoints(out_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def resolve_mixed_precision(value: str) -> str:
+    """``auto`` -> ``bf16`` (or ``fp16`` without bf16 support) on CUDA, ``no`` on CPU."""
+    if value != "auto":
+        return value
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+# ---------------------------------------------------------------------------------------- trainer
+class Trainer:
+    """Train ``model`` (``model(x_t, t, bank) -> eps``) on good images with eq. 15.
+
+    Args:
+        model: e.g. :class:`ccad.models.BankConditionedUNet` (trained in place).
+        bank: the Coarse Feature Bank ``xi x d`` (a tensor, or an object with ``.features``).
+        dataset: a torch ``Dataset`` whose items are dicts with ``"image"`` (``3 x S x S`` in [0, 1]),
+            or a plain tensor ``N x 3 x S x S`` in [0, 1].
+        config: :class:`TrainConfig`.
+        out_dir: where checkpoints go (created).
+        callbacks: called with a :class:`TrainState` after every step; returning True requests a stop.
+        scheduler: a diffusers ``DDPMScheduler`` (default :func:`ccad.diffusion.make_scheduler`).
+    """
+
+    def __init__(self, model: nn.Module, bank: Any, dataset: Union[Dataset, torch.Tensor], config: TrainConfig,
+                 out_dir: Union[str, Path], callbacks: Sequence[Callback] = (), scheduler: Any = None) -> None:
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        config.validate()
+        self.model = model
+        features = getattr(bank, "features", bank)
+        if not torch.is_tensor(features) or features.dim() not in (2, 3):
+            raise ValueError("bank must be a tensor xi x d (or B x xi x d) or an object with .features")
+        self.bank = features.detach().float()
+        if torch.is_tensor(dataset):
+            if dataset.dim() != 4 or dataset.shape[1] != 3:
+                raise ValueError(f"a tensor dataset must be N x 3 x S x S, got shape {tuple(dataset.shape)}")
+            dataset = _TensorImages(dataset.detach().float().cpu())
+        self.dataset = dataset
+        try:
+            n = len(dataset)  # type: ignore[arg-type]
+        except TypeError:
+            raise TypeError("dataset must have a length (a map-style torch Dataset or a tensor)") from None
+        if n < 1:
+            raise ValueError("dataset is empty: training needs at least one good image")
+        first = torch.as_tensor(_image_of(dataset[0]))
+        if first.dim() != 3 or first.shape[0] != 3:
+            raise ValueError(f"dataset images must be 3 x S x S, got shape {tuple(first.shape)}")
+        lo, hi = float(first.min()), float(first.max())
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise ValueError(f"dataset images must be in [0, 1] (they are mapped to [-1, 1] inside), got [{lo:.3g}, {hi:.3g}]")
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.callbacks = list(callbacks)
+        self.scheduler = scheduler if scheduler is not None else make_scheduler()
+        self._stop = threading.Event()
+        self.accelerator = None
+
+    def request_stop(self) -> None:
+        """Ask the loop to stop after the current step (thread-safe); a checkpoint is written."""
+        self._stop.set()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, step: int, epoch: int, losses: list[float], seconds: float,
+                         unwrapped: nn.Module, ema: EMA, optimizer: Any, lr_sched: Any) -> Path:
+        from safetensors.torch import save_file
+
+        acc = self.accelerator
+        final = self.out_dir / f"{CHECKPOINT_PREFIX}{step}"
+        if acc.is_main_process:
+            tmp = self.out_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            _save_module(unwrapped, tmp / "model")
+            _save_module(ema.module, tmp / "ema")
+            save_optimizer(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, tmp)
+            sched_state = {k: v for k, v in lr_sched.state_dict().items() if k != "lr_lambdas"}
+            (tmp / "scheduler.json").write_text(json.dumps(sched_state))
+            rng_t, rng_m = _rng_state()
+            save_file(rng_t, str(tmp / "rng.safetensors"))
+            (tmp / "rng.json").write_text(json.dumps(rng_m))
+            scaler = acc.scaler.state_dict() if getattr(acc, "scaler", None) is not None else None
+            state = {"format": CHECKPOINT_FORMAT, "step": step, "epoch": epoch, "losses": losses,
+                     "seconds": seconds, "ema_updates": ema.num_updates, "num_processes": acc.num_processes,
+                     "mixed_precision": str(acc.mixed_precision), "scaler": scaler,
+                     "config": self.config.to_dict()}
+            (tmp / STATE_NAME).write_text(json.dumps(state, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in list_checkpoints(self.out_dir)[: -int(self.config.keep_checkpoints)]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def _resolve_resume(self, resume: Union[bool, str, Path]) -> Optional[Path]:
+        if resume is False or resume is None:
+            return None
+        if resume is True:
+            return latest_checkpoint(self.out_dir)
+        path = Path(resume)
+        if not (path / STATE_NAME).is_file():
+            raise FileNotFoundError(f"{path}: not a training checkpoint (no {STATE_NAME})")
+        return path
+
+    # ------------------------------------------------------------------ preview
+    @torch.no_grad()
+    def _preview(self, ema: EMA, bank: torch.Tensor, device: torch.device) -> np.ndarray:
+        cfg = self.config
+        x = _image_of(self.dataset[0]).float().unsqueeze(0).to(device)
+        T = int(self.scheduler.config.num_train_timesteps)
+        start = min(int(cfg.preview_start_step), T - 1)
+        gen = torch.Generator().manual_seed(_seed_for(cfg.seed, 3))
+        x_hat = ddad_reconstruct(ema.module, images_to_model(x), bank, self.scheduler, start_step=start,
+                                 steps=min(int(cfg.preview_steps), start), guidance=float(cfg.preview_guidance),
+                                 eta=1.0, generator=gen)
+        return model_to_images(x_hat)[0].permute(1, 2, 0).float().cpu().numpy()
+
+    # ------------------------------------------------------------------ loop
+    def train(self, resume: Union[bool, str, Path] = False) -> TrainResult:
+        """Run (or continue) training to ``config.steps``; see the module docstring for the files.
+
+        ``resume``: False starts fresh; True continues from the latest checkpoint in ``out_dir``
+        (fresh when there is none); a path continues from that checkpoint folder.
+        """
+        from accelerate import Accelerator
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        self._stop.clear()
+        acc = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision))
+        self.accelerator = acc
+        device = acc.device
+        rank, world = acc.process_index, acc.num_processes
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+        model = self.model.to(device)
+        use_cl = bool(cfg.channels_last) and device.type == "cuda"
+        if use_cl:
+            model = model.to(memory_format=torch.channels_last)
+        ckpt = self._resolve_resume(resume)
+        start_step, losses, prior_seconds, ema_updates, saved_state = 0, [], 0.0, 0, None
+        if ckpt is not None:
+            saved_state = json.loads((ckpt / STATE_NAME).read_text())
+            _load_module(model, ckpt / "model")
+            start_step = int(saved_state["step"])
+            losses = [float(v) for v in saved_state.get("losses", [])][:start_step]
+            prior_seconds = float(saved_state.get("seconds", 0.0))
+            ema_updates = int(saved_state.get("ema_updates", start_step))
+        ema = EMA(model, cfg.ema_decay, ema_updates)
+        if ckpt is not None:
+            _load_module(ema.module, ckpt / "ema")
+
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        total = int(cfg.steps)
+        lr_sched = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, total, int(cfg.warmup_steps)))
+        if ckpt is not None:
+            load_optimizer(optimizer, ckpt)
+            sched_state = json.loads((ckpt / "scheduler.json").read_text())
+            lr_sched.load_state_dict(sched_state)
+            # the schedule is a function of the step: re-apply it for this run's total
+            for g, base in zip(optimizer.param_groups, lr_sched.base_lrs):
+                g["lr"] = base * lr_factor(start_step, total, int(cfg.warmup_steps))
+            from safetensors.torch import load_file
+
+            if (ckpt / "rng.safetensors").is_file():
+                _set_rng_state(load_file(str(ckpt / "rng.safetensors")), json.loads((ckpt / "rng.json").read_text()))
+        # the LR scheduler is stepped by us once per optimisation step (not prepared: accelerate would
+        # step it once per process)
+        model, optimizer = acc.prepare(model, optimizer)
+        if saved_state is not None and saved_state.get("scaler") and getattr(acc, "scaler", None) is not None:
+            acc.scaler.load_state_dict(saved_state["scaler"])
+        unwrapped = acc.unwrap_model(model)
+        bank = self.bank.to(device)
+        n = len(self.dataset)  # type: ignore[arg-type]
+        global_batch = int(cfg.batch_size) * world
+
+        stopped = False
+        step = start_step
+        epoch = (step * global_batch) // n
+        t0 = time.perf_counter()
+        bar = tqdm(total=total, initial=start_step, disable=not (cfg.progress and acc.is_main_process),
+                   desc="train", unit="step", dynamic_ncols=True)
+        last_saved = start_step if ckpt is not None else -1
+        if start_step < total:
+            sampler = StepBatchSampler(n, cfg.batch_size, cfg.seed, start_step, total, rank, world)
+            loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=_collate,
+                                num_workers=int(cfg.num_workers), pin_memory=device.type == "cuda")
+            model.train()
+            for images in loader:
+                g = step_generator(cfg.seed, step, rank)
+                if cfg.hflip:
+                    flips = torch.rand(images.shape[0], generator=g) < 0.5
+                    images = torch.where(flips[:, None, None, None], images.flip(-1), images)
+                x0 = images_to_model(images).to(device, non_blocking=True)
+                if use_cl:
+                    x0 = x0.contiguous(memory_format=torch.channels_last)
+                with acc.autocast():
+                    loss = epsilon_loss(model, x0, bank, self.scheduler, generator=g)
+                acc.backward(loss)
+                if cfg.grad_clip > 0:
+                    acc.clip_grad_norm_(model.parameters(), float(cfg.grad_clip))
+                optimizer.step()
+                lr_sched.step()
+                optimizer.zero_grad(set_to_none=True)
+                ema.update(unwrapped)
+                step += 1
+                epoch = (step * global_batch - 1) // n
+                loss_d = loss.detach()
+                if world > 1:
+                    loss_d = acc.reduce(loss_d, reduction="mean")
+                loss_v = float(loss_d)
+                losses.append(loss_v)
+                elapsed = time.perf_counter() - t0
+                done = step - start_step
+                eta = elapsed / done * (total - step)
+                preview = None
+                if cfg.preview_every and step % int(cfg.preview_every) == 0 and acc.is_main_process:
+                    preview = self._preview(ema, bank, device)
+                lr_now = float(optimizer.param_groups[0]["lr"])
+                state = TrainState(step=step, total_steps=total, epoch=epoch, loss=loss_v, lr=lr_now,
+                                   seconds=prior_seconds + elapsed, eta_seconds=eta, preview=preview)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr_now:.2e}")
+                want_stop = self._stop.is_set()
+                for cb in self.callbacks:
+                    if cb(state):
+                        want_stop = True
+                if world > 1:
+                    flag = torch.tensor([1.0 if want_stop else 0.0], device=device)
+                    want_stop = bool(acc.reduce(flag, reduction="sum").item() > 0)
+                if want_stop and step < total:
+                    stopped = True
+                    break
+                if cfg.checkpoint_every and step % int(cfg.checkpoint_every) == 0 and step < total:
+                    self._save_checkpoint(step, epoch, losses, prior_seconds + elapsed, unwrapped, ema,
+                                          optimizer, lr_sched)
+                    last_saved = step
+        bar.close()
+        if step != last_saved:
+            self._save_checkpoint(step, epoch, losses, prior_seconds + time.perf_counter() - t0, unwrapped, ema,
+                                  optimizer, lr_sched)
+        model.eval()
+        ema.module.eval()
+        return TrainResult(model=ema.module, ema=ema, losses=list(losses), stopped=stopped, step=step,
+                           out_dir=self.out_dir)

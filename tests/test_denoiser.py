@@ -1,0 +1,111 @@
+"""BankConditionedUNet (CCAD(V) GCB denoiser): shapes, bank conditioning, config and weight I/O."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ccad.models import BankConditionedUNet, DenoiserConfig, images_to_model, model_to_images
+
+S, D, XI = 32, 16, 24
+
+
+@pytest.fixture(scope="module")
+def model() -> BankConditionedUNet:
+    torch.manual_seed(0)
+    return BankConditionedUNet(DenoiserConfig.preset("tiny", sample_size=S, bank_dim=D)).eval()
+
+
+def test_forward_shapes_with_shared_and_per_sample_bank(model):
+    x = torch.randn(2, 3, S, S)
+    t = torch.tensor([3, 700])
+    with torch.no_grad():
+        shared = model(x, t, torch.randn(XI, D))
+        per_sample = model(x, t, torch.randn(2, XI, D))
+        scalar_t = model(x, 5, torch.randn(XI, D))
+    assert shared.shape == per_sample.shape == scalar_t.shape == (2, 3, S, S)
+    assert torch.isfinite(shared).all()
+
+
+def test_shared_bank_equals_the_same_bank_per_sample(model):
+    x, t, bank = torch.randn(2, 3, S, S), torch.tensor([10, 10]), torch.randn(XI, D)
+    with torch.no_grad():
+        a = model(x, t, bank)
+        b = model(x, t, bank.unsqueeze(0).expand(2, -1, -1))
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_the_bank_changes_the_predicted_noise(model):
+    x, t = torch.randn(1, 3, S, S), torch.tensor([100])
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        e1 = model(x, t, torch.randn(XI, D, generator=g))
+        e2 = model(x, t, torch.randn(XI, D, generator=g))
+    assert (e1 - e2).abs().mean() > 1e-4
+
+
+def test_gcb_only_at_low_resolutions():
+    cfg = DenoiserConfig.preset("small", sample_size=128, bank_dim=D)
+    assert cfg.down_block_types() == ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+    assert cfg.up_block_types() == tuple(
+        "CrossAttnUpBlock2D" if "CrossAttn" in d else "UpBlock2D" for d in reversed(cfg.down_block_types()))
+    assert cfg.mid_block_type() == "UNetMidBlock2DCrossAttn"
+    m = BankConditionedUNet(DenoiserConfig.preset("tiny", sample_size=64, bank_dim=D))
+    # every attention layer of the UNet sits on a grid of at most 32 x 32 tokens
+    for name, blk in list(m.unet.down_blocks.named_children()):
+        res = 64 // 2 ** int(name)
+        assert (hasattr(blk, "attentions") and res <= 32) or not hasattr(blk, "attentions")
+    assert cfg.heads_per_level() == tuple(c // cfg.attention_head_dim for c in cfg.block_out_channels)
+
+
+def test_config_json_round_trip_and_errors():
+    cfg = DenoiserConfig.preset("base", sample_size=256, bank_dim=272)
+    again = DenoiserConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+    assert cfg.level_resolutions()[-1] == 8
+    with pytest.raises(ValueError, match="sample_size"):
+        DenoiserConfig(sample_size=30, block_out_channels=(32, 64, 64))
+    with pytest.raises(ValueError, match="unknown field"):
+        DenoiserConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+    with pytest.raises(ValueError, match="preset"):
+        DenoiserConfig.preset("huge")
+
+
+def test_bad_bank_names_the_problem(model):
+    x = torch.randn(1, 3, S, S)
+    with pytest.raises(ValueError, match="bank_dim"):
+        model(x, 1, torch.randn(XI, D + 1))
+    with pytest.raises(ValueError, match="bank batch"):
+        model(x, 1, torch.randn(3, XI, D))
+
+
+def test_save_load_round_trip(tmp_path, model):
+    model.save(tmp_path)
+    assert (tmp_path / "denoiser.safetensors").is_file() and (tmp_path / "denoiser.json").is_file()
+    loaded = BankConditionedUNet.load(tmp_path).eval()
+    sd_a, sd_b = model.state_dict(), loaded.state_dict()
+    assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    x, bank = torch.randn(1, 3, S, S), torch.randn(XI, D)
+    with torch.no_grad():
+        assert torch.equal(model(x, 7, bank), loaded(x, 7, bank))
+    with pytest.raises(FileNotFoundError, match="denoiser.json"):
+        BankConditionedUNet.load(tmp_path / "missing")
+
+
+def test_channels_last_gives_the_same_output(model):
+    x, bank = torch.randn(1, 3, S, S), torch.randn(XI, D)
+    cl = BankConditionedUNet(model.config)
+    cl.load_state_dict(model.state_dict())
+    cl = cl.to(memory_format=torch.channels_last).eval()
+    with torch.no_grad():
+        a = model(x, 50, bank)
+        b = cl(x.contiguous(memory_format=torch.channels_last), 50, bank)
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_image_range_helpers():
+    img = torch.tensor([0.0, 0.25, 1.0])
+    assert torch.equal(images_to_model(img), torch.tensor([-1.0, -0.5, 1.0]))
+    assert torch.allclose(model_to_images(images_to_model(img)), img)
+    assert model_to_images(torch.tensor([-3.0, 3.0])).tolist() == [0.0, 1.0]
