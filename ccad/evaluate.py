@@ -71,7 +71,7 @@ def evaluate(detector: Any, samples: Sequence[Any], batch_size: int = 8,
     import time
 
     from .data.datasets import iter_batches
-    from .metrics import compute_metrics, pr_points, roc_points
+    from .metrics import metrics_by_category, pr_points, roc_points
 
     t0 = time.perf_counter()
     errors: list[tuple[str, str]] = []
@@ -95,18 +95,10 @@ def evaluate(detector: Any, samples: Sequence[Any], batch_size: int = 8,
     thr = detector.threshold
     records = [{**meta, "label": int(l), "score": float(s), "is_anomalous": bool(np.isfinite(thr) and s > thr)}
                for meta, l, s in zip(metas, labels_a, scores_a)]
-    cats = np.array([m["category"] or "all" for m in metas])
+    cats = [m["category"] or "all" for m in metas]
     has_masks = bool(masks_a.any())
-    per: dict[str, dict[str, float]] = {}
-    for cat in sorted(set(cats)):
-        idx = np.flatnonzero(cats == cat)
-        per[cat] = compute_metrics(labels_a[idx], scores_a[idx], masks_a[idx] if has_masks else None,
-                                   maps_a[idx] if has_masks else None)
-    if len(per) > 1:
-        per["mean"] = {k: float(np.nanmean([r[k] for r in per.values()])) if any(
-            not math.isnan(r[k]) for r in per.values()) else float("nan") for k in METRIC_KEYS}
-    else:
-        per["mean"] = dict(next(iter(per.values())))
+    per = metrics_by_category(cats, labels_a, scores_a, masks_a if has_masks else None,
+                              maps_a if has_masks else None)
     curves = {}
     if len(set(labels_a.tolist())) == 2:
         curves = {"roc": roc_points(labels_a, scores_a), "pr": pr_points(labels_a, scores_a)}
