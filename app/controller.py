@@ -47,7 +47,8 @@ class Engine:
 
     def __post_init__(self) -> None:
         if self.load is None:
-            self.load = lambda path, revision=None: _pipeline().AnomalyDetector.from_pretrained(path, revision=revision)
+            self.load = lambda path, revision=None, **kw: _pipeline().AnomalyDetector.from_pretrained(
+                path, revision=revision, **kw)
         if self.fit is None:
             self.fit = lambda *a, **k: _pipeline().fit_detector(*a, **k)
         if self.train is None:
@@ -86,6 +87,28 @@ def _is_hub_unreachable(exc: BaseException) -> bool:
     text = str(exc).lower()
     return any(s in text for s in ("offline", "connection", "name resolution", "network is unreachable",
                                    "temporary failure", "max retries", "timed out"))
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Quick check that the Hub endpoint accepts a TCP connection (and offline mode is off), so an
+    offline server answers at once instead of after the client's retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            return False
+        url = urlparse(constants.ENDPOINT)
+    except Exception:
+        return False
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def cuda_available() -> bool:
@@ -147,6 +170,7 @@ class AppController:
         self.demo_dir = Path(demo_dir) if demo_dir else None
         self.startup_message = ""
         self._last_train: Optional[dict[str, Any]] = None
+        self.hub_probe: Callable[[], bool] = hub_reachable
 
     # ------------------------------------------------------------------ models
     def load_startup(self, model: Optional[str] = None) -> str:
@@ -224,15 +248,19 @@ class AppController:
             validate_repo_id(repo_id)
         except Exception as exc:
             raise UserError(f"{repo_id!r} is not a valid Hub repo id ({exc})") from None
+        online = self.hub_probe()
         try:
-            det = self.engine.load(repo_id, revision=revision)
+            if online:
+                det = self.engine.load(repo_id, revision=revision)
+            else:  # a copy in the local Hub cache still loads offline
+                det = self.engine.load(repo_id, revision=revision, local_files_only=True)
         except Exception as exc:
             names = {c.__name__ for c in type(exc).__mro__}
             if "RepositoryNotFoundError" in names:
                 raise UserError(f"{repo_id}: no such model on the Hugging Face Hub (or it is private)") from None
             if "RevisionNotFoundError" in names:
                 raise UserError(f"{repo_id}: revision {revision!r} not found on the Hub") from None
-            if _is_hub_unreachable(exc):
+            if not online or _is_hub_unreachable(exc):
                 raise UserError(f"The Hugging Face Hub is unreachable (offline?): cannot download {repo_id}. "
                                 "Everything else keeps working; load a local folder or a zip instead.") from None
             raise UserError(f"{repo_id}: could not load ({type(exc).__name__}: {exc})") from None

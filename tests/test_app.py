@@ -1,0 +1,378 @@
+"""Callback tests for the Gradio app (no browser): path confinement, zips, the job manager, and the
+controller's inspect / threshold / download / model-loading / bank / training / evaluation flows.
+
+Most tests use a small fake detector (its map is the pixel deviation from mid-grey) so they run in
+milliseconds; one test builds a real PatchCore detector with ``ccad.fit_detector`` on synthetic
+textures to check the app against the real engine.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import threading
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.controller import AppController, Engine, UserError
+from app.jobs import FAILED, FINISHED, STOPPED, JobBusy, JobManager
+from app.paths import PathError, resolve_in_root, safe_extract_zip
+from ccad.data.io import ImageReadError, coerce_image
+from ccad.pipeline import Prediction
+from ccad.scoring.threshold import Calibration
+
+
+# ------------------------------------------------------------------------------- fakes & helpers
+
+class FakeBank:
+    features = np.zeros((7, 4), np.float32)
+    meta = {"backbone": "fake", "n_images": 3}
+
+    def summary(self) -> dict[str, Any]:
+        return {"xi": 7, "feature_dim": 4}
+
+    def save(self, d: Any) -> None:
+        Path(d, "bank.json").write_text(json.dumps(self.meta))
+
+
+class FakeDetector:
+    """Map = |grey - 0.5|; score = map max. Counts model runs to prove re-labelling is model-free."""
+
+    variant = "patchcore"
+    image_size = 32
+
+    def __init__(self, threshold: float = 0.3, good: Any = (0.05, 0.1, 0.15, 0.2, 0.25, 0.28)) -> None:
+        self.calibration = Calibration(good_scores=np.asarray(good, np.float32), threshold=threshold)
+        self.bank = FakeBank()
+        self.runs = 0
+
+    @property
+    def threshold(self) -> float:
+        return self.calibration.threshold
+
+    def predict(self, item: Any) -> Prediction:
+        self.runs += 1
+        img = coerce_image(item)
+        amap = np.abs(img.mean(-1) - 0.5).astype(np.float32)
+        return Prediction(image=img, reconstruction=None, anomaly_map=amap, score=float(amap.max()),
+                          threshold=self.threshold, seconds=0.01,
+                          path=str(item) if isinstance(item, (str, Path)) else None)
+
+    def predict_many(self, items: Any, batch_size: int = 8, on_error: str = "skip", progress: Any = None):
+        out, errors = [], []
+        for it in items:
+            try:
+                out.append(self.predict(it))
+            except (ImageReadError, ValueError) as exc:
+                errors.append((str(it), str(exc)))
+        return out, errors
+
+    def card(self) -> dict[str, Any]:
+        return {"variant": self.variant, "backbone": "fake", "layers": [2, 3], "bank_size": 7, "image_size": 32,
+                "threshold": self.threshold, "n_train_images": 3, "metrics": None}
+
+    def save_pretrained(self, d: Any) -> None:
+        Path(d).mkdir(parents=True, exist_ok=True)
+        Path(d, "config.json").write_text("{}")
+
+
+def grey(path: Path, value: int, size: int = 24) -> Path:
+    Image.fromarray(np.full((size, size), value, np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture()
+def root(tmp_path: Path) -> Path:
+    r = tmp_path / "data"
+    r.mkdir()
+    return r
+
+
+@pytest.fixture()
+def ctl(root: Path, tmp_path: Path) -> AppController:
+    c = AppController(data_root=root, state_dir=tmp_path / "state", engine=Engine(load=lambda *a, **k: FakeDetector()),
+                      samples_dir=None, demo_dir=None)
+    c.registry.add("fake", FakeDetector(), "test")
+    return c
+
+
+# ------------------------------------------------------------------------------- paths and zips
+
+def test_resolve_in_root_refuses_dotdot_outside_and_symlinks(root: Path, tmp_path: Path) -> None:
+    (root / "good").mkdir()
+    assert resolve_in_root("good", root) == (root / "good").resolve()
+    assert resolve_in_root(str(root / "good"), root) == (root / "good").resolve()
+    outside = tmp_path / "secret"
+    outside.mkdir()
+    os.symlink(outside, root / "link")
+    with pytest.raises(PathError, match=r"'\.\.'"):
+        resolve_in_root("good/../../secret", root)
+    with pytest.raises(PathError, match="outside the allowed data root"):
+        resolve_in_root(str(outside), root)
+    with pytest.raises(PathError, match="outside the allowed data root"):
+        resolve_in_root("link", root)
+    with pytest.raises(PathError, match="does not exist"):
+        resolve_in_root("missing", root)
+    with pytest.raises(PathError, match="no path given"):
+        resolve_in_root("  ", root)
+
+
+def test_safe_extract_zip_extracts_and_refuses_traversal(tmp_path: Path) -> None:
+    good = tmp_path / "good.zip"
+    with zipfile.ZipFile(good, "w") as zf:
+        zf.writestr("good/a.png", b"x")
+        zf.writestr("good/b.png", b"y")
+    out = safe_extract_zip(good, tmp_path / "x")
+    assert out.name == "good" and sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+    bad = tmp_path / "bad.zip"
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("../evil.txt", b"x")
+    with pytest.raises(PathError, match="unsafe path"):
+        safe_extract_zip(bad, tmp_path / "y")
+    assert not (tmp_path / "evil.txt").exists()
+    link = tmp_path / "link.zip"
+    with zipfile.ZipFile(link, "w") as zf:
+        info = zipfile.ZipInfo("l")
+        info.external_attr = (0o120777 << 16)
+        zf.writestr(info, "/etc/passwd")
+    with pytest.raises(PathError, match="symbolic link"):
+        safe_extract_zip(link, tmp_path / "z")
+    notzip = tmp_path / "n.zip"
+    notzip.write_bytes(b"PK? not a zip")
+    with pytest.raises(PathError, match="not a zip"):
+        safe_extract_zip(notzip)
+
+
+# ------------------------------------------------------------------------------- jobs
+
+def test_job_manager_one_job_at_a_time_stop_and_failure() -> None:
+    jm = JobManager()
+    go = threading.Event()
+
+    def target(h: Any) -> str:
+        for step in range(1, 10_000):
+            h.update(step=step, total_steps=10_000, loss=1.0 / step)
+            if h.should_stop():
+                return "partial"
+            go.wait(0.001)
+        return "done"
+
+    jm.start("train", target)
+    with pytest.raises(JobBusy, match="already running"):
+        jm.start("train", target)
+    time.sleep(0.05)
+    assert jm.stop() is True
+    jm.join(5)
+    snap = jm.snapshot()
+    assert snap["state"] == STOPPED and snap["has_result"] and snap["losses"]
+    assert jm.stop() is False  # nothing running now
+
+    def boom(h: Any) -> None:
+        raise RuntimeError("disk full")
+
+    jm.start("train", boom)
+    jm.join(5)
+    snap = jm.snapshot()
+    assert snap["state"] == FAILED and "disk full" in snap["error"]
+    jm.start("train", lambda h: 42)  # the manager survives a failed job
+    jm.join(5)
+    assert jm.snapshot()["state"] == FINISHED and jm.current().result == 42
+
+
+# ------------------------------------------------------------------------------- inspect
+
+def test_inspect_batch_table_panels_and_bad_file(ctl: AppController, tmp_path: Path) -> None:
+    files = [grey(tmp_path / "mid.png", 128), grey(tmp_path / "dark.png", 10), grey(tmp_path / "light.png", 200)]
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG not really")
+    batch = ctl.inspect("fake", [*map(str, files), str(corrupt)])
+    assert len(batch.predictions) == 3
+    assert len(batch.errors) == 1 and batch.errors[0][0] == "corrupt.png"
+    rows = ctl.table_rows(batch, 0.3)
+    assert [r[1] for r in rows] == ["dark.png", "light.png", "mid.png"]  # worst first
+    assert [r[3] for r in rows] == ["anomalous", "good", "good"]
+    v = ctl.panels(batch)
+    assert v["name"] == "dark.png" and v["verdict"] == "ANOMALOUS"
+    shapes = {v[k].shape for k in ("original", "reconstruction", "heatmap", "overlay")}
+    assert shapes == {(24, 24, 3)}  # same size: aligned side by side
+    assert "PatchCore" in v["recon_label"]
+    assert float(v["score"]) == pytest.approx(abs(10 / 255 - 0.5), abs=1e-3)
+    with pytest.raises(UserError, match="no image given"):
+        ctl.inspect("fake", [])
+    with pytest.raises(UserError, match="no readable image"):
+        ctl.inspect("fake", [str(corrupt)])
+    with pytest.raises(UserError, match="no model is loaded"):
+        ctl.inspect(None, [str(files[0])])
+
+
+def test_threshold_relabels_without_running_the_model(ctl: AppController, tmp_path: Path) -> None:
+    det = ctl.registry.detector("fake")
+    batch = ctl.inspect("fake", [str(grey(tmp_path / "a.png", 60))])  # score ~0.265
+    runs = det.runs
+    assert ctl.panels(batch, threshold=0.3)["verdict"] == "GOOD"
+    assert ctl.panels(batch, threshold=0.2)["verdict"] == "ANOMALOUS"
+    assert ctl.table_rows(batch, 0.2)[0][3] == "anomalous"
+    assert det.runs == runs  # no model call
+    assert "2 of 6 calibration good images" in ctl.false_alarm_text("fake", 0.2)
+    assert "0 of 6" in ctl.false_alarm_text("fake", 0.3)
+    rng = ctl.threshold_range("fake", batch)
+    assert rng["value"] == pytest.approx(0.3) and rng["minimum"] <= 0.05 and rng["maximum"] > 0.3
+    fig = ctl.histogram("fake", batch, 0.2)
+    assert len(fig.data) == 2  # good scores + batch scores
+    assert any(s["x0"] == pytest.approx(0.2) for s in fig.layout.shapes)
+
+
+def test_row_selection_and_downloads(ctl: AppController, tmp_path: Path) -> None:
+    batch = ctl.inspect("fake", [str(grey(tmp_path / "a.png", 20)), str(grey(tmp_path / "b.png", 120))])
+    row = next(r for r in ctl.table_rows(batch, 0.3) if r[1] == "b.png")
+    ctl.select_row(batch, row)
+    assert ctl.panels(batch)["name"] == "b.png"
+    with pytest.raises(UserError):
+        ctl.select_row(batch, [99, "x", 0, "good"])
+    files = ctl.downloads(batch, 0.3)
+    names = sorted(Path(f).name for f in files)
+    assert names == ["b_heatmap.png", "b_mask.png", "b_overlay.png", "batch_scores.csv"]
+    mask = np.asarray(Image.open(next(f for f in files if f.endswith("_mask.png"))))
+    assert set(np.unique(mask)) <= {0, 255}
+    with open(next(f for f in files if f.endswith(".csv"))) as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["file"] for r in rows] == ["a.png", "b.png"] and rows[0]["verdict"] == "anomalous"
+
+
+# ------------------------------------------------------------------------------- models
+
+def test_model_loading_errors_are_messages(ctl: AppController, root: Path, tmp_path: Path) -> None:
+    (root / "m").mkdir()
+    with pytest.raises(UserError, match="no config.json"):
+        ctl.load_from_folder("m")
+    with pytest.raises(UserError, match="outside the allowed data root"):
+        ctl.load_from_folder(str(tmp_path))
+    (root / "m" / "config.json").write_text("{}")
+    name, msg = ctl.load_from_folder("m")
+    assert name in ctl.registry.names() and "Loaded" in msg
+    with pytest.raises(UserError, match="not a zip"):
+        ctl.load_from_zip(str(grey(tmp_path / "x.png", 1)))
+    ctl.hub_probe = lambda: False  # offline
+    ctl.engine.load = lambda *a, **k: (_ for _ in ()).throw(OSError("cannot find the requested files in cache"))
+    with pytest.raises(UserError, match="Hub is unreachable"):
+        ctl.load_from_hub("someone/model", "main")
+    with pytest.raises(UserError, match="not a valid Hub repo id"):
+        ctl.load_from_hub("not a/valid/id", None)
+    assert "fake" in ctl.model_card("fake") and "bank size" in ctl.model_card("fake")
+
+
+def test_hub_offline_with_the_real_loader(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    c = AppController(data_root=root, state_dir=tmp_path / "s", samples_dir=None, demo_dir=None)
+    with pytest.raises(UserError, match="Hub is unreachable"):
+        c.load_from_hub("someone/ccad-model", None)
+
+
+def test_startup_without_or_with_broken_demo(root: Path, tmp_path: Path) -> None:
+    c = AppController(data_root=root, state_dir=tmp_path / "s", samples_dir=None, demo_dir=tmp_path / "nodemo")
+    assert "Feature bank" in c.load_startup() and c.registry.names() == []
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    c = AppController(data_root=root, state_dir=tmp_path / "s", samples_dir=None, demo_dir=broken)
+    assert "could not be loaded" in c.load_startup() and c.registry.names() == []
+
+
+# ------------------------------------------------------------------------------- bank, train, evaluate
+
+def test_build_bank_validates_folder_and_registers_detector(ctl: AppController, root: Path) -> None:
+    (root / "empty").mkdir()
+    with pytest.raises(UserError, match="no images"):
+        ctl.build_bank("empty", None, "tf_efficientnet_lite0", [2, 3], 50, 64)
+    with pytest.raises(UserError, match=r"'\.\.'"):
+        ctl.build_bank("../x", None, "tf_efficientnet_lite0", [2, 3], 50, 64)
+    (root / "good").mkdir()
+    grey(root / "good" / "a.png", 100)
+    seen = {}
+
+    def fit(path: str, **kw: Any) -> FakeDetector:
+        seen.update(kw, path=path)
+        return FakeDetector()
+
+    ctl.engine.fit = fit
+    name, summary, fig, msg = ctl.build_bank("good", None, "tf_efficientnet_lite0", [2, 3], 50, 64)
+    assert seen["bank_size"] == 50 and seen["layers"] == (2, 3) and seen["path"].endswith("good")
+    assert ctl.registry.active == name and summary == {"xi": 7, "feature_dim": 4} and "PatchCore" in msg
+    assert "outside" in pytest.raises(UserError, ctl.save_model, name, "/elsewhere", "bank").value.args[0]
+    assert "Saved" in ctl.save_model(name, "saved/bank", "bank") and (root / "saved/bank/bank.json").is_file()
+
+
+def test_training_job_runs_in_background_one_at_a_time(ctl: AppController, root: Path) -> None:
+    (root / "good").mkdir()
+    grey(root / "good" / "a.png", 100)
+    release = threading.Event()
+
+    class State:
+        def __init__(self, step: int) -> None:
+            self.step, self.total_steps, self.epoch, self.loss, self.lr = step, 5, 0, 1.0 / step, 1e-3
+            self.eta_seconds, self.preview = 1.0, np.zeros((8, 8, 3), np.float32)
+
+    def train(data: str, out_dir: str, **kw: Any) -> FakeDetector:
+        for step in range(1, 6):
+            if any(cb(State(step)) for cb in kw["callbacks"]):
+                break
+            release.wait(5)
+        return FakeDetector()
+
+    ctl.engine.train = train
+    msg = ctl.start_training("good", None, None, "tiny", 64, 5, 2)
+    assert "Started" in msg
+    with pytest.raises(UserError, match="already running"):
+        ctl.start_training("good", None, None, "tiny", 64, 5, 2)
+    deadline = time.time() + 5
+    while ctl.training_status()["progress"].startswith("step 0") and time.time() < deadline:
+        time.sleep(0.01)
+    st = ctl.training_status()
+    assert st["state"] == "running" and st["progress"].startswith("step 1/5") and st["preview"] is not None
+    assert "Stop requested" in ctl.stop_training()
+    release.set()
+    ctl.jobs.join(5)
+    st = ctl.training_status()
+    assert st["state"] == "stopped" and st["can_resume"] and st["model_name"] in ctl.registry.names()
+    assert "resumed" in ctl.start_training(None, None, None, "", 0, 0, 0, resume=True)
+    ctl.jobs.join(5)
+    assert ctl.training_status()["state"] == "finished"
+
+
+def test_evaluation_reports_metrics_and_worst_cases(ctl: AppController, root: Path) -> None:
+    from ccad.evaluate import evaluate
+    from ccad.data.sample import Sample
+
+    (root / "ds").mkdir()
+    samples = [Sample(str(grey(root / "ds" / f"g{i}.png", 120 + i)), None, 0, "tex") for i in range(3)]
+    samples += [Sample(str(grey(root / "ds" / f"b{i}.png", 10 + 100 * i)), None, 1, "tex", "spot") for i in range(2)]
+
+    ctl.engine.load_dataset = lambda path, split, layout: samples
+
+    class Scored(FakeDetector):  # evaluate() needs score_batches
+        def score_batches(self, batches: Any, progress: Any = None, total: Any = None):
+            import torch
+
+            s, m = [], []
+            for b in batches:
+                amap = (b["image"].mean(1) - 0.5).abs()
+                s.append(amap.flatten(1).max(1).values.numpy())
+                m.append(amap.numpy())
+            return np.concatenate(s), np.concatenate(m)
+
+    ctl.registry.add("scored", Scored(), "test")
+    ctl.engine.evaluate = lambda det, smp, progress=None: evaluate(det, smp)
+    r = ctl.run_evaluation("scored", "ds")
+    assert r["headers"][0] == "category" and r["rows"][0][0] == "tex"
+    assert r["rows"][0][1] == pytest.approx(1.0)  # image AUROC: the dark defect and the mid one are separable
+    assert len(r["roc"].data) == 2 and len(r["fn"]) == 1  # b1 (value 110) is missed at threshold 0.3
+    with pytest.raises(UserError, match="outside"):
+        ctl.run_evaluation("scored", "/etc")
