@@ -32,6 +32,8 @@ from typing import Any, Callable, Iterable, Sequence
 import cv2
 import numpy as np
 
+from ccad.data.io import load_image, load_mask
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ReviewItem",
@@ -49,10 +51,6 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
-# Folder names that hold label masks rather than images, in the layouts we read.
-_LABEL_DIRS = ("label", "labels", "true_masks", "ground_truth", "masks", "exact", "exact_masks",
-               "gt", "ellipse", "ellipses")
-_EXACT_DIRS = ("exact", "exact_masks", "exact_mask", "gt_exact", "true_exact")
 _DECISIONS = ("accepted", "rejected", "edited")
 
 
@@ -62,37 +60,15 @@ _DECISIONS = ("accepted", "rejected", "edited")
 
 
 def read_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an image as float32 ``H x W x 3`` in [0, 1] (the ``ccad.data.io.load_image`` format).
-
-    Uses ``ccad.data.io.load_image`` when that module is installed; otherwise OpenCV with the
-    same conventions (grey replicated, alpha dropped, 8/16-bit scaled). Raises ``ValueError``
-    naming the file when it cannot be read.
-    """
-    try:  # the data package owns image reading; use it when it exists
-        from ccad.data.io import load_image  # type: ignore[import-not-found]
-    except ImportError:
-        load_image = None
-    if load_image is not None:
-        return load_image(path)
-    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if arr is None:
-        raise ValueError(f"cannot read image {path!s}: missing, corrupt or unsupported format")
-    return _to_float_rgb(arr, bgr=True)
+    """Read an image as float32 ``H x W x 3`` in [0, 1] (``ccad.data.io.load_image``; raises
+    ``ImageReadError`` naming the file when it cannot be read)."""
+    return load_image(path)
 
 
 def read_mask(path: str | os.PathLike[str], shape: tuple[int, int] | None = None) -> np.ndarray:
     """Read a label mask as bool ``H x W`` (any value > 0 is defect), resized (nearest) to
-    ``shape`` when given. Raises ``ValueError`` naming the file when it cannot be read."""
-    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if arr is None:
-        raise ValueError(f"cannot read mask {path!s}: missing, corrupt or unsupported format")
-    if arr.ndim == 3:
-        arr = arr[..., :3].max(axis=2)
-    mask = arr > 0
-    if shape is not None and mask.shape != tuple(shape):
-        mask = cv2.resize(mask.astype(np.uint8), (shape[1], shape[0]),
-                          interpolation=cv2.INTER_NEAREST) > 0
-    return mask
+    ``shape`` when given (``ccad.data.io.load_mask``)."""
+    return load_mask(path, shape) > 0.5
 
 
 def write_mask_png(path: str | os.PathLike[str], mask: np.ndarray) -> Path:
@@ -104,27 +80,6 @@ def write_mask_png(path: str | os.PathLike[str], mask: np.ndarray) -> Path:
         raise ValueError(f"cannot encode mask for {path}")
     _atomic_write_bytes(path, buf.tobytes())
     return path
-
-
-def _to_float_rgb(arr: np.ndarray, bgr: bool = False) -> np.ndarray:
-    arr = np.asarray(arr)
-    if arr.dtype == np.uint8:
-        out = arr.astype(np.float32) / 255.0
-    elif arr.dtype == np.uint16:
-        out = arr.astype(np.float32) / 65535.0
-    else:
-        out = arr.astype(np.float32)
-        if out.size and out.max() > 1.0:
-            out = out / max(float(out.max()), 1e-12)
-    if out.ndim == 2:
-        out = np.repeat(out[..., None], 3, axis=2)
-    elif out.shape[2] == 1:
-        out = np.repeat(out, 3, axis=2)
-    elif out.shape[2] >= 3:
-        out = out[..., :3]
-        if bgr:
-            out = out[..., ::-1]
-    return np.ascontiguousarray(np.clip(out, 0.0, 1.0))
 
 
 def _grey(image: np.ndarray) -> np.ndarray:
@@ -275,16 +230,18 @@ def _ring(ellipse: np.ndarray) -> np.ndarray:
 
 
 def _standardise(cue: np.ndarray, ring: np.ndarray, inside: np.ndarray, quantile: float,
-                 two_sided: bool) -> np.ndarray:
-    """Centre a cue on its ring median and scale so the ring's ``quantile`` of |cue| is 1."""
+                 two_sided: bool, floor: float = 1e-6) -> np.ndarray:
+    """Centre a cue on its ring median and scale so the ring's ``quantile`` of |cue| is 1.
+
+    ``floor`` is the smallest scale (e.g. one 8-bit grey level): on a flat surface rounding
+    noise must not become a strong cue."""
     ref = cue[ring] if ring.any() else cue[inside]
     med = float(np.median(ref))
     dev = cue - med
     if two_sided:
         dev = np.abs(dev)
     scale = float(np.quantile(np.abs(ref - med), quantile)) if ref.size else 0.0
-    if scale <= 1e-8:
-        scale = float(np.std(ref)) + 1e-6
+    scale = max(scale, float(floor))
     return np.maximum(dev / scale, 0.0).astype(np.float32)
 
 
@@ -314,8 +271,8 @@ def image_cues(grey: np.ndarray, ellipse: np.ndarray, settings: ProposalSettings
     logsd = np.log(np.sqrt(var) + 1e-3)
     d_tex = logsd - _normalised_blur(logsd, outside, bg_sigma)
     out = {
-        "intensity": _standardise(d_int, ring, ellipse, s.ring_quantile, two_sided=True),
-        "texture": _standardise(d_tex, ring, ellipse, s.ring_quantile, two_sided=True),
+        "intensity": _standardise(d_int, ring, ellipse, s.ring_quantile, True, 2.0 / 255),
+        "texture": _standardise(d_tex, ring, ellipse, s.ring_quantile, True, 0.1),
         "ring": ring,
     }
     if s.line_angles > 0:
@@ -326,7 +283,7 @@ def image_cues(grey: np.ndarray, ellipse: np.ndarray, settings: ProposalSettings
         line = np.zeros_like(g)
         for k in range(s.line_angles):
             r = _standardise(cv2.filter2D(d0, -1, _line_kernel(length, np.pi * k / s.line_angles)),
-                             ring, ellipse, s.ring_quantile, two_sided=True)
+                             ring, ellipse, s.ring_quantile, True, 2.0 / 255)
             np.maximum(line, r, out=line)
         out["line"] = line
     return out
@@ -422,7 +379,8 @@ def propose_mask(image: np.ndarray, ellipse: np.ndarray, anomaly_map: np.ndarray
     if anomaly_map is not None:
         m = anomaly_map[y0:y1, x0:x1]
         if np.isfinite(m).all() and float(m.max() - m.min()) > 1e-12:
-            m_cue = _standardise(m, ring, e, s.ring_quantile, two_sided=False)
+            m_cue = _standardise(m, ring, e, s.ring_quantile, False,
+                                 1e-3 * float(np.ptp(anomaly_map)))
             m_in = m_cue[e]
             m_rel = np.clip((m_cue - float(m_in.min())) / max(float(m_in.max() - m_in.min()), 1e-6), 0, 1)
             if contrast[best] < 1.5 and float(np.quantile(m_in, 0.995)) > 1.5:
@@ -496,7 +454,8 @@ def propose_mask(image: np.ndarray, ellipse: np.ndarray, anomaly_map: np.ndarray
 class ReviewItem:
     """One image to review: its weak (ellipse) label and, on synthetic data, the exact mask.
 
-    ``key`` is unique within a session (``category/stem``; DAGM stems repeat across classes).
+    ``key`` is unique within a session (``category/split/stem``: DAGM numbers images per class
+    and per split, so stems repeat).
     """
 
     image_path: str
@@ -511,62 +470,63 @@ class ReviewItem:
 
     @property
     def key(self) -> str:
-        return f"{self.category}/{self.stem}" if self.category else self.stem
+        return "/".join(p for p in (self.category, self.split, self.stem) if p)
 
 
-def _is_image(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+def _index_dir(d: Path | None) -> dict[str, Path]:
+    """``{lower-case stem: path}`` of the image files directly in ``d``."""
+    if d is None or not d.is_dir() or d.is_symlink():
+        return {}
+    return {p.stem.lower(): p for p in sorted(d.iterdir())
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS}
 
 
-def _find_label(label_dir_files: dict[str, Path], stem: str) -> Path | None:
-    for cand in (f"{stem}_label", f"{stem}_mask", stem):
-        hit = label_dir_files.get(cand.lower())
+def _find_label(files: dict[str, Path], stem: str, suffixes: Sequence[str]) -> Path | None:
+    for suf in suffixes:
+        hit = files.get(f"{stem}{suf}".lower())
         if hit is not None:
             return hit
     return None
 
 
-def _index_dir(d: Path) -> dict[str, Path]:
-    if not d.is_dir():
-        return {}
-    return {p.stem.lower(): p for p in sorted(d.iterdir()) if _is_image(p)}
-
-
-def _labels_txt(label_dir: Path) -> dict[str, Path]:
-    """Parse DAGM's ``Label/Labels.txt`` (id, flag, image file, 0, label file) when present."""
+def _labels_txt(label_dir: Path | None) -> dict[str, Path]:
+    """Parse DAGM's ``Label/Labels.txt`` rows ``index flag file labelflag labelfile``."""
     out: dict[str, Path] = {}
-    txt = next((p for p in (label_dir / "Labels.txt", label_dir / "labels.txt") if p.is_file()), None)
+    if label_dir is None or not label_dir.is_dir():
+        return out
+    txt = next((p for p in label_dir.iterdir() if p.name.lower() == "labels.txt"), None)
     if txt is None:
         return out
-    for line in txt.read_text(errors="replace").splitlines()[1:]:
-        parts = line.split()
-        if len(parts) >= 5 and parts[1] == "1":
-            out[Path(parts[2]).stem.lower()] = label_dir / parts[4]
+    for line in txt.read_text(errors="replace").splitlines():
+        f = line.split()
+        if len(f) >= 5 and f[4] not in ("0", "-"):
+            out[Path(f[2]).stem.lower()] = label_dir / f[4]
     return out
 
 
-def _category_split(rel: Path) -> tuple[str, str]:
-    parts = list(rel.parts)
-    split = ""
-    for p in parts:
-        if p.lower() in ("train", "test", "val", "valid", "test_data", "train_data"):
-            split = p.lower().replace("_data", "")
-    cats = [p for p in parts if p.lower() not in ("train", "test", "val", "valid", "test_data",
-                                                   "train_data", "defect", "good", "images")]
-    return "/".join(cats), split
+def _child_dir(d: Path, *names: str) -> Path | None:
+    low = {n.lower() for n in names}
+    for c in sorted(d.iterdir()) if d.is_dir() else []:
+        if c.name.lower() in low and c.is_dir() and not c.is_symlink():
+            return c
+    return None
 
 
-def discover_items(root: str | os.PathLike[str], include_unlabelled: bool = False
-                   ) -> tuple[list[ReviewItem], list[str]]:
-    """Find DAGM images and their weak labels under ``root``.
+_SPLITS = {"train": "train", "test": "test", "validation": "validation", "val": "validation"}
+_SKIP_DIRS = {"label", "labels", "true_masks", "ground_truth", "exact", "weak_labels", "masks"}
+
+
+def discover_items(root: str | os.PathLike[str]) -> tuple[list[ReviewItem], list[str]]:
+    """Find DAGM images and their weak labels under ``root`` without the data package's loaders.
 
     Reads the published DAGM layout (``ClassN/Train|Test/*.PNG`` with ``Label/Labels.txt`` and
-    ``Label/<stem>_label.PNG``), the flat sample layout (``test_data/classN/*.PNG`` with
-    ``true_masks/<stem>_label.PNG``) and the synthetic DAGM-style set (the published layout,
-    exact masks in a sibling ``Exact``/``exact_masks`` folder when written). Symlinked folders
-    are not followed. Returns ``(items, unlabelled)``: images without a label are *unknown*,
-    not good, and are only listed (or returned as label-less items with
-    ``include_unlabelled``).
+    ``Label/<stem>_label.PNG``; exact masks of the synthetic set in ``Exact/<stem>_mask.PNG``),
+    the flat sample layout (``test_data/classN/*.PNG`` with ``true_masks/<stem>_label.PNG``),
+    and MVTec-style layouts (``<cat>/test/<defect>/<stem>.png`` with ellipses in
+    ``<cat>/weak_labels/<defect>/<stem>_ellipse.png`` and exact masks in
+    ``<cat>/ground_truth/<defect>/<stem>_mask.png``; without weak labels the ground truth, e.g.
+    CCAD's re-annotation, is the label under review). Symlinked folders are not followed.
+    Returns ``(items, unlabelled)``; images without a label are unknown, not good.
     """
     root = Path(root)
     if not root.is_dir():
@@ -575,61 +535,81 @@ def discover_items(root: str | os.PathLike[str], include_unlabelled: bool = Fals
     unlabelled: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         d = Path(dirpath)
-        dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
-        if d.name.lower() in _LABEL_DIRS:
-            continue
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith(".")
+                             and n.lower() not in _SKIP_DIRS)
         images = sorted(d / f for f in filenames if Path(f).suffix.lower() in IMAGE_EXTENSIONS)
         if not images:
             continue
-        label_files: dict[str, Path] = {}
-        exact_files: dict[str, Path] = {}
-        txt_labels: dict[str, Path] = {}
-        for sub in sorted(d.iterdir()):
-            if not sub.is_dir() or sub.is_symlink():
-                continue
-            low = sub.name.lower()
-            if low in _EXACT_DIRS:
-                exact_files.update(_index_dir(sub))
-            elif low in _LABEL_DIRS:
-                label_files.update(_index_dir(sub))
-                txt_labels.update(_labels_txt(sub))
-        cat, split = _category_split(d.relative_to(root))
+        rel = d.relative_to(root).parts
+        # DAGM-style: label folder is a child of the image folder
+        label_dir = _child_dir(d, "Label", "true_masks")
+        labels = _index_dir(label_dir)
+        table = _labels_txt(label_dir)
+        exact = _index_dir(_child_dir(d, "Exact"))
+        # MVTec-style: <cat>/<split>/<defect>/ with <cat>/weak_labels|ground_truth/<defect>/
+        weak: dict[str, Path] = {}
+        truth: dict[str, Path] = {}
+        split = ""
+        cat_parts = list(rel)
+        if len(rel) >= 2 and rel[-2].lower() in _SPLITS:
+            cat_dir = d.parent.parent
+            weak = _index_dir(_child_dir(cat_dir / "weak_labels", d.name) if
+                              (cat_dir / "weak_labels").is_dir() else None)
+            truth = _index_dir(_child_dir(cat_dir / "ground_truth", d.name) if
+                               (cat_dir / "ground_truth").is_dir() else None)
+            split = _SPLITS[rel[-2].lower()]
+            cat_parts = list(rel[:-2]) + ([rel[-1]] if rel[-1].lower() != "good" else [])
+        elif rel and rel[-1].lower() in _SPLITS:
+            split = _SPLITS[rel[-1].lower()]
+            cat_parts = list(rel[:-1])
+        cat_parts = [p for p in cat_parts if p.lower() not in ("test_data", "train_data")]
+        category = "/".join(cat_parts)
         for img in images:
             stem = img.stem
-            label = txt_labels.get(stem.lower())
+            label = table.get(stem.lower())
             if label is None or not label.is_file():
-                label = _find_label(label_files, stem)
-            exact = _find_label(exact_files, stem)
-            if label is None and not include_unlabelled:
+                label = _find_label(labels, stem, ("_label", "_mask", ""))
+            ex = _find_label(exact, stem, ("_mask", "_label", ""))
+            if label is None and weak:
+                label = _find_label(weak, stem, ("_ellipse", "_label", "_mask", ""))
+                ex = ex or _find_label(truth, stem, ("_mask", "_label", ""))
+            elif label is None:
+                label = _find_label(truth, stem, ("_mask", "_label", ""))
+            if label is None:
                 unlabelled.append(str(img))
                 continue
-            items.append(ReviewItem(str(img), str(label) if label else None,
-                                    str(exact) if exact else None, cat, split))
+            items.append(ReviewItem(str(img), str(label), str(ex) if ex else None, category, split))
     return items, unlabelled
 
 
-def _items_from_loader(root: Path) -> list[ReviewItem] | None:
-    """Use ``ccad.data.datasets`` DAGM loaders when the data package provides them."""
+def _items_from_loader(root: Path, loader: str) -> tuple[list[ReviewItem], list[str]]:
+    """Items from ``ccad.data.datasets.load_dagm`` (ellipses as labels, ``Exact/`` masks joined
+    by image) or ``load_dagm_ccad`` (re-annotated masks as labels)."""
     try:
-        from ccad.data import datasets as ds  # type: ignore[import-not-found]
+        from ccad.data import datasets as ds
     except ImportError:
-        return None
-    items: list[ReviewItem] = []
-    for name in ("load_dagm", "load_dagm_ccad"):
-        loader = getattr(ds, name, None)
-        if loader is None:
-            continue
-        found: list[ReviewItem] = []
-        for split in ("train", "test"):
-            try:
-                samples = loader(root, split)
-            except Exception:  # not this layout
-                continue
-            found.extend(_items_from_samples(samples))
-        if found:
-            items = found
-            break
-    return items or None
+        return [], []
+    load_dagm = getattr(ds, "load_dagm", None) if loader == "load_dagm" else None
+    if load_dagm is not None:
+        try:
+            labelled = load_dagm(root, "all", include_defective=True)
+            exact = {s.image_path: s.mask_path for s in
+                     load_dagm(root, "all", include_defective=True, mask_source="exact")}
+        except (ValueError, OSError, TypeError):
+            labelled, exact = [], {}
+        items = [ReviewItem(s.image_path, s.mask_path, exact.get(s.image_path), s.category,
+                            s.split) for s in labelled if s.mask_path]
+        if items:
+            unl = [s.image_path for s in labelled if not s.mask_path and s.label != 0]
+            return items, unl
+    load_ccad = getattr(ds, "load_dagm_ccad", None) if loader == "load_dagm_ccad" else None
+    if load_ccad is not None:
+        try:
+            samples = load_ccad(root, "test")
+        except (ValueError, OSError, TypeError):
+            samples = []
+        return _items_from_samples(samples), []
+    return [], []
 
 
 def _items_from_samples(samples: Iterable[Any]) -> list[ReviewItem]:
@@ -641,9 +621,12 @@ def _items_from_samples(samples: Iterable[Any]) -> list[ReviewItem]:
         mask_path = getattr(smp, "mask_path", None)
         if not mask_path:
             continue
-        exact = getattr(smp, "exact_mask_path", None)
-        out.append(ReviewItem(str(smp.image_path), str(mask_path), str(exact) if exact else None,
-                              getattr(smp, "category", ""), getattr(smp, "split", "")))
+        dtype = str(getattr(smp, "defect_type", "") or "")
+        cat = str(getattr(smp, "category", "") or "")
+        if dtype and dtype not in ("good", "defect", "unknown", "anomal"):
+            cat = f"{cat}/{dtype}" if cat else dtype
+        out.append(ReviewItem(str(smp.image_path), str(mask_path), None, cat,
+                              str(getattr(smp, "split", "") or "")))
     return out
 
 
@@ -701,11 +684,14 @@ class ReviewSession:
         self.unlabelled: list[str] = []
         if isinstance(root_or_samples, (str, os.PathLike)):
             self.root: Path | None = Path(root_or_samples)
-            items = None
-            own, self.unlabelled = discover_items(self.root)
-            if not own:
-                items = _items_from_loader(self.root)
-            self.items: list[ReviewItem] = items if items else own
+            if not self.root.is_dir():
+                raise FileNotFoundError(f"DAGM folder not found: {self.root}")
+            items, self.unlabelled = _items_from_loader(self.root, "load_dagm")
+            if not items:  # MVTec-style weak_labels, flat folders, ...
+                items, self.unlabelled = discover_items(self.root)
+            if not items:
+                items, self.unlabelled = _items_from_loader(self.root, "load_dagm_ccad")
+            self.items: list[ReviewItem] = items
         else:
             self.root = None
             self.items = _items_from_samples(root_or_samples)
@@ -713,7 +699,7 @@ class ReviewSession:
         keys = [it.key for it in self.items]
         if len(set(keys)) != len(keys):
             dup = sorted({k for k in keys if keys.count(k) > 1})
-            raise ValueError(f"duplicate review keys (category/stem): {dup[:5]}")
+            raise ValueError(f"duplicate review keys (category/split/stem): {dup[:5]}")
         self._proposals: dict[tuple[str, bool], np.ndarray] = {}
         self._maps: dict[str, np.ndarray | None] = {}
         self.decisions: dict[str, dict[str, Any]] = {}
@@ -882,8 +868,9 @@ class ReviewSession:
         ``decisions.csv`` (stem, decision, mask_area, iou_with_ellipse, timestamp, category,
         image_path, mask_file) to ``out_dir``; returns the CSV path.
 
-        Masks go to ``out_dir/<stem>.png``; when stems repeat across categories (DAGM numbers
-        images per class) they go to ``out_dir/<category>/<stem>.png`` instead.
+        Masks go to ``out_dir/<stem>.png``; when stems repeat across classes or splits (DAGM
+        numbers images per class and split) every mask goes to ``out_dir/<key>.png`` instead,
+        i.e. ``out_dir/<category>/<split>/<stem>.png``. ``mask_file`` in the CSV names it.
         """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -898,8 +885,7 @@ class ReviewSession:
             if dec["decision"] in ("accepted", "edited") and dec.get("mask_file"):
                 src = self.store_dir / dec["mask_file"]
                 mask = read_mask(src)
-                rel_path = (Path(it.category) / f"{it.stem}.png") if (nested and it.category) \
-                    else Path(f"{it.stem}.png")
+                rel_path = Path(f"{it.key}.png") if nested else Path(f"{it.stem}.png")
                 write_mask_png(out / rel_path, mask)
                 rel = rel_path.as_posix()
             rows.append({"stem": it.stem, "decision": dec["decision"],
