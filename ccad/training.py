@@ -434,7 +434,7 @@ class Trainer:
             _save_module(unwrapped, tmp / "model")
             _save_module(ema.module, tmp / "ema")
             save_optimizer(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, tmp)
-            sched_state = {k: v for k, v in lr_sched.state_dict().items() if k != "lr_lambdas"}
+            sched_state = lr_sched.state_dict()  # plain numbers; lr_lambdas is [None] for a function
             (tmp / "scheduler.json").write_text(json.dumps(sched_state))
             rng_t, rng_m = _rng_state()
             save_file(rng_t, str(tmp / "rng.safetensors"))
@@ -583,10 +583,11 @@ class Trainer:
                                    seconds=prior_seconds + elapsed, eta_seconds=eta, preview=preview)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr_now:.2e}")
-                want_stop = self._stop.is_set()
+                want_stop = False
                 for cb in self.callbacks:
                     if cb(state):
                         want_stop = True
+                want_stop = want_stop or self._stop.is_set()
                 if world > 1:
                     flag = torch.tensor([1.0 if want_stop else 0.0], device=device)
                     want_stop = bool(acc.reduce(flag, reduction="sum").item() > 0)
