@@ -264,3 +264,54 @@ def test_sample_record() -> None:
     assert Sample.from_dict(s2.to_dict()) == s2
     with pytest.raises(ValueError, match="label must be"):
         Sample("c.png", None, 2)
+
+
+def test_truncated_files_raise(tmp_path: Path) -> None:
+    rgb = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    for ext, fmt in ((".png", "PNG"), (".jpg", "JPEG"), (".tif", "TIFF")):
+        full = tmp_path / f"full{ext}"
+        Image.fromarray(rgb).save(full, format=fmt)
+        cut = tmp_path / f"cut{ext}"
+        data = full.read_bytes()
+        cut.write_bytes(data[: len(data) // 2])
+        with pytest.raises(ImageReadError, match=f"cut\\{ext}"):
+            load_image(cut)
+
+
+def test_crafted_huge_header_refused_before_decoding(tmp_path: Path) -> None:
+    """A PNG whose header claims 40000 x 40000 pixels is refused from the header alone."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    def bomb(name: str, w: int, h: int) -> Path:
+        ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+        idat = zlib.compress(b"\x00" * 1000)
+        p = tmp_path / name
+        p.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+        return p
+
+    # 144 megapixels: over our limit, under Pillow's own bomb limit
+    with pytest.raises(ImageReadError, match=r"mid\.png.*12000x12000 = 144\.0 megapixels.*limit of 100"):
+        load_image(bomb("mid.png", 12000, 12000))
+    p = bomb("bomb.png", 40000, 40000)
+    with pytest.raises(ImageReadError, match=r"bomb\.png.*limit of 100 megapixels.*decompression bomb"):
+        load_image(p)
+
+
+def test_exif_orientation_applied(tmp_path: Path) -> None:
+    rgb = np.zeros((20, 40, 3), np.uint8)
+    rgb[:, :20] = (255, 0, 0)  # left half red, right half blue
+    rgb[:, 20:] = (0, 0, 255)
+    im = Image.fromarray(rgb)
+    exif = im.getexif()
+    exif[0x0112] = 6  # camera held rotated: viewers turn it 90 degrees clockwise
+    p = tmp_path / "phone.jpg"
+    im.save(p, quality=95, exif=exif.tobytes())
+    a = load_image(p)
+    assert a.shape == (40, 20, 3)  # upright: portrait
+    # rotated clockwise: the left (red) half is now on top
+    assert a[5, 10, 0] > 0.8 and a[5, 10, 2] < 0.2
+    assert a[35, 10, 2] > 0.8 and a[35, 10, 0] < 0.2

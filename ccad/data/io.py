@@ -14,7 +14,9 @@ report it and go on.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Union
@@ -80,7 +82,7 @@ class ImageReadError(ValueError):
 
 
 def is_image_file(path: PathLike) -> bool:
-    """True when ``path`` has an image suffix (case-insensitive) and does not look like a mask."""
+    """True when ``path`` has an image suffix (case-insensitive), see :data:`IMAGE_EXTENSIONS`."""
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
@@ -134,18 +136,81 @@ def _check_pixels(h: int, w: int, original: PathLike) -> None:
         )
 
 
-def _header_size(path: Path) -> tuple[int, int] | None:
-    """(H, W) from the file header via Pillow (no pixel decoding), or None if Pillow cannot tell."""
+def _header_info(path: Path, original: PathLike) -> tuple[int, int, int] | None:
+    """(H, W, EXIF orientation) from the file header via Pillow (no pixel decoding), or None
+    if Pillow cannot tell. Orientation is 1 when there is no EXIF tag."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(path) as im:
                 w, h = im.size
-                return int(h), int(w)
-    except Image.DecompressionBombError:
-        return (MAX_PIXELS + 1, 1)
+                orient = 1
+                if im.format in ("JPEG", "MPO", "WEBP", "TIFF", "PNG"):
+                    try:
+                        orient = int(im.getexif().get(0x0112, 1) or 1)
+                    except Exception:
+                        orient = 1
+                return int(h), int(w), orient
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(
+            original,
+            f"image too large, over the limit of {MAX_PIXELS / 1e6:.0f} megapixels "
+            f"(possible decompression bomb): {e}",
+        ) from e
     except Exception:
         return None
+
+
+def _apply_orientation(a: np.ndarray, orient: int) -> np.ndarray:
+    """Apply an EXIF orientation (2..8) so that the array is upright, as viewers show it."""
+    if orient == 2:
+        return a[:, ::-1]
+    if orient == 3:
+        return a[::-1, ::-1]
+    if orient == 4:
+        return a[::-1]
+    if orient == 5:
+        return np.swapaxes(a, 0, 1)
+    if orient == 6:
+        return np.swapaxes(a, 0, 1)[:, ::-1]
+    if orient == 7:
+        return np.swapaxes(a, 0, 1)[::-1, ::-1]
+    if orient == 8:
+        return np.swapaxes(a, 0, 1)[::-1]
+    return a
+
+
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+_saved_level: int | None = None
+
+
+@contextlib.contextmanager
+def _quiet_opencv():
+    """Silence OpenCV's own decoder log lines; our ImageReadError reports the failure instead."""
+    global _quiet_depth, _saved_level
+    logging_mod = getattr(getattr(cv2, "utils", None), "logging", None) if cv2 is not None else None
+    if logging_mod is None:
+        yield
+        return
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            try:
+                _saved_level = logging_mod.getLogLevel()
+                logging_mod.setLogLevel(logging_mod.LOG_LEVEL_SILENT)
+            except Exception:
+                _saved_level = None
+        _quiet_depth += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0 and _saved_level is not None:
+                try:
+                    logging_mod.setLogLevel(_saved_level)
+                except Exception:
+                    pass
 
 
 def _pil_to_array(im: Image.Image) -> np.ndarray:
@@ -184,19 +249,21 @@ def _decode_pil(path: Path, original: PathLike) -> np.ndarray:
 def read_raw(path: PathLike) -> np.ndarray:
     """Decode an image file to a numpy array with its native dtype, channels in RGB(A) order.
 
-    Returns ``H x W`` (grey) or ``H x W x C`` (C in 3, 4). Raises :class:`ImageReadError` for a
+    Returns ``H x W`` (grey) or ``H x W x C`` (C in 3, 4), turned upright by its EXIF
+    orientation tag when it has one. Raises :class:`ImageReadError` for a
     missing, empty, non-image, oversized (> :data:`MAX_PIXELS`) or undecodable file.
     """
     p = Path(os.fspath(path))
     _check_file(p, path)
-    hdr = _header_size(p)
+    hdr = _header_info(p, path)
     if hdr is not None:
         _check_pixels(hdr[0], hdr[1], path)
     arr: np.ndarray | None = None
     if cv2 is not None:
         try:
             buf = np.fromfile(str(p), dtype=np.uint8)  # works with non-ASCII paths too
-            arr = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+            with _quiet_opencv():
+                arr = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
         except Exception:
             arr = None
         if arr is not None and arr.size > 0:
@@ -208,6 +275,9 @@ def read_raw(path: PathLike) -> np.ndarray:
             arr = None
     if arr is None:
         arr = _decode_pil(p, path)
+    if hdr is not None and hdr[2] != 1 and arr.ndim >= 2:
+        # IMREAD_UNCHANGED (and Pillow) ignore EXIF orientation: apply it, as photo viewers do
+        arr = _apply_orientation(arr, hdr[2])
     if arr.ndim < 2:
         raise ImageReadError(path, f"decoded data has an unexpected shape {arr.shape}")
     _check_pixels(arr.shape[0], arr.shape[1], path)
