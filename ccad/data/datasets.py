@@ -28,14 +28,13 @@ import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from ccad.data.io import (
-    IMAGE_EXTENSIONS,
     ImageReadError,
     is_image_file,
     list_images,
@@ -67,7 +66,7 @@ __all__ = [
     "iter_batches",
 ]
 
-PathLike = "str | os.PathLike[str]"
+PathLike = Union[str, "os.PathLike[str]"]
 
 #: Layout names accepted by :func:`load_dataset` (besides ``"auto"``).
 LAYOUTS: tuple[str, ...] = (

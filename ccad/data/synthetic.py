@@ -46,8 +46,6 @@ TEXTURES: tuple[str, ...] = ("fibrous", "granular", "cloud", "woven", "speckle")
 #: Defect types the generator knows.
 DEFECTS: tuple[str, ...] = ("scratch", "spot", "blur", "stain")
 
-_Size = "int | tuple[int, int]"
-
 
 @dataclass
 class SyntheticSample:
