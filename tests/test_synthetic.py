@@ -127,9 +127,12 @@ def test_generation_is_fast() -> None:
     worst = 0.0
     for kind in TEXTURES:
         for d in (None,) + DEFECTS:
-            t = time.perf_counter()
-            make_sample(kind, 256, 1, d)
-            worst = max(worst, time.perf_counter() - t)
+            best = float("inf")
+            for _ in range(3):  # best of 3: robust to other processes on a shared machine
+                t = time.perf_counter()
+                make_sample(kind, 256, 1, d)
+                best = min(best, time.perf_counter() - t)
+            worst = max(worst, best)
     assert worst < 0.05, f"slowest 256x256 sample took {worst * 1000:.1f} ms"
 
 

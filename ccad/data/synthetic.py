@@ -252,8 +252,9 @@ def make_defect(texture: np.ndarray, defect: str, rng: np.random.Generator) -> t
         cy = rng.uniform(r * 2, h - r * 2)
         mask = _fill(h, w, _blob_polygon(rng, cx, cy, r, rng.uniform(0.6, 1.0), rng.uniform(0, np.pi), 0.35))
         delta = _sign(rng) * rng.uniform(0.25, 0.4)
-        yy, xx = np.mgrid[0:h, 0:w]
-        prof = 1.0 - 0.3 * np.clip(np.hypot(xx - cx, yy - cy) / (1.4 * r), 0.0, 1.0)
+        yy = np.arange(h, dtype=np.float32)[:, None] - np.float32(cy)
+        xx = np.arange(w, dtype=np.float32)[None, :] - np.float32(cx)
+        prof = 1.0 - 0.3 * np.clip(np.sqrt(xx * xx + yy * yy) / np.float32(1.4 * r), 0.0, 1.0)
         out = np.where(mask, t + delta * prof, t)
     elif defect == "blur":
         r = s * rng.uniform(0.08, 0.14)
