@@ -30,7 +30,8 @@ import re
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
@@ -388,8 +389,8 @@ class Trainer:
         config.validate()
         self.model = model
         features = getattr(bank, "features", bank)
-        if not torch.is_tensor(features) or features.dim() not in (2, 3):
-            raise ValueError("bank must be a tensor xi x d (or B x xi x d) or an object with .features")
+        if not torch.is_tensor(features) or not (features.dim() == 2 or (features.dim() == 3 and features.shape[0] == 1)):
+            raise ValueError("bank must be a tensor xi x d (or 1 x xi x d) or an object with .features (a FeatureBank)")
         self.bank = features.detach().float()
         if torch.is_tensor(dataset):
             if dataset.dim() != 4 or dataset.shape[1] != 3:
@@ -480,8 +481,17 @@ class Trainer:
     def train(self, resume: Union[bool, str, Path] = False) -> TrainResult:
         """Run (or continue) training to ``config.steps``; see the module docstring for the files.
 
-        ``resume``: False starts fresh; True continues from the latest checkpoint in ``out_dir``
-        (fresh when there is none); a path continues from that checkpoint folder.
+        ``resume``: False starts fresh (older ``checkpoint-*`` folders in ``out_dir`` are removed,
+        with a warning); True continues from the latest checkpoint in ``out_dir`` (fresh when there
+        is none); a path continues from that checkpoint folder. Continuing needs the same
+        ``seed``, ``batch_size`` and number of processes for the run to be bit-for-bit the same as
+        an uninterrupted one; a larger ``steps`` extends training (the cosine schedule follows the
+        new total).
+
+        Multi-process: run the calling script under ``accelerate launch --multi_gpu`` (GPUs) or
+        ``ACCELERATE_USE_CPU=true torchrun --nproc_per_node N`` (CPU, gloo); every process calls
+        ``train()``, the main one writes checkpoints and previews, and ``config.batch_size`` is
+        per process.
         """
         from accelerate import Accelerator
         from tqdm.auto import tqdm
@@ -499,6 +509,16 @@ class Trainer:
         if use_cl:
             model = model.to(memory_format=torch.channels_last)
         ckpt = self._resolve_resume(resume)
+        if ckpt is None and acc.is_main_process:
+            # a fresh run supersedes old checkpoints here; left in place, a later resume=True
+            # would pick a stale higher-step one
+            stale = list_checkpoints(self.out_dir)
+            if stale:
+                warnings.warn(f"{self.out_dir}: starting a fresh run, removing {len(stale)} old checkpoint(s) "
+                              f"({stale[-1].name} latest); pass resume=True to continue instead")
+                for old in stale:
+                    shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
         start_step, losses, prior_seconds, ema_updates, saved_state = 0, [], 0.0, 0, None
         if ckpt is not None:
             saved_state = json.loads((ckpt / STATE_NAME).read_text())
