@@ -349,6 +349,7 @@ class Backbone(nn.Module):
         self.reductions: tuple[int, ...] = tuple(int(r) for r in info.reduction())
         self.feature_dim: int = int(sum(self.channels))
         self.reduction: int = int(self.reductions[0])
+        self._prune_unused_blocks()
 
         if weights is not None:
             state = load_state_dict_file(weights)
@@ -370,8 +371,6 @@ class Backbone(nn.Module):
             _load_into(self.model, state, base, self.weights_source)
         else:
             self.weights_source = "random"
-
-        self._prune_unused_blocks()
 
         if base in _WHEELS or base.startswith("tf_efficientnet_lite"):
             mean, std = _HALF, _HALF
