@@ -58,6 +58,7 @@ class TrainConfig:
     ``checkpoint_every``: steps between checkpoints (0 = only at the end / on stop).
     ``preview_every``: steps between EMA reconstructions of one training image (0 = never),
     with ``preview_steps`` DDAD steps from ``preview_start_step``.
+    ``show_progress``: the tqdm bar (loss, lr, ETA) on the main process.
     ``ema_decay`` is warmed up as ``min(ema_decay, (1 + n) / (10 + n))`` after n updates so short
     runs still give a usable EMA model.
     """
@@ -79,7 +80,7 @@ class TrainConfig:
     preview_steps: int = 5
     preview_start_step: int = 250
     preview_guidance: float = 2.0
-    progress: bool = True
+    show_progress: bool = True
     channels_last: bool = True
 
     def __post_init__(self) -> None:
@@ -560,7 +561,7 @@ class Trainer:
         step = start_step
         epoch = (step * global_batch) // n
         t0 = time.perf_counter()
-        bar = tqdm(total=total, initial=start_step, disable=not (cfg.progress and acc.is_main_process),
+        bar = tqdm(total=total, initial=start_step, disable=not (cfg.show_progress and acc.is_main_process),
                    desc="train", unit="step", dynamic_ncols=True)
         last_saved = start_step if ckpt is not None else -1
         if start_step < total:

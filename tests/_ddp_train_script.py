@@ -24,7 +24,7 @@ def main(out_dir: str) -> None:
                                                       block_out_channels=(32, 32), attention_resolutions=(8,)))
     images = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     bank = torch.randn(10, 8, generator=torch.Generator().manual_seed(1))
-    cfg = TrainConfig(steps=2, batch_size=2, checkpoint_every=0, progress=False, mixed_precision="no")
+    cfg = TrainConfig(steps=2, batch_size=2, checkpoint_every=0, show_progress=False, mixed_precision="no")
     trainer = Trainer(model, bank, images, cfg, out_dir)
     result = trainer.train()
     acc = trainer.accelerator

@@ -64,7 +64,7 @@ BANK = torch.randn(12, D, generator=torch.Generator().manual_seed(1))
 
 
 def cfg(**kw) -> TrainConfig:
-    base = dict(steps=6, batch_size=4, lr=1e-3, progress=False, checkpoint_every=0, mixed_precision="auto")
+    base = dict(steps=6, batch_size=4, lr=1e-3, show_progress=False, checkpoint_every=0, mixed_precision="auto")
     base.update(kw)
     return TrainConfig(**base)
 
