@@ -13,14 +13,14 @@ SIZE = 96
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = write_dataset(tmp_path_factory.mktemp("synthetic"), kinds=("granular",), n_train=14, n_test_good=4,
+    root = write_dataset(tmp_path_factory.mktemp("synthetic"), kinds=("fibrous",), n_train=14, n_test_good=4,
                          n_test_defect=2, size=SIZE, seed=3, defects=("spot", "scratch"))
-    return root / "granular"
+    return root / "fibrous"
 
 
 @pytest.fixture(scope="module")
 def patchcore(dataset):
-    return fit_detector(dataset, image_size=64, bank_size=32, calibration_fraction=0.25, device="cpu")
+    return fit_detector(dataset, image_size=96, bank_size=32, calibration_fraction=0.25, device="cpu")
 
 
 def test_patchcore_detector_separates_defects_from_good(patchcore, dataset):
