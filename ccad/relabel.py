@@ -702,9 +702,21 @@ class ReviewSession:
             raise ValueError(f"duplicate review keys (category/split/stem): {dup[:5]}")
         self._proposals: dict[tuple[str, bool], np.ndarray] = {}
         self._maps: dict[str, np.ndarray | None] = {}
+        self._images: dict[str, np.ndarray] = {}
+        self._map_tag: Any = None
         self.decisions: dict[str, dict[str, Any]] = {}
         self.index = 0
         self._load_store()
+
+    def set_anomaly_map_fn(self, fn: Callable[[np.ndarray], np.ndarray] | None,
+                           tag: Any = None) -> None:
+        """Switch the anomaly-map source (e.g. another detector was loaded); cached maps and
+        map-based proposals are dropped when ``tag`` (an identity of the source) changes."""
+        if tag != getattr(self, "_map_tag", None) or (fn is None) != (self.anomaly_map_fn is None):
+            self._maps.clear()
+            self._proposals = {k: v for k, v in self._proposals.items() if not k[1]}
+        self.anomaly_map_fn = fn
+        self._map_tag = tag
 
     # -- store -------------------------------------------------------------------------------
     @property
@@ -775,7 +787,15 @@ class ReviewSession:
 
     # -- data --------------------------------------------------------------------------------
     def image(self, i: int | None = None) -> np.ndarray:
-        return read_image(self.items[self._idx(i)].image_path)
+        """Item ``i``'s image, float32 ``H x W x 3`` (a few recent images are kept in memory)."""
+        it = self.items[self._idx(i)]
+        img = self._images.get(it.key)
+        if img is None:
+            img = read_image(it.image_path)
+            self._images[it.key] = img
+            while len(self._images) > 6:
+                self._images.pop(next(iter(self._images)))
+        return img
 
     def ellipse(self, i: int | None = None) -> np.ndarray:
         it = self.items[self._idx(i)]

@@ -1,0 +1,412 @@
+"""The DAGM review tab: check and correct tight-mask proposals for DAGM's ellipse weak labels.
+
+UI only; the method (proposals, IoU, the decision store, export) is :mod:`ccad.relabel`.
+``build_review_tab(get_detector, data_root, state_dir)`` creates the components inside an open
+``gr.Blocks``/``gr.Tab`` context; :class:`ReviewUI` holds the plain-Python callbacks so that they
+can be tested without a browser. ``REVIEW_SHORTCUTS_JS`` is the keyboard-shortcut snippet the app
+passes to ``gr.Blocks(js=...)`` (or ``launch(js=...)``): n / → next, p / ← previous, a accept,
+r reject, ignored while typing in an input.
+
+Decisions are written to ``<state_dir>/sessions/<folder-id>/decisions.json`` after every action,
+so a page reload (or a server restart with a persistent ``state_dir``) resumes where the
+annotator left off: load the same folder again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import cv2
+import numpy as np
+
+from ccad.relabel import ReviewSession, mask_iou, overlay, render_heatmap
+
+from .paths import PathError, resolve_in_root
+
+__all__ = ["REVIEW_SHORTCUTS_JS", "ReviewUI", "build_review_tab", "ELEM_IDS"]
+
+ELLIPSE_COLOR = (255, 200, 0)
+MASK_COLOR = (255, 40, 40)
+EDIT_RGBA = (255, 0, 0, 110)
+
+#: Stable element ids (browser tests and users' automation find the components by them).
+ELEM_IDS = {
+    "folder": "review-folder", "load": "review-load", "status": "review-status",
+    "accept": "review-accept", "reject": "review-reject", "save_edit": "review-save-edit",
+    "next": "review-next", "prev": "review-prev", "progress": "review-progress",
+    "item": "review-item", "original": "review-panel-original", "ellipse": "review-panel-ellipse",
+    "mask": "review-panel-mask", "heatmap": "review-panel-heatmap", "opacity": "review-opacity",
+    "mode": "review-mode", "editor": "review-editor", "export": "review-export",
+    "export_file": "review-export-file", "advance": "review-advance",
+}
+
+REVIEW_SHORTCUTS_JS = """
+() => {
+  if (window.__ccadReviewShortcuts) { return; }
+  window.__ccadReviewShortcuts = true;
+  const keys = {"n": "review-next", "ArrowRight": "review-next", "p": "review-prev",
+                "ArrowLeft": "review-prev", "a": "review-accept", "r": "review-reject"};
+  document.addEventListener("keydown", (ev) => {
+    if (ev.ctrlKey || ev.metaKey || ev.altKey || ev.repeat) { return; }
+    const t = ev.target;
+    const tag = t && t.tagName ? t.tagName.toLowerCase() : "";
+    if (tag === "input" || tag === "textarea" || tag === "select" || (t && t.isContentEditable)) { return; }
+    const key = ev.key && ev.key.length === 1 ? ev.key.toLowerCase() : ev.key;
+    const id = keys[key];
+    if (!id) { return; }
+    const el = document.getElementById(id);
+    if (!el || el.offsetParent === null) { return; }  /* the review tab is not shown */
+    const button = el.tagName === "BUTTON" ? el : el.querySelector("button");
+    if (!button || button.disabled) { return; }
+    ev.preventDefault();
+    button.click();
+  });
+}
+"""
+
+
+def _note_image(text: str, size: tuple[int, int] = (256, 256)) -> np.ndarray:
+    """A grey placeholder with a short note (e.g. 'no model loaded')."""
+    img = np.full((size[0], size[1], 3), 235, np.uint8)
+    y = size[0] // 2 - 10 * (text.count("\n"))
+    for line in text.split("\n"):
+        (w, _), _ = cv2.getTextSize(line, cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1)
+        cv2.putText(img, line, (max(4, (size[1] - w) // 2), y), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
+                    (90, 90, 90), 1, cv2.LINE_AA)
+        y += 22
+    return img
+
+
+def _u8(image: np.ndarray) -> np.ndarray:
+    return np.clip(np.asarray(image) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def editor_value(image: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
+    """``gr.ImageEditor`` value: the image as background, the mask as a translucent red layer."""
+    layer = np.zeros(mask.shape + (4,), np.uint8)
+    layer[np.asarray(mask) > 0] = EDIT_RGBA
+    return {"background": _u8(image), "layers": [layer], "composite": None}
+
+
+def mask_from_editor(value: Any, shape: tuple[int, int]) -> np.ndarray:
+    """The edited mask from a ``gr.ImageEditor`` value (dict with background/layers/composite).
+
+    Painted pixels are those with alpha > 0 in any layer (brush adds, eraser clears); with no
+    layers, the pixels where the composite differs from the background. Resized (nearest) to
+    ``shape`` if the editor changed the size.
+    """
+    if not isinstance(value, dict):
+        raise ValueError("no edited mask: draw on the mask editor first")
+    layers = [np.asarray(x) for x in (value.get("layers") or []) if x is not None]
+    if layers:
+        mask = np.zeros(layers[0].shape[:2], bool)
+        for lay in layers:
+            if lay.ndim == 3 and lay.shape[2] == 4:
+                part = lay[..., 3] > 0
+            else:
+                part = (lay.reshape(lay.shape[0], lay.shape[1], -1) > 0).any(axis=2)
+            if part.shape != mask.shape:
+                part = cv2.resize(part.astype(np.uint8), (mask.shape[1], mask.shape[0]),
+                                  interpolation=cv2.INTER_NEAREST) > 0
+            mask |= part
+    else:
+        comp, bg = value.get("composite"), value.get("background")
+        if comp is None or bg is None:
+            raise ValueError("the mask editor is empty: load an item first")
+        comp, bg = np.asarray(comp)[..., :3].astype(int), np.asarray(bg)[..., :3].astype(int)
+        mask = (np.abs(comp - bg) > 8).any(axis=2)
+    if mask.shape != tuple(shape):
+        mask = cv2.resize(mask.astype(np.uint8), (shape[1], shape[0]),
+                          interpolation=cv2.INTER_NEAREST) > 0
+    return mask
+
+
+class ReviewUI:
+    """Callbacks of the review tab (plain Python; Gradio only wires them).
+
+    Sessions are shared per folder within the server process (one store per folder under
+    ``state_dir/sessions``), so two browser tabs on one folder see the same decisions.
+    """
+
+    def __init__(self, get_detector: Callable[[], Any], data_root: str | os.PathLike[str],
+                 state_dir: str | os.PathLike[str]) -> None:
+        self.get_detector = get_detector
+        self.data_root = Path(data_root).expanduser().resolve()
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._sessions: dict[str, ReviewSession] = {}
+        self._lock = threading.RLock()
+
+    # -- sessions ----------------------------------------------------------------------------
+    def store_for(self, folder: Path) -> Path:
+        digest = hashlib.sha1(str(folder).encode()).hexdigest()[:12]
+        name = "".join(c if c.isalnum() or c in "-_" else "_" for c in folder.name)[:40]
+        return self.state_dir / "sessions" / f"{name}-{digest}"
+
+    def last_folder(self) -> str:
+        """The folder loaded last (pre-fills the folder box after a page reload)."""
+        try:
+            return json.loads((self.state_dir / "last.json").read_text()).get("folder", "")
+        except (OSError, ValueError):
+            return ""
+
+    def session(self, key: Optional[str]) -> ReviewSession:
+        if not key or key not in self._sessions:
+            raise ValueError("no folder loaded: type a DAGM folder and press Load")
+        return self._sessions[key]
+
+    def _map_source(self) -> tuple[Optional[Callable[[np.ndarray], np.ndarray]], Any, str]:
+        try:
+            det = self.get_detector() if self.get_detector is not None else None
+        except Exception as exc:  # a broken model must not break the review
+            return None, None, f"model unavailable ({type(exc).__name__}: {exc})"
+        if det is None:
+            return None, None, "no model loaded"
+
+        def amap(image: np.ndarray) -> np.ndarray:
+            return np.asarray(det.predict(image).anomaly_map, np.float32)
+
+        return amap, id(det), ""
+
+    def _confine(self, sess: ReviewSession) -> int:
+        """Drop items whose files resolve outside the data root (symlinks out); returns count."""
+        keep, dropped = [], 0
+        for it in sess.items:
+            paths = [p for p in (it.image_path, it.label_path, it.exact_path) if p]
+            real = [Path(p).resolve() for p in paths]
+            if all(r == self.data_root or self.data_root in r.parents for r in real):
+                keep.append(it)
+            else:
+                dropped += 1
+        sess.items = keep
+        sess.index = min(sess.index, max(len(keep) - 1, 0))
+        return dropped
+
+    # -- views -------------------------------------------------------------------------------
+    def views(self, key: Optional[str], opacity: float = 0.5, mode: str = "outline",
+              status: str = "") -> list[Any]:
+        """[status, original, ellipse overlay, mask overlay, heatmap, editor, progress, item]."""
+        if not key or key not in self._sessions:
+            return [status or "Type a DAGM folder (inside the data root) and press **Load**.",
+                    None, None, None, None, None, "0 / 0 reviewed", ""]
+        with self._lock:
+            sess = self._sessions[key]
+            if not len(sess):
+                return [status or "No labelled images in this folder.", None, None, None, None,
+                        None, sess.progress_text(), ""]
+            fn, tag, why = self._map_source()
+            sess.set_anomaly_map_fn(fn, tag)
+            notes = []
+            try:
+                amap = sess.anomaly_map()
+            except Exception as exc:
+                sess.set_anomaly_map_fn(None, None)
+                amap, why = None, f"the model failed on this image ({type(exc).__name__}: {exc})"
+            if amap is None:
+                notes.append(f"Heatmap: {why}; the proposal uses the image cue only.")
+            img = sess.image()
+            ell = sess.ellipse()
+            mask = sess.mask()
+            mode = mode if mode in ("fill", "outline") else "outline"
+            op = float(opacity if opacity is not None else 0.5)
+            heat = (render_heatmap(amap, img, 0.55) if amap is not None
+                    else _note_image(f"{why}\n(heatmap needs a model)", img.shape[:2]))
+            it = sess.current
+            dec = sess.decision()
+            state = dec["decision"] if dec else "undecided (showing the proposal)"
+            area = int(mask.sum())
+            info = (f"**{sess.index + 1} / {len(sess)}** · `{it.key}` · {state} · mask area {area} px"
+                    f" · IoU with ellipse {mask_iou(mask, ell):.2f}")
+            exact = sess.exact()
+            if exact is not None:
+                info += f" · IoU with exact mask {mask_iou(mask, exact):.2f}"
+            msg = " ".join([status] + notes).strip()
+            return [msg, _u8(img), overlay(img, ell, ELLIPSE_COLOR, op, mode),
+                    overlay(img, mask, MASK_COLOR, op, mode), heat, editor_value(img, mask),
+                    sess.progress_text(), info]
+
+    def _error(self, key: Optional[str], exc: BaseException, opacity: float, mode: str) -> list[Any]:
+        out = self.views(key, opacity, mode)
+        out[0] = f"⚠️ {exc}"
+        return out
+
+    # -- callbacks ---------------------------------------------------------------------------
+    def load(self, folder: str, opacity: float = 0.5, mode: str = "outline") -> list[Any]:
+        """Load a DAGM folder (confined to the data root); returns [session key, *views]."""
+        try:
+            path = resolve_in_root(folder, self.data_root, kind="folder")
+        except PathError as exc:
+            return [None, *self.views(None, opacity, mode, f"⚠️ {exc}")]
+        key = str(path)
+        with self._lock:
+            try:
+                sess = self._sessions.get(key) or ReviewSession(path, self.store_for(path))
+            except (OSError, ValueError) as exc:
+                return [None, *self.views(None, opacity, mode, f"⚠️ cannot read {folder!r}: {exc}")]
+            dropped = self._confine(sess)
+            self._sessions[key] = sess
+            try:
+                (self.state_dir / "last.json").write_text(json.dumps({"folder": folder}))
+            except OSError:
+                pass
+        if not len(sess):
+            msg = (f"⚠️ No labelled DAGM images in `{folder}` (expected ClassN/Train|Test with "
+                   "Label/*_label.PNG, or classN/*.PNG with true_masks/<stem>_label.PNG)")
+        else:
+            msg = f"Loaded {len(sess)} labelled image(s) from `{folder}`"
+        if sess.unlabelled:
+            msg += f"; {len(sess.unlabelled)} image(s) without a label are skipped (unknown, not good)"
+        if dropped:
+            msg += f"; {dropped} item(s) refused: their files resolve outside the data root"
+        if len(sess) and sess.n_reviewed:
+            msg += f"; resumed: {sess.n_reviewed} already reviewed"
+        return [key, *self.views(key, opacity, mode, msg + ".")]
+
+    def navigate(self, key: Optional[str], delta: int, opacity: float = 0.5,
+                 mode: str = "outline") -> list[Any]:
+        try:
+            with self._lock:
+                sess = self.session(key)
+                sess.goto(sess.index + int(delta))
+        except (ValueError, IndexError) as exc:
+            return self._error(key, exc, opacity, mode)
+        return self.views(key, opacity, mode)
+
+    def _decide(self, key: Optional[str], action: str, opacity: float, mode: str,
+                advance: bool, editor: Any = None) -> list[Any]:
+        try:
+            with self._lock:
+                sess = self.session(key)
+                if not len(sess):
+                    raise ValueError("nothing to review in this folder")
+                it = sess.current
+                if action == "accept":
+                    sess.accept()
+                elif action == "reject":
+                    sess.reject()
+                else:
+                    mask = mask_from_editor(editor, sess.image().shape[:2])
+                    sess.save_edit(mask)
+                msg = f"{it.key}: {sess.decision()['decision']} (saved)."
+                if advance and sess.index < len(sess) - 1:
+                    sess.next()
+        except (ValueError, IndexError, OSError) as exc:
+            return self._error(key, exc, opacity, mode)
+        return self.views(key, opacity, mode, msg)
+
+    def accept(self, key: Optional[str], opacity: float = 0.5, mode: str = "outline",
+               advance: bool = True) -> list[Any]:
+        return self._decide(key, "accept", opacity, mode, advance)
+
+    def reject(self, key: Optional[str], opacity: float = 0.5, mode: str = "outline",
+               advance: bool = True) -> list[Any]:
+        return self._decide(key, "reject", opacity, mode, advance)
+
+    def save_edit(self, key: Optional[str], editor: Any, opacity: float = 0.5,
+                  mode: str = "outline", advance: bool = True) -> list[Any]:
+        return self._decide(key, "edit", opacity, mode, advance, editor)
+
+    def export(self, key: Optional[str]) -> tuple[Optional[str], str]:
+        """Export masks + decisions.csv and zip them; returns (zip path, status)."""
+        try:
+            sess = self.session(key)
+        except ValueError as exc:
+            return None, f"⚠️ {exc}"
+        # the system temp dir: Gradio serves downloads from there without extra allowed_paths
+        out_root = Path(tempfile.mkdtemp(prefix="ccad-review-export-"))
+        name = Path(key or "dagm").name or "dagm"
+        folder = out_root / f"{name}-masks"
+        with self._lock:
+            csv_path = sess.export(folder)
+        zpath = out_root / f"{name}-masks.zip"
+        with zipfile.ZipFile(zpath, "w", zipfile.ZIP_DEFLATED) as zf:
+            for p in sorted(folder.rglob("*")):
+                if p.is_file():
+                    zf.write(p, p.relative_to(out_root).as_posix())
+        n_masks = sum(1 for _ in folder.rglob("*.png"))
+        return str(zpath), (f"Exported {n_masks} mask(s) and {csv_path.name} "
+                            f"({sess.progress_text()}).")
+
+
+def build_review_tab(get_detector: Callable[[], Any], data_root: str | os.PathLike[str],
+                     state_dir: str | os.PathLike[str]) -> ReviewUI:
+    """Create the DAGM review components inside the current ``gr.Blocks``/``gr.Tab`` context.
+
+    ``get_detector()`` returns the loaded ``AnomalyDetector`` or None (then the heatmap panel
+    shows a note and proposals use the image cue only); folders typed by the user are confined
+    to ``data_root``; decisions live under ``state_dir``. Returns the :class:`ReviewUI`.
+    """
+    import gradio as gr
+
+    ui = ReviewUI(get_detector, data_root, state_dir)
+    ids = ELEM_IDS
+    key_state = gr.State(None)
+    gr.Markdown("Review tight-mask proposals for DAGM's ellipse labels. Keys: **n**/→ next, "
+                "**p**/← previous, **a** accept, **r** reject.")
+    with gr.Row():
+        folder = gr.Textbox(label=f"DAGM folder (inside {ui.data_root})", value=ui.last_folder,
+                            elem_id=ids["folder"], scale=4)
+        load = gr.Button("Load", variant="primary", elem_id=ids["load"], scale=1)
+    status = gr.Markdown(elem_id=ids["status"])
+    with gr.Row():
+        original = gr.Image(label="Original", interactive=False, format="png",
+                            elem_id=ids["original"])
+        ellipse = gr.Image(label="Ellipse label", interactive=False, format="png",
+                           elem_id=ids["ellipse"])
+        mask = gr.Image(label="Proposed / edited mask", interactive=False, format="png",
+                        elem_id=ids["mask"])
+        heatmap = gr.Image(label="Model heatmap", interactive=False, format="png",
+                           elem_id=ids["heatmap"])
+    with gr.Row():
+        opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity",
+                            elem_id=ids["opacity"])
+        mode = gr.Radio(["outline", "fill"], value="outline", label="Overlay", elem_id=ids["mode"])
+        advance = gr.Checkbox(value=True, label="Go to the next image after a decision",
+                              elem_id=ids["advance"])
+    with gr.Row():
+        prev_b = gr.Button("◀ Previous (p)", elem_id=ids["prev"])
+        accept_b = gr.Button("Accept (a)", variant="primary", elem_id=ids["accept"])
+        reject_b = gr.Button("Reject (r)", variant="stop", elem_id=ids["reject"])
+        next_b = gr.Button("Next (n) ▶", elem_id=ids["next"])
+    with gr.Row():
+        progress = gr.Markdown("0 / 0 reviewed", elem_id=ids["progress"])
+        item = gr.Markdown(elem_id=ids["item"])
+    with gr.Accordion("Edit the mask (brush adds, eraser removes)", open=False):
+        editor = gr.ImageEditor(label="Mask editor", type="numpy", image_mode="RGBA",
+                                sources=(), transforms=(), format="png",
+                                brush=gr.Brush(colors=["#ff0000"], default_color="#ff0000",
+                                               color_mode="fixed"),
+                                eraser=gr.Eraser(),
+                                layers=gr.LayerOptions(allow_additional_layers=False),
+                                elem_id=ids["editor"])
+        save_b = gr.Button("Save edit", elem_id=ids["save_edit"])
+    with gr.Row():
+        export_b = gr.Button("Export masks + CSV (zip)", elem_id=ids["export"])
+        export_f = gr.File(label="Download", interactive=False, elem_id=ids["export_file"])
+
+    view_out = [status, original, ellipse, mask, heatmap, editor, progress, item]
+    look = [opacity, mode]
+    load.click(ui.load, [folder, *look], [key_state, *view_out])
+    folder.submit(ui.load, [folder, *look], [key_state, *view_out])
+    prev_b.click(lambda k, o, m: ui.navigate(k, -1, o, m), [key_state, *look], view_out)
+    next_b.click(lambda k, o, m: ui.navigate(k, 1, o, m), [key_state, *look], view_out)
+    accept_b.click(ui.accept, [key_state, *look, advance], view_out)
+    reject_b.click(ui.reject, [key_state, *look, advance], view_out)
+    save_b.click(ui.save_edit, [key_state, editor, *look, advance], view_out)
+    # Restyling does not touch the editor (it would drop an edit in progress).
+    restyle_out = [status, original, ellipse, mask, heatmap, progress, item]
+
+    def restyle(k: Optional[str], o: float, m: str) -> list[Any]:
+        v = ui.views(k, o, m)
+        return v[:5] + v[6:]
+
+    opacity.release(restyle, [key_state, *look], restyle_out)
+    mode.change(restyle, [key_state, *look], restyle_out)
+    export_b.click(ui.export, [key_state], [export_f, status])
+    return ui

@@ -1,0 +1,243 @@
+"""Callback-level tests of the DAGM review tab (app/review.py), without a browser."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pytest
+
+gr = pytest.importorskip("gradio")
+
+from app.review import (  # noqa: E402
+    ELEM_IDS,
+    REVIEW_SHORTCUTS_JS,
+    ReviewUI,
+    build_review_tab,
+    editor_value,
+    mask_from_editor,
+)
+from ccad.data.synthetic import write_dataset  # noqa: E402
+
+REQUIRED_IDS = ["review-folder", "review-load", "review-accept", "review-reject", "review-next",
+                "review-prev", "review-progress", "review-panel-original", "review-panel-ellipse",
+                "review-panel-mask", "review-panel-heatmap", "review-export"]
+
+
+@pytest.fixture()
+def data_root(tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    write_dataset(root / "dagm", kinds=("granular", "cloud"), n_train=0, n_test_good=1,
+                  n_test_defect=1, size=64, layout="dagm", defects=("spot", "stain"))
+    return root
+
+
+def _ui(data_root: Path, tmp_path: Path, detector: object = None) -> ReviewUI:
+    return ReviewUI(lambda: detector, data_root, tmp_path / "state")
+
+
+def test_tab_builds_with_stable_elem_ids(data_root: Path, tmp_path: Path) -> None:
+    with gr.Blocks() as demo:
+        with gr.Tab("DAGM review"):
+            ui = build_review_tab(lambda: None, str(data_root), str(tmp_path / "state"))
+    assert isinstance(ui, ReviewUI)
+    cfg = demo.get_config_file()
+    ids = {c["props"].get("elem_id") for c in cfg["components"]}
+    for i in REQUIRED_IDS:
+        assert i in ids, i
+    assert set(ELEM_IDS.values()) <= ids
+    editor = next(c for c in cfg["components"] if c["props"].get("elem_id") == "review-editor")
+    assert editor["type"] == "imageeditor"
+
+
+def test_shortcut_js_maps_keys_and_ignores_inputs() -> None:
+    js = REVIEW_SHORTCUTS_JS.strip()
+    assert js.startswith("() =>")
+    for key, target in (('"n"', "review-next"), ('"ArrowRight"', "review-next"),
+                        ('"p"', "review-prev"), ('"ArrowLeft"', "review-prev"),
+                        ('"a"', "review-accept"), ('"r"', "review-reject")):
+        assert f"{key}: \"{target}\"" in js
+    for tag in ('"input"', '"textarea"', "isContentEditable"):
+        assert tag in js
+
+
+def test_load_shows_four_panels_and_progress(data_root: Path, tmp_path: Path) -> None:
+    ui = _ui(data_root, tmp_path)
+    key, status, orig, ell, mask, heat, editor, progress, item = ui.load("dagm")
+    assert key == str((data_root / "dagm").resolve())
+    assert "Loaded 4 labelled image(s)" in status
+    assert "no model loaded" in status  # the heatmap note
+    for panel in (orig, ell, mask, heat):
+        assert panel.dtype == np.uint8 and panel.shape == (64, 64, 3)
+    assert progress == "0 / 4 reviewed"
+    assert "1 / 4" in item and "IoU with exact mask" in item
+    assert not (ell == orig).all() and not (mask == orig).all()  # overlays are drawn
+    assert set(editor) == {"background", "layers", "composite"}
+    # the heatmap panel is the grey placeholder note, not a colour map
+    assert np.abs(heat[..., 0].astype(int) - heat[..., 2].astype(int)).max() < 5
+
+
+@pytest.mark.parametrize("bad, why", [("../outside", "'..' is not allowed"),
+                                      ("/etc", "outside the allowed data root"),
+                                      ("", "no path given"),
+                                      ("missing", "does not exist")])
+def test_folder_confinement_refuses(data_root: Path, tmp_path: Path, bad: str, why: str) -> None:
+    out = _ui(data_root, tmp_path).load(bad)
+    assert out[0] is None
+    assert why in out[1] and out[1].startswith("⚠️")
+
+
+def test_symlink_out_of_root_is_refused(data_root: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    write_dataset(outside, kinds=("granular",), n_train=0, n_test_good=0, n_test_defect=1,
+                  size=32, layout="dagm", defects=("spot",))
+    os.symlink(outside, data_root / "link")
+    out = _ui(data_root, tmp_path).load("link")
+    assert out[0] is None and "outside the allowed data root" in out[1]
+    # a symlinked *file* inside an allowed folder that points out is dropped too
+    inside = data_root / "mixed" / "Class1" / "Test"
+    (inside / "Label").mkdir(parents=True)
+    img = outside / "Class1" / "Test" / "0001.PNG"
+    os.symlink(img, inside / "0001.PNG")
+    os.symlink(outside / "Class1" / "Test" / "Label" / "0001_label.PNG",
+               inside / "Label" / "0001_label.PNG")
+    (inside / "Label" / "Labels.txt").write_text("1\n1\t1\t0001.PNG\t1\t0001_label.PNG\n")
+    key, status, *_ = _ui(data_root, tmp_path).load("mixed")
+    assert "refused" in status and "outside the data root" in status
+
+
+def test_decisions_progress_and_resume(data_root: Path, tmp_path: Path) -> None:
+    ui = _ui(data_root, tmp_path)
+    key = ui.load("dagm")[0]
+    out = ui.accept(key, 0.5, "outline", True)
+    assert "accepted (saved)" in out[0] and out[6] == "1 / 4 reviewed" and "2 / 4" in out[7]
+    out = ui.reject(key, 0.5, "outline", True)
+    assert out[6] == "2 / 4 reviewed" and "3 / 4" in out[7]
+    out = ui.navigate(key, -1)
+    assert "2 / 4" in out[7] and "rejected" in out[7]
+    out = ui.navigate(key, +1, 0.5, "fill")
+    assert "3 / 4" in out[7]
+    # an edit: paint a square on the editor layer and save it
+    value = out[5]
+    layer = np.zeros_like(value["layers"][0])
+    layer[10:20, 10:30] = (255, 0, 0, 255)
+    value = {**value, "layers": [layer]}
+    out = ui.save_edit(key, value, 0.5, "outline", False)
+    assert "edited (saved)" in out[0] and out[6] == "3 / 4 reviewed"
+    assert "mask area 200 px" in out[7]
+
+    # a page reload / server restart: a new UI on the same state_dir resumes
+    ui2 = _ui(data_root, tmp_path)
+    assert ui2.last_folder() == "dagm"
+    key2, status, *views = ui2.load("dagm")
+    assert "resumed: 3 already reviewed" in status
+    assert views[5] == "3 / 4 reviewed" and "3 / 4" in views[6] and "edited" in views[6]
+
+
+def test_decision_without_folder_is_a_message(data_root: Path, tmp_path: Path) -> None:
+    out = _ui(data_root, tmp_path).accept(None)
+    assert out[0].startswith("⚠️") and "no folder loaded" in out[0]
+    out = _ui(data_root, tmp_path).save_edit(None, None)
+    assert out[0].startswith("⚠️")
+
+
+def test_editor_round_trip_and_gradio_value(tmp_path: Path) -> None:
+    img = np.random.default_rng(0).random((40, 50, 3)).astype(np.float32)
+    mask = np.zeros((40, 50), bool)
+    mask[5:15, 10:30] = True
+    val = editor_value(img, mask)
+    assert (mask_from_editor(val, (40, 50)) == mask).all()
+    # eraser: alpha cleared; brush elsewhere: alpha set
+    lay = val["layers"][0].copy()
+    lay[5:15, 10:20] = 0
+    lay[30:35, 40:45] = (255, 0, 0, 255)
+    got = mask_from_editor({**val, "layers": [lay]}, (40, 50))
+    assert got.sum() == 100 + 25 and got[32, 42] and not got[6, 12]
+    # no layers: the difference between composite and background
+    comp = val["background"].copy()
+    comp[0:4, 0:4] = (255, 0, 0)
+    got = mask_from_editor({"background": val["background"], "layers": [], "composite": comp},
+                           (40, 50))
+    assert got.sum() == 16
+    with pytest.raises(ValueError):
+        mask_from_editor(None, (40, 50))
+    # the component accepts the value we send it
+    editor = gr.ImageEditor(type="numpy", image_mode="RGBA", format="png")
+    data = editor.postprocess(val)
+    assert data is not None and len(data.layers) == 1
+
+
+def test_opacity_and_mode_change_the_mask_panel(data_root: Path, tmp_path: Path) -> None:
+    ui = _ui(data_root, tmp_path)
+    key = ui.load("dagm")[0]
+    square = np.zeros((64, 64, 4), np.uint8)
+    square[16:46, 16:46] = (255, 0, 0, 255)
+    ui.save_edit(key, {"background": None, "layers": [square], "composite": None}, advance=False)
+    orig = ui.views(key, 1.0, "fill")[1]
+    fill = ui.views(key, 1.0, "fill")[3]
+    outline = ui.views(key, 1.0, "outline")[3]
+    faint = ui.views(key, 0.1, "fill")[3]
+    assert (fill == [255, 40, 40]).all(axis=2).sum() == 900
+    drawn = (outline != orig).any(axis=2)
+    assert drawn[16, 16:46].all() and not drawn[20:42, 20:42].any()  # outline keeps the inside
+    assert np.abs(faint.astype(int) - orig).sum() < np.abs(fill.astype(int) - orig).sum() / 5
+
+
+class _MapDetector:
+    """Stands in for AnomalyDetector: predict(image).anomaly_map is the image's darkness."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def predict(self, image: np.ndarray) -> SimpleNamespace:
+        self.calls += 1
+        g = np.asarray(image, np.float32).mean(axis=2)
+        return SimpleNamespace(anomaly_map=cv2.GaussianBlur(np.abs(g - g.mean()), (0, 0), 2))
+
+
+class _BrokenDetector:
+    def predict(self, image: np.ndarray) -> None:
+        raise RuntimeError("weights missing")
+
+
+def test_heatmap_with_detector_and_graceful_failure(data_root: Path, tmp_path: Path) -> None:
+    det = _MapDetector()
+    ui = _ui(data_root, tmp_path, det)
+    key, status, orig, ell, mask, heat, *_ = ui.load("dagm")
+    assert "no model loaded" not in status and det.calls == 1
+    assert np.abs(heat[..., 0].astype(int) - heat[..., 2].astype(int)).max() > 40  # colours
+    ui.views(key)
+    assert det.calls == 1  # maps are cached per item
+    bad = _ui(data_root, tmp_path / "b", _BrokenDetector())
+    key, status, orig, ell, mask, heat, *_ = bad.load("dagm")
+    assert "model failed" in status and "RuntimeError" in status
+    assert mask.shape == (64, 64, 3)  # the proposal still comes from the image cue
+
+
+def test_export_zip_has_masks_by_stem_and_csv(data_root: Path, tmp_path: Path) -> None:
+    ui = _ui(data_root, tmp_path)
+    key = ui.load("dagm")[0]
+    ui.accept(key)
+    ui.reject(key)
+    ui.accept(key)
+    path, msg = ui.export(key)
+    assert "Exported 2 mask(s)" in msg
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+        pngs = [n for n in names if n.endswith(".png")]
+        assert len(pngs) == 2
+        for n in pngs:  # stems repeat across DAGM classes, so masks nest by class/split
+            assert n.split("/")[1] in ("Class1", "Class2") and n.endswith("/test/" + n.rsplit("/", 1)[1])
+            m = cv2.imdecode(np.frombuffer(zf.read(n), np.uint8), cv2.IMREAD_UNCHANGED)
+            assert m.ndim == 2 and set(np.unique(m)) <= {0, 255} and m.max() == 255
+        csv_name = next(n for n in names if n.endswith("decisions.csv"))
+        rows = list(csv.DictReader(io.StringIO(zf.read(csv_name).decode())))
+    assert [r["decision"] for r in rows] == ["accepted", "rejected", "accepted"]
+    assert {"stem", "decision", "mask_area", "iou_with_ellipse", "timestamp"} <= set(rows[0])
+    assert ui.export(None)[0] is None
