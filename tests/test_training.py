@@ -194,6 +194,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # ~10-20 s: two interpreters import torch + diffusers
 def test_two_process_cpu_training(tmp_path):
     env = dict(os.environ, ACCELERATE_USE_CPU="true", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
                PYTHONWARNINGS="ignore")
