@@ -293,8 +293,10 @@ class AppController:
         lo = min(0.0, min(finite)) if finite else 0.0
         if not math.isfinite(thr):
             thr = (lo + hi) / 2
-        step = (hi - lo) / 1000 if hi > lo else 0.001
-        return {"value": thr, "minimum": lo, "maximum": hi, "step": step}
+        hi = float(f"{hi:.3g}")
+        lo = float(f"{lo:.3g}")
+        step = float(f"{(hi - lo) / 1000:.2g}") if hi > lo else 0.001
+        return {"value": thr, "minimum": lo, "maximum": max(hi, thr), "step": step}
 
     def false_alarm_text(self, name: Optional[str], threshold: Optional[float]) -> str:
         det = self.registry.detector(name) if name else None
@@ -375,7 +377,7 @@ class AppController:
             recon, label = _to_uint8(p.reconstruction), "Reconstruction"
         else:
             recon = np.full_like(original, 128)
-            label = "Reconstruction (none: feature-only PatchCore model)"
+            label = "Reconstruction (n/a: PatchCore)"
         return {"original": original, "reconstruction": recon, "heatmap": p.heatmap(), "overlay": p.overlay(),
                 "recon_label": label, "score": f"{float(p.score):.4f}", "verdict": p.verdict.upper(),
                 "time": f"{float(p.seconds):.2f} s", "name": batch.names[i]}
@@ -602,7 +604,7 @@ class AppController:
             return train_fn(params["data"], params["out_dir"], bank=params["bank"], variant="ccad-v",
                             preset=params["preset"], image_size=params["image_size"], steps=params["steps"],
                             batch_size=params["batch_size"], callbacks=(on_state,),
-                            train_options={"preview_every": params["preview_every"]},
+                            train_options={"preview_every": params["preview_every"], "progress": False},
                             resume=params["resume"], cancel=handle.should_stop)
 
         def on_done(job: Any) -> None:

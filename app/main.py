@@ -90,7 +90,8 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
                     model_status = gr.Markdown(c.startup_message, elem_id="model-status")
                 with gr.Column(scale=3):
                     card_md = gr.Markdown(c.model_card(c.registry.active), elem_id="model-card")
-            with gr.Row():
+            with gr.Accordion("Load another model: folder, zip or Hugging Face Hub", open=False,
+                              elem_id="model-load"), gr.Row():
                 with gr.Column():
                     folder_tb = gr.Textbox(label=f"Model folder (inside {c.data_root})", elem_id="model-folder")
                     folder_btn = gr.Button("Load folder", elem_id="model-folder-load")
@@ -117,7 +118,7 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
                     with gr.Column(scale=3):
                         sample_gallery = gr.Gallery(value=gallery, label="Samples (click one to inspect it)",
                                                     columns=6, height=180, allow_preview=False,
-                                                    elem_id="inspect-samples")
+                                                    interactive=False, elem_id="inspect-samples")
                 inspect_msg = gr.Markdown("", elem_id="inspect-status")
                 with gr.Row(elem_id="inspect-panels", equal_height=True):
                     p_orig = gr.Image(label="Original", height=PANEL_HEIGHT, format="png", interactive=False,
@@ -152,8 +153,8 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
                     elem_id="inspect-table", datatype=["number", "str", "number", "str"])
                 downloads = gr.File(label="Downloads: heatmap, overlay, mask (selected image) and the batch CSV",
                                     file_count="multiple", interactive=False, elem_id="inspect-downloads")
-                with gr.Group(visible=True):
-                    gr.Markdown("**Comparison model** (pick one above under 'Compare side by side with')")
+                with gr.Group(visible=False, elem_id="compare-group") as compare_group:
+                    gr.Markdown("**Comparison model**: the selected image through the second model")
                     with gr.Row():
                         q_orig = gr.Image(label="Original", height=220, format="png", interactive=False,
                                           elem_id="compare-original")
@@ -333,11 +334,12 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
         def on_threshold(batch: Optional[Batch], name: str, t: float) -> list[Any]:
             # re-label only: no model call (Prediction.with_threshold)
             v = c.panels(batch, None, t) if batch is not None else None
-            return [v["verdict"] if v else gr.update(), v["overlay"] if v else gr.update(),
+            return [v["verdict"] if v else gr.update(), v["heatmap"] if v else gr.update(),
+                    v["overlay"] if v else gr.update(),
                     c.table_rows(batch, t) if batch is not None else gr.update(),
                     c.histogram(name, batch, t), c.false_alarm_text(name, t)]
 
-        thr.change(on_threshold, [batch_state, model_dd, thr], [verdict_tb, p_over, table, hist, fa_md],
+        thr.change(on_threshold, [batch_state, model_dd, thr], [verdict_tb, p_heat, p_over, table, hist, fa_md],
                    show_progress="hidden", trigger_mode="always_last")
         thr.release(lambda b, t: c.downloads(b, t), [batch_state, thr], [downloads], show_progress="hidden")
 
@@ -391,7 +393,8 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
         folder_btn.click(on_folder, [folder_tb], [*choice_outputs, model_status])
         zip_up.upload(on_zip, [zip_up], [*choice_outputs, model_status])
         hub_btn.click(on_hub, [hub_tb, hub_rev], [*choice_outputs, hub_msg])
-        compare_dd.change(compare_updates, [compare_dd, batch_state], compare_outputs)
+        compare_dd.change(lambda o, b: [gr.update(visible=bool(o)), *compare_updates(o, b)],
+                          [compare_dd, batch_state], [compare_group, *compare_outputs])
 
         # ---- bank
         def on_build(folder: str, zf: Optional[str], backbone: str, layers: list, xi: float, size: int,

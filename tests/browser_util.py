@@ -1,0 +1,93 @@
+"""Helpers for the end-to-end browser tests: find Debian's Chromium, serve the app on a free
+127.0.0.1 port in this process, open pages with Playwright, and save screenshots as artifacts."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+
+
+def find_chromium() -> Optional[str]:
+    """The Chromium binary: $CHROMIUM, else `chromium` / `chromium-browser` on PATH, else None."""
+    env = os.environ.get("CHROMIUM")
+    if env and Path(env).is_file():
+        return env
+    for name in ("chromium", "chromium-browser"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def serve(demo: Any, timeout: float = 60.0) -> Iterator[str]:
+    """Launch a built gr.Blocks on 127.0.0.1:<free port> without blocking; yield its URL."""
+    from app.main import MAX_FILE_SIZE
+
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                max_file_size=MAX_FILE_SIZE, ssr_mode=False)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    try:
+        yield url
+    finally:
+        demo.close()
+
+
+@contextmanager
+def browser_page(chromium: str, width: int = 1400, height: int = 1000) -> Iterator[Any]:
+    """A Playwright page in a headless Chromium started from ``chromium`` (no Playwright download)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.set_default_timeout(60_000)
+            yield page
+        finally:
+            browser.close()
+
+
+def screenshot(page: Any, name: str, full_page: bool = True) -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=full_page)
+    return path
+
+
+def textbox_value(page: Any, elem_id: str) -> str:
+    return page.locator(f"#{elem_id} textarea, #{elem_id} input").first.input_value()
+
+
+def wait_textbox(page: Any, elem_id: str, predicate: Any, timeout: float = 60.0) -> str:
+    """Poll a Gradio textbox until ``predicate(value)`` holds; return the value."""
+    deadline = time.time() + timeout
+    value = ""
+    while time.time() < deadline:
+        value = textbox_value(page, elem_id)
+        if predicate(value):
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"#{elem_id} never satisfied the condition; last value {value!r}")

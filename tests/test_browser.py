@@ -1,0 +1,91 @@
+"""End-to-end tests of the app in a real (headless) Chromium driven by Playwright.
+
+The app runs in this process on a free 127.0.0.1 port with a real PatchCore detector built by
+``ccad.fit_detector`` from synthetic DAGM-style textures written to a temp folder (no network,
+no GPU, no shared data). Screenshots land in ``test-artifacts/``. Without a Chromium binary
+(Debian: ``apt-get install -y chromium``) every test here is skipped with that reason.
+"""
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from browser_util import browser_page, find_chromium, screenshot, serve, textbox_value, wait_textbox
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = find_chromium()
+if CHROMIUM is None:
+    pytest.skip("no chromium binary found (install Debian's: apt-get update && apt-get install -y chromium; "
+                "or set CHROMIUM=/path/to/chromium)", allow_module_level=True)
+pytest.importorskip("playwright.sync_api", reason="the playwright python package is not installed")
+
+
+@pytest.fixture(scope="module")
+def app_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from app.controller import AppController
+    from app.main import build_app
+    from ccad.data.synthetic import write_dataset
+    from ccad.pipeline import fit_detector
+
+    root = tmp_path_factory.mktemp("data")
+    ds = write_dataset(root / "synth", kinds=("fibrous",), n_train=8, n_test_good=2, n_test_defect=1, size=64,
+                       seed=3, defects=("spot",))
+    det = fit_detector(str(ds / "fibrous"), bank_size=40, image_size=64, calibration_fraction=0.25)
+    ctl = AppController(data_root=root, state_dir=tmp_path_factory.mktemp("state"), demo_dir=None)
+    ctl.registry.add("synthetic fibrous (patchcore)", det, "built by the test")
+    demo = build_app(ctl)
+    with serve(demo) as url:
+        yield {"url": url, "root": root, "ds": ds / "fibrous", "det": det, "ctl": ctl}
+
+
+def test_inspect_upload_four_panels_score_and_threshold(app_env: dict[str, Any]) -> None:
+    ds: Path = app_env["ds"]
+    defect = sorted((ds / "test" / "spot").glob("*.png"))[0]
+    with browser_page(CHROMIUM) as page:
+        page.goto(app_env["url"])
+        page.wait_for_selector("#inspect-upload")
+        assert "patchcore" in page.locator("#model-card").inner_text().lower()
+        page.locator("#inspect-upload input[type=file]").set_input_files(str(defect))
+        page.locator("#inspect-run").click()
+        score = wait_textbox(page, "inspect-score", lambda v: re.fullmatch(r"-?\d+\.\d+", v) is not None)
+        for panel in ("panel-original", "panel-reconstruction", "panel-heatmap", "panel-overlay"):
+            img = page.locator(f"#{panel} img").first
+            img.wait_for(state="visible")
+            box = img.bounding_box()
+            assert box is not None and box["width"] > 50 and box["height"] > 50, panel
+        verdict = textbox_value(page, "inspect-verdict")
+        assert verdict in ("GOOD", "ANOMALOUS")
+        assert re.fullmatch(r"\d+\.\d+ s", textbox_value(page, "inspect-time"))
+        page.wait_for_function("name => document.querySelector('#inspect-table').innerText.includes(name)",
+                               arg=defect.name)
+        screenshot(page, "inspect_result")
+
+        # move the threshold to the other side of the score: the verdict flips without a re-run
+        s = float(score)
+        new_t = s * 0.5 if verdict == "GOOD" else s * 1.2
+        box = page.locator("#inspect-threshold input[type=number]").first
+        box.fill(f"{new_t:.5f}")
+        box.press("Enter")
+        flipped = "ANOMALOUS" if verdict == "GOOD" else "GOOD"
+        wait_textbox(page, "inspect-verdict", lambda v: v == flipped, timeout=20)
+        assert "calibration good images would be false alarms" in page.locator("#inspect-false-alarms").inner_text()
+        assert textbox_value(page, "inspect-score") == score  # same result, re-labelled
+        screenshot(page, "inspect_threshold_moved")
+
+
+def test_bad_folder_gives_a_message_and_server_survives(app_env: dict[str, Any]) -> None:
+    with browser_page(CHROMIUM) as page:
+        page.goto(app_env["url"])
+        page.get_by_role("tab", name="Feature bank").click()
+        page.locator("#bank-folder textarea, #bank-folder input").first.fill("../../etc")
+        page.locator("#bank-build").click()
+        page.locator("#bank-status").get_by_text("not allowed").wait_for()
+        screenshot(page, "bank_refused_path")
+        page.get_by_role("tab", name="Inspect").click()
+        page.locator("#inspect-run").click()  # nothing uploaded
+        page.locator("#inspect-status").get_by_text("no image given").wait_for()
