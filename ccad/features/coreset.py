@@ -181,19 +181,24 @@ class StreamingCoreset:
     Args:
         k: final coreset size (``xi`` for the CCAD bank, ``ratio * n_patches`` for PatchCore).
         buffer: buffer cap in rows (default ``max(20 * k, 1000)``); must exceed ``k``.
-        reduce_to: rows kept by a reduction (default ``buffer // 2``; ``k <= reduce_to <
-            buffer``).
-        proj_dim: random projection dimension ``psi`` (``None``: none).
+        proj_dim: random projection dimension ``psi`` used by the reductions (``None``: none).
         seed: seeds the projection and the start points.
+        reduce_to: rows kept by a reduction (default ``buffer // 2``; ``1 <= reduce_to <
+            buffer``).
+        exact_final: run the final ``k``-selection on the original features instead of the
+            projection (default: when ``k * rows * D <= 4e10``, i.e. always for CCAD banks). The
+            projection is a speed device; on the small final buffer exact distances are cheap
+            and avoid the occasional lost cluster a 128-d projection can cause.
     """
 
     def __init__(
         self,
         k: int,
         buffer: Optional[int] = None,
-        reduce_to: Optional[int] = None,
         proj_dim: Optional[int] = 128,
         seed: int = 0,
+        reduce_to: Optional[int] = None,
+        exact_final: Optional[bool] = None,
     ) -> None:
         if int(k) < 1:
             raise ValueError(f"StreamingCoreset: k must be >= 1, got {k}")
@@ -209,6 +214,7 @@ class StreamingCoreset:
             )
         self.proj_dim = proj_dim
         self.seed = int(seed)
+        self.exact_final = exact_final
         self._feats: Optional[torch.Tensor] = None  # rows kept, original space
         self._proj: Optional[torch.Tensor] = None  # same rows, projected
         self._matrix: Optional[torch.Tensor] = None
@@ -287,7 +293,10 @@ class StreamingCoreset:
         if k >= n:
             return torch.arange(n, device=self._feats.device)
         start = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(self.seed + 2)))
-        return greedy_indices(self._proj, k, start=start)
+        exact = self.exact_final
+        if exact is None:  # auto: exact when it costs at most ~4e10 multiply-adds
+            exact = k * n * self._feats.shape[1] <= 4e10
+        return greedy_indices(self._feats if exact else self._proj, k, start=start)
 
     def buffer_features(self) -> torch.Tensor:
         """The rows currently held (``<= buffer`` of them)."""

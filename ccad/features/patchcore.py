@@ -78,7 +78,7 @@ class PatchCoreScorer:
         batch_size: images per backbone forward while fitting.
         reweight: neighbourhood size ``b`` of the image-score reweighting of eq. 7 (0 = off,
             the image score is the max patch score; PatchCore uses ``b = 9``).
-        buffer: streaming coreset buffer cap in rows (default ``max(4 * bank rows, 8192)``,
+        buffer: streaming coreset buffer cap in rows (default ``max(2 * bank rows, 4096)``,
             capped by ``max_buffer_mb``).
         max_buffer_mb: memory cap of the coreset buffer.
         proj_dim, seed: random projection / start of the greedy selection.
@@ -126,7 +126,7 @@ class PatchCoreScorer:
 
     def _buffer_rows(self, target: int, dim: int) -> int:
         cap = max(2, int(self.max_buffer_mb * 2**20 // (4 * max(1, dim))))
-        rows = int(self.buffer) if self.buffer is not None else max(4 * target, 8192)
+        rows = int(self.buffer) if self.buffer is not None else max(2 * target, 4096)
         return max(2, min(rows, cap))
 
     def fit(
@@ -159,7 +159,7 @@ class PatchCoreScorer:
                 rows = self._buffer_rows(est, int(feats.shape[1]))
                 core = StreamingCoreset(
                     max(1, min(est, rows - 1)), buffer=rows,
-                    reduce_to=max(1, min(rows - 1, max(rows // 2, est))),
+                    reduce_to=max(1, min((3 * rows) // 4, max(rows // 2, est))),
                     proj_dim=self.proj_dim, seed=self.seed,
                 )
             core.update(feats)
