@@ -15,7 +15,6 @@ from ccad.features.backbone import (
     wheel_state_dict,
 )
 
-torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="module")

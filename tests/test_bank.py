@@ -14,7 +14,6 @@ from PIL import Image
 from ccad.data.sample import Sample
 from ccad.features import Cancelled, FeatureBank, get_backbone, project_2d
 
-torch.set_num_threads(2)
 SIZE = 64
 
 

@@ -8,7 +8,6 @@ import torch
 
 from ccad.features import PatchCoreScorer, get_backbone, nearest_distances
 
-torch.set_num_threads(2)
 SIZE = 96
 
 

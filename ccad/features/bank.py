@@ -506,6 +506,24 @@ def _flatten_features(x: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"features must be N x D or B x D x h x w, got {tuple(x.shape)}")
 
 
+def _folder_images(folder: Path) -> list[Any]:
+    """Good images of a dataset folder (any layout ``ccad.data`` knows), else all images in it
+    that are not masks."""
+    try:
+        from ccad.data.datasets import load_dataset
+
+        good = [s for s in load_dataset(folder, split="train") if s.label == 0]
+        if good:
+            return good
+    except Exception:
+        pass
+    from ccad.data.io import list_images
+
+    skip = ("ground_truth", "mask", "label")
+    return [p for p in list_images(folder, recursive=True)
+            if not any(w in part.lower() for part in p.relative_to(folder).parts for w in skip)]
+
+
 def _sample_patch_features(
     bank: FeatureBank,
     samples: Any,
@@ -515,13 +533,14 @@ def _sample_patch_features(
 ) -> Optional[torch.Tensor]:
     """Patch features of up to ``max_images`` images of ``samples`` (a folder path or a list)."""
     if isinstance(samples, (str, os.PathLike)):
-        from ccad.data.io import list_images
-
-        samples = list_images(samples, recursive=True)
+        samples = _folder_images(Path(samples))
     if isinstance(samples, (list, tuple)):
-        samples = list(samples)[:max_images]
+        samples = list(samples)
         if not samples:
             return None
+        if len(samples) > max_images:  # evenly spread over the list
+            step = len(samples) / max_images
+            samples = [samples[int(i * step)] for i in range(max_images)]
     if backbone is None:
         from .backbone import get_backbone
 
