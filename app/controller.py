@@ -111,6 +111,19 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def train_options(**wanted: Any) -> dict[str, Any]:
+    """The subset of ``wanted`` that :class:`ccad.training.TrainConfig` knows (older engines lack some)."""
+    try:
+        import dataclasses
+
+        from ccad.training import TrainConfig
+
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+    except Exception:
+        return {}
+    return {k: v for k, v in wanted.items() if k in known}
+
+
 def cuda_available() -> bool:
     try:
         import torch
@@ -604,7 +617,7 @@ class AppController:
             return train_fn(params["data"], params["out_dir"], bank=params["bank"], variant="ccad-v",
                             preset=params["preset"], image_size=params["image_size"], steps=params["steps"],
                             batch_size=params["batch_size"], callbacks=(on_state,),
-                            train_options={"preview_every": params["preview_every"], "progress": False},
+                            train_options=train_options(preview_every=params["preview_every"], show_progress=False),
                             resume=params["resume"], cancel=handle.should_stop)
 
         def on_done(job: Any) -> None:

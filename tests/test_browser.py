@@ -35,6 +35,8 @@ def app_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     root = tmp_path_factory.mktemp("data")
     ds = write_dataset(root / "synth", kinds=("fibrous",), n_train=8, n_test_good=2, n_test_defect=1, size=64,
                        seed=3, defects=("spot",))
+    write_dataset(root / "dagm", kinds=("granular",), n_train=0, n_test_good=1, n_test_defect=1, size=64,
+                  layout="dagm", defects=("spot", "stain"))
     det = fit_detector(str(ds / "fibrous"), bank_size=40, image_size=64, calibration_fraction=0.25)
     ctl = AppController(data_root=root, state_dir=tmp_path_factory.mktemp("state"), demo_dir=None)
     ctl.registry.add("synthetic fibrous (patchcore)", det, "built by the test")
@@ -89,3 +91,24 @@ def test_bad_folder_gives_a_message_and_server_survives(app_env: dict[str, Any])
         page.get_by_role("tab", name="Inspect").click()
         page.locator("#inspect-run").click()  # nothing uploaded
         page.locator("#inspect-status").get_by_text("no image given").wait_for()
+
+
+def _wait_text(page: Any, elem_id: str, needle: str, timeout_ms: int = 60_000) -> None:
+    page.wait_for_function("([id, s]) => (document.getElementById(id)?.innerText || '').includes(s)",
+                           arg=[elem_id, needle], timeout=timeout_ms)
+
+
+def test_review_tab_accept_flow(app_env: dict[str, Any]) -> None:
+    with browser_page(CHROMIUM) as page:
+        page.goto(app_env["url"])
+        page.get_by_role("tab", name="DAGM review").click()
+        page.locator("#review-folder textarea, #review-folder input").first.fill("dagm")
+        page.locator("#review-load").click()
+        _wait_text(page, "review-progress", "0 / 2 reviewed")
+        _wait_text(page, "review-item", "1 / 2")
+        page.locator("#review-panel-mask img").first.wait_for(state="visible")
+        page.locator("#review-accept").click()
+        _wait_text(page, "review-progress", "1 / 2 reviewed")
+        page.locator("#review-prev").click()
+        _wait_text(page, "review-item", "accepted")
+        screenshot(page, "review_accept")
