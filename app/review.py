@@ -34,6 +34,7 @@ __all__ = ["REVIEW_SHORTCUTS_JS", "ReviewUI", "build_review_tab", "ELEM_IDS"]
 ELLIPSE_COLOR = (255, 200, 0)
 MASK_COLOR = (255, 40, 40)
 EDIT_RGBA = (255, 0, 0, 110)
+PANEL_HEIGHT = 320
 
 #: Stable element ids (browser tests and users' automation find the components by them).
 ELEM_IDS = {
@@ -355,13 +356,13 @@ def build_review_tab(get_detector: Callable[[], Any], data_root: str | os.PathLi
         load = gr.Button("Load", variant="primary", elem_id=ids["load"], scale=1)
     status = gr.Markdown(elem_id=ids["status"])
     with gr.Row():
-        original = gr.Image(label="Original", interactive=False, format="png",
+        original = gr.Image(label="Original", interactive=False, format="png", height=PANEL_HEIGHT,
                             elem_id=ids["original"])
-        ellipse = gr.Image(label="Ellipse label", interactive=False, format="png",
+        ellipse = gr.Image(label="Ellipse label", interactive=False, format="png", height=PANEL_HEIGHT,
                            elem_id=ids["ellipse"])
-        mask = gr.Image(label="Proposed / edited mask", interactive=False, format="png",
+        mask = gr.Image(label="Proposed / edited mask", interactive=False, format="png", height=PANEL_HEIGHT,
                         elem_id=ids["mask"])
-        heatmap = gr.Image(label="Model heatmap", interactive=False, format="png",
+        heatmap = gr.Image(label="Model heatmap", interactive=False, format="png", height=PANEL_HEIGHT,
                            elem_id=ids["heatmap"])
     with gr.Row():
         opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity",

@@ -188,7 +188,10 @@ class ProposalSettings:
     local-contrast (texture) cue; ring_quantile: the quantile of a cue in the ring around the
     ellipse that maps to 1.0 (normal texture stays below it); min_cue: a pixel needs this
     normalised cue to be a seed at all; grabcut_iters: GrabCut iterations (0 disables it);
-    map_weight: weight of the anomaly-map cue relative to the image cues.
+    map_weight: how strongly the anomaly map re-weights the image cue (0 = not at all);
+    map_select: the map replaces the image cue when ``map_select`` x its contrast exceeds the
+    image cue's (0 disables); gc_input: the channels GrabCut models; line_angles /
+    line_length: orientations and length (fraction of the ellipse extent) of the line cue.
     """
 
     smooth_sigma: float = 1.0
@@ -205,6 +208,7 @@ class ProposalSettings:
     bg_fraction: float = 0.0
     gc_input: str = "cues"
     line_angles: int = 12
+    map_select: float = 0.15
     line_length: float = 0.2
 
 
@@ -326,10 +330,13 @@ def propose_mask(image: np.ndarray, ellipse: np.ndarray, anomaly_map: np.ndarray
                  settings: ProposalSettings | None = None) -> np.ndarray:
     """Propose a tight defect mask inside a weak ellipse label (CCAD Sec. 4.2 re-annotation).
 
-    Steps: (1) cues inside the ellipse: the anomaly map of the detector (eq. 16; optional),
-    standardised on a ring around the ellipse, and the image cues of :func:`image_cues`;
-    (2) the combined cue is the per-pixel maximum; seeds are the pixels above both its Otsu
-    threshold inside the ellipse and ``min_cue`` (above normal texture); (3) GrabCut
+    Steps: (1) cues inside the ellipse, each standardised on a ring around it so that normal
+    texture stays below 1: the image cues of :func:`image_cues` (intensity, texture loss,
+    oriented lines), of which the one that stands out most (99.5 % quantile) is kept, and the
+    detector's anomaly map (eq. 16; optional), which re-weights that cue by the model's
+    agreement, or replaces it where the image shows nothing or far less than the model;
+    (2) seeds are the pixels above both the cue's Otsu threshold inside the ellipse and
+    ``min_cue``; (3) GrabCut
     (``cv2.grabCut``, mask init) on a cue image with outside-ellipse = sure background, inside =
     probable background, seeds = probable foreground, strong seeds = sure foreground; (4) the
     result is constrained to the ellipse and cleaned (components touching a seed). When GrabCut
@@ -383,8 +390,11 @@ def propose_mask(image: np.ndarray, ellipse: np.ndarray, anomaly_map: np.ndarray
                                  1e-3 * float(np.ptp(anomaly_map)))
             m_in = m_cue[e]
             m_rel = np.clip((m_cue - float(m_in.min())) / max(float(m_in.max() - m_in.min()), 1e-6), 0, 1)
-            if contrast[best] < 1.5 and float(np.quantile(m_in, 0.995)) > 1.5:
+            m_contrast = float(np.quantile(m_in, 0.995))
+            if contrast[best] < 1.5 and m_contrast > 1.5:
                 combined = s.map_weight * m_cue  # the image shows nothing, the model does
+            elif s.map_select > 0 and s.map_select * m_contrast > contrast[best]:
+                combined = m_cue  # the model's evidence is far stronger than the image's
             else:  # weigh image evidence by the model's agreement
                 combined = combined * (1.0 - 0.5 * s.map_weight + s.map_weight * m_rel)
     inside = combined[e]

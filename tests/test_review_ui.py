@@ -241,3 +241,57 @@ def test_export_zip_has_masks_by_stem_and_csv(data_root: Path, tmp_path: Path) -
     assert [r["decision"] for r in rows] == ["accepted", "rejected", "accepted"]
     assert {"stem", "decision", "mask_area", "iou_with_ellipse", "timestamp"} <= set(rows[0])
     assert ui.export(None)[0] is None
+
+
+@pytest.mark.browser
+def test_keyboard_shortcuts_in_chromium(data_root: Path, tmp_path: Path) -> None:
+    """End to end: the JS snippet drives accept / reject / previous / next from the keyboard."""
+    pytest.importorskip("playwright")
+    from tests.browser_util import browser_page, find_chromium, screenshot, serve
+
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("no Chromium (apt-get install chromium)")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        demo = gr.Blocks(js=REVIEW_SHORTCUTS_JS)
+    with demo:
+        with gr.Tab("DAGM review"):
+            build_review_tab(lambda: None, str(data_root), str(tmp_path / "state"))
+
+    def text(page, elem_id: str) -> str:
+        return page.locator(f"#{elem_id}").inner_text()
+
+    def wait_for(page, elem_id: str, needle: str) -> None:
+        page.wait_for_function(
+            "([id, s]) => (document.getElementById(id)?.innerText || '').includes(s)",
+            arg=[elem_id, needle], timeout=60_000)
+
+    with serve(demo) as url, browser_page(chromium) as page:
+        page.goto(url)
+        page.locator("#review-folder textarea, #review-folder input").first.fill("dagm")
+        page.locator("#review-load").click()
+        wait_for(page, "review-progress", "0 / 4 reviewed")
+        wait_for(page, "review-item", "1 / 4")
+        page.locator("body").click(position={"x": 5, "y": 5})
+        page.keyboard.press("a")
+        wait_for(page, "review-progress", "1 / 4 reviewed")
+        wait_for(page, "review-item", "2 / 4")
+        page.keyboard.press("r")
+        wait_for(page, "review-progress", "2 / 4 reviewed")
+        page.keyboard.press("ArrowLeft")
+        wait_for(page, "review-item", "rejected")
+        page.keyboard.press("p")
+        wait_for(page, "review-item", "accepted")
+        page.keyboard.press("n")
+        wait_for(page, "review-item", "2 / 4")
+        # typing in the folder box must not trigger shortcuts
+        box = page.locator("#review-folder textarea, #review-folder input").first
+        box.click()
+        box.press("a")
+        box.press("r")
+        page.wait_for_timeout(1500)
+        assert "2 / 4 reviewed" in text(page, "review-progress")
+        screenshot(page, "review-shortcuts")
