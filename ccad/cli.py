@@ -69,8 +69,8 @@ def cmd_bank(a: argparse.Namespace) -> int:
     bar.close()
     det.save_pretrained(a.out)
     skipped = det.info.get("skipped") or []
-    for path, why in skipped:
-        print(f"skipped {path}: {why}", file=sys.stderr)
+    for item in skipped:
+        print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
     print(json.dumps({"model": str(a.out), **det.bank.summary(), "threshold": det.threshold}, default=str))
     return 0
 

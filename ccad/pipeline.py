@@ -526,6 +526,37 @@ def split_good(samples: list, calibration_fraction: float, seed: int = 0) -> tup
     return train, cal
 
 
+def bank_from_memory(pc: Any, samples: list, bank_size: int, image_size: int, batch_size: int = 8,
+                     seed: int = 0) -> Any:
+    """The Coarse Feature Bank (eq. 5-6) as a greedy k-center coreset of the PatchCore memory.
+
+    The memory is itself a greedy coreset of every training patch, and k-center coresets
+    compose (a point is within the memory's covering radius of a memory row, which is within
+    the bank's radius of a bank row), so this needs no second pass over the images.
+    """
+    from .features import FeatureBank
+    from .features.bank import ImageStream
+    from .features.coreset import greedy_coreset, validate_bank_size
+
+    xi = validate_bank_size(bank_size)
+    memory = pc.memory_bank
+    idx = greedy_coreset(memory, xi, seed=seed)
+    feats = memory[idx].float().cpu()
+    bb = pc.backbone
+    meta = {
+        "backbone": getattr(bb, "name", type(bb).__name__), "layers": list(getattr(bb, "layers", [])),
+        "image_size": int(image_size), "xi": int(feats.shape[0]), "xi_requested": xi,
+        "feature_dim": int(feats.shape[1]), "n_images": int(pc.n_images), "n_patches": int(pc.n_patches),
+        "grid": list(pc.grid) if pc.grid else None,
+        "source_hash": ImageStream(samples, image_size, batch_size).source_hash(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "ccad_version": __version__,
+        "skipped": list(pc.skipped),
+        "coreset": {"method": "greedy k-center of the PatchCore memory (itself a streaming greedy coreset)",
+                    "memory_rows": int(memory.shape[0]), "seed": seed},
+    }
+    return FeatureBank(feats, meta)
+
+
 def fit_detector(
     data: Any,
     variant: str = "patchcore",
@@ -557,17 +588,9 @@ def fit_detector(
     config.validate()
     dev = torch.device(device) if device is not None else default_device()
     bb = get_backbone(backbone, layers=tuple(layers), weights=weights).to(dev)
-    total = 2 * len(train)
-
-    def stage(offset: int) -> ProgressFn:
-        if progress is None:
-            return None
-        return lambda done, _n: progress(offset + done, total)
-
-    bank = FeatureBank.build(train, bb, size=bank_size, image_size=image_size, batch_size=batch_size,
-                             progress=stage(0), cancel=cancel)
-    pc = PatchCoreScorer(bb, ratio=patchcore_ratio, image_size=image_size)
-    pc.fit(train, progress=stage(len(train)), cancel=cancel)
+    pc = PatchCoreScorer(bb, ratio=patchcore_ratio, image_size=image_size, batch_size=batch_size, seed=seed)
+    pc.fit(train, progress=progress, cancel=cancel)
+    bank = bank_from_memory(pc, train, bank_size, image_size, batch_size, seed)
     det = AnomalyDetector(config, bank, patchcore=pc,
                           info={"n_train_images": len(train), "skipped": bank.meta.get("skipped", [])}, device=dev)
     if cal:

@@ -53,3 +53,15 @@ def test_bank_predict_calibrate_evaluate(tmp_path, capsys):
 def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     assert main(["predict", str(tmp_path), "x.png", "--out", str(tmp_path / "o")]) == 2
     assert "not a ccad model folder" in capsys.readouterr().err
+
+
+def test_bank_reports_unreadable_images_and_still_builds(tmp_path, capsys):
+    root = write_dataset(tmp_path / "data", kinds=("fibrous",), n_train=6, n_test_good=1, n_test_defect=1,
+                         size=64, seed=1, defects=("spot",))
+    good = root / "fibrous" / "train" / "good"
+    (good / "zz_corrupt.png").write_bytes(b"\x89PNG broken")
+    assert main(["bank", str(good), "--out", str(tmp_path / "m"), "--image-size", "64", "--size", "8",
+                 "--calibration-fraction", "0", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "skipped" in captured.err and "zz_corrupt.png" in captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["n_images"] == 6
