@@ -23,8 +23,7 @@ import json
 import os
 import re
 import tempfile
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
