@@ -332,7 +332,7 @@ def test_training_job_runs_in_background_one_at_a_time(ctl: AppController, root:
     assert "Started" in msg
     with pytest.raises(UserError, match="already running"):
         ctl.start_training("good", None, None, "tiny", 64, 5, 2)
-    deadline = time.time() + 5
+    deadline = time.time() + 60  # the first call imports ccad.training (accelerate)
     while ctl.training_status()["progress"].startswith("step 0") and time.time() < deadline:
         time.sleep(0.01)
     st = ctl.training_status()
@@ -376,3 +376,26 @@ def test_evaluation_reports_metrics_and_worst_cases(ctl: AppController, root: Pa
     assert len(r["roc"].data) == 2 and len(r["fn"]) == 1  # b1 (value 110) is missed at threshold 0.3
     with pytest.raises(UserError, match="outside"):
         ctl.run_evaluation("scored", "/etc")
+
+
+def test_real_engine_bank_build_inspect_and_evaluate(root: Path, tmp_path: Path) -> None:
+    """The controller against the real engine: fit_detector -> inspect -> evaluate (synthetic, 64 px)."""
+    from ccad.data.synthetic import write_dataset
+
+    write_dataset(root / "synth", kinds=("fibrous",), n_train=6, n_test_good=2, n_test_defect=1, size=64, seed=1,
+                  defects=("spot",))
+    c = AppController(data_root=root, state_dir=tmp_path / "s", samples_dir=None, demo_dir=None)
+    name, summary, fig, msg = c.build_bank("synth/fibrous", None, "tf_efficientnet_lite0", [2, 3], 30, 64)
+    det = c.registry.detector(name)
+    # the summary shown is the engine's own (xi = rows of the bank actually built, <= the requested 30)
+    assert summary["xi"] == det.bank.features.shape[0] <= 30 and summary["backbone"] == "tf_efficientnet_lite0"
+    assert {t.name for t in fig.data} == {"patch features (sample)", "bank (coreset)"}
+    defect = next((root / "synth/fibrous/test/spot").glob("*.png"))
+    batch = c.inspect(name, [str(defect)])
+    v = c.panels(batch)
+    assert v["original"].shape == v["heatmap"].shape == v["overlay"].shape == (64, 64, 3)
+    r = c.run_evaluation(name, "synth/fibrous")
+    assert r["rows"] and 0.0 <= r["rows"][-1][1] <= 1.0
+    assert "Saved" in c.save_model(name, "models/m", "detector")
+    name2, _ = c.load_from_folder("models/m")
+    assert c.registry.detector(name2).card()["bank_size"] == det.bank.features.shape[0]
