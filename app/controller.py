@@ -202,7 +202,8 @@ class AppController:
                 self.startup_message = f"Could not load {model}: {exc}"
             return self.startup_message
         if self.demo_dir is None or not (self.demo_dir / "config.json").is_file():
-            self.startup_message = (f"No bundled demo model found ({self.demo_dir}). Build a detector in the "
+            where = f" in {self.demo_dir}" if self.demo_dir is not None else ""
+            self.startup_message = (f"No bundled demo model found{where}. Build a detector in the "
                                     "Feature bank tab, or load one below (folder, zip or Hub id).")
             return self.startup_message
         try:

@@ -112,3 +112,27 @@ def test_review_tab_accept_flow(app_env: dict[str, Any]) -> None:
         page.locator("#review-prev").click()
         _wait_text(page, "review-item", "accepted")
         screenshot(page, "review_accept")
+
+
+def test_bundled_demo_sample_gallery_inspection(tmp_path: Path) -> None:
+    """`ccad app` with no options: the bundled CCAD(V) demo loads and a gallery sample is inspected
+    (four panels incl. a real reconstruction) offline on CPU."""
+    from app.main import build_app
+    from app.state import DEMO_MODEL_DIR, SAMPLES_DIR
+
+    assert (DEMO_MODEL_DIR / "config.json").is_file(), "checkpoints/demo is missing: run scripts/build_demo.py"
+    assert sorted(SAMPLES_DIR.glob("defect_*.png")) and sorted(SAMPLES_DIR.glob("good_*.png"))
+    demo = build_app(data_root=tmp_path, state_dir=tmp_path / "state")
+    with serve(demo) as url, browser_page(CHROMIUM) as page:
+        page.goto(url)
+        assert "ccad-v" in page.locator("#model-card").inner_text()
+        names = sorted(p.stem for p in SAMPLES_DIR.iterdir() if p.suffix == ".png")
+        idx = next(i for i, n in enumerate(names) if n.startswith("defect_"))
+        page.locator("#inspect-samples button, #inspect-samples .thumbnail-item").nth(idx).click()
+        wait_textbox(page, "inspect-score", lambda v: re.fullmatch(r"-?\d+\.\d+", v) is not None, timeout=120)
+        t = float(textbox_value(page, "inspect-time").split()[0])
+        assert t < 30, f"one demo inspection took {t} s on this CPU"
+        label = page.locator("#panel-reconstruction").inner_text()
+        assert "n/a" not in label  # the diffusion model reconstructs
+        assert textbox_value(page, "inspect-file") == names[idx] + ".png"
+        screenshot(page, "demo_sample_inspection")
