@@ -128,7 +128,7 @@ def test_bundled_demo_sample_gallery_inspection(tmp_path: Path) -> None:
         assert "ccad-v" in page.locator("#model-card").inner_text()
         names = sorted(p.stem for p in SAMPLES_DIR.iterdir() if p.suffix == ".png")
         idx = next(i for i, n in enumerate(names) if n.startswith("defect_"))
-        page.locator("#inspect-samples button, #inspect-samples .thumbnail-item").nth(idx).click()
+        page.locator("#inspect-samples button.thumbnail-item").nth(idx).click()
         wait_textbox(page, "inspect-score", lambda v: re.fullmatch(r"-?\d+\.\d+", v) is not None, timeout=120)
         t = float(textbox_value(page, "inspect-time").split()[0])
         assert t < 30, f"one demo inspection took {t} s on this CPU"
