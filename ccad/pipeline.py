@@ -590,7 +590,11 @@ def fit_detector(
     bb = get_backbone(backbone, layers=tuple(layers), weights=weights).to(dev)
     pc = PatchCoreScorer(bb, ratio=patchcore_ratio, image_size=image_size, batch_size=batch_size, seed=seed)
     pc.fit(train, progress=progress, cancel=cancel)
-    bank = bank_from_memory(pc, train, bank_size, image_size, batch_size, seed)
+    if pc.memory_bank.shape[0] >= 4 * bank_size:
+        bank = bank_from_memory(pc, train, bank_size, image_size, batch_size, seed)
+    else:  # too few patches in the memory to draw xi well-spread rows from: one more (small) pass
+        bank = FeatureBank.build(train, bb, size=bank_size, image_size=image_size, batch_size=batch_size,
+                                 progress=progress, cancel=cancel, seed=seed)
     det = AnomalyDetector(config, bank, patchcore=pc,
                           info={"n_train_images": len(train), "skipped": bank.meta.get("skipped", [])}, device=dev)
     if cal:

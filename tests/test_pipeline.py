@@ -3,6 +3,7 @@ import json
 import shutil
 
 import numpy as np
+import torch
 import pytest
 
 from ccad.data.synthetic import write_dataset
@@ -27,6 +28,7 @@ def test_patchcore_detector_separates_defects_from_good(patchcore, dataset):
     det = patchcore
     assert det.variant == "patchcore" and np.isfinite(det.threshold)
     assert det.calibration.good_scores.size == 4  # a quarter of the 14 good images held out
+    assert det.bank.features.shape[0] == 32  # the requested xi, even from few images
     good = sorted((dataset / "test" / "good").glob("*.png"))
     bad = sorted((dataset / "test" / "spot").glob("*.png")) + sorted((dataset / "test" / "scratch").glob("*.png"))
     g = [det.predict(p).score for p in good]
@@ -126,3 +128,15 @@ def test_ccad_v_trains_reconstructs_and_reloads(dataset, tmp_path):
     card = back.card()
     assert card["variant"] == "ccad-v" and card["bank_size"] == 16 and card["denoiser_parameters"] > 0
     assert card["n_train_images"] == 10
+
+
+def test_bank_is_drawn_from_the_patchcore_memory_in_one_pass(dataset):
+    det = fit_detector(dataset, image_size=64, bank_size=8, patchcore_ratio=0.5, calibration_fraction=0.0,
+                       device="cpu")
+    memory = det.patchcore.memory_bank.cpu()
+    assert memory.shape[0] >= 32
+    assert det.bank.features.shape == (8, memory.shape[1])
+    assert "PatchCore memory" in det.bank.meta["coreset"]["method"]
+    d = torch.cdist(det.bank.features.double(), memory.double(), compute_mode="donot_use_mm_for_euclid_dist").min(1).values
+    assert float(d.max()) < 1e-3  # every bank row is a memory row
+    assert det.bank.meta["n_images"] == 14 and det.bank.meta["source_hash"]
