@@ -91,3 +91,22 @@ def wait_textbox(page: Any, elem_id: str, predicate: Any, timeout: float = 60.0)
             return value
         time.sleep(0.2)
     raise AssertionError(f"#{elem_id} never satisfied the condition; last value {value!r}")
+
+
+def fill_textbox(page: Any, elem_id: str, text: str, timeout: float = 30.0) -> None:
+    """Type ``text`` into a Gradio textbox once the front end has bound it.
+
+    Right after ``goto`` the input exists before Gradio's front end is hydrated, and a value
+    typed then is reset; so fill, check the bound value, and fill again until it sticks.
+    """
+    box = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+    box.wait_for(state="visible")
+    page.wait_for_timeout(1000)  # let the front end finish its start-up updates
+    deadline = time.time() + timeout
+    while True:
+        box.fill(text)
+        page.wait_for_timeout(300)
+        if box.input_value() == text:
+            return
+        if time.time() > deadline:
+            raise AssertionError(f"#{elem_id} did not keep the typed value {text!r}")

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from browser_util import browser_page, find_chromium, screenshot, serve, textbox_value, wait_textbox
+from browser_util import browser_page, fill_textbox, find_chromium, screenshot, serve, textbox_value, wait_textbox
 
 pytestmark = pytest.mark.browser
 
@@ -84,7 +84,7 @@ def test_bad_folder_gives_a_message_and_server_survives(app_env: dict[str, Any])
     with browser_page(CHROMIUM) as page:
         page.goto(app_env["url"])
         page.get_by_role("tab", name="Feature bank").click()
-        page.locator("#bank-folder textarea, #bank-folder input").first.fill("../../etc")
+        fill_textbox(page, "bank-folder", "../../etc")
         page.locator("#bank-build").click()
         page.locator("#bank-status").get_by_text("not allowed").wait_for()
         screenshot(page, "bank_refused_path")
@@ -102,7 +102,7 @@ def test_review_tab_accept_flow(app_env: dict[str, Any]) -> None:
     with browser_page(CHROMIUM) as page:
         page.goto(app_env["url"])
         page.get_by_role("tab", name="DAGM review").click()
-        page.locator("#review-folder textarea, #review-folder input").first.fill("dagm")
+        fill_textbox(page, "review-folder", "dagm")
         page.locator("#review-load").click()
         _wait_text(page, "review-progress", "0 / 2 reviewed")
         _wait_text(page, "review-item", "1 / 2")

@@ -247,7 +247,7 @@ def test_export_zip_has_masks_by_stem_and_csv(data_root: Path, tmp_path: Path) -
 def test_keyboard_shortcuts_in_chromium(data_root: Path, tmp_path: Path) -> None:
     """End to end: the JS snippet drives accept / reject / previous / next from the keyboard."""
     pytest.importorskip("playwright")
-    from tests.browser_util import browser_page, find_chromium, screenshot, serve
+    from tests.browser_util import browser_page, fill_textbox, find_chromium, screenshot, serve
 
     chromium = find_chromium()
     if chromium is None:
@@ -271,7 +271,7 @@ def test_keyboard_shortcuts_in_chromium(data_root: Path, tmp_path: Path) -> None
 
     with serve(demo) as url, browser_page(chromium) as page:
         page.goto(url)
-        page.locator("#review-folder textarea, #review-folder input").first.fill("dagm")
+        fill_textbox(page, "review-folder", "dagm")
         page.locator("#review-load").click()
         wait_for(page, "review-progress", "0 / 4 reviewed")
         wait_for(page, "review-item", "1 / 4")
