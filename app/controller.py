@@ -504,7 +504,8 @@ class AppController:
         name = self.registry.add(f"bank {path.name} (patchcore)", det, f"bank built from {path}")
         summary = self.bank_summary(det)
         fig = self.bank_projection(det, path)
-        return name, summary, fig, (f"Built a {int(xi)}-vector bank and a PatchCore detector from {path.name} in "
+        built = int(det.bank.features.shape[0]) if getattr(det, "bank", None) is not None else int(xi)
+        return name, summary, fig, (f"Built a {built}-vector bank and a PatchCore detector from {path.name} in "
                                     f"{seconds:.1f} s; it is now the active model in the Inspect tab.")
 
     def bank_summary(self, det: Any) -> dict[str, Any]:
