@@ -71,3 +71,25 @@ def test_calibration_by_fpr_and_sigma_and_false_alarm_count():
         Calibration.fit([])
     with pytest.raises(ValueError, match="NaN"):
         Calibration.fit([1.0, float("nan")])
+
+
+def test_domain_adaptation_pulls_input_and_reconstruction_features_together_and_keeps_the_original():
+    from ccad.features import get_backbone
+    from ccad.scoring import domain_adapt
+    from ccad.scoring.domain_adapt import _cos_gap
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 64, 64, generator=g)
+    x_hat = (x + 0.15 * torch.randn(4, 3, 64, 64, generator=g)).clamp(0, 1)  # 'reconstructions' with artefacts
+    base = get_backbone("tf_efficientnet_lite0", layers=(1, 2))
+    before = [p.detach().clone() for p in base.parameters()]
+    with torch.no_grad():
+        gap0 = float(_cos_gap(base.layer_maps(x), base.layer_maps(x_hat)))
+    tuned = domain_adapt(base, [(x, x_hat)], epochs=6, lr=1e-3)
+    with torch.no_grad():
+        gap1 = float(_cos_gap(tuned.layer_maps(x), tuned.layer_maps(x_hat)))
+        drift = float(_cos_gap(tuned.layer_maps(x), base.layer_maps(x)))
+    assert gap1 < 0.8 * gap0  # eq. 10 went down
+    assert drift < 0.5  # the regulariser keeps the tuned features near ImageNet's (no collapse)
+    assert all(torch.equal(a, b) for a, b in zip(before, base.parameters()))  # the shared backbone is untouched
+    assert not any(p.requires_grad for p in tuned.parameters())
