@@ -140,3 +140,38 @@ def test_bank_is_drawn_from_the_patchcore_memory_in_one_pass(dataset):
     d = torch.cdist(det.bank.features.double(), memory.double(), compute_mode="donot_use_mm_for_euclid_dist").min(1).values
     assert float(d.max()) < 1e-3  # every bank row is a memory row
     assert det.bank.meta["n_images"] == 14 and det.bank.meta["source_hash"]
+
+
+def test_push_to_hub_uploads_a_loadable_folder(patchcore, monkeypatch, tmp_path):
+    """push_to_hub goes through huggingface_hub's HfApi; the uploaded folder loads back."""
+    import huggingface_hub.hub_mixin as hub_mixin
+
+    uploaded = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            uploaded["token"] = token
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            uploaded["repo"] = (repo_id, private)
+            return type("Repo", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            shutil.copytree(folder_path, tmp_path / "uploaded")
+            return f"https://hub.example/{repo_id}/commit/1"
+
+    monkeypatch.setattr(hub_mixin, "HfApi", FakeApi)
+    url = patchcore.push_to_hub("me/tiles", private=True, token="t0k")
+    assert url.endswith("/commit/1") and uploaded["repo"] == ("me/tiles", True) and uploaded["token"] == "t0k"
+    back = AnomalyDetector.from_pretrained(tmp_path / "uploaded")
+    assert back.threshold == pytest.approx(patchcore.threshold)
+
+
+def test_hub_repo_offline_gives_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    with pytest.raises(Exception, match="(?i)offline|cache|connection|not found|cannot find"):
+        AnomalyDetector.from_pretrained("someone/not-cached-model")
