@@ -103,7 +103,7 @@ def main() -> int:
     if a.quick:
         pc = {"image_size": 256, "backbone": "tf_efficientnet_lite0", "layers": (2, 3), "patchcore_ratio": 0.01,
               "bank_size": 200}
-        cv = {"image_size": 128, "preset": "tiny", "steps": 300, "batch_size": 8, "lr": 1e-3, "start_step": 250,
+        cv = {"image_size": 128, "preset": "tiny", "steps": 240, "batch_size": 8, "lr": 1e-3, "start_step": 250,
               "ddim_steps": 5, "guidance": 2.0, "score_layers": (1, 2, 3)}
     else:
         pc = {"image_size": 256, "backbone": "tf_efficientnet_lite0", "layers": (2, 3), "patchcore_ratio": 0.01,
