@@ -47,8 +47,8 @@ def test_local_averaging_and_upsampling_match_definition(lite0: Backbone) -> Non
     with torch.no_grad():
         f = lite0(x)
         a, b = lite0.layer_maps(x)
-    pa = torch.nn.functional.avg_pool2d(a, 3, 1, 1, count_include_pad=False)
-    pb = torch.nn.functional.avg_pool2d(b, 3, 1, 1, count_include_pad=False)
+    pa = torch.nn.functional.avg_pool2d(a, 3, 1, 1, count_include_pad=True)
+    pb = torch.nn.functional.avg_pool2d(b, 3, 1, 1, count_include_pad=True)
     pb = torch.nn.functional.interpolate(pb, size=a.shape[-2:], mode="bilinear", align_corners=False)
     assert torch.allclose(f, torch.cat([pa, pb], 1), atol=1e-6)
 

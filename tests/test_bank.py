@@ -121,7 +121,8 @@ def test_tensor_and_batch_sources(backbone) -> None:
     b = FeatureBank.build(iter([imgs[:2], imgs[2:]]), backbone, size=10, image_size=SIZE)
     c = FeatureBank.build([{"image": imgs[:3], "errors": [("x.png", "corrupt")]}, {"image": imgs[3:]}],
                           backbone, size=10, image_size=SIZE)
-    assert torch.equal(a.features, b.features) and torch.equal(a.features, c.features)
+    # the same images give the same bank whatever the source form (batch sizes differ, so allow float noise)
+    assert torch.allclose(a.features, b.features, atol=1e-4) and torch.allclose(a.features, c.features, atol=1e-4)
     assert a.meta["source_hash"] == b.meta["source_hash"] == c.meta["source_hash"]
     assert c.meta["skipped"] == [{"path": "x.png", "reason": "corrupt"}] and c.meta["n_images"] == 4
     # a different image changes the hash
