@@ -204,6 +204,18 @@ def _is_mvtec_category(d: Path) -> bool:
     return _child(d, "train") is not None or _child(d, "test") is not None
 
 
+def _filter_categories(cats: list[Path], category: str | Sequence[str] | None, root: Path,
+                       layout: str) -> list[Path]:
+    """Keep the category folders named by ``category`` (None: all); none left is a clear error."""
+    if category is None:
+        return cats
+    wanted = [category] if isinstance(category, str) else list(category)
+    kept = [c for c in cats if c.name in wanted]
+    if not kept:
+        raise DatasetLayoutError(f"category {wanted[0]!r} not found in '{root}' ({layout} layout)")
+    return kept
+
+
 def _mvtec_categories(root: Path, category: str | Sequence[str] | None) -> list[Path]:
     if _is_mvtec_category(root):
         cats = [root]
@@ -453,11 +465,7 @@ def load_mvtec_loco(root: PathLike, split: str = "test", category: str | Sequenc
     """
     r = Path(root)
     cats = [r] if _is_loco_category(r) else [c for c in _subdirs(r) if _is_loco_category(c)]
-    if category is not None:
-        wanted = [category] if isinstance(category, str) else list(category)
-        cats = [c for c in cats if c.name in wanted]
-        if not cats:
-            raise DatasetLayoutError(f"category {wanted[0]!r} not found in '{r}' (MVTec LOCO layout)")
+    cats = _filter_categories(cats, category, r, "MVTec LOCO")
     out: list[Sample] = []
     for cat in cats:
         gt = _child(cat, "ground_truth")
@@ -496,11 +504,7 @@ def load_mvtec3d(root: PathLike, split: str = "test", category: str | Sequence[s
     """
     r = Path(root)
     cats = [r] if _is_mvtec3d_category(r) else [c for c in _subdirs(r) if _is_mvtec3d_category(c)]
-    if category is not None:
-        wanted = [category] if isinstance(category, str) else list(category)
-        cats = [c for c in cats if c.name in wanted]
-        if not cats:
-            raise DatasetLayoutError(f"category {wanted[0]!r} not found in '{r}' (MVTec 3D-AD layout)")
+    cats = _filter_categories(cats, category, r, "MVTec 3D-AD")
     out: list[Sample] = []
     for cat in cats:
         for sp in _split_list(split):
