@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -366,8 +367,9 @@ def _looks_like_hub_id(s: str) -> bool:
 def _load_local(kind: str, d: Path, spec: str, subfolder: str | None) -> nn.Module | LatentAutoencoder:
     if subfolder:
         d = d / subfolder
-    if (d / AUTOENCODER_META).is_file():
-        return LatentAutoencoder.from_pretrained(d, spec=spec)
+    for sub in (d, d / "vae"):  # a saved LatentAutoencoder, or a saved detector / pipeline folder
+        if (sub / AUTOENCODER_META).is_file():
+            return LatentAutoencoder.from_pretrained(sub, spec=spec)
     if kind == "taef2" and all((d / f).is_file() for f in _TAEF2_FILES):
         return TAEF2.from_original_weights(d / _TAEF2_FILES[0], d / _TAEF2_FILES[1])
     cls = _backend_class(kind)
@@ -393,7 +395,9 @@ def _load_hub(kind: str, repo_id: str, spec: str, subfolder: str | None,
     subfolders = [subfolder] if subfolder else [None, "vae"]
     for sub in subfolders:
         try:
-            return cls.from_pretrained(repo_id, subfolder=sub, **kw)
+            with warnings.catch_warnings():  # diffusers' own deprecation notice on every miss
+                warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+                return cls.from_pretrained(repo_id, subfolder=sub, **kw)
         except (OSError, ValueError) as e:  # not cached / not found / invalid id
             errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     if kind == "taef2":
