@@ -202,6 +202,7 @@ def test_loss_decreases_tiny():
         loss.backward()
         opt.step()
     after = eval_loss()
+    print(f'loss before {before:.4f} after {after:.4f}')
     assert after < 0.7 * before, (before, after)
 
 
@@ -304,3 +305,16 @@ def test_pretrained_pipeline_folder_adapts_channels(tmp_path):
     assert type(u).from_pretrained(tmp_path / "adapted").config.in_channels == 32
     with pytest.raises(FileNotFoundError):
         build_latent_unet("tiny", 4, 8, pretrained=tmp_path)
+
+
+def test_base_preset_is_sd15_sized_on_meta_device():
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):  # no memory: only shapes
+        unet = UNet2DConditionModel(**latent_unet_kwargs("base", 4, 32))
+        cn = build_controlnet(unet, load_weights_from_unet=False)
+    n_unet = sum(p.numel() for p in unet.parameters())
+    n_cn = sum(p.numel() for p in cn.parameters())
+    assert abs(n_unet - 859.52e6) < 0.1e6  # SD 1.5's UNet
+    assert 300e6 < n_cn < 400e6
+    assert tuple(cn.config.conditioning_embedding_out_channels) == (16, 32, 96, 256)
