@@ -46,6 +46,9 @@ def deco_scheduler(T: int = 10, beta_schedule: str = "squaredcos_cap_v2") -> DDP
     diffusers ``squaredcos_cap_v2``) with T = 10 training steps. For T = 10 this gives
     abar = 0.972, 0.899, 0.787, 0.647, 0.494, 0.341, 0.203, 0.094, 0.024, 2.4e-5 (the last beta is
     capped at 0.999). Only ``alphas_cumprod`` is used; no sampling method of the scheduler is.
+    (The reference implementation's training script builds its schedule by respacing a default
+    1000-step ADM schedule to 10 steps while its evaluation builds a native 10-step one; the
+    paper's statement - squared cosine, T = 10 - is followed here.)
     """
     if int(T) < 1:
         raise ValueError(f"T must be >= 1, got {T}")

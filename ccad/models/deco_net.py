@@ -14,19 +14,22 @@ Departures from the paper, on purpose (CPU budget): attention only on grids of a
 much smaller widths. Dropout defaults to 0 (the paper's 0.4 is for 800 epochs on a large
 model; pass ``dropout=0.4`` to follow it).
 
-Presets (parameters for ``latent_channels=4, sample_size=32``; forward time of one
-``B x C x 32 x 32`` latent on this machine's CPU, measured with ``torch.set_num_threads``):
+Presets (parameters measured with ``count_parameters`` at ``sample_size=32``; CPU forward
+times are best-of-7 wall clock for a ``B x C x 32 x 32`` latent on this project's 2-core dev
+machine under ``torch.no_grad``):
 
-=========  ===============  ======  =====  =========  ===========  =============================
-preset     channels         layers  attn   params@4   params@32    forward (CPU)
-=========  ===============  ======  =====  =========  ===========  =============================
-tiny       (32, 64)         1       none   0.93 M     0.95 M       B=2, C=32, 1 thread: ~13 ms
-small      (64, 128, 128)   1       <=16   4.27 M     4.30 M       B=1, C=4, 2 threads: ~27 ms
-base       (128, 256, 512)  2       <=16   ~66 M      ~66 M        GPU preset
-=========  ===============  ======  =====  =========  ===========  =============================
+=======  ===============  ======  ==========  ==========  ==========  ==================================
+preset   channels         layers  attention   params C=4  params C=32 forward (CPU)
+=======  ===============  ======  ==========  ==========  ==========  ==================================
+tiny     (32, 64)         1       none        0.64 M      0.65 M      B=2, C=32, 1 thread: 30 ms/batch
+small    (64, 128, 256)   1       grids <=16  11.12 M     11.15 M     C=4, 2 threads: 33 ms/img (B=1),
+                                                                      20 ms/img (B=4); 1 thread ~70-100
+base     (128, 256, 512)  2       grids <=16  64.15 M     64.21 M     GPU preset (cf. paper XS 25M, S 99M)
+=======  ===============  ======  ==========  ==========  ==========  ==================================
 
-(The numbers in the table are measured by ``python -m ccad.models.deco_net``; rerun it to
-refresh them on another machine.)
+At a 32 x 32 latent "grids <= 16" means attention on the 16 x 16 and 8 x 8 levels and in the
+mid block. Rerun ``python -m ccad.models.deco_net`` to re-measure on another machine (numbers
+swing 2-5x when other jobs share the cores).
 """
 from __future__ import annotations
 
