@@ -39,7 +39,7 @@ def test_scheduler_is_squared_cosine_with_ten_steps():
     ab = s.alphas_cumprod.double()
     assert ab.numel() == 10
     assert bool((ab[1:] < ab[:-1]).all()) and 0 < float(ab[-1]) < 1e-3
-    f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
     expect = [f((i + 1) / 10) / f(0) for i in range(9)]
     assert torch.allclose(ab[:9], torch.tensor(expect, dtype=torch.float64), atol=1e-6)
 
@@ -139,7 +139,7 @@ def test_training_pair_target_zero_off_mask_and_gaussian_eps_on_mask():
 def test_training_pair_shuffle_replaces_eps_with_other_images_patches():
     s = deco_scheduler()
     z0 = coded_latents(b=8, c=2, h=16, w=16) / 1e5  # distinct small values, decodable
-    z_t, t, eta, mask = deco_training_pair(z0, s, gen(7), r_shuffle_max=0.3, r_mask_max=0.7)
+    _, t, eta, mask = deco_training_pair(z0, s, gen(7), r_shuffle_max=0.3, r_mask_max=0.7)
     ab = s.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
     c = (1 - ab.sqrt()) / (1 - ab).sqrt()
     eps = eta.double() + c * z0.double()

@@ -27,7 +27,7 @@ choice is followed and flagged "reference implementation" below.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -90,7 +90,7 @@ def _patch_grid_mask(h: int, w: int, k: int, ratio: float, generator: torch.Gene
     """``h x w`` {0,1} mask made of ``round(ratio * n)`` of the ``n`` aligned k x k patches."""
     gh, gw = math.ceil(h / k), math.ceil(w / k)
     n = gh * gw
-    m = int(round(float(ratio) * n))
+    m = round(float(ratio) * n)
     grid = torch.zeros(n, dtype=torch.float32)
     if m > 0:
         perm = torch.randperm(n, generator=generator, device=generator.device).cpu()
@@ -162,7 +162,10 @@ def shuffle_patches(z0: torch.Tensor, generator: torch.Generator, r_shuffle_max:
     for i in range(b):
         k = int(ks[i])
         gh, gw = math.ceil(h / k), math.ceil(w / k)
-        g = lambda t: t.cpu().view(gh, gw).repeat_interleave(k, 0).repeat_interleave(k, 1)[:h, :w]  # noqa: E731
+
+        def g(v: torch.Tensor, gh: int = gh, gw: int = gw, k: int = k) -> torch.Tensor:
+            return v.cpu().view(gh, gw).repeat_interleave(k, 0).repeat_interleave(k, 1)[:h, :w]
+
         if b > 1:
             other = torch.randint(1, b, (gh * gw,), generator=generator, device=generator.device)
             sb = (i + g(other)) % b
