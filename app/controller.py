@@ -111,17 +111,18 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def train_options(**wanted: Any) -> dict[str, Any]:
-    """The subset of ``wanted`` that :class:`ccad.training.TrainConfig` knows (older engines lack some)."""
-    try:
-        import dataclasses
+def train_config(**wanted: Any) -> Any:
+    """A :class:`ccad.training.TrainConfig` with the app's settings."""
+    from ccad.training import TrainConfig
 
-        from ccad.training import TrainConfig
+    return TrainConfig(**wanted)
 
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-    except Exception:
-        return {}
-    return {k: v for k, v in wanted.items() if k in known}
+
+def trainable_variants() -> list[tuple[str, str]]:
+    """``(name, one-line description)`` of every variant the engine can train (the registry's list)."""
+    from ccad.methods import describe_methods, get_method
+
+    return [(n, d) for n, d in describe_methods() if get_method(n).trainable]
 
 
 def cuda_available() -> bool:
@@ -571,8 +572,8 @@ class AppController:
 
     def start_training(self, folder: Optional[str], zip_file: Optional[str], bank_model: Optional[str],
                        preset: str, image_size: int, steps: int, batch_size: int, preview_every: int = 50,
-                       resume: bool = False) -> str:
-        """Start CCAD(V) training in the background job manager (one job per server)."""
+                       resume: bool = False, variant: str = "ccad-v") -> str:
+        """Start training a detector of ``variant`` in the background job manager (one job per server)."""
         if self.jobs.busy():
             snap = self.jobs.snapshot() or {}
             raise UserError(f"A training job is already running on this server ({snap.get('id')}, step "
@@ -594,7 +595,8 @@ class AppController:
             run_dir = self.state_dir / "runs" / time.strftime("train-%Y%m%d-%H%M%S")
             params = {"data": str(path), "out_dir": str(run_dir), "bank": bank, "bank_model": bank_model or "",
                       "preset": preset, "image_size": int(image_size), "steps": int(steps),
-                      "batch_size": int(batch_size), "preview_every": max(1, int(preview_every)), "resume": False}
+                      "batch_size": int(batch_size), "preview_every": max(1, int(preview_every)), "resume": False,
+                      "variant": variant or "ccad-v"}
         self._last_train = dict(params, resume=False)
         train_fn = self.engine.train
 
@@ -616,18 +618,18 @@ class AppController:
                 handle.update(**upd)
                 return handle.should_stop()
 
-            return train_fn(params["data"], params["out_dir"], bank=params["bank"], variant="ccad-v",
-                            preset=params["preset"], image_size=params["image_size"], steps=params["steps"],
-                            batch_size=params["batch_size"], callbacks=(on_state,),
-                            train_options=train_options(preview_every=params["preview_every"], show_progress=False),
-                            resume=params["resume"], cancel=handle.should_stop)
+            return train_fn(params["data"], params["out_dir"], bank=params["bank"], variant=params["variant"],
+                            preset=params["preset"] or None, image_size=params["image_size"] or None,
+                            train=train_config(steps=params["steps"], batch_size=params["batch_size"],
+                                               preview_every=params["preview_every"], show_progress=False),
+                            callbacks=(on_state,), resume=params["resume"], cancel=handle.should_stop)
 
         def on_done(job: Any) -> None:
             det = job.result
             if det is None:
                 return
             label = "stopped" if job.state == STOPPED else "trained"
-            name = self.registry.add(f"ccad-v {label} {job.id}", det, f"{label} in this app ({params['data']})",
+            name = self.registry.add(f"{params['variant']} {label} {job.id}", det, f"{label} in this app ({params['data']})",
                                      folder=str(Path(params["out_dir"]) / "model"), activate=False)
             job.params["model_name"] = name
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from pathlib import Path
 from typing import Any, Optional
 
 import gradio as gr

@@ -1,7 +1,7 @@
 """``ccad``: the command line, a thin wrapper over the Python API.
 
     ccad bank      DATA --out MODEL        build the feature bank (+ a PatchCore detector) from good images
-    ccad train     DATA --out RUN          train a CCAD(V) detector (resumable)
+    ccad train     DATA --out RUN          train any variant: --variant ccad-v|ccad-c|... (resumable)
     ccad evaluate  MODEL DATA              per-category metrics table (+ JSON)
     ccad predict   MODEL IMAGE... --out D  heatmap/overlay/mask PNGs and a CSV of scores
     ccad calibrate MODEL ...               re-calibrate or set the threshold of a saved model
@@ -16,7 +16,7 @@ import csv
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from . import __version__
 
@@ -63,8 +63,9 @@ def cmd_bank(a: argparse.Namespace) -> int:
     from .pipeline import fit_detector
 
     bar = _Bar("features", a.quiet)
+    method = _method_config("patchcore", None, [f"ratio={a.patchcore_ratio}"])
     det = fit_detector(a.data, backbone=a.backbone, layers=a.layers, bank_size=a.size, image_size=a.image_size,
-                       patchcore_ratio=a.patchcore_ratio, calibration_fraction=a.calibration_fraction,
+                       method=method, calibration_fraction=a.calibration_fraction,
                        batch_size=a.batch_size, weights=a.weights, progress=bar)
     bar.close()
     det.save_pretrained(a.out)
@@ -75,21 +76,52 @@ def cmd_bank(a: argparse.Namespace) -> int:
     return 0
 
 
+def _method_config(variant: str, preset: Optional[str], options: Sequence[str]) -> Any:
+    """The variant's typed config with ``--preset`` and every ``--option KEY=VALUE`` applied."""
+    from .config import ConfigError, set_option
+    from .methods import get_method
+
+    cfg = get_method(variant).default_config(preset)
+    for item in options or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--option {item!r}: expected KEY=VALUE, e.g. diffusion.start_step=200")
+        set_option(cfg, key.strip(), value.strip(), "--option")
+    return cfg
+
+
 def cmd_train(a: argparse.Namespace) -> int:
     from .features import FeatureBank
     from .pipeline import train_detector
+    from .training import TrainConfig
 
     bank = FeatureBank.load(a.bank) if a.bank else None
-    diffusion = {k: v for k, v in {"start_step": a.start_step, "steps": a.ddim_steps, "guidance": a.guidance}.items()
-                 if v is not None}
-    options = {"checkpoint_every": a.checkpoint_every, "mixed_precision": a.mixed_precision}
-    det = train_detector(a.data, a.out, bank=bank, preset=a.preset, image_size=a.image_size, steps=a.steps,
-                         batch_size=a.batch_size, lr=a.lr, backbone=a.backbone, layers=a.layers, bank_size=a.size,
-                         calibration_fraction=a.calibration_fraction, diffusion=diffusion or None,
-                         train_options=options, resume=a.resume, seed=a.seed)
-    print(json.dumps({"model": str(Path(a.out) / "model"), "steps": det.info.get("train_steps"),
-                      "threshold": det.threshold, "stopped_early": det.info.get("stopped_early")}))
+    method = _method_config(a.variant, a.preset, a.option)
+    train = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, checkpoint_every=a.checkpoint_every,
+                        mixed_precision=a.mixed_precision, seed=a.seed, show_progress=not a.quiet)
+    data = a.data[0] if len(a.data) == 1 else a.data
+    det = train_detector(data, a.out, variant=a.variant, method=method, train=train, bank=bank,
+                         image_size=a.image_size, backbone=a.backbone, layers=a.layers, bank_size=a.size,
+                         calibration_fraction=a.calibration_fraction, resume=a.resume, seed=a.seed)
+    print(json.dumps({"model": str(Path(a.out) / "model"), "variant": det.variant,
+                      "steps": det.info.get("train_steps"), "threshold": det.threshold,
+                      "categories": det.info.get("categories"), "stopped_early": det.info.get("stopped_early")}))
     return 0
+
+
+def variants_help() -> str:
+    """Every available variant with its one-line description and its options (for --help)."""
+    from .config import option_help
+    from .methods import PLANNED, get_method, method_names
+
+    lines = ["variants (--variant NAME):"]
+    for name in method_names():
+        m = get_method(name)
+        lines.append(f"  {name:<10} {m.title}: {m.description}" + ("" if m.trainable else " (no training)"))
+        lines.append(f"  {'':<10} options: {', '.join(option_help(m.Config))}")
+    if PLANNED:
+        lines.append(f"  planned, not in this version: {', '.join(PLANNED)}")
+    return "\n".join(lines)
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
@@ -195,11 +227,16 @@ def cmd_pull(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_app(a: argparse.Namespace) -> int:
-    from app.main import launch
+def _plugin_commands(sub: Any) -> None:
+    """Subcommands that other installed packages add (entry-point group ``ccad.commands``: a
+    function ``add(subparsers)``). The app adds ``ccad app`` this way, so the engine never imports it."""
+    from importlib.metadata import entry_points
 
-    launch(host=a.host, port=a.port, data_root=a.data_root, model=a.model, share=a.share)
-    return 0
+    for ep in sorted(entry_points(group="ccad.commands"), key=lambda e: e.name):
+        try:
+            ep.load()(sub)
+        except Exception as exc:  # noqa: BLE001 - a broken plug-in must not take the CLI down
+            print(f"warning: ccad command plug-in {ep.name!r} failed to load ({exc})", file=sys.stderr)
 
 
 # ---- parser -----------------------------------------------------------------------------------
@@ -210,9 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"ccad {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def data_opts(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("data", help="good images: a folder of images, an MVTec/anomalib category folder (its "
-                                     "train/good is used), a CSV manifest (rows with split=train) or a DAGM folder")
+    def data_opts(sp: argparse.ArgumentParser, several: bool = False) -> None:
+        sp.add_argument("data", nargs="+" if several else None,
+                        help="good images: a folder of images, an MVTec/anomalib category folder (its "
+                             "train/good is used; an MVTec root with several categories trains one multi-class "
+                             "model), a CSV manifest (rows with split=train; its category column is used) or a "
+                             "DAGM folder" + ("; several folders: one category each" if several else ""))
         sp.add_argument("--backbone", default="tf_efficientnet_lite0",
                         help="timm backbone for the bank (offline: tf_efficientnet_lite0/2; wide_resnet50_2 via the "
                              "Hub or --weights)")
@@ -233,27 +273,33 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     sp.set_defaults(func=cmd_bank)
 
-    sp = sub.add_parser("train", help="train a CCAD(V) detector", formatter_class=fmt,
-                        description="Train the bank-conditioned pixel-space denoiser (CCAD eq. 15) on good images, "
-                                    "calibrate the threshold and save RUN/model. Checkpoints go to RUN; --resume "
-                                    "continues from the latest one.")
-    data_opts(sp)
+    from .methods import method_names
+
+    sp = sub.add_parser("train", help="train a detector of any variant (ccad-v, ccad-c, ...)",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=variants_help(),
+                        description="Build the bank, train the chosen variant on good images, calibrate the "
+                                    "threshold and save RUN/model. Checkpoints go to RUN; --resume continues from "
+                                    "the latest one. Several DATA folders train one multi-class model.")
+    data_opts(sp, several=True)
+    sp.add_argument("--variant", default="ccad-v", choices=method_names(), metavar="NAME",
+                    help="the method to train (see the list below; default: %(default)s)")
     sp.add_argument("--out", required=True, help="run folder (checkpoints; the final model in RUN/model)")
     sp.add_argument("--bank", default=None, help="a folder with a saved bank (bank.safetensors) to reuse")
-    sp.add_argument("--preset", default="small", choices=["tiny", "small", "base"],
-                    help="denoiser size: tiny (tests), small (CPU), base (GPU, DDAD-like)")
-    sp.add_argument("--image-size", type=int, default=128, help="square input size (256 for base on a GPU)")
-    sp.add_argument("--steps", type=int, default=2000, help="optimiser steps")
-    sp.add_argument("--batch-size", type=int, default=8, help="batch size")
-    sp.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (cosine schedule with warm-up)")
-    sp.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
+    sp.add_argument("--preset", default=None, help="network size of the variant: tiny (tests), small (CPU), "
+                                                   "base (GPU); default: the variant's")
+    sp.add_argument("--image-size", type=int, default=None, help="square input size (default: the variant's)")
+    sp.add_argument("--steps", type=int, default=2000, help="optimiser steps (default: %(default)s)")
+    sp.add_argument("--batch-size", type=int, default=8, help="batch size (default: %(default)s)")
+    sp.add_argument("--lr", type=float, default=3e-4, help="peak learning rate, cosine schedule (default: %(default)s)")
+    sp.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default: %(default)s)")
     sp.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
                     help="auto: bf16/fp16 on CUDA, fp32 on CPU")
-    sp.add_argument("--start-step", type=int, default=None, help="reconstruction start step T' (default 250 of 1000)")
-    sp.add_argument("--ddim-steps", type=int, default=None, help="DDIM steps of the reconstruction (default 10)")
-    sp.add_argument("--guidance", type=float, default=None, help="DDAD guidance weight w (default 2)")
+    sp.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="set a field of the variant's config, e.g. diffusion.start_step=200 (repeatable; "
+                         "each variant's options are listed below)")
     sp.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    sp.add_argument("--seed", type=int, default=0, help="random seed")
+    sp.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
     sp.set_defaults(func=cmd_train)
 
     sp = sub.add_parser("evaluate", help="metrics of a model on a labelled dataset", formatter_class=fmt,
@@ -304,13 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--token", default=None, help="Hub token for private repos")
     sp.set_defaults(func=cmd_pull)
 
-    sp = sub.add_parser("app", help="start the Gradio inspection app", formatter_class=fmt)
-    sp.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    sp.add_argument("--port", type=int, default=7860, help="port")
-    sp.add_argument("--data-root", default=".", help="server folders the app may read are confined to this root")
-    sp.add_argument("--model", default=None, help="model folder or Hub id to load (default: the bundled demo)")
-    sp.add_argument("--share", action="store_true", help="create a public Gradio share link")
-    sp.set_defaults(func=cmd_app)
+    _plugin_commands(sub)
     return p
 
 

@@ -8,35 +8,124 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Type, TypeVar
 
 T = TypeVar("T")
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
 
 
 class ConfigError(ValueError):
     """A configuration file or field is invalid; the message names the field."""
 
 
-def _from_dict(cls: Type[T], data: dict[str, Any], where: str) -> T:
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Turn a JSON value into the annotated field type (nested dataclasses, Optional, tuples)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union or (sys.version_info >= (3, 10) and isinstance(tp, types.UnionType)):
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where) if len(inner) == 1 else value
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        return config_from_dict(tp, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        return tuple(_coerce(inner, v, where) for v in value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def config_from_dict(cls: Type[T], data: dict[str, Any], where: str) -> T:
+    """Build the dataclass ``cls`` from a plain dict; unknown keys are an error naming the field."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected an object, got {type(data).__name__}")
     names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(names))
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
-    kwargs = {}
-    for key, value in data.items():
-        if isinstance(value, list) and key in ("layers", "score_layers"):
-            value = tuple(value)
-        kwargs[key] = value
+    hints = typing.get_type_hints(cls)
+    kwargs = {key: _coerce(hints.get(key, Any), value, f"{where}.{key}") for key, value in data.items()}
     try:
         return cls(**kwargs)  # type: ignore[call-arg]
-    except TypeError as exc:  # pragma: no cover - defensive
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
         raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _parse_value(tp: Any, text: str, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union or (sys.version_info >= (3, 10) and isinstance(tp, types.UnionType)):
+        if text.lower() in ("none", "null", ""):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _parse_value(inner[0], text, where) if len(inner) == 1 else text
+    try:
+        if tp is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if tp is int:
+            return int(text)
+        if tp is float:
+            return float(text)
+        if origin is tuple:
+            inner = args[0] if args else str
+            return tuple(_parse_value(inner, v, where) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise ConfigError(f"{where}: cannot read {text!r} as {getattr(tp, '__name__', tp)}") from None
+    return text
+
+
+def set_option(cfg: Any, key: str, value: Any, where: str = "option") -> None:
+    """Set a (dotted) field of a config dataclass, parsing strings by the field's type.
+
+    ``set_option(cfg, "diffusion.start_step", "200")``; an unknown field is a
+    :class:`ConfigError` that lists the known ones.
+    """
+    obj = cfg
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(obj):
+            raise ConfigError(f"{where} {key!r}: {'.'.join(parts[:i])} is not a section")
+        names = [f.name for f in dataclasses.fields(obj)]
+        if part not in names:
+            raise ConfigError(f"{where} {key!r}: unknown field {part!r}; known: {', '.join(names)}")
+        if i == len(parts) - 1:
+            tp = typing.get_type_hints(type(obj)).get(part, Any)
+            if isinstance(value, str):
+                value = _parse_value(tp, value, f"{where} {key}")
+            setattr(obj, part, value)
+        else:
+            obj = getattr(obj, part)
+
+
+def option_help(cls: type, prefix: str = "") -> list[str]:
+    """``name=default`` for every (nested) field of a config dataclass (for ``--help``)."""
+    out = []
+    inst = cls()
+    for f in dataclasses.fields(cls):
+        v = getattr(inst, f.name)
+        if dataclasses.is_dataclass(v):
+            out.extend(option_help(type(v), f"{prefix}{f.name}."))
+        else:
+            out.append(f"{prefix}{f.name}={v}")
+    return out
 
 
 @dataclass
@@ -58,18 +147,6 @@ class BankConfig:
             raise ConfigError(f"bank.size (xi) must be in 1..1000, got {self.size}")
         if not self.layers:
             raise ConfigError("bank.layers must name at least one backbone layer")
-
-
-@dataclass
-class PatchCoreConfig:
-    """PatchCore memory bank (Roth et al. 2022): coreset ratio of all patches, k nearest neighbours."""
-
-    ratio: float = 0.01
-    k: int = 1
-
-    def validate(self) -> None:
-        if not 0.0 < float(self.ratio) <= 1.0:
-            raise ConfigError(f"patchcore.ratio must be in (0, 1], got {self.ratio}")
 
 
 @dataclass
@@ -125,46 +202,74 @@ class ScoringConfig:
 
 @dataclass
 class DetectorConfig:
-    """Everything needed to rebuild a detector: features + denoiser + reconstruction + scorer."""
+    """Everything needed to rebuild a detector: the method's name and its typed config section,
+    the shared bank and scoring settings, and the training settings it was trained with.
+
+    ``method`` is the method's own ``Config`` dataclass (``ccad.methods``); ``train`` a
+    :class:`ccad.training.TrainConfig` for trained methods. Version 1 files (``patchcore`` /
+    ``denoiser`` / ``diffusion`` sections) are migrated on load.
+    """
 
     variant: str = "patchcore"
     image_size: int = 256
     bank: BankConfig = field(default_factory=BankConfig)
-    patchcore: Optional[PatchCoreConfig] = None
-    denoiser: Optional[dict[str, Any]] = None  # a ccad.models.DenoiserConfig as a dict
-    diffusion: Optional[DiffusionConfig] = None
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
-    train: Optional[dict[str, Any]] = None  # a ccad.training.TrainConfig as a dict
+    method: Any = None
+    train: Any = None
     version: int = CONFIG_VERSION
 
+    def __post_init__(self) -> None:
+        if self.method is None:
+            from .methods import get_method
+
+            self.method = get_method(self.variant).default_config()
+
     def validate(self) -> "DetectorConfig":
+        from .methods import get_method
+
         if not 16 <= int(self.image_size) <= 2048:
             raise ConfigError(f"image_size must be in 16..2048, got {self.image_size}")
         self.bank.validate()
         self.scoring.validate()
-        if self.patchcore is not None:
-            self.patchcore.validate()
-        if self.diffusion is not None:
-            self.diffusion.validate()
+        cls = get_method(self.variant)
+        if not isinstance(self.method, cls.Config):
+            raise ConfigError(f"method: a {self.variant} detector needs a {cls.Config.__name__}, "
+                              f"got {type(self.method).__name__}")
+        cls.validate_config(self.method)
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.train is not None and not isinstance(d["train"], dict):
+            d["train"] = self.train.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DetectorConfig":
+        from .methods import UnknownVariant, get_method
+
         data = dict(data)
         version = data.get("version", CONFIG_VERSION)
-        if version > CONFIG_VERSION:
+        if not isinstance(version, int) or version > CONFIG_VERSION:
             raise ConfigError(
                 f"config version {version} is newer than this ccad understands ({CONFIG_VERSION}); upgrade ccad"
             )
-        sub = {"bank": BankConfig, "patchcore": PatchCoreConfig, "diffusion": DiffusionConfig,
-               "scoring": ScoringConfig}
-        for key, klass in sub.items():
+        if version < 2:
+            data = _migrate_v1(data)
+        variant = data.get("variant", "patchcore")
+        try:
+            mcls = get_method(variant)
+        except UnknownVariant as exc:
+            raise ConfigError(f"variant: {exc}") from None
+        for key, klass in {"bank": BankConfig, "scoring": ScoringConfig}.items():
             if data.get(key) is not None:
-                data[key] = _from_dict(klass, data[key], key)
-        return _from_dict(cls, data, "config").validate()
+                data[key] = config_from_dict(klass, data[key], key)
+        data["method"] = mcls.config_from_dict(data.get("method") or {})
+        if data.get("train") is not None:
+            from .training import TrainConfig
+
+            data["train"] = config_from_dict(TrainConfig, data["train"], "train")
+        return config_from_dict(cls, data, "config").validate()
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
@@ -182,3 +287,21 @@ class DetectorConfig:
             return cls.from_dict(data)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+
+
+def _migrate_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 (one field per part: ``patchcore``, ``denoiser``, ``diffusion``) -> version 2."""
+    data = dict(data)
+    patchcore, denoiser, diffusion = data.pop("patchcore", None), data.pop("denoiser", None), data.pop("diffusion", None)
+    if data.get("variant") == "patchcore" and patchcore is not None:
+        data["method"] = dict(patchcore)
+    elif data.get("variant") == "ccad-v":
+        data["method"] = {"denoiser": denoiser, "diffusion": diffusion}
+    train = data.get("train")
+    if isinstance(train, dict):
+        from .training import TrainConfig
+
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        data["train"] = {k: v for k, v in train.items() if k in known}
+    data["version"] = CONFIG_VERSION
+    return data

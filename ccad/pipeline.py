@@ -1,16 +1,14 @@
 """The one object users call: :class:`AnomalyDetector`.
 
-A detector is features + denoiser + reconstruction strategy + scorer, fixed by a
-:class:`~ccad.config.DetectorConfig` from the variant registry:
-
-- ``patchcore``: the coarse bank's backbone features scored by nearest-neighbour distance to a
-  1 % coreset memory bank (the baseline every seed paper compares with);
-- ``ccad-v``: the pixel-space denoiser conditioned on the Coarse Feature Bank (CCAD sec. 3.3),
-  DDAD-guided reconstruction (eq. 12-14) and the feature-cosine anomaly map (eq. 16).
+A detector is a method plug-in (:mod:`ccad.methods`: PatchCore, CCAD(V), ...) plus what every
+method shares: the feature bank, the image score, the calibrated threshold, the files on disk.
+The detector never looks at the method's name; it asks the registry for the method class and
+calls its hooks (``maps`` for a batch, ``save`` / ``load`` for its files).
 
 ``AnomalyDetector.from_pretrained(path_or_repo_id).predict(image_or_path)`` returns a
 :class:`Prediction` with the score, map, reconstruction, binary mask, verdict and timing. The
-same object backs the CLI, the app and the benchmarks.
+same object backs the CLI, the app and the benchmarks. :func:`fit_detector` builds a detector
+whose method needs no training; :func:`train_detector` builds and trains any method.
 """
 from __future__ import annotations
 
@@ -28,10 +26,10 @@ import torch.nn.functional as F
 from huggingface_hub import ModelHubMixin
 
 from . import __version__
-from .config import ConfigError, DetectorConfig
+from .config import ConfigError, DetectorConfig, set_option
 from .data.io import ImageReadError, coerce_image, to_tensor
-from .registry import default_config, get_variant
-from .scoring.anomaly_map import anomaly_map, gaussian_blur, image_score, scaled_sigma
+from .methods import Context, Method, get_method
+from .scoring.anomaly_map import image_score
 from .scoring.threshold import Calibration
 
 ProgressFn = Optional[Callable[[int, int], None]]
@@ -129,8 +127,6 @@ FILES = {
     "config": "config.json",
     "calibration": "calibration.json",
     "info": "info.json",
-    "patchcore": "patchcore.safetensors",
-    "denoiser": "denoiser.safetensors",
 }
 
 
@@ -141,38 +137,38 @@ class AnomalyDetector(
     repo_url="https://github.com/ccad-project/ccad",
     paper_url="https://arxiv.org/abs/2512.21459",
 ):
-    """Features + (optional) denoiser + reconstruction + scorer behind one ``predict`` call."""
+    """A method plug-in + bank + image score + threshold behind one ``predict`` call.
+
+    Args:
+        config: the :class:`DetectorConfig` (its ``method`` section is the method's own config).
+        bank: the Coarse Feature Bank (a :class:`ccad.features.FeatureBank`) or None for methods
+            without one.
+        method: the built or loaded :class:`ccad.methods.Method` instance.
+        calibration / info: the threshold and plain facts (training count, metrics ...).
+    """
 
     def __init__(
         self,
         config: DetectorConfig,
         bank: Any,
-        patchcore: Any = None,
-        denoiser: Optional[torch.nn.Module] = None,
+        method: Method,
         calibration: Optional[Calibration] = None,
         info: Optional[dict[str, Any]] = None,
         device: Optional[torch.device | str] = None,
     ) -> None:
         self.config = config.validate()
+        if not isinstance(method, get_method(config.variant)):
+            raise ConfigError(f"a {config.variant} detector needs a {get_method(config.variant).__name__} "
+                              f"method, got {type(method).__name__}")
         self.bank = bank
-        self.patchcore = patchcore
-        self.denoiser = denoiser
+        self.method = method
         self.calibration = calibration
         self.info: dict[str, Any] = dict(info or {})
         self.device = torch.device(device) if device is not None else default_device()
-        self._score_backbone = None
-        self._scheduler = None
-        get_variant(config.variant)  # unknown variants fail here, with the known names
-        if self.variant == "patchcore" and patchcore is None:
-            raise ConfigError("a patchcore detector needs its PatchCore memory bank (patchcore=...)")
-        if self.variant == "ccad-v" and denoiser is None:
-            raise ConfigError("a ccad-v detector needs its trained denoiser (denoiser=...)")
-        if self.denoiser is not None:
-            self.denoiser.to(self.device).eval()
-            if self.device.type == "cuda":
-                self.denoiser.to(memory_format=torch.channels_last)
-        if self.patchcore is not None and hasattr(self.patchcore, "to"):
-            self.patchcore.to(self.device)
+        ctx = method.ctx
+        ctx.device, ctx.bank, ctx.scoring, ctx.bank_config = self.device, bank, config.scoring, config.bank
+        method.config = config.method
+        method.to(self.device)
 
     # ---- properties -------------------------------------------------------------------------
     @property
@@ -203,52 +199,11 @@ class AnomalyDetector(
         return float(self.info.get("map_floor", 0.0))
 
     # ---- internals --------------------------------------------------------------------------
-    def _scoring_backbone(self):
-        if self._score_backbone is None:
-            from .features import get_backbone
-
-            sc = self.config.scoring
-            name = sc.backbone or self.config.bank.backbone
-            weights = self.config.bank.weights if name == self.config.bank.backbone else None
-            self._score_backbone = get_backbone(name, layers=tuple(sc.score_layers), weights=weights).to(self.device)
-        return self._score_backbone
-
-    def _diffusion_scheduler(self):
-        if self._scheduler is None:
-            from .diffusion import make_scheduler
-
-            d = self.config.diffusion
-            self._scheduler = make_scheduler(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end)
-        return self._scheduler
-
-    @torch.no_grad()
-    def _reconstruct(self, x: torch.Tensor, seed: Optional[int] = None) -> torch.Tensor:
-        """Reconstruct ``x`` (B x 3 x S x S in [0, 1]) with the configured strategy (eq. 12-14)."""
-        from .diffusion import RECONSTRUCTORS
-
-        d = self.config.diffusion
-        strategy = RECONSTRUCTORS[d.strategy]
-        gen = torch.Generator(device=x.device).manual_seed(d.seed if seed is None else seed)
-        bank = self.bank.features.to(x.device)
-        if x.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-            x_hat = strategy(self.denoiser, x * 2 - 1, bank, self._diffusion_scheduler(), start_step=d.start_step,
-                             steps=d.steps, guidance=d.guidance, eta=d.eta, generator=gen)
-        return ((x_hat.float() + 1) / 2).clamp(0, 1)
-
     @torch.no_grad()
     def maps_for_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Anomaly maps ``B x 1 x S x S`` (and reconstructions) for a batch at the model's size."""
-        x = x.to(self.device, torch.float32)
-        sc = self.config.scoring
-        if self.variant == "patchcore":
-            raw = self.patchcore.score_maps(x).float()
-            maps = F.interpolate(raw, size=x.shape[-2:], mode="bilinear", align_corners=False)
-            return gaussian_blur(maps, scaled_sigma(sc.sigma, x.shape[-1])), None
-        x_hat = self._reconstruct(x)
-        maps = anomaly_map(x, x_hat, self._scoring_backbone(), pixel_weight=sc.pixel_weight, sigma=sc.sigma)
-        return maps, x_hat
+        out = self.method.maps(x.to(self.device, torch.float32))
+        return out.maps.float(), (None if out.reconstruction is None else out.reconstruction.float())
 
     def _score(self, maps: torch.Tensor) -> torch.Tensor:
         sc = self.config.scoring
@@ -358,9 +313,10 @@ class AnomalyDetector(
         """Plain facts about this model for the UI and the model card."""
         bank_meta = dict(getattr(self.bank, "meta", {}) or {})
         cal = self.calibration
-        return {
+        mcls = type(self.method)
+        facts = {
             "variant": self.variant,
-            "title": get_variant(self.variant).title,
+            "title": mcls.title,
             "backbone": self.config.bank.backbone,
             "layers": list(self.config.bank.layers),
             "bank_size": int(self.bank.features.shape[0]) if self.bank is not None else None,
@@ -370,31 +326,24 @@ class AnomalyDetector(
             "calibration": None if cal is None else {"method": cal.method, "n_good": int(cal.good_scores.size),
                                                      "target_fpr": cal.target_fpr},
             "n_train_images": self.info.get("n_train_images", bank_meta.get("n_images")),
+            "categories": self.info.get("categories"),
             "metrics": self.info.get("metrics"),
             "created": self.info.get("created"),
-            "denoiser_parameters": (sum(p.numel() for p in self.denoiser.parameters())
-                                    if self.denoiser is not None else None),
-            "reconstruction": (None if self.config.diffusion is None else
-                               {"strategy": self.config.diffusion.strategy,
-                                "start_step": self.config.diffusion.start_step,
-                                "steps": self.config.diffusion.steps,
-                                "guidance": self.config.diffusion.guidance}),
-            "ccad_version": self.info.get("ccad_version", __version__),
         }
+        method_facts = self.method.card()
+        facts["denoiser_parameters"] = method_facts.pop("parameters", None)
+        facts.update(method_facts)
+        facts["ccad_version"] = self.info.get("ccad_version", __version__)
+        return facts
 
     # ---- persistence (huggingface_hub mixin) ------------------------------------------------
     def _save_pretrained(self, save_directory: Path) -> None:
-        from safetensors.torch import save_file
-
         save_directory = Path(save_directory)
+        save_directory.mkdir(parents=True, exist_ok=True)
         self.config.save(save_directory / FILES["config"])
-        self.bank.save(save_directory)
-        if self.patchcore is not None:
-            save_file({k: v.contiguous().cpu() for k, v in self.patchcore.to_tensors().items()},
-                      str(save_directory / FILES["patchcore"]))
-        if self.denoiser is not None:
-            save_file({k: v.contiguous().cpu() for k, v in self.denoiser.state_dict().items()},
-                      str(save_directory / FILES["denoiser"]))
+        if self.bank is not None:
+            self.bank.save(save_directory)
+        self.method.save(save_directory)
         if self.calibration is not None:
             (save_directory / FILES["calibration"]).write_text(json.dumps(self.calibration.to_dict(), indent=1))
         info = dict(self.info)
@@ -404,7 +353,7 @@ class AnomalyDetector(
         (save_directory / "README.md").write_text(model_card_text(self.card()))
 
     def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> Optional[str]:  # type: ignore[override]
-        """Write config.json, bank, weights (safetensors), calibration and a model card to a folder."""
+        """Write config.json, bank, the method's files (safetensors), calibration and a model card."""
         return super().save_pretrained(save_directory, **kwargs)
 
     def set_threshold_and_save(self, save_directory: str | Path, threshold: float) -> None:
@@ -428,9 +377,8 @@ class AnomalyDetector(
     def load_folder(cls, path: str | Path, device: Any = None) -> "AnomalyDetector":
         """Load a detector saved by :meth:`save_pretrained` from a local folder."""
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
 
-        from .features import FeatureBank, PatchCoreScorer, get_backbone
+        from .features import FeatureBank
 
         path = Path(path)
         if not (path / FILES["config"]).is_file():
@@ -439,32 +387,22 @@ class AnomalyDetector(
             config = DetectorConfig.load(path / FILES["config"])
         except ConfigError as exc:
             raise CheckpointError(str(exc)) from None
-        if not get_variant(config.variant).available:
-            raise CheckpointError(f"{path}: variant {config.variant!r} is not available in ccad {__version__}")
+        mcls = get_method(config.variant)
+        bank = None
+        if (path / "bank.safetensors").is_file():
+            try:
+                bank = FeatureBank.load(path)
+            except Exception as exc:  # noqa: BLE001 - any reader error is a checkpoint problem
+                raise CheckpointError(f"{path}: cannot read the feature bank ({exc})") from None
+        elif mcls.uses_bank:
+            raise CheckpointError(f"{path}: a {config.variant} detector needs its feature bank (bank.safetensors)")
+        dev = torch.device(device) if device is not None else default_device()
+        ctx = Context(image_size=config.image_size, device=dev, bank_config=config.bank, scoring=config.scoring,
+                      bank=bank)
         try:
-            bank = FeatureBank.load(path)
-        except Exception as exc:  # noqa: BLE001 - any reader error is a checkpoint problem
-            raise CheckpointError(f"{path}: cannot read the feature bank ({exc})") from None
-        patchcore = denoiser = None
-        try:
-            if (path / FILES["patchcore"]).is_file():
-                backbone = get_backbone(config.bank.backbone, layers=tuple(config.bank.layers),
-                                        weights=config.bank.weights)
-                patchcore = PatchCoreScorer.from_tensors(load_file(str(path / FILES["patchcore"])), backbone)
-            if config.denoiser is not None:
-                from .models import BankConditionedUNet, DenoiserConfig
-
-                f = path / FILES["denoiser"]
-                if not f.is_file():
-                    raise CheckpointError(f"{path}: config names a denoiser but {FILES['denoiser']} is missing")
-                denoiser = BankConditionedUNet(DenoiserConfig.from_dict(config.denoiser))
-                state = load_file(str(f))
-                missing, unexpected = denoiser.load_state_dict(state, strict=False)
-                if missing or unexpected:
-                    raise CheckpointError(f"{f}: weights do not match the config (missing {missing[:3]}, "
-                                          f"unexpected {unexpected[:3]})")
-        except (SafetensorError, RuntimeError, OSError) as exc:
-            raise CheckpointError(f"{path}: cannot read weights ({exc})") from None
+            method = mcls.load(path, config.method, ctx)
+        except (SafetensorError, RuntimeError, OSError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{path}: cannot read the {config.variant} weights ({exc})") from None
         calibration = None
         if (path / FILES["calibration"]).is_file():
             try:
@@ -478,8 +416,7 @@ class AnomalyDetector(
             except json.JSONDecodeError as exc:
                 raise CheckpointError(f"{path / FILES['info']}: {exc}") from None
         try:
-            return cls(config, bank, patchcore=patchcore, denoiser=denoiser, calibration=calibration, info=info,
-                       device=device)
+            return cls(config, bank, method, calibration=calibration, info=info, device=dev)
         except ConfigError as exc:
             raise CheckpointError(f"{path}: {exc}") from None
 
@@ -500,11 +437,18 @@ def model_card_text(card: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------
 
 def _as_samples(data: Any, split: str = "train") -> list:
+    """Good samples from a dataset path, several dataset paths (one category each), or items."""
     from .data.datasets import load_dataset
     from .data.sample import Sample
 
     if isinstance(data, (str, Path)):
         samples = load_dataset(data, split=split)
+    elif isinstance(data, (list, tuple)) and data and all(isinstance(d, (str, Path)) and Path(d).is_dir()
+                                                         for d in data):
+        samples = []
+        for d in data:  # several folders: each is one category (named by the folder unless the layout says)
+            for s in load_dataset(d, split=split):
+                samples.append(s if s.category else replace(s, category=Path(d).name))
     else:
         samples = [s if isinstance(s, Sample) else Sample(str(s), None, 0) for s in data]
     good = [s for s in samples if s.label == 0]
@@ -514,89 +458,103 @@ def _as_samples(data: Any, split: str = "train") -> list:
 
 
 def split_good(samples: list, calibration_fraction: float, seed: int = 0) -> tuple[list, list]:
-    """Deterministically hold out a slice of the good images for threshold calibration."""
+    """Deterministically hold out a slice of the good images for threshold calibration
+    (stratified by category, so every category of a multi-class model is calibrated on)."""
     if not 0.0 <= calibration_fraction < 1.0:
         raise ValueError(f"calibration_fraction must be in [0, 1), got {calibration_fraction}")
-    order = np.random.default_rng(seed).permutation(len(samples))
-    n_cal = int(round(len(samples) * calibration_fraction))
-    if calibration_fraction > 0 and len(samples) >= 2:
-        n_cal = min(max(n_cal, 1), len(samples) - 1)
-    cal = [samples[i] for i in sorted(order[:n_cal])]
-    train = [samples[i] for i in sorted(order[n_cal:])]
+    by_cat: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_cat.setdefault(getattr(s, "category", "") or "", []).append(i)
+    cal_idx: list[int] = []
+    rng = np.random.default_rng(seed)
+    for cat in sorted(by_cat):
+        idx = by_cat[cat]
+        order = rng.permutation(len(idx))
+        n_cal = int(round(len(idx) * calibration_fraction))
+        if calibration_fraction > 0 and len(idx) >= 2:
+            n_cal = min(max(n_cal, 1), len(idx) - 1)
+        cal_idx.extend(idx[j] for j in order[:n_cal])
+    cal_set = set(cal_idx)
+    cal = [samples[i] for i in sorted(cal_set)]
+    train = [samples[i] for i in range(len(samples)) if i not in cal_set]
     return train, cal
 
 
-def bank_from_memory(pc: Any, samples: list, bank_size: int, image_size: int, batch_size: int = 8,
-                     seed: int = 0) -> Any:
-    """The Coarse Feature Bank (eq. 5-6) as a greedy k-center coreset of the PatchCore memory.
+def _detector_config(variant: str, image_size: Optional[int], method: Any, bank_config: Any, scoring: Any,
+                     backbone: Optional[str], layers: Optional[Sequence[int]], bank_size: Optional[int],
+                     weights: Optional[str], batch_size: Optional[int], preset: Optional[str]) -> DetectorConfig:
+    from .config import BankConfig, ScoringConfig
 
-    The memory is itself a greedy coreset of every training patch, and k-center coresets
-    compose (a point is within the memory's covering radius of a memory row, which is within
-    the bank's radius of a bank row), so this needs no second pass over the images.
-    """
-    from .features import FeatureBank
-    from .features.bank import ImageStream
-    from .features.coreset import greedy_coreset, validate_bank_size
+    mcls = get_method(variant)
+    mcfg = method if method is not None else mcls.default_config(preset)
+    if method is not None and preset is not None:
+        set_option(mcfg, "preset", preset, "preset")
+    bc = bank_config if bank_config is not None else BankConfig()
+    for key, value in (("backbone", backbone), ("layers", None if layers is None else tuple(layers)),
+                       ("size", bank_size), ("weights", weights), ("batch_size", batch_size)):
+        if value is not None:
+            setattr(bc, key, value)
+    return DetectorConfig(variant=variant, image_size=int(image_size or mcls.default_image_size), bank=bc,
+                          scoring=scoring if scoring is not None else ScoringConfig(), method=mcfg).validate()
 
-    xi = validate_bank_size(bank_size)
-    memory = pc.memory_bank
-    idx = greedy_coreset(memory, xi, seed=seed)
-    feats = memory[idx].float().cpu()
-    bb = pc.backbone
-    meta = {
-        "backbone": getattr(bb, "name", type(bb).__name__), "layers": list(getattr(bb, "layers", [])),
-        "image_size": int(image_size), "xi": int(feats.shape[0]), "xi_requested": xi,
-        "feature_dim": int(feats.shape[1]), "n_images": int(pc.n_images), "n_patches": int(pc.n_patches),
-        "grid": list(pc.grid) if pc.grid else None,
-        "source_hash": ImageStream(samples, image_size, batch_size).source_hash(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "ccad_version": __version__,
-        "skipped": list(pc.skipped),
-        "coreset": {"method": "greedy k-center of the PatchCore memory (itself a streaming greedy coreset)",
-                    "memory_rows": int(memory.shape[0]), "seed": seed},
-    }
-    return FeatureBank(feats, meta)
+
+def _prepare(data: Any, config: DetectorConfig, bank: Any, calibration_fraction: float, seed: int, device: Any,
+             progress: ProgressFn, cancel: CancelFn, run_dir: Optional[Path]) -> tuple[Method, Any, list, list]:
+    """Samples -> train / calibration split -> the method with its bank and modules built."""
+    good = _as_samples(data)
+    train, cal = split_good(good, calibration_fraction, seed)
+    dev = torch.device(device) if device is not None else default_device()
+    mcls = get_method(config.variant)
+    ctx = Context(image_size=config.image_size, device=dev, bank_config=config.bank, scoring=config.scoring,
+                  run_dir=run_dir, progress=progress, cancel=cancel, seed=seed)
+    method = mcls(config.method, ctx)
+    if bank is None:
+        bank = method.build_bank(train)
+    elif mcls.uses_bank:
+        meta = getattr(bank, "meta", {}) or {}
+        config.bank.backbone = meta.get("backbone", config.bank.backbone)
+        config.bank.layers = tuple(meta.get("layers", config.bank.layers))
+        config.bank.size = int(bank.features.shape[0])
+    ctx.bank = bank
+    method.build(train)
+    config.validate()
+    return method, bank, train, cal
+
+
+def _info(train: list, bank: Any) -> dict[str, Any]:
+    cats = sorted({getattr(s, "category", "") or "" for s in train} - {""})
+    skipped = (getattr(bank, "meta", {}) or {}).get("skipped", []) if bank is not None else []
+    return {"n_train_images": len(train), "skipped": skipped, "categories": cats or None}
 
 
 def fit_detector(
     data: Any,
     variant: str = "patchcore",
-    backbone: str = "tf_efficientnet_lite0",
-    layers: Sequence[int] = (2, 3),
-    bank_size: int = 200,
+    backbone: Optional[str] = None,
+    layers: Optional[Sequence[int]] = None,
+    bank_size: Optional[int] = None,
     image_size: int = 256,
-    patchcore_ratio: float = 0.01,
+    method: Any = None,
     calibration_fraction: float = 0.2,
     batch_size: int = 8,
     weights: Optional[str] = None,
+    bank_config: Any = None,
+    scoring: Any = None,
     progress: ProgressFn = None,
     cancel: CancelFn = None,
     device: Any = None,
     seed: int = 0,
 ) -> AnomalyDetector:
-    """Build the Coarse Feature Bank and the PatchCore memory from good images: a working
-    (PatchCore) detector within seconds, calibrated on a held-out good slice."""
-    from .features import FeatureBank, PatchCoreScorer, get_backbone
-
-    if variant != "patchcore":
-        raise ValueError(f"fit_detector builds bank-only detectors ('patchcore'); use train_detector for {variant!r}")
-    good = _as_samples(data)
-    train, cal = split_good(good, calibration_fraction, seed)
-    config = default_config("patchcore", image_size=image_size)
-    config.bank.backbone, config.bank.layers, config.bank.size = backbone, tuple(layers), int(bank_size)
-    config.bank.weights, config.bank.batch_size = weights, batch_size
-    config.patchcore.ratio = float(patchcore_ratio)
-    config.validate()
-    dev = torch.device(device) if device is not None else default_device()
-    bb = get_backbone(backbone, layers=tuple(layers), weights=weights).to(dev)
-    pc = PatchCoreScorer(bb, ratio=patchcore_ratio, image_size=image_size, batch_size=batch_size, seed=seed)
-    pc.fit(train, progress=progress, cancel=cancel)
-    if pc.memory_bank.shape[0] >= 4 * bank_size:
-        bank = bank_from_memory(pc, train, bank_size, image_size, batch_size, seed)
-    else:  # too few patches in the memory to draw xi well-spread rows from: one more (small) pass
-        bank = FeatureBank.build(train, bb, size=bank_size, image_size=image_size, batch_size=batch_size,
-                                 progress=progress, cancel=cancel, seed=seed)
-    det = AnomalyDetector(config, bank, patchcore=pc,
-                          info={"n_train_images": len(train), "skipped": bank.meta.get("skipped", [])}, device=dev)
+    """Build a detector whose method needs no training (e.g. PatchCore) from good images: a working
+    detector within seconds, calibrated on a held-out good slice. ``method`` is the method's own
+    config (e.g. ``get_method("patchcore").Config(ratio=0.05)``); the bank settings default to
+    :class:`ccad.config.BankConfig`."""
+    if get_method(variant).trainable:
+        raise ValueError(f"{variant!r} is trained: use train_detector (ccad train --variant {variant})")
+    config = _detector_config(variant, image_size, method, bank_config, scoring, backbone, layers, bank_size,
+                              weights, batch_size, None)
+    m, bank, train, cal = _prepare(data, config, None, calibration_fraction, seed, device, progress, cancel, None)
+    det = AnomalyDetector(config, bank, m, info=_info(train, bank), device=m.ctx.device)
     if cal:
         det.calibrate(cal, batch_size=batch_size)
     return det
@@ -605,20 +563,21 @@ def fit_detector(
 def train_detector(
     data: Any,
     out_dir: str | Path,
-    bank: Any = None,
     variant: str = "ccad-v",
-    preset: str = "small",
-    image_size: int = 128,
-    steps: int = 2000,
-    batch_size: int = 8,
-    lr: float = 3e-4,
-    backbone: str = "tf_efficientnet_lite0",
-    layers: Sequence[int] = (2, 3),
-    bank_size: int = 200,
+    method: Any = None,
+    train: Any = None,
+    bank: Any = None,
+    preset: Optional[str] = None,
+    image_size: Optional[int] = None,
+    steps: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    lr: Optional[float] = None,
+    backbone: Optional[str] = None,
+    layers: Optional[Sequence[int]] = None,
+    bank_size: Optional[int] = None,
+    bank_config: Any = None,
+    scoring: Any = None,
     calibration_fraction: float = 0.2,
-    diffusion: Optional[dict[str, Any]] = None,
-    scoring: Optional[dict[str, Any]] = None,
-    train_options: Optional[dict[str, Any]] = None,
     callbacks: Sequence[Callable] = (),
     resume: bool | str = False,
     cancel: CancelFn = None,
@@ -626,59 +585,51 @@ def train_detector(
     device: Any = None,
     seed: int = 0,
 ) -> AnomalyDetector:
-    """Train a CCAD(V) detector on good images (eq. 15) and save it to ``out_dir/model``.
+    """Build and train a detector of any registered method on good images; save ``out_dir/model``.
 
-    The coarse bank is built first unless given. Training runs :class:`ccad.training.Trainer`
-    (accelerate; AMP, EMA, checkpoints in ``out_dir``; ``resume=True`` continues from the
-    latest). A callback returning True stops training with a resumable checkpoint; the detector
-    is still assembled (from the EMA weights so far), calibrated and saved.
+    ``method`` is the method's typed config (default: its defaults, with ``preset``); ``train`` a
+    :class:`ccad.training.TrainConfig` (``steps`` / ``batch_size`` / ``lr`` override its fields).
+    The bank is built first unless given (and, when resuming, reloaded from ``out_dir``). Training
+    runs :class:`ccad.training.Trainer` on the method's loss (accelerate; AMP, EMA, checkpoints in
+    ``out_dir``; ``resume=True`` continues from the latest). A callback returning True stops
+    training with a resumable checkpoint; the detector is still assembled (from the EMA weights
+    so far), calibrated and saved. Methods without training are fitted (as :func:`fit_detector`).
     """
-    from .data.datasets import ImageDataset
-    from .features import FeatureBank, get_backbone
-    from .models import BankConditionedUNet, DenoiserConfig
+    from .features import FeatureBank
     from .training import TrainConfig, Trainer
 
-    if variant != "ccad-v":
-        raise ValueError(f"train_detector trains 'ccad-v' in this version, not {variant!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    good = _as_samples(data)
-    train, cal = split_good(good, calibration_fraction, seed)
-    dev = torch.device(device) if device is not None else default_device()
-    config = default_config("ccad-v", image_size=image_size)
-    if bank is None:
-        config.bank.backbone, config.bank.layers, config.bank.size = backbone, tuple(layers), int(bank_size)
-        bb = get_backbone(backbone, layers=tuple(layers)).to(dev)
-        bank = FeatureBank.build(train, bb, size=bank_size, image_size=image_size, progress=progress, cancel=cancel)
+    config = _detector_config(variant, image_size, method, bank_config, scoring, backbone, layers, bank_size,
+                              None, None, preset)
+    mcls = get_method(variant)
+    tcfg = train if train is not None else TrainConfig(seed=seed)
+    for key, value in (("steps", steps), ("batch_size", batch_size), ("lr", lr)):
+        if value is not None:
+            setattr(tcfg, key, value)
+    tcfg.validate()
+    if bank is None and resume and (out_dir / "bank.safetensors").is_file():
+        bank = FeatureBank.load(out_dir)  # the bank this run was trained with
+    m, bank, train_s, cal = _prepare(data, config, bank, calibration_fraction, seed, device, progress, cancel,
+                                     out_dir)
+    if bank is not None:
         bank.save(out_dir)
-    else:
-        meta = bank.meta
-        config.bank.backbone = meta.get("backbone", backbone)
-        config.bank.layers = tuple(meta.get("layers", layers))
-        config.bank.size = int(bank.features.shape[0])
-    dcfg = DenoiserConfig.preset(preset, sample_size=image_size, bank_dim=int(bank.features.shape[1]))
-    config.denoiser = dcfg.to_dict()
-    config.patchcore = None
-    if diffusion:
-        config.diffusion = replace(config.diffusion, **diffusion)
-    if scoring:
-        config.scoring = replace(config.scoring, **scoring)
-    tcfg = TrainConfig(**{"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, **(train_options or {})})
-    config.train = tcfg.__dict__.copy()
-    config.validate()
-    model = BankConditionedUNet(dcfg)
-    dataset = ImageDataset(train, image_size, on_error="skip")
-    cbs = list(callbacks)
-    if cancel is not None:
-        cbs.append(lambda state: bool(cancel()))
-    trainer = Trainer(model, bank.features, dataset, tcfg, out_dir, callbacks=cbs)
+    info = _info(train_s, bank)
     t0 = time.perf_counter()
-    result = trainer.train(resume=resume)
-    det = AnomalyDetector(config, bank, denoiser=result.model, device=dev,
-                          info={"n_train_images": len(train), "train_steps": int(result.step),
-                                "train_seconds": round(time.perf_counter() - t0, 1),
-                                "stopped_early": bool(result.stopped)})
+    if mcls.trainable:
+        config.train = tcfg
+        cbs = list(callbacks)
+        if cancel is not None:
+            cbs.append(lambda state: bool(cancel()))
+        dataset = m.training_dataset(train_s)
+        trainer = Trainer(m.trainable_modules(), m.training_loss, dataset, tcfg, out_dir, callbacks=cbs,
+                          preview=m.preview)
+        result = trainer.train(resume=resume)
+        m.use_trained(result.model)
+        info.update({"train_steps": int(result.step), "stopped_early": bool(result.stopped)})
+    info["train_seconds"] = round(time.perf_counter() - t0, 1)
+    det = AnomalyDetector(config, bank, m, device=m.ctx.device, info=info)
     if cal:
-        det.calibrate(cal, batch_size=batch_size)
+        det.calibrate(cal, batch_size=tcfg.batch_size)
     det.save_pretrained(out_dir / "model")
     return det

@@ -1,29 +1,32 @@
-"""Trainer for the bank-conditioned denoiser (CCAD eq. 15), built on ``accelerate``.
+"""The Trainer: one loop for every trained method, built on ``accelerate``.
 
-The same code runs on the CPU, on one GPU, or on several under ``accelerate launch``:
-AdamW, cosine learning rate with linear warm-up, gradient clipping, automatic mixed precision on
-CUDA (bf16 where supported, else fp16 with a loss scaler), an fp32 exponential moving average of
-the weights (the model you deploy), a tqdm progress bar, callbacks that see every step and may stop
-training, and resumable checkpoints::
+The Trainer knows nothing of a method's objective: it optimises a set of modules with the loss
+function the method gives it (``loss_fn(modules, batch, generator) -> loss``, e.g. CCAD's
+eq. 15 epsilon loss or DeCo-Diff's deviation loss). The same code runs on the CPU, on one GPU, or
+on several under ``accelerate launch``: AdamW, diffusers' cosine learning rate with linear
+warm-up (``get_cosine_schedule_with_warmup``), gradient clipping, automatic mixed precision on
+CUDA (bf16 where supported, else fp16 with a loss scaler), diffusers' ``EMAModel`` (fp32; the
+weights you deploy), a tqdm progress bar, callbacks that see every step and may stop training,
+and resumable checkpoints::
 
     out_dir/checkpoint-<step>/
-        model/denoiser.safetensors + denoiser.json   trained weights (safetensors, no pickle)
-        ema/denoiser.safetensors + denoiser.json     EMA weights (load with BankConditionedUNet.load)
-        optimizer.safetensors + optimizer.json       AdamW state flattened to tensors + JSON
-        scheduler.json                               LR scheduler state
-        rng.safetensors + rng.json                   torch / CUDA / numpy / python RNG states
-        trainer_state.json                           step, epoch, losses, seconds, config
+        model.safetensors                  trained weights of every module (``<module>.<param>``)
+        ema.safetensors                    EMA weights, same keys
+        optimizer.safetensors + optimizer.json   AdamW state flattened to tensors + JSON
+        scheduler.json                     LR scheduler state
+        rng.safetensors + rng.json         torch / CUDA / numpy / python RNG states
+        trainer_state.json                 step, epoch, losses, seconds, EMA step, config
 
-Determinism: the batch of step s (the sample order) and all of its randomness (t, eps, flips) are
-pure functions of ``(seed, s, process index)``, never of a global RNG or of a data loader's
-position, so "train 6 steps" and "train 3, stop, resume to 6" give identical weights and losses.
+No pickle anywhere. Determinism: the batch of step s (the sample order) and all of its randomness
+(the generator handed to ``loss_fn``, the flips) are pure functions of ``(seed, s, process
+index)``, never of a global RNG or of a data loader's position, so "train 6 steps" and "train 3,
+stop, resume to 6" give identical weights and losses.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import json
-import math
 import os
 import random
 import re
@@ -31,17 +34,15 @@ import shutil
 import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
-
-from .diffusion import ddad_reconstruct, epsilon_loss, make_scheduler
-from .models.denoiser import images_to_model, model_to_images
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_NAME = "trainer_state.json"
@@ -56,11 +57,11 @@ class TrainConfig:
 
     ``mixed_precision``: ``auto`` = bf16 (or fp16 without bf16 support) on CUDA, ``no`` on CPU.
     ``checkpoint_every``: steps between checkpoints (0 = only at the end / on stop).
-    ``preview_every``: steps between EMA reconstructions of one training image (0 = never),
-    with ``preview_steps`` DDAD steps from ``preview_start_step``.
+    ``preview_every``: steps between EMA reconstructions of one training image (0 = never;
+    the method's own preview settings apply).
     ``show_progress``: the tqdm bar (loss, lr, ETA) on the main process.
-    ``ema_decay`` is warmed up as ``min(ema_decay, (1 + n) / (10 + n))`` after n updates so short
-    runs still give a usable EMA model.
+    ``ema_decay`` is warmed up by diffusers' ``EMAModel`` as ``min(ema_decay, (1 + n) / (10 + n))``
+    (n = updates so far) so short runs still give a usable EMA model.
     """
 
     steps: int = 1000
@@ -77,16 +78,13 @@ class TrainConfig:
     hflip: bool = False
     num_workers: int = 0
     preview_every: int = 0
-    preview_steps: int = 5
-    preview_start_step: int = 250
-    preview_guidance: float = 2.0
     show_progress: bool = True
     channels_last: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         def need(ok: bool, name: str, rule: str) -> None:
             if not ok:
                 raise ValueError(f"TrainConfig.{name} {rule}, got {getattr(self, name)!r}")
@@ -103,15 +101,13 @@ class TrainConfig:
         need(int(self.keep_checkpoints) >= 1, "keep_checkpoints", "must be >= 1")
         need(int(self.num_workers) >= 0, "num_workers", "must be >= 0")
         need(int(self.preview_every) >= 0, "preview_every", "must be >= 0")
-        need(int(self.preview_steps) >= 1, "preview_steps", "must be >= 1")
-        need(int(self.preview_start_step) >= 1, "preview_start_step", "must be >= 1")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -130,22 +126,22 @@ class TrainState:
     lr: float
     seconds: float
     eta_seconds: float
-    preview: Optional[np.ndarray] = None  # H x W x 3 float32 in [0, 1] on preview steps
+    preview: np.ndarray | None = None  # H x W x 3 float32 in [0, 1] on preview steps
 
 
 @dataclass
 class TrainResult:
-    """``model`` is the EMA model (fp32, eval mode); ``ema`` its :class:`EMA` tracker."""
+    """``model`` is the EMA copy of the modules (fp32, eval mode); ``ema`` the diffusers ``EMAModel``."""
 
     model: nn.Module
-    ema: "EMA"
+    ema: Any
     losses: list[float]
     stopped: bool
     step: int
     out_dir: Path
 
 
-Callback = Callable[[TrainState], Optional[bool]]
+Callback = Callable[[TrainState], bool | None]
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -161,12 +157,12 @@ def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
-    """Linear warm-up to 1 over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    span = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+    """The learning-rate factor at ``step``: diffusers' cosine schedule with linear warm-up."""
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = get_cosine_schedule_with_warmup(opt, warmup_steps, total_steps)
+    return float(sched.lr_lambdas[0](step))
 
 
 class _TensorImages(Dataset):
@@ -180,20 +176,29 @@ class _TensorImages(Dataset):
         return {"image": self.images[i]}
 
 
-def _image_of(item: Any) -> torch.Tensor:
+def _as_dict(item: Any) -> dict[str, Any]:
     if isinstance(item, dict):
-        if "image" not in item:
-            raise KeyError(f"dataset items must be dicts with an 'image' key, got keys {sorted(item)}")
-        return item["image"]
-    if torch.is_tensor(item):
         return item
-    if isinstance(item, (tuple, list)) and item and torch.is_tensor(item[0]):
-        return item[0]
-    raise TypeError(f"dataset items must be dicts with 'image' (3 x S x S in [0, 1]), got {type(item).__name__}")
+    if torch.is_tensor(item):
+        return {"image": item}
+    raise TypeError(f"dataset items must be dicts of tensors (e.g. 'image': 3 x S x S in [0, 1]), "
+                    f"got {type(item).__name__}")
 
 
-def _collate(items: list[Any]) -> torch.Tensor:
-    return torch.stack([torch.as_tensor(_image_of(it), dtype=torch.float32) for it in items])
+def collate(items: list[Any]) -> dict[str, Any]:
+    """Stack the tensors of dict items by key (floats as float32); other values become lists."""
+    dicts = [_as_dict(it) for it in items]
+    out: dict[str, Any] = {}
+    for key in dicts[0]:
+        values = [d[key] for d in dicts]
+        if torch.is_tensor(values[0]) or isinstance(values[0], np.ndarray):
+            t = torch.stack([torch.as_tensor(v) for v in values])
+            out[key] = t.float() if t.is_floating_point() else t
+        elif isinstance(values[0], (int, float)) and not isinstance(values[0], bool):
+            out[key] = torch.tensor(values)
+        else:
+            out[key] = values
+    return out
 
 
 class StepBatchSampler(Sampler):
@@ -234,53 +239,33 @@ class StepBatchSampler(Sampler):
         return max(0, self.end - self.start)
 
 
-class EMA:
-    """fp32 exponential moving average of a model's weights (the weights the detector uses)."""
-
-    def __init__(self, model: nn.Module, decay: float = 0.999, num_updates: int = 0) -> None:
-        self.module = copy.deepcopy(model).float().eval().requires_grad_(False)
-        self.decay = float(decay)
-        self.num_updates = int(num_updates)
-
-    def current_decay(self) -> float:
-        n = self.num_updates
-        return min(self.decay, (1.0 + n) / (10.0 + n))
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.num_updates += 1
-        d = self.current_decay()
-        src = dict(model.named_parameters())
-        for name, p in self.module.named_parameters():
-            p.lerp_(src[name].detach().float(), 1.0 - d)
-        src_b = dict(model.named_buffers())
-        for name, b in self.module.named_buffers():
-            b.copy_(src_b[name])
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.module.state_dict()
+def _state_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
-def _save_module(module: nn.Module, directory: Path) -> None:
-    if hasattr(module, "save"):
-        module.save(directory)
-        return
-    from safetensors.torch import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
-              str(directory / "model.safetensors"))
+def _ema_state(ema: Any, module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state dict with the EMA shadow in place of the trained parameters."""
+    state = _state_of(module)
+    for (name, _), shadow in zip(module.named_parameters(), ema.shadow_params):
+        state[name] = shadow.detach().float().cpu().contiguous()
+    return state
 
 
-def _load_module(module: nn.Module, directory: Path) -> None:
+def ema_module(ema: Any, module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` (fp32, eval) holding the EMA weights."""
+    copy_ = copy.deepcopy(module).float().eval().requires_grad_(False)
+    ema.copy_to(copy_.parameters())
+    return copy_
+
+
+def load_checkpoint_weights(checkpoint: str | Path, which: str = "ema") -> dict[str, torch.Tensor]:
+    """The ``model`` or ``ema`` state dict of a checkpoint folder (keys ``<module>.<param>``)."""
     from safetensors.torch import load_file
 
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{directory}: no .safetensors weights in this checkpoint folder")
-    state = load_file(str(files[0]))
-    device = next(module.parameters()).device
-    module.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
+    f = Path(checkpoint) / f"{which}.safetensors"
+    if not f.is_file():
+        raise FileNotFoundError(f"{f}: missing; a training checkpoint has model.safetensors and ema.safetensors")
+    return load_file(str(f))
 
 
 def save_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
@@ -342,7 +327,7 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> No
         random.setstate((p[0], tuple(p[1]), p[2]))
 
 
-def list_checkpoints(out_dir: Union[str, Path]) -> list[Path]:
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
     """Complete checkpoints in ``out_dir`` (those with a trainer state), oldest step first."""
     out_dir = Path(out_dir)
     found = []
@@ -354,7 +339,7 @@ def list_checkpoints(out_dir: Union[str, Path]) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(out_dir: Union[str, Path]) -> Optional[Path]:
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
     ckpts = list_checkpoints(out_dir)
     return ckpts[-1] if ckpts else None
 
@@ -369,30 +354,64 @@ def resolve_mixed_precision(value: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------- trainer
+LossFn = Callable[[nn.Module, dict, torch.Generator], torch.Tensor]
+PreviewFn = Callable[[nn.Module, torch.Tensor], np.ndarray | None]
+
+
+class _Objective(nn.Module):
+    """The modules plus the method's loss, so ``accelerate``/DDP wrap one module whose forward
+    is the whole objective (gradient synchronisation needs the wrapper's forward to run)."""
+
+    def __init__(self, modules: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.inner = modules
+        self._loss_fn = loss_fn
+
+    def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        return self._loss_fn(self.inner, batch, generator)
+
+
+def _to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            v = v.to(device, non_blocking=True)
+            if channels_last and v.dim() == 4:
+                v = v.contiguous(memory_format=torch.channels_last)
+        out[k] = v
+    return out
+
+
 class Trainer:
-    """Train ``model`` (``model(x_t, t, bank) -> eps``) on good images with eq. 15.
+    """Optimise ``modules`` with ``loss_fn`` over ``dataset`` (see the module docstring).
 
     Args:
-        model: e.g. :class:`ccad.models.BankConditionedUNet` (trained in place).
-        bank: the Coarse Feature Bank ``xi x d`` (a tensor, or an object with ``.features``).
-        dataset: a torch ``Dataset`` whose items are dicts with ``"image"`` (``3 x S x S`` in [0, 1]),
-            or a plain tensor ``N x 3 x S x S`` in [0, 1].
+        modules: the trainable network(s): an ``nn.Module``, usually a method's ``ModuleDict``
+            (trained in place; the returned :class:`TrainResult` holds the EMA copy).
+        loss_fn: ``loss_fn(modules, batch, generator) -> 0-d loss``; ``batch`` is the collated
+            dict of the dataset items (tensors stacked and on the device), ``generator`` the CPU
+            generator of this step: every random draw of the objective must come from it.
+        dataset: a map-style ``Dataset`` of dicts (``"image"``: ``3 x S x S`` in [0, 1],
+            ``"latent"``, ...), or a tensor ``N x 3 x S x S`` in [0, 1].
         config: :class:`TrainConfig`.
         out_dir: where checkpoints go (created).
         callbacks: called with a :class:`TrainState` after every step; returning True requests a stop.
-        scheduler: a diffusers ``DDPMScheduler`` (default :func:`ccad.diffusion.make_scheduler`).
+        preview: ``preview(ema_modules, image 1 x 3 x S x S) -> H x W x 3`` for the live preview.
     """
 
-    def __init__(self, model: nn.Module, bank: Any, dataset: Union[Dataset, torch.Tensor], config: TrainConfig,
-                 out_dir: Union[str, Path], callbacks: Sequence[Callback] = (), scheduler: Any = None) -> None:
+    def __init__(self, modules: nn.Module, loss_fn: LossFn, dataset: Dataset | torch.Tensor,
+                 config: TrainConfig, out_dir: str | Path, callbacks: Sequence[Callback] = (),
+                 preview: PreviewFn | None = None) -> None:
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        if not isinstance(modules, nn.Module):
+            raise TypeError(f"modules must be an nn.Module (e.g. an nn.ModuleDict), got {type(modules).__name__}")
+        if not callable(loss_fn):
+            raise TypeError("loss_fn must be callable: loss_fn(modules, batch, generator) -> loss")
         config.validate()
-        self.model = model
-        features = getattr(bank, "features", bank)
-        if not torch.is_tensor(features) or not (features.dim() == 2 or (features.dim() == 3 and features.shape[0] == 1)):
-            raise ValueError("bank must be a tensor xi x d (or 1 x xi x d) or an object with .features (a FeatureBank)")
-        self.bank = features.detach().float()
+        self.model = modules
+        self.loss_fn = loss_fn
+        self.preview_fn = preview
         if torch.is_tensor(dataset):
             if dataset.dim() != 4 or dataset.shape[1] != 3:
                 raise ValueError(f"a tensor dataset must be N x 3 x S x S, got shape {tuple(dataset.shape)}")
@@ -404,16 +423,17 @@ class Trainer:
             raise TypeError("dataset must have a length (a map-style torch Dataset or a tensor)") from None
         if n < 1:
             raise ValueError("dataset is empty: training needs at least one good image")
-        first = torch.as_tensor(_image_of(dataset[0]))
-        if first.dim() != 3 or first.shape[0] != 3:
-            raise ValueError(f"dataset images must be 3 x S x S, got shape {tuple(first.shape)}")
-        lo, hi = float(first.min()), float(first.max())
-        if lo < -1e-3 or hi > 1 + 1e-3:
-            raise ValueError(f"dataset images must be in [0, 1] (they are mapped to [-1, 1] inside), got [{lo:.3g}, {hi:.3g}]")
+        first = _as_dict(dataset[0])
+        if "image" in first:
+            img = torch.as_tensor(first["image"])
+            if img.dim() != 3 or img.shape[0] != 3:
+                raise ValueError(f"dataset images must be 3 x S x S, got shape {tuple(img.shape)}")
+            lo, hi = float(img.min()), float(img.max())
+            if lo < -1e-3 or hi > 1 + 1e-3:
+                raise ValueError(f"dataset images must be in [0, 1], got [{lo:.3g}, {hi:.3g}]")
         self.config = config
         self.out_dir = Path(out_dir)
         self.callbacks = list(callbacks)
-        self.scheduler = scheduler if scheduler is not None else make_scheduler()
         self._stop = threading.Event()
         self.accelerator = None
 
@@ -423,7 +443,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, step: int, epoch: int, losses: list[float], seconds: float,
-                         unwrapped: nn.Module, ema: EMA, optimizer: Any, lr_sched: Any) -> Path:
+                         unwrapped: nn.Module, ema: Any, optimizer: Any, lr_sched: Any) -> Path:
         from safetensors.torch import save_file
 
         acc = self.accelerator
@@ -433,17 +453,16 @@ class Trainer:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
-            _save_module(unwrapped, tmp / "model")
-            _save_module(ema.module, tmp / "ema")
+            save_file(_state_of(unwrapped), str(tmp / "model.safetensors"))
+            save_file(_ema_state(ema, unwrapped), str(tmp / "ema.safetensors"))
             save_optimizer(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, tmp)
-            sched_state = lr_sched.state_dict()  # plain numbers; lr_lambdas is [None] for a function
-            (tmp / "scheduler.json").write_text(json.dumps(sched_state))
+            (tmp / "scheduler.json").write_text(json.dumps(lr_sched.state_dict(), default=lambda _: None))
             rng_t, rng_m = _rng_state()
             save_file(rng_t, str(tmp / "rng.safetensors"))
             (tmp / "rng.json").write_text(json.dumps(rng_m))
             scaler = acc.scaler.state_dict() if getattr(acc, "scaler", None) is not None else None
             state = {"format": CHECKPOINT_FORMAT, "step": step, "epoch": epoch, "losses": losses,
-                     "seconds": seconds, "ema_updates": ema.num_updates, "num_processes": acc.num_processes,
+                     "seconds": seconds, "ema_step": int(ema.optimization_step), "num_processes": acc.num_processes,
                      "mixed_precision": str(acc.mixed_precision), "scaler": scaler,
                      "config": self.config.to_dict()}
             (tmp / STATE_NAME).write_text(json.dumps(state, indent=1))
@@ -455,7 +474,7 @@ class Trainer:
         acc.wait_for_everyone()
         return final
 
-    def _resolve_resume(self, resume: Union[bool, str, Path]) -> Optional[Path]:
+    def _resolve_resume(self, resume: bool | str | Path) -> Path | None:
         if resume is False or resume is None:
             return None
         if resume is True:
@@ -465,21 +484,8 @@ class Trainer:
             raise FileNotFoundError(f"{path}: not a training checkpoint (no {STATE_NAME})")
         return path
 
-    # ------------------------------------------------------------------ preview
-    @torch.no_grad()
-    def _preview(self, ema: EMA, bank: torch.Tensor, device: torch.device) -> np.ndarray:
-        cfg = self.config
-        x = _image_of(self.dataset[0]).float().unsqueeze(0).to(device)
-        T = int(self.scheduler.config.num_train_timesteps)
-        start = min(int(cfg.preview_start_step), T - 1)
-        gen = torch.Generator().manual_seed(_seed_for(cfg.seed, 3))
-        x_hat = ddad_reconstruct(ema.module, images_to_model(x), bank, self.scheduler, start_step=start,
-                                 steps=min(int(cfg.preview_steps), start), guidance=float(cfg.preview_guidance),
-                                 eta=1.0, generator=gen)
-        return model_to_images(x_hat)[0].permute(1, 2, 0).float().cpu().numpy()
-
     # ------------------------------------------------------------------ loop
-    def train(self, resume: Union[bool, str, Path] = False) -> TrainResult:
+    def train(self, resume: bool | str | Path = False) -> TrainResult:
         """Run (or continue) training to ``config.steps``; see the module docstring for the files.
 
         ``resume``: False starts fresh (older ``checkpoint-*`` folders in ``out_dir`` are removed,
@@ -495,6 +501,9 @@ class Trainer:
         per process.
         """
         from accelerate import Accelerator
+        from diffusers.optimization import get_cosine_schedule_with_warmup
+        from diffusers.training_utils import EMAModel
+        from safetensors.torch import load_file
         from tqdm.auto import tqdm
 
         cfg = self.config
@@ -520,40 +529,45 @@ class Trainer:
                 for old in stale:
                     shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
-        start_step, losses, prior_seconds, ema_updates, saved_state = 0, [], 0.0, 0, None
+        start_step, losses, prior_seconds, saved_state = 0, [], 0.0, None
         if ckpt is not None:
             saved_state = json.loads((ckpt / STATE_NAME).read_text())
-            _load_module(model, ckpt / "model")
+            state = load_checkpoint_weights(ckpt, "model")
+            model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
             start_step = int(saved_state["step"])
             losses = [float(v) for v in saved_state.get("losses", [])][:start_step]
             prior_seconds = float(saved_state.get("seconds", 0.0))
-            ema_updates = int(saved_state.get("ema_updates", start_step))
-        ema = EMA(model, cfg.ema_decay, ema_updates)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("nothing to train: the modules have no parameter that requires a gradient")
+        ema = EMAModel(model.parameters(), decay=float(cfg.ema_decay))
         if ckpt is not None:
-            _load_module(ema.module, ckpt / "ema")
+            ema_state = load_checkpoint_weights(ckpt, "ema")
+            ema.shadow_params = [ema_state[name].to(device=p.device, dtype=torch.float32).clone()
+                                 for name, p in model.named_parameters()]
+            ema.optimization_step = int(saved_state.get("ema_step", start_step))
+        else:
+            ema.shadow_params = [p.detach().float().clone() for p in model.parameters()]
 
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         total = int(cfg.steps)
-        lr_sched = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, total, int(cfg.warmup_steps)))
         if ckpt is not None:
             load_optimizer(optimizer, ckpt)
-            sched_state = json.loads((ckpt / "scheduler.json").read_text())
-            lr_sched.load_state_dict(sched_state)
-            # the schedule is a function of the step: re-apply it for this run's total
-            for g, base in zip(optimizer.param_groups, lr_sched.base_lrs):
-                g["lr"] = base * lr_factor(start_step, total, int(cfg.warmup_steps))
-            from safetensors.torch import load_file
-
             if (ckpt / "rng.safetensors").is_file():
                 _set_rng_state(load_file(str(ckpt / "rng.safetensors")), json.loads((ckpt / "rng.json").read_text()))
+        # the schedule is a function of the step: on resume it continues at start_step for this
+        # run's total (a larger `steps` stretches the remaining cosine)
+        for g in optimizer.param_groups:
+            g.setdefault("initial_lr", float(cfg.lr))
+        lr_sched = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_steps), total,
+                                                   last_epoch=start_step - 1)
         # the LR scheduler is stepped by us once per optimisation step (not prepared: accelerate would
         # step it once per process)
-        model, optimizer = acc.prepare(model, optimizer)
+        objective = _Objective(model, self.loss_fn)
+        objective, optimizer = acc.prepare(objective, optimizer)
         if saved_state is not None and saved_state.get("scaler") and getattr(acc, "scaler", None) is not None:
             acc.scaler.load_state_dict(saved_state["scaler"])
-        unwrapped = acc.unwrap_model(model)
-        bank = self.bank.to(device)
+        unwrapped = acc.unwrap_model(objective).inner
         n = len(self.dataset)  # type: ignore[arg-type]
         global_batch = int(cfg.batch_size) * world
 
@@ -566,29 +580,29 @@ class Trainer:
         last_saved = start_step if ckpt is not None else -1
         if start_step < total:
             sampler = StepBatchSampler(n, cfg.batch_size, cfg.seed, start_step, total, rank, world)
-            loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=_collate,
+            loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collate,
                                 num_workers=int(cfg.num_workers), pin_memory=device.type == "cuda")
-            model.train()
-            for images in loader:
+            objective.train()
+            for batch in loader:
                 g = step_generator(cfg.seed, step, rank)
                 if cfg.hflip:
-                    flips = torch.rand(images.shape[0], generator=g) < 0.5
-                    images = torch.where(flips[:, None, None, None], images.flip(-1), images)
-                x0 = images_to_model(images).to(device, non_blocking=True)
-                if use_cl:
-                    x0 = x0.contiguous(memory_format=torch.channels_last)
+                    key = next(iter(k for k, v in batch.items() if torch.is_tensor(v) and v.dim() == 4))
+                    flips = torch.rand(batch[key].shape[0], generator=g) < 0.5
+                    batch = {k: (torch.where(flips[:, None, None, None], v.flip(-1), v)
+                                 if torch.is_tensor(v) and v.dim() == 4 else v) for k, v in batch.items()}
+                batch = _to_device(batch, device, use_cl)
                 with acc.autocast():
-                    loss = epsilon_loss(model, x0, bank, self.scheduler, generator=g)
+                    loss = objective(batch, g)
                 acc.backward(loss)
                 if cfg.grad_clip > 0:
-                    acc.clip_grad_norm_(model.parameters(), float(cfg.grad_clip))
+                    acc.clip_grad_norm_(params, float(cfg.grad_clip))
                 optimizer.step()
                 lr_sched.step()
                 optimizer.zero_grad(set_to_none=True)
-                ema.update(unwrapped)
+                ema.step(unwrapped.parameters())
                 step += 1
                 epoch = (step * global_batch - 1) // n
-                loss_d = loss.detach()
+                loss_d = loss.detach().float()
                 if world > 1:
                     loss_d = acc.reduce(loss_d, reduction="mean")
                 loss_v = float(loss_d)
@@ -597,8 +611,9 @@ class Trainer:
                 done = step - start_step
                 eta = elapsed / done * (total - step)
                 preview = None
-                if cfg.preview_every and step % int(cfg.preview_every) == 0 and acc.is_main_process:
-                    preview = self._preview(ema, bank, device)
+                if (self.preview_fn is not None and cfg.preview_every and step % int(cfg.preview_every) == 0
+                        and acc.is_main_process):
+                    preview = self._preview(ema, unwrapped, device)
                 lr_now = float(optimizer.param_groups[0]["lr"])
                 state = TrainState(step=step, total_steps=total, epoch=epoch, loss=loss_v, lr=lr_now,
                                    seconds=prior_seconds + elapsed, eta_seconds=eta, preview=preview)
@@ -623,7 +638,14 @@ class Trainer:
         if step != last_saved:
             self._save_checkpoint(step, epoch, losses, prior_seconds + time.perf_counter() - t0, unwrapped, ema,
                                   optimizer, lr_sched)
-        model.eval()
-        ema.module.eval()
-        return TrainResult(model=ema.module, ema=ema, losses=list(losses), stopped=stopped, step=step,
-                           out_dir=self.out_dir)
+        objective.eval()
+        return TrainResult(model=ema_module(ema, unwrapped), ema=ema, losses=list(losses), stopped=stopped,
+                           step=step, out_dir=self.out_dir)
+
+    @torch.no_grad()
+    def _preview(self, ema: Any, unwrapped: nn.Module, device: torch.device) -> np.ndarray | None:
+        item = _as_dict(self.dataset[0])
+        if "image" not in item:
+            return None
+        x = torch.as_tensor(item["image"]).float().unsqueeze(0).to(device)
+        return self.preview_fn(ema_module(ema, unwrapped), x)

@@ -54,9 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     from ccad.data.synthetic import DEFECTS, make_sample, write_dataset
     from ccad.data.datasets import load_dataset
     from ccad.evaluate import evaluate
+    from ccad.config import DiffusionConfig
+    from ccad.methods import get_method
     from ccad.pipeline import train_detector
-
-    from app.controller import train_options
+    from ccad.training import TrainConfig
 
     t_all = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="ccad-demo-"))
@@ -74,11 +75,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  step {state.step}/{state.total_steps} loss {state.loss:.4f} "
                       f"eta {state.eta_seconds:.0f}s", flush=True)
 
-        det = train_detector(str(cat), work / "run", variant="ccad-v", preset=a.preset, image_size=a.size,
-                             steps=a.steps, batch_size=a.batch_size, lr=a.lr, bank_size=a.bank_size,
-                             diffusion={"steps": a.ddim_steps, "start_step": a.start_step},
-                             train_options=train_options(show_progress=False, checkpoint_every=0),
-                             callbacks=(report,), seed=a.seed)
+        method = get_method("ccad-v").default_config(a.preset)
+        method.diffusion = DiffusionConfig(steps=a.ddim_steps, start_step=a.start_step)
+        train = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, show_progress=False,
+                            checkpoint_every=0, seed=a.seed)
+        det = train_detector(str(cat), work / "run", variant="ccad-v", method=method, train=train,
+                             image_size=a.size, bank_size=a.bank_size, callbacks=(report,), seed=a.seed)
         train_s = time.perf_counter() - t0
         print(f"trained in {train_s:.0f} s; threshold {det.threshold:.4f}")
 

@@ -15,17 +15,23 @@ import torch
 
 
 def main(out_dir: str) -> None:
-    from ccad.models import BankConditionedUNet, DenoiserConfig
+    from ccad.diffusion import epsilon_loss, make_scheduler
+    from ccad.models import BankConditionedUNet, DenoiserConfig, images_to_model
     from ccad.training import TrainConfig, Trainer
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = BankConditionedUNet(DenoiserConfig.preset("tiny", sample_size=16, bank_dim=8,
+    model = BankConditionedUNet.from_spec(DenoiserConfig.preset("tiny", sample_size=16, bank_dim=8,
                                                       block_out_channels=(32, 32), attention_resolutions=(8,)))
     images = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     bank = torch.randn(10, 8, generator=torch.Generator().manual_seed(1))
     cfg = TrainConfig(steps=2, batch_size=2, checkpoint_every=0, show_progress=False, mixed_precision="no")
-    trainer = Trainer(model, bank, images, cfg, out_dir)
+    ddpm = make_scheduler()
+
+    def objective(m, batch, generator):
+        return epsilon_loss(m, images_to_model(batch["image"]), bank, ddpm, generator=generator)
+
+    trainer = Trainer(model, objective, images, cfg, out_dir)
     result = trainer.train()
     acc = trainer.accelerator
     checksum = float(sum(p.detach().double().sum() for p in trainer.model.parameters()))

@@ -2,27 +2,37 @@ import json
 
 import pytest
 
-from ccad.config import BankConfig, ConfigError, DetectorConfig, DiffusionConfig
-from ccad.registry import VARIANTS, UnknownVariant, available_variants, default_config, get_variant
+from ccad.config import BankConfig, ConfigError, DetectorConfig, DiffusionConfig, set_option
+from ccad.methods import PLANNED, UnknownVariant, get_method, method_names
+
+
+def ccad_v_config(**diffusion):
+    m = get_method("ccad-v").default_config("tiny")
+    m.diffusion = DiffusionConfig(**diffusion)
+    return m
 
 
 def test_detector_config_json_round_trip(tmp_path):
     cfg = DetectorConfig(variant="ccad-v", image_size=128, bank=BankConfig(layers=(1, 2, 3), size=150),
-                         diffusion=DiffusionConfig(start_step=200, steps=5))
+                         method=ccad_v_config(start_step=200, steps=5))
     cfg.save(tmp_path / "config.json")
     back = DetectorConfig.load(tmp_path / "config.json")
     assert back == cfg
     assert back.bank.layers == (1, 2, 3)  # lists in JSON come back as tuples
+    assert back.method.diffusion.start_step == 200 and back.method.preset == "tiny"
 
 
 def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match="bank.size"):
         DetectorConfig(bank=BankConfig(size=5000)).validate()
     with pytest.raises(ConfigError, match="diffusion.steps"):
-        DetectorConfig(diffusion=DiffusionConfig(start_step=10, steps=20)).validate()
+        DetectorConfig(variant="ccad-v", method=ccad_v_config(start_step=10, steps=20)).validate()
     bad = tmp_path / "config.json"
     bad.write_text(json.dumps({"variant": "patchcore", "bank": {"bogus": 1}}))
     with pytest.raises(ConfigError, match=r"config.json.*bank.*bogus"):
+        DetectorConfig.load(bad)
+    bad.write_text(json.dumps({"variant": "ccad-v", "method": {"diffusion": {"strat": "x"}}}))
+    with pytest.raises(ConfigError, match=r"method.diffusion.*strat"):
         DetectorConfig.load(bad)
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
@@ -32,14 +42,37 @@ def test_config_errors_name_the_field(tmp_path):
         DetectorConfig.load(bad)
 
 
-def test_registry_lists_published_variants_and_refuses_planned_ones():
-    assert {"patchcore", "ccad-v", "ccad-c", "ccad-f", "d3ad", "deco-diff", "glad"} <= set(VARIANTS)
-    assert set(available_variants()) >= {"patchcore", "ccad-v"}
-    assert default_config("patchcore").patchcore is not None
-    cfg = default_config("ccad-v", image_size=64)
-    assert cfg.image_size == 64 and cfg.diffusion.start_step == 250 and cfg.diffusion.steps == 10
+def test_version_1_configs_are_migrated(tmp_path):
+    old = {"variant": "ccad-v", "image_size": 64, "bank": {"size": 100}, "patchcore": None,
+           "denoiser": {"sample_size": 64, "bank_dim": 8}, "diffusion": {"start_step": 200, "steps": 5},
+           "scoring": {}, "train": {"steps": 10, "preview_start_step": 250}, "version": 1}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    cfg = DetectorConfig.load(tmp_path / "config.json")
+    assert cfg.version == 2 and cfg.method.diffusion.start_step == 200
+    assert cfg.method.denoiser.bank_dim == 8 and cfg.train.steps == 10
+    pc = DetectorConfig.from_dict({"variant": "patchcore", "patchcore": {"ratio": 0.05, "k": 1}, "version": 1})
+    assert pc.method.ratio == 0.05
+
+
+def test_options_are_typed_and_unknown_ones_are_named():
+    m = get_method("ccad-v").default_config()
+    set_option(m, "diffusion.start_step", "200")
+    set_option(m, "diffusion.guidance", "1.5")
+    assert m.diffusion.start_step == 200 and m.diffusion.guidance == 1.5
+    with pytest.raises(ConfigError, match="unknown field 'start'.*start_step"):
+        set_option(m, "diffusion.start", "3")
+    with pytest.raises(ConfigError, match="cannot read 'abc' as int"):
+        set_option(m, "diffusion.steps", "abc")
+
+
+def test_registry_lists_available_and_refuses_planned_variants():
+    assert {"patchcore", "ccad-v"} <= set(method_names())
+    assert {"d3ad", "glad"} <= set(PLANNED)
+    assert get_method("patchcore").default_config().ratio == 0.01
+    cfg = get_method("ccad-v").default_config()
+    assert cfg.diffusion.start_step == 250 and cfg.diffusion.steps == 10
     assert cfg.diffusion.guidance == 2.0 and cfg.diffusion.beta_end == 0.02  # DDAD's published defaults
     with pytest.raises(UnknownVariant, match="planned"):
-        default_config("ccad-f")
-    with pytest.raises(UnknownVariant, match="known: patchcore"):
-        get_variant("nope")
+        get_method("glad")
+    with pytest.raises(UnknownVariant, match="available: patchcore"):
+        get_method("nope")

@@ -14,7 +14,7 @@ S, D, XI = 32, 16, 24
 @pytest.fixture(scope="module")
 def model() -> BankConditionedUNet:
     torch.manual_seed(0)
-    return BankConditionedUNet(DenoiserConfig.preset("tiny", sample_size=S, bank_dim=D)).eval()
+    return BankConditionedUNet.from_spec(DenoiserConfig.preset("tiny", sample_size=S, bank_dim=D)).eval()
 
 
 def test_forward_shapes_with_shared_and_per_sample_bank(model):
@@ -51,7 +51,7 @@ def test_gcb_only_at_low_resolutions():
     assert cfg.up_block_types() == tuple(
         "CrossAttnUpBlock2D" if "CrossAttn" in d else "UpBlock2D" for d in reversed(cfg.down_block_types()))
     assert cfg.mid_block_type() == "UNetMidBlock2DCrossAttn"
-    m = BankConditionedUNet(DenoiserConfig.preset("tiny", sample_size=64, bank_dim=D))
+    m = BankConditionedUNet.from_spec(DenoiserConfig.preset("tiny", sample_size=64, bank_dim=D))
     # every attention layer of the UNet sits on a grid of at most 32 x 32 tokens
     for name, blk in list(m.unet.down_blocks.named_children()):
         res = 64 // 2 ** int(name)
@@ -81,21 +81,22 @@ def test_bad_bank_names_the_problem(model):
 
 
 def test_save_load_round_trip(tmp_path, model):
-    model.save(tmp_path)
-    assert (tmp_path / "denoiser.safetensors").is_file() and (tmp_path / "denoiser.json").is_file()
-    loaded = BankConditionedUNet.load(tmp_path).eval()
+    model.save_pretrained(tmp_path)  # diffusers layout: config.json + safetensors, loadable alone
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file() and (tmp_path / "config.json").is_file()
+    loaded = BankConditionedUNet.from_pretrained(tmp_path).eval()
+    assert loaded.spec == model.spec
     sd_a, sd_b = model.state_dict(), loaded.state_dict()
     assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
     x, bank = torch.randn(1, 3, S, S), torch.randn(XI, D)
     with torch.no_grad():
         assert torch.equal(model(x, 7, bank), loaded(x, 7, bank))
-    with pytest.raises(FileNotFoundError, match="denoiser.json"):
-        BankConditionedUNet.load(tmp_path / "missing")
+    with pytest.raises(OSError, match="missing"):
+        BankConditionedUNet.from_pretrained(tmp_path / "missing")
 
 
 def test_channels_last_gives_the_same_output(model):
     x, bank = torch.randn(1, 3, S, S), torch.randn(XI, D)
-    cl = BankConditionedUNet(model.config)
+    cl = BankConditionedUNet.from_spec(model.spec)
     cl.load_state_dict(model.state_dict())
     cl = cl.to(memory_format=torch.channels_last).eval()
     with torch.no_grad():

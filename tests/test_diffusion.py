@@ -114,7 +114,7 @@ def test_ddad_reconstruct_matches_eq_12_to_14_by_hand():
 @pytest.fixture(scope="module")
 def tiny() -> BankConditionedUNet:
     torch.manual_seed(0)
-    return BankConditionedUNet(DenoiserConfig.preset("tiny", sample_size=S, bank_dim=D)).eval()
+    return BankConditionedUNet.from_spec(DenoiserConfig.preset("tiny", sample_size=S, bank_dim=D)).eval()
 
 
 def test_ddad_reconstruct_is_seeded_and_keeps_shape(tiny):
@@ -144,7 +144,7 @@ def test_guidance_pulls_the_reconstruction_towards_the_target(tiny):
 
 def test_epsilon_loss_is_seeded_and_decreases_with_training():
     torch.manual_seed(0)
-    model = BankConditionedUNet(DenoiserConfig.preset("tiny", sample_size=S, bank_dim=D))
+    model = BankConditionedUNet.from_spec(DenoiserConfig.preset("tiny", sample_size=S, bank_dim=D))
     ddpm, data, bank = make_scheduler(), textures(4), torch.randn(XI, D)
 
     def eval_loss() -> float:

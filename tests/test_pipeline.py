@@ -7,7 +7,10 @@ import torch
 import pytest
 
 from ccad.data.synthetic import write_dataset
+from ccad.config import DiffusionConfig
+from ccad.methods import get_method
 from ccad.pipeline import AnomalyDetector, CheckpointError, fit_detector, train_detector
+from ccad.training import TrainConfig
 
 SIZE = 96
 
@@ -111,10 +114,12 @@ def test_empty_folder_is_a_clear_error(tmp_path):
 
 def test_ccad_v_trains_reconstructs_and_reloads(dataset, tmp_path):
     seen = []
-    det = train_detector(dataset, tmp_path / "run", preset="tiny", image_size=32, steps=3, batch_size=4,
-                         bank_size=16, calibration_fraction=0.25, diffusion={"start_step": 100, "steps": 2},
-                         train_options={"checkpoint_every": 2, "warmup_steps": 1, "show_progress": False},
-                         callbacks=[lambda s: seen.append(s.step)], device="cpu")
+    method = get_method("ccad-v").default_config("tiny")
+    method.diffusion = DiffusionConfig(start_step=100, steps=2)
+    train = TrainConfig(steps=3, batch_size=4, checkpoint_every=2, warmup_steps=1, show_progress=False)
+    det = train_detector(dataset, tmp_path / "run", method=method, train=train, image_size=32,
+                         bank_size=16, calibration_fraction=0.25, callbacks=[lambda s: seen.append(s.step)],
+                         device="cpu")
     assert seen == [1, 2, 3]
     assert det.variant == "ccad-v" and np.isfinite(det.threshold)
     img = sorted((dataset / "test" / "spot").glob("*.png"))[0]
@@ -131,9 +136,9 @@ def test_ccad_v_trains_reconstructs_and_reloads(dataset, tmp_path):
 
 
 def test_bank_is_drawn_from_the_patchcore_memory_in_one_pass(dataset):
-    det = fit_detector(dataset, image_size=64, bank_size=8, patchcore_ratio=0.5, calibration_fraction=0.0,
-                       device="cpu")
-    memory = det.patchcore.memory_bank.cpu()
+    det = fit_detector(dataset, image_size=64, bank_size=8, method=get_method("patchcore").Config(ratio=0.5),
+                       calibration_fraction=0.0, device="cpu")
+    memory = det.method.scorer.memory_bank.cpu()
     assert memory.shape[0] >= 32
     assert det.bank.features.shape == (8, memory.shape[1])
     assert "PatchCore memory" in det.bank.meta["coreset"]["method"]

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ccad.diffusion import epsilon_loss, make_scheduler
-from ccad.models import BankConditionedUNet, DenoiserConfig, images_to_model
+from ccad.diffusion import ddad_reconstruct, epsilon_loss, make_scheduler
+from ccad.models import BankConditionedUNet, DenoiserConfig, images_to_model, model_to_images
 from ccad.training import (
     StepBatchSampler,
     TrainConfig,
@@ -23,6 +23,7 @@ from ccad.training import (
     TrainState,
     latest_checkpoint,
     list_checkpoints,
+    load_checkpoint_weights,
     lr_factor,
 )
 
@@ -32,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def small_model(seed: int = 0) -> BankConditionedUNet:
     torch.manual_seed(seed)
-    return BankConditionedUNet(DenoiserConfig.preset("tiny", sample_size=S, bank_dim=D, block_out_channels=(32, 32),
-                                                     attention_resolutions=(8,)))
+    return BankConditionedUNet.from_spec(DenoiserConfig.preset("tiny", sample_size=S, bank_dim=D,
+                                                               block_out_channels=(32, 32), attention_resolutions=(8,)))
 
 
 def texture_images(n: int = 8, size: int = S, seed: int = 0) -> torch.Tensor:
@@ -61,6 +62,22 @@ class DictDataset(torch.utils.data.Dataset):
 
 
 BANK = torch.randn(12, D, generator=torch.Generator().manual_seed(1))
+DDPM = make_scheduler()
+
+
+def eps_objective(model, batch, generator):
+    """CCAD eq. 15 as a Trainer objective (what the ccad-v method hands the Trainer)."""
+    return epsilon_loss(model, images_to_model(batch["image"]), BANK, DDPM, generator=generator)
+
+
+def trainer(model, data, config, out_dir, **kw) -> Trainer:
+    return Trainer(model, eps_objective, data, config, out_dir, **kw)
+
+
+def ddad_preview(model, x):
+    x_hat = ddad_reconstruct(model, images_to_model(x), BANK, DDPM, start_step=50, steps=2, guidance=2.0, eta=1.0,
+                             generator=torch.Generator().manual_seed(3))
+    return model_to_images(x_hat)[0].permute(1, 2, 0).float().cpu().numpy()
 
 
 def cfg(**kw) -> TrainConfig:
@@ -79,7 +96,7 @@ def test_training_lowers_the_loss_and_writes_pickle_free_checkpoints(tmp_path):
             return float(epsilon_loss(m, images_to_model(data), BANK, ddpm, generator=torch.Generator().manual_seed(7)))
 
     before = eval_loss(model)
-    result = Trainer(model, BANK, DictDataset(data), cfg(steps=30, batch_size=8, lr=2e-3, checkpoint_every=10),
+    result = trainer(model, DictDataset(data), cfg(steps=30, batch_size=8, lr=2e-3, checkpoint_every=10),
                      tmp_path).train()
     assert result.step == 30 and len(result.losses) == 30 and not result.stopped
     assert eval_loss(result.model) < 0.6 * before
@@ -88,8 +105,7 @@ def test_training_lowers_the_loss_and_writes_pickle_free_checkpoints(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-20", "checkpoint-30"]
     ck = latest_checkpoint(tmp_path)
     for sub in ("model", "ema"):
-        assert (ck / sub / "denoiser.json").is_file()
-        with safe_open(str(ck / sub / "denoiser.safetensors"), "pt") as f:
+        with safe_open(str(ck / f"{sub}.safetensors"), "pt") as f:
             assert len(list(f.keys())) == len(model.state_dict())
     for path in ck.rglob("*"):
         if path.is_file():
@@ -98,9 +114,11 @@ def test_training_lowers_the_loss_and_writes_pickle_free_checkpoints(tmp_path):
             assert head[:1] != b"\x80" and head != b"PK", f"{path} looks like a pickle / torch zip"
     state = json.loads((ck / "trainer_state.json").read_text())
     assert state["step"] == 30 and state["config"]["steps"] == 30 and len(state["losses"]) == 30
-    # the EMA checkpoint is a loadable denoiser equal to the returned model
-    ema = BankConditionedUNet.load(ck / "ema")
+    # the EMA checkpoint loads into a denoiser equal to the returned model (diffusers' EMAModel)
+    ema = small_model(seed=5)
+    ema.load_state_dict(load_checkpoint_weights(ck, "ema"))
     assert all(torch.equal(a, b) for a, b in zip(ema.state_dict().values(), result.model.state_dict().values()))
+    assert not any(torch.equal(a, b) for a, b in zip(ema.parameters(), model.parameters()))
 
 
 def test_callbacks_see_every_step_preview_and_can_stop(tmp_path):
@@ -110,9 +128,8 @@ def test_callbacks_see_every_step_preview_and_can_stop(tmp_path):
         seen.append(state)
         return state.step == 3
 
-    trainer = Trainer(small_model(), BANK, texture_images(5), cfg(steps=10, preview_every=2, preview_steps=2,
-                                                                  preview_start_step=50), tmp_path, callbacks=[cb])
-    result = trainer.train()
+    result = trainer(small_model(), texture_images(5), cfg(steps=10, preview_every=2), tmp_path, callbacks=[cb],
+                     preview=ddad_preview).train()
     assert [s.step for s in seen] == [1, 2, 3] and result.stopped and result.step == 3
     assert all(s.total_steps == 10 and s.lr > 0 and s.seconds > 0 and s.eta_seconds >= 0 for s in seen)
     assert seen[0].preview is None and seen[2].preview is None
@@ -122,42 +139,41 @@ def test_callbacks_see_every_step_preview_and_can_stop(tmp_path):
 
     # request_stop() from another party (e.g. the app) stops after the current step
     other = tmp_path / "other"
-    t2 = Trainer(small_model(), BANK, texture_images(5), cfg(steps=10), other,
+    t2 = trainer(small_model(), texture_images(5), cfg(steps=10), other,
                  callbacks=[lambda s: t2.request_stop() if s.step == 2 else None])
     r2 = t2.train()
     assert r2.stopped and r2.step == 2 and latest_checkpoint(other).name == "checkpoint-2"
     # a fresh (non-resumed) run in the same folder replaces the old checkpoints, so a later
     # resume=True cannot pick up a stale one
     with pytest.warns(UserWarning, match="removing 1 old checkpoint"):
-        Trainer(small_model(), BANK, texture_images(5), cfg(steps=1), other).train(resume=False)
+        trainer(small_model(), texture_images(5), cfg(steps=1), other).train(resume=False)
     assert [c.name for c in list_checkpoints(other)] == ["checkpoint-1"]
 
 
 def test_resume_is_bit_for_bit(tmp_path):
     data = DictDataset(texture_images(6))
     conf = dict(steps=6, batch_size=4, hflip=True, warmup_steps=2, checkpoint_every=0)
-    full = Trainer(small_model(), BANK, data, cfg(**conf), tmp_path / "full").train()
+    full = trainer(small_model(), data, cfg(**conf), tmp_path / "full").train()
 
-    part = Trainer(small_model(), BANK, data, cfg(**conf), tmp_path / "part",
-                   callbacks=[lambda s: s.step == 3]).train()
+    part = trainer(small_model(), data, cfg(**conf), tmp_path / "part", callbacks=[lambda s: s.step == 3]).train()
     assert part.stopped and part.step == 3
     # a differently initialised model proves the weights really come from the checkpoint
-    resumed_trainer = Trainer(small_model(seed=99), BANK, data, cfg(**conf), tmp_path / "part")
+    resumed_trainer = trainer(small_model(seed=99), data, cfg(**conf), tmp_path / "part")
     resumed = resumed_trainer.train(resume=True)
     assert resumed.step == 6 and not resumed.stopped
     assert resumed.losses == full.losses
-    full_raw = BankConditionedUNet.load(tmp_path / "full" / "checkpoint-6" / "model").state_dict()
+    full_raw = load_checkpoint_weights(tmp_path / "full" / "checkpoint-6", "model")
     for k, v in resumed_trainer.model.state_dict().items():
         assert torch.equal(v, full_raw[k]), k
     full_ema = full.model.state_dict()
     for k, v in resumed.model.state_dict().items():
         assert torch.equal(v, full_ema[k]), k
     # resume from an explicit path; nothing left to do once the run reached its steps
-    again = Trainer(small_model(), BANK, data, cfg(**conf), tmp_path / "part").train(
+    again = trainer(small_model(), data, cfg(**conf), tmp_path / "part").train(
         resume=tmp_path / "part" / "checkpoint-6")
     assert again.step == 6 and again.losses == full.losses
     with pytest.raises(FileNotFoundError, match="not a training checkpoint"):
-        Trainer(small_model(), BANK, data, cfg(**conf), tmp_path / "x").train(resume=tmp_path / "nowhere")
+        trainer(small_model(), data, cfg(**conf), tmp_path / "x").train(resume=tmp_path / "nowhere")
 
 
 def test_data_order_and_schedule_are_functions_of_the_step():
@@ -171,7 +187,8 @@ def test_data_order_and_schedule_are_functions_of_the_step():
     r0 = StepBatchSampler(8, 2, seed=0, start=0, end=1, rank=0, world=2).indices(0)
     r1 = StepBatchSampler(8, 2, seed=0, start=0, end=1, rank=1, world=2).indices(0)
     assert not set(r0) & set(r1)
-    assert lr_factor(0, 100, 10) == pytest.approx(0.1) and lr_factor(10, 100, 10) == pytest.approx(1.0)
+    assert lr_factor(0, 100, 10) == pytest.approx(0.0) and lr_factor(5, 100, 10) == pytest.approx(0.5)
+    assert lr_factor(10, 100, 10) == pytest.approx(1.0) and lr_factor(55, 100, 10) == pytest.approx(0.5)
     assert lr_factor(100, 100, 10) == pytest.approx(0.0, abs=1e-12)
 
 
@@ -183,9 +200,9 @@ def test_config_round_trip_and_bad_input(tmp_path):
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        Trainer(small_model(), BANK, texture_images(2) * 2 - 1, cfg(), tmp_path)
+        trainer(small_model(), texture_images(2) * 2 - 1, cfg(), tmp_path)
     with pytest.raises(ValueError, match="empty"):
-        Trainer(small_model(), BANK, torch.zeros(0, 3, S, S), cfg(), tmp_path)
+        trainer(small_model(), torch.zeros(0, 3, S, S), cfg(), tmp_path)
 
 
 def _free_port() -> int:

@@ -20,16 +20,15 @@ Input range: the network works on images in [-1, 1]. Convert ``[0, 1]`` images w
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-WEIGHTS_NAME = "denoiser.safetensors"
-CONFIG_NAME = "denoiser.json"
 
 
 def images_to_model(images: torch.Tensor) -> torch.Tensor:
@@ -191,49 +190,58 @@ class DenoiserConfig:
         return cls(**data)
 
 
-class BankConditionedUNet(nn.Module):
+class BankConditionedUNet(ModelMixin, ConfigMixin):
     """eps_Theta(x_t; B_c): the CCAD(V) denoiser (CCAD eq. 15; GCB of Fig. 3a).
 
     ``forward(x_t, timesteps, bank) -> eps`` where ``x_t`` is ``B x 3 x S x S`` in [-1, 1]
     (noised), ``timesteps`` is an int, a 0-d tensor or a length-B tensor, and ``bank`` is the
     Coarse Feature Bank ``xi x d`` (shared by the batch) or ``B x xi x d``.
+
+    A diffusers ``ModelMixin, ConfigMixin``: ``save_pretrained(dir)`` writes ``config.json`` and
+    ``diffusion_pytorch_model.safetensors``, ``from_pretrained(dir)`` reads them. The constructor
+    takes :class:`DenoiserConfig`'s fields; :meth:`from_spec` builds from a ``DenoiserConfig``.
     """
 
-    def __init__(self, config: DenoiserConfig) -> None:
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(self, sample_size: int = 64, in_channels: int = 3, out_channels: int = 3,
+                 block_out_channels: tuple = (32, 64, 64), layers_per_block: int = 1,
+                 attention_resolutions: tuple = (32, 16, 8), cross_attention_dim: int = 64, bank_dim: int = 64,
+                 attention_head_dim: int = 32, norm_num_groups: int = 8, transformer_layers: int = 1,
+                 dropout: float = 0.0) -> None:
         super().__init__()
         from diffusers import UNet2DConditionModel
 
-        config.validate()
-        self.config = config
-        self.bank_proj = nn.Linear(config.bank_dim, config.cross_attention_dim)
-        self.bank_norm = nn.LayerNorm(config.cross_attention_dim)
+        spec = DenoiserConfig(sample_size=sample_size, in_channels=in_channels, out_channels=out_channels,
+                              block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
+                              attention_resolutions=tuple(attention_resolutions),
+                              cross_attention_dim=cross_attention_dim, bank_dim=bank_dim,
+                              attention_head_dim=attention_head_dim, norm_num_groups=norm_num_groups,
+                              transformer_layers=transformer_layers, dropout=dropout)
+        self.spec = spec
+        self.bank_proj = nn.Linear(spec.bank_dim, spec.cross_attention_dim)
+        self.bank_norm = nn.LayerNorm(spec.cross_attention_dim)
         self.unet = UNet2DConditionModel(
-            sample_size=config.sample_size,
-            in_channels=config.in_channels,
-            out_channels=config.out_channels,
-            down_block_types=config.down_block_types(),
-            up_block_types=config.up_block_types(),
-            mid_block_type=config.mid_block_type(),
-            block_out_channels=config.block_out_channels,
-            layers_per_block=config.layers_per_block,
-            norm_num_groups=config.norm_num_groups,
-            cross_attention_dim=config.cross_attention_dim,
+            sample_size=spec.sample_size,
+            in_channels=spec.in_channels,
+            out_channels=spec.out_channels,
+            down_block_types=spec.down_block_types(),
+            up_block_types=spec.up_block_types(),
+            mid_block_type=spec.mid_block_type(),
+            block_out_channels=spec.block_out_channels,
+            layers_per_block=spec.layers_per_block,
+            norm_num_groups=spec.norm_num_groups,
+            cross_attention_dim=spec.cross_attention_dim,
             # diffusers reads this argument as the number of heads per level (issue #2011)
-            attention_head_dim=config.heads_per_level(),
-            transformer_layers_per_block=config.transformer_layers,
-            dropout=config.dropout,
+            attention_head_dim=spec.heads_per_level(),
+            transformer_layers_per_block=spec.transformer_layers,
+            dropout=spec.dropout,
         )
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.bank_proj.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.bank_proj.weight.device
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    @classmethod
+    def from_spec(cls, spec: DenoiserConfig) -> "BankConditionedUNet":
+        return cls(**spec.validate().to_dict())
 
     def encode_bank(self, bank: torch.Tensor, batch: int) -> torch.Tensor:
         """Project the bank (``xi x d`` or ``B x xi x d``) to the cross-attention context ``B x xi x c``."""
@@ -243,9 +251,9 @@ class BankConditionedUNet(nn.Module):
             bank = bank.unsqueeze(0)
         if bank.dim() != 3:
             raise ValueError(f"bank must be xi x d or B x xi x d, got shape {tuple(bank.shape)}")
-        if bank.shape[-1] != self.config.bank_dim:
+        if bank.shape[-1] != self.spec.bank_dim:
             raise ValueError(
-                f"bank feature dim {bank.shape[-1]} does not match DenoiserConfig.bank_dim={self.config.bank_dim}"
+                f"bank feature dim {bank.shape[-1]} does not match DenoiserConfig.bank_dim={self.spec.bank_dim}"
             )
         if bank.shape[0] not in (1, batch):
             raise ValueError(f"bank batch {bank.shape[0]} does not match the input batch {batch}")
@@ -256,9 +264,9 @@ class BankConditionedUNet(nn.Module):
         return ctx
 
     def forward(self, x_t: torch.Tensor, timesteps: Union[int, torch.Tensor], bank: torch.Tensor) -> torch.Tensor:
-        if x_t.dim() != 4 or x_t.shape[1] != self.config.in_channels:
+        if x_t.dim() != 4 or x_t.shape[1] != self.spec.in_channels:
             raise ValueError(
-                f"x_t must be B x {self.config.in_channels} x H x W, got shape {tuple(x_t.shape)}"
+                f"x_t must be B x {self.spec.in_channels} x H x W, got shape {tuple(x_t.shape)}"
             )
         b = x_t.shape[0]
         if not torch.is_tensor(timesteps):
@@ -270,36 +278,15 @@ class BankConditionedUNet(nn.Module):
         return self.unet(x_t, timesteps, encoder_hidden_states=ctx).sample
 
     # ------------------------------------------------------------------ persistence
-    def save(self, directory: Union[str, Path]) -> Path:
-        """Write ``denoiser.safetensors`` (weights, fp32 contiguous) and ``denoiser.json`` (config)."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "model": "BankConditionedUNet"})
-        (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2))
-        return directory
-
     @classmethod
-    def load(cls, directory: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> "BankConditionedUNet":
-        """Rebuild from :meth:`save`'s directory (no pickle: JSON config + safetensors weights)."""
+    def load_legacy(cls, weights: Union[str, Path], spec: DenoiserConfig) -> "BankConditionedUNet":
+        """Read a version-1 checkpoint (one ``denoiser.safetensors`` + its config as a dict)."""
         from safetensors.torch import load_file
 
-        directory = Path(directory)
-        cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        for p in (cfg_path, w_path):
-            if not p.is_file():
-                raise FileNotFoundError(f"{p}: missing; a saved denoiser has {CONFIG_NAME} and {WEIGHTS_NAME}")
-        try:
-            cfg = DenoiserConfig.from_dict(json.loads(cfg_path.read_text()))
-        except (json.JSONDecodeError, ValueError, TypeError) as exc:
-            raise ValueError(f"{cfg_path}: invalid denoiser config ({exc})") from None
-        model = cls(cfg)
-        state = load_file(str(w_path), device=str(map_location))
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        model = cls.from_spec(spec)
+        missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
         if missing or unexpected:
             raise ValueError(
-                f"{w_path}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})"
+                f"{weights}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})"
             )
-        return model.to(map_location)
+        return model

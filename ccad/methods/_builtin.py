@@ -1,0 +1,3 @@
+"""Imports every built-in method module (each registers itself); the registry calls this once."""
+from . import patchcore  # noqa: F401  (first: the baseline heads every list)
+from . import ccad_v  # noqa: F401

@@ -1,0 +1,287 @@
+"""The method seam: what a detection method owns, and the registry every layer reads.
+
+A method (PatchCore, CCAD(V), CCAD(C), ...) is one class in one module of ``ccad.methods`` that
+registers itself with :func:`register_method`. It owns:
+
+- its typed config section (``Config``: a dataclass; it is ``config.json``'s ``"method"``);
+- how it builds its modules from the bank and the data (:meth:`Method.build_bank`,
+  :meth:`Method.build`);
+- its training objective (:meth:`Method.training_loss`, the function the Trainer calls per batch)
+  and its training data (:meth:`Method.training_dataset`);
+- its inference (:meth:`Method.maps`: anomaly maps and reconstructions for a batch);
+- the files it saves (:meth:`Method.save` / :meth:`Method.load`; networks are diffusers
+  ``ModelMixin, ConfigMixin`` saved into one subfolder each, like ``DiffusionPipeline``).
+
+The detector (:class:`ccad.pipeline.AnomalyDetector`), the Trainer, the CLI and the app ask the
+registry and call these hooks; they never compare method names.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import BankConfig, ConfigError, ScoringConfig, config_from_dict
+
+ProgressFn = Optional[Callable[[int, int], None]]
+CancelFn = Optional[Callable[[], bool]]
+
+
+class UnknownVariant(KeyError):
+    """A method name that is not registered (the message lists the known ones)."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0])
+
+
+@dataclass
+class Context:
+    """What a method sees of the detector around it: size, device, bank, scoring settings.
+
+    ``run_dir`` is the training run folder (caches and checkpoints go there); ``progress`` and
+    ``cancel`` report and stop long steps (bank builds, latent caching).
+    """
+
+    image_size: int
+    device: torch.device
+    bank_config: BankConfig = field(default_factory=BankConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    bank: Any = None
+    run_dir: Optional[Path] = None
+    progress: ProgressFn = None
+    cancel: CancelFn = None
+    seed: int = 0
+    _score_backbone: Any = field(default=None, repr=False)
+
+    def scoring_backbone(self) -> Any:
+        """The frozen ImageNet extractor psi of the feature-cosine map (CCAD eq. 16), built once."""
+        if self._score_backbone is None:
+            from ..features import get_backbone
+
+            sc, bc = self.scoring, self.bank_config
+            name = sc.backbone or bc.backbone
+            weights = bc.weights if name == bc.backbone else None
+            self._score_backbone = get_backbone(name, layers=tuple(sc.score_layers), weights=weights).to(self.device)
+        return self._score_backbone
+
+    def bank_tensor(self) -> torch.Tensor:
+        if self.bank is None:
+            raise ConfigError("this method needs a feature bank, and none was built or given")
+        return self.bank.features.to(self.device)
+
+
+@dataclass
+class MethodOutput:
+    """Anomaly maps ``B x 1 x S x S`` (higher = more anomalous) and, for reconstruction methods,
+    the reconstructions ``B x 3 x S x S`` in [0, 1]."""
+
+    maps: torch.Tensor
+    reconstruction: Optional[torch.Tensor] = None
+
+
+class Method:
+    """Base class of a detection method plug-in (see the module docstring).
+
+    Subclasses set the class attributes and override the hooks they need. ``components`` maps a
+    module name to its class (a diffusers ``ModelMixin``); :meth:`save` writes each into
+    ``<folder>/<name>/`` with ``save_pretrained`` and :meth:`load` reads it back with
+    ``from_pretrained``, so every network is loadable alone.
+    """
+
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    description: ClassVar[str] = ""  # one line, shown by ``ccad train --help`` and in the app
+    paper: ClassVar[str] = ""
+    space: ClassVar[str] = "pixel"  # "feature", "pixel" or "latent"
+    Config: ClassVar[type] = type(None)
+    trainable: ClassVar[bool] = True  # False: fit only (no Trainer), e.g. PatchCore
+    uses_bank: ClassVar[bool] = True  # the backbone Coarse Feature Bank is built before build()
+    multi_class: ClassVar[bool] = False  # one model may cover several categories
+    components: ClassVar[dict[str, type]] = {}
+    default_image_size: ClassVar[int] = 256
+
+    def __init__(self, config: Any, ctx: Context) -> None:
+        if not isinstance(config, self.Config):
+            raise TypeError(f"{self.name}: config must be a {self.Config.__name__}, got {type(config).__name__}")
+        self.config = config
+        self.ctx = ctx
+        self.modules: nn.ModuleDict = nn.ModuleDict()
+
+    # ---- configuration ----------------------------------------------------------------------
+    @classmethod
+    def default_config(cls, preset: Optional[str] = None) -> Any:
+        """The method's default config section; ``preset`` sets a ``preset`` field when it has one."""
+        cfg = cls.Config()
+        if preset is not None:
+            if not any(f.name == "preset" for f in dataclasses.fields(cfg)):
+                raise ConfigError(f"{cls.name} has no presets")
+            cfg.preset = preset
+        return cfg
+
+    @classmethod
+    def config_from_dict(cls, data: dict[str, Any]) -> Any:
+        return config_from_dict(cls.Config, data, "method")
+
+    @classmethod
+    def validate_config(cls, config: Any) -> None:
+        """Check the config section (raise :class:`ConfigError` naming the field)."""
+        check = getattr(config, "validate", None)
+        if check is not None:
+            check()
+
+    # ---- building ---------------------------------------------------------------------------
+    def build_bank(self, train: Sequence[Any]) -> Any:
+        """The Coarse Feature Bank from good training samples (CCAD eq. 4-6), or None.
+
+        Default: the greedy k-center coreset of the bank backbone's patch features when
+        ``uses_bank``; methods with their own bank (PatchCore's memory, CCAD(F)'s latent bank)
+        override this.
+        """
+        if not self.uses_bank:
+            return None
+        from ..features import FeatureBank, get_backbone
+
+        bc = self.ctx.bank_config
+        bb = get_backbone(bc.backbone, layers=tuple(bc.layers), weights=bc.weights).to(self.ctx.device)
+        return FeatureBank.build(list(train), bb, size=bc.size, image_size=self.ctx.image_size,
+                                 batch_size=bc.batch_size, progress=self.ctx.progress, cancel=self.ctx.cancel,
+                                 seed=self.ctx.seed)
+
+    def build(self, train: Sequence[Any]) -> None:
+        """Create the method's modules (fresh or pretrained init) once the bank exists.
+
+        Non-trainable methods fit here. Any config value that depends on the data (e.g. the
+        bank's width) is written back into ``self.config`` so the saved config rebuilds it.
+        """
+
+    # ---- training ---------------------------------------------------------------------------
+    def training_dataset(self, train: Sequence[Any]) -> torch.utils.data.Dataset:
+        """The dataset the Trainer iterates (default: images ``3 x S x S`` in [0, 1] as ``"image"``)."""
+        from ..data.datasets import ImageDataset
+
+        return ImageDataset(list(train), self.ctx.image_size, on_error="skip")
+
+    def trainable_modules(self) -> nn.ModuleDict:
+        """The modules the Trainer optimises (EMA-tracked and checkpointed); frozen parts stay out."""
+        return nn.ModuleDict({k: m for k, m in self.modules.items()
+                              if any(p.requires_grad for p in m.parameters())})
+
+    def training_loss(self, modules: nn.ModuleDict, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+        """The loss of one batch (a 0-d fp32 tensor). ``modules`` are the (wrapped) trainable
+        modules; every random draw must come from ``generator`` (a pure function of seed and step)."""
+        raise NotImplementedError(f"{self.name} is not trainable")
+
+    def preview(self, modules: nn.ModuleDict, image: torch.Tensor) -> Optional[np.ndarray]:
+        """A reconstruction of one training image (``1 x 3 x S x S``) for the live preview, or None."""
+        return None
+
+    def use_trained(self, modules: nn.ModuleDict) -> None:
+        """Install trained (EMA) weights into this method's modules."""
+        for name, m in modules.items():
+            self.modules[name].load_state_dict(m.state_dict())
+
+    # ---- inference --------------------------------------------------------------------------
+    def maps(self, x: torch.Tensor) -> MethodOutput:
+        """Anomaly maps (and reconstructions) for a batch ``B x 3 x S x S`` in [0, 1] at the model size."""
+        raise NotImplementedError
+
+    def to(self, device: torch.device) -> "Method":
+        self.modules.to(device).eval()
+        return self
+
+    def card(self) -> dict[str, Any]:
+        """Facts for the model card and the app (parameters, reconstruction settings ...)."""
+        n = sum(p.numel() for p in self.modules.parameters())
+        return {"parameters": int(n) if n else None}
+
+    # ---- persistence ------------------------------------------------------------------------
+    def save(self, directory: Path) -> None:
+        """Write every component into ``directory/<name>/`` (diffusers ``save_pretrained``)."""
+        for name in self.components:
+            self.modules[name].save_pretrained(str(Path(directory) / name), safe_serialization=True)
+
+    @classmethod
+    def load(cls, directory: Path, config: Any, ctx: Context) -> "Method":
+        """Rebuild from :meth:`save`'s folder; a missing component is a clear ``FileNotFoundError``."""
+        method = cls(config, ctx)
+        for name, klass in cls.components.items():
+            sub = Path(directory) / name
+            if not sub.is_dir():
+                raise FileNotFoundError(f"{sub}: missing; a saved {cls.name} detector has the subfolder {name}/")
+            method.modules[name] = klass.from_pretrained(str(sub))
+        return method
+
+
+# --------------------------------------------------------------------------------------------
+# The registry
+# --------------------------------------------------------------------------------------------
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A published method that this version lists but does not implement yet."""
+
+    name: str
+    title: str
+    paper: str
+    space: str
+    description: str = ""
+
+
+PLANNED: dict[str, Planned] = {
+    "d3ad": Planned("d3ad", "D3AD: dynamic implicit conditioning", "D3AD sec. 4", "latent"),
+    "glad": Planned("glad", "GLAD: global and local adaptive diffusion", "GLAD sec. 3", "pixel"),
+}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available by ``cls.name`` to the API, the CLI and the app."""
+    if not cls.name or not isinstance(cls.name, str):
+        raise ValueError(f"{cls.__name__}: a method needs a non-empty `name`")
+    if not dataclasses.is_dataclass(cls.Config):
+        raise TypeError(f"{cls.__name__}.Config must be a dataclass, got {cls.Config!r}")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def unregister_method(name: str) -> None:
+    _METHODS.pop(name, None)
+
+
+def _load_builtin() -> None:
+    from . import _builtin  # noqa: F401  (imports every built-in method module)
+
+
+def method_names() -> list[str]:
+    """Names of the available methods, built-in first, in registration order."""
+    _load_builtin()
+    return list(_METHODS)
+
+
+def get_method(name: str) -> type[Method]:
+    _load_builtin()
+    if name in _METHODS:
+        return _METHODS[name]
+    if name in PLANNED:
+        raise UnknownVariant(f"variant {name!r} is planned but not implemented in this ccad version; "
+                             f"available: {', '.join(_METHODS)}")
+    raise UnknownVariant(f"unknown variant {name!r}; available: {', '.join(_METHODS)}"
+                         + (f"; planned: {', '.join(PLANNED)}" if PLANNED else ""))
+
+
+def describe_methods() -> list[tuple[str, str]]:
+    """``(name, one-line description)`` for every available method (for ``--help`` and the app)."""
+    return [(n, f"{m.title}: {m.description}" if m.description else m.title) for n, m in
+            ((n, get_method(n)) for n in method_names())]
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)

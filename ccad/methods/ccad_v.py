@@ -1,0 +1,126 @@
+"""CCAD(V): the pixel-space denoiser conditioned on the Coarse Feature Bank (CCAD sec. 3.3, Fig. 3a).
+
+Training: eq. 15, ``|| eps - eps_Theta(x_t; B_c) ||^2`` on good images in [-1, 1], with the
+noise schedule of this method's ``diffusion`` section (so a changed beta schedule or T is the one
+trained with and the one sampled with). Inference: DDAD-guided DDIM from the test image noised to
+T' (eq. 12-14 with eq. 18's direction term), then the feature-cosine anomaly map of eq. 16 between
+the image and its reconstruction.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import ConfigError, DiffusionConfig
+from ..models.denoiser import BankConditionedUNet, DenoiserConfig, images_to_model, model_to_images
+from ..scoring.anomaly_map import anomaly_map
+from .base import Context, Method, MethodOutput, register_method
+
+LEGACY_WEIGHTS = "denoiser.safetensors"  # version-1 folders kept the denoiser at the top level
+
+
+@dataclass
+class CCADVConfig:
+    """CCAD(V) settings: the denoiser preset (tiny: tests, small: CPU, base: GPU, DDAD-like), the
+    built architecture (``denoiser``, filled in at build time: its ``bank_dim`` is the width of
+    the bank actually built), and the schedule + reconstruction (``diffusion``)."""
+
+    preset: str = "small"
+    denoiser: Optional[DenoiserConfig] = None
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    preview_steps: int = 5
+
+    def validate(self) -> None:
+        if self.preset not in ("tiny", "small", "base"):
+            raise ConfigError(f"method.preset must be tiny, small or base, got {self.preset!r}")
+        self.diffusion.validate()
+        if self.denoiser is not None:
+            self.denoiser.validate()
+
+
+def make_scheduler_of(d: DiffusionConfig) -> Any:
+    from ..diffusion import make_scheduler
+
+    return make_scheduler(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end)
+
+
+@register_method
+class CCADV(Method):
+    name = "ccad-v"
+    title = "CCAD(V): pixel-space, coarse bank"
+    description = "pixel-space UNet with the coarse feature bank as cross-attention context, DDAD-guided reconstruction"
+    paper = "CCAD sec. 3.3, Fig. 3a, eq. 12-16"
+    space = "pixel"
+    Config = CCADVConfig
+    components = {"denoiser": BankConditionedUNet}
+    default_image_size = 128
+
+    def __init__(self, config: CCADVConfig, ctx: Context) -> None:
+        super().__init__(config, ctx)
+        self.scheduler = make_scheduler_of(config.diffusion)
+
+    def build(self, train: Sequence[Any]) -> None:
+        bank_dim = int(self.ctx.bank.features.shape[1])
+        spec = DenoiserConfig.preset(self.config.preset, sample_size=self.ctx.image_size, bank_dim=bank_dim)
+        self.config.denoiser = spec
+        self.modules["denoiser"] = BankConditionedUNet.from_spec(spec)
+
+    def training_loss(self, modules: nn.ModuleDict, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+        from ..diffusion import epsilon_loss
+
+        x0 = images_to_model(batch["image"])
+        return epsilon_loss(modules["denoiser"], x0, self.ctx.bank_tensor(), self.scheduler, generator=generator)
+
+    @torch.no_grad()
+    def _reconstruct(self, denoiser: nn.Module, x: torch.Tensor, steps: Optional[int] = None) -> torch.Tensor:
+        from ..diffusion import get_reconstructor
+
+        d = self.config.diffusion
+        gen = torch.Generator(device=x.device).manual_seed(d.seed)
+        bank = self.ctx.bank_tensor().to(x.device)
+        n = d.steps if steps is None else min(int(steps), d.start_step)
+        if x.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+            x_hat = get_reconstructor(d.strategy)(denoiser, images_to_model(x), bank, self.scheduler,
+                                                  start_step=d.start_step, steps=n, guidance=d.guidance, eta=d.eta,
+                                                  generator=gen)
+        return model_to_images(x_hat.float())
+
+    def preview(self, modules: nn.ModuleDict, image: torch.Tensor) -> Optional[np.ndarray]:
+        x_hat = self._reconstruct(modules["denoiser"], image, steps=self.config.preview_steps)
+        return x_hat[0].permute(1, 2, 0).float().cpu().numpy()
+
+    @torch.no_grad()
+    def maps(self, x: torch.Tensor) -> MethodOutput:
+        sc = self.ctx.scoring
+        x_hat = self._reconstruct(self.modules["denoiser"], x)
+        return MethodOutput(anomaly_map(x, x_hat, self.ctx.scoring_backbone(), pixel_weight=sc.pixel_weight,
+                                        sigma=sc.sigma), x_hat)
+
+    def to(self, device: torch.device) -> "CCADV":
+        super().to(device)
+        if torch.device(device).type == "cuda":
+            self.modules.to(memory_format=torch.channels_last)
+        return self
+
+    def card(self) -> dict[str, Any]:
+        d = self.config.diffusion
+        return {**super().card(), "reconstruction": {"strategy": d.strategy, "start_step": d.start_step,
+                                                     "steps": d.steps, "guidance": d.guidance}}
+
+    @classmethod
+    def load(cls, directory: Path, config: CCADVConfig, ctx: Context) -> "CCADV":
+        legacy = Path(directory) / LEGACY_WEIGHTS
+        if not (Path(directory) / "denoiser").is_dir() and legacy.is_file():
+            if config.denoiser is None:
+                raise FileNotFoundError(f"{directory}: {LEGACY_WEIGHTS} without a denoiser config")
+            method = cls(config, ctx)
+            method.modules["denoiser"] = BankConditionedUNet.load_legacy(legacy, config.denoiser)
+            return method
+        return super().load(directory, config, ctx)
