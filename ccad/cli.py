@@ -169,8 +169,15 @@ def cmd_predict(a: argparse.Namespace) -> int:
     results, errors = det.predict_many(items, batch_size=a.batch_size, progress=bar)
     bar.close()
     rows = []
+    used: set[str] = set()
     for r in results:
         stem = Path(r.path).stem
+        if stem in used:  # same file name in two folders (test/good/000.png, test/spot/000.png)
+            stem = f"{Path(r.path).parent.name}_{stem}"
+        base, i = stem, 1
+        while stem in used:
+            stem, i = f"{base}_{i}", i + 1
+        used.add(stem)
         cv2.imwrite(str(out / f"{stem}_heatmap.png"), cv2.cvtColor(r.heatmap(), cv2.COLOR_RGB2BGR))
         cv2.imwrite(str(out / f"{stem}_overlay.png"), cv2.cvtColor(r.overlay(), cv2.COLOR_RGB2BGR))
         cv2.imwrite(str(out / f"{stem}_mask.png"), r.mask.astype("uint8") * 255)
