@@ -483,7 +483,7 @@ def split_good(samples: list, calibration_fraction: float, seed: int = 0) -> tup
 def _detector_config(variant: str, image_size: Optional[int], method: Any, bank_config: Any, scoring: Any,
                      backbone: Optional[str], layers: Optional[Sequence[int]], bank_size: Optional[int],
                      weights: Optional[str], batch_size: Optional[int], preset: Optional[str]) -> DetectorConfig:
-    from .config import BankConfig, ScoringConfig
+    from .config import BankConfig
 
     mcls = get_method(variant)
     mcfg = method if method is not None else mcls.default_config(preset)
@@ -495,7 +495,7 @@ def _detector_config(variant: str, image_size: Optional[int], method: Any, bank_
         if value is not None:
             setattr(bc, key, value)
     return DetectorConfig(variant=variant, image_size=int(image_size or mcls.default_image_size), bank=bc,
-                          scoring=scoring if scoring is not None else ScoringConfig(), method=mcfg).validate()
+                          scoring=scoring if scoring is not None else mcls.default_scoring(), method=mcfg).validate()
 
 
 def _prepare(data: Any, config: DetectorConfig, bank: Any, calibration_fraction: float, seed: int, device: Any,

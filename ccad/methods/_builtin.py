@@ -1,3 +1,5 @@
 """Imports every built-in method module (each registers itself); the registry calls this once."""
 from . import patchcore  # noqa: F401  (first: the baseline heads every list)
 from . import ccad_v  # noqa: F401
+from . import ccad_latent  # noqa: F401
+from . import deco_diff  # noqa: F401

@@ -125,6 +125,11 @@ class Method:
         return cfg
 
     @classmethod
+    def default_scoring(cls) -> ScoringConfig:
+        """The image-score / calibration / map settings this method is scored with by default."""
+        return ScoringConfig()
+
+    @classmethod
     def config_from_dict(cls, data: dict[str, Any]) -> Any:
         return config_from_dict(cls.Config, data, "method")
 

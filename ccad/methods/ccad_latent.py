@@ -1,0 +1,283 @@
+"""CCAD(C) and CCAD(F): latent-space denoisers conditioned on a feature bank (CCAD sec. 3.3, Fig. 3b).
+
+Both work on unit-variance latents ``z0 = E(x)`` of one autoencoder (:mod:`ccad.methods.latent`)
+and train eq. 10-11, ``|| eps - eps_Theta^t(z_t; x; B) ||^2``:
+
+- the denoiser is a diffusers ``UNet2DConditionModel`` whose cross-attention context is the
+  projected bank (the GCB of Fig. 3b: LN + SelfAttn -> LN + CrossAttn(bank) -> LN + FF), plus a
+  ``ControlNetModel`` branch fed the input image x (DiAD's semantic-guided role, which the paper
+  builds on; ``controlnet=False`` drops it);
+- CCAD(C) conditions on the Coarse Feature Bank B_c built from the ImageNet backbone (eq. 6);
+- CCAD(F) builds B_c from the latent encoder's own patch features (METHOD.md item 8) and refines
+  it per image with the Fine Compression Module: ``B_f = tau_theta(D_bs; B_c)`` (eq. 7-8), Q from
+  the image's own latent patch features, K / V from B_c; tau is trained jointly (eq. 10).
+
+Reconstruction (eq. 9 / 19): noise the test latent to ``start_step`` (default T - 1, the paper's
+start from z_T), DDIM back in ``steps`` steps (10 by default, eq. 18's direction term), decode,
+then the anomaly map of eq. 16 between x and the decoded reconstruction, plus
+``latent_weight`` times the latent distance ``|z0 - z0_hat|`` (optional; 0 by default). One
+model covers every category of the training data (multi-class); no category at inference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import ConfigError
+from ..scoring.anomaly_map import anomaly_map
+from .base import Context, MethodOutput, register_method
+from .latent import DEFAULT_AUTOENCODER, LatentMethod, check_autoencoder_spec, latent_bank
+
+
+@dataclass
+class LatentDiffusionConfig:
+    """The noise schedule (SD's: scaled-linear beta 0.00085 ... 0.012, T = 1000) and the DDIM
+    reconstruction of eq. 9 / 19 (``start_step`` None = T - 1; ``eta`` 0 = deterministic)."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    start_step: Optional[int] = None
+    steps: int = 10
+    eta: float = 0.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        T = int(self.num_train_timesteps)
+        if self.start_step is not None and not 1 <= int(self.start_step) < T:
+            raise ConfigError(f"method.diffusion.start_step must be in 1..{T - 1} (or None for T-1), "
+                              f"got {self.start_step}")
+        if int(self.steps) < 1:
+            raise ConfigError(f"method.diffusion.steps must be >= 1, got {self.steps}")
+
+
+@dataclass
+class CCADLatentConfig:
+    """CCAD(C)/(F) settings.
+
+    ``preset``: the UNet / ControlNet size (tiny: tests, small: CPU, base: SD 1.5 widths, a GPU);
+    ``pretrained_unet``: an SD-style UNet (a local folder or Hub id) to initialise from (random
+    init when None); ``autoencoder``: the latent autoencoder spec; ``controlnet``: the input-image
+    branch; ``latent_weight``: weight of the optional latent-distance term of the map;
+    ``cross_attention_dim``: the bank's projected width. Filled in at build time:
+    ``latent_channels``, ``latent_scale``, ``latent_shift``, ``bank_dim``.
+    """
+
+    preset: str = "small"
+    autoencoder: str = DEFAULT_AUTOENCODER
+    pretrained_unet: Optional[str] = None
+    controlnet: bool = True
+    cross_attention_dim: int = 128
+    latent_weight: float = 0.0
+    diffusion: LatentDiffusionConfig = field(default_factory=LatentDiffusionConfig)
+    latent_channels: Optional[int] = None
+    latent_scale: Optional[float] = None
+    latent_shift: Optional[float] = None
+    bank_dim: Optional[int] = None
+
+    def validate(self) -> None:
+        if self.preset not in ("tiny", "small", "base"):
+            raise ConfigError(f"method.preset must be tiny, small or base, got {self.preset!r}")
+        check_autoencoder_spec(self.autoencoder)
+        if float(self.latent_weight) < 0:
+            raise ConfigError(f"method.latent_weight must be >= 0, got {self.latent_weight}")
+        self.diffusion.validate()
+
+
+@dataclass
+class CCADFConfig(CCADLatentConfig):
+    """CCAD(F) adds the Fine Compression Module (eq. 7-8): ``fcm_heads`` attention heads over the
+    latent patch features of a ``bank_kernel`` x ``bank_kernel`` neighbourhood; the coarse latent
+    bank draws ``bank_per_image`` patches of every good image into its streaming coreset;
+    ``query_stride`` subsamples the query grid (the fine bank has one row per query patch)."""
+
+    fcm_heads: int = 4
+    bank_kernel: int = 3
+    bank_per_image: int = 64
+    query_stride: int = 2
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("fcm_heads", "bank_kernel", "query_stride"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"method.{name} must be >= 1, got {getattr(self, name)}")
+        if int(self.bank_per_image) < 0:
+            raise ConfigError(f"method.bank_per_image must be >= 0, got {self.bank_per_image}")
+
+
+def _scheduler_of(d: LatentDiffusionConfig) -> Any:
+    from ..diffusion import make_scheduler
+
+    return make_scheduler(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end)
+
+
+def _components(controlnet: bool, fcm: bool) -> dict[str, type]:
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from ..models.fcm import FineCompressionModule
+    from ..models.latent_denoiser import BankProjector
+
+    comps: dict[str, type] = {"unet": UNet2DConditionModel, "bank_proj": BankProjector}
+    if controlnet:
+        comps["controlnet"] = ControlNetModel
+    if fcm:
+        comps["fcm"] = FineCompressionModule
+    return comps
+
+
+class _CCADLatentBase(LatentMethod):
+    Config = CCADLatentConfig
+    needs_images = True
+    uses_fcm = False
+    default_image_size = 256
+
+    def __init__(self, config: Any, ctx: Context) -> None:
+        super().__init__(config, ctx)
+        self.needs_images = bool(config.controlnet)
+        self.scheduler = _scheduler_of(config.diffusion)
+
+    # components depend on the config (ControlNet optional): the instance decides what it saves
+    @property
+    def _parts(self) -> dict[str, type]:
+        return _components(bool(self.config.controlnet), self.uses_fcm)
+
+    def build(self, train: Sequence[Any]) -> None:
+        from ..models.fcm import FineCompressionModule
+        from ..models.latent_denoiser import BankProjector, build_controlnet, build_latent_unet
+
+        c = self.config
+        ae = self.load_autoencoder()
+        size = self.latent_size()
+        unet = build_latent_unet(c.preset, int(ae.latent_channels), size, c.cross_attention_dim,
+                                 pretrained=c.pretrained_unet)
+        ctx_dim = int(unet.config.cross_attention_dim)
+        c.cross_attention_dim = ctx_dim
+        bank_dim = int(self.ctx.bank.features.shape[1])
+        c.bank_dim = bank_dim
+        self.modules["unet"] = unet
+        self.modules["bank_proj"] = BankProjector(bank_dim, ctx_dim)
+        if c.controlnet:
+            self.modules["controlnet"] = build_controlnet(unet)
+        if self.uses_fcm:
+            heads = int(c.fcm_heads) if bank_dim % int(c.fcm_heads) == 0 else 1
+            self.modules["fcm"] = FineCompressionModule(bank_dim, num_heads=heads)
+
+    # ---- the condition -----------------------------------------------------------------------
+    def _bank(self, modules: nn.ModuleDict, z0: torch.Tensor) -> torch.Tensor:
+        """B_c (shared, CCAD(C)) or the per-image fine bank B_f = tau(D_bs; B_c) (CCAD(F), eq. 7-8)."""
+        bank = self.ctx.bank_tensor().to(z0.device)
+        if not self.uses_fcm:
+            return bank
+        from ..models.fcm import latent_patch_features
+
+        c = self.config
+        queries = latent_patch_features(z0, kernel=int(c.bank_kernel), stride=int(c.query_stride))
+        return modules["fcm"](queries, bank)
+
+    def _eps_fn(self, modules: nn.ModuleDict, z0: torch.Tensor, image: Optional[torch.Tensor]) -> Any:
+        from ..models.latent_denoiser import latent_eps
+
+        bank = self._bank(modules, z0)
+        controlnet = modules["controlnet"] if "controlnet" in modules else None
+
+        def eps_fn(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return latent_eps(modules["unet"], controlnet, modules["bank_proj"], z_t, t, bank,
+                              control_image=image if controlnet is not None else None)
+
+        return eps_fn
+
+    def training_loss(self, modules: nn.ModuleDict, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+        from ..diffusion.latent import latent_eps_loss
+
+        z0 = batch["latent"]
+        return latent_eps_loss(self._eps_fn(modules, z0, batch.get("image")), z0, self.scheduler, generator)
+
+    @torch.no_grad()
+    def _reconstruct(self, modules: nn.ModuleDict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from ..diffusion.latent import latent_ddim_reconstruct
+
+        d = self.config.diffusion
+        z0 = self.encode(x)
+        gen = torch.Generator(device=x.device).manual_seed(int(d.seed))
+        z_hat = latent_ddim_reconstruct(self._eps_fn(modules, z0, x), z0, self.scheduler, start_step=d.start_step,
+                                        steps=int(d.steps), eta=float(d.eta), generator=gen)
+        return z0, z_hat, self.decode(z_hat)
+
+    def preview(self, modules: nn.ModuleDict, image: torch.Tensor) -> Optional[np.ndarray]:
+        _, _, x_hat = self._reconstruct(modules, image)
+        return x_hat[0].permute(1, 2, 0).cpu().numpy()
+
+    @torch.no_grad()
+    def maps(self, x: torch.Tensor) -> MethodOutput:
+        from ..diffusion.latent import latent_distance_map
+
+        sc, c = self.ctx.scoring, self.config
+        z0, z_hat, x_hat = self._reconstruct(self.modules, x)
+        maps = anomaly_map(x, x_hat, self.ctx.scoring_backbone(), pixel_weight=sc.pixel_weight, sigma=sc.sigma)
+        if c.latent_weight > 0:
+            maps = maps + float(c.latent_weight) * latent_distance_map(z0, z_hat, x.shape[-2:])
+        return MethodOutput(maps, x_hat)
+
+    def card(self) -> dict[str, Any]:
+        d = self.config.diffusion
+        start = d.start_step if d.start_step is not None else int(d.num_train_timesteps) - 1
+        return {**super().card(), "reconstruction": {"strategy": "ddim from the noised latent (eq. 9/19)",
+                                                     "start_step": start, "steps": d.steps, "eta": d.eta,
+                                                     "controlnet": bool(self.config.controlnet)}}
+
+    def save(self, directory: Any) -> None:
+        from pathlib import Path
+
+        for name in self._parts:
+            self.modules[name].save_pretrained(str(Path(directory) / name), safe_serialization=True)
+        self.load_autoencoder().save_pretrained(Path(directory) / "vae")
+
+    @classmethod
+    def load(cls, directory: Any, config: Any, ctx: Context) -> "_CCADLatentBase":
+        from pathlib import Path
+
+        from ..models.autoencoder import LatentAutoencoder
+
+        method = cls(config, ctx)
+        for name, klass in method._parts.items():
+            sub = Path(directory) / name
+            if not sub.is_dir():
+                raise FileNotFoundError(f"{sub}: missing; a saved {cls.name} detector has the subfolder {name}/")
+            method.modules[name] = klass.from_pretrained(str(sub))
+        vae = Path(directory) / "vae"
+        if not vae.is_dir():
+            raise FileNotFoundError(f"{vae}: missing; a saved {cls.name} detector keeps its autoencoder there")
+        method.autoencoder = LatentAutoencoder.from_pretrained(vae).to(ctx.device)
+        method.autoencoder.set_scaling(config.latent_scale, config.latent_shift)
+        return method
+
+
+@register_method
+class CCADC(_CCADLatentBase):
+    name = "ccad-c"
+    title = "CCAD(C): latent-space, coarse bank"
+    description = ("latent UNet + ControlNet with the backbone's coarse feature bank as cross-attention context; "
+                   "multi-class")
+    paper = "CCAD sec. 3.3, Fig. 3b, eq. 11, 19"
+    Config = CCADLatentConfig
+
+
+@register_method
+class CCADF(_CCADLatentBase):
+    name = "ccad-f"
+    title = "CCAD(F): latent-space, FCM-refined bank"
+    description = ("latent UNet + ControlNet conditioned on the fine bank tau(D_bs; B_c) of the latent encoder's "
+                   "features (FCM, eq. 7-8); multi-class")
+    paper = "CCAD sec. 3.2-3.3, eq. 7-10"
+    Config = CCADFConfig
+    uses_fcm = True
+
+    def build_bank(self, train: Sequence[Any]) -> Any:
+        c = self.config
+        return latent_bank(self, train, self.ctx.bank_config.size, int(c.bank_kernel), int(c.bank_per_image),
+                           self.ctx.seed)
