@@ -125,6 +125,95 @@ def trainable_variants() -> list[tuple[str, str]]:
     return [(n, d) for n, d in describe_methods() if get_method(n).trainable]
 
 
+DEFAULT_VARIANT = "ccad-v"
+PRESET_CHOICES = ["tiny", "small", "base"]
+
+
+def _method_class(variant: Optional[str]) -> Any:
+    """The registry's class for ``variant`` (a :class:`UserError` naming the known ones otherwise)."""
+    from ccad.methods import get_method
+
+    try:
+        return get_method(variant or DEFAULT_VARIANT)
+    except KeyError as exc:  # UnknownVariant
+        raise UserError(str(exc)) from None
+
+
+def method_choices() -> list[tuple[str, str]]:
+    """``(title, name)`` of every trainable variant, for the Train tab's method dropdown."""
+    from ccad.methods import get_method
+
+    return [(get_method(n).title or n, n) for n, _ in trainable_variants()]
+
+
+def default_variant() -> str:
+    names = [n for n, _ in trainable_variants()]
+    return DEFAULT_VARIANT if DEFAULT_VARIANT in names else (names[0] if names else DEFAULT_VARIANT)
+
+
+def method_info(variant: Optional[str]) -> dict[str, Any]:
+    """What the Train tab shows for a method, all read from the registry: its title and one-line
+    description, its default preset (None: no presets) and image size, whether it has an
+    ``autoencoder`` field (and its default), whether it uses the feature bank, and its options."""
+    from ccad.config import option_help
+
+    mcls = _method_class(variant)
+    cfg = mcls.default_config()
+    preset = getattr(cfg, "preset", None)
+    presets = list(getattr(mcls, "presets", None) or PRESET_CHOICES)
+    if preset is not None and preset not in presets:
+        presets.append(preset)
+    try:
+        options = option_help(mcls.Config)
+    except Exception:
+        options = []
+    return {"name": mcls.name, "title": mcls.title or mcls.name, "description": mcls.description or "",
+            "paper": getattr(mcls, "paper", ""), "preset": preset, "presets": presets if preset is not None else [],
+            "image_size": int(mcls.default_image_size), "has_autoencoder": hasattr(cfg, "autoencoder"),
+            "autoencoder": str(getattr(cfg, "autoencoder", "") or ""), "uses_bank": bool(mcls.uses_bank),
+            "trainable": bool(mcls.trainable), "options": options}
+
+
+def parse_options(text: Optional[str]) -> list[tuple[str, str]]:
+    """``KEY=VALUE`` lines (blank lines and ``#`` comments skipped); a line without ``=`` is a UserError."""
+    out = []
+    for n, raw in enumerate((text or "").splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"advanced options, line {n} ({line!r}): write one KEY=VALUE per line, "
+                            "e.g. diffusion.start_step=200")
+        out.append((key.strip(), value.strip()))
+    return out
+
+
+def method_config(variant: Optional[str], preset: Optional[str] = None, options: Optional[str] = None,
+                  autoencoder: Optional[str] = None) -> Any:
+    """The typed config section of ``variant``: its defaults, then ``preset`` and ``autoencoder``
+    (only where the config has those fields), then the advanced ``KEY=VALUE`` options, validated
+    with :func:`ccad.config.set_option` and the method's own check. A bad key or value is a
+    :class:`UserError` naming the field."""
+    from ccad.config import set_option
+
+    mcls = _method_class(variant)
+    cfg = mcls.default_config()
+    try:
+        if preset and hasattr(cfg, "preset"):
+            set_option(cfg, "preset", str(preset), "preset")
+        if autoencoder is not None and str(autoencoder).strip() and hasattr(cfg, "autoencoder"):
+            set_option(cfg, "autoencoder", str(autoencoder).strip(), "autoencoder")
+        for key, value in parse_options(options):
+            set_option(cfg, key, value, "option")
+        mcls.validate_config(cfg)
+    except UserError:
+        raise
+    except Exception as exc:  # ConfigError (names the field), or a parse error
+        raise UserError(f"{mcls.title or mcls.name}: {exc}") from None
+    return cfg
+
+
 def cuda_available() -> bool:
     try:
         import torch
@@ -392,7 +481,7 @@ class AppController:
             recon, label = _to_uint8(p.reconstruction), "Reconstruction"
         else:
             recon = np.full_like(original, 128)
-            label = "Reconstruction (n/a: PatchCore)"
+            label = "Reconstruction (n/a: this method does not reconstruct)"
         return {"original": original, "reconstruction": recon, "heatmap": p.heatmap(), "overlay": p.overlay(),
                 "recon_label": label, "score": f"{float(p.score):.4f}", "verdict": p.verdict.upper(),
                 "time": f"{float(p.seconds):.2f} s", "name": batch.names[i]}
@@ -502,7 +591,7 @@ class AppController:
                 raise UserError("bank building cancelled") from None
             raise UserError(f"building the bank from {path.name} failed ({type(exc).__name__}: {exc})") from None
         seconds = time.perf_counter() - t0
-        name = self.registry.add(f"bank {path.name} (patchcore)", det, f"bank built from {path}")
+        name = self.registry.add(f"bank {path.name} ({getattr(det, 'variant', 'bank')})", det, f"bank built from {path}")
         summary = self.bank_summary(det)
         fig = self.bank_projection(det, path)
         built = int(det.bank.features.shape[0]) if getattr(det, "bank", None) is not None else int(xi)
@@ -548,6 +637,8 @@ class AppController:
             raise UserError(str(exc)) from None
         if path.exists() and not path.is_dir():
             raise UserError(f"{dest}: exists and is not a folder")
+        if what == "bank" and getattr(det, "bank", None) is None:
+            raise UserError(f"{name} has no feature bank to save (its method builds none); save the detector")
         try:
             if what == "bank":
                 path.mkdir(parents=True, exist_ok=True)
@@ -562,18 +653,27 @@ class AppController:
     def device_note(self) -> str:
         if cuda_available():
             return "A CUDA GPU is available: training uses it (mixed precision)."
-        return ("No GPU found: training runs on the CPU with small settings (preset 'tiny', 64 px, few "
-                "hundred steps). Expect minutes, not seconds; the rest of the app stays usable.")
+        return ("No GPU found: training runs on the CPU. Pick small settings (preset 'tiny', 64 px, a few "
+                "hundred steps): expect minutes, not seconds; the rest of the app stays usable.")
 
-    def default_train_settings(self) -> dict[str, Any]:
-        if cuda_available():
-            return {"preset": "small", "image_size": 256, "steps": 5000, "batch_size": 16}
-        return {"preset": "tiny", "image_size": 64, "steps": 300, "batch_size": 4}
+    def default_train_settings(self, variant: Optional[str] = None) -> dict[str, Any]:
+        """The Train tab's defaults: the method's own preset and image size (from the registry),
+        steps and batch size for this device."""
+        info = method_info(variant or default_variant())
+        run = {"steps": 5000, "batch_size": 16} if cuda_available() else {"steps": 300, "batch_size": 4}
+        return {"variant": info["name"], "preset": info["preset"], "image_size": info["image_size"],
+                "autoencoder": info["autoencoder"], **run}
 
     def start_training(self, folder: Optional[str], zip_file: Optional[str], bank_model: Optional[str],
                        preset: str, image_size: int, steps: int, batch_size: int, preview_every: int = 50,
-                       resume: bool = False, variant: str = "ccad-v") -> str:
-        """Start training a detector of ``variant`` in the background job manager (one job per server)."""
+                       resume: bool = False, variant: str = DEFAULT_VARIANT, options: Optional[str] = None,
+                       autoencoder: Optional[str] = None) -> str:
+        """Start training a detector of ``variant`` in the background job manager (one job per server).
+
+        ``options`` are ``KEY=VALUE`` lines for the method's config and ``autoencoder`` its
+        autoencoder spec (methods with that field); both are validated before anything starts.
+        Resume re-uses the last job's variant, options and run folder.
+        """
         if self.jobs.busy():
             snap = self.jobs.snapshot() or {}
             raise UserError(f"A training job is already running on this server ({snap.get('id')}, step "
@@ -585,20 +685,32 @@ class AppController:
                 raise UserError("nothing to resume: no stopped training job on this server")
             params = dict(last, resume=True)
         else:
+            variant = variant or DEFAULT_VARIANT
+            mcls = _method_class(variant)
+            if not mcls.trainable:
+                raise UserError(f"{mcls.title or variant} is not trained (it is fitted): build it in the "
+                                "Feature bank tab")
+            method_config(variant, preset, options, autoencoder)  # refuse a bad option before anything starts
             path = self._data_folder(folder, zip_file)
             bank = None
-            if bank_model:
+            if bank_model and mcls.uses_bank:
                 det = self._detector_no_activate(bank_model)
                 bank = getattr(det, "bank", None)
+                if bank is None:
+                    raise UserError(f"{bank_model} has no feature bank to reuse; leave 'Reuse the bank' empty")
             if int(steps) < 1 or int(batch_size) < 1:
                 raise UserError("steps and batch size must be positive")
             run_dir = self.state_dir / "runs" / time.strftime("train-%Y%m%d-%H%M%S")
-            params = {"data": str(path), "out_dir": str(run_dir), "bank": bank, "bank_model": bank_model or "",
-                      "preset": preset, "image_size": int(image_size), "steps": int(steps),
-                      "batch_size": int(batch_size), "preview_every": max(1, int(preview_every)), "resume": False,
-                      "variant": variant or "ccad-v"}
+            params = {"data": str(path), "out_dir": str(run_dir), "bank": bank,
+                      "bank_model": (bank_model or "") if bank is not None else "",
+                      "preset": preset or "", "image_size": int(image_size or mcls.default_image_size),
+                      "steps": int(steps), "batch_size": int(batch_size),
+                      "preview_every": max(1, int(preview_every)), "resume": False, "variant": variant,
+                      "options": options or "", "autoencoder": (autoencoder or "").strip()}
         self._last_train = dict(params, resume=False)
         train_fn = self.engine.train
+        # the typed config, rebuilt from the recipe (a resumed job gets a fresh copy of the same config)
+        method_cfg = method_config(params["variant"], params["preset"], params["options"], params["autoencoder"])
 
         def target(handle: JobHandle) -> Any:
             handle.update(total_steps=params["steps"], message="building the bank" if params["bank"] is None
@@ -619,7 +731,7 @@ class AppController:
                 return handle.should_stop()
 
             return train_fn(params["data"], params["out_dir"], bank=params["bank"], variant=params["variant"],
-                            preset=params["preset"] or None, image_size=params["image_size"] or None,
+                            method=method_cfg, image_size=params["image_size"] or None,
                             train=train_config(steps=params["steps"], batch_size=params["batch_size"],
                                                preview_every=params["preview_every"], show_progress=False),
                             callbacks=(on_state,), resume=params["resume"], cancel=handle.should_stop)
@@ -637,7 +749,9 @@ class AppController:
             job = self.jobs.start("train", target, {k: v for k, v in params.items() if k != "bank"}, on_done)
         except JobBusy as exc:
             raise UserError(str(exc)) from None
-        return f"Started training job {job.id} ({'resumed' if resume else 'new'}) on {Path(params['data']).name}."
+        title = _method_class(params["variant"]).title or params["variant"]
+        return (f"Started training job {job.id} ({'resumed' if resume else 'new'}): {title} on "
+                f"{Path(params['data']).name}.")
 
     def stop_training(self) -> str:
         if self.jobs.stop():

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import gradio as gr
 
 from . import views
-from .controller import TABLE_HEADERS, AppController, Batch, UserError
+from .controller import TABLE_HEADERS, AppController, Batch, UserError, default_variant, method_choices, method_info
 from .state import REPO_ROOT, SAMPLES_DIR
 
 MAX_FILE_SIZE = "200mb"
@@ -50,6 +50,29 @@ def _mount_review(builder: Any, error: Optional[str], controller: AppController)
         gr.Markdown(f"The DAGM review screen could not be built ({type(exc).__name__}: {exc}).")
 
 
+AUTOENCODER_INFO = ("taef2:/path/to/taef2.pth, kl:<Hub id or folder>, tiny:<Hub id or folder>, "
+                    "or taef2:random / kl:random (random init, for tests)")
+IMAGE_SIZES = [64, 96, 128, 256]
+
+
+def _sizes(default: int) -> list[int]:
+    return sorted(set(IMAGE_SIZES) | {int(default)})
+
+
+def _method_text(info: dict[str, Any]) -> str:
+    """The one-line description under the method dropdown (from the registry)."""
+    text = info["description"] or info["title"]
+    return f"{text}" + (f" &nbsp;·&nbsp; *{info['paper']}*" if info.get("paper") else "")
+
+
+def _options_text(info: dict[str, Any]) -> str:
+    opts = info.get("options") or []
+    if not opts:
+        return f"{info['title']} has no further options."
+    return (f"Options of {info['title']} (name=default); any of them may be set above:\n\n"
+            + "\n".join(f"- `{o}`" for o in opts))
+
+
 def _err(exc: BaseException) -> str:
     if isinstance(exc, UserError):
         return f"⚠️ {exc}"
@@ -69,6 +92,7 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
     cancel_flags: dict[str, threading.Event] = {}
     gallery = c.gallery_items()
     settings = c.default_train_settings()
+    minfo = method_info(settings["variant"])
 
     review_builder, review_js, review_error = _import_review()
     with warnings.catch_warnings():
@@ -210,20 +234,32 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
                                                   elem_id="train-folder")
                         train_zip = gr.File(label="...or upload a zip of good images", file_types=[".zip"],
                                             type="filepath", elem_id="train-zip")
-                        train_bank = gr.Dropdown([""] + c.registry.of_variant("patchcore"), value="",
+                        train_bank = gr.Dropdown([""] + c.registry.with_bank(), value="",
                                                  label="Reuse the bank of (optional; else a bank is built)",
-                                                 elem_id="train-bank")
+                                                 elem_id="train-bank", visible=minfo["uses_bank"])
                     with gr.Column():
-                        train_preset = gr.Dropdown(["tiny", "small", "base"], value=settings["preset"],
-                                                   label="Denoiser preset", elem_id="train-preset")
-                        train_size = gr.Dropdown([64, 96, 128, 256], value=settings["image_size"],
-                                                 label="Image size", elem_id="train-image-size")
+                        train_method = gr.Dropdown(method_choices(), value=settings["variant"], label="Method",
+                                                   elem_id="train-method", interactive=True)
+                        train_method_desc = gr.Markdown(_method_text(minfo), elem_id="train-method-description")
+                        train_preset = gr.Dropdown(minfo["presets"], value=minfo["preset"],
+                                                   label="Network preset", elem_id="train-preset",
+                                                   visible=minfo["preset"] is not None)
+                        train_size = gr.Dropdown(_sizes(minfo["image_size"]), value=minfo["image_size"],
+                                                 label="Image size", elem_id="train-image-size",
+                                                 allow_custom_value=True)
+                        train_ae = gr.Textbox(value=minfo["autoencoder"], label="Autoencoder",
+                                              info=AUTOENCODER_INFO, elem_id="train-autoencoder",
+                                              visible=minfo["has_autoencoder"])
                         train_steps = gr.Number(value=settings["steps"], precision=0, label="Steps",
                                                 elem_id="train-steps")
                         train_bs = gr.Number(value=settings["batch_size"], precision=0, label="Batch size",
                                              elem_id="train-batch-size")
                         train_prev = gr.Number(value=50, precision=0, label="Reconstruction preview every N steps",
                                                elem_id="train-preview-every")
+                with gr.Accordion("Advanced options", open=False, elem_id="train-advanced"):
+                    train_options = gr.Textbox(label="Advanced options (one KEY=VALUE per line)", lines=4,
+                                               placeholder="diffusion.start_step=200", elem_id="train-options")
+                    train_options_help = gr.Markdown(_options_text(minfo), elem_id="train-options-help")
                 with gr.Row():
                     train_start = gr.Button("Start training", variant="primary", elem_id="train-start")
                     train_stop = gr.Button("Stop (saves a resumable checkpoint)", variant="stop",
@@ -352,7 +388,7 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
             names = c.registry.names()
             sel = selected if selected in names else c.registry.active
             return [gr.update(choices=names, value=sel), gr.update(choices=[""] + names),
-                    gr.update(choices=[""] + c.registry.of_variant("patchcore"))]
+                    gr.update(choices=[""] + c.registry.with_bank())]
 
         def on_model(name: str, batch: Optional[Batch]) -> list[Any]:
             c.registry.set_active(name)
@@ -431,16 +467,35 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
         save_btn.click(on_save, [model_dd, save_path, save_what], [save_msg])
 
         # ---- train
-        def on_train(folder: str, zf: Optional[str], bank_model: str, preset: str, size: int, steps: float,
-                     bs: float, every: float) -> str:
+        def on_method(variant: str) -> list[Any]:
             try:
-                return c.start_training(folder, zf, bank_model or None, preset, int(size), int(steps or 0),
-                                        int(bs or 0), int(every or 50))
+                info = method_info(variant)
+            except Exception as exc:
+                return [_err(exc)] + [gr.update()] * 5
+            return [_method_text(info),
+                    gr.update(choices=info["presets"], value=info["preset"], visible=info["preset"] is not None),
+                    gr.update(choices=_sizes(info["image_size"]), value=info["image_size"]),
+                    gr.update(value=info["autoencoder"], visible=info["has_autoencoder"]),
+                    _options_text(info), gr.update(visible=info["uses_bank"])]
+
+        train_method.change(on_method, [train_method],
+                            [train_method_desc, train_preset, train_size, train_ae, train_options_help, train_bank])
+
+        def on_train(variant: str, folder: str, zf: Optional[str], bank_model: str, preset: Optional[str],
+                     size: Any, steps: float, bs: float, every: float, options: str, autoencoder: str) -> str:
+            try:
+                try:
+                    size_px = int(size)
+                except (TypeError, ValueError):
+                    raise UserError(f"image size must be a whole number of pixels, got {size!r}") from None
+                return c.start_training(folder, zf, bank_model or None, preset or "", size_px, int(steps or 0),
+                                        int(bs or 0), int(every or 50), variant=variant or default_variant(),
+                                        options=options, autoencoder=autoencoder)
             except Exception as exc:
                 return _err(exc)
 
-        train_start.click(on_train, [train_folder, train_zip, train_bank, train_preset, train_size, train_steps,
-                                     train_bs, train_prev], [train_msg])
+        train_start.click(on_train, [train_method, train_folder, train_zip, train_bank, train_preset, train_size,
+                                     train_steps, train_bs, train_prev, train_options, train_ae], [train_msg])
 
         def on_resume() -> str:
             try:

@@ -67,6 +67,11 @@ class ModelRegistry:
             if name in self._entries:
                 self.active = name
 
+    def with_bank(self) -> list[str]:
+        """Names of the models whose detector holds a feature bank (bank sources for training)."""
+        with self._lock:
+            return [n for n, e in self._entries.items() if getattr(e.detector, "bank", None) is not None]
+
     def of_variant(self, *variants: str) -> list[str]:
         with self._lock:
             return [n for n, e in self._entries.items() if getattr(e.detector, "variant", None) in variants]

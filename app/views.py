@@ -108,9 +108,23 @@ def card_markdown(card: Optional[dict[str, Any]], name: str = "", source: str = 
             return ", ".join(fmt(x) for x in v)
         return str(v)
 
-    keys = ["variant", "backbone", "layers", "bank_size", "image_size", "threshold", "n_train_images",
+    def cell(v: Any) -> str:
+        return fmt(v).replace("|", "\\|").replace("\n", " ")
+
+    # the common facts first, then whatever else the method reports (autoencoder, reconstruction ...)
+    keys = ["variant", "title", "backbone", "layers", "bank_size", "image_size", "threshold", "n_train_images",
             "calibration", "reconstruction", "denoiser_parameters", "created"]
-    rows = [f"| {k.replace('_', ' ')} | {fmt(card.get(k))} |" for k in keys if k in card]
+    skip = {"metrics", "ccad_version"}
+    keys += [k for k in card if k not in keys and k not in skip]
+    labels = {"denoiser_parameters": "network parameters"}
+    rows = []
+    for k in keys:
+        if k not in card:
+            continue
+        v = card.get(k)
+        if k == "bank_size" and v is None:
+            v = "none (this method keeps no feature bank)"
+        rows.append(f"| {labels.get(k, str(k).replace('_', ' '))} | {cell(v)} |")
     metrics = card.get("metrics")
     if metrics:
         if isinstance(metrics, dict) and all(isinstance(v, dict) for v in metrics.values()):

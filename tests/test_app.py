@@ -320,7 +320,10 @@ def test_training_job_runs_in_background_one_at_a_time(ctl: AppController, root:
             self.step, self.total_steps, self.epoch, self.loss, self.lr = step, 5, 0, 1.0 / step, 1e-3
             self.eta_seconds, self.preview = 1.0, np.zeros((8, 8, 3), np.float32)
 
+    calls: list[dict[str, Any]] = []
+
     def train(data: str, out_dir: str, **kw: Any) -> FakeDetector:
+        calls.append(dict(kw, out_dir=out_dir))
         for step in range(1, 6):
             if any(cb(State(step)) for cb in kw["callbacks"]):
                 break
@@ -328,8 +331,8 @@ def test_training_job_runs_in_background_one_at_a_time(ctl: AppController, root:
         return FakeDetector()
 
     ctl.engine.train = train
-    msg = ctl.start_training("good", None, None, "tiny", 64, 5, 2)
-    assert "Started" in msg
+    msg = ctl.start_training("good", None, None, "tiny", 64, 5, 2, options="diffusion.start_step=123")
+    assert "Started" in msg and "CCAD(V)" in msg  # the method's title, from the registry
     with pytest.raises(UserError, match="already running"):
         ctl.start_training("good", None, None, "tiny", 64, 5, 2)
     deadline = time.time() + 60  # the first call imports ccad.training (accelerate)
@@ -342,9 +345,89 @@ def test_training_job_runs_in_background_one_at_a_time(ctl: AppController, root:
     ctl.jobs.join(5)
     st = ctl.training_status()
     assert st["state"] == "stopped" and st["can_resume"] and st["model_name"] in ctl.registry.names()
+    assert st["model_name"].startswith("ccad-v stopped")
     assert "resumed" in ctl.start_training(None, None, None, "", 0, 0, 0, resume=True)
     ctl.jobs.join(5)
     assert ctl.training_status()["state"] == "finished"
+    # the typed config reaches train_detector; resume keeps the variant, the options and the run folder
+    from ccad.methods import get_method
+
+    first, again = calls
+    for kw in calls:
+        assert kw["variant"] == "ccad-v" and isinstance(kw["method"], get_method("ccad-v").Config)
+        assert kw["method"].preset == "tiny" and kw["method"].diffusion.start_step == 123
+        assert kw["image_size"] == 64 and kw["train"].steps == 5
+    assert first["resume"] is False and again["resume"] is True and again["out_dir"] == first["out_dir"]
+    assert again["method"] is not first["method"]  # a fresh copy: the first job's build does not leak in
+
+
+def test_train_tab_lists_the_registry_and_reads_each_method(ctl: AppController) -> None:
+    from app.controller import default_variant, method_choices, method_info, trainable_variants
+    from ccad.methods import get_method, method_names
+
+    expected = [n for n in method_names() if get_method(n).trainable]
+    assert [n for n, _ in trainable_variants()] == expected and "patchcore" not in expected
+    assert [v for _, v in method_choices()] == expected
+    assert [t for t, _ in method_choices()] == [get_method(n).title for n in expected]
+    assert default_variant() == "ccad-v"
+    for name in expected:
+        mcls = get_method(name)
+        info = method_info(name)
+        cfg = mcls.default_config()
+        assert info["title"] == mcls.title and info["description"] == mcls.description
+        assert info["image_size"] == mcls.default_image_size
+        assert info["preset"] == getattr(cfg, "preset", None)
+        assert info["has_autoencoder"] == hasattr(cfg, "autoencoder")
+        if info["has_autoencoder"]:
+            assert info["autoencoder"] == cfg.autoencoder
+        settings = ctl.default_train_settings(name)
+        assert settings["variant"] == name and settings["image_size"] == mcls.default_image_size
+    with pytest.raises(UserError, match="unknown variant"):
+        method_info("no-such-method")
+
+
+def test_bad_training_option_is_refused_naming_the_field(ctl: AppController, root: Path) -> None:
+    (root / "good").mkdir()
+    grey(root / "good" / "a.png", 100)
+    started = []
+    ctl.engine.train = lambda *a, **k: started.append(k)
+    with pytest.raises(UserError, match=r"option 'bogus': unknown field 'bogus'.*known: preset"):
+        ctl.start_training("good", None, None, "tiny", 64, 5, 2, variant="ccad-v", options="bogus=1")
+    with pytest.raises(UserError, match=r"diffusion.start_step.*'abc'"):
+        ctl.start_training("good", None, None, "tiny", 64, 5, 2, options="diffusion.start_step=abc")
+    with pytest.raises(UserError, match="line 2.*KEY=VALUE"):
+        ctl.start_training("good", None, None, "tiny", 64, 5, 2, options="# a comment\nno equals sign")
+    with pytest.raises(UserError, match="preset"):
+        ctl.start_training("good", None, None, "huge", 64, 5, 2)
+    with pytest.raises(UserError, match="unknown variant 'nope'"):
+        ctl.start_training("good", None, None, "tiny", 64, 5, 2, variant="nope")
+    with pytest.raises(UserError, match="not trained"):
+        ctl.start_training("good", None, None, "", 64, 5, 2, variant="patchcore")
+    assert ctl.jobs.snapshot() is None and not started  # nothing started
+
+
+def test_model_card_and_bank_sources_for_a_detector_without_bank(ctl: AppController, tmp_path: Path) -> None:
+    """A DeCo-Diff-like detector (no bank, extra card keys) renders, inspects, is no bank source."""
+
+    class NoBank(FakeDetector):
+        variant = "deco-diff"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.bank = None
+
+        def card(self) -> dict[str, Any]:
+            return {**super().card(), "bank_size": None, "feature_dim": None, "title": "DeCo-Diff: x",
+                    "autoencoder": "taef2:random", "reconstruction": {"steps": 1, "mode": "correction"}}
+
+    name = ctl.registry.add("nobank", NoBank(), "test")
+    card = ctl.model_card(name)
+    assert "taef2:random" in card and "correction" in card and "no feature bank" in card
+    batch = ctl.inspect(name, [str(grey(tmp_path / "a.png", 30))])
+    assert ctl.panels(batch)["verdict"] in ("GOOD", "ANOMALOUS")
+    assert ctl.registry.with_bank() == ["fake"]  # bank sources: models that hold a bank, by name of none
+    with pytest.raises(UserError, match="no feature bank"):
+        ctl.save_model(name, "x", "bank")
 
 
 def test_evaluation_reports_metrics_and_worst_cases(ctl: AppController, root: Path) -> None:
@@ -359,8 +442,6 @@ def test_evaluation_reports_metrics_and_worst_cases(ctl: AppController, root: Pa
 
     class Scored(FakeDetector):  # evaluate() needs score_batches
         def score_batches(self, batches: Any, progress: Any = None, total: Any = None):
-            import torch
-
             s, m = [], []
             for b in batches:
                 amap = (b["image"].mean(1) - 0.5).abs()
@@ -399,3 +480,64 @@ def test_real_engine_bank_build_inspect_and_evaluate(root: Path, tmp_path: Path)
     assert "Saved" in c.save_model(name, "models/m", "detector")
     name2, _ = c.load_from_folder("models/m")
     assert c.registry.detector(name2).card()["bank_size"] == det.bank.features.shape[0]
+
+
+# ------------------------------------------------------------------------------- real training per variant
+
+def _train_inspect_real(root: Path, tmp_path: Path, variant: str, **kw: Any) -> tuple[AppController, str]:
+    """Train ``variant`` for 2 steps at 32 px through the controller (the real engine), then inspect."""
+    import torch
+
+    from ccad.data.synthetic import write_dataset
+
+    torch.set_num_threads(1)
+    write_dataset(root / "synth", kinds=("fibrous",), n_train=6, n_test_good=1, n_test_defect=1, size=32, seed=2,
+                  defects=("spot",))
+    c = AppController(data_root=root, state_dir=tmp_path / "s", samples_dir=None, demo_dir=None)
+    msg = c.start_training("synth/fibrous", None, None, "tiny", 32, 2, 2, preview_every=1, variant=variant, **kw)
+    assert "Started" in msg
+    c.jobs.join(900)
+    st = c.training_status()
+    assert st["state"] == "finished", (st["status"], c.jobs.snapshot().get("error"))
+    name = st["model_name"]
+    assert name.startswith(f"{variant} trained ") and name in c.registry.names()
+    det = c.registry.detector(name)
+    assert det.variant == variant and det.info["train_steps"] == 2
+    card = c.model_card(name)
+    from ccad.methods import get_method
+
+    assert variant in card and get_method(variant).title.split(":")[0] in card
+    defect = next((root / "synth/fibrous/test/spot").glob("*.png"))
+    batch = c.inspect(name, [str(defect)])
+    v = c.panels(batch)
+    assert v["original"].shape == v["heatmap"].shape == v["overlay"].shape == v["reconstruction"].shape
+    assert v["verdict"] in ("GOOD", "ANOMALOUS") and np.isfinite(float(v["score"]))
+    return c, name
+
+
+def test_real_training_job_ccad_v_tiny(root: Path, tmp_path: Path) -> None:
+    c, name = _train_inspect_real(root, tmp_path, "ccad-v", options="diffusion.steps=2\ndiffusion.start_step=20")
+    det = c.registry.detector(name)
+    assert det.method.config.diffusion.steps == 2 and det.method.config.preset == "tiny"
+    assert c.panels(c.inspect(name, [str(next((root / "synth/fibrous/test/good").glob("*.png")))]))[
+        "recon_label"] == "Reconstruction"  # a diffusion model reconstructs
+    assert name in c.registry.with_bank()
+
+
+@pytest.mark.parametrize("variant", ["ccad-c", "ccad-f", "deco-diff"])
+def test_real_training_job_latent_method_random_autoencoder(root: Path, tmp_path: Path, variant: str) -> None:
+    """Each latent method the registry has (skipped while it is not registered yet), preset tiny,
+    a random-init TAEF2 autoencoder, 2 steps at 32 px: trains, registers, inspects; the card shows it."""
+    from ccad.methods import get_method
+
+    try:
+        mcls = get_method(variant)
+    except KeyError:
+        pytest.skip(f"{variant} is not registered in ccad.methods yet")
+    assert mcls.trainable and hasattr(mcls.default_config(), "autoencoder"), f"{variant} is not a latent method"
+    c, name = _train_inspect_real(root, tmp_path, variant, autoencoder="taef2:random")
+    det = c.registry.detector(name)
+    assert det.method.config.autoencoder == "taef2:random" and det.method.config.preset == "tiny"
+    card = c.model_card(name)
+    assert "| autoencoder |" in card and "taef2:random" in card
+    assert (name in c.registry.with_bank()) == (det.bank is not None)
