@@ -298,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--steps", type=int, default=2000, help="optimiser steps (default: %(default)s)")
     sp.add_argument("--batch-size", type=int, default=8, help="batch size (default: %(default)s)")
     sp.add_argument("--lr", type=float, default=3e-4, help="peak learning rate, cosine schedule (default: %(default)s)")
-    sp.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default: %(default)s)")
+    sp.add_argument("--checkpoint-every", type=int, default=500,
+                    help="steps between checkpoints (default: %(default)s)")
     sp.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
                     help="auto: bf16/fp16 on CUDA, fp32 on CPU")
     sp.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",

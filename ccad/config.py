@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Type, TypeVar
+from typing import Any, Optional, TypeVar
 
 T = TypeVar("T")
 
@@ -47,7 +47,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
-def config_from_dict(cls: Type[T], data: dict[str, Any], where: str) -> T:
+def config_from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
     """Build the dataclass ``cls`` from a plain dict; unknown keys are an error naming the field."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected an object, got {type(data).__name__}")
@@ -292,7 +292,8 @@ class DetectorConfig:
 def _migrate_v1(data: dict[str, Any]) -> dict[str, Any]:
     """Version 1 (one field per part: ``patchcore``, ``denoiser``, ``diffusion``) -> version 2."""
     data = dict(data)
-    patchcore, denoiser, diffusion = data.pop("patchcore", None), data.pop("denoiser", None), data.pop("diffusion", None)
+    patchcore, denoiser = data.pop("patchcore", None), data.pop("denoiser", None)
+    diffusion = data.pop("diffusion", None)
     if data.get("variant") == "patchcore" and patchcore is not None:
         data["method"] = dict(patchcore)
     elif data.get("variant") == "ccad-v":

@@ -93,8 +93,8 @@ def evaluate(detector: Any, samples: Sequence[Any], batch_size: int = 8,
     scores_a, maps_a = np.concatenate(scores), np.concatenate(maps)
     labels_a, masks_a = np.concatenate(labels).astype(int), np.concatenate(masks)
     thr = detector.threshold
-    records = [{**meta, "label": int(l), "score": float(s), "is_anomalous": bool(np.isfinite(thr) and s > thr)}
-               for meta, l, s in zip(metas, labels_a, scores_a)]
+    records = [{**meta, "label": int(y), "score": float(s), "is_anomalous": bool(np.isfinite(thr) and s > thr)}
+               for meta, y, s in zip(metas, labels_a, scores_a)]
     cats = [m["category"] or "all" for m in metas]
     has_masks = bool(masks_a.any())
     per = metrics_by_category(cats, labels_a, scores_a, masks_a if has_masks else None,

@@ -906,7 +906,7 @@ class ReviewSession:
         stems = [it.stem for it in self.items]
         nested = len(set(stems)) != len(stems)
         rows = []
-        for i, it in enumerate(self.items):
+        for it in self.items:
             dec = self.decisions.get(it.key)
             if dec is None:
                 continue

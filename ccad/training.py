@@ -525,7 +525,7 @@ class Trainer:
             stale = list_checkpoints(self.out_dir)
             if stale:
                 warnings.warn(f"{self.out_dir}: starting a fresh run, removing {len(stale)} old checkpoint(s) "
-                              f"({stale[-1].name} latest); pass resume=True to continue instead")
+                              f"({stale[-1].name} latest); pass resume=True to continue instead", stacklevel=2)
                 for old in stale:
                     shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()

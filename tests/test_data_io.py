@@ -248,7 +248,8 @@ def test_coerce_image_inputs(tmp_path: Path) -> None:
     np.testing.assert_allclose(coerce_image(rgba), ref, atol=1e-6)
     grey = coerce_image(rgb[..., 0])
     np.testing.assert_array_equal(grey[..., 0], grey[..., 2])
-    np.testing.assert_allclose(coerce_image(Image.fromarray(rgb).convert("L")), coerce_image(np.asarray(Image.fromarray(rgb).convert("L"))))
+    grey = Image.fromarray(rgb).convert("L")
+    np.testing.assert_allclose(coerce_image(grey), coerce_image(np.asarray(grey)))
     tens = torch.from_numpy(ref.astype(np.float32)).permute(2, 0, 1)
     np.testing.assert_allclose(coerce_image(tens), ref, atol=1e-6)
     with pytest.raises(TypeError, match="cannot interpret"):

@@ -165,9 +165,12 @@ def test_write_is_deterministic(tmp_path: Path) -> None:
                 h.update(p.read_bytes())
         return h.hexdigest()
 
-    a = write_dataset(tmp_path / "a", kinds=["cloud"], n_train=1, n_test_good=1, n_test_defect=1, size=32, seed=9, layout="dagm")
-    b = write_dataset(tmp_path / "b", kinds=["cloud"], n_train=1, n_test_good=1, n_test_defect=1, size=32, seed=9, layout="dagm")
-    c = write_dataset(tmp_path / "c", kinds=["cloud"], n_train=1, n_test_good=1, n_test_defect=1, size=32, seed=10, layout="dagm")
+    a = write_dataset(tmp_path / "a", kinds=["cloud"], n_train=1, n_test_good=1, n_test_defect=1, size=32,
+                      seed=9, layout="dagm")
+    b = write_dataset(tmp_path / "b", kinds=["cloud"], n_train=1, n_test_good=1, n_test_defect=1, size=32,
+                      seed=9, layout="dagm")
+    c = write_dataset(tmp_path / "c", kinds=["cloud"], n_train=1, n_test_good=1, n_test_defect=1, size=32,
+                      seed=10, layout="dagm")
     assert tree_hash(a) == tree_hash(b) != tree_hash(c)
 
 

@@ -455,7 +455,7 @@ def load_visa(root: PathLike, split_csv: PathLike | None = None, split: str = "t
 
 def _is_loco_category(d: Path) -> bool:
     t = _child(d, "test")
-    return t is not None and (_child(t, "logical_anomalies") is not None or _child(t, "structural_anomalies") is not None)
+    return t is not None and any(_child(t, name) is not None for name in ("logical_anomalies", "structural_anomalies"))
 
 
 def load_mvtec_loco(root: PathLike, split: str = "test", category: str | Sequence[str] | None = None) -> list[Sample]:

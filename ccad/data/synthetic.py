@@ -415,10 +415,12 @@ def write_dataset(root: str | os.PathLike[str], kinds: Sequence[str] = ("fibrous
             cat = root_p / kind
             for i, (_, sd) in enumerate(train):
                 p = save_image(cat / "train" / "good" / f"{i:03d}.png", make_sample(kind, size, sd).image)
-                records.append(dict(image=str(p.relative_to(root_p)), category=kind, split="train", defect=None, seed=sd))
+                records.append(dict(image=str(p.relative_to(root_p)),
+                                    category=kind, split="train", defect=None, seed=sd))
             for i, (_, sd) in enumerate(test_good):
                 p = save_image(cat / "test" / "good" / f"{i:03d}.png", make_sample(kind, size, sd).image)
-                records.append(dict(image=str(p.relative_to(root_p)), category=kind, split="test", defect=None, seed=sd))
+                records.append(dict(image=str(p.relative_to(root_p)),
+                                    category=kind, split="test", defect=None, seed=sd))
             counters: dict[str, int] = {}
             for d, sd in test_def:
                 i = counters.get(d, 0)
@@ -438,15 +440,18 @@ def write_dataset(root: str | os.PathLike[str], kinds: Sequence[str] = ("fibrous
             cls = root_p / f"Class{ki + 1}_{kind}"
             for i, (_, sd) in enumerate(train):
                 p = save_image(cls / "train" / "good" / f"{i:04d}.png", make_sample(kind, size, sd).image)
-                records.append(dict(image=str(p.relative_to(root_p)), category=cls.name, split="train", defect=None, seed=sd))
+                records.append(dict(image=str(p.relative_to(root_p)),
+                                    category=cls.name, split="train", defect=None, seed=sd))
             for i, (_, sd) in enumerate(test_good):
                 p = save_image(cls / "test" / "good" / f"{i:04d}.png", make_sample(kind, size, sd).image)
-                records.append(dict(image=str(p.relative_to(root_p)), category=cls.name, split="test", defect=None, seed=sd))
+                records.append(dict(image=str(p.relative_to(root_p)),
+                                    category=cls.name, split="test", defect=None, seed=sd))
             for i, (d, sd) in enumerate(test_def):
                 smp = make_sample(kind, size, sd, d)
                 p = save_image(cls / "test" / "anomal" / f"{i:04d}.png", smp.image)
                 save_mask(cls / "ground_truth" / "anomal" / f"{i:04d}_mask.png", smp.mask)
-                records.append(dict(image=str(p.relative_to(root_p)), category=cls.name, split="test", defect=d, seed=sd))
+                records.append(dict(image=str(p.relative_to(root_p)),
+                                    category=cls.name, split="test", defect=d, seed=sd))
 
     meta = dict(
         generator="ccad.data.synthetic", layout=layout, kinds=list(kinds), defects=list(defects),

@@ -119,8 +119,9 @@ class CurveSweep:
     * AUPRO = (1 / L) * integral_0^L PRO d(FPR) with FPR_k = FP_k / N, trapezoid rule and
       linear interpolation of PRO at FPR = L (L = ``fpr_limit``).
 
-    ``pixel`` only changes the wording of the NaN warnings. ``region_weight`` (pixel level) maps a region id to the weight ``1 / (|R| K)`` of each of
-    its pixels; id 0 is the normal class (weight 0). Any id > 0 counts as a positive.
+    ``pixel`` only changes the wording of the NaN warnings. ``region_weight`` (pixel level) maps a
+    region id to the weight ``1 / (|R| K)`` of each of its pixels; id 0 is the normal class
+    (weight 0). Any id > 0 counts as a positive.
     """
 
     def __init__(

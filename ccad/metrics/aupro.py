@@ -221,7 +221,7 @@ def _packed_sweep(
     n_regions = 0
     n_pos = 0
     off = 0
-    for i, mb, a in _pairs(idx, mk, mp):
+    for _, mb, a in _pairs(idx, mk, mp):
         ids, sz = _region_ids(mb, regions, connectivity, n_regions)
         if n_regions + sz.size >= 2**32 - 1:
             raise ValueError("too many ground-truth regions (>= 2**32) for the packed sweep")
@@ -258,7 +258,7 @@ def _float64_sweep(
     n_regions = 0
     n_pos = 0
     off = 0
-    for i, mb, a in _pairs(idx, mk, mp):
+    for _, mb, a in _pairs(idx, mk, mp):
         ids, sz = _region_ids(mb, regions, connectivity, n_regions)
         n_regions += sz.size
         sizes.append(sz)
