@@ -516,7 +516,9 @@ def _prepare(data: Any, config: DetectorConfig, bank: Any, calibration_fraction:
         config.bank.layers = tuple(meta.get("layers", config.bank.layers))
         config.bank.size = int(bank.features.shape[0])
     ctx.bank = bank
-    method.build(train)
+    with torch.random.fork_rng(devices=[]):  # a fresh init is a function of the seed, not of the global RNG
+        torch.manual_seed(seed)
+        method.build(train)
     config.validate()
     return method, bank, train, cal
 

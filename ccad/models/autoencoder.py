@@ -60,7 +60,8 @@ _KIND_ALIASES = {"kl": "kl", "vae": "kl", "autoencoderkl": "kl", "tiny": "tiny",
 _TAEF2_FILES = ("taef2_encoder.pth", "taef2_decoder.pth")
 
 AUTOENCODER_HOWTO = (
-    "Provide one with --autoencoder (Python: load_autoencoder(spec)): "
+    "Provide one with `ccad train --option autoencoder=SPEC` (Python: the method config's "
+    "`autoencoder` field, or load_autoencoder(SPEC)), where SPEC is "
     "taef2:/path/to/folder-with-taef2_encoder.pth (and taef2_decoder.pth beside it), "
     "or kl:stabilityai/sd-vae-ft-mse after `huggingface-cli download stabilityai/sd-vae-ft-mse` "
     "(or tiny:madebyollin/taesd after `huggingface-cli download madebyollin/taesd`; with "
