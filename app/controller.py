@@ -414,10 +414,11 @@ class AppController:
 
     # ------------------------------------------------------------------ inspect
     def sample_paths(self) -> list[Path]:
+        from ccad.data.io import list_images  # the one image-extension list (ccad.data.io.IMAGE_EXTENSIONS)
+
         if self.samples_dir is None or not self.samples_dir.is_dir():
             return []
-        return sorted(p for p in self.samples_dir.iterdir()
-                      if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"))
+        return list_images(self.samples_dir)
 
     def gallery_items(self) -> list[tuple[np.ndarray, str]]:
         """(image, caption) for the sample gallery; images are loaded so no path needs serving."""

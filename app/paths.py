@@ -21,7 +21,6 @@ class PathError(ValueError):
     """A user-supplied path or archive was refused; the message says which and why."""
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MAX_ZIP_MEMBERS = 20_000
 MAX_ZIP_BYTES = 2 * 1024**3
 
@@ -62,7 +61,9 @@ def resolve_in_root(user_path: str | os.PathLike, root: str | os.PathLike, must_
 
 def count_images(folder: Path) -> int:
     """Number of image files below ``folder`` (recursive), for 'empty folder' messages."""
-    return sum(1 for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    from ccad.data.io import list_images  # the one image-extension list (ccad.data.io.IMAGE_EXTENSIONS)
+
+    return len(list_images(folder, recursive=True))
 
 
 def safe_extract_zip(zip_path: str | os.PathLike, dest: Optional[str | os.PathLike] = None,
