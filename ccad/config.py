@@ -292,12 +292,13 @@ class DetectorConfig:
 def _migrate_v1(data: dict[str, Any]) -> dict[str, Any]:
     """Version 1 (one field per part: ``patchcore``, ``denoiser``, ``diffusion``) -> version 2."""
     data = dict(data)
-    patchcore, denoiser = data.pop("patchcore", None), data.pop("denoiser", None)
-    diffusion = data.pop("diffusion", None)
-    if data.get("variant") == "patchcore" and patchcore is not None:
-        data["method"] = dict(patchcore)
-    elif data.get("variant") == "ccad-v":
-        data["method"] = {"denoiser": denoiser, "diffusion": diffusion}
+    from .methods import UnknownVariant, get_method
+
+    old = {k: data.pop(k, None) for k in ("patchcore", "denoiser", "diffusion")}
+    try:
+        data["method"] = get_method(data.get("variant", "patchcore")).migrate_v1(old)
+    except UnknownVariant as exc:
+        raise ConfigError(f"variant: {exc}") from None
     train = data.get("train")
     if isinstance(train, dict):
         from .training import TrainConfig

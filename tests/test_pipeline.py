@@ -182,3 +182,23 @@ def test_hub_repo_offline_gives_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     with pytest.raises(Exception, match="(?i)offline|cache|connection|not found|cannot find"):
         AnomalyDetector.from_pretrained("someone/not-cached-model")
+
+
+def test_a_version_1_ccad_v_folder_still_loads(dataset, tmp_path):
+    """Folders saved before the method seam (config v1, denoiser.safetensors at the top) load as before."""
+    method = get_method("ccad-v").default_config("tiny")
+    method.diffusion = DiffusionConfig(start_step=100, steps=2)
+    det = train_detector(dataset, tmp_path / "run", method=method, train=TrainConfig(steps=1, show_progress=False),
+                         image_size=32, bank_size=8, calibration_fraction=0.25, device="cpu")
+    new = tmp_path / "run" / "model"
+    old = tmp_path / "v1"
+    shutil.copytree(new, old)
+    shutil.move(str(old / "denoiser" / "diffusion_pytorch_model.safetensors"), str(old / "denoiser.safetensors"))
+    shutil.rmtree(old / "denoiser")
+    cfg = json.loads((old / "config.json").read_text())
+    m = cfg.pop("method")
+    cfg.update(version=1, patchcore=None, denoiser=m["denoiser"], diffusion=m["diffusion"])
+    (old / "config.json").write_text(json.dumps(cfg))
+    img = sorted((dataset / "test" / "spot").glob("*.png"))[0]
+    back = AnomalyDetector.from_pretrained(old, device="cpu")
+    assert back.config.version == 2 and back.predict(img).score == pytest.approx(det.predict(img).score, rel=1e-5)

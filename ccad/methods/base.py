@@ -125,6 +125,12 @@ class Method:
         return cfg
 
     @classmethod
+    def migrate_v1(cls, old: dict[str, Any]) -> Optional[dict[str, Any]]:
+        """This method's config section from a version-1 ``config.json`` (whose parts were the
+        top-level ``patchcore`` / ``denoiser`` / ``diffusion`` fields); None = the defaults."""
+        return None
+
+    @classmethod
     def default_scoring(cls) -> ScoringConfig:
         """The image-score / calibration / map settings this method is scored with by default."""
         return ScoringConfig()

@@ -60,6 +60,10 @@ class CCADV(Method):
     components = {"denoiser": BankConditionedUNet}
     default_image_size = 128
 
+    @classmethod
+    def migrate_v1(cls, old: dict[str, Any]) -> dict[str, Any]:
+        return {"denoiser": old.get("denoiser"), "diffusion": old.get("diffusion") or {}}
+
     def __init__(self, config: CCADVConfig, ctx: Context) -> None:
         super().__init__(config, ctx)
         self.scheduler = make_scheduler_of(config.diffusion)

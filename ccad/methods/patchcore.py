@@ -80,6 +80,10 @@ class PatchCore(Method):
     trainable = False
     multi_class = False
 
+    @classmethod
+    def migrate_v1(cls, old: dict[str, Any]) -> Any:
+        return old.get("patchcore")
+
     def __init__(self, config: PatchCoreConfig, ctx: Context) -> None:
         super().__init__(config, ctx)
         self.scorer: Any = None
