@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-METRIC_KEYS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
+from .metrics import METRIC_KEYS  # the one list (ccad.metrics.pixel); re-exported here for the app and benchmarks
 
 
 @dataclass

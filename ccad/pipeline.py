@@ -30,6 +30,7 @@ from .config import ConfigError, DetectorConfig, set_option
 from .data.io import ImageReadError, coerce_image, to_tensor
 from .methods import Context, Method, get_method
 from .scoring.anomaly_map import image_score
+from .scoring.heatmap import render_heatmap
 from .scoring.threshold import Calibration
 
 ProgressFn = Optional[Callable[[int, int], None]]
@@ -47,15 +48,6 @@ def default_device() -> torch.device:
 # --------------------------------------------------------------------------------------------
 # Prediction
 # --------------------------------------------------------------------------------------------
-
-def _colormap(values: np.ndarray) -> np.ndarray:
-    """Map values in [0, 1] to an RGB uint8 'jet'-like colour map (OpenCV's JET)."""
-    import cv2
-
-    v = np.clip(values, 0.0, 1.0)
-    bgr = cv2.applyColorMap((v * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
 
 @dataclass
 class Prediction:
@@ -99,7 +91,7 @@ class Prediction:
 
     def heatmap(self) -> np.ndarray:
         """H x W x 3 uint8 colour-mapped anomaly map (red at or above the threshold)."""
-        return _colormap(self.normalized_map())
+        return render_heatmap(self.normalized_map(), vmin=0.0, vmax=1.0)
 
     def overlay(self, alpha: float = 0.5) -> np.ndarray:
         """H x W x 3 uint8: the heatmap blended over the image, the mask outlined in white."""
