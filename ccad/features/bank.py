@@ -25,11 +25,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -166,42 +165,27 @@ class ImageStream:
         self._hash.update(q.tobytes())
 
     # ---- iteration --------------------------------------------------------------------------
-    def _read(self, path: str) -> Optional[torch.Tensor]:
-        from ccad.data.io import ImageReadError, load_image, to_tensor
-
-        try:
-            return to_tensor(load_image(path), self.image_size)
-        except ImageReadError as e:
-            self.skipped.append({"path": str(path), "reason": getattr(e, "reason", str(e))})
-        except (OSError, ValueError) as e:
-            self.skipped.append({"path": str(path), "reason": f"{type(e).__name__}: {e}"})
-        return None
-
-    def _read_batch(self, paths: Sequence[str]) -> tuple[Optional[torch.Tensor], list[str]]:
-        imgs, ok = [], []
-        for p in paths:
-            t = self._read(p)
-            if t is not None:
-                imgs.append(t)
-                ok.append(p)
-        return (torch.stack(imgs) if imgs else None), ok
-
     def __iter__(self) -> Iterator[torch.Tensor]:
         bs = self.batch_size
         if self._kind == "files":
+            from ccad.data.datasets import iter_batches
+            from ccad.data.sample import Sample
+
             assert self._paths is not None
-            chunks = [self._paths[i : i + bs] for i in range(0, len(self._paths), bs)]
-            # decode the next batch in a thread while the backbone runs on this one
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                fut = pool.submit(self._read_batch, chunks[0]) if chunks else None
-                for i in range(len(chunks)):
-                    assert fut is not None
-                    batch, _ = fut.result()
-                    fut = pool.submit(self._read_batch, chunks[i + 1]) if i + 1 < len(chunks) else None
-                    self.consumed += len(chunks[i])
-                    if batch is not None:
-                        self.n_images += int(batch.shape[0])
-                        yield batch
+            errors: list[tuple[str, str]] = []
+            n0, k0, c0 = self.n_images, len(self.skipped), self.consumed
+
+            def sync() -> None:  # the unreadable files found so far are skipped
+                self.skipped[k0:] = [{"path": str(p), "reason": str(r)} for p, r in errors]
+                self.consumed = c0 + (self.n_images - n0) + len(errors)
+
+            # one decode thread reads the next images while the backbone runs on this batch
+            for b in iter_batches([Sample(p, None, 0) for p in self._paths], self.image_size, bs, on_error="skip",
+                                  errors=errors, num_workers=1):
+                self.n_images += int(b["image"].shape[0])
+                sync()
+                yield b["image"]
+            sync()
             return
         if self._kind == "tensor":
             data = _check_batch(self._data, "images")
