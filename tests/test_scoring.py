@@ -93,3 +93,20 @@ def test_domain_adaptation_pulls_input_and_reconstruction_features_together_and_
     assert drift < 0.5  # the regulariser keeps the tuned features near ImageNet's (no collapse)
     assert all(torch.equal(a, b) for a, b in zip(before, base.parameters()))  # the shared backbone is untouched
     assert not any(p.requires_grad for p in tuned.parameters())
+
+
+def test_one_heatmap_renderer_for_predictions_and_the_review_screen():
+    import cv2
+
+    from ccad import relabel
+    from ccad.pipeline import Prediction
+    from ccad.scoring import render_heatmap
+
+    assert relabel.render_heatmap is render_heatmap
+    amap = np.random.default_rng(0).normal(0.5, 0.4, (37, 53)).astype(np.float32)
+    p = Prediction(image=np.zeros((37, 53, 3), np.float32), reconstruction=None, anomaly_map=amap, score=1.0,
+                   threshold=1.0, seconds=0.0)
+    heat = p.heatmap()
+    np.testing.assert_array_equal(heat, render_heatmap(p.normalized_map(), vmin=0.0, vmax=1.0))
+    jet = cv2.applyColorMap((np.clip(p.normalized_map(), 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    np.testing.assert_array_equal(heat, cv2.cvtColor(jet, cv2.COLOR_BGR2RGB))  # OpenCV's JET, RGB order
