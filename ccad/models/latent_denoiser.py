@@ -118,7 +118,7 @@ def _load_pretrained_unet(pretrained: Union[str, os.PathLike]) -> UNet2DConditio
         raise FileNotFoundError(f"{p}: neither {p / 'unet' / 'config.json'} nor {p / 'config.json'} exists")
     try:  # a Hub id: SD-style repositories keep the UNet in unet/
         return UNet2DConditionModel.from_pretrained(str(pretrained), subfolder="unet")
-    except (OSError, EnvironmentError, ValueError):
+    except (OSError, ValueError):
         return UNet2DConditionModel.from_pretrained(str(pretrained))
 
 
