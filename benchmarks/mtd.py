@@ -1,7 +1,20 @@
-"""MTD benchmark: PatchCore and CCAD(V) on the fixed Magnetic Tile Defect split.
+"""MTD benchmark: every method on the fixed Magnetic Tile Defect split, through one code path.
 
-    python benchmarks/mtd.py --quick        # CPU, reduced size, < 15 minutes
+    python benchmarks/mtd.py --quick        # CPU (2 cores): reduced budgets, whole default run <= 30 min
     python benchmarks/mtd.py                # full size (a GPU)
+    python benchmarks/mtd.py --quick --methods deco-diff --steps 20      # a smoke run
+
+Methods (default: patchcore,ccad-v,ccad-c,ccad-f,deco-diff): each has a row of settings per mode
+in ``benchmarks/common.py`` (image size, preset, steps, batch size, lr, method-config fields set
+with ``ccad.config.set_option``, its budget); ``--option [METHOD:]key=value`` adds fields.
+Trained methods go through ``train_detector(train, run_dir, variant=name, method=cfg,
+train=TrainConfig(...))``; PatchCore (``trainable=False``) through ``fit_detector``. The latent
+methods encode with TAEF2 (``--autoencoder``; default ``taef2:../shared/weights``, or
+``taef2:.device/weights``). On the GPU machine ../shared is absent: copy the weights along,
+``mkdir -p .device/weights && cp ../shared/weights/taef2_*.pth .device/weights/`` here (5.4 MB;
+device_pack.py has no option for extra files), then they are found automatically.
+
+Thresholds are calibrated on 10 % of the good training images; no setting reads a test label.
 
 Prints one JSON line per method with the keys method, image_auroc, image_ap, image_f1max,
 pixel_auroc, pixel_ap, pixel_f1max, pixel_aupro, fit_seconds, ms_per_image, peak_ram_mb,
@@ -16,135 +29,113 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (DEFAULT_METHODS, ROOT, PeakRSS, build_detector, default_autoencoder, git_commit,  # noqa: E402
+                    loss_summary, machine, parse_options, peak_vram_mb, settings_for)
 
 from ccad.data.datasets import load_csv_manifest  # noqa: E402
 from ccad.evaluate import METRIC_KEYS, evaluate  # noqa: E402
-from ccad.pipeline import fit_detector, train_detector  # noqa: E402
+from ccad.methods import get_method  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mtd" / "split.csv"
+TABLE_KEYS = ["image_auroc", "pixel_auroc", "pixel_aupro", "image_ap", "pixel_ap", "fit_seconds", "ms_per_image",
+              "peak_ram_mb"]
 
 
-class PeakRSS:
-    """Samples the process RSS in a thread; ``peak_mb`` is the high-water mark while active."""
-
-    def __init__(self, every: float = 0.05) -> None:
-        import psutil
-
-        self.proc, self.every, self.peak, self._stop = psutil.Process(), every, 0, threading.Event()
-
-    def __enter__(self) -> "PeakRSS":
-        self.peak = self.proc.memory_info().rss
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(self.every)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._t.join()
-
-    @property
-    def peak_mb(self) -> float:
-        return round(self.peak / 2**20, 1)
-
-
-def peak_vram_mb() -> float:
-    return round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else 0.0
-
-
-def run_method(name: str, fit, test, settings: dict, device: str, batch_size: int) -> dict:
+def run_method(name: str, train: list, test: list, s: dict, mode: str, device: str, work: Path,
+               latent_cache: Path, batch_size: int) -> dict:
+    run_dir = work / name
+    load_start = machine()["loadavg"]
     with PeakRSS() as mem:
         t0 = time.perf_counter()
-        det = fit()
+        det = build_detector(name, train, s, run_dir, calibration_fraction=0.1, device=device,
+                             latent_cache=latent_cache)
         fit_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         report = evaluate(det, test, batch_size=batch_size)
         infer_s = time.perf_counter() - t1
     m = report.per_category["mean"]
     n = len(report.records)
-    row = {"method": name, **{k: round(float(m[k]), 4) for k in METRIC_KEYS}, "fit_seconds": round(fit_s, 1),
-           "ms_per_image": round(1000 * infer_s / max(n, 1), 1), "peak_ram_mb": mem.peak_mb,
-           "peak_vram_mb": peak_vram_mb(), "device": device,
-           "settings": {**settings, "n_train": settings.get("n_train"), "n_test": n, "threshold": det.threshold,
-                        "unreadable": len(report.errors)}}
-    return row
+    extra = {"n_train": len(train), "n_test": n, "threshold": det.threshold, "unreadable": len(report.errors),
+             "mode": mode, "trained": bool(get_method(name).trainable), "eval_batch_size": batch_size,
+             "loadavg_start": load_start, "loadavg_end": machine()["loadavg"]}
+    if get_method(name).trainable:
+        extra["loss"] = loss_summary(run_dir)
+        extra["train_seconds"] = det.info.get("train_seconds")
+    return {"method": name, **{k: round(float(m[k]), 4) for k in METRIC_KEYS}, "fit_seconds": round(fit_s, 1),
+            "ms_per_image": round(1000 * infer_s / max(n, 1), 1), "peak_ram_mb": mem.peak_mb,
+            "peak_vram_mb": peak_vram_mb(), "device": device, "settings": {**s, **extra}}
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'method':<10}" + "".join(f"{k:>13}" for k in TABLE_KEYS))
+    for r in rows:
+        print(f"{r['method']:<10}" + "".join(f"{r[k]:>13}" for k in TABLE_KEYS))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="CPU mode at reduced size (< 15 min)")
+    ap.add_argument("--quick", action="store_true", help="CPU mode: the quick budgets (whole default run <= 30 min)")
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="MTD split.csv")
-    ap.add_argument("--methods", default="patchcore,ccad-v", help="comma-separated: patchcore, ccad-v")
-    ap.add_argument("--steps", type=int, default=None, help="override CCAD(V) training steps")
+    ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
+    ap.add_argument("--steps", type=int, default=None, help="override every trained method's training steps")
+    ap.add_argument("--image-size", type=int, default=None, help="override every method's image size")
+    ap.add_argument("--autoencoder", default=None,
+                    help="latent autoencoder spec (default taef2:../shared/weights, or taef2:.device/weights)")
+    ap.add_argument("--option", action="append", default=[], metavar="[METHOD:]KEY=VALUE",
+                    help="a method-config field (dotted, as ccad train --option), for METHOD or every method")
+    ap.add_argument("--workdir", default=None, help="run folders (default: a temporary folder)")
+    ap.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
+    ap.add_argument("--subset", type=int, default=None,
+                    help="smoke runs: every k-th train and test image so that about N of each remain")
     ap.add_argument("--json", default=None, help="also write the JSON lines to this file")
     a = ap.parse_args()
 
     if not Path(a.data).is_file():
         print(f"error: {a.data} not found (the benchmark reads ../shared/data/mtd/split.csv)", file=sys.stderr)
         return 2
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    mode = "quick" if a.quick else "full"
+    ae = a.autoencoder or default_autoencoder()
+    opts = parse_options(a.option)
+    try:
+        table = {m: settings_for(m, mode, ae, {"steps": a.steps if get_method(m).trainable else None,
+                                                "image_size": a.image_size}, {**opts.get("*", {}), **opts.get(m, {})})
+                 for m in methods}
+    except KeyError as exc:
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return 2
     device = "cuda" if torch.cuda.is_available() else "cpu"
     train = load_csv_manifest(a.data, split="train")
     test = load_csv_manifest(a.data, split="test")
-    if a.quick:
-        pc = {"image_size": 256, "backbone": "tf_efficientnet_lite0", "layers": (2, 3), "patchcore_ratio": 0.01,
-              "bank_size": 200}
-        cv = {"image_size": 128, "preset": "tiny", "steps": 240, "batch_size": 8, "lr": 1e-3, "start_step": 250,
-              "ddim_steps": 5, "guidance": 2.0, "score_layers": (1, 2, 3)}
-    else:
-        pc = {"image_size": 256, "backbone": "tf_efficientnet_lite0", "layers": (2, 3), "patchcore_ratio": 0.01,
-              "bank_size": 200}
-        cv = {"image_size": 256, "preset": "base", "steps": 20000, "batch_size": 32, "lr": 3e-4, "start_step": 250,
-              "ddim_steps": 10, "guidance": 2.0, "score_layers": (1, 2, 3)}
-    if a.steps is not None:
-        cv["steps"] = a.steps
+    if a.subset:
+        train = train[::max(1, len(train) // a.subset)]
+        test = test[::max(1, len(test) // a.subset)]
+    work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="ccad-mtd-"))
+    run_info = {"commit": git_commit(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                **machine()}
+    print(f"# {json.dumps(run_info)}", file=sys.stderr, flush=True)
     rows = []
-    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    t_all = time.perf_counter()
     for method in methods:
-        if method == "patchcore":
-            settings = {**pc, "n_train": len(train), "mode": "quick" if a.quick else "full"}
-            row = run_method("patchcore", lambda: fit_detector(
-                train, backbone=pc["backbone"], layers=pc["layers"], bank_size=pc["bank_size"],
-                image_size=pc["image_size"], patchcore_ratio=pc["patchcore_ratio"], calibration_fraction=0.1),
-                test, settings, device, batch_size=16)
-        elif method == "ccad-v":
-            settings = {**cv, "n_train": len(train), "mode": "quick" if a.quick else "full"}
-            run_dir = Path(tempfile.mkdtemp(prefix="ccad-mtd-"))
-            row = run_method("ccad-v", lambda: train_detector(
-                train, run_dir, preset=cv["preset"], image_size=cv["image_size"], steps=cv["steps"],
-                batch_size=cv["batch_size"], lr=cv["lr"], calibration_fraction=0.1,
-                diffusion={"start_step": cv["start_step"], "steps": cv["ddim_steps"], "guidance": cv["guidance"]},
-                scoring={"score_layers": tuple(cv["score_layers"])},
-                train_options={"checkpoint_every": max(cv["steps"], 1), "warmup_steps": min(100, cv["steps"] // 10),
-                               "show_progress": False}),
-                test, settings, device, batch_size=16)
-        else:
-            print(f"error: unknown method {method!r}", file=sys.stderr)
-            return 2
-        print(json.dumps(row), flush=True)
+        s = table[method]
+        cache = work / f"latents-{s['image_size']}"
+        row = run_method(method, train, test, s, mode, device, work, cache, a.batch_size)
+        row["settings"]["run"] = run_info
+        print(json.dumps(row, default=str), flush=True)
         rows.append(row)
-    if a.json:
-        Path(a.json).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        if a.json:  # after every method, so a long run keeps what it has
+            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.json).write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
     print()
-    keys = ["image_auroc", "pixel_auroc", "pixel_aupro", "image_ap", "pixel_ap", "fit_seconds", "ms_per_image",
-            "peak_ram_mb"]
-    print(f"{'method':<10}" + "".join(f"{k:>13}" for k in keys))
-    for r in rows:
-        print(f"{r['method']:<10}" + "".join(f"{r[k]:>13}" for k in keys))
+    print_table(rows)
+    print(f"\n# total {time.perf_counter() - t_all:.0f} s; loadavg at end {machine()['loadavg']}")
     return 0
 
 

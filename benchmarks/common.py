@@ -1,0 +1,247 @@
+"""What the benchmarks share: the per-method settings table and one code path that builds any method.
+
+Every method is built the same way: its typed config (``get_method(name).default_config()``)
+with the table's ``options`` applied by :func:`ccad.config.set_option` (the ``--option``
+mechanism of ``ccad train``), its default scoring with the table's ``scoring`` fields, then
+``train_detector(train, run_dir, variant=name, method=cfg, train=TrainConfig(...))`` for a
+trained method, or ``fit_detector`` for a method with ``trainable=False`` (PatchCore). No
+method name is compared anywhere else.
+
+The latent methods use the real TAEF2 autoencoder, ``taef2:<repo>/../shared/weights`` by
+default (``.device/weights`` when that exists instead, e.g. on the offline GPU machine; any
+spec with ``--autoencoder``). Thresholds come from a held-out slice of the good training images
+(``calibration_fraction``); nothing here reads a test label.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from ccad.config import set_option  # noqa: E402
+from ccad.methods import get_method  # noqa: E402
+from ccad.pipeline import fit_detector, train_detector  # noqa: E402
+from ccad.training import TrainConfig  # noqa: E402
+
+LATENT_TAG = "{autoencoder}"  # placeholder in the table, replaced by the resolved spec
+
+# ------------------------------------------------------------------------------------------------
+# The settings table. Keys: image_size, preset, steps, batch_size, lr, warmup_steps (trained
+# methods), bank_size / backbone / layers (the shared BankConfig), options (method-config fields,
+# dotted, via set_option), scoring (ScoringConfig fields), budget (a plain sentence).
+# quick = CPU (2 cores); full = one GPU.
+# ------------------------------------------------------------------------------------------------
+_PATCHCORE = {"image_size": 256, "bank_size": 200, "backbone": "tf_efficientnet_lite0", "layers": (2, 3),
+              "options": {"ratio": 0.01}}
+
+SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
+    "patchcore": {
+        "quick": {**_PATCHCORE, "budget": "one pass of lite0 over the train images (~6 min on 2 CPU cores)"},
+        "full": dict(_PATCHCORE),
+    },
+    "ccad-v": {
+        "quick": {"image_size": 128, "preset": "tiny", "steps": 240, "batch_size": 8, "lr": 1e-3,
+                  "warmup_steps": 24, "bank_size": 200,
+                  "options": {"diffusion.start_step": 250, "diffusion.steps": 5, "diffusion.guidance": 2.0},
+                  "scoring": {"score_layers": (1, 2, 3)},
+                  "budget": "240 steps x batch 8 at 128 px, 5 DDIM steps (~5 min on 2 CPU cores)"},
+        "full": {"image_size": 256, "preset": "base", "steps": 20000, "batch_size": 32, "lr": 3e-4,
+                 "warmup_steps": 100, "bank_size": 200,
+                 "options": {"diffusion.start_step": 250, "diffusion.steps": 10, "diffusion.guidance": 2.0},
+                 "scoring": {"score_layers": (1, 2, 3)}},
+    },
+    "ccad-c": {
+        "quick": {"image_size": 128, "preset": "small", "steps": 150, "batch_size": 16, "lr": 5e-4,
+                  "warmup_steps": 15, "bank_size": 200,
+                  "options": {"autoencoder": LATENT_TAG, "diffusion.steps": 5, "diffusion.start_step": 250},
+                  "budget": "TAEF2 latents 16x16 (128 px, encoded once, shared), 150 steps x batch 16 (~1 s/step), "
+                            "5 DDIM steps from t=250 (~0.45 s/image)"},
+        "full": {"image_size": 256, "preset": "base", "steps": 20000, "batch_size": 32, "lr": 1e-4,
+                 "warmup_steps": 500, "bank_size": 200,
+                 "options": {"autoencoder": LATENT_TAG, "diffusion.steps": 10}},
+    },
+    "ccad-f": {
+        "quick": {"image_size": 128, "preset": "small", "steps": 150, "batch_size": 16, "lr": 5e-4,
+                  "warmup_steps": 15, "bank_size": 200,
+                  "options": {"autoencoder": LATENT_TAG, "diffusion.steps": 5, "diffusion.start_step": 250},
+                  "budget": "as ccad-c, plus the latent bank (k-center of 64 patches per image) and FCM"},
+        "full": {"image_size": 256, "preset": "base", "steps": 20000, "batch_size": 32, "lr": 1e-4,
+                 "warmup_steps": 500, "bank_size": 200,
+                 "options": {"autoencoder": LATENT_TAG, "diffusion.steps": 10}},
+    },
+    "deco-diff": {
+        "quick": {"image_size": 128, "preset": "small", "steps": 300, "batch_size": 16, "lr": 5e-4,
+                  "warmup_steps": 30,
+                  "options": {"autoencoder": LATENT_TAG},
+                  "budget": "TAEF2 latents 16x16 (128 px, encoded once, shared), 300 steps x batch 16 (~0.7 s/step), "
+                            "5 correction steps (paper; ~0.27 s/image)"},
+        "full": {"image_size": 256, "preset": "base", "steps": 20000, "batch_size": 32, "lr": 1e-4,
+                 "warmup_steps": 500, "options": {"autoencoder": LATENT_TAG}},
+    },
+}
+
+DEFAULT_METHODS = "patchcore,ccad-v,ccad-c,ccad-f,deco-diff"
+
+
+def default_autoencoder() -> str:
+    """``taef2:<folder>``: ../shared/weights next to the repo, else .device/weights (GPU machine)."""
+    for folder in (ROOT.parent / "shared" / "weights", ROOT / ".device" / "weights"):
+        if (folder / "taef2_encoder.pth").is_file():
+            return f"taef2:{folder}"
+    return f"taef2:{ROOT.parent / 'shared' / 'weights'}"
+
+
+def settings_for(name: str, mode: str, autoencoder: str, overrides: Optional[dict[str, Any]] = None,
+                 options: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """A deep copy of the table row with the autoencoder filled in and overrides applied."""
+    if name not in SETTINGS:
+        raise KeyError(f"no benchmark settings for {name!r}; known: {', '.join(SETTINGS)}")
+    s = copy.deepcopy(SETTINGS[name][mode])
+    opts = s.setdefault("options", {})
+    for k, v in list(opts.items()):
+        if v == LATENT_TAG:
+            opts[k] = autoencoder
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            s[k] = v
+    opts.update(options or {})
+    return s
+
+
+def method_configs(name: str, s: dict[str, Any]) -> tuple[Any, Any]:
+    """(method config, scoring config) from a settings row, through ``set_option``."""
+    mcls = get_method(name)
+    cfg = mcls.default_config()
+    if s.get("preset") is not None:
+        set_option(cfg, "preset", s["preset"], "settings")
+    for k, v in s.get("options", {}).items():
+        set_option(cfg, k, v, "settings")
+    scoring = mcls.default_scoring()
+    for k, v in s.get("scoring", {}).items():
+        set_option(scoring, k, v, "settings")
+    mcls.validate_config(cfg)
+    return cfg, scoring
+
+
+def build_detector(name: str, train: list, s: dict[str, Any], run_dir: Path, calibration_fraction: float = 0.1,
+                   device: Any = None, latent_cache: Optional[Path] = None, seed: int = 0) -> Any:
+    """The one code path: ``fit_detector`` (trainable=False) or ``train_detector`` (everything else).
+
+    ``latent_cache``: a folder shared by the latent methods of one run; ``run_dir/latents`` links
+    to it, so the training images are encoded once per (image size, autoencoder) - the cache's
+    own hash decides whether it is reused.
+    """
+    mcls = get_method(name)
+    cfg, scoring = method_configs(name, s)
+    bank_kw = {k: s[k] for k in ("bank_size", "backbone", "layers") if s.get(k) is not None}
+    if not mcls.trainable:
+        return fit_detector(train, variant=name, method=cfg, image_size=s["image_size"], scoring=scoring,
+                            calibration_fraction=calibration_fraction, device=device, seed=seed, **bank_kw)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if latent_cache is not None and mcls.space == "latent":
+        latent_cache.mkdir(parents=True, exist_ok=True)
+        link = run_dir / "latents"
+        if not link.exists():
+            link.symlink_to(latent_cache, target_is_directory=True)
+    steps = int(s["steps"])
+    tcfg = TrainConfig(steps=steps, batch_size=int(s["batch_size"]), lr=float(s["lr"]),
+                       warmup_steps=int(s.get("warmup_steps", min(100, steps // 10))),
+                       checkpoint_every=steps, keep_checkpoints=1, show_progress=False, seed=seed)
+    return train_detector(train, run_dir, variant=name, method=cfg, train=tcfg, image_size=s["image_size"],
+                          scoring=scoring, calibration_fraction=calibration_fraction, device=device, seed=seed,
+                          **bank_kw)
+
+
+def loss_summary(run_dir: Path) -> Optional[dict[str, float]]:
+    """First / last training losses (mean of 20 steps) from the last checkpoint's trainer_state.json."""
+    import json
+
+    states = sorted(Path(run_dir).glob("checkpoint-*/trainer_state.json"))
+    if not states:
+        return None
+    losses = json.loads(states[-1].read_text()).get("losses") or []
+    if not losses:
+        return None
+    head, tail = losses[:20], losses[-20:]
+    return {"first20": round(sum(head) / len(head), 4), "last20": round(sum(tail) / len(tail), 4),
+            "n": len(losses)}
+
+
+class PeakRSS:
+    """Samples the process RSS in a thread; ``peak_mb`` is the high-water mark while active."""
+
+    def __init__(self, every: float = 0.05) -> None:
+        import psutil
+
+        self.proc, self.every, self.peak, self._stop = psutil.Process(), every, 0, threading.Event()
+
+    def __enter__(self) -> "PeakRSS":
+        self.peak = self.proc.memory_info().rss
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.every)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+
+    @property
+    def peak_mb(self) -> float:
+        return round(self.peak / 2**20, 1)
+
+
+def peak_vram_mb() -> float:
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else 0.0
+
+
+def machine() -> dict[str, Any]:
+    """Device name, CPU count, torch version, and the 1/5/15-minute load average now."""
+    import platform
+
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or 'x86_64'})"
+    load = [round(x, 2) for x in os.getloadavg()]
+    return {"device_name": dev, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "loadavg": load}
+
+
+def git_commit() -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "ccad"],
+                               capture_output=True, text=True).stdout.strip()
+        return out + ("+dirty-ccad" if dirty else "")
+    except Exception:  # noqa: BLE001 - no git on the machine: say so
+        return "unknown"
+
+
+def parse_options(items: list[str]) -> dict[str, dict[str, str]]:
+    """``--option METHOD:key=value`` (or ``key=value`` for every method) -> {method or '*': {key: value}}."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        head, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: --option {item!r}: expected [METHOD:]key=value")
+        method, _, key = head.rpartition(":")
+        out.setdefault(method or "*", {})[key] = value
+    return out
