@@ -25,7 +25,10 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    import torch
 
 
 def synthetic_batches(n: int, size: int, batch: int, seed: int = 0) -> Iterator["torch.Tensor"]:

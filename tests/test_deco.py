@@ -39,7 +39,8 @@ def test_scheduler_is_squared_cosine_with_ten_steps():
     ab = s.alphas_cumprod.double()
     assert ab.numel() == 10
     assert bool((ab[1:] < ab[:-1]).all()) and 0 < float(ab[-1]) < 1e-3
-    f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+    def f(u):
+        return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
     expect = [f((i + 1) / 10) / f(0) for i in range(9)]
     assert torch.allclose(ab[:9], torch.tensor(expect, dtype=torch.float64), atol=1e-6)
 

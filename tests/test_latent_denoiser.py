@@ -1,4 +1,5 @@
-"""CCAD(C)/(F) latent networks (GCB UNet, ControlNet, BankProjector, FCM eq. 7-8) and latent diffusion (eq. 9-11, 19)."""
+"""CCAD(C)/(F) latent networks (GCB UNet, ControlNet, BankProjector, FCM eq. 7-8) and latent diffusion
+(eq. 9-11, 19)."""
 from __future__ import annotations
 
 import math
@@ -67,7 +68,8 @@ def test_presets_config_and_build():
         assert len(kw["attention_head_dim"]) == len(kw["block_out_channels"])
     base = latent_unet_kwargs("base", 4, 32)
     assert base["block_out_channels"] == (320, 640, 1280, 1280) and base["cross_attention_dim"] == 768
-    assert base["down_block_types"][:3] == ("CrossAttnDownBlock2D",) * 3 and base["down_block_types"][3] == "DownBlock2D"
+    assert base["down_block_types"][:3] == ("CrossAttnDownBlock2D",) * 3
+    assert base["down_block_types"][3] == "DownBlock2D"
     assert base["attention_head_dim"] == (8, 8, 8, 8)  # SD 1.5: 8 heads (diffusers' head-count naming)
     small = build_latent_unet("small", 32, 32)
     assert small.config.in_channels == 32 and small.config.cross_attention_dim == 128
@@ -210,7 +212,8 @@ def test_loss_deterministic_and_oracle_zero():
     sched = make_scheduler()
     z0 = torch.randn(3, 4, 8, 8)
     unet, proj = _tiny(4, 8)
-    fn = lambda z, t: latent_eps(unet, None, proj, z, t, torch.randn(5, 16, generator=torch.Generator().manual_seed(1)))
+    def fn(z, t):
+        return latent_eps(unet, None, proj, z, t, torch.randn(5, 16, generator=torch.Generator().manual_seed(1)))
     with torch.no_grad():
         a = latent_eps_loss(fn, z0, sched, torch.Generator().manual_seed(7))
         b = latent_eps_loss(fn, z0, sched, torch.Generator().manual_seed(7))
@@ -239,7 +242,8 @@ def test_reconstruction_oracle_small_start_and_determinism():
         rec = latent_ddim_reconstruct(oracle, z0, sched, generator=torch.Generator().manual_seed(0), eta=eta)
         torch.testing.assert_close(rec, z0, atol=1e-3, rtol=1e-3)
     # zero eps with a small start step: x0_pred ~= z0
-    zero = lambda z, t: torch.zeros_like(z)
+    def zero(z, t):
+        return torch.zeros_like(z)
     rec = latent_ddim_reconstruct(zero, z0, sched, start_step=2, steps=1, generator=torch.Generator().manual_seed(0))
     err = float((rec - z0).pow(2).mean().sqrt())  # = sqrt((1 - abar_2) / abar_2) ~ 0.06 for SD's table
     assert err == pytest.approx(math.sqrt((1 - float(abar[2])) / float(abar[2])), rel=0.2)
@@ -247,7 +251,8 @@ def test_reconstruction_oracle_small_start_and_determinism():
     # determinism with the tiny network, stochastic DDIM
     unet, proj = _tiny(4, 8)
     bank = torch.randn(5, 16)
-    fn = lambda z, t: latent_eps(unet, None, proj, z, t, bank)
+    def fn(z, t):
+        return latent_eps(unet, None, proj, z, t, bank)
     r1 = latent_ddim_reconstruct(fn, z0, sched, steps=4, eta=1.0, generator=torch.Generator().manual_seed(3))
     r2 = latent_ddim_reconstruct(fn, z0, sched, steps=4, eta=1.0, generator=torch.Generator().manual_seed(3))
     r3 = latent_ddim_reconstruct(fn, z0, sched, steps=4, eta=1.0, generator=torch.Generator().manual_seed(4))
@@ -297,7 +302,8 @@ def test_pretrained_pipeline_folder_adapts_channels(tmp_path):
     torch.testing.assert_close(u.conv_in.weight[:, 4], src.conv_in.weight[:, 0] * (4 / 32))
     name = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
     torch.testing.assert_close(u.state_dict()[name], src.state_dict()[name])
-    assert latent_eps(u, None, BankProjector(16, 64), torch.randn(1, 32, 8, 8), 3, torch.randn(4, 16)).shape == (1, 32, 8, 8)
+    eps = latent_eps(u, None, BankProjector(16, 64), torch.randn(1, 32, 8, 8), 3, torch.randn(4, 16))
+    assert eps.shape == (1, 32, 8, 8)
     # same channel count loads unchanged from a plain UNet folder
     same = build_latent_unet("tiny", 4, 8, pretrained=tmp_path / "pipe" / "unet")
     torch.testing.assert_close(same.conv_in.weight, src.conv_in.weight)

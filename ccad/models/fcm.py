@@ -99,7 +99,8 @@ class FineCompressionModule(ModelMixin, ConfigMixin):
             bank = bank.unsqueeze(0)
         if queries.dim() != 3 or bank.dim() != 3 or queries.shape[-1] != d or bank.shape[-1] != d:
             raise ValueError(
-                f"queries must be (B x) n x {d} and bank (B x) xi x {d}, got {tuple(queries.shape)} and {tuple(bank.shape)}"
+                f"queries must be (B x) n x {d} and bank (B x) xi x {d}, "
+                f"got {tuple(queries.shape)} and {tuple(bank.shape)}"
             )
         b = queries.shape[0]
         if bank.shape[0] not in (1, b):
