@@ -8,7 +8,6 @@ no GPU, no shared data). Screenshots land in ``test-artifacts/``. Without a Chro
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -136,3 +135,55 @@ def test_bundled_demo_sample_gallery_inspection(tmp_path: Path) -> None:
         assert "n/a" not in label  # the diffusion model reconstructs
         assert textbox_value(page, "inspect-file") == names[idx] + ".png"
         screenshot(page, "demo_sample_inspection")
+
+
+def _select_dropdown(page: Any, elem_id: str, label: str) -> None:
+    """Pick ``label`` in a Gradio dropdown (open it, click the option)."""
+    box = page.locator(f"#{elem_id} input").first
+    box.click()
+    box.fill(label)  # filters the options to this one
+    page.wait_for_timeout(300)
+    box.press("Enter")
+    page.keyboard.press("Escape")
+
+
+def test_train_tab_method_dropdown_from_the_registry(app_env: dict[str, Any]) -> None:
+    """The Method dropdown lists the registry's trainable methods by title; picking one shows its
+    description, preset and image size, and the Autoencoder box exactly for configs that have one;
+    a bad advanced option is refused with the field named and no job starts."""
+    from app.controller import method_info, trainable_variants
+
+    infos = [method_info(n) for n, _ in trainable_variants()]
+    latent = next((i for i in infos if i["has_autoencoder"]), None)
+    pixel = method_info("ccad-v")
+    with browser_page(CHROMIUM) as page:
+        page.goto(app_env["url"])
+        page.get_by_role("tab", name="Train").click()
+        page.locator("#train-method input").first.wait_for(state="visible")
+        assert textbox_value(page, "train-method") == pixel["title"]
+        _wait_text(page, "train-method-description", pixel["description"])
+        assert not page.locator("#train-autoencoder").is_visible()
+        assert textbox_value(page, "train-preset") == pixel["preset"]
+        page.locator("#train-method input").first.click()
+        shown = [t.replace("✓", "").strip() for t in page.get_by_role("option").all_inner_texts()]  # ✓: selected
+        assert shown == [i["title"] for i in infos]
+        page.keyboard.press("Escape")
+        if latent is not None:
+            _select_dropdown(page, "train-method", latent["title"])
+            _wait_text(page, "train-method-description", latent["description"])
+            page.locator("#train-autoencoder").wait_for(state="visible")
+            wait_textbox(page, "train-autoencoder", lambda v: v == latent["autoencoder"], timeout=20)
+            wait_textbox(page, "train-image-size", lambda v: v == str(latent["image_size"]), timeout=20)
+            screenshot(page, "train_method_latent")
+            _select_dropdown(page, "train-method", pixel["title"])
+            _wait_text(page, "train-method-description", pixel["description"])
+            page.locator("#train-autoencoder").wait_for(state="hidden")
+            wait_textbox(page, "train-image-size", lambda v: v == str(pixel["image_size"]), timeout=20)
+        # a bad advanced option names the field; nothing starts
+        fill_textbox(page, "train-folder", "synth/fibrous")
+        page.locator("#train-advanced").get_by_text("Advanced options").first.click()
+        fill_textbox(page, "train-options", "bogus_field=1")
+        page.locator("#train-start").click()
+        _wait_text(page, "train-message", "unknown field 'bogus_field'")
+        screenshot(page, "train_bad_option")
+        assert app_env["ctl"].jobs.snapshot() is None
