@@ -592,7 +592,8 @@ class AppController:
                 raise UserError("bank building cancelled") from None
             raise UserError(f"building the bank from {path.name} failed ({type(exc).__name__}: {exc})") from None
         seconds = time.perf_counter() - t0
-        name = self.registry.add(f"bank {path.name} ({getattr(det, 'variant', 'bank')})", det, f"bank built from {path}")
+        name = self.registry.add(f"bank {path.name} ({getattr(det, 'variant', 'bank')})", det,
+                                 f"bank built from {path}")
         summary = self.bank_summary(det)
         fig = self.bank_projection(det, path)
         built = int(det.bank.features.shape[0]) if getattr(det, "bank", None) is not None else int(xi)
@@ -742,7 +743,8 @@ class AppController:
             if det is None:
                 return
             label = "stopped" if job.state == STOPPED else "trained"
-            name = self.registry.add(f"{params['variant']} {label} {job.id}", det, f"{label} in this app ({params['data']})",
+            name = self.registry.add(f"{params['variant']} {label} {job.id}", det,
+                                     f"{label} in this app ({params['data']})",
                                      folder=str(Path(params["out_dir"]) / "model"), activate=False)
             job.params["model_name"] = name
 
