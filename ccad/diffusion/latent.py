@@ -7,15 +7,14 @@ loss / one sampler serves both. Tensors are latents ``B x C x h x w`` (unit vari
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from .objectives import _randn_like, sample_timesteps
-from .reconstruct import ddim_step, reconstruction_timesteps
+from .objectives import noise_prediction_loss
+from .reconstruct import guided_ddim
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -33,14 +32,7 @@ def latent_eps_loss(eps_fn: EpsFn, z0: torch.Tensor, scheduler: Union[DDPMSchedu
     """
     if z0.dim() != 4:
         raise ValueError(f"z0 must be B x C x h x w latents, got shape {tuple(z0.shape)}")
-    if timesteps is None:
-        timesteps = sample_timesteps(z0.shape[0], scheduler, generator, device=z0.device)
-    timesteps = timesteps.to(z0.device).long()
-    if noise is None:
-        noise = _randn_like(z0, generator)
-    z_t = scheduler.add_noise(z0, noise.to(z0.device, z0.dtype), timesteps)
-    eps = eps_fn(z_t, timesteps)
-    return F.mse_loss(eps.float(), noise.float())
+    return noise_prediction_loss(eps_fn, z0, scheduler, generator, timesteps, noise)
 
 
 def latent_start_step(scheduler: Union[DDPMScheduler, DDIMScheduler]) -> int:
@@ -79,25 +71,10 @@ def latent_ddim_reconstruct(eps_fn: EpsFn, z0: torch.Tensor, scheduler: Union[DD
     """
     if z0.dim() != 4:
         raise ValueError(f"z0 must be B x C x h x w latents, got shape {tuple(z0.shape)}")
-    if not math.isfinite(float(eta)) or eta < 0:
-        raise ValueError(f"eta must be finite and >= 0, got {eta}")
-    T = int(scheduler.config.num_train_timesteps)
     if start_step is None:
         start_step = latent_start_step(scheduler)
-    timesteps = reconstruction_timesteps(int(start_step), int(steps), T)
-    abar = scheduler.alphas_cumprod.double().cpu()
-    z = z0.float()
-    b = z.shape[0]
-    a0 = float(abar[timesteps[0]])
-    z_t = math.sqrt(a0) * z + math.sqrt(1.0 - a0) * _randn_like(z, generator)
-    for i, t in enumerate(timesteps):
-        a_t = float(abar[t])
-        a_prev = float(abar[timesteps[i + 1]]) if i + 1 < len(timesteps) else 1.0
-        t_batch = torch.full((b,), t, device=z0.device, dtype=torch.long)
-        eps = eps_fn(z_t.to(z0.dtype), t_batch).float()
-        noise = _randn_like(z, generator) if (eta > 0 and a_prev < 1.0) else None
-        z_t = ddim_step(z_t, eps, a_t, a_prev, float(eta), noise)  # eq. 18
-    return z_t
+    return guided_ddim(eps_fn, z0.float(), scheduler, start_step=int(start_step), steps=int(steps), guidance=0.0,
+                       eta=float(eta), generator=generator)
 
 
 def latent_distance_map(z0: torch.Tensor, z0_hat: torch.Tensor,

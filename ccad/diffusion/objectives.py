@@ -5,7 +5,7 @@ x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (eq. 17), t ~ U{0, ..., T-1}.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -48,11 +48,21 @@ def epsilon_loss(model: nn.Module, x0: torch.Tensor, bank: torch.Tensor, schedul
     """
     if x0.dim() != 4:
         raise ValueError(f"x0 must be B x C x H x W, got shape {tuple(x0.shape)}")
+    return noise_prediction_loss(lambda x_t, t: model(x_t, t, bank), x0, scheduler, generator, timesteps, noise)
+
+
+def noise_prediction_loss(eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor,
+                          scheduler: DDPMScheduler, generator: Optional[torch.Generator] = None,
+                          timesteps: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None
+                          ) -> torch.Tensor:
+    """``|| eps - eps_fn(x_t, t) ||^2`` with ``x_t = scheduler.add_noise(x0, eps, t)`` (eq. 15 / 17;
+    the latent variants' eq. 10-11), t ~ U{0..T-1} and eps ~ N(0, I) drawn from ``generator`` on
+    its own device, then moved. Returns a 0-d float32 loss (fp32 even under autocast)."""
     if timesteps is None:
         timesteps = sample_timesteps(x0.shape[0], scheduler, generator, device=x0.device)
     timesteps = timesteps.to(x0.device).long()
     if noise is None:
         noise = _randn_like(x0, generator)
-    x_t = scheduler.add_noise(x0, noise, timesteps)
-    eps = model(x_t, timesteps, bank)
+    x_t = scheduler.add_noise(x0, noise.to(x0.device, x0.dtype), timesteps)
+    eps = eps_fn(x_t, timesteps)
     return F.mse_loss(eps.float(), noise.float())

@@ -103,6 +103,20 @@ def ddad_reconstruct(model: nn.Module, x0: torch.Tensor, bank: torch.Tensor,
 
     Returns x0_hat, same shape as ``x0`` (float32, not clamped).
     """
+    return guided_ddim(lambda x_t, t: model(x_t, t, bank), x0, scheduler, start_step=start_step, steps=steps,
+                       guidance=guidance, eta=eta, generator=generator)
+
+
+def guided_ddim(eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor,
+                scheduler: DDPMScheduler | DDIMScheduler, start_step: int, steps: int, guidance: float = 0.0,
+                eta: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Noise ``x0`` to ``start_step``, then ``steps`` DDIM updates (eq. 18) back to abar = 1.
+
+    ``guidance`` > 0 applies DDAD's conditioning toward ``x0`` (CCAD eq. 13-14); 0 is plain DDIM
+    (the latent variants' eq. 9 / 19). ``eps_fn(x_t, t) -> eps`` closes over the network and its
+    conditions. The one sampler loop of :func:`ddad_reconstruct` and
+    :func:`ccad.diffusion.latent.latent_ddim_reconstruct`.
+    """
     T = int(scheduler.config.num_train_timesteps)
     timesteps = reconstruction_timesteps(start_step, steps, T)
     if x0.dim() != 4:
@@ -118,12 +132,12 @@ def ddad_reconstruct(model: nn.Module, x0: torch.Tensor, bank: torch.Tensor,
         a_t = float(abar[t])
         a_prev = float(abar[timesteps[i + 1]]) if i + 1 < len(timesteps) else 1.0
         t_batch = torch.full((b,), t, device=x0.device, dtype=torch.long)
-        eps = model(x_t.to(x0.dtype), t_batch, bank).float()
-        xbar_t = math.sqrt(a_t) * target + math.sqrt(1.0 - a_t) * eps  # eq. 14
-        eps_hat = eps - guidance * math.sqrt(1.0 - a_t) * (xbar_t - x_t)  # eq. 13
-        sigma_pos = eta > 0 and a_prev < 1.0
-        noise = _randn_like(target, generator) if sigma_pos else None
-        x_t = ddim_step(x_t, eps_hat, a_t, a_prev, eta, noise)  # eq. 18
+        eps = eps_fn(x_t.to(x0.dtype), t_batch).float()
+        if guidance:
+            xbar_t = math.sqrt(a_t) * target + math.sqrt(1.0 - a_t) * eps  # eq. 14
+            eps = eps - guidance * math.sqrt(1.0 - a_t) * (xbar_t - x_t)  # eq. 13
+        noise = _randn_like(target, generator) if (eta > 0 and a_prev < 1.0) else None
+        x_t = ddim_step(x_t, eps, a_t, a_prev, eta, noise)  # eq. 18
     return x_t
 
 
