@@ -102,7 +102,7 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
 
     with demo:
         gr.Markdown("# ccad · visual anomaly inspection\nLearn *good* from good images; flag what differs. "
-                    "CCAD (bank-conditioned diffusion) and a PatchCore baseline.")
+                    "Diffusion detectors (CCAD V/C/F, DeCo-Diff) and a PatchCore baseline, trained here.")
         with gr.Accordion("Model", open=True):
             with gr.Row():
                 with gr.Column(scale=2):

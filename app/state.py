@@ -71,7 +71,3 @@ class ModelRegistry:
         """Names of the models whose detector holds a feature bank (bank sources for training)."""
         with self._lock:
             return [n for n, e in self._entries.items() if getattr(e.detector, "bank", None) is not None]
-
-    def of_variant(self, *variants: str) -> list[str]:
-        with self._lock:
-            return [n for n, e in self._entries.items() if getattr(e.detector, "variant", None) in variants]

@@ -309,8 +309,9 @@ class AnomalyDetector(
         facts = {
             "variant": self.variant,
             "title": mcls.title,
-            "backbone": self.config.bank.backbone,
-            "layers": list(self.config.bank.layers),
+            "backbone": (self.bank.meta.get("backbone", self.config.bank.backbone) if self.bank is not None
+                         else None),
+            "layers": list(self.config.bank.layers) if self.bank is not None else None,
             "bank_size": int(self.bank.features.shape[0]) if self.bank is not None else None,
             "feature_dim": int(self.bank.features.shape[1]) if self.bank is not None else None,
             "image_size": self.image_size,
