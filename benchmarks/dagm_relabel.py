@@ -41,13 +41,15 @@ from ccad.relabel import ProposalSettings, ReviewSession, _otsu, mask_iou, propo
 
 def _fit_detectors(root: Path, classes: list[str], size: int, seed: int) -> dict[str, object]:
     from ccad.data.datasets import load_dagm
+    from ccad.methods import get_method
     from ccad.pipeline import fit_detector
 
     out: dict[str, object] = {}
     for cls in classes:
         good = [s for s in load_dagm(root, "train", category=cls) if s.label == 0]
         out[cls] = fit_detector(good, variant="patchcore", image_size=size, bank_size=64,
-                                patchcore_ratio=0.05, calibration_fraction=0.0, seed=seed)
+                                method=get_method("patchcore").Config(ratio=0.05), calibration_fraction=0.0,
+                                seed=seed)
     return out
 
 
