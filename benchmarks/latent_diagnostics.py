@@ -1,0 +1,93 @@
+"""Why a latent detector scores as it does, from GOOD images only (no test label is read).
+
+    python benchmarks/latent_diagnostics.py RUN_DIR/model [RUN_DIR/model ...] [--n 24]
+
+For each saved latent detector (``model/`` of a benchmark run folder) and N good *training*
+images of MTD (the ones it was trained on; the point is to see what the model does on normal
+data), report:
+
+* ``ae_err``: mean |decode(encode(x)) - x| (the autoencoder's own reconstruction error);
+* ``rec_err``: mean |x_hat - x| (the method's reconstruction vs the input);
+* ``rec_vs_ae``: mean |x_hat - decode(encode(x))|: ~0 means the reconstruction is an identity
+  copy of the autoencoded input (the model changes nothing, so it cannot remove a defect);
+* ``latent_dev``: mean |z_hat - z0| in unit-variance latent units;
+* map statistics over the good images: median, 99th percentile, the fraction of pixels at
+  >= 0.999 of the map's maximum possible value (DeCo-Diff's eq. 15 map is bounded by 1: a large
+  saturated fraction on good images means the gamma thresholds are below the normal deviation);
+* ``score_spread``: the calibration scores' (good held-out images) coefficient of variation;
+* the training loss at the start and the end (trainer_state.json of the last checkpoint).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import ROOT, loss_summary  # noqa: E402
+
+from ccad.data.datasets import load_csv_manifest  # noqa: E402
+from ccad.data.io import load_image, to_tensor  # noqa: E402
+from ccad.pipeline import AnomalyDetector  # noqa: E402
+
+
+@torch.no_grad()
+def diagnose(model_dir: Path, samples: list, batch: int = 8) -> dict:
+    det = AnomalyDetector.load_folder(model_dir, device="cpu")
+    m = det.method
+    S = det.image_size
+    acc: dict[str, list] = {k: [] for k in ("ae_err", "rec_err", "rec_vs_ae", "latent_dev")}
+    maps = []
+    for i in range(0, len(samples), batch):
+        x = torch.stack([to_tensor(load_image(s.image_path), S) for s in samples[i:i + batch]])
+        z0 = m.encode(x)
+        x_ae = m.decode(z0)
+        out = m.maps(x)
+        x_hat = out.reconstruction
+        z_hat = m.encode(x_hat) if x_hat is not None else z0
+        acc["ae_err"].append((x_ae - x).abs().mean().item())
+        acc["rec_err"].append((x_hat - x).abs().mean().item())
+        acc["rec_vs_ae"].append((x_hat - x_ae).abs().mean().item())
+        acc["latent_dev"].append((z_hat - z0).abs().mean().item())
+        maps.append(out.maps.float().numpy())
+    mp = np.concatenate(maps)
+    good_scores = det.calibration.good_scores if det.calibration is not None else np.array([np.nan])
+    bounded = det.variant == "deco-diff"
+    return {"model": str(model_dir), "variant": det.variant, "image_size": S, "n_good": len(samples),
+            **{k: round(float(np.mean(v)), 4) for k, v in acc.items()},
+            "map_median": round(float(np.median(mp)), 4), "map_p99": round(float(np.quantile(mp, 0.99)), 4),
+            "map_max": round(float(mp.max()), 4),
+            "saturated_fraction": round(float((mp >= 0.999).mean()), 4) if bounded else None,
+            "images_with_saturated_pixel": round(float((mp.reshape(len(mp), -1) >= 0.999).any(1).mean()), 4)
+            if bounded else None,
+            "calibration_scores": {"mean": round(float(np.mean(good_scores)), 4),
+                                   "cv": round(float(np.std(good_scores) / max(abs(np.mean(good_scores)), 1e-9)), 4)},
+            "threshold": det.threshold, "loss": loss_summary(Path(model_dir).parent)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "mtd" / "split.csv"))
+    ap.add_argument("--n", type=int, default=24)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    train = load_csv_manifest(a.data, split="train")
+    good = [s for s in train if s.label == 0][:: max(1, len(train) // a.n)][: a.n]
+    rows = []
+    for d in a.models:
+        row = diagnose(Path(d), good)
+        print(json.dumps(row, default=float), flush=True)
+        rows.append(row)
+    if a.json:
+        Path(a.json).write_text("".join(json.dumps(r, default=float) + "\n" for r in rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
