@@ -126,7 +126,13 @@ def trainable_variants() -> list[tuple[str, str]]:
 
 
 DEFAULT_VARIANT = "ccad-v"
+ALL_IMAGES = "all images (pooled)"
+EVERY_CATEGORY = "every category (overlaid)"
 PRESET_CHOICES = ["tiny", "small", "base"]
+CPU_PRESET = "tiny"
+CPU_MAX_IMAGE_SIZE = 128
+FORM_HEADERS = ["setting", "type", "default", "value"]
+FORM_SKIP = ("preset", "autoencoder")  # these have their own boxes above the form
 
 
 def _method_class(variant: Optional[str]) -> Any:
@@ -214,6 +220,74 @@ def method_config(variant: Optional[str], preset: Optional[str] = None, options:
     return cfg
 
 
+def _type_name(tp: Any) -> str:
+    import typing
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is not None and args:
+        inner = [_type_name(a) for a in args if a is not type(None) and a is not Ellipsis]
+        kind = "optional " if type(None) in args else ("list of " if origin is tuple else "")
+        return kind + " | ".join(dict.fromkeys(inner))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _form_value(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return ", ".join(str(x) for x in v)
+    return "" if v is None else str(v)
+
+
+def settings_form(variant: Optional[str], preset: Optional[str] = None) -> list[list[str]]:
+    """The method's settings form, generated from its config dataclass: one row
+    ``[dotted name, type, default, value]`` per (nested) field, defaults for ``preset`` where the
+    method has presets; ``preset`` and ``autoencoder`` have their own boxes and are left out."""
+    import dataclasses
+    import typing
+
+    mcls = _method_class(variant)
+    cfg = mcls.default_config()
+    if preset and hasattr(cfg, "preset"):
+        try:
+            cfg = mcls.default_config(preset)
+        except Exception:
+            pass
+    rows: list[list[str]] = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            name = prefix + f.name
+            tp = hints.get(f.name, type(v))
+            inner = [a for a in typing.get_args(tp) if a is not type(None)]
+            if dataclasses.is_dataclass(v):
+                walk(v, name + ".")
+            elif v is None and any(dataclasses.is_dataclass(a) for a in inner):
+                continue  # a section derived from the preset (set it with the preset box)
+            elif name not in FORM_SKIP:
+                rows.append([name, _type_name(tp), _form_value(v), _form_value(v)])
+
+    walk(cfg, "")
+    return rows
+
+
+def form_options(rows: Any) -> str:
+    """``KEY=VALUE`` lines for the form rows whose value differs from the default (a table from
+    the UI: a list of rows or a DataFrame)."""
+    if rows is None:
+        return ""
+    if hasattr(rows, "values") and hasattr(rows, "columns"):  # pandas
+        rows = rows.values.tolist()
+    out = []
+    for r in rows:
+        if len(r) < 4 or not str(r[0] or "").strip():
+            continue
+        name, default, value = str(r[0]).strip(), _form_value(r[2]), _form_value(r[3])
+        if value.strip() != default.strip():
+            out.append(f"{name}={value.strip()}")
+    return "\n".join(out)
+
+
 def cuda_available() -> bool:
     try:
         import torch
@@ -237,6 +311,7 @@ class Batch:
     names: list[str] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)
     selected: int = 0
+    compared: dict[str, "Batch"] = field(default_factory=dict)  # the same images through other models
 
     def at(self, threshold: Optional[float]) -> list[Any]:
         if threshold is None or not math.isfinite(float(threshold)):
@@ -245,6 +320,27 @@ class Batch:
 
 
 TABLE_HEADERS = ["#", "file", "score", "verdict"]
+
+
+def relative_name(path: str | os.PathLike, base: Optional[str | os.PathLike] = None) -> str:
+    """``path`` relative to ``base`` (posix separators) when it lies inside it, else its file name."""
+    p = Path(path)
+    if base is not None:
+        try:
+            return p.resolve().relative_to(Path(base).resolve()).as_posix()
+        except ValueError:
+            pass
+    return p.name
+
+
+def unique_names(names: Sequence[str]) -> list[str]:
+    """The names, with a repeated one numbered (``000.png``, ``000.png (2)``) so rows stay distinct."""
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n} ({seen[n]})")
+    return out
 PANEL_SIZE = 320
 
 
@@ -382,6 +478,17 @@ class AppController:
             return f"**{name}**: the card could not be read ({exc})"
         return views.card_markdown(card, entry.name, entry.source)
 
+    def model_card_line(self, name: Optional[str]) -> str:
+        """The card in one line (shown above the closed full-card accordion)."""
+        entry = self.registry.get(name)
+        if entry is None:
+            return views.card_summary(None)
+        try:
+            card = entry.detector.card()
+        except Exception as exc:
+            return f"**{name}**: the card could not be read ({exc})"
+        return views.card_summary(card, entry.name)
+
     def threshold_range(self, name: Optional[str], batch: Optional[Batch] = None) -> dict[str, float]:
         """Slider settings: the model's calibrated threshold and a range covering good and batch scores."""
         det = self.registry.detector(name) if name else None
@@ -438,22 +545,64 @@ class AppController:
         self.registry.set_active(name)
         return det
 
-    def inspect(self, name: Optional[str], files: Sequence[Any], progress: ProgressFn = None) -> Batch:
-        """Run the model on uploaded files (paths); bad files are listed in ``batch.errors``."""
+    def inspect(self, name: Optional[str], files: Sequence[Any], progress: ProgressFn = None,
+                base: Optional[str | os.PathLike] = None) -> Batch:
+        """Run the model on uploaded files (paths; a ``.zip`` is opened and its images inspected);
+        bad files are listed in ``batch.errors``. Each file is named by its path relative to what
+        was uploaded or chosen: ``base`` (a chosen folder), the zip's root, or else its file name
+        (numbered where two uploads share one)."""
         det = self._detector(name)
-        paths = [str(getattr(f, "name", f)) for f in (files or []) if f]
-        if not paths:
+        raw = [str(getattr(f, "name", f)) for f in (files or []) if f]
+        if not raw:
             raise UserError("no image given: upload one or more images or click a sample")
+        paths: list[str] = []
+        shown: dict[str, str] = {}
+        for f in raw:
+            if f.lower().endswith(".zip"):
+                for p, rel in self._zip_images(f):
+                    paths.append(p)
+                    shown[p] = rel
+            else:
+                paths.append(f)
+                shown[f] = relative_name(f, base)
+        if not paths:
+            raise UserError("no image given: the zip(s) hold no images (.png/.jpg/.bmp/.tif)")
         try:
             preds, errors = det.predict_many(paths, batch_size=4, on_error="skip", progress=progress)
         except Exception as exc:
             raise UserError(f"the model failed on this batch ({type(exc).__name__}: {exc})") from None
-        errors = [(Path(p).name, msg) for p, msg in errors]
+        errors = [(shown.get(p, Path(p).name), msg) for p, msg in errors]
         if not preds:
             raise UserError("no readable image: " + "; ".join(f"{n}: {m}" for n, m in errors[:5]))
-        names = [Path(p.path).name if p.path else f"image {i}" for i, p in enumerate(preds)]
+        names = unique_names([shown.get(str(p.path), Path(p.path).name) if p.path else f"image {i}"
+                              for i, p in enumerate(preds)])
         order = sorted(range(len(preds)), key=lambda i: -float(preds[i].score))
         return Batch(model=name or "", predictions=preds, names=names, errors=errors, selected=order[0])
+
+    def _zip_images(self, zip_file: str) -> list[tuple[str, str]]:
+        """(extracted path, path inside the zip) of every image in an uploaded zip."""
+        from ccad.data.io import list_images
+
+        try:
+            root = safe_extract_zip(zip_file, Path(tempfile.mkdtemp(prefix="inspect-", dir=self.state_dir)))
+        except PathError as exc:
+            raise UserError(str(exc)) from None
+        return [(str(p), p.relative_to(root).as_posix()) for p in list_images(root, recursive=True)]
+
+    def inspect_folder(self, name: Optional[str], folder: str, progress: ProgressFn = None) -> Batch:
+        """Inspect every image under a server folder (inside the data root, recursively); each is
+        named by its path relative to that folder."""
+        from ccad.data.io import list_images
+
+        try:
+            path = resolve_in_root(folder, self.data_root, kind="folder")
+        except PathError as exc:
+            raise UserError(str(exc)) from None
+        images = [p for p in list_images(path, recursive=True)
+                  if p.resolve() == self.data_root or self.data_root in p.resolve().parents]  # no links out
+        if not images:
+            raise UserError(f"{folder}: the folder holds no images (.png/.jpg/.bmp/.tif)")
+        return self.inspect(name, [str(p) for p in images], progress=progress, base=path)
 
     def inspect_sample(self, name: Optional[str], index: int) -> Batch:
         paths = self.sample_paths()
@@ -534,18 +683,59 @@ class AppController:
         files.append(str(f))
         return files
 
-    def compare(self, other: Optional[str], batch: Optional[Batch]) -> dict[str, Any]:
-        """Run a second model on the selected image (side-by-side comparison of bank vs diffusion)."""
+    def compare_batch(self, other: Optional[str], batch: Optional[Batch],
+                      progress: ProgressFn = None) -> Optional[Batch]:
+        """The whole batch through a second model (row ``i`` is the same image in both; cached per
+        model on the batch, so row clicks and threshold moves do not re-run it)."""
         if not other or batch is None or not batch.predictions:
-            return self.panels(None)
+            return None
+        if other in batch.compared:
+            return batch.compared[other]
         det = self._detector_no_activate(other)
-        p = batch.predictions[batch.selected]
-        try:
-            q = det.predict(p.image)
-        except Exception as exc:
-            raise UserError(f"{other} failed on {batch.names[batch.selected]} ({exc})") from None
-        one = Batch(model=other, predictions=[q], names=[batch.names[batch.selected]])
-        return self.panels(one, 0)
+        preds = []
+        for i, p in enumerate(batch.predictions):
+            try:
+                preds.append(det.predict(p.path if p.path else p.image))
+            except Exception as exc:
+                raise UserError(f"{other} failed on {batch.names[i]} ({type(exc).__name__}: {exc})") from None
+            if progress is not None:
+                progress(i + 1, len(batch.predictions))
+        out = Batch(model=other, predictions=preds, names=list(batch.names), selected=batch.selected)
+        batch.compared[other] = out
+        return out
+
+    def compare(self, other: Optional[str], batch: Optional[Batch]) -> dict[str, Any]:
+        """The second model's four panels for the selected image of the batch."""
+        cmp = self.compare_batch(other, batch)
+        if cmp is None or batch is None:
+            return self.panels(None)
+        cmp.selected = batch.selected
+        return self.panels(cmp, batch.selected)
+
+    def agreement(self, other: Optional[str], batch: Optional[Batch],
+                  threshold: Optional[float] = None) -> dict[str, Any]:
+        """Verdict agreement of the model in use (at ``threshold``) and ``other`` (at its own
+        calibrated threshold) over the whole batch: counts and the files they disagree on."""
+        cmp = self.compare_batch(other, batch)
+        if cmp is None or batch is None:
+            return {"agree": 0, "disagree": 0, "both_anomalous": 0, "both_good": 0, "only_first": [],
+                    "only_second": [], "text": ""}
+        a = [p.is_anomalous for p in batch.at(threshold)]
+        b = [p.is_anomalous for p in cmp.predictions]
+        only_a = [batch.names[i] for i, (x, y) in enumerate(zip(a, b)) if x and not y]
+        only_b = [batch.names[i] for i, (x, y) in enumerate(zip(a, b)) if y and not x]
+        both_bad = sum(1 for x, y in zip(a, b) if x and y)
+        both_good = sum(1 for x, y in zip(a, b) if not x and not y)
+        n = len(a)
+        agree = both_bad + both_good
+        text = (f"**Agreement on {n} image(s): {agree} agree** ({both_bad} both anomalous, {both_good} both "
+                f"good), **{n - agree} disagree**")
+        if only_a:
+            text += f". Only {batch.model} flags: " + ", ".join(f"`{x}`" for x in only_a[:10])
+        if only_b:
+            text += f". Only {other} flags: " + ", ".join(f"`{x}`" for x in only_b[:10])
+        return {"agree": agree, "disagree": n - agree, "both_anomalous": both_bad, "both_good": both_good,
+                "only_first": only_a, "only_second": only_b, "text": text + "."}
 
     def _detector_no_activate(self, name: str) -> Any:
         det = self.registry.detector(name)
@@ -655,16 +845,24 @@ class AppController:
     def device_note(self) -> str:
         if cuda_available():
             return "A CUDA GPU is available: training uses it (mixed precision)."
-        return ("No GPU found: training runs on the CPU. Pick small settings (preset 'tiny', 64 px, a few "
-                "hundred steps): expect minutes, not seconds; the rest of the app stays usable.")
+        return (f"No GPU found: training runs on the CPU, so the defaults are small (the smallest preset, at most "
+                f"{CPU_MAX_IMAGE_SIZE} px, a few hundred steps): expect minutes, not seconds; the rest of the app "
+                "stays usable.")
 
     def default_train_settings(self, variant: Optional[str] = None) -> dict[str, Any]:
-        """The Train tab's defaults: the method's own preset and image size (from the registry),
-        steps and batch size for this device."""
+        """The Train tab's defaults for this device. On a GPU: the method's own preset and image
+        size (from the registry) and full-length training. On the CPU: the smallest preset the
+        method offers (``tiny`` when it has one), an image size of at most ``CPU_MAX_IMAGE_SIZE``
+        and few steps, so a run takes minutes."""
         info = method_info(variant or default_variant())
-        run = {"steps": 5000, "batch_size": 16} if cuda_available() else {"steps": 300, "batch_size": 4}
-        return {"variant": info["name"], "preset": info["preset"], "image_size": info["image_size"],
-                "autoencoder": info["autoencoder"], **run}
+        if cuda_available():
+            return {"variant": info["name"], "preset": info["preset"], "image_size": info["image_size"],
+                    "autoencoder": info["autoencoder"], "steps": 5000, "batch_size": 16, "device": "cuda"}
+        preset = info["preset"]
+        if preset is not None and info["presets"]:
+            preset = CPU_PRESET if CPU_PRESET in info["presets"] else info["presets"][0]
+        return {"variant": info["name"], "preset": preset, "image_size": min(info["image_size"], CPU_MAX_IMAGE_SIZE),
+                "autoencoder": info["autoencoder"], "steps": 300, "batch_size": 4, "device": "cpu"}
 
     def start_training(self, folder: Optional[str], zip_file: Optional[str], bank_model: Optional[str],
                        preset: str, image_size: int, steps: int, batch_size: int, preview_every: int = 50,
@@ -805,9 +1003,41 @@ class AppController:
         msg = (f"Evaluated {name} on {len(report.records)} images from {path} in {report.seconds:.1f} s"
                + (f"; {len(report.errors)} unreadable file(s) skipped" if report.errors else "")
                + ("" if labels >= {0, 1} else "; only one class present, so AUROC/AP are undefined"))
+        cats = [c for c in report.per_category if c != "mean"]
+        if len(cats) > 1:
+            msg += f"; {len(cats)} categories: one row each, then their mean"
         return {"headers": ["category", *METRIC_KEYS], "rows": rows, "roc": views.roc_figure(report.curves),
                 "pr": views.pr_figure(report.curves), "fn": self._gallery(report.worst("fn")),
-                "fp": self._gallery(report.worst("fp")), "message": msg, "report": report}
+                "fp": self._gallery(report.worst("fp")), "message": msg, "report": report,
+                "categories": cats, "curve_choices": [ALL_IMAGES, *(cats if len(cats) > 1 else []),
+                                                      *([EVERY_CATEGORY] if len(cats) > 1 else [])]}
+
+    def category_curves(self, report: Any, which: str) -> tuple[Any, Any, str]:
+        """(ROC, PR, note) for ``which``: all images pooled, one category, or every category overlaid
+        (curves from the report's per-image records, ``ccad.metrics.roc_points`` / ``pr_points``)."""
+        if report is None:
+            raise UserError("run an evaluation first")
+        if not which or which == ALL_IMAGES:
+            return views.roc_figure(report.curves), views.pr_figure(report.curves), ""
+        from ccad.metrics import pr_points, roc_points
+
+        cats = [c for c in report.per_category if c != "mean"]
+        wanted = cats if which == EVERY_CATEGORY else [which]
+        named, skipped = {}, []
+        for cat in wanted:
+            recs = [r for r in report.records if (r.get("category") or "all") == cat]
+            labels = np.asarray([r["label"] for r in recs], int)
+            scores = np.asarray([r["score"] for r in recs], float)
+            if len(set(labels.tolist())) < 2:
+                skipped.append(cat)
+                continue
+            named[cat] = {"roc": roc_points(labels, scores), "pr": pr_points(labels, scores)}
+        if which not in cats and which != EVERY_CATEGORY:
+            raise UserError(f"no category {which!r} in this evaluation")
+        roc, pr = views.category_curve_figures(named)
+        note = ("" if not skipped else "No curve for " + ", ".join(skipped)
+                + " (only one class of images there).")
+        return roc, pr, note
 
     def _gallery(self, records: list[dict[str, Any]]) -> list[tuple[np.ndarray, str]]:
         out = []

@@ -16,7 +16,18 @@ from typing import Any, Optional
 import gradio as gr
 
 from . import views
-from .controller import TABLE_HEADERS, AppController, Batch, UserError, default_variant, method_choices, method_info
+from .controller import (
+    FORM_HEADERS,
+    TABLE_HEADERS,
+    AppController,
+    Batch,
+    UserError,
+    default_variant,
+    form_options,
+    method_choices,
+    method_info,
+    settings_form,
+)
 from .state import REPO_ROOT, SAMPLES_DIR
 
 MAX_FILE_SIZE = "200mb"
@@ -45,7 +56,8 @@ def _mount_review(builder: Any, error: Optional[str], controller: AppController)
         return
     try:
         builder(lambda: controller.registry.detector(), str(controller.data_root),
-                str(controller.state_dir / "review"))
+                str(controller.state_dir / "review"), models=controller.registry.names,
+                get_model=controller.registry.detector)
     except Exception as exc:
         gr.Markdown(f"The DAGM review screen could not be built ({type(exc).__name__}: {exc}).")
 
@@ -103,7 +115,7 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
     with demo:
         gr.Markdown("# ccad · visual anomaly inspection\nLearn *good* from good images; flag what differs. "
                     "Diffusion detectors (CCAD V/C/F, DeCo-Diff) and a PatchCore baseline, trained here.")
-        with gr.Accordion("Model", open=True):
+        with gr.Accordion("Model", open=True, elem_id="model-bar"):
             with gr.Row():
                 with gr.Column(scale=2):
                     model_dd = gr.Dropdown(choices=c.registry.names(), value=c.registry.active, label="Model in use",
@@ -112,7 +124,9 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
                                              label="Compare side by side with (optional)", elem_id="compare-select")
                     model_status = gr.Markdown(c.startup_message, elem_id="model-status")
                 with gr.Column(scale=3):
-                    card_md = gr.Markdown(c.model_card(c.registry.active), elem_id="model-card")
+                    card_line = gr.Markdown(c.model_card_line(c.registry.active), elem_id="model-card-line")
+                    with gr.Accordion("Model card (all facts)", open=False, elem_id="model-card-details"):
+                        card_md = gr.Markdown(c.model_card(c.registry.active), elem_id="model-card")
             with gr.Accordion("Load another model: folder, zip or Hugging Face Hub", open=False,
                               elem_id="model-load"), gr.Row():
                 with gr.Column():
@@ -135,9 +149,13 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
             with gr.Tab("Inspect", id="inspect", elem_id="tab-inspect"):
                 with gr.Row():
                     with gr.Column(scale=2):
-                        upload = gr.File(label="Upload one or many images", file_count="multiple",
-                                         file_types=["image"], elem_id="inspect-upload", type="filepath")
+                        upload = gr.File(label="Upload one or many images (or a zip of them)", file_count="multiple",
+                                         file_types=["image", ".zip"], elem_id="inspect-upload", type="filepath")
                         run_btn = gr.Button("Inspect", variant="primary", elem_id="inspect-run")
+                        with gr.Row():
+                            inspect_folder_tb = gr.Textbox(label=f"...or a folder of images (inside {c.data_root})",
+                                                           elem_id="inspect-folder", scale=3)
+                            inspect_folder_btn = gr.Button("Inspect folder", elem_id="inspect-folder-run", scale=1)
                     with gr.Column(scale=3):
                         sample_gallery = gr.Gallery(value=gallery, label="Samples (click one to inspect it)",
                                                     columns=6, height=180, allow_preview=False,
@@ -152,6 +170,9 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
                                       elem_id="panel-heatmap")
                     p_over = gr.Image(label="Overlay", height=PANEL_HEIGHT, format="png", interactive=False,
                                       elem_id="panel-overlay")
+                    p_slider = gr.ImageSlider(label="Original ↔ reconstruction (drag)", height=PANEL_HEIGHT,
+                                              format="png", interactive=False, type="numpy",
+                                              elem_id="panel-slider")
                 with gr.Row():
                     score_tb = gr.Textbox(label="Image score", interactive=False, elem_id="inspect-score")
                     verdict_tb = gr.Textbox(label="Verdict", interactive=False, elem_id="inspect-verdict",
@@ -171,13 +192,21 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
                     with gr.Column(scale=3):
                         hist = gr.Plot(c.histogram(c.registry.active, None, rng["value"]), label="Scores",
                                        elem_id="inspect-histogram")
-                table = gr.Dataframe(headers=TABLE_HEADERS, value=[], interactive=False, label=(
-                    "Batch (worst first; click a row to show it; click a header to sort)"),
-                    elem_id="inspect-table", datatype=["number", "str", "number", "str"])
+                with gr.Row(equal_height=False):
+                    table = gr.Dataframe(headers=TABLE_HEADERS, value=[], interactive=False, label=(
+                        "Batch (worst first; click a row to show it; click a header to sort)"),
+                        elem_id="inspect-table", datatype=["number", "str", "number", "str"])
+                    with gr.Column(visible=False, elem_id="compare-table-col") as compare_table_col:
+                        cmp_table = gr.Dataframe(headers=TABLE_HEADERS, value=[], interactive=False,
+                                                 label="The same batch through the comparison model",
+                                                 elem_id="compare-table",
+                                                 datatype=["number", "str", "number", "str"])
+                agree_md = gr.Markdown("", elem_id="compare-agreement")
                 downloads = gr.File(label="Downloads: heatmap, overlay, mask (selected image) and the batch CSV",
                                     file_count="multiple", interactive=False, elem_id="inspect-downloads")
                 with gr.Group(visible=False, elem_id="compare-group") as compare_group:
-                    gr.Markdown("**Comparison model**: the selected image through the second model")
+                    gr.Markdown("**Comparison model**: the selected image through the second model "
+                                "(verdicts at its own calibrated threshold)")
                     with gr.Row():
                         q_orig = gr.Image(label="Original", height=220, format="png", interactive=False,
                                           elem_id="compare-original")
@@ -191,6 +220,9 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
                         q_score = gr.Textbox(label="Score", interactive=False, elem_id="compare-score")
                         q_verdict = gr.Textbox(label="Verdict", interactive=False, elem_id="compare-verdict")
                         q_time = gr.Textbox(label="Time taken", interactive=False, elem_id="compare-time")
+                    q_slider = gr.ImageSlider(label="Original ↔ reconstruction (comparison model)", height=220,
+                                              format="png", interactive=False, type="numpy",
+                                              elem_id="compare-slider")
 
             # ------------------------------------------------------------ Feature bank
             with gr.Tab("Feature bank", id="bank", elem_id="tab-bank"):
@@ -241,10 +273,10 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
                         train_method = gr.Dropdown(method_choices(), value=settings["variant"], label="Method",
                                                    elem_id="train-method", interactive=True)
                         train_method_desc = gr.Markdown(_method_text(minfo), elem_id="train-method-description")
-                        train_preset = gr.Dropdown(minfo["presets"], value=minfo["preset"],
+                        train_preset = gr.Dropdown(minfo["presets"], value=settings["preset"],
                                                    label="Network preset", elem_id="train-preset",
                                                    visible=minfo["preset"] is not None)
-                        train_size = gr.Dropdown(_sizes(minfo["image_size"]), value=minfo["image_size"],
+                        train_size = gr.Dropdown(_sizes(minfo["image_size"]), value=settings["image_size"],
                                                  label="Image size", elem_id="train-image-size",
                                                  allow_custom_value=True)
                         train_ae = gr.Textbox(value=minfo["autoencoder"], label="Autoencoder",
@@ -256,6 +288,14 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
                                              elem_id="train-batch-size")
                         train_prev = gr.Number(value=50, precision=0, label="Reconstruction preview every N steps",
                                                elem_id="train-preview-every")
+                with gr.Accordion(f"Settings of {minfo['title']}", open=True, elem_id="train-settings") \
+                        as train_settings_acc:
+                    gr.Markdown("Generated from the method's config: edit a **value**; only changed rows are "
+                                "passed on (as KEY=VALUE options).", elem_id="train-settings-note")
+                    train_form = gr.Dataframe(value=settings_form(settings["variant"], settings["preset"]),
+                                              headers=FORM_HEADERS, interactive=True, static_columns=[0, 1, 2],
+                                              datatype=["str", "str", "str", "str"], max_height=320,
+                                              elem_id="train-form", label="Method settings")
                 with gr.Accordion("Advanced options", open=False, elem_id="train-advanced"):
                     train_options = gr.Textbox(label="Advanced options (one KEY=VALUE per line)", lines=4,
                                                placeholder="diffusion.start_step=200", elem_id="train-options")
@@ -288,6 +328,11 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
                 eval_run = gr.Button("Evaluate", variant="primary", elem_id="eval-run")
                 eval_msg = gr.Markdown("", elem_id="eval-status")
                 eval_table = gr.Dataframe(label="Metrics per category", interactive=False, elem_id="eval-metrics")
+                eval_report = gr.State(None)
+                with gr.Row():
+                    eval_curves = gr.Dropdown([], value=None, label="Curves for", elem_id="eval-curves",
+                                              interactive=True, scale=2)
+                    eval_curves_note = gr.Markdown("", elem_id="eval-curves-note")
                 with gr.Row():
                     eval_roc = gr.Plot(label="ROC", elem_id="eval-roc")
                     eval_pr = gr.Plot(label="Precision-recall", elem_id="eval-pr")
@@ -302,23 +347,31 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
                 _mount_review(review_builder, review_error, c)
 
         # ================================================================ wiring
-        inspect_outputs = [p_orig, p_rec, p_heat, p_over, score_tb, verdict_tb, time_tb, file_tb]
+        inspect_outputs = [p_orig, p_rec, p_heat, p_over, p_slider, score_tb, verdict_tb, time_tb, file_tb]
+
+        def _slider(v: dict[str, Any]) -> Any:
+            if v["original"] is None:
+                return None
+            return (v["original"], v["reconstruction"])
 
         def panel_updates(batch: Optional[Batch], t: Optional[float]) -> list[Any]:
             v = c.panels(batch, None, t)
             return [v["original"], gr.update(value=v["reconstruction"], label=v["recon_label"]), v["heatmap"],
-                    v["overlay"], v["score"], v["verdict"], v["time"], v.get("name", "")]
+                    v["overlay"], _slider(v), v["score"], v["verdict"], v["time"], v.get("name", "")]
 
-        def compare_updates(other: Optional[str], batch: Optional[Batch]) -> list[Any]:
+        def compare_updates(other: Optional[str], batch: Optional[Batch], t: Optional[float] = None) -> list[Any]:
             try:
                 v = c.compare(other, batch)
+                cmp = c.compare_batch(other, batch)
+                rows = c.table_rows(cmp, None) if cmp is not None else []
+                agree = c.agreement(other, batch, t)["text"]
             except UserError as exc:
                 gr.Warning(str(exc))
-                v = c.panels(None)
+                v, rows, agree = c.panels(None), [], f"⚠️ {exc}"
             return [v["original"], gr.update(value=v["reconstruction"], label=v["recon_label"]), v["heatmap"],
-                    v["overlay"], v["score"], v["verdict"], v["time"]]
+                    v["overlay"], v["score"], v["verdict"], v["time"], _slider(v), rows, agree]
 
-        compare_outputs = [q_orig, q_rec, q_heat, q_over, q_score, q_verdict, q_time]
+        compare_outputs = [q_orig, q_rec, q_heat, q_over, q_score, q_verdict, q_time, q_slider, cmp_table, agree_md]
 
         def show_batch(batch: Batch, name: str, t: float, other: Optional[str]) -> list[Any]:
             rng = c.threshold_range(name, batch)
@@ -330,7 +383,7 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
             return [batch, *panel_updates(batch, t_use), c.table_rows(batch, t_use),
                     gr.update(minimum=rng["minimum"], maximum=rng["maximum"], step=rng["step"], value=t_use),
                     c.histogram(name, batch, t_use), c.false_alarm_text(name, t_use), c.downloads(batch, t_use),
-                    msg, *compare_updates(other, batch)]
+                    msg, *compare_updates(other, batch, t_use)]
 
         batch_outputs = [batch_state, *inspect_outputs, table, thr, hist, fa_md, downloads, inspect_msg,
                          *compare_outputs]
@@ -354,27 +407,46 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
                 return no_change(_err(exc))
 
         run_btn.click(on_run, [model_dd, upload, thr, compare_dd], batch_outputs)
+
+        def on_folder_run(name: str, folder: str, t: float, other: str,
+                          progress: gr.Progress = gr.Progress()) -> list[Any]:
+            try:
+                batch = c.inspect_folder(name, folder, progress=lambda d, n: progress((d, n), desc="inspecting"))
+                return show_batch(batch, name, t, other)
+            except Exception as exc:
+                return no_change(_err(exc))
+
+        inspect_folder_btn.click(on_folder_run, [model_dd, inspect_folder_tb, thr, compare_dd], batch_outputs)
+        inspect_folder_tb.submit(on_folder_run, [model_dd, inspect_folder_tb, thr, compare_dd], batch_outputs)
         sample_gallery.select(on_sample, [model_dd, thr, compare_dd], batch_outputs)
 
         def on_row(batch: Optional[Batch], t: float, other: str, evt: gr.SelectData) -> list[Any]:
             try:
                 batch = c.select_row(batch, evt.row_value)
-                return [batch, *panel_updates(batch, t), c.downloads(batch, t), "", *compare_updates(other, batch)]
+                return [batch, *panel_updates(batch, t), c.downloads(batch, t), "",
+                        *compare_updates(other, batch, t)]
             except Exception as exc:
                 return [gr.update()] * (len(inspect_outputs) + 2) + [_err(exc)] + [gr.update()] * len(compare_outputs)
 
         table.select(on_row, [batch_state, thr, compare_dd],
                      [batch_state, *inspect_outputs, downloads, inspect_msg, *compare_outputs])
+        cmp_table.select(on_row, [batch_state, thr, compare_dd],
+                         [batch_state, *inspect_outputs, downloads, inspect_msg, *compare_outputs])
 
-        def on_threshold(batch: Optional[Batch], name: str, t: float) -> list[Any]:
-            # re-label only: no model call (Prediction.with_threshold)
+        def on_threshold(batch: Optional[Batch], name: str, t: float, other: str) -> list[Any]:
+            # re-label only: no model call (Prediction.with_threshold; the comparison batch is cached)
             v = c.panels(batch, None, t) if batch is not None else None
+            try:
+                agree = c.agreement(other, batch, t)["text"] if batch is not None and other else gr.update()
+            except UserError as exc:
+                agree = f"⚠️ {exc}"
             return [v["verdict"] if v else gr.update(), v["heatmap"] if v else gr.update(),
                     v["overlay"] if v else gr.update(),
                     c.table_rows(batch, t) if batch is not None else gr.update(),
-                    c.histogram(name, batch, t), c.false_alarm_text(name, t)]
+                    c.histogram(name, batch, t), c.false_alarm_text(name, t), agree]
 
-        thr.change(on_threshold, [batch_state, model_dd, thr], [verdict_tb, p_heat, p_over, table, hist, fa_md],
+        thr.change(on_threshold, [batch_state, model_dd, thr, compare_dd],
+                   [verdict_tb, p_heat, p_over, table, hist, fa_md, agree_md],
                    show_progress="hidden", trigger_mode="always_last")
         thr.release(lambda b, t: c.downloads(b, t), [batch_state, thr], [downloads], show_progress="hidden")
 
@@ -393,11 +465,11 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
         def on_model(name: str, batch: Optional[Batch]) -> list[Any]:
             c.registry.set_active(name)
             rng = c.threshold_range(name, None)
-            return [c.model_card(name), gr.update(minimum=rng["minimum"], maximum=rng["maximum"],
-                                                  step=rng["step"], value=rng["value"]),
+            return [c.model_card_line(name), c.model_card(name),
+                    gr.update(minimum=rng["minimum"], maximum=rng["maximum"], step=rng["step"], value=rng["value"]),
                     c.histogram(name, None, rng["value"]), c.false_alarm_text(name, rng["value"])]
 
-        model_dd.change(on_model, [model_dd, batch_state], [card_md, thr, hist, fa_md])
+        model_dd.change(on_model, [model_dd, batch_state], [card_line, card_md, thr, hist, fa_md])
 
         def loaded(result: tuple[str, str]) -> list[Any]:
             name, msg = result
@@ -428,8 +500,12 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
         folder_btn.click(on_folder, [folder_tb], [*choice_outputs, model_status])
         zip_up.upload(on_zip, [zip_up], [*choice_outputs, model_status])
         hub_btn.click(on_hub, [hub_tb, hub_rev], [*choice_outputs, hub_msg])
-        compare_dd.change(lambda o, b: [gr.update(visible=bool(o)), *compare_updates(o, b)],
-                          [compare_dd, batch_state], [compare_group, *compare_outputs])
+        def on_compare(other: str, batch: Optional[Batch], t: float) -> list[Any]:
+            return [gr.update(visible=bool(other)), gr.update(visible=bool(other)),
+                    *compare_updates(other, batch, t)]
+
+        compare_dd.change(on_compare, [compare_dd, batch_state, thr],
+                          [compare_group, compare_table_col, *compare_outputs])
 
         # ---- bank
         def on_build(folder: str, zf: Optional[str], backbone: str, layers: list, xi: float, size: int,
@@ -470,19 +546,31 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
         def on_method(variant: str) -> list[Any]:
             try:
                 info = method_info(variant)
+                d = c.default_train_settings(variant)
             except Exception as exc:
-                return [_err(exc)] + [gr.update()] * 5
+                return [_err(exc)] + [gr.update()] * 7
             return [_method_text(info),
-                    gr.update(choices=info["presets"], value=info["preset"], visible=info["preset"] is not None),
-                    gr.update(choices=_sizes(info["image_size"]), value=info["image_size"]),
+                    gr.update(choices=info["presets"], value=d["preset"], visible=info["preset"] is not None),
+                    gr.update(choices=_sizes(info["image_size"]), value=d["image_size"]),
                     gr.update(value=info["autoencoder"], visible=info["has_autoencoder"]),
-                    _options_text(info), gr.update(visible=info["uses_bank"])]
+                    _options_text(info), gr.update(visible=info["uses_bank"]),
+                    settings_form(variant, d["preset"]), gr.update(label=f"Settings of {info['title']}")]
 
         train_method.change(on_method, [train_method],
-                            [train_method_desc, train_preset, train_size, train_ae, train_options_help, train_bank])
+                            [train_method_desc, train_preset, train_size, train_ae, train_options_help, train_bank,
+                             train_form, train_settings_acc])
+
+        def on_preset(variant: str, preset: Optional[str]) -> Any:
+            try:
+                return settings_form(variant, preset)
+            except Exception:
+                return gr.update()
+
+        train_preset.input(on_preset, [train_method, train_preset], [train_form])
 
         def on_train(variant: str, folder: str, zf: Optional[str], bank_model: str, preset: Optional[str],
-                     size: Any, steps: float, bs: float, every: float, options: str, autoencoder: str) -> str:
+                     size: Any, steps: float, bs: float, every: float, options: str, autoencoder: str,
+                     form: Any) -> str:
             try:
                 try:
                     size_px = int(size)
@@ -490,12 +578,14 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
                     raise UserError(f"image size must be a whole number of pixels, got {size!r}") from None
                 return c.start_training(folder, zf, bank_model or None, preset or "", size_px, int(steps or 0),
                                         int(bs or 0), int(every or 50), variant=variant or default_variant(),
-                                        options=options, autoencoder=autoencoder)
+                                        options="\n".join(x for x in (form_options(form), options or "") if x),
+                                        autoencoder=autoencoder)
             except Exception as exc:
                 return _err(exc)
 
         train_start.click(on_train, [train_method, train_folder, train_zip, train_bank, train_preset, train_size,
-                                     train_steps, train_bs, train_prev, train_options, train_ae], [train_msg])
+                                     train_steps, train_bs, train_prev, train_options, train_ae, train_form],
+                          [train_msg])
 
         def on_resume() -> str:
             try:
@@ -527,13 +617,22 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
                 import pandas as pd
 
                 return [r["message"], pd.DataFrame(r["rows"], columns=r["headers"]), r["roc"], r["pr"],
-                        r["fn"], r["fp"]]
+                        r["fn"], r["fp"], r["report"],
+                        gr.update(choices=r["curve_choices"], value=r["curve_choices"][0]), ""]
             except Exception as exc:
-                return [_err(exc)] + [gr.update()] * 5
+                return [_err(exc)] + [gr.update()] * 8
 
         eval_run.click(on_eval, [model_dd, eval_path, eval_layout, eval_split],
-                       [eval_msg, eval_table, eval_roc, eval_pr, eval_fn, eval_fp], concurrency_limit=1,
-                       concurrency_id="heavy")
+                       [eval_msg, eval_table, eval_roc, eval_pr, eval_fn, eval_fp, eval_report, eval_curves,
+                        eval_curves_note], concurrency_limit=1, concurrency_id="heavy")
+
+        def on_curves(report: Any, which: str) -> list[Any]:
+            try:
+                return list(c.category_curves(report, which))
+            except Exception as exc:
+                return [gr.update(), gr.update(), _err(exc)]
+
+        eval_curves.input(on_curves, [eval_report, eval_curves], [eval_roc, eval_pr, eval_curves_note])
 
         def on_load(selected: Optional[str]) -> list[Any]:
             return model_choices(selected)

@@ -35,6 +35,10 @@ ELLIPSE_COLOR = (255, 200, 0)
 MASK_COLOR = (255, 40, 40)
 EDIT_RGBA = (255, 0, 0, 110)
 PANEL_HEIGHT = 320
+AUTO = "auto: the model in use if built on this class, else a PatchCore built on the class"
+IN_USE = "the model in use"
+PER_CLASS_MAX_SIZE = 256
+PER_CLASS_BANK = 64
 
 #: Stable element ids (browser tests and users' automation find the components by them).
 ELEM_IDS = {
@@ -44,7 +48,7 @@ ELEM_IDS = {
     "item": "review-item", "original": "review-panel-original", "ellipse": "review-panel-ellipse",
     "mask": "review-panel-mask", "heatmap": "review-panel-heatmap", "opacity": "review-opacity",
     "mode": "review-mode", "editor": "review-editor", "export": "review-export",
-    "export_file": "review-export-file", "advance": "review-advance",
+    "export_file": "review-export-file", "advance": "review-advance", "model": "review-model",
 }
 
 REVIEW_SHORTCUTS_JS = """
@@ -136,8 +140,15 @@ class ReviewUI:
     """
 
     def __init__(self, get_detector: Callable[[], Any], data_root: str | os.PathLike[str],
-                 state_dir: str | os.PathLike[str]) -> None:
+                 state_dir: str | os.PathLike[str], models: Optional[Callable[[], list[str]]] = None,
+                 get_model: Optional[Callable[[str], Any]] = None,
+                 fit: Optional[Callable[..., Any]] = None) -> None:
         self.get_detector = get_detector
+        self.models = models
+        self.get_model = get_model
+        self.fit = fit  # builds a fit-only detector from good samples (default: ccad.pipeline.fit_detector)
+        self._choice: dict[str, str] = {}  # session key -> heatmap model choice
+        self._class_dets: dict[tuple[str, str], Any] = {}  # (session key, class) -> (detector, note) or None
         self.data_root = Path(data_root).expanduser().resolve()
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -162,18 +173,114 @@ class ReviewUI:
             raise ValueError("no folder loaded: type a DAGM folder and press Load")
         return self._sessions[key]
 
-    def _map_source(self) -> tuple[Optional[Callable[[np.ndarray], np.ndarray]], Any, str]:
+    # -- the heatmap model ---------------------------------------------------------------------
+    def model_choices(self) -> list[str]:
+        """The heatmap-model dropdown: auto (per-class PatchCore where needed), the model in use,
+        then every loaded model by name."""
+        names = list(self.models()) if self.models is not None else []
+        return [AUTO, IN_USE, *names]
+
+    def choose_model(self, key: Optional[str], choice: str, opacity: float = 0.5,
+                     mode: str = "outline") -> list[Any]:
+        """Use ``choice`` (a :meth:`model_choices` entry) for this folder's heatmaps and proposals."""
+        if key:
+            self._choice[key] = choice or AUTO
+        return self.views(key, opacity, mode)
+
+    @staticmethod
+    def built_on(det: Any, category: str, good: Optional[list[Any]] = None) -> bool:
+        """Whether ``det`` was built on the DAGM class ``category``: its training categories are
+        exactly that class, or its bank's source (``meta["source_hash"]``) is that class's good images."""
+        if not category:
+            return True  # nothing to compare with (a loose folder without classes)
+        info = getattr(det, "info", None) or {}
+        cats = info.get("categories") if isinstance(info, dict) else None
+        if cats:
+            return list(cats) == [category]
+        bank = getattr(det, "bank", None)
+        src = (getattr(bank, "meta", None) or {}).get("source_hash") if bank is not None else None
+        if src and good:
+            try:
+                from ccad.features.bank import ImageStream
+
+                return ImageStream(good, 64).source_hash() == src
+            except Exception:
+                return False
+        return False
+
+    def _good_of_class(self, sess: ReviewSession, category: str) -> list[Any]:
+        if sess.root is None or not category:
+            return []
         try:
-            det = self.get_detector() if self.get_detector is not None else None
+            from ccad.data.datasets import load_dagm
+
+            return [smp for smp in load_dagm(sess.root, "train", category=category.split("/")[-1])
+                    if int(smp.label) == 0]
+        except Exception:
+            return []
+
+    def _class_detector(self, key: str, sess: ReviewSession, category: str,
+                        good: list[Any]) -> tuple[Any, str]:
+        """A fit-only detector (the registry's first method that needs no training: PatchCore) built
+        from the class's own good images, once per folder and class."""
+        import time
+
+        if (key, category) in self._class_dets:
+            return self._class_dets[(key, category)]
+        from ccad.methods import get_method, method_names
+
+        variant = next(n for n in method_names() if not get_method(n).trainable)
+        side = int(max(sess.image().shape[:2]))
+        size = int(min(PER_CLASS_MAX_SIZE, max(32, side)))
+        fit = self.fit
+        if fit is None:
+            from ccad.pipeline import fit_detector as fit
+        t0 = time.perf_counter()
+        det = fit(good, variant=variant, image_size=size, bank_size=PER_CLASS_BANK, calibration_fraction=0.0)
+        title = (get_method(variant).title or variant).split(":")[0]
+        note = (f"a {title} built on {category} from its {len(good)} good image(s) in "
+                f"{time.perf_counter() - t0:.1f} s")
+        self._class_dets[(key, category)] = (det, note)
+        return det, note
+
+    def _map_source(self, key: Optional[str] = None,
+                    sess: Optional[ReviewSession] = None) -> tuple[Optional[Callable[[np.ndarray], np.ndarray]],
+                                                                   Any, str, str]:
+        """(map function, cache tag, why there is none, which model makes the heatmap)."""
+        choice = self._choice.get(key or "", AUTO)
+        try:
+            if choice not in (AUTO, IN_USE) and self.get_model is not None:
+                det = self.get_model(choice)
+                if det is None:
+                    return None, None, f"model {choice!r} is not loaded", ""
+                using = f"Heatmap and proposal from **{choice}** (picked)."
+            else:
+                det = self.get_detector() if self.get_detector is not None else None
+                using = "Heatmap and proposal from **the model in use**."
         except Exception as exc:  # a broken model must not break the review
-            return None, None, f"model unavailable ({type(exc).__name__}: {exc})"
+            return None, None, f"model unavailable ({type(exc).__name__}: {exc})", ""
+        if choice == AUTO and sess is not None and len(sess):
+            category = sess.current.category
+            good = self._good_of_class(sess, category) if category else []
+            if det is None or not self.built_on(det, category, good):
+                why = "no model is loaded" if det is None else "the model in use was not built on " + category
+                if good:
+                    try:
+                        det, note = self._class_detector(key or "", sess, category, good)
+                        using = f"🔁 {why[0].upper() + why[1:]}: heatmap and proposal from {note}."
+                    except Exception as exc:
+                        using = (f"{why[0].upper() + why[1:]}; building a per-class model failed "
+                                 f"({type(exc).__name__}: {exc}).")
+                elif det is not None:
+                    using = (f"⚠️ The model in use was not built on {category}, and the folder holds no good "
+                             f"{category} training images to build one from; using the model in use.")
         if det is None:
-            return None, None, "no model loaded"
+            return None, None, "no model loaded", ""
 
         def amap(image: np.ndarray) -> np.ndarray:
             return np.asarray(det.predict(image).anomaly_map, np.float32)
 
-        return amap, id(det), ""
+        return amap, id(det), "", using
 
     def _confine(self, sess: ReviewSession) -> int:
         """Drop items whose files resolve outside the data root (symlinks out); returns count."""
@@ -201,9 +308,9 @@ class ReviewUI:
             if not len(sess):
                 return [status or "No labelled images in this folder.", None, None, None, None,
                         None, sess.progress_text(), ""]
-            fn, tag, why = self._map_source()
+            fn, tag, why, using = self._map_source(key, sess)
             sess.set_anomaly_map_fn(fn, tag)
-            notes = []
+            notes = [using] if using else []
             try:
                 amap = sess.anomaly_map()
             except Exception as exc:
@@ -336,7 +443,8 @@ class ReviewUI:
 
 
 def build_review_tab(get_detector: Callable[[], Any], data_root: str | os.PathLike[str],
-                     state_dir: str | os.PathLike[str]) -> ReviewUI:
+                     state_dir: str | os.PathLike[str], models: Optional[Callable[[], list[str]]] = None,
+                     get_model: Optional[Callable[[str], Any]] = None) -> ReviewUI:
     """Create the DAGM review components inside the current ``gr.Blocks``/``gr.Tab`` context.
 
     ``get_detector()`` returns the loaded ``AnomalyDetector`` or None (then the heatmap panel
@@ -345,7 +453,7 @@ def build_review_tab(get_detector: Callable[[], Any], data_root: str | os.PathLi
     """
     import gradio as gr
 
-    ui = ReviewUI(get_detector, data_root, state_dir)
+    ui = ReviewUI(get_detector, data_root, state_dir, models=models, get_model=get_model)
     ids = ELEM_IDS
     key_state = gr.State(None)
     gr.Markdown("Review tight-mask proposals for DAGM's ellipse labels. Keys: **n**/→ next, "
@@ -354,6 +462,8 @@ def build_review_tab(get_detector: Callable[[], Any], data_root: str | os.PathLi
         folder = gr.Textbox(label=f"DAGM folder (inside {ui.data_root})", value=ui.last_folder,
                             elem_id=ids["folder"], scale=4)
         load = gr.Button("Load", variant="primary", elem_id=ids["load"], scale=1)
+        model = gr.Dropdown(ui.model_choices(), value=AUTO, label="Heatmap and proposals from",
+                            elem_id=ids["model"], scale=3, interactive=True)
     status = gr.Markdown(elem_id=ids["status"])
     with gr.Row():
         original = gr.Image(label="Original", interactive=False, format="png", height=PANEL_HEIGHT,
@@ -410,4 +520,6 @@ def build_review_tab(get_detector: Callable[[], Any], data_root: str | os.PathLi
     opacity.release(restyle, [key_state, *look], restyle_out)
     mode.change(restyle, [key_state, *look], restyle_out)
     export_b.click(ui.export, [key_state], [export_f, status])
+    model.focus(lambda: gr.update(choices=ui.model_choices()), None, [model])
+    model.input(lambda k, ch, o, m: ui.choose_model(k, ch, o, m), [key_state, model, *look], view_out)
     return ui

@@ -80,6 +80,21 @@ def pr_figure(curves: dict[str, Any]) -> go.Figure:
     return _layout(fig, "Image-level precision-recall", "recall", "precision")
 
 
+def category_curve_figures(named: dict[str, dict[str, Any]]) -> tuple[go.Figure, go.Figure]:
+    """ROC and PR figures with one trace per category (``{category: {"roc": ..., "pr": ...}}``)."""
+    roc, pr = go.Figure(), go.Figure()
+    for name, curves in named.items():
+        if "roc" in curves:
+            fpr, tpr = (np.asarray(v) for v in curves["roc"][:2])
+            roc.add_trace(go.Scatter(x=fpr, y=tpr, mode="lines", name=name))
+        if "pr" in curves:
+            recall, precision = (np.asarray(v) for v in curves["pr"][:2])
+            pr.add_trace(go.Scatter(x=recall, y=precision, mode="lines", name=name))
+    roc.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="chance", line=dict(dash="dot", color="grey")))
+    return (_layout(roc, "Image-level ROC per category", "false positive rate", "true positive rate"),
+            _layout(pr, "Image-level precision-recall per category", "recall", "precision"))
+
+
 def projection_figure(bank_xy: np.ndarray, all_xy: Optional[np.ndarray]) -> go.Figure:
     """2-D PCA projection of the bank (xi points) against a sample of all patch features."""
     fig = go.Figure()
@@ -134,6 +149,34 @@ def card_markdown(card: Optional[dict[str, Any]], name: str = "", source: str = 
         rows.append("| metrics | not recorded |")
     head = f"**{name}**" + (f" &nbsp;·&nbsp; {source}" if source else "")
     return head + "\n\n| field | value |\n|---|---|\n" + "\n".join(rows)
+
+
+def card_summary(card: Optional[dict[str, Any]], name: str = "") -> str:
+    """The model card in one line (the full table sits in a closed accordion below it)."""
+    if not card:
+        return "**No model loaded.** Build a feature bank (Feature bank tab) or load a model above."
+    parts = [f"**{name or card.get('variant', 'model')}**"]
+    title = card.get("title") or card.get("variant")
+    if title:
+        parts.append(str(title).split(":")[0])
+    if card.get("image_size"):
+        parts.append(f"{card['image_size']} px")
+    if card.get("bank_size"):
+        parts.append(f"bank {card['bank_size']}")
+    cats = card.get("categories")
+    if cats:
+        parts.append(f"{len(cats)} categor{'y' if len(cats) == 1 else 'ies'}")
+    thr = card.get("threshold")
+    if isinstance(thr, (int, float)) and math.isfinite(float(thr)):
+        parts.append(f"threshold {float(thr):.4g}")
+    metrics = card.get("metrics")
+    if isinstance(metrics, dict) and metrics:
+        if all(isinstance(v, dict) for v in metrics.values()):
+            metrics = metrics.get("mean", next(iter(metrics.values())))
+        auroc = metrics.get("image_AUROC") if isinstance(metrics, dict) else None
+        if isinstance(auroc, (int, float)) and math.isfinite(float(auroc)):
+            parts.append(f"image AUROC {float(auroc):.3f}")
+    return " · ".join(parts)
 
 
 def format_seconds(s: Optional[float]) -> str:

@@ -381,7 +381,7 @@ def test_train_tab_lists_the_registry_and_reads_each_method(ctl: AppController) 
         if info["has_autoencoder"]:
             assert info["autoencoder"] == cfg.autoencoder
         settings = ctl.default_train_settings(name)
-        assert settings["variant"] == name and settings["image_size"] == mcls.default_image_size
+        assert settings["variant"] == name and settings["image_size"] <= mcls.default_image_size
     with pytest.raises(UserError, match="unknown variant"):
         method_info("no-such-method")
 
@@ -541,3 +541,165 @@ def test_real_training_job_latent_method_random_autoencoder(root: Path, tmp_path
     card = c.model_card(name)
     assert "| autoencoder |" in card and "taef2:random" in card
     assert (name in c.registry.with_bank()) == (det.bank is not None)
+
+
+# ------------------------------------------------------------------------------- the issue "every detector in the app"
+
+def test_model_card_collapses_to_one_line(ctl: AppController) -> None:
+    line = ctl.model_card_line("fake")
+    assert "\n" not in line and line.startswith("**fake**")
+    assert "patchcore" in line and "32 px" in line and "threshold 0.3" in line
+    assert "| field | value |" in ctl.model_card("fake")  # the full table is still there (collapsed in the UI)
+    assert "No model loaded" in ctl.model_card_line(None)
+
+
+def test_batch_names_are_relative_to_what_was_chosen_or_uploaded(ctl: AppController, root: Path,
+                                                                  tmp_path: Path) -> None:
+    for sub in ("bottle/test/broken_large", "bottle/test/good", "cable/test/good"):
+        (root / "mv" / sub).mkdir(parents=True)
+        grey(root / "mv" / sub / "000.png", 40)
+    batch = ctl.inspect_folder("fake", "mv")
+    assert sorted(batch.names) == ["bottle/test/broken_large/000.png", "bottle/test/good/000.png",
+                                   "cable/test/good/000.png"]
+    assert sorted(r[1] for r in ctl.table_rows(batch, 0.3)) == sorted(batch.names)
+    with open(next(f for f in ctl.downloads(batch, 0.3) if f.endswith(".csv"))) as fh:
+        assert sorted(r["file"] for r in csv.DictReader(fh)) == sorted(batch.names)
+    # a zip upload: paths inside the zip
+    z = tmp_path / "upload.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        for sub in ("a/good", "b/good"):
+            zf.write(root / "mv/bottle/test/good/000.png", f"set/{sub}/000.png")
+    assert sorted(ctl.inspect("fake", [str(z)]).names) == ["a/good/000.png", "b/good/000.png"]
+    # plain uploads keep their file name; two with one name stay distinct rows
+    (tmp_path / "u1").mkdir()
+    (tmp_path / "u2").mkdir()
+    files = [str(grey(tmp_path / "u1" / "000.png", 10)), str(grey(tmp_path / "u2" / "000.png", 200))]
+    assert ctl.inspect("fake", files).names == ["000.png", "000.png (2)"]
+    with pytest.raises(UserError, match="outside"):
+        ctl.inspect_folder("fake", "/etc")
+    (root / "empty").mkdir()
+    with pytest.raises(UserError, match="no images"):
+        ctl.inspect_folder("fake", "empty")
+
+
+def test_comparison_runs_the_second_model_on_the_whole_batch(ctl: AppController, tmp_path: Path) -> None:
+    strict = FakeDetector(threshold=0.1)
+    ctl.registry.add("strict", strict, "test", activate=False)
+    files = [str(grey(tmp_path / f"{v}.png", v)) for v in (128, 60, 10)]  # scores ~0, ~0.26, ~0.46
+    batch = ctl.inspect("fake", files)
+    cmp = ctl.compare_batch("strict", batch)
+    assert cmp is not None and len(cmp.predictions) == 3 and cmp.names == batch.names
+    runs = strict.runs
+    assert [r[1] for r in ctl.table_rows(cmp, None)] == ["10.png", "60.png", "128.png"]
+    a = ctl.agreement("strict", batch, 0.3)
+    assert (a["agree"], a["disagree"], a["both_anomalous"], a["both_good"]) == (2, 1, 1, 1)
+    assert a["only_second"] == ["60.png"] and a["only_first"] == []
+    assert "2 agree" in a["text"] and "1 disagree" in a["text"] and "`60.png`" in a["text"]
+    assert ctl.agreement("strict", batch, 0.05)["disagree"] == 0  # the model in use re-labelled, no re-run
+    batch.selected = 1
+    v = ctl.compare("strict", batch)
+    assert v["name"] == "60.png" and v["verdict"] == "ANOMALOUS"
+    assert {v[k].shape for k in ("original", "reconstruction", "heatmap", "overlay")} == {(24, 24, 3)}
+    assert strict.runs == runs  # row clicks and threshold moves reuse the comparison batch
+    assert ctl.compare_batch("", batch) is None and ctl.agreement(None, batch)["text"] == ""
+
+
+def test_app_has_the_original_reconstruction_slider_and_collapsed_card(ctl: AppController) -> None:
+    from app.main import build_app
+
+    cfg = build_app(ctl, load_default=False).get_config_file()
+    by_id = {c["props"].get("elem_id"): c for c in cfg["components"]}
+    assert by_id["panel-slider"]["type"] == "imageslider" and by_id["compare-slider"]["type"] == "imageslider"
+    assert by_id["model-card-details"]["props"]["open"] is False
+    assert "compare-table" in by_id and "compare-agreement" in by_id and "inspect-folder" in by_id
+    assert by_id["train-form"]["type"] == "dataframe" and "eval-curves" in by_id
+
+
+def test_evaluation_of_a_multi_class_model_rows_per_category_and_curves(ctl: AppController, root: Path) -> None:
+    from ccad.data.sample import Sample
+    from ccad.evaluate import evaluate
+
+    from app.controller import ALL_IMAGES, EVERY_CATEGORY
+
+    (root / "ds").mkdir()
+    samples = []
+    for cat, base in (("carpet", 120), ("grid", 130)):
+        samples += [Sample(str(grey(root / "ds" / f"{cat}g{i}.png", base + i)), None, 0, cat) for i in range(3)]
+        samples += [Sample(str(grey(root / "ds" / f"{cat}b{i}.png", 10 + 60 * i)), None, 1, cat, "spot")
+                    for i in range(2)]
+    ctl.engine.load_dataset = lambda path, split, layout: samples
+
+    class Scored(FakeDetector):
+        def score_batches(self, batches: Any, progress: Any = None, total: Any = None):
+            s, m = [], []
+            for b in batches:
+                amap = (b["image"].mean(1) - 0.5).abs()
+                s.append(amap.flatten(1).max(1).values.numpy())
+                m.append(amap.numpy())
+            return np.concatenate(s), np.concatenate(m)
+
+    ctl.registry.add("multi", Scored(), "test")
+    ctl.engine.evaluate = lambda det, smp, progress=None: evaluate(det, smp)
+    r = ctl.run_evaluation("multi", "ds")
+    assert [row[0] for row in r["rows"]] == ["carpet", "grid", "mean"]
+    assert r["rows"][2][1] == pytest.approx((r["rows"][0][1] + r["rows"][1][1]) / 2)
+    assert r["curve_choices"] == [ALL_IMAGES, "carpet", "grid", EVERY_CATEGORY] and "2 categories" in r["message"]
+    roc, pr, note = ctl.category_curves(r["report"], "grid")
+    assert [t.name for t in roc.data] == ["grid", "chance"] and [t.name for t in pr.data] == ["grid"]
+    roc, pr, note = ctl.category_curves(r["report"], EVERY_CATEGORY)
+    assert [t.name for t in roc.data] == ["carpet", "grid", "chance"] and note == ""
+    roc, _, _ = ctl.category_curves(r["report"], ALL_IMAGES)
+    assert [t.name for t in roc.data] == ["ROC", "chance"]
+    with pytest.raises(UserError, match="no category"):
+        ctl.category_curves(r["report"], "wood")
+    with pytest.raises(UserError, match="evaluation first"):
+        ctl.category_curves(None, "grid")
+
+
+def test_settings_form_is_generated_from_each_methods_config(ctl: AppController,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from app import controller as appc
+    from app.controller import FORM_SKIP, form_options, method_config, settings_form, trainable_variants
+    from ccad.config import option_help
+    from ccad.methods import get_method
+
+    for name, _ in trainable_variants():
+        mcls = get_method(name)
+        rows = settings_form(name)
+        assert rows and all(len(r) == 4 and r[2] == r[3] for r in rows)
+        helped = {o.split("=", 1)[0] for o in option_help(mcls.Config)}
+        assert {r[0] for r in rows} <= helped and not {r[0] for r in rows} & set(FORM_SKIP)
+        top = {f.name for f in dataclasses.fields(mcls.Config)} - set(FORM_SKIP)
+        assert {r[0].split(".")[0] for r in rows} <= top
+        assert form_options(rows) == ""  # nothing changed: nothing passed on
+        # edit the first int row: it becomes a KEY=VALUE option the method's config accepts
+        row = next((r for r in rows if r[1] == "int"), None)
+        if row is not None:
+            row[3] = str(int(row[2]) + 1)
+            opts = form_options(rows)
+            assert opts == f"{row[0]}={int(row[2]) + 1}"
+            cfg = method_config(name, None, opts)
+            obj = cfg
+            for part in row[0].split("."):
+                obj = getattr(obj, part)
+            assert obj == int(row[2]) + 1
+    import pandas as pd
+
+    rows = settings_form("ccad-v")
+    rows[0][3] = "bogus"
+    assert form_options(pd.DataFrame(rows, columns=appc.FORM_HEADERS)).startswith(f"{rows[0][0]}=bogus")
+    # CPU defaults: the smallest preset and a small image; GPU: the method's own defaults
+    monkeypatch.setattr(appc, "cuda_available", lambda: False)
+    for name, _ in trainable_variants():
+        mcls, d = get_method(name), ctl.default_train_settings(name)
+        assert d["device"] == "cpu" and d["image_size"] == min(mcls.default_image_size, appc.CPU_MAX_IMAGE_SIZE)
+        if getattr(mcls.default_config(), "preset", None) is not None:
+            assert d["preset"] == "tiny"
+        assert d["steps"] <= 500
+    monkeypatch.setattr(appc, "cuda_available", lambda: True)
+    for name, _ in trainable_variants():
+        mcls, d = get_method(name), ctl.default_train_settings(name)
+        assert d["device"] == "cuda" and d["image_size"] == mcls.default_image_size
+        assert d["preset"] == getattr(mcls.default_config(), "preset", None) and d["steps"] >= 1000
