@@ -237,7 +237,7 @@ class ReviewUI:
             from ccad.pipeline import fit_detector as fit
         t0 = time.perf_counter()
         det = fit(good, variant=variant, image_size=size, bank_size=PER_CLASS_BANK, calibration_fraction=0.0)
-        title = (get_method(variant).title or variant).split(":")[0]
+        title = (get_method(variant).title or variant).split(":")[0].split(" (")[0]
         note = (f"a {title} built on {category} from its {len(good)} good image(s) in "
                 f"{time.perf_counter() - t0:.1f} s")
         self._class_dets[(key, category)] = (det, note)

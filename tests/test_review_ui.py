@@ -295,3 +295,71 @@ def test_keyboard_shortcuts_in_chromium(data_root: Path, tmp_path: Path) -> None
         page.wait_for_timeout(1500)
         assert "2 / 4 reviewed" in text(page, "review-progress")
         screenshot(page, "review-shortcuts")
+
+
+class _OnClass:
+    """A detector built on one DAGM class (``info['categories']``); its map is a flat 0.5 field."""
+
+    def __init__(self, category: str) -> None:
+        self.info = {"categories": [category]}
+        self.bank = None
+        self.calls = 0
+
+    def predict(self, image: np.ndarray) -> SimpleNamespace:
+        self.calls += 1
+        return SimpleNamespace(anomaly_map=np.full(np.asarray(image).shape[:2], 0.5, np.float32))
+
+
+def test_per_class_patchcore_when_the_model_was_not_built_on_the_class(tmp_path: Path) -> None:
+    """Auto: a model built on another class is replaced (for the heatmap and proposals) by a
+    PatchCore fitted on the reviewed class's own good Train images, once per class, and the
+    status says so; the model in use is kept where it was built on the class; the user may pick
+    the model in use or any loaded model instead."""
+    from app.review import AUTO, IN_USE
+
+    root = tmp_path / "data"
+    write_dataset(root / "dagm", kinds=("granular", "cloud"), n_train=4, n_test_good=0, n_test_defect=1,
+                  size=64, layout="dagm", defects=("spot",))
+    in_use = _OnClass("Class2")
+    other = _OnClass("Class1")
+    fitted: list[tuple[int, str, int]] = []
+
+    def fake_fit(good: list, variant: str, image_size: int, **kw: object) -> _MapDetector:
+        fitted.append((len(good), good[0].category, image_size))
+        assert variant == "patchcore" and all(s.label == 0 for s in good)
+        return _MapDetector()
+
+    ui = ReviewUI(lambda: in_use, root, tmp_path / "state", models=lambda: ["m1", "other"],
+                  get_model=lambda n: other if n == "other" else None, fit=fake_fit)
+    assert ui.model_choices() == [AUTO, IN_USE, "m1", "other"]
+    key, status, *_ = ui.load("dagm")
+    assert "not built on Class1" in status and "PatchCore built on Class1 from its 4 good image(s)" in status
+    assert fitted == [(4, "Class1", 64)] and in_use.calls == 0
+    ui.views(key)
+    assert len(fitted) == 1  # built once per class
+    status = ui.navigate(key, 1)[0]  # Class2: the model in use was built on it
+    assert "the model in use" in status and in_use.calls == 1 and len(fitted) == 1
+    status = ui.choose_model(key, IN_USE)[0]
+    ui.navigate(key, -1)
+    assert "the model in use" in ui.views(key)[0] and len(fitted) == 1 and in_use.calls == 2
+    status = ui.choose_model(key, "other")[0]
+    assert "**other** (picked)" in status and other.calls == 1
+    assert "is not loaded" in ui.choose_model(key, "m1")[0]
+
+
+def test_per_class_patchcore_real_fit_in_seconds(tmp_path: Path) -> None:
+    """The real engine: ``ccad.fit_detector`` builds the per-class PatchCore in seconds and its
+    map colours the heatmap panel."""
+    import time
+
+    root = tmp_path / "data"
+    write_dataset(root / "dagm", kinds=("granular",), n_train=4, n_test_good=0, n_test_defect=1,
+                  size=64, layout="dagm", defects=("spot",))
+    ui = ReviewUI(lambda: _OnClass("Class9"), root, tmp_path / "state")
+    t0 = time.perf_counter()
+    key, status, orig, ell, mask, heat, *_ = ui.load("dagm")
+    assert time.perf_counter() - t0 < 60
+    assert "PatchCore built on Class1" in status, status
+    det = ui._class_dets[(key, "Class1")][0]
+    assert det.info["categories"] == ["Class1"] and ReviewUI.built_on(det, "Class1")
+    assert np.abs(heat[..., 0].astype(int) - heat[..., 2].astype(int)).max() > 40  # a colour map
