@@ -178,7 +178,8 @@ class ScoringConfig:
     """Anomaly map (CCAD eq. 16 / DDAD): feature cosine + optional pixel term, Gaussian sigma.
 
     ``score_layers`` are the scoring backbone's layers; ``pixel_weight`` is DDAD's v;
-    ``score`` is ``max`` or ``topk`` (mean of the ``topk_ratio`` highest map values).
+    ``score`` is ``max`` or ``topk`` (mean of the ``topk_ratio`` highest map values, or of the
+    ``topk_count`` highest when that is set: a fixed count, e.g. GLAD's 250).
     ``calibration`` is ``fpr`` (threshold = the (1 - target_fpr) quantile of held-out good
     scores) or ``sigma`` (good mean + ``sigma_k`` standard deviations).
     """
@@ -189,6 +190,7 @@ class ScoringConfig:
     sigma: float = 4.0
     score: str = "max"
     topk_ratio: float = 0.01
+    topk_count: Optional[int] = None
     calibration: str = "fpr"
     target_fpr: float = 0.01
     sigma_k: float = 3.0
@@ -196,6 +198,8 @@ class ScoringConfig:
     def validate(self) -> None:
         if self.score not in ("max", "topk"):
             raise ConfigError(f"scoring.score must be 'max' or 'topk', got {self.score!r}")
+        if self.topk_count is not None and int(self.topk_count) < 1:
+            raise ConfigError(f"scoring.topk_count must be >= 1 or null, got {self.topk_count}")
         if self.calibration not in ("fpr", "sigma"):
             raise ConfigError(f"scoring.calibration must be 'fpr' or 'sigma', got {self.calibration!r}")
 

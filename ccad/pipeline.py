@@ -621,6 +621,7 @@ def train_detector(
                           preview=m.preview)
         result = trainer.train(resume=resume)
         m.use_trained(result.model)
+        m.after_training(train_s)  # e.g. domain adaptation of the scoring extractor (D3AD eq. 10)
         info.update({"train_steps": int(result.step), "stopped_early": bool(result.stopped)})
     info["train_seconds"] = round(time.perf_counter() - t0, 1)
     det = AnomalyDetector(config, bank, m, device=m.ctx.device, info=info)

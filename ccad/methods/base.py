@@ -197,6 +197,21 @@ class Method:
         for name, m in modules.items():
             self.modules[name].load_state_dict(m.state_dict())
 
+    def after_training(self, train: Sequence[Any]) -> None:
+        """Called by the pipeline once the trained weights are installed, before calibration.
+
+        Default: nothing, unless the config has ``domain_adapt_epochs > 0``: then the scoring
+        extractor is fine-tuned on (x, x_hat) pairs of good images (D3AD eq. 10, see
+        :mod:`ccad.methods.adaptation`) and saved / loaded with the detector.
+        """
+        epochs = int(getattr(self.config, "domain_adapt_epochs", 0) or 0)
+        if epochs > 0:
+            from .adaptation import adapt_scoring_backbone
+
+            c = self.config
+            adapt_scoring_backbone(self, train, epochs, n_images=int(getattr(c, "domain_adapt_images", 32)),
+                                   lr=float(getattr(c, "domain_adapt_lr", 1e-4)))
+
     # ---- inference --------------------------------------------------------------------------
     def maps(self, x: torch.Tensor) -> MethodOutput:
         """Anomaly maps (and reconstructions) for a batch ``B x 3 x S x S`` in [0, 1] at the model size."""
@@ -209,13 +224,19 @@ class Method:
     def card(self) -> dict[str, Any]:
         """Facts for the model card and the app (parameters, reconstruction settings ...)."""
         n = sum(p.numel() for p in self.modules.parameters())
-        return {"parameters": int(n) if n else None}
+        facts: dict[str, Any] = {"parameters": int(n) if n else None}
+        if getattr(self, "adapted", None):
+            facts["domain_adaptation"] = dict(self.adapted)
+        return facts
 
     # ---- persistence ------------------------------------------------------------------------
     def save(self, directory: Path) -> None:
         """Write every component into ``directory/<name>/`` (diffusers ``save_pretrained``)."""
         for name in self.components:
             self.modules[name].save_pretrained(str(Path(directory) / name), safe_serialization=True)
+        from .adaptation import save_adapted
+
+        save_adapted(self, Path(directory))
 
     @classmethod
     def load(cls, directory: Path, config: Any, ctx: Context) -> "Method":
@@ -226,6 +247,9 @@ class Method:
             if not sub.is_dir():
                 raise FileNotFoundError(f"{sub}: missing; a saved {cls.name} detector has the subfolder {name}/")
             method.modules[name] = klass.from_pretrained(str(sub))
+        from .adaptation import load_adapted
+
+        load_adapted(method, Path(directory))
         return method
 
 
@@ -248,7 +272,6 @@ class Planned:
 
 
 PLANNED: dict[str, Planned] = {
-    "d3ad": Planned("d3ad", "D3AD: dynamic implicit conditioning", "D3AD sec. 4", "latent"),
     "glad": Planned("glad", "GLAD: global and local adaptive diffusion", "GLAD sec. 3", "pixel"),
 }
 

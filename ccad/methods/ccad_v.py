@@ -28,17 +28,22 @@ LEGACY_WEIGHTS = "denoiser.safetensors"  # version-1 folders kept the denoiser a
 class CCADVConfig:
     """CCAD(V) settings: the denoiser preset (tiny: tests, small: CPU, base: GPU, DDAD-like), the
     built architecture (``denoiser``, filled in at build time: its ``bank_dim`` is the width of
-    the bank actually built), and the schedule + reconstruction (``diffusion``)."""
+    the bank actually built), and the schedule + reconstruction (``diffusion``).
+    ``domain_adapt_epochs`` > 0 fine-tunes the scoring extractor on (x, x_hat) pairs of good
+    images after training (D3AD eq. 10, as DDAD does; :mod:`ccad.methods.adaptation`); 0 = off."""
 
     preset: str = "small"
     denoiser: Optional[DenoiserConfig] = None
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     preview_steps: int = 5
+    domain_adapt_epochs: int = 0
 
     def validate(self) -> None:
         if self.preset not in ("tiny", "small", "base"):
             raise ConfigError(f"method.preset must be tiny, small or base, got {self.preset!r}")
         self.diffusion.validate()
+        if int(self.domain_adapt_epochs) < 0:
+            raise ConfigError(f"method.domain_adapt_epochs must be >= 0, got {self.domain_adapt_epochs}")
         if self.denoiser is not None:
             self.denoiser.validate()
 

@@ -87,12 +87,19 @@ def anomaly_map(
     return gaussian_blur(fmap, scaled_sigma(sigma, x.shape[-1]))
 
 
-def image_score(maps: torch.Tensor, mode: str = "max", topk_ratio: float = 0.01) -> torch.Tensor:
-    """Image score from ``B x 1 x H x W`` maps: the maximum, or the mean of the top-k values."""
+def image_score(maps: torch.Tensor, mode: str = "max", topk_ratio: float = 0.01,
+                topk_count: int | None = None) -> torch.Tensor:
+    """Image score from ``B x 1 x H x W`` maps: the maximum, or the mean of the top-k values.
+
+    ``topk``: k is ``topk_ratio`` of the map's pixels, or, when ``topk_count`` is given, that fixed
+    count (capped at the number of pixels; GLAD scores the mean of the top 250)."""
     flat = maps.flatten(1)
     if mode == "max":
         return flat.amax(1)
     if mode == "topk":
-        k = max(1, int(round(flat.shape[1] * float(topk_ratio))))
+        if topk_count is not None:
+            k = max(1, min(int(topk_count), flat.shape[1]))
+        else:
+            k = max(1, int(round(flat.shape[1] * float(topk_ratio))))
         return flat.topk(k, dim=1).values.mean(1)
     raise ValueError(f"score mode must be 'max' or 'topk', got {mode!r}")

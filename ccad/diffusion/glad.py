@@ -1,0 +1,298 @@
+"""GLAD's pieces (papers/glad.md sec. 3): the anomaly-oriented target (eq. 10), the adaptive
+denoising step (sec. 3.3, eq. 2), spatial-adaptive feature fusion (eq. 6-7) and the
+min-over-locations feature map (eq. 11-12).
+
+Notation as the paper: ``x`` the (normal) image, ``x^a`` the test / synthetic-anomaly image,
+``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` (eq. 1), the noise-free estimate
+``x_{t->0} = (x_t - sqrt(1 - abar_t) eps_theta(x_t, t)) / sqrt(abar_t)`` (eq. 2), a hat for the
+values of the generation (denoising) path. Tensors are in the model range [-1, 1] unless said.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..scoring.anomaly_map import gaussian_blur, scaled_sigma
+from .objectives import _randn_like, sample_timesteps
+from .reconstruct import ddim_step, reconstruction_timesteps
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``score_fn(x0_path, x0_input) -> (score B, map B x 1 x h x w)`` (images in [-1, 1])
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+__all__ = [
+    "glad_target", "glad_training_pair", "glad_loss", "noise_free", "step_decision", "first_crossing",
+    "fusion_mask", "spatial_adaptive_fusion", "glad_reconstruct", "GLADTrace", "min_cosine_distance_map",
+    "topk_mean", "glad_anomaly_map",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# eq. 9-10: the anomaly-oriented training target
+# --------------------------------------------------------------------------------------------
+
+def _col(v: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return v.to(ref.device, torch.float32).view(-1, *([1] * (ref.dim() - 1)))
+
+
+def glad_target(eps: torch.Tensor, x: torch.Tensor, x_a: torch.Tensor, abar_t: torch.Tensor) -> torch.Tensor:
+    """The regression target of eq. 10, ``eps + sqrt(abar_t) / sqrt(1 - abar_t) * (x^a - x)``.
+
+    Two corrections to the printed eq. 9-10, both checked: (1) eq. 10 prints ``alpha_t`` where
+    eq. 4-9 have ``abar_t``; (2) eq. 9-10 print ``eps - ...``, but the noise for which eq. 2
+    applied to ``x^a_t = sqrt(abar_t) x^a + sqrt(1 - abar_t) eps`` returns the normal ``x`` is
+    ``(x^a_t - sqrt(abar_t) x) / sqrt(1 - abar_t) = eps + sqrt(abar_t)/sqrt(1 - abar_t) (x^a - x)``
+    (with the printed minus it would return ``2 x^a - x``); the authors' code (``predict_eps``)
+    uses this plus sign too. Where ``x^a = x`` it is the plain diffusion target ``eps``.
+    ``abar_t`` has one value per batch item.
+    """
+    a = _col(abar_t, x)
+    return eps + (a.sqrt() / (1.0 - a).sqrt()) * (x_a - x)
+
+
+def glad_training_pair(x: torch.Tensor, x_a: torch.Tensor, scheduler, generator: torch.Generator,
+                       schedule: str = "linear", timesteps: Optional[torch.Tensor] = None,
+                       noise: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x^a_t, t, target)`` for eq. 10: ``t ~ U{0..T-1}``, ``eps ~ N(0, I)`` from ``generator``.
+
+    ``schedule="constant"`` uses ``x^a`` as given (eq. 10 read literally). ``"linear"`` (default;
+    the authors' code, not in the paper) mixes ``x^s = (t/T) x^a + (1 - t/T) x`` and uses it as
+    ``x^a``: the anomaly is faint at small t, where eq. 10's ``sqrt(abar)/sqrt(1-abar)`` (~100 at
+    t = 0) would otherwise make the target explode.
+    """
+    if schedule not in ("linear", "constant"):
+        raise ValueError(f"schedule must be 'linear' or 'constant', got {schedule!r}")
+    T = int(scheduler.config.num_train_timesteps)
+    if timesteps is None:
+        timesteps = sample_timesteps(x.shape[0], scheduler, generator, device=x.device)
+    timesteps = timesteps.to(x.device).long()
+    if noise is None:
+        noise = _randn_like(x, generator)
+    noise = noise.to(x.device, torch.float32)
+    x, x_a = x.float(), x_a.float()
+    if schedule == "linear":
+        w = _col(timesteps.float() / T, x)
+        x_a = w * x_a + (1.0 - w) * x
+    abar = scheduler.alphas_cumprod.to(x.device, torch.float32)[timesteps]
+    x_t = _col(abar, x).sqrt() * x_a + (1.0 - _col(abar, x)).sqrt() * noise  # eq. 4
+    return x_t, timesteps, glad_target(noise, x, x_a, abar)
+
+
+def glad_loss(eps_fn: EpsFn, x: torch.Tensor, x_a: torch.Tensor, scheduler, generator: torch.Generator,
+              schedule: str = "linear") -> torch.Tensor:
+    """L_ATP (eq. 10) as a mean squared error: ``|| target - eps_theta(x^a_t, t) ||^2`` (0-d fp32;
+    the paper writes the L2 norm, the authors' code and every diffusion loss here use the MSE)."""
+    x_t, t, target = glad_training_pair(x, x_a, scheduler, generator, schedule=schedule)
+    return F.mse_loss(eps_fn(x_t, t).float(), target)
+
+
+# --------------------------------------------------------------------------------------------
+# sec. 3.3-3.4: adaptive denoising step + spatial-adaptive feature fusion
+# --------------------------------------------------------------------------------------------
+
+def noise_free(x_t: torch.Tensor, eps: torch.Tensor, abar_t: float) -> torch.Tensor:
+    """Eq. 2: ``x_{t->0} = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)``."""
+    return (x_t - math.sqrt(1.0 - abar_t) * eps) / math.sqrt(abar_t)
+
+
+def step_decision(score: torch.Tensor, t: int, delta: float, t_min: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rule of sec. 3.3 at one step: ``(fire, floor)`` per item. ``fire``: the difference
+    between the two noise-free estimates exceeds ``delta`` (the anomaly shows at this t: stop
+    here and fuse); ``floor``: it did not, but ``t <= t_min`` (sec. 4.2's minimum step "to avoid
+    missing anomalies"): stop here without an anomaly (restart from the input's estimate)."""
+    fire = score > float(delta)
+    floor = ~fire & torch.full_like(fire, int(t) <= int(t_min))
+    return fire, floor
+
+
+def first_crossing(scores: Sequence[float] | torch.Tensor, timesteps: Sequence[int], delta: float,
+                   t_min: int = 0, redundancy: int = 0) -> int:
+    """The start step the adaptive rule picks from one image's per-step scores (sec. 3.3).
+
+    ``scores[i]`` is the score at ``timesteps[i]`` (descending, as denoised). The first i whose
+    score exceeds ``delta``, or the first with ``t <= t_min``, or the last, then ``redundancy``
+    (the paper's n) grid steps back towards T: returns ``timesteps[max(i - n, 0)]``.
+    """
+    s = torch.as_tensor(scores, dtype=torch.float32)
+    i = len(timesteps) - 1
+    for j, t in enumerate(timesteps):
+        fire, floor = step_decision(s[j:j + 1], int(t), delta, t_min)
+        if bool(fire[0] | floor[0]):
+            i = j
+            break
+    return int(timesteps[max(i - int(redundancy), 0)])
+
+
+def fusion_mask(score_map: torch.Tensor, size: Sequence[int], kind: str = "sigmoid") -> torch.Tensor:
+    """The mask m of eq. 6-7 ("the possibility for the pixels to be part of the anomalies") from the
+    step's anomaly map ``B x 1 x h x w``, upsampled to ``size``. The paper does not say how m is
+    made; ``"sigmoid"`` is the authors' code (``sigmoid(map)``: values in [0.5, 0.88] for a cosine
+    distance map, i.e. the generated path always keeps at least half); ``"minmax"`` normalises each
+    image's map to [0, 1]."""
+    if kind == "sigmoid":
+        m = torch.sigmoid(score_map.float())
+    elif kind == "minmax":
+        flat = score_map.float().flatten(1)
+        lo, hi = flat.amin(1).view(-1, 1, 1, 1), flat.amax(1).view(-1, 1, 1, 1)
+        m = (score_map.float() - lo) / (hi - lo).clamp_min(1e-8)
+    else:
+        raise ValueError(f"fusion mask must be 'sigmoid' or 'minmax', got {kind!r}")
+    return F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def spatial_adaptive_fusion(x0_path: torch.Tensor, x0_input: torch.Tensor, m: torch.Tensor, abar_t: float,
+                            eps: torch.Tensor) -> torch.Tensor:
+    """Eq. 7: ``x^f_t = sqrt(abar_t) (m * x^_{t->0} + (1 - m) * x^a_{t->0}) + sqrt(1 - abar_t) eps``:
+    the generated path where m says anomaly, the input's own estimate elsewhere, re-noised with
+    the same eps as the directly-noised input (consistent noise)."""
+    return math.sqrt(abar_t) * (m * x0_path + (1.0 - m) * x0_input) + math.sqrt(1.0 - abar_t) * eps
+
+
+@dataclass
+class GLADTrace:
+    """What the adaptive reconstruction decided per image: the step it stopped the search at
+    (``start_steps``, the paper's t), whether the anomaly fired there (``fired``; False = reached
+    t_min) and the score there (``scores``)."""
+
+    start_steps: torch.Tensor
+    fired: torch.Tensor
+    scores: torch.Tensor
+
+
+@torch.no_grad()
+def glad_reconstruct(eps_fn: EpsFn, x0: torch.Tensor, scheduler, score_fn: ScoreFn, start_step: int = 750,
+                     steps: int = 15, delta: float = 0.15, t_min: int = 350, fusion: str = "saff",
+                     mask: str = "sigmoid", redundancy: int = 0,
+                     generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, GLADTrace]:
+    """GLAD's reconstruction (Fig. 2): adaptive denoising step + spatial-adaptive fusion.
+
+    1. ``x^a_T = sqrt(abar_T) x^a + sqrt(1 - abar_T) eps`` (eq. 1, ``T = start_step``; one eps).
+    2. For each t of the DDIM grid ``[T, T - T/steps, ...]`` while an image is still searching:
+       the generated path's estimate ``x^_{t->0}`` and the directly-noised input's
+       ``x^a_{t->0}`` (both eq. 2, ``x^a_t`` noised with the same eps) are compared by
+       ``score_fn`` (sec. 3.6's map; sec. 4.2: last layer, mean of the top 10).
+       - score > delta (sec. 3.3): with ``fusion="saff"`` the state becomes eq. 7's ``x^f_t``
+         (mask m from that map, :func:`fusion_mask`) and denoising continues from t; with
+         ``fusion="none"`` (sec. 3.3 alone) the image restarts from ``x^a_{t+n}`` (n =
+         ``redundancy`` grid steps) and is denoised from there;
+       - else if t <= t_min: restart from the input at t (``x^a_t``; the authors' code);
+       - else: one DDIM step (eq. 3, eta = 0) along the generated path.
+    3. Deterministic DDIM down to abar = 1.
+
+    Images that stopped searching cost one network call per step; searching ones two (batched).
+    The authors' code reuses the path's eps for the input's estimate; this follows eq. 2 and
+    evaluates the network on ``x^a_t``. Returns ``(x_hat_0, GLADTrace)``.
+    """
+    if fusion not in ("saff", "none"):
+        raise ValueError(f"fusion must be 'saff' or 'none', got {fusion!r}")
+    T = int(scheduler.config.num_train_timesteps)
+    ts = reconstruction_timesteps(int(start_step), int(steps), T)
+    abar = scheduler.alphas_cumprod.double().cpu()
+    target = x0.float()
+    b = target.shape[0]
+    eps = _randn_like(target, generator)
+
+    def noised(t: int) -> torch.Tensor:
+        a = float(abar[t])
+        return math.sqrt(a) * target + math.sqrt(1.0 - a) * eps
+
+    def call(x: torch.Tensor, t: int) -> torch.Tensor:
+        tb = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+        return eps_fn(x.to(x0.dtype), tb).float()
+
+    x_t = noised(ts[0])
+    searching = torch.ones(b, dtype=torch.bool)
+    start = torch.full((b,), ts[-1], dtype=torch.long)
+    start_index = torch.full((b,), len(ts) - 1, dtype=torch.long)
+    fired_all = torch.zeros(b, dtype=torch.bool)
+    score_at = torch.zeros(b)
+    for i, t in enumerate(ts):
+        a_t = float(abar[t])
+        a_prev = float(abar[ts[i + 1]]) if i + 1 < len(ts) else 1.0
+        idx = searching.nonzero().flatten()
+        if not len(idx):
+            x_t = ddim_step(x_t, call(x_t, t), a_t, a_prev, 0.0, None)  # eq. 3
+            continue
+        x_in = noised(t)[idx]
+        e = call(torch.cat([x_t, x_in]), t)
+        e_path, e_in = e[:b], e[b:]
+        x0_path = noise_free(x_t, e_path, a_t)  # eq. 2, generated path
+        x0_in = noise_free(x_in, e_in, a_t)  # eq. 2, directly-noised input
+        score, smap = score_fn(x0_path[idx], x0_in)
+        score = score.float().cpu()
+        fire, floor = step_decision(score, t, delta, t_min)
+        stop = fire | floor
+        x_next = ddim_step(x_t, e_path, a_t, a_prev, 0.0, None)  # eq. 3
+        if stop.any():
+            sel = idx[stop]
+            start[sel], start_index[sel], fired_all[sel], score_at[sel] = t, i, fire[stop], score[stop]
+            searching[sel] = False
+            m = torch.zeros_like(x0_in[:, :1])  # m = 0: the input's own estimate (t_min floor)
+            if fusion == "saff" and fire.any():
+                m[fire] = fusion_mask(smap[fire], target.shape[-2:], mask).to(m)
+            fused = spatial_adaptive_fusion(x0_path[sel], x0_in[stop], m[stop], a_t, eps[sel])  # eq. 7
+            # DDIM step from x^f_t with its own decomposition (x0 = the fused estimate, noise = eps)
+            x0_f = noise_free(fused, eps[sel], a_t)
+            x_next[sel] = math.sqrt(a_prev) * x0_f + math.sqrt(1.0 - a_prev) * eps[sel]
+        x_t = x_next
+    if fusion == "none" and int(redundancy) > 0 and fired_all.any():
+        # sec. 3.3 alone: an image whose anomaly showed at t restarts from x^a_{t+n}, n grid steps back
+        for back in sorted(set((start_index[fired_all] - int(redundancy)).clamp_min(0).tolist())):
+            sel = (fired_all & ((start_index - int(redundancy)).clamp_min(0) == back)).nonzero().flatten()
+            x_s = noised(ts[back])[sel]
+            for i in range(back, len(ts)):
+                a_t = float(abar[ts[i]])
+                a_prev = float(abar[ts[i + 1]]) if i + 1 < len(ts) else 1.0
+                x_s = ddim_step(x_s, call(x_s, ts[i]), a_t, a_prev, 0.0, None)
+            x_t[sel] = x_s
+            start[sel] = ts[back]
+    return x_t, GLADTrace(start, fired_all, score_at)
+
+
+# --------------------------------------------------------------------------------------------
+# sec. 3.6: eq. 11-12
+# --------------------------------------------------------------------------------------------
+
+def min_cosine_distance_map(f_t: torch.Tensor, f_r: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """Eq. 11: ``M^(i,j) = min over all locations (u, v) of 1 - cos(F_t^(i,j), F_r^(u,v))``.
+
+    ``f_t`` (test image) and ``f_r`` (reconstruction) are ``B x C x h x w`` maps of one layer;
+    returns ``B x 1 x h x w``. The similarity matrix is computed ``chunk`` query locations at a
+    time (a 64 x 64 grid would otherwise be a 4096 x 4096 matrix per image)."""
+    b, c, h, w = f_t.shape
+    a = F.normalize(f_t.float().flatten(2), dim=1, eps=1e-6)  # B x C x N
+    r = F.normalize(f_r.float().flatten(2), dim=1, eps=1e-6)  # B x C x M
+    out = []
+    for s in range(0, a.shape[-1], int(chunk)):
+        sim = torch.bmm(a[:, :, s:s + int(chunk)].transpose(1, 2), r)  # B x n x M
+        out.append(1.0 - sim.amax(-1))
+    return torch.cat(out, dim=1).view(b, 1, h, w)
+
+
+def topk_mean(maps: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean of the ``k`` largest values of each map (``B``)."""
+    flat = maps.flatten(1)
+    return flat.topk(max(1, min(int(k), flat.shape[1])), dim=1).values.mean(1)
+
+
+def glad_anomaly_map(x: torch.Tensor, x_hat: torch.Tensor, extractor, sigma: float = 6.0,
+                     layers: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Eq. 11-12 + sec. 4.2's smoothing: ``M = sum_l up(M_l(F_t^l, F_r^l))``, Gaussian sigma in
+    pixels at 256 px (:func:`scaled_sigma`). ``x``, ``x_hat`` are images in [0, 1]
+    ``B x 3 x S x S``; ``extractor.layer_maps`` gives the layers (``layers`` picks some of them by
+    position). Returns ``B x 1 x S x S``."""
+    if x.shape != x_hat.shape:
+        raise ValueError(f"input {tuple(x.shape)} and reconstruction {tuple(x_hat.shape)} differ in shape")
+    n, size = x.shape[0], tuple(x.shape[-2:])
+    both = extractor.layer_maps(torch.cat([x, x_hat], dim=0))
+    if layers is not None:
+        both = [both[i] for i in layers]
+    total = torch.zeros(n, 1, *size, device=x.device, dtype=torch.float32)
+    for fmap in both:
+        d = min_cosine_distance_map(fmap[:n], fmap[n:])
+        total += F.interpolate(d, size=size, mode="bilinear", align_corners=False)
+    return gaussian_blur(total, scaled_sigma(sigma, size[-1]))

@@ -1,0 +1,318 @@
+"""D3AD: dynamic implicit conditioning in a latent diffusion model (papers/d3ad.md sec. 4, App. A).
+
+- Denoiser: an *unconditional* latent UNet (sec. 4: "we adopt the architecture of unconditional
+  latent diffusion model"; sec. 5: "an unconditional Unet from Rombach et al."), a diffusers
+  ``UNet2DModel`` (:func:`ccad.models.deco_net.build_deco_unet`, the same builder DeCo-Diff
+  uses), trained with the plain eps-loss of eq. 6 ("without modifications") on the cached latents
+  of the shared autoencoder. Schedule (App. A.1): T = 1000, betas 0.0015 ... 0.0195 on LDM's
+  "linear" schedule, which is diffusers' ``scaled_linear`` (LDM squares a linspace of sqrt(beta)).
+- Dynamic implicit conditioning (sec. 4.1, Algorithm 2): the mean L1 distance of the image's
+  block-2 features (``knn_layer``) to its K = 20 nearest training images, placed into |B| = 10
+  equal-width bins fitted on the training set's leave-one-out distances, gives the per-image
+  start step ``T_hat = floor(b / |B| * T_max)`` (minimum bin 2, T_max = 80, rounded to a
+  multiple of 10). The training features and bin edges are saved with the model
+  (``d3ad_conditioning.safetensors``). The features come from the scoring extractor phi (the
+  paper uses one ResNet-34 for the DIC and the map, sec. 5); after domain adaptation the DIC
+  memory and bins are refitted with the adapted phi (sec. 4.3: "domain-adapted features for both
+  the dynamic implicit conditioning and ... f_map").
+- Reconstruction (Algorithm 1): noiseless scaling ``z_T_hat = sqrt(abar_T_hat) z0``, DDIM with
+  skip 10 (eq. 7, sigma = 0), optional DDAD correction (eq. 8, ``guidance``: App. A.1 uses 0
+  or 7-10), one run per distinct start step of the batch.
+- Map (eq. 9): ``lambda * ||z0 - z0_hat||_1 + (1 - lambda) * f_map``, lambda = 0.85, f_map the
+  feature cosine map of blocks 2 and 3 (``scoring.score_layers``, App. A.1), each map divided by
+  its mean over good training images (the paper's "normalized", unspecified), Gaussian sigma = 4,
+  image score = max (sec. 4.2).
+- Domain adaptation (sec. 4.3, eq. 10): ``domain_adapt_epochs`` (App. A.1: 0 to 3) through the
+  shared hook :mod:`ccad.methods.adaptation`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from diffusers import UNet2DModel
+from torch import nn
+
+from ..config import ConfigError, ScoringConfig
+from ..models.deco_net import build_deco_unet
+from .base import Context, MethodOutput, register_method
+from .latent import DEFAULT_AUTOENCODER, LatentMethod, check_autoencoder_spec
+
+CONDITIONING_FILE = "d3ad_conditioning.safetensors"
+
+
+@dataclass
+class D3ADConfig:
+    """D3AD settings (paper defaults, App. A.1 / sec. 5).
+
+    ``preset``: the latent UNet size (tiny / small / base, :data:`ccad.models.deco_net.DECO_PRESETS`);
+    ``K``, ``n_bins``, ``min_bin``, ``T_max``, ``round_to``: the DIC (Algorithm 2); ``knn_layer``:
+    the scoring extractor's layer of the KNN features (block 2), ``knn_pool``: average-pool that map
+    to ``knn_pool x knn_pool`` before the KNN (0 = the full map as the paper; pooling caps the
+    saved memory); ``skip`` / ``steps``: the DDIM grid (skip 10 in T = 1000; ``steps`` None =
+    T_hat // skip evaluations); ``guidance``: DDAD's temperature (eq. 8; 0 = none); ``lam``:
+    eq. 9's lambda; ``norm_images``: good training images whose mean l_map / f_map normalise the
+    two maps (0 = no normalisation); the schedule fields; ``domain_adapt_*``: eq. 10 (epochs 0 = off).
+    Filled in at build time: ``latent_channels``, ``latent_scale``, ``latent_shift``, ``l_norm``, ``f_norm``.
+    """
+
+    preset: str = "small"
+    autoencoder: str = DEFAULT_AUTOENCODER
+    K: int = 20
+    n_bins: int = 10
+    min_bin: int = 2
+    T_max: int = 80
+    round_to: int = 10
+    knn_layer: int = 2
+    knn_pool: int = 16
+    skip: int = 10
+    steps: Optional[int] = None
+    guidance: float = 0.0
+    lam: float = 0.85
+    norm_images: int = 8
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.0015
+    beta_end: float = 0.0195
+    domain_adapt_epochs: int = 1
+    domain_adapt_images: int = 32
+    domain_adapt_lr: float = 1e-4
+    latent_channels: Optional[int] = None
+    latent_scale: Optional[float] = None
+    latent_shift: Optional[float] = None
+    l_norm: Optional[float] = None
+    f_norm: Optional[float] = None
+
+    def validate(self) -> None:
+        if self.preset not in ("tiny", "small", "base"):
+            raise ConfigError(f"method.preset must be tiny, small or base, got {self.preset!r}")
+        check_autoencoder_spec(self.autoencoder)
+        for name in ("K", "n_bins", "T_max", "round_to", "skip"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"method.{name} must be >= 1, got {getattr(self, name)}")
+        if not 1 <= int(self.min_bin) <= int(self.n_bins):
+            raise ConfigError(f"method.min_bin must be in 1..n_bins={self.n_bins}, got {self.min_bin}")
+        if not int(self.T_max) < int(self.num_train_timesteps):
+            raise ConfigError(f"method.T_max must be < num_train_timesteps={self.num_train_timesteps}, "
+                              f"got {self.T_max}")
+        if self.steps is not None and int(self.steps) < 1:
+            raise ConfigError(f"method.steps must be >= 1 or null, got {self.steps}")
+        if not 0.0 <= float(self.lam) <= 1.0:
+            raise ConfigError(f"method.lam must be in [0, 1], got {self.lam}")
+        for name in ("knn_pool", "norm_images", "domain_adapt_epochs", "domain_adapt_images"):
+            if int(getattr(self, name)) < 0:
+                raise ConfigError(f"method.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@register_method
+class D3AD(LatentMethod):
+    name = "d3ad"
+    title = "D3AD: dynamic implicit conditioning"
+    description = ("unconditional latent UNet; per-image start step from a KNN anomaly estimate, noiseless "
+                   "scaling, latent + feature map; multi-class")
+    paper = "D3AD sec. 4, Algorithms 1-2, eq. 6, 9, 10"
+    Config = D3ADConfig
+    uses_bank = False
+    components = {"unet": UNet2DModel}
+    default_image_size = 256
+
+    @classmethod
+    def default_scoring(cls) -> ScoringConfig:
+        # App. A.1: the map uses feature blocks 2 and 3, Gaussian sigma = 4; image score = max (sec. 4.2)
+        return ScoringConfig(score_layers=(2, 3), sigma=4.0, score="max")
+
+    def __init__(self, config: D3ADConfig, ctx: Context) -> None:
+        from ..diffusion import make_scheduler
+
+        super().__init__(config, ctx)
+        c = config
+        self.scheduler = make_scheduler(c.num_train_timesteps, c.beta_schedule, c.beta_start, c.beta_end)
+        self.knn_features: Optional[torch.Tensor] = None  # N x D training features Y_Train
+        self.train_distances: Optional[torch.Tensor] = None  # N leave-one-out mean KNN distances
+        self.bin_edges: Optional[torch.Tensor] = None  # n_bins + 1 equal-width edges
+        self.last_start_steps: Optional[list[int]] = None
+
+    # ---- dynamic implicit conditioning ------------------------------------------------------
+    def _layer_index(self) -> int:
+        bb = self.ctx.scoring_backbone()
+        layers = list(getattr(bb, "layers", ()))
+        if int(self.config.knn_layer) not in layers:
+            raise ConfigError(f"method.knn_layer {self.config.knn_layer} is not one of the scoring backbone's "
+                              f"layers {layers} (scoring.score_layers)")
+        return layers.index(int(self.config.knn_layer))
+
+    @torch.no_grad()
+    def image_features(self, x: torch.Tensor) -> torch.Tensor:
+        """y0 = phi_j(x0) (Algorithm 2 line 4), ``B x D``."""
+        from ..diffusion.d3ad import image_features
+
+        return image_features(self.ctx.scoring_backbone(), x.to(self.ctx.device), self._layer_index(),
+                              int(self.config.knn_pool))
+
+    @torch.no_grad()
+    def fit_conditioning(self, train: Sequence[Any]) -> None:
+        """Y_Train, the leave-one-out mean KNN distances of the training set and the equal-width
+        bins over them (sec. 4.1 "Bin construction")."""
+        from ..data.datasets import iter_batches
+        from ..diffusion.d3ad import fit_bins, knn_mean_distance
+
+        feats = [self.image_features(b["image"]).cpu()
+                 for b in iter_batches(list(train), self.ctx.image_size, batch_size=self.ctx.bank_config.batch_size)]
+        if not feats:
+            raise ConfigError("D3AD needs good training images for its KNN memory")
+        mem = torch.cat(feats)
+        if mem.shape[0] < 2:
+            raise ConfigError("D3AD needs at least 2 good training images (leave-one-out KNN distances)")
+        self.knn_features = mem
+        self.train_distances = knn_mean_distance(mem, mem, k=int(self.config.K), leave_one_out=True).cpu()
+        self.bin_edges = fit_bins(self.train_distances, int(self.config.n_bins))
+
+    def distances(self, x: torch.Tensor) -> torch.Tensor:
+        """ybar0 of Algorithm 2 line 6 for a batch (mean L1 distance to the K nearest training images)."""
+        from ..diffusion.d3ad import knn_mean_distance
+
+        if self.knn_features is None:
+            raise RuntimeError("D3AD: the KNN memory is not fitted (build() or load() first)")
+        return knn_mean_distance(self.image_features(x), self.knn_features.to(self.ctx.device),
+                                 k=int(self.config.K)).cpu()
+
+    def start_steps(self, x: torch.Tensor) -> torch.Tensor:
+        """T_hat per image, g(x0, X_Train, T_max) of Algorithm 2."""
+        from ..diffusion.d3ad import start_steps
+
+        c = self.config
+        return start_steps(self.distances(x), self.bin_edges, int(c.T_max), int(c.min_bin), int(c.round_to))
+
+    # ---- building and training ----------------------------------------------------------------
+    def build(self, train: Sequence[Any]) -> None:
+        ae = self.load_autoencoder()
+        self.modules["unet"] = build_deco_unet(self.config.preset, int(ae.latent_channels), self.latent_size())
+        self.fit_conditioning(train)
+
+    def training_loss(self, modules: nn.ModuleDict, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+        from ..diffusion.objectives import noise_prediction_loss
+
+        unet = modules["unet"]
+        return noise_prediction_loss(lambda z, t: unet(z, t).sample, batch["latent"], self.scheduler, generator)
+
+    def after_training(self, train: Sequence[Any]) -> None:
+        """Domain adaptation (eq. 10, when ``domain_adapt_epochs`` > 0), then the DIC refitted
+        with the adapted extractor, then the map normalisers from good training images."""
+        super().after_training(train)
+        if getattr(self, "adapted", None):
+            self.fit_conditioning(train)
+        self.fit_normalisers(train)
+
+    @torch.no_grad()
+    def fit_normalisers(self, train: Sequence[Any]) -> None:
+        """l_norm / f_norm: the mean latent and feature maps over ``norm_images`` good training images."""
+        from ..data.datasets import iter_batches
+
+        c = self.config
+        c.l_norm = c.f_norm = None
+        n = int(c.norm_images)
+        if n <= 0:
+            return
+        samples = list(train)
+        if len(samples) > n:
+            keep = np.random.default_rng(int(self.ctx.seed)).choice(len(samples), n, replace=False)
+            samples = [samples[i] for i in sorted(keep.tolist())]
+        self.to(self.ctx.device)
+        ls, fs = [], []
+        for b in iter_batches(samples, self.ctx.image_size, batch_size=min(8, self.ctx.bank_config.batch_size)):
+            x = b["image"].to(self.ctx.device)
+            l_map, f_map, _, _ = self._parts_of_map(x)
+            ls.append(l_map.flatten(1).mean(1))
+            fs.append(f_map.flatten(1).mean(1))
+        c.l_norm = max(float(torch.cat(ls).mean()), 1e-8)
+        c.f_norm = max(float(torch.cat(fs).mean()), 1e-8)
+
+    # ---- inference ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def _reconstruct(self, modules: nn.ModuleDict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from ..diffusion.d3ad import d3ad_reconstruct
+
+        c = self.config
+        z0 = self.encode(x)
+        starts = self.start_steps(x)
+        self.last_start_steps = [int(s) for s in starts]
+        unet = modules["unet"]
+        z_hat = d3ad_reconstruct(lambda z, t: unet(z, t).sample, z0, self.scheduler, starts,
+                                 steps=None if c.steps is None else int(c.steps), skip=int(c.skip),
+                                 guidance=float(c.guidance))
+        return z0, z_hat, starts
+
+    def preview(self, modules: nn.ModuleDict, image: torch.Tensor) -> Optional[np.ndarray]:
+        _, z_hat, _ = self._reconstruct(modules, image)
+        return self.decode(z_hat)[0].permute(1, 2, 0).cpu().numpy()
+
+    @torch.no_grad()
+    def _parts_of_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(l_map, f_map, x_hat, T_hat), both maps Gaussian-smoothed (sigma of ``scoring``), un-normalised."""
+        from ..diffusion.d3ad import latent_l1_map
+        from ..scoring.anomaly_map import anomaly_map, gaussian_blur, scaled_sigma
+
+        sc = self.ctx.scoring
+        z0, z_hat, starts = self._reconstruct(self.modules, x)
+        x_hat = self.decode(z_hat)
+        size = tuple(x.shape[-2:])
+        l_map = gaussian_blur(latent_l1_map(z0, z_hat, size), scaled_sigma(sc.sigma, x.shape[-1]))
+        f_map = anomaly_map(x, x_hat, self.ctx.scoring_backbone(), pixel_weight=sc.pixel_weight, sigma=sc.sigma)
+        return l_map, f_map, x_hat, starts
+
+    @torch.no_grad()
+    def maps(self, x: torch.Tensor) -> MethodOutput:
+        """Eq. 9: lambda * l_map + (1 - lambda) * f_map (the blur is linear, so smoothing the parts
+        equals smoothing A_map)."""
+        from ..diffusion.d3ad import d3ad_anomaly_map
+
+        c = self.config
+        l_map, f_map, x_hat, _ = self._parts_of_map(x)
+        return MethodOutput(d3ad_anomaly_map(l_map, f_map, float(c.lam), c.l_norm, c.f_norm), x_hat)
+
+    # ---- device, card, files ------------------------------------------------------------------
+    def card(self) -> dict[str, Any]:
+        c = self.config
+        facts: dict[str, Any] = {"strategy": "noiseless scaling + DDIM from a per-image start step (Alg. 1-2)",
+                                 "T_max": c.T_max, "n_bins": c.n_bins, "min_bin": c.min_bin, "K": c.K,
+                                 "skip": c.skip, "steps": c.steps, "guidance": c.guidance, "lam": c.lam}
+        if self.bin_edges is not None:
+            from ..diffusion.d3ad import bin_start_step
+
+            n = int(c.n_bins)
+            steps = bin_start_step(torch.arange(1, n + 1), n, int(c.T_max), int(c.min_bin), int(c.round_to))
+            facts["bin_edges"] = [round(float(e), 6) for e in self.bin_edges]
+            facts["start_step_per_bin"] = {b + 1: int(s) for b, s in enumerate(steps)}
+            facts["n_train_features"] = int(self.knn_features.shape[0]) if self.knn_features is not None else None
+        if self.last_start_steps is not None:
+            facts["last_start_steps"] = list(self.last_start_steps)
+        return {**super().card(), "reconstruction": facts}
+
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        super().save(directory)
+        if self.knn_features is None or self.bin_edges is None or self.train_distances is None:
+            raise RuntimeError("D3AD: nothing to save, the KNN memory and bins were never fitted")
+        save_file({"features": self.knn_features.float().contiguous(),
+                   "train_distances": self.train_distances.float().contiguous(),
+                   "bin_edges": self.bin_edges.double().contiguous()},
+                  str(Path(directory) / CONDITIONING_FILE),
+                  metadata={"K": str(self.config.K), "n_bins": str(self.config.n_bins),
+                            "knn_layer": str(self.config.knn_layer), "knn_pool": str(self.config.knn_pool)})
+
+    @classmethod
+    def load(cls, directory: Path, config: D3ADConfig, ctx: Context) -> "D3AD":
+        from safetensors.torch import load_file
+
+        method = super().load(directory, config, ctx)
+        path = Path(directory) / CONDITIONING_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; a saved d3ad detector keeps its KNN memory and bins there")
+        t = load_file(str(path))
+        method.knn_features, method.train_distances, method.bin_edges = (
+            t["features"], t["train_distances"], t["bin_edges"])
+        return method

