@@ -199,7 +199,7 @@ class AnomalyDetector(
 
     def _score(self, maps: torch.Tensor) -> torch.Tensor:
         sc = self.config.scoring
-        return image_score(maps, sc.score, sc.topk_ratio)
+        return image_score(maps, sc.score, sc.topk_ratio, topk_count=sc.topk_count)
 
     def _predict_batch(self, images: list[np.ndarray], paths: list[Optional[str]]) -> list[Prediction]:
         t0 = time.perf_counter()

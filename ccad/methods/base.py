@@ -272,7 +272,6 @@ class Planned:
 
 
 PLANNED: dict[str, Planned] = {
-    "glad": Planned("glad", "GLAD: global and local adaptive diffusion", "GLAD sec. 3", "pixel"),
 }
 
 
