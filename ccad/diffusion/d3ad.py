@@ -118,7 +118,7 @@ def bin_start_step(bins: torch.Tensor, n_bins: int, T_max: int, min_bin: int = 2
     r = int(round_to)
     if r > 1:
         t = ((t + r // 2) // r * r).clamp_min(r)
-    return t.clamp_min(1).long()
+    return t.clamp(1, max(1, int(T_max))).long()  # rounding never passes T_max
 
 
 # --------------------------------------------------------------------------------------------

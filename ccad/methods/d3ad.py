@@ -39,9 +39,9 @@ from torch import nn
 from ..config import ConfigError, ScoringConfig
 from ..models.deco_net import build_deco_unet
 from .base import Context, MethodOutput, register_method
+from .dynamic_start import CONDITIONING_FILE, DynamicStartMixin  # noqa: F401  (CONDITIONING_FILE re-exported)
 from .latent import DEFAULT_AUTOENCODER, LatentMethod, check_autoencoder_spec
 
-CONDITIONING_FILE = "d3ad_conditioning.safetensors"
 
 
 @dataclass
@@ -108,7 +108,7 @@ class D3ADConfig:
 
 
 @register_method
-class D3AD(LatentMethod):
+class D3AD(DynamicStartMixin, LatentMethod):
     name = "d3ad"
     title = "D3AD: dynamic implicit conditioning"
     description = ("unconditional latent UNet; per-image start step from a KNN anomaly estimate, noiseless "
@@ -130,61 +130,12 @@ class D3AD(LatentMethod):
         super().__init__(config, ctx)
         c = config
         self.scheduler = make_scheduler(c.num_train_timesteps, c.beta_schedule, c.beta_start, c.beta_end)
-        self.knn_features: Optional[torch.Tensor] = None  # N x D training features Y_Train
-        self.train_distances: Optional[torch.Tensor] = None  # N leave-one-out mean KNN distances
-        self.bin_edges: Optional[torch.Tensor] = None  # n_bins + 1 equal-width edges
-        self.last_start_steps: Optional[list[int]] = None
+        self.init_conditioning()
 
-    # ---- dynamic implicit conditioning ------------------------------------------------------
-    def _layer_index(self) -> int:
-        bb = self.ctx.scoring_backbone()
-        layers = list(getattr(bb, "layers", ()))
-        if int(self.config.knn_layer) not in layers:
-            raise ConfigError(f"method.knn_layer {self.config.knn_layer} is not one of the scoring backbone's "
-                              f"layers {layers} (scoring.score_layers)")
-        return layers.index(int(self.config.knn_layer))
-
-    @torch.no_grad()
-    def image_features(self, x: torch.Tensor) -> torch.Tensor:
-        """y0 = phi_j(x0) (Algorithm 2 line 4), ``B x D``."""
-        from ..diffusion.d3ad import image_features
-
-        return image_features(self.ctx.scoring_backbone(), x.to(self.ctx.device), self._layer_index(),
-                              int(self.config.knn_pool))
-
-    @torch.no_grad()
-    def fit_conditioning(self, train: Sequence[Any]) -> None:
-        """Y_Train, the leave-one-out mean KNN distances of the training set and the equal-width
-        bins over them (sec. 4.1 "Bin construction")."""
-        from ..data.datasets import iter_batches
-        from ..diffusion.d3ad import fit_bins, knn_mean_distance
-
-        feats = [self.image_features(b["image"]).cpu()
-                 for b in iter_batches(list(train), self.ctx.image_size, batch_size=self.ctx.bank_config.batch_size)]
-        if not feats:
-            raise ConfigError("D3AD needs good training images for its KNN memory")
-        mem = torch.cat(feats)
-        if mem.shape[0] < 2:
-            raise ConfigError("D3AD needs at least 2 good training images (leave-one-out KNN distances)")
-        self.knn_features = mem
-        self.train_distances = knn_mean_distance(mem, mem, k=int(self.config.K), leave_one_out=True).cpu()
-        self.bin_edges = fit_bins(self.train_distances, int(self.config.n_bins))
-
-    def distances(self, x: torch.Tensor) -> torch.Tensor:
-        """ybar0 of Algorithm 2 line 6 for a batch (mean L1 distance to the K nearest training images)."""
-        from ..diffusion.d3ad import knn_mean_distance
-
-        if self.knn_features is None:
-            raise RuntimeError("D3AD: the KNN memory is not fitted (build() or load() first)")
-        return knn_mean_distance(self.image_features(x), self.knn_features.to(self.ctx.device),
-                                 k=int(self.config.K)).cpu()
-
-    def start_steps(self, x: torch.Tensor) -> torch.Tensor:
-        """T_hat per image, g(x0, X_Train, T_max) of Algorithm 2."""
-        from ..diffusion.d3ad import start_steps
-
+    def dic_params(self) -> dict[str, int]:
         c = self.config
-        return start_steps(self.distances(x), self.bin_edges, int(c.T_max), int(c.min_bin), int(c.round_to))
+        return {"K": c.K, "n_bins": c.n_bins, "min_bin": c.min_bin, "T_max": c.T_max, "round_to": c.round_to,
+                "knn_layer": c.knn_layer, "knn_pool": c.knn_pool}
 
     # ---- building and training ----------------------------------------------------------------
     def build(self, train: Sequence[Any]) -> None:
@@ -238,7 +189,6 @@ class D3AD(LatentMethod):
         c = self.config
         z0 = self.encode(x)
         starts = self.start_steps(x)
-        self.last_start_steps = [int(s) for s in starts]
         unet = modules["unet"]
         z_hat = d3ad_reconstruct(lambda z, t: unet(z, t).sample, z0, self.scheduler, starts,
                                  steps=None if c.steps is None else int(c.steps), skip=int(c.skip),
@@ -277,42 +227,16 @@ class D3AD(LatentMethod):
     def card(self) -> dict[str, Any]:
         c = self.config
         facts: dict[str, Any] = {"strategy": "noiseless scaling + DDIM from a per-image start step (Alg. 1-2)",
-                                 "T_max": c.T_max, "n_bins": c.n_bins, "min_bin": c.min_bin, "K": c.K,
-                                 "skip": c.skip, "steps": c.steps, "guidance": c.guidance, "lam": c.lam}
-        if self.bin_edges is not None:
-            from ..diffusion.d3ad import bin_start_step
-
-            n = int(c.n_bins)
-            steps = bin_start_step(torch.arange(1, n + 1), n, int(c.T_max), int(c.min_bin), int(c.round_to))
-            facts["bin_edges"] = [round(float(e), 6) for e in self.bin_edges]
-            facts["start_step_per_bin"] = {b + 1: int(s) for b, s in enumerate(steps)}
-            facts["n_train_features"] = int(self.knn_features.shape[0]) if self.knn_features is not None else None
-        if self.last_start_steps is not None:
-            facts["last_start_steps"] = list(self.last_start_steps)
+                                 "skip": c.skip, "steps": c.steps, "guidance": c.guidance, "lam": c.lam,
+                                 **self.conditioning_card()}
         return {**super().card(), "reconstruction": facts}
 
     def save(self, directory: Path) -> None:
-        from safetensors.torch import save_file
-
         super().save(directory)
-        if self.knn_features is None or self.bin_edges is None or self.train_distances is None:
-            raise RuntimeError("D3AD: nothing to save, the KNN memory and bins were never fitted")
-        save_file({"features": self.knn_features.float().contiguous(),
-                   "train_distances": self.train_distances.float().contiguous(),
-                   "bin_edges": self.bin_edges.double().contiguous()},
-                  str(Path(directory) / CONDITIONING_FILE),
-                  metadata={"K": str(self.config.K), "n_bins": str(self.config.n_bins),
-                            "knn_layer": str(self.config.knn_layer), "knn_pool": str(self.config.knn_pool)})
+        self.save_conditioning(directory)
 
     @classmethod
     def load(cls, directory: Path, config: D3ADConfig, ctx: Context) -> "D3AD":
-        from safetensors.torch import load_file
-
         method = super().load(directory, config, ctx)
-        path = Path(directory) / CONDITIONING_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; a saved d3ad detector keeps its KNN memory and bins there")
-        t = load_file(str(path))
-        method.knn_features, method.train_distances, method.bin_edges = (
-            t["features"], t["train_distances"], t["bin_edges"])
+        method.load_conditioning(directory)
         return method
