@@ -177,3 +177,24 @@ def test_domain_adaptation_of_ccad_v_is_saved_reloaded_and_changes_the_maps(root
     # an old CCAD(V) config without the field loads with adaptation off
     old = get_method("ccad-v").config_from_dict({"preset": "tiny"})
     assert old.domain_adapt_epochs == 0
+
+
+def test_ccad_c_with_dynamic_start_steps_groups_by_start_and_saves_its_bins(root, tmp_path):
+    cfg = get_method("ccad-c").default_config("tiny")
+    cfg.autoencoder = "taef2:random"
+    cfg.diffusion.start_step, cfg.diffusion.steps, cfg.diffusion.start_policy = 100, 2, "dynamic"
+    det = train_detector(root, tmp_path / "run", variant="ccad-c", method=cfg, train=quick_train(),
+                         image_size=SIZE, bank_size=8, calibration_fraction=0.0, device="cpu")
+    m = det.method
+    assert m.bin_edges.numel() == 11 and m.dic_params()["T_max"] == 100
+    x = torch.rand(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(7))
+    maps = m.maps(x).maps
+    assert set(m.last_start_steps) <= {20, 30, 40, 50, 60, 70, 80, 90, 100}
+    model = tmp_path / "run" / "model"
+    assert (model / CONDITIONING_FILE).is_file()
+    back = AnomalyDetector.from_pretrained(model, device="cpu")
+    assert back.config.method.diffusion.start_policy == "dynamic"
+    assert torch.allclose(back.method.maps(x).maps, maps, atol=1e-5)
+    assert back.card()["reconstruction"]["dynamic_start"]["start_step_per_bin"][10] == 100
+    # fixed (the default) keeps old configs loading: no field -> "fixed", no conditioning file needed
+    assert get_method("ccad-c").config_from_dict({"preset": "tiny"}).diffusion.start_policy == "fixed"

@@ -30,13 +30,19 @@ from torch import nn
 from ..config import ConfigError
 from ..scoring.anomaly_map import anomaly_map
 from .base import Context, MethodOutput, register_method
+from .dynamic_start import DynamicStartMixin
 from .latent import DEFAULT_AUTOENCODER, LatentMethod, check_autoencoder_spec, latent_bank
 
 
 @dataclass
 class LatentDiffusionConfig:
     """The noise schedule (SD's: scaled-linear beta 0.00085 ... 0.012, T = 1000) and the DDIM
-    reconstruction of eq. 9 / 19 (``start_step`` None = T - 1; ``eta`` 0 = deterministic)."""
+    reconstruction of eq. 9 / 19 (``start_step`` None = T - 1; ``eta`` 0 = deterministic).
+
+    ``start_policy``: "fixed" (every image starts at ``start_step``) or "dynamic": D3AD's per-image
+    start step (papers/d3ad.md sec. 4.1, Algorithm 2; :mod:`ccad.methods.dynamic_start`) with
+    T_max = ``start_step`` and D3AD's defaults (K = 20 L1 neighbours of the scoring extractor's
+    layer-2 features, 10 equal-width bins, minimum bin 2); the batch is grouped by start step."""
 
     num_train_timesteps: int = 1000
     beta_schedule: str = "scaled_linear"
@@ -46,9 +52,12 @@ class LatentDiffusionConfig:
     steps: int = 10
     eta: float = 0.0
     seed: int = 0
+    start_policy: str = "fixed"
 
     def validate(self) -> None:
         T = int(self.num_train_timesteps)
+        if self.start_policy not in ("fixed", "dynamic"):
+            raise ConfigError(f"method.diffusion.start_policy must be 'fixed' or 'dynamic', got {self.start_policy!r}")
         if self.start_step is not None and not 1 <= int(self.start_step) < T:
             raise ConfigError(f"method.diffusion.start_step must be in 1..{T - 1} (or None for T-1), "
                               f"got {self.start_step}")
@@ -130,7 +139,7 @@ def _components(controlnet: bool, fcm: bool) -> dict[str, type]:
     return comps
 
 
-class _CCADLatentBase(LatentMethod):
+class _CCADLatentBase(DynamicStartMixin, LatentMethod):
     Config = CCADLatentConfig
     needs_images = True
     uses_fcm = False
@@ -140,6 +149,20 @@ class _CCADLatentBase(LatentMethod):
         super().__init__(config, ctx)
         self.needs_images = bool(config.controlnet)
         self.scheduler = _scheduler_of(config.diffusion)
+        self.init_conditioning()
+
+    @property
+    def dynamic(self) -> bool:
+        return self.config.diffusion.start_policy == "dynamic"
+
+    def dic_params(self) -> dict[str, int]:
+        """D3AD's DIC defaults (papers/d3ad.md sec. 5) with T_max = this method's start step."""
+        from .d3ad import D3ADConfig
+
+        d, dc = self.config.diffusion, D3ADConfig()
+        t_max = d.start_step if d.start_step is not None else int(d.num_train_timesteps) - 1
+        return {"K": dc.K, "n_bins": dc.n_bins, "min_bin": dc.min_bin, "T_max": int(t_max), "round_to": dc.round_to,
+                "knn_layer": dc.knn_layer, "knn_pool": dc.knn_pool}
 
     # components depend on the config (ControlNet optional): the instance decides what it saves
     @property
@@ -166,6 +189,8 @@ class _CCADLatentBase(LatentMethod):
         if self.uses_fcm:
             heads = int(c.fcm_heads) if bank_dim % int(c.fcm_heads) == 0 else 1
             self.modules["fcm"] = FineCompressionModule(bank_dim, num_heads=heads)
+        if self.dynamic:
+            self.fit_conditioning(train)
 
     # ---- the condition -----------------------------------------------------------------------
     def _bank(self, modules: nn.ModuleDict, z0: torch.Tensor) -> torch.Tensor:
@@ -204,8 +229,17 @@ class _CCADLatentBase(LatentMethod):
         d = self.config.diffusion
         z0 = self.encode(x)
         gen = torch.Generator(device=x.device).manual_seed(int(d.seed))
-        z_hat = latent_ddim_reconstruct(self._eps_fn(modules, z0, x), z0, self.scheduler, start_step=d.start_step,
-                                        steps=int(d.steps), eta=float(d.eta), generator=gen)
+        if not self.dynamic:
+            z_hat = latent_ddim_reconstruct(self._eps_fn(modules, z0, x), z0, self.scheduler, start_step=d.start_step,
+                                            steps=int(d.steps), eta=float(d.eta), generator=gen)
+            return z0, z_hat, self.decode(z_hat)
+        starts = self.start_steps(x)  # D3AD Algorithm 2: one DDIM run per distinct start step
+        z_hat = torch.empty_like(z0)
+        for s in torch.unique(starts).tolist():
+            idx = (starts == s).nonzero().flatten().to(z0.device)
+            z_hat[idx] = latent_ddim_reconstruct(self._eps_fn(modules, z0[idx], x[idx]), z0[idx], self.scheduler,
+                                                 start_step=int(s), steps=min(int(d.steps), int(s)), eta=float(d.eta),
+                                                 generator=gen)
         return z0, z_hat, self.decode(z_hat)
 
     def preview(self, modules: nn.ModuleDict, image: torch.Tensor) -> Optional[np.ndarray]:
@@ -226,9 +260,11 @@ class _CCADLatentBase(LatentMethod):
     def card(self) -> dict[str, Any]:
         d = self.config.diffusion
         start = d.start_step if d.start_step is not None else int(d.num_train_timesteps) - 1
-        return {**super().card(), "reconstruction": {"strategy": "ddim from the noised latent (eq. 9/19)",
-                                                     "start_step": start, "steps": d.steps, "eta": d.eta,
-                                                     "controlnet": bool(self.config.controlnet)}}
+        facts = {"strategy": "ddim from the noised latent (eq. 9/19)", "start_step": start, "steps": d.steps,
+                 "eta": d.eta, "controlnet": bool(self.config.controlnet), "start_policy": d.start_policy}
+        if self.dynamic:
+            facts["dynamic_start"] = self.conditioning_card()
+        return {**super().card(), "reconstruction": facts}
 
     def save(self, directory: Any) -> None:
         from pathlib import Path
@@ -236,6 +272,8 @@ class _CCADLatentBase(LatentMethod):
         for name in self._parts:
             self.modules[name].save_pretrained(str(Path(directory) / name), safe_serialization=True)
         self.load_autoencoder().save_pretrained(Path(directory) / "vae")
+        if self.dynamic:
+            self.save_conditioning(Path(directory))
 
     @classmethod
     def load(cls, directory: Any, config: Any, ctx: Context) -> "_CCADLatentBase":
@@ -254,6 +292,8 @@ class _CCADLatentBase(LatentMethod):
             raise FileNotFoundError(f"{vae}: missing; a saved {cls.name} detector keeps its autoencoder there")
         method.autoencoder = LatentAutoencoder.from_pretrained(vae).to(ctx.device)
         method.autoencoder.set_scaling(config.latent_scale, config.latent_shift)
+        if method.dynamic:
+            method.load_conditioning(Path(directory))
         return method
 
 
