@@ -267,7 +267,7 @@ class ReviewUI:
                 if good:
                     try:
                         det, note = self._class_detector(key or "", sess, category, good)
-                        using = f"🔁 {why[0].upper() + why[1:]}: heatmap and proposal from {note}."
+                        using = f"{why[0].upper() + why[1:]}: heatmap and proposal from {note}."
                     except Exception as exc:
                         using = (f"{why[0].upper() + why[1:]}; building a per-class model failed "
                                  f"({type(exc).__name__}: {exc}).")

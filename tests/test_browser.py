@@ -8,6 +8,7 @@ no GPU, no shared data). Screenshots land in ``test-artifacts/``. Without a Chro
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -34,10 +35,21 @@ def app_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     root = tmp_path_factory.mktemp("data")
     ds = write_dataset(root / "synth", kinds=("fibrous",), n_train=8, n_test_good=2, n_test_defect=1, size=64,
                        seed=3, defects=("spot",))
-    write_dataset(root / "dagm", kinds=("granular",), n_train=0, n_test_good=1, n_test_defect=1, size=64,
+    write_dataset(root / "dagm", kinds=("granular",), n_train=3, n_test_good=1, n_test_defect=1, size=64,
                   layout="dagm", defects=("spot", "stain"))
+    write_dataset(root / "multi", kinds=("fibrous", "granular"), n_train=4, n_test_good=2, n_test_defect=1,
+                  size=64, seed=5, defects=("spot",))
+    # a MVTec-like tree whose files all share one name (000.png)
+    src = sorted((ds / "fibrous" / "test").rglob("*.png"))
+    for i, sub in enumerate(("bottle/test/good", "bottle/test/spot", "cable/test/good")):
+        (root / "mv" / sub).mkdir(parents=True)
+        shutil.copy(src[i % len(src)], root / "mv" / sub / "000.png")
     det = fit_detector(str(ds / "fibrous"), bank_size=40, image_size=64, calibration_fraction=0.25)
+    det2 = fit_detector(str(ds / "fibrous"), bank_size=8, image_size=64, calibration_fraction=0.25, seed=1)
+    multi = fit_detector(str(root / "multi"), bank_size=40, image_size=64, calibration_fraction=0.25)
     ctl = AppController(data_root=root, state_dir=tmp_path_factory.mktemp("state"), demo_dir=None)
+    ctl.registry.add("small bank (patchcore)", det2, "built by the test")
+    ctl.registry.add("two textures (patchcore)", multi, "built by the test")
     ctl.registry.add("synthetic fibrous (patchcore)", det, "built by the test")
     demo = build_app(ctl)
     with serve(demo) as url:
@@ -50,11 +62,11 @@ def test_inspect_upload_four_panels_score_and_threshold(app_env: dict[str, Any])
     with browser_page(CHROMIUM) as page:
         page.goto(app_env["url"])
         page.wait_for_selector("#inspect-upload")
-        assert "patchcore" in page.locator("#model-card").inner_text().lower()
+        assert "patchcore" in page.locator("#model-card-line").inner_text().lower()
         page.locator("#inspect-upload input[type=file]").set_input_files(str(defect))
         page.locator("#inspect-run").click()
         score = wait_textbox(page, "inspect-score", lambda v: re.fullmatch(r"-?\d+\.\d+", v) is not None)
-        for panel in ("panel-original", "panel-reconstruction", "panel-heatmap", "panel-overlay"):
+        for panel in ("panel-original", "panel-reconstruction", "panel-heatmap", "panel-overlay", "panel-slider"):
             img = page.locator(f"#{panel} img").first
             img.wait_for(state="visible")
             box = img.bounding_box()
@@ -105,6 +117,12 @@ def test_review_tab_accept_flow(app_env: dict[str, Any]) -> None:
         page.locator("#review-load").click()
         _wait_text(page, "review-progress", "0 / 2 reviewed")
         _wait_text(page, "review-item", "1 / 2")
+        # the model in use was built on the synthetic fibrous folder, not on DAGM Class1: the review
+        # builds a PatchCore on Class1's own good images and says so
+        _wait_text(page, "review-status", "not built on Class1")
+        _wait_text(page, "review-status", "PatchCore built on Class1 from its 3 good image(s)")
+        page.locator("#review-panel-heatmap img").first.wait_for(state="visible")
+        screenshot(page, "review_per_class_patchcore")
         page.locator("#review-panel-mask img").first.wait_for(state="visible")
         page.locator("#review-accept").click()
         _wait_text(page, "review-progress", "1 / 2 reviewed")
@@ -124,7 +142,7 @@ def test_bundled_demo_sample_gallery_inspection(tmp_path: Path) -> None:
     demo = build_app(data_root=tmp_path, state_dir=tmp_path / "state")
     with serve(demo) as url, browser_page(CHROMIUM) as page:
         page.goto(url)
-        assert "ccad-v" in page.locator("#model-card").inner_text()
+        assert "ccad-v" in page.locator("#model-card-line").inner_text()
         names = sorted(p.stem for p in SAMPLES_DIR.iterdir() if p.suffix == ".png")
         idx = next(i for i, n in enumerate(names) if n.startswith("defect_"))
         page.locator("#inspect-samples button.thumbnail-item").nth(idx).click()
@@ -163,7 +181,8 @@ def test_train_tab_method_dropdown_from_the_registry(app_env: dict[str, Any]) ->
         assert textbox_value(page, "train-method") == pixel["title"]
         _wait_text(page, "train-method-description", pixel["description"])
         assert not page.locator("#train-autoencoder").is_visible()
-        assert textbox_value(page, "train-preset") == pixel["preset"]
+        ctl = app_env["ctl"]
+        assert textbox_value(page, "train-preset") == ctl.default_train_settings(pixel["name"])["preset"]
         page.locator("#train-method input").first.click()
         shown = [t.replace("✓", "").strip() for t in page.get_by_role("option").all_inner_texts()]  # ✓: selected
         assert shown == [i["title"] for i in infos]
@@ -173,12 +192,14 @@ def test_train_tab_method_dropdown_from_the_registry(app_env: dict[str, Any]) ->
             _wait_text(page, "train-method-description", latent["description"])
             page.locator("#train-autoencoder").wait_for(state="visible")
             wait_textbox(page, "train-autoencoder", lambda v: v == latent["autoencoder"], timeout=20)
-            wait_textbox(page, "train-image-size", lambda v: v == str(latent["image_size"]), timeout=20)
+            latent_size = ctl.default_train_settings(latent["name"])["image_size"]  # device defaults
+            wait_textbox(page, "train-image-size", lambda v: v == str(latent_size), timeout=20)
             screenshot(page, "train_method_latent")
             _select_dropdown(page, "train-method", pixel["title"])
             _wait_text(page, "train-method-description", pixel["description"])
             page.locator("#train-autoencoder").wait_for(state="hidden")
-            wait_textbox(page, "train-image-size", lambda v: v == str(pixel["image_size"]), timeout=20)
+            pixel_size = ctl.default_train_settings(pixel["name"])["image_size"]
+            wait_textbox(page, "train-image-size", lambda v: v == str(pixel_size), timeout=20)
         # a bad advanced option names the field; nothing starts
         fill_textbox(page, "train-folder", "synth/fibrous")
         page.locator("#train-advanced").get_by_text("Advanced options").first.click()
@@ -187,3 +208,93 @@ def test_train_tab_method_dropdown_from_the_registry(app_env: dict[str, Any]) ->
         _wait_text(page, "train-message", "unknown field 'bogus_field'")
         screenshot(page, "train_bad_option")
         assert app_env["ctl"].jobs.snapshot() is None
+
+
+def test_card_is_one_line_and_the_tabs_are_above_the_fold(app_env: dict[str, Any]) -> None:
+    with browser_page(CHROMIUM) as page:
+        page.goto(app_env["url"])
+        line = page.locator("#model-card-line")
+        line.wait_for(state="visible")
+        assert "synthetic fibrous (patchcore)" in line.inner_text() and "\n" not in line.inner_text().strip()
+        assert line.bounding_box()["height"] < 60
+        tabs = page.get_by_role("tab", name="Inspect")
+        assert tabs.bounding_box()["y"] < 500, tabs.bounding_box()  # not pushed below the fold
+        assert not page.locator("#model-card").is_visible()
+        screenshot(page, "card_collapsed", full_page=False)
+        page.locator("#model-card-details").get_by_text("Model card (all facts)").click()
+        page.locator("#model-card").get_by_text("bank size").wait_for()
+        screenshot(page, "card_expanded", full_page=False)
+
+
+def test_folder_batch_relative_paths_and_whole_batch_comparison(app_env: dict[str, Any]) -> None:
+    names = ["bottle/test/good/000.png", "bottle/test/spot/000.png", "cable/test/good/000.png"]
+    with browser_page(CHROMIUM, height=1400) as page:
+        page.goto(app_env["url"])
+        fill_textbox(page, "inspect-folder", "mv")
+        page.locator("#inspect-folder-run").click()
+        for n in names:
+            _wait_text(page, "inspect-table", n)
+        wait_textbox(page, "inspect-file", lambda v: v in names)
+        _select_dropdown(page, "compare-select", "small bank (patchcore)")
+        page.locator("#compare-table").wait_for(state="visible")
+        for n in names:
+            _wait_text(page, "compare-table", n)
+        _wait_text(page, "compare-agreement", "Agreement on 3 image(s)")
+        text = page.locator("#compare-agreement").inner_text()
+        m = re.search(r"(\d+) agree .*?(\d+) disagree", text)
+        assert m and int(m.group(1)) + int(m.group(2)) == 3, text
+        for panel in ("compare-original", "compare-heatmap", "compare-overlay", "compare-slider"):
+            page.locator(f"#{panel} img").first.wait_for(state="visible")
+        wait_textbox(page, "compare-score", lambda v: re.fullmatch(r"-?\d+\.\d+", v) is not None)
+        page.locator("#inspect-table").scroll_into_view_if_needed()
+        screenshot(page, "compare_whole_batch")
+        # the slider: drag the handle, the two images stay
+        sl = page.locator("#panel-slider")
+        sl.scroll_into_view_if_needed()
+        assert sl.locator("img").count() >= 2
+        screenshot(page, "inspect_slider", full_page=False)
+
+
+def test_evaluate_multi_class_rows_and_per_category_curves(app_env: dict[str, Any]) -> None:
+    with browser_page(CHROMIUM, height=1300) as page:
+        page.goto(app_env["url"])
+        _select_dropdown(page, "model-select", "two textures (patchcore)")
+        _wait_text(page, "model-card-line", "two textures")
+        page.get_by_role("tab", name="Evaluate").click()
+        fill_textbox(page, "eval-path", "multi")
+        page.locator("#eval-run").click()
+        _wait_text(page, "eval-status", "2 categories", timeout_ms=120_000)
+        table = page.locator("#eval-metrics")
+        for cat in ("fibrous", "granular", "mean"):
+            _wait_text(page, "eval-metrics", cat)
+        assert table.inner_text().index("fibrous") < table.inner_text().index("mean")
+        _select_dropdown(page, "eval-curves", "every category (overlaid)")
+        page.wait_for_function("() => { const t = document.getElementById('eval-roc')?.innerText || '';"
+                               " return t.includes('fibrous') && t.includes('granular'); }", timeout=30_000)
+        screenshot(page, "evaluate_per_category")
+
+
+def test_train_tab_settings_form_from_the_config(app_env: dict[str, Any]) -> None:
+    from app.controller import method_info, settings_form, trainable_variants
+
+    infos = [method_info(n) for n, _ in trainable_variants()]
+    latent = next((i for i in infos if i["has_autoencoder"]), None)
+    with browser_page(CHROMIUM, height=1400) as page:
+        page.goto(app_env["url"])
+        page.get_by_role("tab", name="Train").click()
+        form = page.locator("#train-form")
+        form.wait_for(state="visible")
+        d = app_env["ctl"].default_train_settings()
+        for row in settings_form(d["variant"], d["preset"])[:3]:
+            _wait_text(page, "train-form", row[0])
+        assert textbox_value(page, "train-image-size") == str(d["image_size"])
+        if d["device"] == "cpu" and d["preset"] is not None:
+            assert textbox_value(page, "train-preset") == "tiny"
+        screenshot(page, "train_settings_form")
+        if latent is not None:
+            _select_dropdown(page, "train-method", latent["title"])
+            first = settings_form(latent["name"], app_env["ctl"].default_train_settings(latent["name"])["preset"])
+            for row in first[:3]:
+                _wait_text(page, "train-form", row[0])
+            _wait_text(page, "train-settings", f"Settings of {latent['title']}")
+            screenshot(page, "train_settings_form_latent")
