@@ -230,9 +230,14 @@ class Method:
         return facts
 
     # ---- persistence ------------------------------------------------------------------------
+    def component_classes(self) -> dict[str, type]:
+        """The saved networks of this instance (default: the class's ``components``; a method whose
+        parts depend on its config, e.g. an optional ControlNet, overrides this)."""
+        return dict(self.components)
+
     def save(self, directory: Path) -> None:
         """Write every component into ``directory/<name>/`` (diffusers ``save_pretrained``)."""
-        for name in self.components:
+        for name in self.component_classes():
             self.modules[name].save_pretrained(str(Path(directory) / name), safe_serialization=True)
         from .adaptation import save_adapted
 
@@ -242,7 +247,7 @@ class Method:
     def load(cls, directory: Path, config: Any, ctx: Context) -> "Method":
         """Rebuild from :meth:`save`'s folder; a missing component is a clear ``FileNotFoundError``."""
         method = cls(config, ctx)
-        for name, klass in cls.components.items():
+        for name, klass in method.component_classes().items():
             sub = Path(directory) / name
             if not sub.is_dir():
                 raise FileNotFoundError(f"{sub}: missing; a saved {cls.name} detector has the subfolder {name}/")
@@ -293,10 +298,15 @@ def _load_builtin() -> None:
     from . import _builtin  # noqa: F401  (imports every built-in method module)
 
 
+BUILTIN_ORDER = ("patchcore", "ccad-v", "ccad-c", "ccad-f", "deco-diff", "d3ad", "glad")
+
+
 def method_names() -> list[str]:
-    """Names of the available methods, built-in first, in registration order."""
+    """Names of the available methods: the built-in ones in a fixed order (the baseline first),
+    then plug-ins in registration order (whatever order their modules were imported in)."""
     _load_builtin()
-    return list(_METHODS)
+    first = [n for n in BUILTIN_ORDER if n in _METHODS]
+    return first + [n for n in _METHODS if n not in BUILTIN_ORDER]
 
 
 def get_method(name: str) -> type[Method]:
@@ -305,8 +315,8 @@ def get_method(name: str) -> type[Method]:
         return _METHODS[name]
     if name in PLANNED:
         raise UnknownVariant(f"variant {name!r} is planned but not implemented in this ccad version; "
-                             f"available: {', '.join(_METHODS)}")
-    raise UnknownVariant(f"unknown variant {name!r}; available: {', '.join(_METHODS)}"
+                             f"available: {', '.join(method_names())}")
+    raise UnknownVariant(f"unknown variant {name!r}; available: {', '.join(method_names())}"
                          + (f"; planned: {', '.join(PLANNED)}" if PLANNED else ""))
 
 

@@ -73,7 +73,8 @@ class CCADLatentConfig:
     ``pretrained_unet``: an SD-style UNet (a local folder or Hub id) to initialise from (random
     init when None); ``autoencoder``: the latent autoencoder spec; ``controlnet``: the input-image
     branch; ``latent_weight``: weight of the optional latent-distance term of the map;
-    ``cross_attention_dim``: the bank's projected width. Filled in at build time:
+    ``cross_attention_dim``: the bank's projected width; ``domain_adapt_epochs`` > 0 fine-tunes the
+    scoring extractor on (x, x_hat) pairs of good images after training (D3AD eq. 10). Filled in at build time:
     ``latent_channels``, ``latent_scale``, ``latent_shift``, ``bank_dim``.
     """
 
@@ -83,6 +84,7 @@ class CCADLatentConfig:
     controlnet: bool = True
     cross_attention_dim: int = 128
     latent_weight: float = 0.0
+    domain_adapt_epochs: int = 0
     diffusion: LatentDiffusionConfig = field(default_factory=LatentDiffusionConfig)
     latent_channels: Optional[int] = None
     latent_scale: Optional[float] = None
@@ -95,6 +97,8 @@ class CCADLatentConfig:
         check_autoencoder_spec(self.autoencoder)
         if float(self.latent_weight) < 0:
             raise ConfigError(f"method.latent_weight must be >= 0, got {self.latent_weight}")
+        if int(self.domain_adapt_epochs) < 0:
+            raise ConfigError(f"method.domain_adapt_epochs must be >= 0, got {self.domain_adapt_epochs}")
         self.diffusion.validate()
 
 
@@ -266,12 +270,13 @@ class _CCADLatentBase(DynamicStartMixin, LatentMethod):
             facts["dynamic_start"] = self.conditioning_card()
         return {**super().card(), "reconstruction": facts}
 
+    def component_classes(self) -> dict[str, type]:
+        return self._parts
+
     def save(self, directory: Any) -> None:
         from pathlib import Path
 
-        for name in self._parts:
-            self.modules[name].save_pretrained(str(Path(directory) / name), safe_serialization=True)
-        self.load_autoencoder().save_pretrained(Path(directory) / "vae")
+        super().save(directory)  # the networks, vae/ and an adapted extractor (LatentMethod / Method)
         if self.dynamic:
             self.save_conditioning(Path(directory))
 
@@ -279,19 +284,7 @@ class _CCADLatentBase(DynamicStartMixin, LatentMethod):
     def load(cls, directory: Any, config: Any, ctx: Context) -> "_CCADLatentBase":
         from pathlib import Path
 
-        from ..models.autoencoder import LatentAutoencoder
-
-        method = cls(config, ctx)
-        for name, klass in method._parts.items():
-            sub = Path(directory) / name
-            if not sub.is_dir():
-                raise FileNotFoundError(f"{sub}: missing; a saved {cls.name} detector has the subfolder {name}/")
-            method.modules[name] = klass.from_pretrained(str(sub))
-        vae = Path(directory) / "vae"
-        if not vae.is_dir():
-            raise FileNotFoundError(f"{vae}: missing; a saved {cls.name} detector keeps its autoencoder there")
-        method.autoencoder = LatentAutoencoder.from_pretrained(vae).to(ctx.device)
-        method.autoencoder.set_scaling(config.latent_scale, config.latent_shift)
+        method = super().load(directory, config, ctx)
         if method.dynamic:
             method.load_conditioning(Path(directory))
         return method
