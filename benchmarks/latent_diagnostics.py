@@ -3,7 +3,7 @@
     python benchmarks/latent_diagnostics.py RUN_DIR/model [RUN_DIR/model ...] [--n 24]
 
 For each saved latent detector (``model/`` of a benchmark run folder) and N good *training*
-images of MTD (the ones it was trained on; the point is to see what the model does on normal
+images of the dataset (default MTD; the ones it was trained on; the point is to see what the model does on normal
 data), report:
 
 * ``ae_err``: mean |decode(encode(x)) - x| (the autoencoder's own reconstruction error);
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import ROOT, loss_summary  # noqa: E402
 
-from ccad.data.datasets import load_csv_manifest  # noqa: E402
+from ccad.data.datasets import load_dataset  # noqa: E402
 from ccad.data.io import load_image, to_tensor  # noqa: E402
 from ccad.pipeline import AnomalyDetector  # noqa: E402
 
@@ -73,11 +73,12 @@ def diagnose(model_dir: Path, samples: list, batch: int = 8) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+")
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "mtd" / "split.csv"))
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "mtd" / "split.csv"),
+                    help="any dataset ccad.data.datasets.load_dataset reads (its good train images are used)")
     ap.add_argument("--n", type=int, default=24)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
-    train = load_csv_manifest(a.data, split="train")
+    train = load_dataset(a.data, split="train")
     good = [s for s in train if s.label == 0][:: max(1, len(train) // a.n)][: a.n]
     rows = []
     for d in a.models:
