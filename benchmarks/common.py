@@ -88,6 +88,22 @@ SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
         "full": {"image_size": 256, "preset": "base", "steps": 20000, "batch_size": 32, "lr": 1e-4,
                  "warmup_steps": 500, "options": {"autoencoder": LATENT_TAG}},
     },
+    "d3ad": {
+        "quick": {"image_size": 128, "preset": "small", "steps": 300, "batch_size": 16, "lr": 5e-4,
+                  "warmup_steps": 30, "options": {"autoencoder": LATENT_TAG, "domain_adapt_epochs": 1},
+                  "budget": "TAEF2 latents 16x16 (128 px, shared cache), 300 steps x batch 16, per-image start "
+                            "<= T_max 80 (<= 8 DDIM steps), 1 epoch of domain adaptation (paper A.1)"},
+        "full": {"image_size": 256, "preset": "base", "steps": 20000, "batch_size": 32, "lr": 1e-4,
+                 "warmup_steps": 500, "options": {"autoencoder": LATENT_TAG, "domain_adapt_epochs": 3}},
+    },
+    "glad": {
+        "quick": {"image_size": 128, "preset": "tiny", "steps": 200, "batch_size": 8, "lr": 1e-3,
+                  "warmup_steps": 20, "options": {"T": 500, "steps": 10, "t_min": 200},
+                  "budget": "pixel space, tiny UNet, 200 steps x batch 8 at 128 px, <= 10 adaptive DDIM steps "
+                            "(~3.4 s/image on one shared thread); delta at its default (not tuned)"},
+        "full": {"image_size": 256, "preset": "base", "steps": 20000, "batch_size": 32, "lr": 1e-4,
+                 "warmup_steps": 500, "options": {"T": 750, "steps": 25, "t_min": 350}},
+    },
 }
 
 DEFAULT_METHODS = "patchcore,ccad-v,ccad-c,ccad-f,deco-diff"
