@@ -40,6 +40,15 @@ class UnknownVariant(KeyError):
         return str(self.args[0])
 
 
+PRESETS = ("tiny", "small", "base")
+
+
+def check_preset(preset: str) -> None:
+    """The network presets every trained method offers: tiny (tests), small (CPU), base (GPU)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"method.preset must be tiny, small or base, got {preset!r}")
+
+
 @dataclass
 class Context:
     """What a method sees of the detector around it: size, device, bank, scoring settings.

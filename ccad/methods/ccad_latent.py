@@ -29,7 +29,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..scoring.anomaly_map import anomaly_map
-from .base import Context, MethodOutput, register_method
+from .base import Context, MethodOutput, check_preset, register_method
 from .dynamic_start import DynamicStartMixin
 from .latent import DEFAULT_AUTOENCODER, LatentMethod, check_autoencoder_spec, latent_bank
 
@@ -92,8 +92,7 @@ class CCADLatentConfig:
     bank_dim: Optional[int] = None
 
     def validate(self) -> None:
-        if self.preset not in ("tiny", "small", "base"):
-            raise ConfigError(f"method.preset must be tiny, small or base, got {self.preset!r}")
+        check_preset(self.preset)
         check_autoencoder_spec(self.autoencoder)
         if float(self.latent_weight) < 0:
             raise ConfigError(f"method.latent_weight must be >= 0, got {self.latent_weight}")

@@ -19,7 +19,7 @@ from torch import nn
 from ..config import ConfigError, DiffusionConfig
 from ..models.denoiser import BankConditionedUNet, DenoiserConfig, images_to_model, model_to_images
 from ..scoring.anomaly_map import anomaly_map
-from .base import Context, Method, MethodOutput, register_method
+from .base import Context, Method, MethodOutput, check_preset, register_method
 
 LEGACY_WEIGHTS = "denoiser.safetensors"  # version-1 folders kept the denoiser at the top level
 
@@ -39,8 +39,7 @@ class CCADVConfig:
     domain_adapt_epochs: int = 0
 
     def validate(self) -> None:
-        if self.preset not in ("tiny", "small", "base"):
-            raise ConfigError(f"method.preset must be tiny, small or base, got {self.preset!r}")
+        check_preset(self.preset)
         self.diffusion.validate()
         if int(self.domain_adapt_epochs) < 0:
             raise ConfigError(f"method.domain_adapt_epochs must be >= 0, got {self.domain_adapt_epochs}")

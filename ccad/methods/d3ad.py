@@ -38,7 +38,7 @@ from torch import nn
 
 from ..config import ConfigError, ScoringConfig
 from ..models.deco_net import build_deco_unet
-from .base import Context, MethodOutput, register_method
+from .base import Context, MethodOutput, check_preset, register_method
 from .dynamic_start import CONDITIONING_FILE, DynamicStartMixin  # noqa: F401  (CONDITIONING_FILE re-exported)
 from .latent import DEFAULT_AUTOENCODER, LatentMethod, check_autoencoder_spec
 
@@ -87,8 +87,7 @@ class D3ADConfig:
     f_norm: Optional[float] = None
 
     def validate(self) -> None:
-        if self.preset not in ("tiny", "small", "base"):
-            raise ConfigError(f"method.preset must be tiny, small or base, got {self.preset!r}")
+        check_preset(self.preset)
         check_autoencoder_spec(self.autoencoder)
         for name in ("K", "n_bins", "T_max", "round_to", "skip"):
             if int(getattr(self, name)) < 1:

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..config import ConfigError, ScoringConfig
 from ..models.deco_net import build_deco_unet
-from .base import Context, MethodOutput, register_method
+from .base import Context, MethodOutput, check_preset, register_method
 from .latent import DEFAULT_AUTOENCODER, LatentMethod, check_autoencoder_spec
 
 
@@ -46,8 +46,7 @@ class DecoDiffConfig:
     latent_shift: Optional[float] = None
 
     def validate(self) -> None:
-        if self.preset not in ("tiny", "small", "base"):
-            raise ConfigError(f"method.preset must be tiny, small or base, got {self.preset!r}")
+        check_preset(self.preset)
         check_autoencoder_spec(self.autoencoder)
         if not 1 <= int(self.steps) <= int(self.T):
             raise ConfigError(f"method.steps must be in 1..T={self.T}, got {self.steps}")

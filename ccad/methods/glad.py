@@ -43,7 +43,7 @@ from torch import nn
 from ..config import ConfigError, ScoringConfig
 from ..models.deco_net import build_deco_unet
 from ..models.denoiser import images_to_model, model_to_images
-from .base import Context, Method, MethodOutput, register_method
+from .base import Context, Method, MethodOutput, check_preset, register_method
 
 PAPER_FEATURES = "DINO ViT-B/8, layers 3, 6, 9, 12 (GLAD sec. 4.2)"
 
@@ -81,8 +81,7 @@ class GLADConfig:
     anomaly_schedule: str = "linear"
 
     def validate(self) -> None:
-        if self.preset not in ("tiny", "small", "base"):
-            raise ConfigError(f"method.preset must be tiny, small or base, got {self.preset!r}")
+        check_preset(self.preset)
         if not 1 <= int(self.T) < int(self.num_train_timesteps):
             raise ConfigError(f"method.T must be in 1..num_train_timesteps-1, got {self.T}")
         if not 1 <= int(self.steps) <= int(self.T):
