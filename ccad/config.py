@@ -182,6 +182,14 @@ class ScoringConfig:
     ``topk_count`` highest when that is set: a fixed count, e.g. GLAD's 250).
     ``calibration`` is ``fpr`` (threshold = the (1 - target_fpr) quantile of held-out good
     scores) or ``sigma`` (good mean + ``sigma_k`` standard deviations).
+
+    ``fusion = "bank"`` combines the method's map with a PatchCore nearest-neighbour map, each
+    normalised by its distribution on the held-out good images (:mod:`ccad.scoring.fusion`):
+    ``fusion_weight`` is the method map's share, the memory holds ``fusion_ratio`` of the training
+    patches at ``fusion_image_size`` px. ``feature_match`` is how the feature-cosine map of
+    reconstruction methods pairs input and reconstruction features (:func:`feature_cosine_map`):
+    ``same`` location (CCAD eq. 16), the best match in a ``(2 match_radius + 1)^2``
+    ``neighbourhood``, or ``all`` locations (GLAD eq. 11-12); None: the method's own pairing.
     """
 
     backbone: Optional[str] = None  # None: the bank's backbone
@@ -194,8 +202,27 @@ class ScoringConfig:
     calibration: str = "fpr"
     target_fpr: float = 0.01
     sigma_k: float = 3.0
+    fusion: str = "none"
+    fusion_weight: float = 0.5
+    fusion_image_size: int = 256
+    fusion_ratio: float = 0.01
+    feature_match: Optional[str] = None  # None: the method's own (GLAD: all; others: same)
+    match_radius: int = 1
 
     def validate(self) -> None:
+        if self.fusion not in ("none", "bank"):
+            raise ConfigError(f"scoring.fusion must be 'none' or 'bank', got {self.fusion!r}")
+        if not 0.0 <= float(self.fusion_weight) <= 1.0:
+            raise ConfigError(f"scoring.fusion_weight must be in [0, 1], got {self.fusion_weight}")
+        if not 16 <= int(self.fusion_image_size) <= 2048:
+            raise ConfigError(f"scoring.fusion_image_size must be in 16..2048, got {self.fusion_image_size}")
+        if not 0.0 < float(self.fusion_ratio) <= 1.0:
+            raise ConfigError(f"scoring.fusion_ratio must be in (0, 1], got {self.fusion_ratio}")
+        if self.feature_match not in (None, "same", "neighbourhood", "all"):
+            raise ConfigError(f"scoring.feature_match must be 'same', 'neighbourhood' or 'all', "
+                              f"got {self.feature_match!r}")
+        if int(self.match_radius) < 1:
+            raise ConfigError(f"scoring.match_radius must be >= 1, got {self.match_radius}")
         if self.score not in ("max", "topk"):
             raise ConfigError(f"scoring.score must be 'max' or 'topk', got {self.score!r}")
         if self.topk_count is not None and int(self.topk_count) < 1:

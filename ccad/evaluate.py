@@ -61,37 +61,103 @@ def _fmt(v: Any) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
 
 
-def evaluate(detector: Any, samples: Sequence[Any], batch_size: int = 8,
-             progress: Optional[Callable[[int, int], None]] = None) -> EvalReport:
-    """Score every sample, then compute the metrics per category and their mean.
+@dataclass
+class ScoredSet:
+    """What scoring a dataset yields before any metric: per-image scores, ``N x S x S`` maps,
+    labels, masks (bool) and ``path`` / ``category`` / ``defect_type`` records, plus skipped files.
+    :func:`evaluate` is :func:`score_samples` then :func:`report_from_scored`; sharded runs
+    (:mod:`ccad.distributed`) score slices in several processes and concatenate them first."""
 
-    Maps are compared with the masks at the model's resolution (``image_size`` squared), as the
-    papers do; unreadable files are skipped and listed in ``report.errors``.
-    """
-    import time
+    scores: np.ndarray
+    maps: np.ndarray
+    labels: np.ndarray
+    masks: np.ndarray
+    metas: list[dict[str, Any]]
+    errors: list[tuple[str, str]]
 
+    @classmethod
+    def concatenate(cls, parts: Sequence["ScoredSet"], image_size: int) -> "ScoredSet":
+        """The parts one after another (in the order given)."""
+        errors = [e for p in parts for e in p.errors]
+        parts = [p for p in parts if len(p.scores)]  # (an empty part's maps may have another shape)
+        if not parts:
+            out = cls.empty(image_size)
+            out.errors = errors
+            return out
+        return cls(np.concatenate([p.scores for p in parts]), np.concatenate([p.maps for p in parts]),
+                   np.concatenate([p.labels for p in parts]).astype(int), np.concatenate([p.masks for p in parts]),
+                   [m for p in parts for m in p.metas], errors)
+
+    @classmethod
+    def empty(cls, image_size: int) -> "ScoredSet":
+        s = int(image_size)
+        return cls(np.zeros(0, np.float32), np.zeros((0, s, s), np.float32), np.zeros(0, int),
+                   np.zeros((0, s, s), bool), [], [])
+
+
+def score_samples(detector: Any, samples: Sequence[Any], batch_size: int = 8,
+                  progress: Optional[Callable[[int, int], None]] = None) -> ScoredSet:
+    """Score every readable sample (maps at the detector's ``input_size``); unreadable files are
+    skipped and listed in ``errors``. An empty or all-unreadable ``samples`` gives an empty set."""
+    return score_views(detector, samples, batch_size, progress, views=(None,))[None]
+
+
+def score_views(detector: Any, samples: Sequence[Any], batch_size: int = 8,
+                progress: Optional[Callable[[int, int], None]] = None,
+                views: Sequence[Optional[str]] = (None,)) -> dict[Optional[str], ScoredSet]:
+    """:func:`score_samples` for several views of one detector from one forward pass per batch.
+
+    A fused detector (``scoring.fusion = "bank"``) has the views ``fused`` (what it predicts),
+    ``method`` (the method's own map, unfused) and ``bank`` (the nearest-neighbour map alone);
+    ``None`` is the detector's default view."""
     from .data.datasets import iter_batches
-    from .metrics import metrics_by_category, pr_points, roc_points
 
-    t0 = time.perf_counter()
+    size = int(getattr(detector, "input_size", detector.image_size))
     errors: list[tuple[str, str]] = []
-    scores, maps, labels, masks, metas = [], [], [], [], []
+    scores: dict[Optional[str], list] = {v: [] for v in views}
+    maps: dict[Optional[str], list] = {v: [] for v in views}
+    labels, masks, metas = [], [], []
     done = 0
-    for batch in iter_batches(list(samples), detector.image_size, batch_size, on_error="skip", errors=errors):
-        s, m = detector.score_batches([batch])
-        scores.append(s)
-        maps.append(m)
+    samples = list(samples)
+    for batch in iter_batches(samples, size, batch_size, on_error="skip", errors=errors):
+        if hasattr(detector, "map_parts"):
+            m, bank, _ = detector.map_parts(batch["image"])
+            for v in views:
+                mv = detector.combine(m, bank, v)
+                scores[v].append(detector._score(mv).cpu().numpy())
+                maps[v].append(mv[:, 0].cpu().numpy().astype(np.float32))
+        else:  # any object with score_batches (e.g. a wrapper in a benchmark)
+            s, mm = detector.score_batches([batch])
+            for v in views:
+                scores[v].append(s)
+                maps[v].append(mm)
         labels.append(np.asarray(batch["label"]).reshape(-1))
         masks.append(batch["mask"][:, 0].numpy() > 0.5)
         metas.extend({"path": p, "category": c, "defect_type": d}
                      for p, c, d in zip(batch["path"], batch["category"], batch["defect_type"]))
-        done += len(s)
+        done += len(labels[-1])
         if progress is not None:
             progress(done, len(samples))
-    if not scores:
+    out: dict[Optional[str], ScoredSet] = {}
+    for v in views:
+        if not scores[v]:
+            out[v] = ScoredSet.empty(size)
+            out[v].errors = list(errors)
+            continue
+        out[v] = ScoredSet(np.concatenate(scores[v]), np.concatenate(maps[v]), np.concatenate(labels).astype(int),
+                           np.concatenate(masks), list(metas), list(errors))
+    return out
+
+
+def report_from_scored(detector: Any, scored: ScoredSet, seconds: float = 0.0) -> EvalReport:
+    """The metrics per category and their mean, records, curves, from a scored set."""
+    from .metrics import metrics_by_category, pr_points, roc_points
+
+    errors = list(scored.errors)
+    if not len(scored.scores):
         raise ValueError("no readable image in the evaluation set" + (f" (first error: {errors[0]})" if errors else ""))
-    scores_a, maps_a = np.concatenate(scores), np.concatenate(maps)
-    labels_a, masks_a = np.concatenate(labels).astype(int), np.concatenate(masks)
+    scores_a, maps_a, metas = scored.scores, scored.maps, scored.metas
+    labels_a, masks_a = np.asarray(scored.labels).astype(int), scored.masks
     thr = detector.threshold
     records = [{**meta, "label": int(y), "score": float(s), "is_anomalous": bool(np.isfinite(thr) and s > thr)}
                for meta, y, s in zip(metas, labels_a, scores_a)]
@@ -102,4 +168,34 @@ def evaluate(detector: Any, samples: Sequence[Any], batch_size: int = 8,
     curves = {}
     if len(set(labels_a.tolist())) == 2:
         curves = {"roc": roc_points(labels_a, scores_a), "pr": pr_points(labels_a, scores_a)}
-    return EvalReport(per, records, curves, errors, seconds=time.perf_counter() - t0)
+    return EvalReport(per, records, curves, errors, seconds=seconds)
+
+
+def evaluate(detector: Any, samples: Sequence[Any], batch_size: int = 8,
+             progress: Optional[Callable[[int, int], None]] = None) -> EvalReport:
+    """Score every sample, then compute the metrics per category and their mean.
+
+    Maps are compared with the masks at the detector's resolution (``input_size`` squared: the
+    model's ``image_size``, or the fusion memory's when larger), as the papers do; unreadable
+    files are skipped and listed in ``report.errors``.
+    """
+    import time
+
+    t0 = time.perf_counter()
+    report = report_from_scored(detector, score_samples(detector, samples, batch_size, progress))
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def evaluate_views(detector: Any, samples: Sequence[Any], batch_size: int = 8,
+                   progress: Optional[Callable[[int, int], None]] = None,
+                   views: Sequence[Optional[str]] = ("fused", "method", "bank")) -> dict[Optional[str], EvalReport]:
+    """:func:`evaluate` for several views of one detector (:func:`score_views`): a fused row and
+    the same method's unfused row from the same trained weights and the same forward passes.
+    The records' verdicts use the detector's threshold, which belongs to its default view."""
+    import time
+
+    t0 = time.perf_counter()
+    scored = score_views(detector, samples, batch_size, progress, views)
+    seconds = time.perf_counter() - t0
+    return {v: report_from_scored(detector, sc, seconds=seconds) for v, sc in scored.items()}

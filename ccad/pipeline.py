@@ -137,6 +137,8 @@ class AnomalyDetector(
             without one.
         method: the built or loaded :class:`ccad.methods.Method` instance.
         calibration / info: the threshold and plain facts (training count, metrics ...).
+        fusion: the :class:`ccad.scoring.fusion.BankFusion` when ``config.scoring.fusion`` is
+            ``"bank"`` (the method's map fused with a nearest-neighbour map), else None.
     """
 
     def __init__(
@@ -147,6 +149,7 @@ class AnomalyDetector(
         calibration: Optional[Calibration] = None,
         info: Optional[dict[str, Any]] = None,
         device: Optional[torch.device | str] = None,
+        fusion: Any = None,
     ) -> None:
         self.config = config.validate()
         if not isinstance(method, get_method(config.variant)):
@@ -157,6 +160,10 @@ class AnomalyDetector(
         self.calibration = calibration
         self.info: dict[str, Any] = dict(info or {})
         self.device = torch.device(device) if device is not None else default_device()
+        if (config.scoring.fusion == "bank") != (fusion is not None):
+            raise ConfigError("scoring.fusion is 'bank' but no fusion memory was given" if fusion is None
+                              else "a fusion memory was given but scoring.fusion is 'none'")
+        self.fusion = fusion.to(self.device) if fusion is not None else None
         ctx = method.ctx
         ctx.device, ctx.bank, ctx.scoring, ctx.bank_config = self.device, bank, config.scoring, config.bank
         method.config = config.method
@@ -187,15 +194,58 @@ class AnomalyDetector(
             self.calibration.method = "manual"
 
     @property
+    def input_size(self) -> int:
+        """The square size images are read at: the model's, or the fusion memory's when larger
+        (maps and reconstructions come back at this size)."""
+        return max(self.image_size, self.fusion.image_size) if self.fusion is not None else self.image_size
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        """The maps this detector can give: ``fused`` / ``method`` / ``bank`` with fusion, else ``method``."""
+        from .scoring.fusion import VIEWS
+
+        return VIEWS if self.fusion is not None else ("method",)
+
+    @property
     def map_floor(self) -> float:
         return float(self.info.get("map_floor", 0.0))
 
     # ---- internals --------------------------------------------------------------------------
     @torch.no_grad()
-    def maps_for_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Anomaly maps ``B x 1 x S x S`` (and reconstructions) for a batch at the model's size."""
-        out = self.method.maps(x.to(self.device, torch.float32))
-        return out.maps.float(), (None if out.reconstruction is None else out.reconstruction.float())
+    def map_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``(method maps, bank maps or None, reconstructions or None)`` for a batch ``B x 3 x S' x S'``
+        at :attr:`input_size`; the method sees the batch resized to its own size, and its maps
+        and reconstructions come back at the batch's size."""
+        x = x.to(self.device, torch.float32)
+        size = tuple(x.shape[-2:])
+        xm = x if size == (self.image_size, self.image_size) else F.interpolate(
+            x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=True)
+        out = self.method.maps(xm)
+        maps = out.maps.float()
+        rec = None if out.reconstruction is None else out.reconstruction.float()
+        if tuple(maps.shape[-2:]) != size:
+            maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+        if rec is not None and tuple(rec.shape[-2:]) != size:
+            rec = F.interpolate(rec, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
+        bank = self.fusion.bank_maps(x, size) if self.fusion is not None else None
+        return maps, bank, rec
+
+    def combine(self, maps: torch.Tensor, bank: Optional[torch.Tensor], view: Optional[str] = None) -> torch.Tensor:
+        """One view of :meth:`map_parts`: ``fused`` (the default with fusion), ``method`` or ``bank``."""
+        if self.fusion is None:
+            if view not in (None, "method"):
+                raise ValueError(f"view {view!r}: this detector has no fusion (scoring.fusion is 'none'); "
+                                 f"its only view is 'method'")
+            return maps
+        return self.fusion.combine(maps, bank, view or "fused")
+
+    @torch.no_grad()
+    def maps_for_batch(self, x: torch.Tensor, view: Optional[str] = None
+                       ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Anomaly maps ``B x 1 x S x S`` (and reconstructions) for a batch at :attr:`input_size`
+        (the fused map when the detector fuses, unless ``view`` asks for one component)."""
+        maps, bank, rec = self.map_parts(x)
+        return self.combine(maps, bank, view), rec
 
     def _score(self, maps: torch.Tensor) -> torch.Tensor:
         sc = self.config.scoring
@@ -264,20 +314,21 @@ class AnomalyDetector(
         flush()
         return results, errors
 
-    def score_batches(self, batches: Iterable[dict], progress: ProgressFn = None, total: Optional[int] = None
-                      ) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and ``N x S x S`` maps for batches from :func:`ccad.data.datasets.iter_batches`."""
+    def score_batches(self, batches: Iterable[dict], progress: ProgressFn = None, total: Optional[int] = None,
+                      view: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and ``N x S x S`` maps for batches from :func:`ccad.data.datasets.iter_batches`
+        (read at :attr:`input_size`); ``view`` as :meth:`combine`."""
         scores, maps = [], []
         done = 0
         for b in batches:
-            m, _ = self.maps_for_batch(b["image"])
+            m, _ = self.maps_for_batch(b["image"], view)
             scores.append(self._score(m).cpu().numpy())
             maps.append(m[:, 0].cpu().numpy().astype(np.float32))
             done += len(b["image"])
             if progress is not None:
                 progress(done, total or done)
         if not scores:
-            return np.zeros(0, np.float32), np.zeros((0, self.image_size, self.image_size), np.float32)
+            return np.zeros(0, np.float32), np.zeros((0, self.input_size, self.input_size), np.float32)
         return np.concatenate(scores), np.concatenate(maps)
 
     def calibrate(self, good_items: Sequence[Any], method: Optional[str] = None, fpr: Optional[float] = None,
@@ -289,16 +340,25 @@ class AnomalyDetector(
         sc = self.config.scoring
         samples = [s if isinstance(s, Sample) else Sample(str(s), None, 0) for s in good_items]
         errors: list[tuple[str, str]] = []
-        scores, maps = self.score_batches(iter_batches(samples, self.image_size, batch_size, on_error="skip",
-                                                        errors=errors))
-        if scores.size == 0:
+        parts: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = []
+        for b in iter_batches(samples, self.input_size, batch_size, on_error="skip", errors=errors):
+            m, bank, _ = self.map_parts(b["image"])
+            parts.append((m.cpu(), None if bank is None else bank.cpu()))
+        if not parts:
             raise ValueError("no readable good image to calibrate on" + (f" ({errors[0][0]}: {errors[0][1]})"
                                                                          if errors else ""))
+        if self.fusion is not None:  # the normalisation of both maps comes from these good images only
+            self.fusion.fit_stats(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+        fused = torch.cat([self.combine(m, bank) for m, bank in parts])
+        scores = self._score(fused).numpy()
+        maps = fused[:, 0].numpy()
         self.calibration = Calibration.fit(scores, method or sc.calibration,
                                            fpr=sc.target_fpr if fpr is None else fpr,
                                            sigma=sc.sigma_k if sigma is None else sigma)
         self.info["map_floor"] = float(np.median(maps))
         self.info["n_calibration_images"] = int(scores.size)
+        if self.fusion is not None:
+            self.info["fusion"] = self.fusion.card()
         return self.calibration
 
     def card(self) -> dict[str, Any]:
@@ -326,6 +386,8 @@ class AnomalyDetector(
         method_facts = self.method.card()
         facts["denoiser_parameters"] = method_facts.pop("parameters", None)
         facts.update(method_facts)
+        if self.fusion is not None:
+            facts["fusion"] = self.fusion.card()
         facts["ccad_version"] = self.info.get("ccad_version", __version__)
         return facts
 
@@ -337,6 +399,8 @@ class AnomalyDetector(
         if self.bank is not None:
             self.bank.save(save_directory)
         self.method.save(save_directory)
+        if self.fusion is not None:
+            self.fusion.save(save_directory)
         if self.calibration is not None:
             (save_directory / FILES["calibration"]).write_text(json.dumps(self.calibration.to_dict(), indent=1))
         info = dict(self.info)
@@ -402,6 +466,14 @@ class AnomalyDetector(
                 calibration = Calibration.from_dict(json.loads((path / FILES["calibration"]).read_text()))
             except (json.JSONDecodeError, TypeError, ValueError) as exc:
                 raise CheckpointError(f"{path / FILES['calibration']}: {exc}") from None
+        fusion = None
+        if config.scoring.fusion == "bank":
+            from .scoring.fusion import BankFusion, bank_backbone
+
+            try:
+                fusion = BankFusion.load(path, bank_backbone(config.bank, dev))
+            except (FileNotFoundError, OSError, ValueError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{path}: cannot read the fusion memory ({exc})") from None
         info = {}
         if (path / FILES["info"]).is_file():
             try:
@@ -409,7 +481,7 @@ class AnomalyDetector(
             except json.JSONDecodeError as exc:
                 raise CheckpointError(f"{path / FILES['info']}: {exc}") from None
         try:
-            return cls(config, bank, method, calibration=calibration, info=info, device=dev)
+            return cls(config, bank, method, calibration=calibration, info=info, device=dev, fusion=fusion)
         except ConfigError as exc:
             raise CheckpointError(f"{path}: {exc}") from None
 
@@ -516,6 +588,27 @@ def _prepare(data: Any, config: DetectorConfig, bank: Any, calibration_fraction:
     return method, bank, train, cal
 
 
+def _build_fusion(config: DetectorConfig, train: list, cal: list, device: torch.device, memory: Any,
+                  progress: ProgressFn, cancel: CancelFn, seed: int) -> Any:
+    """The fusion memory (:mod:`ccad.scoring.fusion`) when ``scoring.fusion`` is ``"bank"``: fitted on
+    the training images, or ``memory`` (an already fitted ``PatchCoreScorer`` of the same images)."""
+    sc = config.scoring
+    if sc.fusion != "bank":
+        if memory is not None:
+            raise ConfigError("fusion_memory was given but scoring.fusion is 'none'")
+        return None
+    if not cal:
+        raise ConfigError("scoring.fusion='bank' normalises both maps on held-out good images: "
+                          "calibration_fraction must be > 0")
+    from .scoring.fusion import BankFusion, bank_backbone
+
+    if memory is not None:
+        return BankFusion(scorer=memory, weight=float(sc.fusion_weight))
+    return BankFusion.fit(train, bank_backbone(config.bank, device), image_size=int(sc.fusion_image_size),
+                          ratio=float(sc.fusion_ratio), weight=float(sc.fusion_weight),
+                          batch_size=config.bank.batch_size, seed=seed, progress=progress, cancel=cancel)
+
+
 def _info(train: list, bank: Any) -> dict[str, Any]:
     cats = sorted({getattr(s, "category", "") or "" for s in train} - {""})
     skipped = (getattr(bank, "meta", {}) or {}).get("skipped", []) if bank is not None else []
@@ -539,17 +632,21 @@ def fit_detector(
     cancel: CancelFn = None,
     device: Any = None,
     seed: int = 0,
+    fusion_memory: Any = None,
 ) -> AnomalyDetector:
     """Build a detector whose method needs no training (e.g. PatchCore) from good images: a working
     detector within seconds, calibrated on a held-out good slice. ``method`` is the method's own
     config (e.g. ``get_method("patchcore").Config(ratio=0.05)``); the bank settings default to
-    :class:`ccad.config.BankConfig`."""
+    :class:`ccad.config.BankConfig`. With ``scoring.fusion = "bank"`` the method's map is fused
+    with a nearest-neighbour map (:mod:`ccad.scoring.fusion`; ``fusion_memory`` reuses a fitted
+    ``PatchCoreScorer`` of the same training images)."""
     if get_method(variant).trainable:
         raise ValueError(f"{variant!r} is trained: use train_detector (ccad train --variant {variant})")
     config = _detector_config(variant, image_size, method, bank_config, scoring, backbone, layers, bank_size,
                               weights, batch_size, None)
     m, bank, train, cal = _prepare(data, config, None, calibration_fraction, seed, device, progress, cancel, None)
-    det = AnomalyDetector(config, bank, m, info=_info(train, bank), device=m.ctx.device)
+    fusion = _build_fusion(config, train, cal, m.ctx.device, fusion_memory, progress, cancel, seed)
+    det = AnomalyDetector(config, bank, m, info=_info(train, bank), device=m.ctx.device, fusion=fusion)
     if cal:
         det.calibrate(cal, batch_size=batch_size)
     return det
@@ -579,6 +676,7 @@ def train_detector(
     progress: ProgressFn = None,
     device: Any = None,
     seed: int = 0,
+    fusion_memory: Any = None,
 ) -> AnomalyDetector:
     """Build and train a detector of any registered method on good images; save ``out_dir/model``.
 
@@ -589,6 +687,9 @@ def train_detector(
     ``out_dir``; ``resume=True`` continues from the latest). A callback returning True stops
     training with a resumable checkpoint; the detector is still assembled (from the EMA weights
     so far), calibrated and saved. Methods without training are fitted (as :func:`fit_detector`).
+    ``scoring.fusion = "bank"`` fuses the method's map with a nearest-neighbour map, normalised on
+    the calibration slice (:mod:`ccad.scoring.fusion`; ``fusion_memory``: a fitted
+    ``PatchCoreScorer`` of the same training images to reuse).
     """
     from .features import FeatureBank
     from .training import TrainConfig, Trainer
@@ -624,7 +725,8 @@ def train_detector(
         m.after_training(train_s)  # e.g. domain adaptation of the scoring extractor (D3AD eq. 10)
         info.update({"train_steps": int(result.step), "stopped_early": bool(result.stopped)})
     info["train_seconds"] = round(time.perf_counter() - t0, 1)
-    det = AnomalyDetector(config, bank, m, device=m.ctx.device, info=info)
+    fusion = _build_fusion(config, train_s, cal, m.ctx.device, fusion_memory, progress, cancel, seed)
+    det = AnomalyDetector(config, bank, m, device=m.ctx.device, info=info, fusion=fusion)
     if cal:
         det.calibrate(cal, batch_size=tcfg.batch_size)
     det.save_pretrained(out_dir / "model")

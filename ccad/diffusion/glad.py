@@ -280,11 +280,13 @@ def topk_mean(maps: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def glad_anomaly_map(x: torch.Tensor, x_hat: torch.Tensor, extractor, sigma: float = 6.0,
-                     layers: Optional[Sequence[int]] = None) -> torch.Tensor:
+                     layers: Optional[Sequence[int]] = None, match: str = "all", radius: int = 1) -> torch.Tensor:
     """Eq. 11-12 + sec. 4.2's smoothing: ``M = sum_l up(M_l(F_t^l, F_r^l))``, Gaussian sigma in
     pixels at 256 px (:func:`scaled_sigma`). ``x``, ``x_hat`` are images in [0, 1]
     ``B x 3 x S x S``; ``extractor.layer_maps`` gives the layers (``layers`` picks some of them by
-    position). Returns ``B x 1 x S x S``."""
+    position). ``match="all"`` is the paper's eq. 11; ``same`` / ``neighbourhood`` (``radius``)
+    are the narrower pairings of :func:`ccad.scoring.anomaly_map.layer_distance`. Returns
+    ``B x 1 x S x S``."""
     if x.shape != x_hat.shape:
         raise ValueError(f"input {tuple(x.shape)} and reconstruction {tuple(x_hat.shape)} differ in shape")
     n, size = x.shape[0], tuple(x.shape[-2:])
@@ -293,6 +295,11 @@ def glad_anomaly_map(x: torch.Tensor, x_hat: torch.Tensor, extractor, sigma: flo
         both = [both[i] for i in layers]
     total = torch.zeros(n, 1, *size, device=x.device, dtype=torch.float32)
     for fmap in both:
-        d = min_cosine_distance_map(fmap[:n], fmap[n:])
+        if match == "all":
+            d = min_cosine_distance_map(fmap[:n], fmap[n:])
+        else:
+            from ..scoring.anomaly_map import layer_distance
+
+            d = layer_distance(fmap[:n], fmap[n:], match, radius)
         total += F.interpolate(d, size=size, mode="bilinear", align_corners=False)
     return gaussian_blur(total, scaled_sigma(sigma, size[-1]))

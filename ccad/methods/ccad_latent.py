@@ -255,7 +255,8 @@ class _CCADLatentBase(DynamicStartMixin, LatentMethod):
 
         sc, c = self.ctx.scoring, self.config
         z0, z_hat, x_hat = self._reconstruct(self.modules, x)
-        maps = anomaly_map(x, x_hat, self.ctx.scoring_backbone(), pixel_weight=sc.pixel_weight, sigma=sc.sigma)
+        maps = anomaly_map(x, x_hat, self.ctx.scoring_backbone(), pixel_weight=sc.pixel_weight, sigma=sc.sigma,
+                           match=sc.feature_match or "same", radius=sc.match_radius)
         if c.latent_weight > 0:
             maps = maps + float(c.latent_weight) * latent_distance_map(z0, z_hat, x.shape[-2:])
         return MethodOutput(maps, x_hat)

@@ -108,8 +108,9 @@ class CCADV(Method):
     def maps(self, x: torch.Tensor) -> MethodOutput:
         sc = self.ctx.scoring
         x_hat = self._reconstruct(self.modules["denoiser"], x)
-        return MethodOutput(anomaly_map(x, x_hat, self.ctx.scoring_backbone(), pixel_weight=sc.pixel_weight,
-                                        sigma=sc.sigma), x_hat)
+        maps = anomaly_map(x, x_hat, self.ctx.scoring_backbone(), pixel_weight=sc.pixel_weight, sigma=sc.sigma,
+                           match=sc.feature_match or "same", radius=sc.match_radius)
+        return MethodOutput(maps, x_hat)
 
     def to(self, device: torch.device) -> "CCADV":
         super().to(device)

@@ -209,7 +209,8 @@ class D3AD(DynamicStartMixin, LatentMethod):
         x_hat = self.decode(z_hat)
         size = tuple(x.shape[-2:])
         l_map = gaussian_blur(latent_l1_map(z0, z_hat, size), scaled_sigma(sc.sigma, x.shape[-1]))
-        f_map = anomaly_map(x, x_hat, self.ctx.scoring_backbone(), pixel_weight=sc.pixel_weight, sigma=sc.sigma)
+        f_map = anomaly_map(x, x_hat, self.ctx.scoring_backbone(), pixel_weight=sc.pixel_weight, sigma=sc.sigma,
+                            match=sc.feature_match or "same", radius=sc.match_radius)
         return l_map, f_map, x_hat, starts
 
     @torch.no_grad()

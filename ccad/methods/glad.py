@@ -236,7 +236,9 @@ class GLAD(Method):
         from ..diffusion.glad import glad_anomaly_map
 
         x_hat = self._reconstruct(self.modules["unet"], x)
-        return MethodOutput(glad_anomaly_map(x, x_hat, self.features(), sigma=float(self.ctx.scoring.sigma)), x_hat)
+        return MethodOutput(glad_anomaly_map(x, x_hat, self.features(), sigma=float(self.ctx.scoring.sigma),
+                                             match=self.ctx.scoring.feature_match or "all",
+                                             radius=self.ctx.scoring.match_radius), x_hat)
 
     def card(self) -> dict[str, Any]:
         c = self.config

@@ -43,18 +43,47 @@ def scaled_sigma(sigma: float, size: int, reference: int = 256) -> float:
     return float(sigma) * float(size) / float(reference)
 
 
+def neighbourhood_cosine_distance(a: torch.Tensor, b: torch.Tensor, radius: int = 1) -> torch.Tensor:
+    """``1 - max over the (2r+1)^2 window around (i, j) of cos(a^(i,j), b^(u,v))``, ``B x 1 x h x w``.
+
+    The local form of GLAD eq. 11 (which takes the minimum over all locations): a reconstruction
+    that is right but shifted by a pixel or two is not scored as an anomaly."""
+    r = int(radius)
+    n, c, h, w = a.shape
+    an = F.normalize(a.float(), dim=1, eps=1e-6).view(n, c, 1, h * w)
+    bn = F.unfold(F.normalize(b.float(), dim=1, eps=1e-6), kernel_size=2 * r + 1, padding=r)
+    sim = (an * bn.view(n, c, (2 * r + 1) ** 2, h * w)).sum(1)  # B x k^2 x hw (0 outside the image)
+    return (1.0 - sim.amax(1)).view(n, 1, h, w)
+
+
+def layer_distance(a: torch.Tensor, b: torch.Tensor, match: str = "same", radius: int = 1) -> torch.Tensor:
+    """Cosine distance map of one layer's features ``B x C x h x w`` -> ``B x 1 x h x w``.
+
+    ``same``: at the same location (CCAD eq. 16); ``neighbourhood``: the best match within
+    ``radius``; ``all``: the best match anywhere (GLAD eq. 11)."""
+    if match == "same":
+        return 1.0 - F.cosine_similarity(a.float(), b.float(), dim=1, eps=1e-6).unsqueeze(1)
+    if match == "neighbourhood":
+        return neighbourhood_cosine_distance(a, b, radius)
+    if match == "all":
+        from ..diffusion.glad import min_cosine_distance_map
+
+        return min_cosine_distance_map(a, b)
+    raise ValueError(f"feature match must be 'same', 'neighbourhood' or 'all', got {match!r}")
+
+
 def feature_cosine_map(
-    x: torch.Tensor, x_hat: torch.Tensor, extractor: LayerExtractor, size: Sequence[int] | None = None
+    x: torch.Tensor, x_hat: torch.Tensor, extractor: LayerExtractor, size: Sequence[int] | None = None,
+    match: str = "same", radius: int = 1,
 ) -> torch.Tensor:
-    """Sum over layers of the upsampled cosine distance ``1 - cos(psi_l(x), psi_l(x_hat))`` (eq. 16)."""
+    """Sum over layers of the upsampled cosine distance ``1 - cos(psi_l(x), psi_l(x_hat))`` (eq. 16);
+    ``match`` / ``radius`` pair each input location with a neighbourhood (:func:`layer_distance`)."""
     size = tuple(size) if size is not None else tuple(x.shape[-2:])
     both = extractor.layer_maps(torch.cat([x, x_hat], dim=0))
     n = x.shape[0]
     total = torch.zeros(n, 1, *size, device=x.device, dtype=torch.float32)
     for fmap in both:
-        fmap = fmap.float()
-        a, b = fmap[:n], fmap[n:]
-        d = 1.0 - F.cosine_similarity(a, b, dim=1, eps=1e-6).unsqueeze(1)
+        d = layer_distance(fmap[:n], fmap[n:], match, radius)
         total += F.interpolate(d, size=size, mode="bilinear", align_corners=False)
     return total
 
@@ -70,15 +99,18 @@ def anomaly_map(
     extractor: LayerExtractor,
     pixel_weight: float = 0.0,
     sigma: float = 4.0,
+    match: str = "same",
+    radius: int = 1,
 ) -> torch.Tensor:
     """CCAD eq. 16 (+ DDAD's pixel term): ``B x 1 x H x W`` map at the input's resolution.
 
     ``x`` and ``x_hat`` are images in [0, 1]. With ``pixel_weight = v > 0`` the map is
-    ``f_d + v * (max f_d / max p_d) * p_d`` per image (DDAD); ``sigma`` is in pixels at 256 px.
+    ``f_d + v * (max f_d / max p_d) * p_d`` per image (DDAD); ``sigma`` is in pixels at 256 px;
+    ``match`` / ``radius`` as :func:`layer_distance` (``scoring.feature_match``).
     """
     if x.shape != x_hat.shape:
         raise ValueError(f"input {tuple(x.shape)} and reconstruction {tuple(x_hat.shape)} differ in shape")
-    fmap = feature_cosine_map(x, x_hat, extractor)
+    fmap = feature_cosine_map(x, x_hat, extractor, match=match, radius=radius)
     if pixel_weight > 0:
         pmap = pixel_distance_map(x, x_hat)
         fmax = fmap.flatten(1).amax(1).view(-1, 1, 1, 1)

@@ -1,0 +1,159 @@
+"""Good-only fusion of a method's anomaly map with the bank's nearest-neighbour map.
+
+CCAD's premise (papers/ccad.md sec. 1 and 3.2) is that feature-based and reconstruction-based
+evidence are complementary: the Coarse Feature Bank knows what normal patches look like, the
+diffusion model knows how a normal image is put together. This module lets any method's map be
+combined with a PatchCore nearest-neighbour map (Roth et al. 2022, eq. 6: the distance of each
+test patch to its nearest row of a coreset memory of good patches) without any anomalous
+example:
+
+    z_c(p) = (M_c(p) - mu_c) / sd_c                  for c in {method, bank}
+    M(p)   = w * z_method(p) + (1 - w) * z_bank(p)
+
+``mu_c`` and ``sd_c`` are the mean and standard deviation of component ``c``'s map over every
+pixel of the held-out good images (the calibration slice: never training images, whose patches
+are in the memory, and never test labels); ``w`` is ``scoring.fusion_weight`` (0.5 by default:
+the two kinds of evidence count equally; it is not fitted to anything). The threshold is then
+calibrated on the fused image scores of the same good images.
+
+The memory is fitted on the good training images at its own resolution
+(``scoring.fusion_image_size``, default 256 px, the PatchCore setting), with the bank's backbone
+and layers, so a method trained at 128 px can be fused with a 256-px PatchCore map; the detector
+then reads images at the larger of the two sizes and returns maps at that size.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .anomaly_map import gaussian_blur, scaled_sigma
+
+FUSION_DIR = "fusion"
+STATS_FILE = "stats.json"
+VIEWS = ("fused", "method", "bank")
+
+
+@dataclass
+class ComponentStats:
+    """Location and scale of one component's map on held-out good images."""
+
+    mean: float
+    std: float
+    n_images: int = 0
+
+    def normalise(self, maps: torch.Tensor) -> torch.Tensor:
+        return (maps - float(self.mean)) / max(float(self.std), 1e-8)
+
+    @classmethod
+    def fit(cls, maps: np.ndarray | torch.Tensor) -> "ComponentStats":
+        a = torch.as_tensor(maps, dtype=torch.float64)
+        if a.numel() == 0:
+            raise ValueError("fusion: no held-out good maps to fit the normalisation on")
+        return cls(mean=float(a.mean()), std=float(a.std(unbiased=False)), n_images=int(a.shape[0]))
+
+
+@dataclass
+class BankFusion:
+    """The nearest-neighbour memory and the good-image statistics of both components.
+
+    ``scorer`` is a fitted :class:`ccad.features.PatchCoreScorer`; ``stats`` maps ``"method"``
+    and ``"bank"`` to :class:`ComponentStats` once :meth:`fit_stats` has run.
+    """
+
+    scorer: Any
+    weight: float = 0.5
+    sigma: float = 4.0
+    stats: dict[str, ComponentStats] = field(default_factory=dict)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.scorer.image_size)
+
+    @property
+    def fitted(self) -> bool:
+        return {"method", "bank"} <= set(self.stats)
+
+    @classmethod
+    def fit(cls, train: Sequence[Any], backbone: Any, image_size: int = 256, ratio: float = 0.01,
+            weight: float = 0.5, sigma: float = 4.0, batch_size: int = 8, seed: int = 0, progress: Any = None,
+            cancel: Any = None) -> "BankFusion":
+        """Fit the memory on the good training images (one backbone pass, streaming coreset)."""
+        from ..features import PatchCoreScorer
+
+        scorer = PatchCoreScorer(backbone, ratio=ratio, image_size=image_size, batch_size=batch_size, seed=seed)
+        scorer.fit(list(train), progress=progress, cancel=cancel)
+        return cls(scorer=scorer, weight=float(weight), sigma=float(sigma))
+
+    @torch.no_grad()
+    def bank_maps(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """PatchCore maps ``B x 1 x H x W`` at ``size`` (upsampled, Gaussian-smoothed as PatchCore's)."""
+        raw = self.scorer.score_maps(x.float()).float()
+        maps = F.interpolate(raw, size=tuple(size), mode="bilinear", align_corners=False)
+        return gaussian_blur(maps, scaled_sigma(self.sigma, int(size[-1])))
+
+    def fit_stats(self, method_maps: np.ndarray | torch.Tensor, bank_maps: np.ndarray | torch.Tensor) -> None:
+        """Normalisation of both components from their maps on held-out good images."""
+        self.stats = {"method": ComponentStats.fit(method_maps), "bank": ComponentStats.fit(bank_maps)}
+
+    def combine(self, method_maps: torch.Tensor, bank_maps: torch.Tensor, view: str = "fused") -> torch.Tensor:
+        """The map of one view: ``fused`` (the weighted sum of normalised maps), or one component
+        alone (``method`` / ``bank``, raw, exactly as that component scores on its own)."""
+        if view == "method":
+            return method_maps
+        if view == "bank":
+            return bank_maps
+        if view != "fused":
+            raise ValueError(f"fusion view must be one of {', '.join(VIEWS)}, got {view!r}")
+        if not self.fitted:
+            raise RuntimeError("fusion: the good-image normalisation is not fitted yet (calibrate the detector "
+                               "on held-out good images first)")
+        w = float(self.weight)
+        return (w * self.stats["method"].normalise(method_maps)
+                + (1.0 - w) * self.stats["bank"].normalise(bank_maps.to(method_maps.device)))
+
+    def to(self, device: Any) -> "BankFusion":
+        self.scorer.to(device)
+        return self
+
+    # ---- persistence ------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> None:
+        d = Path(directory) / FUSION_DIR
+        self.scorer.save(d)
+        meta = {"weight": self.weight, "sigma": self.sigma,
+                "stats": {k: vars(v) for k, v in self.stats.items()}}
+        (d / STATS_FILE).write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, directory: str | Path, backbone: Any) -> "BankFusion":
+        from ..features import PatchCoreScorer
+
+        d = Path(directory) / FUSION_DIR
+        if not (d / STATS_FILE).is_file():
+            raise FileNotFoundError(f"{d / STATS_FILE}: missing; a detector saved with scoring.fusion='bank' "
+                                    f"has the folder {FUSION_DIR}/")
+        meta = json.loads((d / STATS_FILE).read_text())
+        scorer = PatchCoreScorer.load(d, backbone=backbone)
+        stats = {k: ComponentStats(**v) for k, v in (meta.get("stats") or {}).items()}
+        return cls(scorer=scorer, weight=float(meta.get("weight", 0.5)), sigma=float(meta.get("sigma", 4.0)),
+                   stats=stats)
+
+    def card(self) -> dict[str, Any]:
+        return {"kind": "bank nearest-neighbour map, normalised on held-out good images",
+                "weight_of_method_map": self.weight, "image_size": self.image_size,
+                "memory_rows": None if self.scorer.memory_bank is None else int(self.scorer.memory_bank.shape[0]),
+                "stats": {k: {"mean": round(v.mean, 6), "std": round(v.std, 6), "n_images": v.n_images}
+                          for k, v in self.stats.items()}}
+
+
+def bank_backbone(bank_config: Any, device: Optional[torch.device] = None) -> Any:
+    """The bank's backbone (name, layers, weights from :class:`ccad.config.BankConfig`)."""
+    from ..features import get_backbone
+
+    bb = get_backbone(bank_config.backbone, layers=tuple(bank_config.layers), weights=bank_config.weights)
+    return bb.to(device) if device is not None else bb
