@@ -15,3 +15,17 @@ def _limit_torch_threads() -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` skip without CUDA (``CCAD_GPU_TESTS_ON_CPU=1`` runs them on the CPU)."""
+    gpu_items = [it for it in items if it.get_closest_marker("gpu") is not None]
+    if not gpu_items or os.environ.get("CCAD_GPU_TESTS_ON_CPU") == "1":
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (set CCAD_GPU_TESTS_ON_CPU=1 to run on the CPU)")
+    for it in gpu_items:
+        it.add_marker(skip)
