@@ -150,12 +150,15 @@ def method_configs(name: str, s: dict[str, Any]) -> tuple[Any, Any]:
 
 
 def build_detector(name: str, train: list, s: dict[str, Any], run_dir: Path, calibration_fraction: float = 0.1,
-                   device: Any = None, latent_cache: Optional[Path] = None, seed: int = 0) -> Any:
+                   device: Any = None, latent_cache: Optional[Path] = None, seed: int = 0,
+                   fusion_memory: Any = None) -> Any:
     """The one code path: ``fit_detector`` (trainable=False) or ``train_detector`` (everything else).
 
     ``latent_cache``: a folder shared by the latent methods of one run; ``run_dir/latents`` links
     to it, so the training images are encoded once per (image size, autoencoder) - the cache's
-    own hash decides whether it is reused.
+    own hash decides whether it is reused. With ``scoring: {fusion: bank}`` in the row the
+    method's map is fused with a nearest-neighbour map (``fusion_memory``: a fitted
+    ``PatchCoreScorer`` of the same training images to reuse, e.g. the PatchCore row's).
     """
     mcls = get_method(name)
     cfg, scoring = method_configs(name, s)
@@ -176,7 +179,7 @@ def build_detector(name: str, train: list, s: dict[str, Any], run_dir: Path, cal
                        checkpoint_every=steps, keep_checkpoints=1, show_progress=False, seed=seed)
     return train_detector(train, run_dir, variant=name, method=cfg, train=tcfg, image_size=s["image_size"],
                           scoring=scoring, calibration_fraction=calibration_fraction, device=device, seed=seed,
-                          **bank_kw)
+                          fusion_memory=fusion_memory, **bank_kw)
 
 
 def loss_summary(run_dir: Path) -> Optional[dict[str, float]]:

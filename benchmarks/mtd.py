@@ -40,7 +40,7 @@ from common import (DEFAULT_METHODS, ROOT, PeakRSS, build_detector, default_auto
                     loss_summary, machine, parse_options, peak_vram_mb, settings_for)
 
 from ccad.data.datasets import load_csv_manifest  # noqa: E402
-from ccad.evaluate import METRIC_KEYS, evaluate  # noqa: E402
+from ccad.evaluate import METRIC_KEYS, evaluate, evaluate_views  # noqa: E402
 from ccad.methods import get_method  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mtd" / "split.csv"
@@ -48,35 +48,71 @@ TABLE_KEYS = ["image_auroc", "pixel_auroc", "pixel_aupro", "image_ap", "pixel_ap
               "peak_ram_mb"]
 
 
+def fusion_memory_from(det: object, s: dict) -> object:
+    """The PatchCore row's fitted memory, when it matches what a fused method would fit itself
+    (same training images; the fusion defaults: 256 px, ratio 0.01, the bank's backbone/layers)."""
+    from ccad.config import BankConfig, ScoringConfig
+
+    sc = getattr(getattr(det, "method", None), "scorer", None)
+    want, bank = ScoringConfig(), BankConfig()
+    if sc is None or sc.image_size != want.fusion_image_size or abs(sc.ratio - want.fusion_ratio) > 1e-12:
+        return None
+    cfg = sc.config()
+    if cfg["backbone"] != (s.get("backbone") or bank.backbone) or tuple(cfg["layers"]) != tuple(
+            s.get("layers") or bank.layers):
+        return None
+    return sc
+
+
 def run_method(name: str, train: list, test: list, s: dict, mode: str, device: str, work: Path,
-               latent_cache: Path, batch_size: int) -> dict:
+               latent_cache: Path, batch_size: int, fuse: bool = False, fusion_memory: object = None
+               ) -> tuple[list[dict], object]:
+    """One method's row; a trained method with ``fuse`` gives two rows from one model and one pass
+    over the test images: its own map (``name``) and the fused map (``name+bank``)."""
     run_dir = work / name
     load_start = machine()["loadavg"]
+    fuse = fuse and get_method(name).trainable
+    if fuse:
+        s = {**s, "scoring": {**s.get("scoring", {}), "fusion": "bank"}}
     with PeakRSS() as mem:
         t0 = time.perf_counter()
         det = build_detector(name, train, s, run_dir, calibration_fraction=0.1, device=device,
-                             latent_cache=latent_cache)
+                             latent_cache=latent_cache, fusion_memory=fusion_memory if fuse else None)
         fit_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        report = evaluate(det, test, batch_size=batch_size)
+        if fuse:
+            reports = evaluate_views(det, test, batch_size=batch_size, views=("method", "fused"))
+        else:
+            reports = {None: evaluate(det, test, batch_size=batch_size)}
         infer_s = time.perf_counter() - t1
-    m = report.per_category["mean"]
-    n = len(report.records)
-    extra = {"n_train": len(train), "n_test": n, "threshold": det.threshold, "unreadable": len(report.errors),
+    n = len(next(iter(reports.values())).records)
+    errors = len(next(iter(reports.values())).errors)
+    extra = {"n_train": len(train), "n_test": n, "threshold": det.threshold, "unreadable": errors,
              "mode": mode, "trained": bool(get_method(name).trainable), "eval_batch_size": batch_size,
              "loadavg_start": load_start, "loadavg_end": machine()["loadavg"]}
     if get_method(name).trainable:
         extra["loss"] = loss_summary(run_dir)
         extra["train_seconds"] = det.info.get("train_seconds")
-    return {"method": name, **{k: round(float(m[k]), 4) for k in METRIC_KEYS}, "fit_seconds": round(fit_s, 1),
-            "ms_per_image": round(1000 * infer_s / max(n, 1), 1), "peak_ram_mb": mem.peak_mb,
-            "peak_vram_mb": peak_vram_mb(), "device": device, "settings": {**s, **extra}}
+    if fuse:
+        extra["fusion"] = {**det.fusion.card(), "memory_reused_from_patchcore_row": fusion_memory is not None,
+                           "note": "both rows come from one model and one pass over the test images; "
+                                   "ms_per_image is that shared pass (method map + bank map); the threshold "
+                                   "is the fused row's"}
+    rows = []
+    for view, report in reports.items():
+        m = report.per_category["mean"]
+        label = name if view in (None, "method") else f"{name}+bank"
+        rows.append({"method": label, **{k: round(float(m[k]), 4) for k in METRIC_KEYS},
+                     "fit_seconds": round(fit_s, 1), "ms_per_image": round(1000 * infer_s / max(n, 1), 1),
+                     "peak_ram_mb": mem.peak_mb, "peak_vram_mb": peak_vram_mb(), "device": device,
+                     "settings": {**s, **extra, "view": view or "method"}})
+    return rows, det
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'method':<10}" + "".join(f"{k:>13}" for k in TABLE_KEYS))
+    print(f"{'method':<16}" + "".join(f"{k:>13}" for k in TABLE_KEYS))
     for r in rows:
-        print(f"{r['method']:<10}" + "".join(f"{r[k]:>13}" for k in TABLE_KEYS))
+        print(f"{r['method']:<16}" + "".join(f"{r[k]:>13}" for k in TABLE_KEYS))
 
 
 def main() -> int:
@@ -94,6 +130,10 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
     ap.add_argument("--subset", type=int, default=None,
                     help="smoke runs: every k-th train and test image so that about N of each remain")
+    ap.add_argument("--fusion", choices=["both", "off"], default="both",
+                    help="both (default): every trained method also gives a fused row (its map + the bank's "
+                         "nearest-neighbour map, normalised on held-out good images) next to its own row, "
+                         "from the same model; off: its own row only")
     ap.add_argument("--json", default=None, help="also write the JSON lines to this file")
     a = ap.parse_args()
 
@@ -123,13 +163,18 @@ def main() -> int:
     print(f"# {json.dumps(run_info)}", file=sys.stderr, flush=True)
     rows = []
     t_all = time.perf_counter()
+    memory = None
     for method in methods:
         s = table[method]
         cache = work / f"latents-{s['image_size']}"
-        row = run_method(method, train, test, s, mode, device, work, cache, a.batch_size)
-        row["settings"]["run"] = run_info
-        print(json.dumps(row, default=str), flush=True)
-        rows.append(row)
+        new, det = run_method(method, train, test, s, mode, device, work, cache, a.batch_size,
+                              fuse=a.fusion == "both", fusion_memory=memory)
+        if memory is None:
+            memory = fusion_memory_from(det, s)  # the PatchCore row's memory serves the fused rows
+        for row in new:
+            row["settings"]["run"] = run_info
+            print(json.dumps(row, default=str), flush=True)
+            rows.append(row)
         if a.json:  # after every method, so a long run keeps what it has
             Path(a.json).parent.mkdir(parents=True, exist_ok=True)
             Path(a.json).write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
