@@ -32,6 +32,16 @@ from .state import REPO_ROOT, SAMPLES_DIR
 
 MAX_FILE_SIZE = "200mb"
 CONCURRENCY_LIMIT = 2
+# Model calls (Inspect button, sample click, Inspect folder) share one queue group run one at a time:
+# with many users they are served strictly in arrival order (Gradio's queue is FIFO per group), a model
+# never runs twice at once (no CPU-thread / GPU-memory contention, no thread-safety question), and
+# requests beyond the limit wait in the queue instead of failing. Light events (threshold, table
+# rows, timer ticks) keep the default group of CONCURRENCY_LIMIT, so they never wait behind inspections.
+# CCAD_APP_INSPECT_CONCURRENCY raises it (e.g. a GPU that serves two batches at once).
+INSPECT_CONCURRENCY = int(os.environ.get("CCAD_APP_INSPECT_CONCURRENCY", "1"))
+# Waiting events (all groups) beyond this are refused with "queue full": generous for ~20-30 browser
+# sessions, each with at most an inspection, a threshold change and a timer tick pending.
+QUEUE_MAX_SIZE = 128
 PANEL_HEIGHT = 300
 BACKBONES = ["tf_efficientnet_lite0", "tf_efficientnet_lite2", "wide_resnet50_2"]
 
@@ -288,6 +298,10 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
                                              elem_id="train-batch-size")
                         train_prev = gr.Number(value=50, precision=0, label="Reconstruction preview every N steps",
                                                elem_id="train-preview-every")
+                        train_fuse = gr.Checkbox(value=False, label="Fuse with the bank's nearest-neighbour map",
+                                                 info="the method's map plus a PatchCore map, each normalised on "
+                                                      "held-out good images (one more pass over the images)",
+                                                 elem_id="train-fuse")
                 with gr.Accordion(f"Settings of {minfo['title']}", open=True, elem_id="train-settings") \
                         as train_settings_acc:
                     gr.Markdown("Generated from the method's config: edit a **value**; only changed rows are "
@@ -406,7 +420,8 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
             except Exception as exc:
                 return no_change(_err(exc))
 
-        run_btn.click(on_run, [model_dd, upload, thr, compare_dd], batch_outputs)
+        run_btn.click(on_run, [model_dd, upload, thr, compare_dd], batch_outputs, api_name="inspect",
+                      concurrency_limit=INSPECT_CONCURRENCY, concurrency_id="inspect")
 
         def on_folder_run(name: str, folder: str, t: float, other: str,
                           progress: gr.Progress = gr.Progress()) -> list[Any]:
@@ -416,9 +431,14 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
             except Exception as exc:
                 return no_change(_err(exc))
 
-        inspect_folder_btn.click(on_folder_run, [model_dd, inspect_folder_tb, thr, compare_dd], batch_outputs)
-        inspect_folder_tb.submit(on_folder_run, [model_dd, inspect_folder_tb, thr, compare_dd], batch_outputs)
-        sample_gallery.select(on_sample, [model_dd, thr, compare_dd], batch_outputs)
+        inspect_folder_btn.click(on_folder_run, [model_dd, inspect_folder_tb, thr, compare_dd], batch_outputs,
+                                 api_name="inspect_folder", concurrency_limit=INSPECT_CONCURRENCY,
+                                 concurrency_id="inspect")
+        inspect_folder_tb.submit(on_folder_run, [model_dd, inspect_folder_tb, thr, compare_dd], batch_outputs,
+                                 api_name="inspect_folder_submit",
+                                 concurrency_limit=INSPECT_CONCURRENCY, concurrency_id="inspect")
+        sample_gallery.select(on_sample, [model_dd, thr, compare_dd], batch_outputs, api_name="inspect_sample",
+                              concurrency_limit=INSPECT_CONCURRENCY, concurrency_id="inspect")
 
         def on_row(batch: Optional[Batch], t: float, other: str, evt: gr.SelectData) -> list[Any]:
             try:
@@ -570,7 +590,7 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
 
         def on_train(variant: str, folder: str, zf: Optional[str], bank_model: str, preset: Optional[str],
                      size: Any, steps: float, bs: float, every: float, options: str, autoencoder: str,
-                     form: Any) -> str:
+                     form: Any, fuse: bool = False) -> str:
             try:
                 try:
                     size_px = int(size)
@@ -579,12 +599,13 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
                 return c.start_training(folder, zf, bank_model or None, preset or "", size_px, int(steps or 0),
                                         int(bs or 0), int(every or 50), variant=variant or default_variant(),
                                         options="\n".join(x for x in (form_options(form), options or "") if x),
-                                        autoencoder=autoencoder)
+                                        autoencoder=autoencoder, fuse_bank=bool(fuse))
             except Exception as exc:
                 return _err(exc)
 
         train_start.click(on_train, [train_method, train_folder, train_zip, train_bank, train_preset, train_size,
-                                     train_steps, train_bs, train_prev, train_options, train_ae, train_form],
+                                     train_steps, train_bs, train_prev, train_options, train_ae, train_form,
+                                     train_fuse],
                           [train_msg])
 
         def on_resume() -> str:
@@ -639,7 +660,7 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
 
         demo.load(on_load, [model_dd], choice_outputs)
 
-    demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=64)
+    demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=QUEUE_MAX_SIZE)
     demo.ccad_controller = c  # type: ignore[attr-defined]
     return demo
 
