@@ -867,11 +867,13 @@ class AppController:
     def start_training(self, folder: Optional[str], zip_file: Optional[str], bank_model: Optional[str],
                        preset: str, image_size: int, steps: int, batch_size: int, preview_every: int = 50,
                        resume: bool = False, variant: str = DEFAULT_VARIANT, options: Optional[str] = None,
-                       autoencoder: Optional[str] = None) -> str:
+                       autoencoder: Optional[str] = None, fuse_bank: bool = False) -> str:
         """Start training a detector of ``variant`` in the background job manager (one job per server).
 
         ``options`` are ``KEY=VALUE`` lines for the method's config and ``autoencoder`` its
         autoencoder spec (methods with that field); both are validated before anything starts.
+        ``fuse_bank`` fuses the method's map with the bank's nearest-neighbour map, both normalised
+        on held-out good images (``scoring.fusion = "bank"``, :mod:`ccad.scoring.fusion`).
         Resume re-uses the last job's variant, options and run folder.
         """
         if self.jobs.busy():
@@ -906,11 +908,16 @@ class AppController:
                       "preset": preset or "", "image_size": int(image_size or mcls.default_image_size),
                       "steps": int(steps), "batch_size": int(batch_size),
                       "preview_every": max(1, int(preview_every)), "resume": False, "variant": variant,
-                      "options": options or "", "autoencoder": (autoencoder or "").strip()}
+                      "options": options or "", "autoencoder": (autoencoder or "").strip(),
+                      "fuse_bank": bool(fuse_bank)}
         self._last_train = dict(params, resume=False)
         train_fn = self.engine.train
         # the typed config, rebuilt from the recipe (a resumed job gets a fresh copy of the same config)
         method_cfg = method_config(params["variant"], params["preset"], params["options"], params["autoencoder"])
+        scoring = None
+        if params.get("fuse_bank"):
+            scoring = _method_class(params["variant"]).default_scoring()
+            scoring.fusion = "bank"
 
         def target(handle: JobHandle) -> Any:
             handle.update(total_steps=params["steps"], message="building the bank" if params["bank"] is None
@@ -934,7 +941,8 @@ class AppController:
                             method=method_cfg, image_size=params["image_size"] or None,
                             train=train_config(steps=params["steps"], batch_size=params["batch_size"],
                                                preview_every=params["preview_every"], show_progress=False),
-                            callbacks=(on_state,), resume=params["resume"], cancel=handle.should_stop)
+                            callbacks=(on_state,), resume=params["resume"], cancel=handle.should_stop,
+                            **({"scoring": scoring} if scoring is not None else {}))
 
         def on_done(job: Any) -> None:
             det = job.result

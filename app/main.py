@@ -298,6 +298,10 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
                                              elem_id="train-batch-size")
                         train_prev = gr.Number(value=50, precision=0, label="Reconstruction preview every N steps",
                                                elem_id="train-preview-every")
+                        train_fuse = gr.Checkbox(value=False, label="Fuse with the bank's nearest-neighbour map",
+                                                 info="the method's map plus a PatchCore map, each normalised on "
+                                                      "held-out good images (one more pass over the images)",
+                                                 elem_id="train-fuse")
                 with gr.Accordion(f"Settings of {minfo['title']}", open=True, elem_id="train-settings") \
                         as train_settings_acc:
                     gr.Markdown("Generated from the method's config: edit a **value**; only changed rows are "
@@ -586,7 +590,7 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
 
         def on_train(variant: str, folder: str, zf: Optional[str], bank_model: str, preset: Optional[str],
                      size: Any, steps: float, bs: float, every: float, options: str, autoencoder: str,
-                     form: Any) -> str:
+                     form: Any, fuse: bool = False) -> str:
             try:
                 try:
                     size_px = int(size)
@@ -595,12 +599,13 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
                 return c.start_training(folder, zf, bank_model or None, preset or "", size_px, int(steps or 0),
                                         int(bs or 0), int(every or 50), variant=variant or default_variant(),
                                         options="\n".join(x for x in (form_options(form), options or "") if x),
-                                        autoencoder=autoencoder)
+                                        autoencoder=autoencoder, fuse_bank=bool(fuse))
             except Exception as exc:
                 return _err(exc)
 
         train_start.click(on_train, [train_method, train_folder, train_zip, train_bank, train_preset, train_size,
-                                     train_steps, train_bs, train_prev, train_options, train_ae, train_form],
+                                     train_steps, train_bs, train_prev, train_options, train_ae, train_form,
+                                     train_fuse],
                           [train_msg])
 
         def on_resume() -> str:

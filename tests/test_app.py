@@ -524,6 +524,16 @@ def test_real_training_job_ccad_v_tiny(root: Path, tmp_path: Path) -> None:
     assert name in c.registry.with_bank()
 
 
+def test_real_training_job_fused_with_the_bank(root: Path, tmp_path: Path) -> None:
+    """The Train tab's "fuse with the bank" box: the trained detector fuses its map with a
+    nearest-neighbour map normalised on held-out good images, and says so in its card."""
+    c, name = _train_inspect_real(root, tmp_path, "ccad-v", options="diffusion.steps=2\ndiffusion.start_step=20",
+                                  fuse_bank=True)
+    det = c.registry.detector(name)
+    assert det.config.scoring.fusion == "bank" and det.fusion is not None and det.fusion.fitted
+    assert "fusion" in c.model_card(name)
+
+
 @pytest.mark.parametrize("variant", ["ccad-c", "ccad-f", "deco-diff"])
 def test_real_training_job_latent_method_random_autoencoder(root: Path, tmp_path: Path, variant: str) -> None:
     """Each latent method the registry has (skipped while it is not registered yet), preset tiny,
