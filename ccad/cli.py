@@ -126,13 +126,19 @@ def variants_help() -> str:
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from .data.datasets import load_dataset
-    from .evaluate import evaluate
+    from .distributed import current, evaluate_sharded
 
-    det = _load_model(a.model, a.revision)
-    samples = load_dataset(a.data, split=a.split, layout=a.layout)
-    bar = _Bar("evaluate", a.quiet)
-    report = evaluate(det, samples, batch_size=a.batch_size, progress=bar)
-    bar.close()
+    shard = current()  # under accelerate launch / torchrun: this process's slice (before loading: its GPU)
+    try:
+        det = _load_model(a.model, a.revision)
+        samples = load_dataset(a.data, split=a.split, layout=a.layout)
+        bar = _Bar("evaluate", a.quiet or not shard.is_main)
+        report = evaluate_sharded(det, samples, shard, batch_size=a.batch_size, progress=bar, folder=a.shard_dir)
+        bar.close()
+    finally:
+        shard.close()
+    if report is None:  # not the main process: the main one merges and reports
+        return 0
     print(report.table())
     for path, why in report.errors:
         print(f"skipped {path}: {why}", file=sys.stderr)
@@ -146,6 +152,33 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
+    from .distributed import current
+
+    shard = current()  # under accelerate launch / torchrun: this process's slice (before loading: its GPU)
+    try:
+        return _predict(a, shard)
+    finally:
+        shard.close()
+
+
+def _output_stems(paths: Sequence[Optional[str]]) -> list[str]:
+    """One distinct file stem per readable image, in order (``test/good/000.png`` and
+    ``test/spot/000.png`` become ``000`` and ``spot_000``)."""
+    stems: list[str] = []
+    used: set[str] = set()
+    for path in paths:
+        stem = Path(str(path)).stem
+        if stem in used:  # same file name in two folders (test/good/000.png, test/spot/000.png)
+            stem = f"{Path(str(path)).parent.name}_{stem}"
+        base, i = stem, 1
+        while stem in used:
+            stem, i = f"{base}_{i}", i + 1
+        used.add(stem)
+        stems.append(stem)
+    return stems
+
+
+def _predict(a: argparse.Namespace, shard: Any) -> int:
     import cv2
 
     from .data.io import IMAGE_EXTENSIONS
@@ -165,19 +198,15 @@ def cmd_predict(a: argparse.Namespace) -> int:
         return 2
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    bar = _Bar("predict", a.quiet)
-    results, errors = det.predict_many(items, batch_size=a.batch_size, progress=bar)
+    bar = _Bar("predict", a.quiet or not shard.is_main)
+    results, errors = det.predict_many(shard.split(items, a.batch_size), batch_size=a.batch_size, progress=bar)
     bar.close()
+    # the names a single process gives: stems over every process's readable images, in order
+    paths_by_rank = shard.gather([r.path for r in results])
+    first = sum(len(p) for p in paths_by_rank[:shard.rank])
+    stems = _output_stems([p for ps in paths_by_rank for p in ps])[first:first + len(results)]
     rows = []
-    used: set[str] = set()
-    for r in results:
-        stem = Path(r.path).stem
-        if stem in used:  # same file name in two folders (test/good/000.png, test/spot/000.png)
-            stem = f"{Path(r.path).parent.name}_{stem}"
-        base, i = stem, 1
-        while stem in used:
-            stem, i = f"{base}_{i}", i + 1
-        used.add(stem)
+    for r, stem in zip(results, stems):
         cv2.imwrite(str(out / f"{stem}_heatmap.png"), cv2.cvtColor(r.heatmap(), cv2.COLOR_RGB2BGR))
         cv2.imwrite(str(out / f"{stem}_overlay.png"), cv2.cvtColor(r.overlay(), cv2.COLOR_RGB2BGR))
         cv2.imwrite(str(out / f"{stem}_mask.png"), r.mask.astype("uint8") * 255)
@@ -186,6 +215,12 @@ def cmd_predict(a: argparse.Namespace) -> int:
             cv2.imwrite(str(out / f"{stem}_reconstruction.png"), cv2.cvtColor(rec, cv2.COLOR_RGB2BGR))
         rows.append({"file": r.path, "score": f"{r.score:.6f}", "threshold": f"{r.threshold:.6f}",
                      "verdict": r.verdict, "seconds": f"{r.seconds:.3f}"})
+    if shard.distributed:  # the main process writes one CSV: every rank's rows, then every rank's errors
+        rows = [row for part in shard.gather(rows) for row in part]
+        errors = [e for part in shard.gather(errors) for e in part]
+        if not shard.is_main:
+            return 0
+    n_ok, n_bad = len(rows), sum(row["verdict"] == "anomalous" for row in rows)
     for path, why in errors:
         rows.append({"file": path, "score": "", "threshold": "", "verdict": f"error: {why}", "seconds": ""})
         print(f"skipped {path}: {why}", file=sys.stderr)
@@ -193,10 +228,9 @@ def cmd_predict(a: argparse.Namespace) -> int:
         w = csv.DictWriter(f, fieldnames=["file", "score", "threshold", "verdict", "seconds"])
         w.writeheader()
         w.writerows(rows)
-    n_bad = sum(r.is_anomalous for r in results)
-    print(f"{len(results)} images: {n_bad} anomalous, {len(results) - n_bad} good, {len(errors)} unreadable; "
+    print(f"{n_ok} images: {n_bad} anomalous, {n_ok - n_bad} good, {len(errors)} unreadable; "
           f"wrote {out / 'scores.csv'}")
-    return 0 if results or not errors else 1
+    return 0 if n_ok or not errors else 1
 
 
 def cmd_calibrate(a: argparse.Namespace) -> int:
@@ -319,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, default=8, help="images per batch")
     sp.add_argument("--json", default=None, help="write the full report (metrics, per-image records) here")
     sp.add_argument("--record", action="store_true", help="store the mean metrics in the model's card")
+    sp.add_argument("--shard-dir", default=None,
+                    help="under accelerate launch / torchrun: the folder for each process's maps (default: a "
+                         "temporary folder; processes on several machines need one they all share)")
     sp.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     sp.set_defaults(func=cmd_evaluate)
