@@ -41,28 +41,59 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         inner = args[0] if args else Any
-        return tuple(_coerce(inner, v, where) for v in value)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        return tuple(_coerce(inner, v, f"{where}[{i}]") for i, v in enumerate(value))
+    return _check_scalar(tp, value, where)
+
+
+_SCALAR_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _check_scalar(tp: Any, value: Any, where: str) -> Any:
+    """Type-check a JSON scalar against an ``int``/``float``/``bool``/``str`` annotation.
+
+    JSON ints are accepted for float fields and integral floats (``200.0``) for int fields;
+    anything else is a :class:`ConfigError` naming the field, e.g.
+    ``config.image_size: expected an integer, got 'big'``.
+    """
+    if tp not in _SCALAR_NAMES:
+        return value
+    ok = False
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        if isinstance(value, float) and not isinstance(value, bool) and value.is_integer():
+            value = int(value)
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(f"{where}: expected {_SCALAR_NAMES[tp]}, got {value!r}")
     return value
+
+
+def _field_where(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
 
 
 def config_from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
     """Build the dataclass ``cls`` from a plain dict; unknown keys are an error naming the field."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected an object, got {type(data).__name__}")
+        raise ConfigError(f"{where or 'config'}: expected an object, got {type(data).__name__}")
     names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
+        raise ConfigError(f"{where + ': ' if where else ''}unknown field(s) {unknown}; known: {sorted(names)}")
     hints = typing.get_type_hints(cls)
-    kwargs = {key: _coerce(hints.get(key, Any), value, f"{where}.{key}") for key, value in data.items()}
+    kwargs = {key: _coerce(hints.get(key, Any), value, _field_where(where, key)) for key, value in data.items()}
     try:
         return cls(**kwargs)  # type: ignore[call-arg]
     except (TypeError, ValueError) as exc:
         if isinstance(exc, ConfigError):
             raise
-        raise ConfigError(f"{where}: {exc}") from exc
+        raise ConfigError(f"{where + ': ' if where else ''}{exc}") from exc
 
 
 def _parse_value(tp: Any, text: str, where: str) -> Any:
@@ -279,6 +310,8 @@ class DetectorConfig:
     def from_dict(cls, data: dict[str, Any]) -> "DetectorConfig":
         from .methods import UnknownVariant, get_method
 
+        if not isinstance(data, dict):
+            raise ConfigError(f"expected a JSON object, got {type(data).__name__}")
         data = dict(data)
         version = data.get("version", CONFIG_VERSION)
         if not isinstance(version, int) or version > CONFIG_VERSION:
@@ -300,7 +333,7 @@ class DetectorConfig:
             from .training import TrainConfig
 
             data["train"] = config_from_dict(TrainConfig, data["train"], "train")
-        return config_from_dict(cls, data, "config").validate()
+        return config_from_dict(cls, data, "").validate()
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
