@@ -31,6 +31,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import threading
 import time
 import warnings
@@ -139,6 +140,7 @@ class TrainResult:
     stopped: bool
     step: int
     out_dir: Path
+    start_step: int = 0  # the checkpoint step this run continued from (0: a fresh run)
 
 
 Callback = Callable[[TrainState], bool | None]
@@ -344,6 +346,68 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+_CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "optimizer.json",
+                     "scheduler.json", "rng.safetensors", "rng.json")
+
+
+def checkpoint_problem(checkpoint: str | Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (None when it is complete and readable).
+
+    Checks the trainer state, every file it lists (present, at the size it was written), that
+    the JSON files parse and that the safetensors headers read; a file truncated or lost by a
+    crash or a full disk is reported, not discovered half-way through loading."""
+    from safetensors import safe_open
+
+    ckpt = Path(checkpoint)
+    try:
+        state = json.loads((ckpt / STATE_NAME).read_text())
+        int(state["step"])
+    except FileNotFoundError:
+        return f"no {STATE_NAME}"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{STATE_NAME} unreadable ({exc})"
+    sizes = state.get("files") or {name: None for name in _CHECKPOINT_FILES[:4]}
+    for name, size in sizes.items():
+        f = ckpt / name
+        if not f.is_file():
+            return f"{name} missing"
+        if size is not None and f.stat().st_size != int(size):
+            return f"{name} has {f.stat().st_size} bytes, {size} were written"
+        try:
+            if name.endswith(".json"):
+                json.loads(f.read_text())
+            elif name.endswith(".safetensors"):
+                with safe_open(str(f), framework="pt") as st:
+                    st.keys()
+        except Exception as exc:  # noqa: BLE001 - any reader error means "cannot resume from this"
+            return f"{name} unreadable ({exc})"
+    return None
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or a folder's entries) to disk, where the platform allows it."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove_dir(path: Path) -> None:
+    """Delete a folder so that it is never seen half-deleted: rename it to a hidden name first."""
+    gone = path.with_name(f".{path.name}.del-{os.getpid()}")
+    try:
+        os.replace(path, gone)
+    except OSError:
+        gone = path
+    shutil.rmtree(gone, ignore_errors=True)
+
+
 def resolve_mixed_precision(value: str) -> str:
     """``auto`` -> ``bf16`` (or ``fp16`` without bf16 support) on CUDA, ``no`` on CPU."""
     if value != "auto":
@@ -449,6 +513,9 @@ class Trainer:
         acc = self.accelerator
         final = self.out_dir / f"{CHECKPOINT_PREFIX}{step}"
         if acc.is_main_process:
+            # atomic: everything is written (and flushed) into a hidden folder that is renamed to
+            # checkpoint-<step> only when complete; a kill at any point leaves the previous
+            # checkpoints intact and at most a hidden .tmp folder, which resume never picks
             tmp = self.out_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -464,24 +531,50 @@ class Trainer:
             state = {"format": CHECKPOINT_FORMAT, "step": step, "epoch": epoch, "losses": losses,
                      "seconds": seconds, "ema_step": int(ema.optimization_step), "num_processes": acc.num_processes,
                      "mixed_precision": str(acc.mixed_precision), "scaler": scaler,
-                     "config": self.config.to_dict()}
+                     "config": self.config.to_dict(), "resumed_from": list(getattr(self, "_resumed_from", [])),
+                     "files": {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}}
+            for f in tmp.iterdir():
+                _fsync(f)
             (tmp / STATE_NAME).write_text(json.dumps(state, indent=1))
+            _fsync(tmp / STATE_NAME)
+            _fsync(tmp)
             if final.exists():
-                shutil.rmtree(final)
+                _remove_dir(final)
             os.replace(tmp, final)
+            _fsync(self.out_dir)
             for old in list_checkpoints(self.out_dir)[: -int(self.config.keep_checkpoints)]:
-                shutil.rmtree(old, ignore_errors=True)
+                _remove_dir(old)
         acc.wait_for_everyone()
         return final
 
     def _resolve_resume(self, resume: bool | str | Path) -> Path | None:
+        """The checkpoint to continue from. ``True``: the latest complete one; an incomplete or
+        corrupt latest one (a crash while writing, a full disk) is skipped with a warning, set
+        aside as a hidden ``.checkpoint-<step>.corrupt`` folder, and the previous one is used."""
         if resume is False or resume is None:
             return None
         if resume is True:
-            return latest_checkpoint(self.out_dir)
+            bad = []
+            for ckpt in reversed(list_checkpoints(self.out_dir)):
+                problem = checkpoint_problem(ckpt)
+                if problem is None:
+                    break
+                bad.append(ckpt)
+                warnings.warn(f"{ckpt}: incomplete or corrupt checkpoint ({problem}); skipping it and "
+                              "resuming from the one before", stacklevel=3)
+            else:
+                ckpt = None
+                if bad:
+                    warnings.warn(f"{self.out_dir}: no readable checkpoint left; starting a fresh run",
+                                  stacklevel=3)
+            self._corrupt = bad
+            return ckpt
         path = Path(resume)
         if not (path / STATE_NAME).is_file():
             raise FileNotFoundError(f"{path}: not a training checkpoint (no {STATE_NAME})")
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            raise ValueError(f"{path}: incomplete or corrupt checkpoint ({problem}); resume from an earlier one")
         return path
 
     # ------------------------------------------------------------------ loop
@@ -518,7 +611,17 @@ class Trainer:
         use_cl = bool(cfg.channels_last) and device.type == "cuda"
         if use_cl:
             model = model.to(memory_format=torch.channels_last)
+        self._corrupt: list[Path] = []
         ckpt = self._resolve_resume(resume)
+        if acc.is_main_process:
+            for old in self.out_dir.glob(f".{CHECKPOINT_PREFIX}*"):  # left by a killed run
+                if old.is_dir() and (old.name.endswith(".tmp") or ".del-" in old.name):
+                    shutil.rmtree(old, ignore_errors=True)
+            for bad in self._corrupt:  # out of the way, kept for inspection
+                aside = bad.with_name(f".{bad.name}.corrupt")
+                if aside.exists():
+                    shutil.rmtree(aside, ignore_errors=True)
+                os.replace(bad, aside)
         if ckpt is None and acc.is_main_process:
             # a fresh run supersedes old checkpoints here; left in place, a later resume=True
             # would pick a stale higher-step one
@@ -537,6 +640,10 @@ class Trainer:
             start_step = int(saved_state["step"])
             losses = [float(v) for v in saved_state.get("losses", [])][:start_step]
             prior_seconds = float(saved_state.get("seconds", 0.0))
+            if cfg.show_progress and acc.is_main_process:
+                print(f"resuming from {ckpt.name} (step {start_step} of {int(cfg.steps)})", file=sys.stderr)
+        self._resumed_from = [int(v) for v in (saved_state or {}).get("resumed_from", [])] + (
+            [start_step] if ckpt is not None else [])
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("nothing to train: the modules have no parameter that requires a gradient")
@@ -640,7 +747,7 @@ class Trainer:
                                   optimizer, lr_sched)
         objective.eval()
         return TrainResult(model=ema_module(ema, unwrapped), ema=ema, losses=list(losses), stopped=stopped,
-                           step=step, out_dir=self.out_dir)
+                           step=step, out_dir=self.out_dir, start_step=start_step)
 
     @torch.no_grad()
     def _preview(self, ema: Any, unwrapped: nn.Module, device: torch.device) -> np.ndarray | None:
