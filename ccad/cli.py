@@ -57,6 +57,23 @@ def _load_model(path: str, revision: Optional[str] = None):
     return AnomalyDetector.from_pretrained(path, revision=revision)
 
 
+def _report_skipped(skipped: Sequence[Any]) -> None:
+    """Tell stderr what was left out: one line for the files with unsupported extensions (paths,
+    or info.json ``skipped`` entries with that reason), one line per other (unreadable) file."""
+    from .data.datasets import skipped_summary, unsupported_reason
+
+    unsupported = []
+    for item in skipped or ():
+        if not isinstance(item, dict):
+            unsupported.append(item)
+        elif item.get("reason") == unsupported_reason(item.get("path", "")):
+            unsupported.append(item["path"])
+        else:
+            print(f"skipped {item.get('path')}: {item.get('reason')}", file=sys.stderr)
+    if unsupported:
+        print(skipped_summary(unsupported), file=sys.stderr)
+
+
 # ---- commands ---------------------------------------------------------------------------------
 
 def cmd_bank(a: argparse.Namespace) -> int:
@@ -69,9 +86,7 @@ def cmd_bank(a: argparse.Namespace) -> int:
                        batch_size=a.batch_size, weights=a.weights, progress=bar)
     bar.close()
     det.save_pretrained(a.out)
-    skipped = det.info.get("skipped") or []
-    for item in skipped:
-        print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
+    _report_skipped(det.info.get("skipped") or [])
     print(json.dumps({"model": str(a.out), **det.bank.summary(), "threshold": det.threshold}, default=str))
     return 0
 
@@ -103,6 +118,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     det = train_detector(data, a.out, variant=a.variant, method=method, train=train, bank=bank,
                          image_size=a.image_size, backbone=a.backbone, layers=a.layers, bank_size=a.size,
                          calibration_fraction=a.calibration_fraction, resume=a.resume, seed=a.seed)
+    _report_skipped(det.info.get("skipped") or [])
     print(json.dumps({"model": str(Path(a.out) / "model"), "variant": det.variant,
                       "steps": det.info.get("train_steps"), "threshold": det.threshold,
                       "categories": det.info.get("categories"), "stopped_early": det.info.get("stopped_early")}))
@@ -132,6 +148,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     try:
         det = _load_model(a.model, a.revision)
         samples = load_dataset(a.data, split=a.split, layout=a.layout)
+        if shard.is_main:
+            _report_skipped(getattr(samples, "skipped", []))
         bar = _Bar("evaluate", a.quiet or not shard.is_main)
         report = evaluate_sharded(det, samples, shard, batch_size=a.batch_size, progress=bar, folder=a.shard_dir)
         bar.close()
@@ -181,19 +199,14 @@ def _output_stems(paths: Sequence[Optional[str]]) -> list[str]:
 def _predict(a: argparse.Namespace, shard: Any) -> int:
     import cv2
 
-    from .data.io import IMAGE_EXTENSIONS
+    from .data.datasets import find_images, unsupported_reason
 
     det = _load_model(a.model, a.revision)
     if a.threshold is not None:
         det.threshold = a.threshold
-    items: list[str] = []
-    for p in a.inputs:
-        p = Path(p)
-        if p.is_dir():
-            items.extend(str(f) for f in sorted(p.rglob("*")) if f.suffix.lower() in IMAGE_EXTENSIONS)
-        else:
-            items.append(str(p))
+    items, unsupported = find_images(a.inputs)  # folders: recursively; other file types are reported
     if not items:
+        _report_skipped(unsupported)
         print("error: no images given (files or folders of PNG/JPG/BMP/TIFF)", file=sys.stderr)
         return 2
     out = Path(a.out)
@@ -224,6 +237,9 @@ def _predict(a: argparse.Namespace, shard: Any) -> int:
     for path, why in errors:
         rows.append({"file": path, "score": "", "threshold": "", "verdict": f"error: {why}", "seconds": ""})
         print(f"skipped {path}: {why}", file=sys.stderr)
+    rows += [{"file": str(q), "score": "", "threshold": "", "verdict": f"skipped: {unsupported_reason(q)}",
+              "seconds": ""} for q in unsupported]
+    _report_skipped(unsupported)
     with open(out / "scores.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["file", "score", "threshold", "verdict", "seconds"])
         w.writeheader()

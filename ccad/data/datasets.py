@@ -24,9 +24,12 @@ also hold defective images: they are left out unless ``include_defective=True``)
 from __future__ import annotations
 
 import csv
+import functools
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
@@ -48,6 +51,11 @@ from ccad.data.sample import LABEL_ANOMALOUS, LABEL_GOOD, LABEL_UNKNOWN, Sample
 __all__ = [
     "LAYOUTS",
     "DatasetLayoutError",
+    "SampleList",
+    "collect_skipped",
+    "unsupported_reason",
+    "skipped_summary",
+    "find_images",
     "load_folder",
     "load_mvtec",
     "load_anomalib_folder",
@@ -165,6 +173,110 @@ def _images_in(d: Path) -> list[Path]:
     return [p for p in list_images(d) if not _looks_like_mask(p)]
 
 
+# --------------------------------------------------------------------------------------------
+# files left out for their extension (reported, never silently dropped)
+# --------------------------------------------------------------------------------------------
+
+
+class SampleList(list):
+    """What every loader returns: a plain ``list[Sample]`` with ``skipped``, the files of the
+    folders it read that it left out because their extension is not an image type
+    (:data:`ccad.data.io.IMAGE_EXTENSIONS`), as sorted absolute paths. Hidden files, mask files
+    (``*_mask``/``*_label``/``*_gt``) and mask folders are not listed: they are not inputs."""
+
+    def __init__(self, items: Iterable[Any] = (), skipped: Iterable[PathLike] = ()) -> None:
+        super().__init__(items)
+        self.skipped: list[Path] = [Path(p) for p in skipped]
+
+
+_COLLECTORS: ContextVar[tuple[list[Path], ...]] = ContextVar("ccad_unsupported_files", default=())
+
+
+@contextmanager
+def collect_skipped() -> Iterator[list[Path]]:
+    """Collect, in the yielded list, every file with an unsupported extension that a loader
+    skips inside the ``with`` block (blocks nest; each file is listed once)::
+
+        with collect_skipped() as skipped:
+            det = train_detector("data/", "run")
+        print(skipped_summary(skipped))
+    """
+    found: list[Path] = []
+    token = _COLLECTORS.set(_COLLECTORS.get() + (found,))
+    try:
+        yield found
+    finally:
+        _COLLECTORS.reset(token)
+
+
+def unsupported_reason(path: PathLike) -> str:
+    """``"unsupported file type .gif"`` (the reason recorded for a skipped file)."""
+    suffix = Path(path).suffix.lower()
+    return f"unsupported file type {suffix}" if suffix else "unsupported file type (no extension)"
+
+
+def skipped_summary(paths: Sequence[PathLike], limit: int = 10) -> str:
+    """One line: ``"skipped 2 file(s) with unsupported extensions: a.gif, notes.txt"`` ("" for none)."""
+    if not paths:
+        return ""
+    names = [Path(p).name for p in paths]
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return f"skipped {len(names)} file(s) with unsupported extensions: {', '.join(names[:limit])}{more}"
+
+
+def _note_unsupported(d: Path, recursive: bool = False) -> None:
+    """Record the non-image files of ``d`` (not hidden, not masks, not in mask folders)."""
+    collectors = _COLLECTORS.get()
+    if not collectors or not d.is_dir():
+        return
+    found = []
+    for p in d.rglob("*") if recursive else d.iterdir():
+        parts = p.relative_to(d).parts
+        if any(part.startswith(".") for part in parts):
+            continue
+        if any(part.lower() in _MASK_DIR_NAMES for part in parts[:-1]):
+            continue
+        if p.is_file() and not is_image_file(p) and not _looks_like_mask(p):
+            found.append(p.resolve())
+    for lst in collectors:
+        seen = set(lst)
+        lst.extend(q for q in sorted(found) if q not in seen)
+
+
+def _read_images(d: Path, recursive: bool = False) -> list[Path]:
+    """The images a loader takes from ``d`` (as :func:`_images_in`); the other files are noted
+    as skipped (:func:`collect_skipped`). Detection probes use :func:`_images_in`, which notes nothing."""
+    _note_unsupported(d, recursive)
+    return [p for p in list_images(d, recursive=recursive) if not _looks_like_mask(p)]
+
+
+def _reports_skipped(loader: Callable[..., list[Sample]]) -> Callable[..., list[Sample]]:
+    """Make a loader return a :class:`SampleList` whose ``skipped`` lists what it left out."""
+
+    @functools.wraps(loader)
+    def wrapper(*args: Any, **kwargs: Any) -> list[Sample]:
+        with collect_skipped() as skipped:
+            samples = loader(*args, **kwargs)
+        return SampleList(samples, sorted(skipped))
+
+    return wrapper
+
+
+def find_images(inputs: Iterable[PathLike]) -> tuple[list[str], list[Path]]:
+    """Files to inspect from files and folders (``ccad predict``): a file is taken as given, a
+    folder is searched recursively for image files. Returns ``(images, skipped)``: ``skipped``
+    are the folders' files with unsupported extensions (as :class:`SampleList`)."""
+    items: list[str] = []
+    with collect_skipped() as skipped:
+        for p in map(Path, inputs):
+            if p.is_dir():
+                _note_unsupported(p, recursive=True)
+                items.extend(str(f) for f in sorted(p.rglob("*")) if f.is_file() and is_image_file(f))
+            else:
+                items.append(str(p))
+    return items, sorted(skipped)
+
+
 def _split_list(split: str) -> list[str]:
     s = _norm_split(split)
     if s == "all":
@@ -179,6 +291,7 @@ def _split_list(split: str) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
+@_reports_skipped
 def load_folder(dir: PathLike, label: int = 0, recursive: bool = False, category: str = "",
                 split: str = "train", defect_type: str | None = None) -> list[Sample]:
     """All images in a folder (files named ``*_mask``/``*_label`` are skipped), one label for all.
@@ -190,7 +303,7 @@ def load_folder(dir: PathLike, label: int = 0, recursive: bool = False, category
     d = Path(dir)
     if not d.is_dir():
         raise DatasetLayoutError(f"'{d}' is not a folder")
-    files = [p for p in list_images(d, recursive=recursive) if not _looks_like_mask(p)]
+    files = _read_images(d, recursive=recursive)
     dt = defect_type if defect_type is not None else ("good" if label == 0 else d.name)
     return [Sample(str(p.resolve()), None, label, category, dt, _norm_split(split) or "train") for p in files]
 
@@ -252,7 +365,7 @@ def _mvtec_category(cat: Path, split: str) -> list[Sample]:
             if sp == "train" and not good:
                 continue
             masks = {} if good else _mask_index(_child(gt_root, dtype) if gt_root else None)
-            for p in _images_in(td):
+            for p in _read_images(td):
                 m = masks.get(p.stem)
                 label = LABEL_GOOD if good else LABEL_ANOMALOUS
                 out.append(Sample(str(p.resolve()), str(m.resolve()) if m else None, label,
@@ -260,6 +373,7 @@ def _mvtec_category(cat: Path, split: str) -> list[Sample]:
     return out
 
 
+@_reports_skipped
 def load_mvtec(root: PathLike, split: str = "test", category: str | Sequence[str] | None = None) -> list[Sample]:
     """MVTec AD layout (also anomalib's MVTec-like folders and CCAD's DAGM re-annotation).
 
@@ -278,6 +392,7 @@ def load_mvtec(root: PathLike, split: str = "test", category: str | Sequence[str
     return out
 
 
+@_reports_skipped
 def load_dagm_ccad(root: PathLike, split: str = "test", category: str | Sequence[str] | None = None) -> list[Sample]:
     """CCAD's re-annotated DAGM layout: ``Class1_defect/train/good``, ``test/{good,anomal}``,
     ``ground_truth/anomal/<stem>[_mask].png``. The same structure as MVTec AD (:func:`load_mvtec`).
@@ -298,6 +413,7 @@ def _is_anomalib_folder(d: Path) -> bool:
     return False
 
 
+@_reports_skipped
 def load_anomalib_folder(root: PathLike, split: str = "test", normal_test_ratio: float = 0.2,
                          category: str = "") -> list[Sample]:
     """anomalib ``Folder`` layout: ``good/`` (or ``normal/``), one folder per defect type, and
@@ -317,7 +433,7 @@ def load_anomalib_folder(root: PathLike, split: str = "test", normal_test_ratio:
     splits = set(_split_list(split))
     every = max(2, int(round(1.0 / normal_test_ratio))) if normal_test_ratio > 0 else 0
     out: list[Sample] = []
-    for i, p in enumerate(_images_in(good_dir)):
+    for i, p in enumerate(_read_images(good_dir)):
         sp = "test" if every and (i % every == every - 1) else "train"
         if sp in splits:
             out.append(Sample(str(p.resolve()), None, LABEL_GOOD, cat, "good", sp))
@@ -326,7 +442,7 @@ def load_anomalib_folder(root: PathLike, split: str = "test", normal_test_ratio:
         for td in _subdirs(r):
             if td.name.lower() in skip:
                 continue
-            imgs = _images_in(td)
+            imgs = _read_images(td)
             if not imgs:
                 continue
             masks = _mask_index(_child(mask_root, td.name)) if mask_root else {}
@@ -358,6 +474,7 @@ def _resolve(base: Path, value: str) -> Path:
     return p if p.is_absolute() else (base / p)
 
 
+@_reports_skipped
 def load_csv_manifest(csv_path: PathLike, split: str | None = None, root: PathLike | None = None) -> list[Sample]:
     """Samples listed in a CSV file.
 
@@ -430,6 +547,7 @@ def load_csv_manifest(csv_path: PathLike, split: str | None = None, root: PathLi
     return out
 
 
+@_reports_skipped
 def load_visa(root: PathLike, split_csv: PathLike | None = None, split: str = "test") -> list[Sample]:
     """VisA: its split CSV (``object, split, label, image, mask``; label ``normal``/``anomaly``),
     paths relative to the VisA root. ``split_csv`` defaults to ``<root>/split_csv/1cls.csv``;
@@ -458,6 +576,7 @@ def _is_loco_category(d: Path) -> bool:
     return t is not None and any(_child(t, name) is not None for name in ("logical_anomalies", "structural_anomalies"))
 
 
+@_reports_skipped
 def load_mvtec_loco(root: PathLike, split: str = "test", category: str | Sequence[str] | None = None) -> list[Sample]:
     """MVTec LOCO AD: ``<cat>/{train,validation}/good``, ``test/{good,logical_anomalies,
     structural_anomalies}``, masks ``ground_truth/<type>/<stem>/000.png, 001.png, ...`` (several
@@ -477,7 +596,7 @@ def load_mvtec_loco(root: PathLike, split: str = "test", category: str | Sequenc
                 good = td.name.lower() == "good"
                 if sp != "test" and not good:
                     continue
-                for p in _images_in(td):
+                for p in _read_images(td):
                     masks: list[Path] = []
                     if not good and gt is not None:
                         md = _child(gt, td.name)
@@ -498,6 +617,7 @@ def _is_mvtec3d_category(d: Path) -> bool:
     return False
 
 
+@_reports_skipped
 def load_mvtec3d(root: PathLike, split: str = "test", category: str | Sequence[str] | None = None) -> list[Sample]:
     """MVTec 3D-AD, RGB only: ``<cat>/{train,validation,test}/<type>/rgb/*.png`` with masks in
     ``<cat>/<split>/<type>/gt/<stem>.png`` (the ``xyz`` point clouds are ignored).
@@ -519,7 +639,7 @@ def load_mvtec3d(root: PathLike, split: str = "test", category: str | Sequence[s
                 if sp != "test" and not good:
                     continue
                 masks = {} if good else _mask_index(_child(td, "gt"))
-                for p in _images_in(rgb):
+                for p in _read_images(rgb):
                     m = masks.get(p.stem)
                     out.append(Sample(str(p.resolve()), str(m.resolve()) if m else None,
                                       LABEL_GOOD if good else LABEL_ANOMALOUS, cat.name,
@@ -562,7 +682,7 @@ def _dagm_folder(folder: Path, split: str, category: str, include_defective: boo
     label_files = _mask_index(label_dir)
     exact = _mask_index(_child(folder, "Exact"))
     out: list[Sample] = []
-    for p in _images_in(folder):
+    for p in _read_images(folder):
         if p.name in table:
             label, lfile = table[p.name]
             lpath = (label_dir / lfile) if (lfile and label_dir is not None) else label_files.get(p.stem)
@@ -594,6 +714,7 @@ def _is_dagm_loose(d: Path) -> bool:
     return _child(d, "true_masks") is not None and bool(_images_in(d))
 
 
+@_reports_skipped
 def load_dagm(root: PathLike, split: str = "test", category: str | Sequence[str] | None = None,
               include_defective: bool = False, mask_source: str = "label") -> list[Sample]:
     """DAGM 2007 as published: ``ClassN/{Train,Test}/*.PNG`` with ``Label/Labels.txt`` and
@@ -687,13 +808,17 @@ def detect_layout(path: PathLike) -> str:
         return "anomalib_folder"
     if _images_in(p):
         return "folder"
+    with collect_skipped() as skipped:
+        _note_unsupported(p)
     raise DatasetLayoutError(
         f"cannot recognise a dataset layout in '{p}': no images directly inside and none of the "
         "known layouts (MVTec AD train/test, anomalib good/<defect>, CSV manifest, VisA split_csv, "
         "MVTec LOCO, MVTec 3D-AD rgb/, DAGM ClassN/Train|Test/Label) was found"
+        + (f"; {skipped_summary(skipped)}" if skipped else "")
     )
 
 
+@_reports_skipped
 def load_dataset(path: PathLike, split: str = "test", layout: str = "auto", **kwargs: Any) -> list[Sample]:
     """Load any supported data set as ``list[Sample]``.
 
@@ -733,7 +858,9 @@ def load_dataset(path: PathLike, split: str = "test", layout: str = "auto", **kw
     else:
         samples = load_dagm(p, split, **kwargs)
     if not samples:
-        raise DatasetLayoutError(f"no images found in '{p}' (layout {lay}, split {split!r})")
+        why = skipped_summary(getattr(samples, "skipped", []))
+        raise DatasetLayoutError(f"no images found in '{p}' (layout {lay}, split {split!r})"
+                                 + (f"; {why}" if why else ""))
     return samples
 
 
