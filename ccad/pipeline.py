@@ -251,14 +251,26 @@ class AnomalyDetector(
         sc = self.config.scoring
         return image_score(maps, sc.score, sc.topk_ratio, topk_count=sc.topk_count)
 
-    def _predict_batch(self, images: list[np.ndarray], paths: list[Optional[str]]) -> list[Prediction]:
+    def _predict_batch(self, images: list[np.ndarray], paths: list[Optional[str]],
+                       read_seconds: Optional[Sequence[float]] = None) -> list[Prediction]:
+        """Predictions for decoded images. ``Prediction.seconds`` is each image's own time: its
+        read/decode (``read_seconds``, measured by the caller), its resize to the model's size and
+        its post-processing (map and reconstruction interpolated back to its size), each timed per
+        image, plus its share of the batched forward pass and image score (batch time / batch size)."""
+        own = list(read_seconds) if read_seconds is not None else [0.0] * len(images)
+        tensors = []
+        for i, im in enumerate(images):
+            t = time.perf_counter()
+            tensors.append(to_tensor(im, self.input_size))
+            own[i] += time.perf_counter() - t
         t0 = time.perf_counter()
-        x = torch.stack([to_tensor(im, self.image_size) for im in images])
+        x = torch.stack(tensors)
         maps, x_hat = self.maps_for_batch(x)
         scores = self._score(maps).cpu().numpy()
         per = (time.perf_counter() - t0) / len(images)
         out = []
         for i, im in enumerate(images):
+            t = time.perf_counter()
             h, w = im.shape[:2]
             m = F.interpolate(maps[i:i + 1], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
             rec = None
@@ -268,39 +280,48 @@ class AnomalyDetector(
             out.append(Prediction(image=im, reconstruction=rec, anomaly_map=m.cpu().numpy().astype(np.float32),
                                   score=float(scores[i]), threshold=self.threshold, seconds=per, path=paths[i],
                                   map_floor=self.map_floor))
+            out[-1].seconds = own[i] + per + (time.perf_counter() - t)
         return out
 
     # ---- public API -------------------------------------------------------------------------
     def predict(self, image: Any) -> Prediction:
         """Inspect one image (path, PIL image or numpy array; grey/RGB/RGBA/16-bit; any size)."""
         path = str(image) if isinstance(image, (str, Path)) else None
-        return self._predict_batch([coerce_image(image)], [path])[0]
+        t = time.perf_counter()
+        im = coerce_image(image)
+        return self._predict_batch([im], [path], [time.perf_counter() - t])[0]
 
     def predict_many(
         self, items: Iterable[Any], batch_size: int = 8, on_error: str = "skip", progress: ProgressFn = None,
         cancel: CancelFn = None,
     ) -> tuple[list[Prediction], list[tuple[str, str]]]:
         """Inspect many images in batches. A bad file is reported in ``errors`` and skipped
-        (``on_error="skip"``) or raises (``"raise"``); nothing already done is lost."""
+        (``on_error="skip"``) or raises (``"raise"``); nothing already done is lost. Each
+        prediction's ``seconds`` is that image's own time (see :meth:`_predict_batch`), its read
+        and decode included."""
         items = list(items)
         results: list[Prediction] = []
         errors: list[tuple[str, str]] = []
         batch: list[np.ndarray] = []
         paths: list[Optional[str]] = []
+        reads: list[float] = []
         done = 0
 
         def flush() -> None:
             if batch:
-                results.extend(self._predict_batch(batch, paths))
+                results.extend(self._predict_batch(batch, paths, reads))
                 batch.clear()
                 paths.clear()
+                reads.clear()
 
         for item in items:
             if cancel is not None and cancel():
                 break
             name = str(item) if isinstance(item, (str, Path)) else f"item {done}"
             try:
+                t = time.perf_counter()
                 batch.append(coerce_image(item))
+                reads.append(time.perf_counter() - t)
                 paths.append(str(item) if isinstance(item, (str, Path)) else None)
             except (ImageReadError, ValueError, TypeError) as exc:
                 if on_error == "raise":
