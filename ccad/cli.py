@@ -105,6 +105,23 @@ def _method_config(variant: str, preset: Optional[str], options: Sequence[str]) 
     return cfg
 
 
+def _scoring_config(variant: str, options: Sequence[str]) -> Any:
+    """The variant's default scoring with every ``--scoring KEY=VALUE`` applied (None: untouched)."""
+    from .config import ConfigError, set_option
+    from .methods import get_method
+
+    if not options:
+        return None
+    sc = get_method(variant).default_scoring()
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--scoring {item!r}: expected KEY=VALUE, e.g. fusion=bank")
+        set_option(sc, key.strip(), value.strip(), "--scoring")
+    sc.validate()
+    return sc
+
+
 def cmd_train(a: argparse.Namespace) -> int:
     from .features import FeatureBank
     from .pipeline import train_detector
@@ -117,7 +134,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     data = a.data[0] if len(a.data) == 1 else a.data
     det = train_detector(data, a.out, variant=a.variant, method=method, train=train, bank=bank,
                          image_size=a.image_size, backbone=a.backbone, layers=a.layers, bank_size=a.size,
-                         calibration_fraction=a.calibration_fraction, resume=a.resume, seed=a.seed)
+                         calibration_fraction=a.calibration_fraction, resume=a.resume, seed=a.seed,
+                         scoring=_scoring_config(a.variant, getattr(a, "scoring", None)))
     _report_skipped(det.info.get("skipped") or [])
     print(json.dumps({"model": str(Path(a.out) / "model"), "variant": det.variant,
                       "steps": det.info.get("train_steps"), "threshold": det.threshold,
@@ -355,6 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="set a field of the variant's config, e.g. diffusion.start_step=200 (repeatable; "
                          "each variant's options are listed below)")
+    sp.add_argument("--scoring", action="append", default=[], metavar="KEY=VALUE",
+                    help="set a field of the scoring config (repeatable), e.g. fusion=bank (fuse the method's "
+                         "map with the bank's nearest-neighbour map, both normalised on held-out good images), "
+                         "feature_match=neighbourhood, score=topk")
     sp.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     sp.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")

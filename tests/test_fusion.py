@@ -189,3 +189,16 @@ def test_feature_match_is_a_scoring_option_of_the_reconstruction_methods(root, t
     assert back.config.scoring.feature_match == "neighbourhood" and back.config.scoring.match_radius == 2
     with pytest.raises(ConfigError, match="feature_match"):
         ScoringConfig(feature_match="nearby").validate()
+
+
+def test_cli_trains_a_fused_detector_and_names_a_bad_scoring_field(root, tmp_path, capsys):
+    from ccad.cli import main
+
+    args = ["train", str(root), "--variant", "ccad-v", "--preset", "tiny", "--image-size", str(SIZE), "--steps", "1",
+            "--size", "8", "--out", str(tmp_path / "run"), "--quiet", "--option", "diffusion.start_step=100",
+            "--option", "diffusion.steps=2", "--scoring", "fusion=bank", "--scoring", f"fusion_image_size={SIZE}"]
+    assert main(args) == 0
+    back = AnomalyDetector.from_pretrained(tmp_path / "run" / "model", device="cpu")
+    assert back.config.scoring.fusion == "bank" and back.fusion is not None and back.fusion.fitted
+    assert main(args[:-4] + ["--scoring", "fusion=maybe"]) != 0
+    assert "scoring.fusion" in capsys.readouterr().err
