@@ -136,6 +136,13 @@ def cmd_train(a: argparse.Namespace) -> int:
                          image_size=a.image_size, backbone=a.backbone, layers=a.layers, bank_size=a.size,
                          calibration_fraction=a.calibration_fraction, resume=a.resume, seed=a.seed,
                          scoring=_scoring_config(a.variant, getattr(a, "scoring", None)))
+    from .distributed import launched_world_size
+
+    if launched_world_size() > 1:
+        from accelerate import PartialState
+
+        if not PartialState().is_main_process:  # the main process reports (and wrote the model)
+            return 0
     _report_skipped(det.info.get("skipped") or [])
     print(json.dumps({"model": str(Path(a.out) / "model"), "variant": det.variant,
                       "steps": det.info.get("train_steps"), "threshold": det.threshold,

@@ -440,15 +440,22 @@ class AnomalyDetector(
         Path(save_directory, FILES["calibration"]).write_text(json.dumps(self.calibration.to_dict(), indent=1))
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, revision: Optional[str] = None,
+                        cache_dir: Any = None, force_download: bool = False, local_files_only: bool = False,
+                        token: Any = None, device: Any = None, **_: Any) -> "AnomalyDetector":  # type: ignore[override]
+        """Load a detector from a local folder or a Hub repo id (:func:`ccad.hub.resolve_model_path`:
+        a path that does not exist or a repo the Hub cannot serve is a clear CheckpointError)."""
+        return cls._from_pretrained(model_id=str(pretrained_model_name_or_path), revision=revision,
+                                    cache_dir=cache_dir, force_download=force_download,
+                                    local_files_only=local_files_only, token=token, device=device)
+
+    @classmethod
     def _from_pretrained(cls, *, model_id: str, revision: Optional[str], cache_dir: Any, force_download: bool,
                          local_files_only: bool, token: Any, device: Any = None, **_: Any) -> "AnomalyDetector":
-        path = Path(model_id)
-        if not path.is_dir():
-            from huggingface_hub import snapshot_download
+        from .hub import resolve_model_path
 
-            path = Path(snapshot_download(repo_id=model_id, revision=revision, cache_dir=cache_dir,
-                                          force_download=force_download, local_files_only=local_files_only,
-                                          token=token))
+        path = resolve_model_path(model_id, revision=revision, cache_dir=cache_dir, force_download=force_download,
+                                  local_files_only=local_files_only, token=token)
         return cls.load_folder(path, device=device)
 
     @classmethod
@@ -587,8 +594,12 @@ def _detector_config(variant: str, image_size: Optional[int], method: Any, bank_
 def _prepare(data: Any, config: DetectorConfig, bank: Any, calibration_fraction: float, seed: int, device: Any,
              progress: ProgressFn, cancel: CancelFn, run_dir: Optional[Path]) -> tuple[Method, Any, list, list]:
     """Samples -> train / calibration split -> the method with its bank and modules built."""
-    good = _as_samples(data)
+    from .data.datasets import SampleList, collect_skipped
+
+    with collect_skipped() as unsupported:  # files left out for their extension (info.json "skipped")
+        good = _as_samples(data)
     train, cal = split_good(good, calibration_fraction, seed)
+    train = SampleList(train, unsupported)
     dev = torch.device(device) if device is not None else default_device()
     mcls = get_method(config.variant)
     ctx = Context(image_size=config.image_size, device=dev, bank_config=config.bank, scoring=config.scoring,
@@ -632,7 +643,10 @@ def _build_fusion(config: DetectorConfig, train: list, cal: list, device: torch.
 
 def _info(train: list, bank: Any) -> dict[str, Any]:
     cats = sorted({getattr(s, "category", "") or "" for s in train} - {""})
-    skipped = (getattr(bank, "meta", {}) or {}).get("skipped", []) if bank is not None else []
+    from .data.datasets import unsupported_reason
+
+    skipped = list((getattr(bank, "meta", {}) or {}).get("skipped", []) if bank is not None else [])
+    skipped += [{"path": str(p), "reason": unsupported_reason(p)} for p in getattr(train, "skipped", [])]
     return {"n_train_images": len(train), "skipped": skipped, "categories": cats or None}
 
 
@@ -750,5 +764,20 @@ def train_detector(
     det = AnomalyDetector(config, bank, m, device=m.ctx.device, info=info, fusion=fusion)
     if cal:
         det.calibrate(cal, batch_size=tcfg.batch_size)
-    det.save_pretrained(out_dir / "model")
+    state = _launch_state()
+    if state is None or state.is_main_process:  # several processes (accelerate launch): one writes the model
+        det.save_pretrained(out_dir / "model")
+    if state is not None:
+        state.wait_for_everyone()
     return det
+
+
+def _launch_state() -> Any:
+    """accelerate's shared state when a launcher started several processes, else None."""
+    from .distributed import launched_world_size
+
+    if launched_world_size() <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState()

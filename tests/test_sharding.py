@@ -23,6 +23,7 @@ import pytest
 from ccad.cli import main
 from ccad.data.synthetic import write_dataset
 from ccad.distributed import Shard, current
+from ccad.pipeline import AnomalyDetector
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +194,16 @@ def test_seconds_differ_within_a_batch_and_add_up_to_no_more_than_the_run(tiny, 
     seconds = [r.seconds for r in results]
     assert all(s > 0 for s in seconds) and len(set(seconds)) == 3
     assert sum(seconds) <= wall
+
+
+def test_two_process_training_writes_one_model_and_reports_once(tiny, tmp_path):
+    """``accelerate launch -m ccad.cli train`` on two CPU processes: training is data-parallel, and
+    only the main process writes RUN/model and prints the result line."""
+    run = tmp_path / "run"
+    proc = _launch(tmp_path, "train", str(tiny.cat), "--variant", "ccad-v", "--preset", "tiny", "--image-size", "32",
+                   "--steps", "2", "--batch-size", "2", "--size", "8", "--out", str(run), "--quiet",
+                   "--option", "diffusion.start_step=50", "--option", "diffusion.steps=2")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1 and json.loads(lines[0])["steps"] == 2
+    det = AnomalyDetector.from_pretrained(str(run / "model"), device="cpu")
+    assert det.variant == "ccad-v" and det.info["train_steps"] == 2
