@@ -362,14 +362,27 @@ class AnomalyDetector(
         samples = [s if isinstance(s, Sample) else Sample(str(s), None, 0) for s in good_items]
         errors: list[tuple[str, str]] = []
         parts: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = []
+        fit_weight = self.fusion is not None and sc.fusion_weight_fit == "synthetic"
+        synthetic: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        gen = torch.Generator().manual_seed(0)
         for b in iter_batches(samples, self.input_size, batch_size, on_error="skip", errors=errors):
             m, bank, _ = self.map_parts(b["image"])
             parts.append((m.cpu(), None if bank is None else bank.cpu()))
+            if fit_weight:  # copies of these good images with a synthetic anomaly each (good-only)
+                from .data.anomaly_synth import synthesize_batch
+
+                x_a, masks = synthesize_batch(b["image"].float(), gen, ratio=1.0)
+                m_a, bank_a, _ = self.map_parts(x_a)
+                synthetic.append((m_a.cpu(), bank_a.cpu(), masks.cpu()))
         if not parts:
             raise ValueError("no readable good image to calibrate on" + (f" ({errors[0][0]}: {errors[0][1]})"
                                                                          if errors else ""))
         if self.fusion is not None:  # the normalisation of both maps comes from these good images only
-            self.fusion.fit_stats(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+            good = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+            self.fusion.fit_stats(*good)
+            if fit_weight:
+                syn = [torch.cat([p[k] for p in synthetic]) for k in range(3)]
+                self.fusion.fit_weight(good, (syn[0], syn[1]), syn[2], self._score)
         fused = torch.cat([self.combine(m, bank) for m, bank in parts])
         scores = self._score(fused).numpy()
         maps = fused[:, 0].numpy()

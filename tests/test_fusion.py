@@ -202,3 +202,24 @@ def test_cli_trains_a_fused_detector_and_names_a_bad_scoring_field(root, tmp_pat
     assert back.config.scoring.fusion == "bank" and back.fusion is not None and back.fusion.fitted
     assert main(args[:-4] + ["--scoring", "fusion=maybe"]) != 0
     assert "scoring.fusion" in capsys.readouterr().err
+
+
+def test_fusion_weight_can_be_fitted_on_synthetic_anomalies_of_good_images(root, tmp_path):
+    sc = fused_scoring()
+    sc.fusion_weight_fit = "synthetic"
+    det = train_detector(root, tmp_path / "run", variant="ccad-v", method=tiny_ccad_v(), image_size=SIZE,
+                         bank_size=8, train=TrainConfig(steps=1, batch_size=4, show_progress=False,
+                                                        checkpoint_every=0),
+                         scoring=sc, calibration_fraction=0.3, device="cpu")
+    fit = det.fusion.weight_fit
+    grid = fit["grid"]
+    assert [g["weight"] for g in grid] == pytest.approx([i / 10 for i in range(11)])
+    assert fit["n_good"] == fit["n_synthetic"] == det.info["n_calibration_images"]
+    best = max((g["image_auroc"] + g["pixel_auroc"]) / 2 for g in grid)
+    chosen = next(g for g in grid if g["weight"] == pytest.approx(det.fusion.weight))
+    assert (chosen["image_auroc"] + chosen["pixel_auroc"]) / 2 == pytest.approx(best)
+    back = AnomalyDetector.from_pretrained(tmp_path / "run" / "model", device="cpu")
+    assert back.fusion.weight == pytest.approx(det.fusion.weight)
+    assert back.card()["fusion"]["weight_source"].startswith("synthetic anomalies")
+    with pytest.raises(ConfigError, match="fusion_weight_fit"):
+        ScoringConfig(fusion_weight_fit="test-labels").validate()

@@ -13,8 +13,12 @@ example:
 ``mu_c`` and ``sd_c`` are the mean and standard deviation of component ``c``'s map over every
 pixel of the held-out good images (the calibration slice: never training images, whose patches
 are in the memory, and never test labels); ``w`` is ``scoring.fusion_weight`` (0.5 by default:
-the two kinds of evidence count equally; it is not fitted to anything). The threshold is then
-calibrated on the fused image scores of the same good images.
+the two kinds of evidence count equally), or, with ``scoring.fusion_weight_fit = "synthetic"``,
+the weight of a grid that best separates the held-out good images from copies of them given
+synthetic anomalies (Perlin masks filled with foreign procedural texture, the DRAEM/GLAD
+recipe of :mod:`ccad.data.anomaly_synth`) - good images only, no real defect and no test label
+(:meth:`BankFusion.fit_weight`). The threshold is then calibrated on the fused image scores of
+the same good images.
 
 The memory is fitted on the good training images at its own resolution
 (``scoring.fusion_image_size``, default 256 px, the PatchCore setting), with the bank's backbone
@@ -37,6 +41,7 @@ from .anomaly_map import gaussian_blur, scaled_sigma
 FUSION_DIR = "fusion"
 STATS_FILE = "stats.json"
 VIEWS = ("fused", "method", "bank")
+WEIGHT_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 @dataclass
@@ -70,6 +75,7 @@ class BankFusion:
     weight: float = 0.5
     sigma: float = 4.0
     stats: dict[str, ComponentStats] = field(default_factory=dict)
+    weight_fit: Optional[dict[str, Any]] = None
 
     @property
     def image_size(self) -> int:
@@ -117,6 +123,33 @@ class BankFusion:
         return (w * self.stats["method"].normalise(method_maps)
                 + (1.0 - w) * self.stats["bank"].normalise(bank_maps.to(method_maps.device)))
 
+    def fit_weight(self, good: tuple[torch.Tensor, torch.Tensor], synthetic: tuple[torch.Tensor, torch.Tensor],
+                   masks: torch.Tensor, score_fn: Any, grid: Sequence[float] = WEIGHT_GRID) -> float:
+        """Choose ``weight`` from ``grid`` on good images and synthetic anomalies made from them.
+
+        ``good`` / ``synthetic`` are ``(method maps, bank maps)`` of the good images and of their
+        synthetic-anomaly copies (``masks``: ``N x 1 x H x W`` of the pasted regions);
+        ``score_fn`` turns maps into image scores (the detector's own). The objective is the mean
+        of the image AUROC (good vs synthetic) and the pixel AUROC (pasted pixels vs all
+        others); ties go to the weight nearest 0.5. Needs :meth:`fit_stats` first."""
+        from ..metrics import auroc, pixel_auroc
+
+        labels = np.r_[np.zeros(good[0].shape[0]), np.ones(synthetic[0].shape[0])]
+        all_masks = torch.cat([torch.zeros_like(good[0]), masks.to(good[0])])[:, 0].numpy() > 0.5
+        table = []
+        for w in grid:
+            self.weight = float(w)
+            maps = torch.cat([self.combine(*good), self.combine(*synthetic)])
+            img = auroc(labels, score_fn(maps).numpy())
+            pix = pixel_auroc(all_masks, maps[:, 0].numpy())
+            table.append((float(w), round(float(img), 5), round(float(pix), 5)))
+        best = max(table, key=lambda r: ((r[1] + r[2]) / 2, -abs(r[0] - 0.5)))
+        self.weight = best[0]
+        self.weight_fit = {"source": "synthetic anomalies on the held-out good images", "n_good": len(good[0]),
+                           "n_synthetic": len(synthetic[0]),
+                           "grid": [{"weight": w, "image_auroc": i, "pixel_auroc": p} for w, i, p in table]}
+        return self.weight
+
     def to(self, device: Any) -> "BankFusion":
         self.scorer.to(device)
         return self
@@ -125,7 +158,7 @@ class BankFusion:
     def save(self, directory: str | Path) -> None:
         d = Path(directory) / FUSION_DIR
         self.scorer.save(d)
-        meta = {"weight": self.weight, "sigma": self.sigma,
+        meta = {"weight": self.weight, "sigma": self.sigma, "weight_fit": self.weight_fit,
                 "stats": {k: vars(v) for k, v in self.stats.items()}}
         (d / STATS_FILE).write_text(json.dumps(meta, indent=2))
 
@@ -141,11 +174,13 @@ class BankFusion:
         scorer = PatchCoreScorer.load(d, backbone=backbone)
         stats = {k: ComponentStats(**v) for k, v in (meta.get("stats") or {}).items()}
         return cls(scorer=scorer, weight=float(meta.get("weight", 0.5)), sigma=float(meta.get("sigma", 4.0)),
-                   stats=stats)
+                   stats=stats, weight_fit=meta.get("weight_fit"))
 
     def card(self) -> dict[str, Any]:
         return {"kind": "bank nearest-neighbour map, normalised on held-out good images",
-                "weight_of_method_map": self.weight, "image_size": self.image_size,
+                "weight_of_method_map": self.weight,
+                "weight_source": (self.weight_fit or {}).get("source", "fixed (scoring.fusion_weight)"),
+                "image_size": self.image_size,
                 "memory_rows": None if self.scorer.memory_bank is None else int(self.scorer.memory_bank.shape[0]),
                 "stats": {k: {"mean": round(v.mean, 6), "std": round(v.std, 6), "n_images": v.n_images}
                           for k, v in self.stats.items()}}
