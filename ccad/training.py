@@ -601,6 +601,14 @@ class Trainer:
 
         cfg = self.config
         self._stop.clear()
+        from .distributed import launched_world_size
+
+        if launched_world_size() <= 1:
+            # One process: accelerate's process-wide state would pin the first job's mixed precision
+            # ("AcceleratorState has already been initialized"); each run starts from a fresh state.
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
         acc = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision))
         self.accelerator = acc
         device = acc.device

@@ -224,3 +224,12 @@ def test_two_process_cpu_training(tmp_path):
     # DDP keeps both replicas identical and the logged loss is the all-reduced mean
     assert ranks[0]["checksum"] == ranks[1]["checksum"] and ranks[0]["losses"] == ranks[1]["losses"]
     assert latest_checkpoint(tmp_path).name == "checkpoint-2"
+
+
+def test_jobs_with_different_mixed_precision_run_one_after_another_in_one_process(tmp_path):
+    """The app trains several jobs in one server process: a job asking for bf16 followed by one
+    asking for fp32 must both run (accelerate's process-wide state is not left pinned)."""
+    data = DictDataset(texture_images(4))
+    first = trainer(small_model(), data, cfg(steps=1, mixed_precision="bf16"), tmp_path / "a").train()
+    second = trainer(small_model(), data, cfg(steps=1, mixed_precision="no"), tmp_path / "b").train()
+    assert first.step == second.step == 1 and np.isfinite(second.losses).all()
