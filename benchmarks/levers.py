@@ -1,0 +1,106 @@
+"""Scoring levers on already trained MTD models: one JSON line per (model, arm, view).
+
+    python benchmarks/levers.py --workdir /tmp/mtd-run/work --methods deco-diff,d3ad \\
+        --arm fusion_weight_fit=synthetic --arm feature_match=neighbourhood --json levers.jsonl
+
+``benchmarks/mtd.py`` saves every trained model in ``WORKDIR/<method>/model`` (fused with the
+bank's nearest-neighbour map when it ran with ``--fusion both``, its default). This script loads
+each one, applies an arm (``KEY=VALUE`` fields of the scoring config, several per arm joined by
+``,``), re-calibrates on the same held-out good slice the model was calibrated on (10 % of the
+good training images, the same seed: the fusion normalisation, a fitted fusion weight and the
+threshold all come from good images), and evaluates the ``method`` (unfused) and ``fused``
+views on the test split from one pass. The ``baseline`` arm is the model as saved. Nothing here
+reads a test label before the metrics; each arm is a lever measured, not a choice made.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import ROOT, git_commit, machine  # noqa: E402
+
+from ccad.config import set_option  # noqa: E402
+from ccad.data.datasets import load_csv_manifest  # noqa: E402
+from ccad.evaluate import METRIC_KEYS, evaluate_views  # noqa: E402
+from ccad.pipeline import AnomalyDetector, split_good  # noqa: E402
+
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mtd" / "split.csv"
+
+
+def parse_arm(text: str) -> dict[str, str]:
+    out = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: --arm {text!r}: expected KEY=VALUE[,KEY=VALUE]")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", required=True, help="a benchmarks/mtd.py --workdir with trained models")
+    ap.add_argument("--methods", required=True, help="comma-separated method folders in WORKDIR")
+    ap.add_argument("--arm", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                    help="scoring-config fields of one arm (repeatable); 'baseline' is always run first")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the model as saved")
+    ap.add_argument("--data", default=str(DEFAULT_DATA), help="MTD split.csv")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--subset", type=int, default=None, help="as mtd.py --subset (for a smoke run's workdir)")
+    ap.add_argument("--json", default=None, help="append the JSON lines to this file")
+    a = ap.parse_args()
+
+    train = load_csv_manifest(a.data, split="train")
+    test = load_csv_manifest(a.data, split="test")
+    if a.subset:
+        train = train[::max(1, len(train) // a.subset)]
+        test = test[::max(1, len(test) // a.subset)]
+    _, cal = split_good([s for s in train if s.label == 0], 0.1, 0)  # the slice mtd.py calibrated on
+    arms = ([] if a.no_baseline else [("baseline", {})]) + [(arm, parse_arm(arm)) for arm in a.arm]
+    run = {"commit": git_commit(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), **machine()}
+    rows = []
+    for name in [m.strip() for m in a.methods.split(",") if m.strip()]:
+        folder = Path(a.workdir) / name / "model"
+        for label, fields in arms:
+            det = AnomalyDetector.from_pretrained(folder)
+            for key, value in fields.items():
+                set_option(det.config.scoring, key, value, "--arm")
+            det.config.validate()
+            det.method.ctx.scoring = det.config.scoring
+            t0 = time.perf_counter()
+            if fields:
+                det.calibrate(cal, batch_size=a.batch_size)
+            reports = evaluate_views(det, test, batch_size=a.batch_size, views=tuple(v for v in ("method", "fused")
+                                                                                 if v in det.views))
+            secs = time.perf_counter() - t0
+            for view, rep in reports.items():
+                m = rep.per_category["mean"]
+                row = {"method": name if view == "method" else f"{name}+bank", "arm": label,
+                       **{k: round(float(m[k]), 4) for k in METRIC_KEYS}, "seconds": round(secs, 1),
+                       "settings": {"view": view, "arm": fields, "model": str(folder),
+                                    "fusion": det.fusion.card() if det.fusion is not None else None,
+                                    "n_test": len(rep.records), "n_calibration": len(cal), "run": run}}
+                print(json.dumps(row, default=str), flush=True)
+                rows.append(row)
+                if a.json:
+                    with open(a.json, "a") as f:
+                        f.write(json.dumps(row, default=str) + "\n")
+    print()
+    keys = ["image_auroc", "pixel_auroc", "pixel_aupro"]
+    print(f"{'method':<16}{'arm':<40}" + "".join(f"{k:>13}" for k in keys))
+    for r in rows:
+        print(f"{r['method']:<16}{r['arm'][:39]:<40}" + "".join(f"{r[k]:>13}" for k in keys))
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    sys.exit(main())
