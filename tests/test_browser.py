@@ -200,6 +200,10 @@ def test_train_tab_method_dropdown_from_the_registry(app_env: dict[str, Any]) ->
             page.locator("#train-autoencoder").wait_for(state="hidden")
             pixel_size = ctl.default_train_settings(pixel["name"])["image_size"]
             wait_textbox(page, "train-image-size", lambda v: v == str(pixel_size), timeout=20)
+        # every method can be fused with the bank's nearest-neighbour map (off by default)
+        fuse = page.locator("#train-fuse")
+        assert fuse.is_visible() and "bank's nearest-neighbour map" in fuse.inner_text()
+        assert not fuse.locator("input[type=checkbox]").is_checked()
         # a bad advanced option names the field; nothing starts
         fill_textbox(page, "train-folder", "synth/fibrous")
         page.locator("#train-advanced").get_by_text("Advanced options").first.click()
