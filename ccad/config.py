@@ -217,7 +217,9 @@ class ScoringConfig:
     ``fusion = "bank"`` combines the method's map with a PatchCore nearest-neighbour map, each
     normalised by its distribution on the held-out good images (:mod:`ccad.scoring.fusion`):
     ``fusion_weight`` is the method map's share (``fusion_weight_fit = "synthetic"``: chosen on
-    synthetic anomalies pasted into the held-out good images), the memory holds ``fusion_ratio`` of the training
+    synthetic anomalies pasted into the held-out good images, together with ``fusion_norm``:
+    ``std`` = mean / standard deviation, ``quantile`` = median / 99.9th percentile of the good
+    pixels), the memory holds ``fusion_ratio`` of the training
     patches at ``fusion_image_size`` px. ``feature_match`` is how the feature-cosine map of
     reconstruction methods pairs input and reconstruction features (:func:`feature_cosine_map`):
     ``same`` location (CCAD eq. 16), the best match in a ``(2 match_radius + 1)^2``
@@ -237,6 +239,7 @@ class ScoringConfig:
     fusion: str = "none"
     fusion_weight: float = 0.5
     fusion_weight_fit: str = "fixed"
+    fusion_norm: str = "std"
     fusion_image_size: int = 256
     fusion_ratio: float = 0.01
     feature_match: Optional[str] = None  # None: the method's own (GLAD: all; others: same)
@@ -248,6 +251,8 @@ class ScoringConfig:
         if self.fusion_weight_fit not in ("fixed", "synthetic"):
             raise ConfigError(f"scoring.fusion_weight_fit must be 'fixed' or 'synthetic', "
                               f"got {self.fusion_weight_fit!r}")
+        if self.fusion_norm not in ("std", "quantile"):
+            raise ConfigError(f"scoring.fusion_norm must be 'std' or 'quantile', got {self.fusion_norm!r}")
         if not 0.0 <= float(self.fusion_weight) <= 1.0:
             raise ConfigError(f"scoring.fusion_weight must be in [0, 1], got {self.fusion_weight}")
         if not 16 <= int(self.fusion_image_size) <= 2048:

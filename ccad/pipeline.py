@@ -380,9 +380,11 @@ class AnomalyDetector(
         if self.fusion is not None:  # the normalisation of both maps comes from these good images only
             good = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
             self.fusion.fit_stats(*good)
+            self.fusion.weight, self.fusion.norm, self.fusion.weight_fit = sc.fusion_weight, sc.fusion_norm, None
             if fit_weight:
                 syn = [torch.cat([p[k] for p in synthetic]) for k in range(3)]
-                self.fusion.fit_weight(good, (syn[0], syn[1]), syn[2], self._score)
+                norms = (sc.fusion_norm,) + tuple(n for n in ("std", "quantile") if n != sc.fusion_norm)
+                self.fusion.fit_weight(good, (syn[0], syn[1]), syn[2], self._score, norms=norms)
         fused = torch.cat([self.combine(m, bank) for m, bank in parts])
         scores = self._score(fused).numpy()
         maps = fused[:, 0].numpy()
@@ -648,9 +650,9 @@ def _build_fusion(config: DetectorConfig, train: list, cal: list, device: torch.
     from .scoring.fusion import BankFusion, bank_backbone
 
     if memory is not None:
-        return BankFusion(scorer=memory, weight=float(sc.fusion_weight))
+        return BankFusion(scorer=memory, weight=float(sc.fusion_weight), norm=sc.fusion_norm)
     return BankFusion.fit(train, bank_backbone(config.bank, device), image_size=int(sc.fusion_image_size),
-                          ratio=float(sc.fusion_ratio), weight=float(sc.fusion_weight),
+                          ratio=float(sc.fusion_ratio), weight=float(sc.fusion_weight), norm=sc.fusion_norm,
                           batch_size=config.bank.batch_size, seed=seed, progress=progress, cancel=cancel)
 
 

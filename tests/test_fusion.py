@@ -213,13 +213,27 @@ def test_fusion_weight_can_be_fitted_on_synthetic_anomalies_of_good_images(root,
                          scoring=sc, calibration_fraction=0.3, device="cpu")
     fit = det.fusion.weight_fit
     grid = fit["grid"]
-    assert [g["weight"] for g in grid] == pytest.approx([i / 10 for i in range(11)])
+    assert [g["weight"] for g in grid] == pytest.approx([i / 10 for i in range(11)] * 2)
+    assert [g["norm"] for g in grid] == ["std"] * 11 + ["quantile"] * 11
     assert fit["n_good"] == fit["n_synthetic"] == det.info["n_calibration_images"]
     best = max((g["image_auroc"] + g["pixel_auroc"]) / 2 for g in grid)
-    chosen = next(g for g in grid if g["weight"] == pytest.approx(det.fusion.weight))
+    chosen = next(g for g in grid if g["weight"] == pytest.approx(det.fusion.weight) and g["norm"] == det.fusion.norm)
     assert (chosen["image_auroc"] + chosen["pixel_auroc"]) / 2 == pytest.approx(best)
     back = AnomalyDetector.from_pretrained(tmp_path / "run" / "model", device="cpu")
-    assert back.fusion.weight == pytest.approx(det.fusion.weight)
+    assert back.fusion.weight == pytest.approx(det.fusion.weight) and back.fusion.norm == det.fusion.norm
     assert back.card()["fusion"]["weight_source"].startswith("synthetic anomalies")
     with pytest.raises(ConfigError, match="fusion_weight_fit"):
         ScoringConfig(fusion_weight_fit="test-labels").validate()
+
+
+def test_quantile_normalisation_puts_the_good_tail_at_one(fused):
+    det, _ = fused
+    st = det.fusion.stats["bank"]
+    assert st.median is not None and st.q_hi > st.median
+    x = torch.full((1, 1, 4, 4), st.q_hi)
+    assert torch.allclose(st.normalise(x, "quantile"), torch.ones_like(x))
+    assert torch.allclose(st.normalise(torch.full_like(x, st.median), "quantile"), torch.zeros_like(x))
+    with pytest.raises(ValueError, match="fusion norm"):
+        st.normalise(x, "minmax")
+    with pytest.raises(ConfigError, match="fusion_norm"):
+        ScoringConfig(fusion_norm="minmax").validate()

@@ -12,7 +12,11 @@ example:
 
 ``mu_c`` and ``sd_c`` are the mean and standard deviation of component ``c``'s map over every
 pixel of the held-out good images (the calibration slice: never training images, whose patches
-are in the memory, and never test labels); ``w`` is ``scoring.fusion_weight`` (0.5 by default:
+are in the memory, and never test labels): ``scoring.fusion_norm = "std"``. With ``"quantile"``
+they are the median and the distance from the median to the 99.9th percentile of those pixels,
+so 1 means "as unusual as the most unusual 0.1 % of good pixels" for both maps (robust to a
+saturating map such as DeCo-Diff's clipped eq. 15, whose small spread makes every z-score huge).
+``w`` is ``scoring.fusion_weight`` (0.5 by default:
 the two kinds of evidence count equally), or, with ``scoring.fusion_weight_fit = "synthetic"``,
 the weight of a grid that best separates the held-out good images from copies of them given
 synthetic anomalies (Perlin masks filled with foreign procedural texture, the DRAEM/GLAD
@@ -42,6 +46,7 @@ FUSION_DIR = "fusion"
 STATS_FILE = "stats.json"
 VIEWS = ("fused", "method", "bank")
 WEIGHT_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+NORMS = ("std", "quantile")
 
 
 @dataclass
@@ -51,8 +56,17 @@ class ComponentStats:
     mean: float
     std: float
     n_images: int = 0
+    median: Optional[float] = None
+    q_hi: Optional[float] = None  # the 99.9th percentile
 
-    def normalise(self, maps: torch.Tensor) -> torch.Tensor:
+    def normalise(self, maps: torch.Tensor, norm: str = "std") -> torch.Tensor:
+        if norm == "quantile":
+            if self.median is None or self.q_hi is None:
+                raise RuntimeError("fusion: these statistics have no quantiles (fitted by an older ccad); "
+                                   "re-calibrate the detector")
+            return (maps - float(self.median)) / max(float(self.q_hi) - float(self.median), 1e-8)
+        if norm != "std":
+            raise ValueError(f"fusion norm must be 'std' or 'quantile', got {norm!r}")
         return (maps - float(self.mean)) / max(float(self.std), 1e-8)
 
     @classmethod
@@ -60,7 +74,10 @@ class ComponentStats:
         a = torch.as_tensor(maps, dtype=torch.float64)
         if a.numel() == 0:
             raise ValueError("fusion: no held-out good maps to fit the normalisation on")
-        return cls(mean=float(a.mean()), std=float(a.std(unbiased=False)), n_images=int(a.shape[0]))
+        flat = a.flatten().numpy()
+        med, hi = np.quantile(flat, [0.5, 0.999])
+        return cls(mean=float(a.mean()), std=float(a.std(unbiased=False)), n_images=int(a.shape[0]),
+                   median=float(med), q_hi=float(hi))
 
 
 @dataclass
@@ -74,6 +91,7 @@ class BankFusion:
     scorer: Any
     weight: float = 0.5
     sigma: float = 4.0
+    norm: str = "std"
     stats: dict[str, ComponentStats] = field(default_factory=dict)
     weight_fit: Optional[dict[str, Any]] = None
 
@@ -88,13 +106,13 @@ class BankFusion:
     @classmethod
     def fit(cls, train: Sequence[Any], backbone: Any, image_size: int = 256, ratio: float = 0.01,
             weight: float = 0.5, sigma: float = 4.0, batch_size: int = 8, seed: int = 0, progress: Any = None,
-            cancel: Any = None) -> "BankFusion":
+            cancel: Any = None, norm: str = "std") -> "BankFusion":
         """Fit the memory on the good training images (one backbone pass, streaming coreset)."""
         from ..features import PatchCoreScorer
 
         scorer = PatchCoreScorer(backbone, ratio=ratio, image_size=image_size, batch_size=batch_size, seed=seed)
         scorer.fit(list(train), progress=progress, cancel=cancel)
-        return cls(scorer=scorer, weight=float(weight), sigma=float(sigma))
+        return cls(scorer=scorer, weight=float(weight), sigma=float(sigma), norm=norm)
 
     @torch.no_grad()
     def bank_maps(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -120,12 +138,14 @@ class BankFusion:
             raise RuntimeError("fusion: the good-image normalisation is not fitted yet (calibrate the detector "
                                "on held-out good images first)")
         w = float(self.weight)
-        return (w * self.stats["method"].normalise(method_maps)
-                + (1.0 - w) * self.stats["bank"].normalise(bank_maps.to(method_maps.device)))
+        return (w * self.stats["method"].normalise(method_maps, self.norm)
+                + (1.0 - w) * self.stats["bank"].normalise(bank_maps.to(method_maps.device), self.norm))
 
     def fit_weight(self, good: tuple[torch.Tensor, torch.Tensor], synthetic: tuple[torch.Tensor, torch.Tensor],
-                   masks: torch.Tensor, score_fn: Any, grid: Sequence[float] = WEIGHT_GRID) -> float:
-        """Choose ``weight`` from ``grid`` on good images and synthetic anomalies made from them.
+                   masks: torch.Tensor, score_fn: Any, grid: Sequence[float] = WEIGHT_GRID,
+                   norms: Sequence[str] = NORMS) -> float:
+        """Choose ``weight`` from ``grid`` (and the normalisation from ``norms``) on good images and
+        synthetic anomalies made from them.
 
         ``good`` / ``synthetic`` are ``(method maps, bank maps)`` of the good images and of their
         synthetic-anomaly copies (``masks``: ``N x 1 x H x W`` of the pasted regions);
@@ -137,17 +157,21 @@ class BankFusion:
         labels = np.r_[np.zeros(good[0].shape[0]), np.ones(synthetic[0].shape[0])]
         all_masks = torch.cat([torch.zeros_like(good[0]), masks.to(good[0])])[:, 0].numpy() > 0.5
         table = []
-        for w in grid:
-            self.weight = float(w)
-            maps = torch.cat([self.combine(*good), self.combine(*synthetic)])
-            img = auroc(labels, score_fn(maps).numpy())
-            pix = pixel_auroc(all_masks, maps[:, 0].numpy())
-            table.append((float(w), round(float(img), 5), round(float(pix), 5)))
-        best = max(table, key=lambda r: ((r[1] + r[2]) / 2, -abs(r[0] - 0.5)))
-        self.weight = best[0]
+        for norm in norms:
+            self.norm = norm
+            for w in grid:
+                self.weight = float(w)
+                maps = torch.cat([self.combine(*good), self.combine(*synthetic)])
+                img = auroc(labels, score_fn(maps).numpy())
+                pix = pixel_auroc(all_masks, maps[:, 0].numpy())
+                table.append((norm, float(w), round(float(img), 5), round(float(pix), 5)))
+        # ties: the configured normalisation first, then the weight nearest 0.5
+        best = max(table, key=lambda r: ((r[2] + r[3]) / 2, r[0] == norms[0], -abs(r[1] - 0.5)))
+        self.norm, self.weight = best[0], best[1]
         self.weight_fit = {"source": "synthetic anomalies on the held-out good images", "n_good": len(good[0]),
                            "n_synthetic": len(synthetic[0]),
-                           "grid": [{"weight": w, "image_auroc": i, "pixel_auroc": p} for w, i, p in table]}
+                           "grid": [{"norm": n, "weight": w, "image_auroc": i, "pixel_auroc": p}
+                                    for n, w, i, p in table]}
         return self.weight
 
     def to(self, device: Any) -> "BankFusion":
@@ -158,7 +182,7 @@ class BankFusion:
     def save(self, directory: str | Path) -> None:
         d = Path(directory) / FUSION_DIR
         self.scorer.save(d)
-        meta = {"weight": self.weight, "sigma": self.sigma, "weight_fit": self.weight_fit,
+        meta = {"weight": self.weight, "sigma": self.sigma, "norm": self.norm, "weight_fit": self.weight_fit,
                 "stats": {k: vars(v) for k, v in self.stats.items()}}
         (d / STATS_FILE).write_text(json.dumps(meta, indent=2))
 
@@ -174,11 +198,11 @@ class BankFusion:
         scorer = PatchCoreScorer.load(d, backbone=backbone)
         stats = {k: ComponentStats(**v) for k, v in (meta.get("stats") or {}).items()}
         return cls(scorer=scorer, weight=float(meta.get("weight", 0.5)), sigma=float(meta.get("sigma", 4.0)),
-                   stats=stats, weight_fit=meta.get("weight_fit"))
+                   stats=stats, weight_fit=meta.get("weight_fit"), norm=str(meta.get("norm", "std")))
 
     def card(self) -> dict[str, Any]:
         return {"kind": "bank nearest-neighbour map, normalised on held-out good images",
-                "weight_of_method_map": self.weight,
+                "weight_of_method_map": self.weight, "norm": self.norm,
                 "weight_source": (self.weight_fit or {}).get("source", "fixed (scoring.fusion_weight)"),
                 "image_size": self.image_size,
                 "memory_rows": None if self.scorer.memory_bank is None else int(self.scorer.memory_bank.shape[0]),
