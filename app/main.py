@@ -124,7 +124,7 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
 
     with demo:
         gr.Markdown("# ccad · visual anomaly inspection\nLearn *good* from good images; flag what differs. "
-                    "Diffusion detectors (CCAD V/C/F, DeCo-Diff) and a PatchCore baseline, trained here.")
+                    "Diffusion detectors (CCAD V/C/F, DeCo-Diff, D3AD, GLAD) and a PatchCore baseline, trained here.")
         with gr.Accordion("Model", open=True, elem_id="model-bar"):
             with gr.Row():
                 with gr.Column(scale=2):
