@@ -216,7 +216,7 @@ class ScoringConfig:
 
     ``fusion = "bank"`` combines the method's map with a PatchCore nearest-neighbour map, each
     normalised by its distribution on the held-out good images (:mod:`ccad.scoring.fusion`):
-    ``fusion_weight`` is the method map's share (``fusion_weight_fit = "synthetic"``: chosen on
+    ``fusion_weight`` is the method map's share (``fusion_weight_fit = "synthetic"``, the default: chosen on
     synthetic anomalies pasted into the held-out good images, together with ``fusion_norm``:
     ``std`` = mean / standard deviation, ``quantile`` = median / 99.9th percentile of the good
     pixels), the memory holds ``fusion_ratio`` of the training
@@ -238,7 +238,7 @@ class ScoringConfig:
     sigma_k: float = 3.0
     fusion: str = "none"
     fusion_weight: float = 0.5
-    fusion_weight_fit: str = "fixed"
+    fusion_weight_fit: str = "synthetic"
     fusion_norm: str = "std"
     fusion_image_size: int = 256
     fusion_ratio: float = 0.01

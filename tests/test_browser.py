@@ -132,8 +132,8 @@ def test_review_tab_accept_flow(app_env: dict[str, Any]) -> None:
 
 
 def test_bundled_demo_sample_gallery_inspection(tmp_path: Path) -> None:
-    """`ccad app` with no options: the bundled CCAD(V) demo (128 px, fused with its bank) loads and a gallery sample is inspected
-    (four panels incl. a real reconstruction) offline on CPU."""
+    """`ccad app` with no options: the bundled CCAD(V) demo (128 px, fused with its bank) loads
+    and a gallery sample is inspected (four panels incl. a real reconstruction) offline on CPU."""
     from app.main import build_app
     from app.state import DEMO_MODEL_DIR, SAMPLES_DIR
 

@@ -39,7 +39,8 @@ def tiny_ccad_v():
 
 
 def fused_scoring(weight: float = 0.5, size: int = SIZE) -> ScoringConfig:
-    return ScoringConfig(fusion="bank", fusion_weight=weight, fusion_image_size=size, fusion_ratio=0.1)
+    return ScoringConfig(fusion="bank", fusion_weight=weight, fusion_image_size=size, fusion_ratio=0.1,
+                         fusion_weight_fit="fixed")
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,13 @@ are in the memory, and never test labels): ``scoring.fusion_norm = "std"``. With
 they are the median and the distance from the median to the 99.9th percentile of those pixels,
 so 1 means "as unusual as the most unusual 0.1 % of good pixels" for both maps (robust to a
 saturating map such as DeCo-Diff's clipped eq. 15, whose small spread makes every z-score huge).
-``w`` is ``scoring.fusion_weight`` (0.5 by default:
-the two kinds of evidence count equally), or, with ``scoring.fusion_weight_fit = "synthetic"``,
-the weight of a grid that best separates the held-out good images from copies of them given
+``w`` (and the normalisation) is, with ``scoring.fusion_weight_fit = "synthetic"`` (the
+default), the weight of a grid that best separates the held-out good images from copies of them given
 synthetic anomalies (Perlin masks filled with foreign procedural texture, the DRAEM/GLAD
 recipe of :mod:`ccad.data.anomaly_synth`) - good images only, no real defect and no test label
-(:meth:`BankFusion.fit_weight`). The threshold is then calibrated on the fused image scores of
+(:meth:`BankFusion.fit_weight`); with ``"fixed"`` it is ``scoring.fusion_weight`` (0.5: the two
+kinds of evidence count equally). On MTD (benchmarks/results/README.md) the fitted weight did
+better than the fixed 0.5. The threshold is then calibrated on the fused image scores of
 the same good images.
 
 The memory is fitted on the good training images at its own resolution
