@@ -571,21 +571,16 @@ def main() -> int:
             row = ablate_deco(det, test_all, d3, (4,) if mode == "quick" else (4, 6))
         emit(row, info, load0, mem, all_note)
 
-    def job_glad() -> None:
+    def job_first_class(method: str, ablate: Any) -> None:
+        """Train ``method`` on the first class and run its ablation on that class's test images."""
         load0 = machine()["loadavg"]
         with PeakRSS() as mem:
-            det, info = train("glad", str(root / classes[0]), size)
-            row = ablate_glad(det, str(root / classes[0]), test_first)
+            det, info = train(method, str(root / classes[0]), size)
+            row = ablate(det, str(root / classes[0]), test_first)
         emit(row, info, load0, mem, first_note)
 
-    def job_ccadv() -> None:
-        load0 = machine()["loadavg"]
-        with PeakRSS() as mem:
-            det, info = train("ccad-v", str(root / classes[0]), size)
-            row = ablate_ccadv(det, str(root / classes[0]), test_first)
-        emit(row, info, load0, mem, first_note)
-
-    funcs = {"d3ad": job_d3ad, "deco": job_deco, "glad": job_glad, "ccadv": job_ccadv}
+    funcs = {"d3ad": job_d3ad, "deco": job_deco, "glad": lambda: job_first_class("glad", ablate_glad),
+             "ccadv": lambda: job_first_class("ccad-v", ablate_ccadv)}
     jobs = [(k, funcs[k]) for k in dict.fromkeys(only)]  # in the order given
     for _, fn in jobs:
         fn()
