@@ -285,11 +285,18 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
         from .data.datasets import load_folder
 
         method = "sigma" if a.sigma is not None else "fpr"
-        det.calibrate(load_folder(a.good), method=method, fpr=a.fpr, sigma=a.sigma)
+        good = load_folder(a.good)
+        try:
+            det.calibrate(good, method=method, fpr=a.fpr, sigma=a.sigma)
+        finally:  # what was left out is said even when nothing was readable
+            _report_skipped(list(good.skipped))
+        skipped = det.info.get("calibration_skipped") or []
+        _report_skipped(skipped)
         det.save_pretrained(a.model)
     cal = det.calibration
     print(json.dumps({"threshold": det.threshold, "method": cal.method, "n_good": int(cal.good_scores.size),
-                      "false_alarms": cal.false_alarms()}))
+                      "false_alarms": cal.false_alarms(),
+                      **({} if a.threshold is not None else {"skipped": len(good.skipped) + len(skipped)})}))
     return 0
 
 

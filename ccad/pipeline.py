@@ -393,6 +393,8 @@ class AnomalyDetector(
                                            sigma=sc.sigma_k if sigma is None else sigma)
         self.info["map_floor"] = float(np.median(maps))
         self.info["n_calibration_images"] = int(scores.size)
+        # the good files that could not be read: left out of the threshold, and said so
+        self.info["calibration_skipped"] = [{"path": str(name), "reason": str(why)} for name, why in errors]
         if self.fusion is not None:
             self.info["fusion"] = self.fusion.card()
         return self.calibration

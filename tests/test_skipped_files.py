@@ -84,3 +84,24 @@ def test_a_folder_of_only_unsupported_files_says_what_it_skipped(tmp_path, capsy
     model = tmp_path / "m"
     assert main(["bank", str(tmp_path), "--out", str(model), "--quiet"]) == 2
     assert "x.gif" in capsys.readouterr().err
+
+
+def test_calibrate_reports_what_it_left_out(data, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    good = data / "train" / "good"
+    assert main(["bank", str(good), "--out", str(model), "--image-size", "64", "--size", "8", "--quiet"]) == 0
+    held = tmp_path / "held_out"
+    shutil.copytree(good, held)
+    (held / "zz_corrupt.png").write_bytes(b"\x89PNG not really")
+    capsys.readouterr()
+    assert main(["calibrate", str(model), "--good", str(held)]) == 0
+    cap = capsys.readouterr()
+    lines = cap.err.splitlines()
+    assert LINE in lines
+    assert any(ln.startswith("skipped ") and "zz_corrupt.png" in ln for ln in lines)
+    result = json.loads(cap.out.strip().splitlines()[-1])
+    assert result["n_good"] == 6 and result["skipped"] == 3  # the six readable images; three left out, all said
+    info = json.loads((model / "info.json").read_text())
+    assert [Path(s["path"]).name for s in info["calibration_skipped"]] == ["zz_corrupt.png"]
