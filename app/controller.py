@@ -322,6 +322,19 @@ class Batch:
 TABLE_HEADERS = ["#", "file", "score", "verdict"]
 
 
+def _names(items: Sequence[tuple[str, str]], limit: int = 10) -> str:
+    """``a.gif (unsupported file type .gif), ...`` for ``(name, reason)`` pairs, at most ``limit``."""
+    more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(f"{n} ({why})" for n, why in items[:limit]) + more
+
+
+def _left_out(det: Any) -> list[tuple[str, str]]:
+    """``(file name, reason)`` of the files a fitted or trained detector's data left out (info.json
+    ``skipped``: unsupported extensions and unreadable images)."""
+    info = getattr(det, "info", None) or {}
+    return [(Path(str(s.get("path", ""))).name, str(s.get("reason", ""))) for s in info.get("skipped") or []]
+
+
 def relative_name(path: str | os.PathLike, base: Optional[str | os.PathLike] = None) -> str:
     """``path`` relative to ``base`` (posix separators) when it lies inside it, else its file name."""
     p = Path(path)
@@ -546,32 +559,37 @@ class AppController:
         return det
 
     def inspect(self, name: Optional[str], files: Sequence[Any], progress: ProgressFn = None,
-                base: Optional[str | os.PathLike] = None) -> Batch:
+                base: Optional[str | os.PathLike] = None, left_out: Sequence[tuple[str, str]] = ()) -> Batch:
         """Run the model on uploaded files (paths; a ``.zip`` is opened and its images inspected);
-        bad files are listed in ``batch.errors``. Each file is named by its path relative to what
-        was uploaded or chosen: ``base`` (a chosen folder), the zip's root, or else its file name
-        (numbered where two uploads share one)."""
+        bad files are listed in ``batch.errors``, after ``left_out`` (``(name, reason)`` of the files
+        a chosen folder held that are not images) and the non-image files of a zip. Each file is
+        named by its path relative to what was uploaded or chosen: ``base`` (a chosen folder), the
+        zip's root, or else its file name (numbered where two uploads share one)."""
         det = self._detector(name)
         raw = [str(getattr(f, "name", f)) for f in (files or []) if f]
         if not raw:
             raise UserError("no image given: upload one or more images or click a sample")
         paths: list[str] = []
         shown: dict[str, str] = {}
+        skipped = list(left_out)
         for f in raw:
             if f.lower().endswith(".zip"):
-                for p, rel in self._zip_images(f):
+                images, not_images = self._zip_images(f)
+                skipped += not_images
+                for p, rel in images:
                     paths.append(p)
                     shown[p] = rel
             else:
                 paths.append(f)
                 shown[f] = relative_name(f, base)
         if not paths:
-            raise UserError("no image given: the zip(s) hold no images (.png/.jpg/.bmp/.tif)")
+            raise UserError("no image given: the zip(s) hold no images (.png/.jpg/.bmp/.tif)"
+                            + (f"; left out: {_names(skipped)}" if skipped else ""))
         try:
             preds, errors = det.predict_many(paths, batch_size=4, on_error="skip", progress=progress)
         except Exception as exc:
             raise UserError(f"the model failed on this batch ({type(exc).__name__}: {exc})") from None
-        errors = [(shown.get(p, Path(p).name), msg) for p, msg in errors]
+        errors = skipped + [(shown.get(p, Path(p).name), msg) for p, msg in errors]
         if not preds:
             raise UserError("no readable image: " + "; ".join(f"{n}: {m}" for n, m in errors[:5]))
         names = unique_names([shown.get(str(p.path), Path(p.path).name) if p.path else f"image {i}"
@@ -579,30 +597,41 @@ class AppController:
         order = sorted(range(len(preds)), key=lambda i: -float(preds[i].score))
         return Batch(model=name or "", predictions=preds, names=names, errors=errors, selected=order[0])
 
-    def _zip_images(self, zip_file: str) -> list[tuple[str, str]]:
-        """(extracted path, path inside the zip) of every image in an uploaded zip."""
+    def _zip_images(self, zip_file: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        """``(extracted path, path inside the zip)`` of every image in an uploaded zip, and
+        ``(path inside the zip, reason)`` of its other files (hidden files aside)."""
+        from ccad.data.datasets import find_images, unsupported_reason
         from ccad.data.io import list_images
 
         try:
             root = safe_extract_zip(zip_file, Path(tempfile.mkdtemp(prefix="inspect-", dir=self.state_dir)))
         except PathError as exc:
             raise UserError(str(exc)) from None
-        return [(str(p), p.relative_to(root).as_posix()) for p in list_images(root, recursive=True)]
+        not_images = find_images([root])[1]
+        return ([(str(p), p.relative_to(root).as_posix()) for p in list_images(root, recursive=True)],
+                [(relative_name(q, root), unsupported_reason(q)) for q in not_images])
 
     def inspect_folder(self, name: Optional[str], folder: str, progress: ProgressFn = None) -> Batch:
         """Inspect every image under a server folder (inside the data root, recursively); each is
         named by its path relative to that folder."""
+        from ccad.data.datasets import find_images, unsupported_reason
         from ccad.data.io import list_images
 
         try:
             path = resolve_in_root(folder, self.data_root, kind="folder")
         except PathError as exc:
             raise UserError(str(exc)) from None
-        images = [p for p in list_images(path, recursive=True)
-                  if p.resolve() == self.data_root or self.data_root in p.resolve().parents]  # no links out
+
+        def inside(p: Path) -> bool:  # no links out of the data root
+            return p.resolve() == self.data_root or self.data_root in p.resolve().parents
+
+        images = [p for p in list_images(path, recursive=True) if inside(p)]
+        not_images = find_images([path])[1]
+        left_out = [(relative_name(str(q), path), unsupported_reason(q)) for q in not_images if inside(Path(q))]
         if not images:
-            raise UserError(f"{folder}: the folder holds no images (.png/.jpg/.bmp/.tif)")
-        return self.inspect(name, [str(p) for p in images], progress=progress, base=path)
+            raise UserError(f"{folder}: the folder holds no images (.png/.jpg/.bmp/.tif)"
+                            + (f"; left out: {_names(left_out)}" if left_out else ""))
+        return self.inspect(name, [str(p) for p in images], progress=progress, base=path, left_out=left_out)
 
     def inspect_sample(self, name: Optional[str], index: int) -> Batch:
         paths = self.sample_paths()
@@ -787,8 +816,10 @@ class AppController:
         summary = self.bank_summary(det)
         fig = self.bank_projection(det, path)
         built = int(det.bank.features.shape[0]) if getattr(det, "bank", None) is not None else int(xi)
+        skipped = _left_out(det)
         return name, summary, fig, (f"Built a {built}-vector bank and a PatchCore detector from {path.name} in "
-                                    f"{seconds:.1f} s; it is now the active model in the Inspect tab.")
+                                    f"{seconds:.1f} s; it is now the active model in the Inspect tab."
+                                    + (f" Left out {len(skipped)} file(s): {_names(skipped)}." if skipped else ""))
 
     def bank_summary(self, det: Any) -> dict[str, Any]:
         bank = getattr(det, "bank", None)
@@ -953,6 +984,7 @@ class AppController:
                                      f"{label} in this app ({params['data']})",
                                      folder=str(Path(params["out_dir"]) / "model"), activate=False)
             job.params["model_name"] = name
+            job.params["skipped"] = _left_out(det)
 
         try:
             job = self.jobs.start("train", target, {k: v for k, v in params.items() if k != "bank"}, on_done)
@@ -981,6 +1013,9 @@ class AppController:
         status = f"Job {snap['id']}: {snap['state']} - {snap['message']}"
         if snap["params"].get("model_name"):
             status += f". Model loaded as '{snap['params']['model_name']}' (pick it in the model list)."
+        skipped = snap["params"].get("skipped") or []
+        if skipped:
+            status += f" Left out {len(skipped)} file(s) of the data: {_names(skipped)}."
         return {"status": status, "progress": progress, "losses": snap["losses"], "preview": snap["preview"],
                 "state": snap["state"], "model_name": snap["params"].get("model_name"),
                 "can_resume": snap["state"] in (STOPPED, FAILED) and self._last_train is not None}
@@ -1010,6 +1045,8 @@ class AppController:
         rows = views.metrics_rows(report.per_category, METRIC_KEYS)
         msg = (f"Evaluated {name} on {len(report.records)} images from {path} in {report.seconds:.1f} s"
                + (f"; {len(report.errors)} unreadable file(s) skipped" if report.errors else "")
+               + (f"; left out {len(getattr(samples, 'skipped', []))} file(s) with unsupported extensions: "
+                  + ", ".join(Path(q).name for q in samples.skipped[:10]) if getattr(samples, "skipped", None) else "")
                + ("" if labels >= {0, 1} else "; only one class present, so AUROC/AP are undefined"))
         cats = [c for c in report.per_category if c != "mean"]
         if len(cats) > 1:

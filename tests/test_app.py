@@ -328,7 +328,9 @@ def test_training_job_runs_in_background_one_at_a_time(ctl: AppController, root:
             if any(cb(State(step)) for cb in kw["callbacks"]):
                 break
             release.wait(5)
-        return FakeDetector()
+        det = FakeDetector()
+        det.info = {"skipped": [{"path": "/data/good/notes.txt", "reason": "unsupported file type .txt"}]}
+        return det
 
     ctl.engine.train = train
     msg = ctl.start_training("good", None, None, "tiny", 64, 5, 2, options="diffusion.start_step=123")
@@ -346,6 +348,7 @@ def test_training_job_runs_in_background_one_at_a_time(ctl: AppController, root:
     st = ctl.training_status()
     assert st["state"] == "stopped" and st["can_resume"] and st["model_name"] in ctl.registry.names()
     assert st["model_name"].startswith("ccad-v stopped")
+    assert "Left out 1 file(s) of the data: notes.txt (unsupported file type .txt)." in st["status"]
     assert "resumed" in ctl.start_training(None, None, None, "", 0, 0, 0, resume=True)
     ctl.jobs.join(5)
     assert ctl.training_status()["state"] == "finished"
@@ -713,3 +716,43 @@ def test_settings_form_is_generated_from_each_methods_config(ctl: AppController,
         mcls, d = get_method(name), ctl.default_train_settings(name)
         assert d["device"] == "cuda" and d["image_size"] == mcls.default_image_size
         assert d["preset"] == getattr(mcls.default_config(), "preset", None) and d["steps"] >= 1000
+
+
+def test_files_that_are_not_images_are_said_to_be_left_out(ctl: AppController, root: Path, tmp_path: Path) -> None:
+    """Inspecting a folder or a zip, building a bank and evaluating list the files they left out
+    (unsupported extensions), never drop them silently; hidden files are not inputs."""
+    from ccad.data.synthetic import write_dataset
+
+    lot = root / "lot"
+    (lot / "sub").mkdir(parents=True)
+    grey(lot / "a.png", 40)
+    grey(lot / "sub" / "b.png", 90)
+    (lot / "sub" / "c.gif").write_bytes(b"GIF89a")
+    (lot / "notes.txt").write_text("lot 7")
+    (lot / ".DS_Store").write_bytes(b"\0")
+    batch = ctl.inspect_folder("fake", "lot")
+    assert sorted(batch.names) == ["a.png", "sub/b.png"]
+    assert sorted(batch.errors) == [("notes.txt", "unsupported file type .txt"),
+                                    ("sub/c.gif", "unsupported file type .gif")]
+    z = tmp_path / "upload.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.write(lot / "a.png", "set/a.png")
+        zf.writestr("set/readme.md", "x")
+    batch = ctl.inspect("fake", [str(z)])
+    # (the zip's one root folder is dropped from the names)
+    assert batch.names == ["a.png"] and batch.errors == [("readme.md", "unsupported file type .md")]
+    (root / "only").mkdir()
+    (root / "only" / "x.gif").write_bytes(b"GIF89a")
+    with pytest.raises(UserError, match=r"no images.*x\.gif \(unsupported file type \.gif\)"):
+        ctl.inspect_folder("fake", "only")
+
+    # the real engine: a bank from a folder with a stray file, then an evaluation
+    write_dataset(root / "synth", kinds=("fibrous",), n_train=6, n_test_good=2, n_test_defect=1, size=64, seed=1,
+                  defects=("spot",))
+    (root / "synth/fibrous/train/good/notes.txt").write_text("lot 7")
+    (root / "synth/fibrous/test/good/scan.gif").write_bytes(b"GIF89a")
+    c = AppController(data_root=root, state_dir=tmp_path / "s", samples_dir=None, demo_dir=None)
+    name, _, _, msg = c.build_bank("synth/fibrous/train/good", None, "tf_efficientnet_lite0", [2, 3], 30, 64)
+    assert "Left out 1 file(s): notes.txt (unsupported file type .txt)." in msg
+    r = c.run_evaluation(name, "synth/fibrous")
+    assert "left out 1 file(s) with unsupported extensions: scan.gif" in r["message"]
