@@ -127,10 +127,15 @@ def settings_for(name: str, mode: str, autoencoder: str, overrides: Optional[dic
     for k, v in list(opts.items()):
         if v == LATENT_TAG:
             opts[k] = autoencoder
+    changed = []
     for k, v in (overrides or {}).items():
         if v is not None:
+            if s.get(k) != v:
+                changed.append(f"{k} {v}")
             s[k] = v
     opts.update(options or {})
+    if changed and s.get("budget"):  # the sentence describes the table's row, not this one
+        s["budget"] += f" [the table's budget; this run overrides: {', '.join(changed)}]"
     return s
 
 
