@@ -259,6 +259,34 @@ def git_commit() -> str:
         return "unknown"
 
 
+MTD_SPLIT = ROOT.parent / "shared" / "data" / "mtd" / "split.csv"
+
+
+def add_saved_model_args(ap: Any, what: str = "trained models") -> None:
+    """The arguments of a tool that re-scores the models a ``benchmarks/mtd.py --workdir`` saved."""
+    ap.add_argument("--workdir", required=True, help=f"a benchmarks/mtd.py --workdir with {what}")
+    ap.add_argument("--methods", required=True, help="comma-separated method folders in WORKDIR")
+    ap.add_argument("--data", default=str(MTD_SPLIT), help="MTD split.csv")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--subset", type=int, default=None, help="as mtd.py --subset (for a smoke run's workdir)")
+    ap.add_argument("--json", default=None, help="append the JSON lines to this file")
+
+
+def saved_model_split(data: str, subset: Optional[int] = None) -> tuple[list, list]:
+    """``(test samples, calibration slice)`` as ``mtd.py`` used them: the slice is the 10 % of the
+    good training images (seed 0) its models were calibrated on; ``subset`` as ``mtd.py --subset``."""
+    from ccad.data.datasets import load_csv_manifest
+    from ccad.pipeline import split_good
+
+    train = load_csv_manifest(data, split="train")
+    test = load_csv_manifest(data, split="test")
+    if subset:
+        train = train[::max(1, len(train) // subset)]
+        test = test[::max(1, len(test) // subset)]
+    _, cal = split_good([s for s in train if s.label == 0], 0.1, 0)
+    return test, cal
+
+
 def parse_options(items: list[str]) -> dict[str, dict[str, str]]:
     """``--option METHOD:key=value`` (or ``key=value`` for every method) -> {method or '*': {key: value}}."""
     out: dict[str, dict[str, str]] = {}

@@ -31,16 +31,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, git_commit, machine  # noqa: E402
+from common import add_saved_model_args, git_commit, machine, saved_model_split  # noqa: E402
 
 from ccad.data.anomaly_synth import synthesize_batch  # noqa: E402
-from ccad.data.datasets import iter_batches, load_csv_manifest  # noqa: E402
+from ccad.data.datasets import iter_batches  # noqa: E402
 from ccad.metrics import aupro, auroc, pixel_auroc  # noqa: E402
-from ccad.pipeline import AnomalyDetector, split_good  # noqa: E402
+from ccad.pipeline import AnomalyDetector  # noqa: E402
 from ccad.scoring.fusion import NORMS, WEIGHT_GRID  # noqa: E402
-
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mtd" / "split.csv"
-
 
 def parts(det: AnomalyDetector, samples: list, batch_size: int, synthetic: bool = False) -> dict[str, torch.Tensor]:
     """Method and bank maps (``N x 1 x S x S``, float16 to save memory), labels and masks; with
@@ -74,20 +71,10 @@ def metrics(det: AnomalyDetector, maps: torch.Tensor, labels: np.ndarray, masks:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", required=True, help="a benchmarks/mtd.py --workdir with fused models")
-    ap.add_argument("--methods", required=True, help="comma-separated method folders in WORKDIR")
-    ap.add_argument("--data", default=str(DEFAULT_DATA), help="MTD split.csv")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--subset", type=int, default=None, help="as mtd.py --subset (for a smoke run's workdir)")
-    ap.add_argument("--json", default=None, help="append the JSON lines to this file")
+    add_saved_model_args(ap, "fused models")
     a = ap.parse_args()
 
-    train = load_csv_manifest(a.data, split="train")
-    test = load_csv_manifest(a.data, split="test")
-    if a.subset:
-        train = train[::max(1, len(train) // a.subset)]
-        test = test[::max(1, len(test) // a.subset)]
-    _, cal = split_good([s for s in train if s.label == 0], 0.1, 0)  # the slice mtd.py calibrated on
+    test, cal = saved_model_split(a.data, a.subset)  # the slice mtd.py calibrated on
     run = {"commit": git_commit(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), **machine()}
     rows = []
     for name in [m.strip() for m in a.methods.split(",") if m.strip()]:

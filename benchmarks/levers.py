@@ -25,15 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, git_commit, machine  # noqa: E402
+from common import add_saved_model_args, git_commit, machine, saved_model_split  # noqa: E402
 
 from ccad.config import set_option  # noqa: E402
-from ccad.data.datasets import load_csv_manifest  # noqa: E402
 from ccad.evaluate import METRIC_KEYS, evaluate_views  # noqa: E402
-from ccad.pipeline import AnomalyDetector, split_good  # noqa: E402
-
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mtd" / "split.csv"
-
+from ccad.pipeline import AnomalyDetector  # noqa: E402
 
 def parse_arm(text: str) -> dict[str, str]:
     out = {}
@@ -47,23 +43,13 @@ def parse_arm(text: str) -> dict[str, str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", required=True, help="a benchmarks/mtd.py --workdir with trained models")
-    ap.add_argument("--methods", required=True, help="comma-separated method folders in WORKDIR")
+    add_saved_model_args(ap)
     ap.add_argument("--arm", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                     help="scoring-config fields of one arm (repeatable); 'baseline' is always run first")
     ap.add_argument("--no-baseline", action="store_true", help="skip the model as saved")
-    ap.add_argument("--data", default=str(DEFAULT_DATA), help="MTD split.csv")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--subset", type=int, default=None, help="as mtd.py --subset (for a smoke run's workdir)")
-    ap.add_argument("--json", default=None, help="append the JSON lines to this file")
     a = ap.parse_args()
 
-    train = load_csv_manifest(a.data, split="train")
-    test = load_csv_manifest(a.data, split="test")
-    if a.subset:
-        train = train[::max(1, len(train) // a.subset)]
-        test = test[::max(1, len(test) // a.subset)]
-    _, cal = split_good([s for s in train if s.label == 0], 0.1, 0)  # the slice mtd.py calibrated on
+    test, cal = saved_model_split(a.data, a.subset)  # the slice mtd.py calibrated on
     arms = ([] if a.no_baseline else [("baseline", {})]) + [(arm, parse_arm(arm)) for arm in a.arm]
     run = {"commit": git_commit(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), **machine()}
     rows = []
