@@ -89,7 +89,9 @@ def test_save_load_round_trip(tmp_path, model):
     assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
     x, bank = torch.randn(1, 3, S, S), torch.randn(XI, D)
     with torch.no_grad():
-        assert torch.equal(model(x, 7, bank), loaded(x, 7, bank))
+        # the weights are bit for bit; two forward passes only agree to float32 rounding (kernels
+        # may pick other code paths for differently aligned tensors, threads, CPUs)
+        torch.testing.assert_close(loaded(x, 7, bank), model(x, 7, bank), rtol=1e-5, atol=1e-6)
     with pytest.raises(OSError, match="missing"):
         BankConditionedUNet.from_pretrained(tmp_path / "missing")
 

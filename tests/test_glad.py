@@ -93,13 +93,14 @@ def test_synthetic_anomaly_is_deterministic_local_and_foreign():
     img = _texture_image("fibrous", seed=1)
     xa, m = synthesize_anomaly(img, torch.Generator().manual_seed(3), avoid_kind="fibrous")
     xb, mb = synthesize_anomaly(img, torch.Generator().manual_seed(3), avoid_kind="fibrous")
-    assert torch.equal(xa, xb) and torch.equal(m, mb)  # a pure function of the seed
+    torch.testing.assert_close(xb, xa, rtol=1e-5, atol=1e-6)  # a pure function of the seed
+    assert torch.equal(m, mb)  # the mask is binary: exactly the same
     assert m.shape == (1, SIZE, SIZE) and m.sum() > 0 and set(m.unique().tolist()) <= {0.0, 1.0}
     changed = (xa - img).abs().amax(0) > 0
     assert not changed[m[0] == 0].any()  # nothing outside the mask changes
     assert (xa - img).abs()[:, m[0] == 1].mean() > 0.02  # the foreign texture shows inside it
     xc, _ = synthesize_anomaly(img, torch.Generator().manual_seed(4), avoid_kind="fibrous")
-    assert not torch.equal(xa, xc)
+    assert (xa - xc).abs().max() > 1e-3
     n = perlin_noise_2d((SIZE, SIZE), (4, 4), torch.Generator().manual_seed(0))
     assert n.shape == (SIZE, SIZE) and n.abs().max() <= 1.5 and n.std() > 0.05
     batch = torch.stack([img] * 4)

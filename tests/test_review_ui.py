@@ -347,18 +347,15 @@ def test_per_class_patchcore_when_the_model_was_not_built_on_the_class(tmp_path:
     assert "is not loaded" in ui.choose_model(key, "m1")[0]
 
 
-def test_per_class_patchcore_real_fit_in_seconds(tmp_path: Path) -> None:
-    """The real engine: ``ccad.fit_detector`` builds the per-class PatchCore in seconds and its
+def test_per_class_patchcore_real_fit(tmp_path: Path) -> None:
+    """The real engine: ``ccad.fit_detector`` builds the per-class PatchCore and its
     map colours the heatmap panel."""
-    import time
 
     root = tmp_path / "data"
     write_dataset(root / "dagm", kinds=("granular",), n_train=4, n_test_good=0, n_test_defect=1,
                   size=64, layout="dagm", defects=("spot",))
     ui = ReviewUI(lambda: _OnClass("Class9"), root, tmp_path / "state")
-    t0 = time.perf_counter()
     key, status, orig, ell, mask, heat, *_ = ui.load("dagm")
-    assert time.perf_counter() - t0 < 60
     assert "PatchCore built on Class1" in status, status
     det = ui._class_dets[(key, "Class1")][0]
     assert det.info["categories"] == ["Class1"] and ReviewUI.built_on(det, "Class1")

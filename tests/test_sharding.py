@@ -126,11 +126,14 @@ def test_sharded_evaluate_gives_the_single_process_report(tiny, tmp_path):
     for cat, row in a["per_category"].items():
         for key, value in row.items():
             other = b["per_category"][cat][key]
-            assert (value is None and other is None) or abs(value - other) <= 1e-9, (cat, key)
+            # metrics of float32 maps computed in other processes (other thread counts): equal to
+            # float32 rounding, which can move a rank-based metric by ~1e-7; 1e-5 is far below a
+            # difference a user could see in the 4-digit tables
+            assert (value is None and other is None) or abs(value - other) <= 1e-5, (cat, key)
     assert a["per_category"]["mean"]["pixel_aupro"] is not None  # the pixel metrics used the gathered maps
     assert [r["path"] for r in a["records"]] == [r["path"] for r in b["records"]]
     for ra, rb in zip(a["records"], b["records"]):
-        assert rb["score"] == pytest.approx(ra["score"], rel=1e-6) and ra["label"] == rb["label"]
+        assert rb["score"] == pytest.approx(ra["score"], rel=1e-5, abs=1e-6) and ra["label"] == rb["label"]
     assert a["errors"] == b["errors"] and len(a["errors"]) == 1
     assert proc.stdout.count("pixel_aupro") == 1  # one table, from the main process
     assert not list(shards.iterdir())  # the per-process files are removed after the merge
