@@ -707,6 +707,63 @@ def split_good(samples: list, calibration_fraction: float, seed: int = 0) -> tup
     return train, cal
 
 
+MIN_GOOD_PER_CATEGORY = 2  # one to train on, one held out to calibrate the threshold on
+
+
+def check_calibration_split(samples: list, calibration_fraction: float, where: Any = None) -> None:
+    """Refuse, before anything is built or trained, good images too few to hold out a calibration
+    slice: with ``calibration_fraction > 0`` every category needs :data:`MIN_GOOD_PER_CATEGORY`
+    good images (one to train on, one to calibrate the threshold on), else the model would be saved
+    with a NaN threshold and no calibration. ``calibration_fraction = 0`` asks for an uncalibrated
+    model explicitly (its verdicts are "uncalibrated", never "good")."""
+    if calibration_fraction <= 0:
+        return
+    by_cat: dict[str, int] = {}
+    for s in samples:
+        key = getattr(s, "category", "") or ""
+        by_cat[key] = by_cat.get(key, 0) + 1
+    short = {c: n for c, n in sorted(by_cat.items()) if n < MIN_GOOD_PER_CATEGORY}
+    if not short:
+        return
+    src = "" if where is None or not isinstance(where, (str, Path)) else f"{where}: "
+    what = "; ".join(f"{n} good image{'s' if n != 1 else ''}" + (f" of category {c!r}" if c else "")
+                     for c, n in short.items())
+    raise ValueError(f"{src}{what}: too few to hold out a calibration slice; at least {MIN_GOOD_PER_CATEGORY} "
+                     f"good images{' per category' if len(by_cat) > 1 or any(by_cat) else ''} are needed (1 to "
+                     f"train on, 1 to calibrate the threshold on; more give a better threshold)")
+
+
+class RunFolderExistsError(ValueError):
+    """The output folder already holds a run or a model that this call would overwrite."""
+
+
+def existing_outputs(folder: str | Path) -> list[str]:
+    """What a training run or ``ccad bank`` would destroy in ``folder``: its ``checkpoint-*``
+    folders, a saved model (``model/`` or the folder itself), its bank (names relative to ``folder``)."""
+    from .training import list_checkpoints
+
+    d = Path(folder)
+    if not d.is_dir():
+        return []
+    found = [c.name for c in list_checkpoints(d)]
+    for name in ("model/config.json", "config.json", "bank.safetensors"):
+        if (d / name).is_file():
+            found.append(name.split("/")[0] + ("/" if "/" in name else ""))
+    return found
+
+
+def refuse_to_overwrite(folder: str | Path, flag_resume: Optional[str] = "resume=True",
+                        flag_overwrite: str = "overwrite=True") -> None:
+    """Raise :class:`RunFolderExistsError` when ``folder`` holds something :func:`existing_outputs` lists."""
+    found = existing_outputs(folder)
+    if found:
+        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        how = (f"pass {flag_resume} to continue it, or {flag_overwrite} to replace it" if flag_resume
+               else f"pass {flag_overwrite} to replace it")
+        raise RunFolderExistsError(f"{folder}: already holds {shown}; nothing was changed: {how} "
+                                   f"(or choose another folder)")
+
+
 def _detector_config(variant: str, image_size: Optional[int], method: Any, bank_config: Any, scoring: Any,
                      backbone: Optional[str], layers: Optional[Sequence[int]], bank_size: Optional[int],
                      weights: Optional[str], batch_size: Optional[int], preset: Optional[str]) -> DetectorConfig:
@@ -732,6 +789,7 @@ def _prepare(data: Any, config: DetectorConfig, bank: Any, calibration_fraction:
 
     with collect_skipped() as unsupported:  # files left out for their extension (info.json "skipped")
         good = _as_samples(data)
+    check_calibration_split(good, calibration_fraction, data)
     train, cal = split_good(good, calibration_fraction, seed)
     train = SampleList(train, unsupported)
     dev = torch.device(device) if device is not None else default_device()
@@ -846,6 +904,7 @@ def train_detector(
     device: Any = None,
     seed: int = 0,
     fusion_memory: Any = None,
+    overwrite: bool = False,
 ) -> AnomalyDetector:
     """Build and train a detector of any registered method on good images; save ``out_dir/model``.
 
@@ -859,11 +918,22 @@ def train_detector(
     ``scoring.fusion = "bank"`` fuses the method's map with a nearest-neighbour map, normalised on
     the calibration slice (:mod:`ccad.scoring.fusion`; ``fusion_memory``: a fitted
     ``PatchCoreScorer`` of the same training images to reuse).
+
+    An ``out_dir`` that already holds a run (``checkpoint-*``, ``model/``, ``bank.safetensors``) is
+    refused with :class:`RunFolderExistsError` before anything is read or written, unless
+    ``resume`` (continue it) or ``overwrite=True`` (replace it: its checkpoints are removed when
+    training starts, its model when the new one is saved). Too few good images to hold out a
+    calibration slice is a ``ValueError`` before anything is built (:func:`check_calibration_split`).
     """
     from .features import FeatureBank
     from .training import TrainConfig, Trainer
 
     out_dir = Path(out_dir)
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: resume continues the run in out_dir, "
+                         "overwrite replaces it")
+    if not resume and not overwrite:
+        refuse_to_overwrite(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = _detector_config(variant, image_size, method, bank_config, scoring, backbone, layers, bank_size,
                               None, None, preset)
@@ -889,7 +959,7 @@ def train_detector(
         dataset = m.training_dataset(train_s)
         trainer = Trainer(m.trainable_modules(), m.training_loss, dataset, tcfg, out_dir, callbacks=cbs,
                           preview=m.preview)
-        result = trainer.train(resume=resume)
+        result = trainer.train(resume=resume, overwrite=bool(overwrite))
         m.use_trained(result.model)
         m.after_training(train_s)  # e.g. domain adaptation of the scoring extractor (D3AD eq. 10)
         info.update({"train_steps": int(result.step), "stopped_early": bool(result.stopped)})
@@ -900,6 +970,10 @@ def train_detector(
         det.calibrate(cal, batch_size=tcfg.batch_size)
     state = _launch_state()
     if state is None or state.is_main_process:  # several processes (accelerate launch): one writes the model
+        if overwrite and (out_dir / "model").is_dir():  # replaced as a whole: no stale file of the old model
+            from .training import _remove_dir
+
+            _remove_dir(out_dir / "model")
         det.save_pretrained(out_dir / "model")
     if state is not None:
         state.wait_for_everyone()

@@ -12,7 +12,7 @@ from ccad.config import ScoringConfig
 from ccad.data.synthetic import write_dataset
 from ccad.methods import get_method
 from ccad.pipeline import AnomalyDetector, CheckpointError, Prediction, count_statuses, fit_detector, train_detector
-from ccad.training import TrainConfig
+from ccad.training import STATE_NAME, TrainConfig
 
 SIZE = 32
 
@@ -205,3 +205,109 @@ def test_status_is_the_single_verdict():
     counts = count_statuses([pred(1.0, 2.0), pred(3.0, 2.0), pred(1.0, math.nan), pred(math.nan, 2.0)], [("x", "y")])
     assert counts == {"good": 1, "anomalous": 1, "uncalibrated": 1, "error": 1, "unreadable": 1,
                       "out_of_domain": 0, "total": 5}
+
+
+# ---- item 3: too few images for a calibration slice ---------------------------------------------
+
+def one_image_folder(root, tmp_path, n=1):
+    d = tmp_path / f"good{n}"
+    d.mkdir()
+    for p in sorted((root / "fibrous" / "train" / "good").glob("*.png"))[:n]:
+        shutil.copy(p, d / p.name)
+    return d
+
+
+def test_training_on_one_image_is_refused_before_anything_is_built(root, tmp_path):
+    data = one_image_folder(root, tmp_path)
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"1 good image: too few .* at least 2"):
+        train_detector(data, run, variant="ccad-v", method=tiny_ccad_v(), image_size=SIZE, bank_size=8,
+                       train=tiny_train(), device="cpu")
+    assert not run.exists() or not any(run.iterdir())  # no bank, no checkpoint, no model
+    with pytest.raises(ValueError, match="at least 2"):
+        fit_detector(data, image_size=SIZE, bank_size=8, device="cpu")
+    # two images are enough: one to train on, one to calibrate on, and the threshold is finite
+    det = fit_detector(one_image_folder(root, tmp_path, 2), image_size=SIZE, bank_size=8, device="cpu",
+                       method=get_method("patchcore").Config(ratio=0.5))
+    assert math.isfinite(det.threshold) and det.calibration.good_scores.size == 1
+
+
+def test_cli_train_on_one_image_exits_non_zero_with_one_line(root, tmp_path, capsys):
+    from ccad.cli import main
+
+    data = one_image_folder(root, tmp_path)
+    code = main(["train", str(data), "--out", str(tmp_path / "run"), "--variant", "patchcore", "--image-size",
+                 str(SIZE), "--size", "8", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert len(err.splitlines()) == 1 and "at least 2" in err and err.startswith("error:")
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_every_category_needs_its_calibration_image(root, tmp_path):
+    a = one_image_folder(root, tmp_path, 3)
+    b = tmp_path / "lonely"
+    b.mkdir()
+    shutil.copy(sorted(a.glob("*.png"))[0], b / "x.png")
+    with pytest.raises(ValueError, match=r"category 'lonely'"):
+        fit_detector([a, b], image_size=SIZE, bank_size=8, device="cpu")
+
+
+# ---- item 6: never delete a run without being told ---------------------------------------------
+
+def test_rerunning_train_into_a_run_folder_is_refused_and_keeps_every_checkpoint(root, tmp_path):
+    from ccad.pipeline import RunFolderExistsError
+    from ccad.training import list_checkpoints
+
+    run = tmp_path / "run"
+    tc = TrainConfig(steps=2, batch_size=4, show_progress=False, checkpoint_every=1, keep_checkpoints=5)
+    kw = dict(variant="ccad-v", method=tiny_ccad_v(), image_size=SIZE, bank_size=8, device="cpu")
+    train_detector(root / "fibrous", run, train=tc, **kw)
+    before = {c.name: (c / STATE_NAME).stat().st_mtime_ns for c in list_checkpoints(run)}
+    model_before = (run / "model" / "config.json").stat().st_mtime_ns
+    assert before
+    with pytest.raises(RunFolderExistsError, match=r"resume=True.*overwrite=True"):
+        train_detector(root / "fibrous", run, train=tc, **kw)
+    after = {c.name: (c / STATE_NAME).stat().st_mtime_ns for c in list_checkpoints(run)}
+    assert after == before and (run / "model" / "config.json").stat().st_mtime_ns == model_before
+    with pytest.raises(ValueError, match="exclude each other"):
+        train_detector(root / "fibrous", run, train=tc, resume=True, overwrite=True, **kw)
+    det = train_detector(root / "fibrous", run, train=TrainConfig(steps=1, batch_size=4, show_progress=False,
+                                                                  checkpoint_every=0), overwrite=True, **kw)
+    assert det.info["train_steps"] == 1 and [c.name for c in list_checkpoints(run)] == ["checkpoint-1"]
+    assert AnomalyDetector.from_pretrained(run / "model", device="cpu").info["train_steps"] == 1
+
+
+def test_cli_train_refuses_an_existing_run_naming_resume_and_overwrite(root, tmp_path, capsys):
+    from ccad.cli import main
+    from ccad.training import list_checkpoints
+
+    run = tmp_path / "run"
+    args = ["train", str(root / "fibrous"), "--out", str(run), "--variant", "ccad-v", "--preset", "tiny",
+            "--image-size", str(SIZE), "--size", "8", "--steps", "2", "--batch-size", "4", "--checkpoint-every",
+            "1", "--option", "diffusion.steps=2", "--quiet"]
+    assert main(args) == 0
+    names = [c.name for c in list_checkpoints(run)]
+    capsys.readouterr()
+    assert main(args) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--resume" in err and "--overwrite" in err
+    assert [c.name for c in list_checkpoints(run)] == names
+    assert main(args + ["--resume", "--overwrite"]) != 0
+    assert main(args + ["--overwrite"]) == 0
+
+
+def test_cli_bank_refuses_to_overwrite_a_saved_model(root, fused_model, tmp_path, capsys):
+    from ccad.cli import main
+
+    model = copy_model(fused_model, tmp_path)
+    before = (model / "config.json").read_text()
+    args = ["bank", str(root / "fibrous"), "--out", str(model), "--image-size", str(SIZE), "--size", "8",
+            "--quiet"]
+    capsys.readouterr()
+    assert main(args) != 0
+    assert "--overwrite" in capsys.readouterr().err
+    assert (model / "config.json").read_text() == before  # the CCAD(V) model is intact
+    AnomalyDetector.from_pretrained(model, device="cpu")
+    assert main(args + ["--overwrite"]) == 0
+    assert AnomalyDetector.from_pretrained(model, device="cpu").variant == "patchcore"
