@@ -77,8 +77,10 @@ def _report_skipped(skipped: Sequence[Any]) -> None:
 # ---- commands ---------------------------------------------------------------------------------
 
 def cmd_bank(a: argparse.Namespace) -> int:
-    from .pipeline import fit_detector
+    from .pipeline import fit_detector, refuse_to_overwrite
 
+    if not getattr(a, "overwrite", False):  # a saved model or a run's bank in --out would be overwritten
+        refuse_to_overwrite(a.out, None, "--overwrite")
     bar = _Bar("features", a.quiet)
     method = _method_config("patchcore", None, [f"ratio={a.patchcore_ratio}"])
     det = fit_detector(a.data, backbone=a.backbone, layers=a.layers, bank_size=a.size, image_size=a.image_size,
@@ -124,9 +126,15 @@ def _scoring_config(variant: str, options: Sequence[str]) -> Any:
 
 def cmd_train(a: argparse.Namespace) -> int:
     from .features import FeatureBank
-    from .pipeline import train_detector
+    from .pipeline import refuse_to_overwrite, train_detector
     from .training import TrainConfig
 
+    if a.resume and a.overwrite:
+        print("error: --resume continues the run in --out, --overwrite replaces it: give one of them",
+              file=sys.stderr)
+        return 2
+    if not a.resume and not a.overwrite:  # before anything is read: never lose a run's checkpoints
+        refuse_to_overwrite(a.out, "--resume", "--overwrite")
     bank = FeatureBank.load(a.bank) if a.bank else None
     method = _method_config(a.variant, a.preset, a.option)
     train = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, checkpoint_every=a.checkpoint_every,
@@ -135,6 +143,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     det = train_detector(data, a.out, variant=a.variant, method=method, train=train, bank=bank,
                          image_size=a.image_size, backbone=a.backbone, layers=a.layers, bank_size=a.size,
                          calibration_fraction=a.calibration_fraction, resume=a.resume, seed=a.seed,
+                         overwrite=a.overwrite,
                          scoring=_scoring_config(a.variant, getattr(a, "scoring", None)))
     from .distributed import launched_world_size
 
@@ -359,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--patchcore-ratio", type=float, default=0.01, help="PatchCore memory = this share of all patches")
     sp.add_argument("--batch-size", type=int, default=8, help="images per feature-extraction batch")
     sp.add_argument("--weights", default=None, help="local backbone weights file (safetensors or .pth)")
+    sp.add_argument("--overwrite", action="store_true",
+                    help="replace the model (or a run's bank) already in --out; refused without it")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     sp.set_defaults(func=cmd_bank)
 
@@ -392,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "map with the bank's nearest-neighbour map, both normalised on held-out good images), "
                          "feature_match=neighbourhood, score=topk")
     sp.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    sp.add_argument("--overwrite", action="store_true",
+                    help="replace the run already in --out (its checkpoints and model are deleted); without "
+                         "--resume or --overwrite an existing run is refused")
     sp.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     sp.set_defaults(func=cmd_train)

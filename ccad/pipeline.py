@@ -49,9 +49,20 @@ def default_device() -> torch.device:
 # Prediction
 # --------------------------------------------------------------------------------------------
 
+STATUSES = ("good", "anomalous", "uncalibrated", "error")
+
+
 @dataclass
 class Prediction:
-    """The result of one inspection. Images are at the input's original size."""
+    """The result of one inspection. Images are at the input's original size.
+
+    :attr:`status` is the one verdict every summary counts (CLI, app, ``predict_many`` callers):
+    ``"good"`` only for a finite score at or below a finite (calibrated) threshold; ``"anomalous"``
+    above it; ``"uncalibrated"`` when the model has no threshold; ``"error"`` when the score or map
+    is NaN / inf (:attr:`error` says why and names the model's files). Nothing but ``"good"`` is
+    good. :attr:`out_of_domain` says when the image is unlike the model's good training images
+    (its :attr:`domain_distance` above :attr:`domain_limit`, see :mod:`ccad.scoring.domain`); None
+    when the model stores no such statistic (older models, methods without a memory)."""
 
     image: np.ndarray  # H x W x 3 float32 in [0, 1]
     reconstruction: Optional[np.ndarray]  # H x W x 3 float32, None for feature-only detectors
@@ -61,21 +72,48 @@ class Prediction:
     seconds: float
     path: Optional[str] = None
     map_floor: float = 0.0  # map value of a typical good pixel (for display scaling)
+    error: Optional[str] = None  # why this result is not a verdict (non-finite score or map)
+    domain_distance: Optional[float] = None  # median patch distance to the good memory (ccad.scoring.domain)
+    domain_limit: Optional[float] = None  # the good-only limit above which the image is out of domain
+
+    @property
+    def status(self) -> str:
+        """``"good"``, ``"anomalous"``, ``"uncalibrated"`` or ``"error"`` (see the class docstring)."""
+        if self.error is not None or not math.isfinite(float(self.score)):
+            return "error"
+        if not math.isfinite(float(self.threshold)):
+            return "uncalibrated"
+        return "anomalous" if self.score > self.threshold else "good"
 
     @property
     def is_anomalous(self) -> bool:
-        return bool(np.isfinite(self.threshold) and self.score > self.threshold)
+        """True only for the status ``"anomalous"`` (an error or an uncalibrated model is neither)."""
+        return self.status == "anomalous"
+
+    @property
+    def is_good(self) -> bool:
+        """True only for the status ``"good"``: a finite score at or below a calibrated threshold."""
+        return self.status == "good"
 
     @property
     def verdict(self) -> str:
-        if not np.isfinite(self.threshold):
-            return "uncalibrated"
-        return "anomalous" if self.is_anomalous else "good"
+        """The same as :attr:`status`."""
+        return self.status
+
+    @property
+    def out_of_domain(self) -> Optional[bool]:
+        """True when the image's :attr:`domain_distance` exceeds :attr:`domain_limit` (it is unlike
+        the good images the model was calibrated on); None when either is unknown."""
+        if self.domain_distance is None or self.domain_limit is None:
+            return None
+        if not math.isfinite(float(self.domain_distance)):
+            return True
+        return bool(self.domain_distance > self.domain_limit)
 
     @property
     def mask(self) -> np.ndarray:
-        """Pixels whose map value exceeds the threshold (H x W bool)."""
-        if not np.isfinite(self.threshold):
+        """Pixels whose map value exceeds the threshold (H x W bool); empty unless the status is a verdict."""
+        if self.status not in ("good", "anomalous"):
             return np.zeros(self.anomaly_map.shape, bool)
         return self.anomaly_map > self.threshold
 
@@ -85,9 +123,10 @@ class Prediction:
 
     def normalized_map(self) -> np.ndarray:
         """Map scaled so a typical good pixel is 0 and the threshold is 1 (comparable across images)."""
-        hi = self.threshold if np.isfinite(self.threshold) else float(self.anomaly_map.max())
+        amap = np.nan_to_num(self.anomaly_map, nan=0.0, posinf=0.0, neginf=0.0)
+        hi = self.threshold if np.isfinite(self.threshold) else float(amap.max())
         lo = min(self.map_floor, hi - 1e-6)
-        return np.clip((self.anomaly_map - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+        return np.clip((amap - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
 
     def heatmap(self) -> np.ndarray:
         """H x W x 3 uint8 colour-mapped anomaly map (red at or above the threshold)."""
@@ -107,8 +146,30 @@ class Prediction:
         return out
 
     def to_record(self) -> dict[str, Any]:
-        return {"path": self.path, "score": self.score, "threshold": self.threshold,
-                "verdict": self.verdict, "seconds": self.seconds}
+        """One row: path, score, threshold, status (also as ``verdict``), error, out_of_domain,
+        domain_distance, domain_limit, seconds."""
+        return {"path": self.path, "score": self.score, "threshold": self.threshold, "status": self.status,
+                "verdict": self.verdict, "error": self.error, "out_of_domain": self.out_of_domain,
+                "domain_distance": self.domain_distance, "domain_limit": self.domain_limit,
+                "seconds": self.seconds}
+
+
+def count_statuses(predictions: Iterable[Prediction], errors: Sequence[Any] = ()) -> dict[str, int]:
+    """How many predictions have each :attr:`Prediction.status` (``good`` / ``anomalous`` /
+    ``uncalibrated`` / ``error``), plus ``unreadable`` (``len(errors)``, the files
+    :meth:`AnomalyDetector.predict_many` could not read), ``out_of_domain`` (flagged, whatever the
+    status) and ``total``. The one count every summary (CLI, app) should print: an uncalibrated or
+    failed image is never counted as good."""
+    counts = dict.fromkeys(STATUSES, 0)
+    ood = n = 0
+    for p in predictions:
+        counts[p.status] += 1
+        ood += bool(p.out_of_domain)
+        n += 1
+    counts["unreadable"] = len(errors)
+    counts["out_of_domain"] = ood
+    counts["total"] = n + len(errors)
+    return counts
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,6 +220,7 @@ class AnomalyDetector(
         self.method = method
         self.calibration = calibration
         self.info: dict[str, Any] = dict(info or {})
+        self.source: Optional[Path] = None  # the folder load_folder read this detector from
         self.device = torch.device(device) if device is not None else default_device()
         if (config.scoring.fusion == "bank") != (fusion is not None):
             raise ConfigError("scoring.fusion is 'bank' but no fusion memory was given" if fusion is None
@@ -267,6 +329,7 @@ class AnomalyDetector(
         x = torch.stack(tensors)
         maps, x_hat = self.maps_for_batch(x)
         scores = self._score(maps).cpu().numpy()
+        finite = torch.isfinite(maps).flatten(1).all(1).cpu().numpy() & np.isfinite(scores)
         per = (time.perf_counter() - t0) / len(images)
         out = []
         for i, im in enumerate(images):
@@ -279,9 +342,24 @@ class AnomalyDetector(
                 rec = rec[0].permute(1, 2, 0).clamp(0, 1).cpu().numpy()
             out.append(Prediction(image=im, reconstruction=rec, anomaly_map=m.cpu().numpy().astype(np.float32),
                                   score=float(scores[i]), threshold=self.threshold, seconds=per, path=paths[i],
-                                  map_floor=self.map_floor))
+                                  map_floor=self.map_floor,
+                                  error=None if finite[i] else self._non_finite_message(float(scores[i]))))
             out[-1].seconds = own[i] + per + (time.perf_counter() - t)
         return out
+
+    def weight_files(self) -> list[str]:
+        """The safetensors files this detector was loaded from (paths), or [] for one built in memory."""
+        if self.source is None:
+            return []
+        return [str(f) for f in sorted(Path(self.source).rglob("*.safetensors"))]
+
+    def _non_finite_message(self, score: float) -> str:
+        what = f"anomaly score {score}" if not math.isfinite(score) else "anomaly map"
+        files = self.weight_files()
+        where = (f"its weight files ({', '.join(files)})" if files else "its weights (built in memory, not loaded "
+                 "from a folder)")
+        return (f"the model gave a non-finite {what} (NaN or inf): no verdict; the model is probably corrupt: "
+                f"check {where}, re-download or re-train it")
 
     # ---- public API -------------------------------------------------------------------------
     def predict(self, image: Any) -> Prediction:
@@ -388,6 +466,10 @@ class AnomalyDetector(
         fused = torch.cat([self.combine(m, bank) for m, bank in parts])
         scores = self._score(fused).numpy()
         maps = fused[:, 0].numpy()
+        if not (np.all(np.isfinite(scores)) and np.all(np.isfinite(maps))):
+            bad = int(np.sum(~np.isfinite(scores)) or np.sum(~np.isfinite(maps).reshape(len(maps), -1).all(1)))
+            raise ValueError(f"calibration: {bad} of the {scores.size} good images gave a non-finite score or map "
+                             f"(NaN or inf): no threshold can be set; {self._non_finite_message(float('nan'))}")
         self.calibration = Calibration.fit(scores, method or sc.calibration,
                                            fpr=sc.target_fpr if fpr is None else fpr,
                                            sigma=sc.sigma_k if sigma is None else sigma)
@@ -432,6 +514,12 @@ class AnomalyDetector(
     # ---- persistence (huggingface_hub mixin) ------------------------------------------------
     def _save_pretrained(self, save_directory: Path) -> None:
         save_directory = Path(save_directory)
+        if self.calibration is not None:
+            try:
+                self.calibration.check_finite()
+            except ValueError as exc:  # nothing is written: a NaN threshold would read every image as good
+                raise ValueError(f"{save_directory}: not saved: the calibration is not usable ({exc}); "
+                                 f"re-calibrate on readable good images") from None
         save_directory.mkdir(parents=True, exist_ok=True)
         self.config.save(save_directory / FILES["config"])
         if self.bank is not None:
@@ -441,6 +529,8 @@ class AnomalyDetector(
             self.fusion.save(save_directory)
         if self.calibration is not None:
             (save_directory / FILES["calibration"]).write_text(json.dumps(self.calibration.to_dict(), indent=1))
+        elif (save_directory / FILES["calibration"]).is_file():  # never leave another model's threshold behind
+            (save_directory / FILES["calibration"]).unlink()
         info = dict(self.info)
         info.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
         info["ccad_version"] = __version__
@@ -490,6 +580,7 @@ class AnomalyDetector(
         except ConfigError as exc:
             raise CheckpointError(str(exc)) from None
         mcls = get_method(config.variant)
+        check_weight_files(path)  # a truncated or corrupted safetensors file is named before anything is built
         bank = None
         if (path / "bank.safetensors").is_file():
             try:
@@ -509,8 +600,10 @@ class AnomalyDetector(
         if (path / FILES["calibration"]).is_file():
             try:
                 calibration = Calibration.from_dict(json.loads((path / FILES["calibration"]).read_text()))
-            except (json.JSONDecodeError, TypeError, ValueError) as exc:
-                raise CheckpointError(f"{path / FILES['calibration']}: {exc}") from None
+                calibration.check_finite()
+            except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as exc:
+                raise CheckpointError(f"{path / FILES['calibration']}: {exc}; re-calibrate the model "
+                                      f"(ccad calibrate MODEL --good FOLDER)") from None
         fusion = None
         if config.scoring.fusion == "bank":
             from .scoring.fusion import BankFusion, bank_backbone
@@ -526,9 +619,33 @@ class AnomalyDetector(
             except json.JSONDecodeError as exc:
                 raise CheckpointError(f"{path / FILES['info']}: {exc}") from None
         try:
-            return cls(config, bank, method, calibration=calibration, info=info, device=dev, fusion=fusion)
+            det = cls(config, bank, method, calibration=calibration, info=info, device=dev, fusion=fusion)
         except ConfigError as exc:
             raise CheckpointError(f"{path}: {exc}") from None
+        det.source = path
+        return det
+
+
+def check_weight_files(folder: str | Path) -> None:
+    """Read every ``*.safetensors`` file under a model folder and refuse a truncated or corrupt one,
+    or one holding NaN / inf weights, with a :class:`CheckpointError` naming the file (and tensor)."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(Path(folder).rglob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for key in fh.keys():
+                    t = fh.get_tensor(key)
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        bad = int((~torch.isfinite(t)).sum())
+                        raise CheckpointError(f"{f}: tensor {key!r} holds {bad} NaN/inf value(s) of {t.numel()}: "
+                                              f"the file is corrupt; re-download or re-train the model")
+        except CheckpointError:
+            raise
+        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"{f}: cannot read the weights: not a readable safetensors file (truncated or "
+                                  f"corrupt: {exc}); "
+                                  f"re-download or re-train the model") from None
 
 
 def model_card_text(card: dict[str, Any]) -> str:
@@ -590,6 +707,63 @@ def split_good(samples: list, calibration_fraction: float, seed: int = 0) -> tup
     return train, cal
 
 
+MIN_GOOD_PER_CATEGORY = 2  # one to train on, one held out to calibrate the threshold on
+
+
+def check_calibration_split(samples: list, calibration_fraction: float, where: Any = None) -> None:
+    """Refuse, before anything is built or trained, good images too few to hold out a calibration
+    slice: with ``calibration_fraction > 0`` every category needs :data:`MIN_GOOD_PER_CATEGORY`
+    good images (one to train on, one to calibrate the threshold on), else the model would be saved
+    with a NaN threshold and no calibration. ``calibration_fraction = 0`` asks for an uncalibrated
+    model explicitly (its verdicts are "uncalibrated", never "good")."""
+    if calibration_fraction <= 0:
+        return
+    by_cat: dict[str, int] = {}
+    for s in samples:
+        key = getattr(s, "category", "") or ""
+        by_cat[key] = by_cat.get(key, 0) + 1
+    short = {c: n for c, n in sorted(by_cat.items()) if n < MIN_GOOD_PER_CATEGORY}
+    if not short:
+        return
+    src = "" if where is None or not isinstance(where, (str, Path)) else f"{where}: "
+    what = "; ".join(f"{n} good image{'s' if n != 1 else ''}" + (f" of category {c!r}" if c else "")
+                     for c, n in short.items())
+    raise ValueError(f"{src}{what}: too few to hold out a calibration slice; at least {MIN_GOOD_PER_CATEGORY} "
+                     f"good images{' per category' if len(by_cat) > 1 or any(by_cat) else ''} are needed (1 to "
+                     f"train on, 1 to calibrate the threshold on; more give a better threshold)")
+
+
+class RunFolderExistsError(ValueError):
+    """The output folder already holds a run or a model that this call would overwrite."""
+
+
+def existing_outputs(folder: str | Path) -> list[str]:
+    """What a training run or ``ccad bank`` would destroy in ``folder``: its ``checkpoint-*``
+    folders, a saved model (``model/`` or the folder itself), its bank (names relative to ``folder``)."""
+    from .training import list_checkpoints
+
+    d = Path(folder)
+    if not d.is_dir():
+        return []
+    found = [c.name for c in list_checkpoints(d)]
+    for name in ("model/config.json", "config.json", "bank.safetensors"):
+        if (d / name).is_file():
+            found.append(name.split("/")[0] + ("/" if "/" in name else ""))
+    return found
+
+
+def refuse_to_overwrite(folder: str | Path, flag_resume: Optional[str] = "resume=True",
+                        flag_overwrite: str = "overwrite=True") -> None:
+    """Raise :class:`RunFolderExistsError` when ``folder`` holds something :func:`existing_outputs` lists."""
+    found = existing_outputs(folder)
+    if found:
+        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        how = (f"pass {flag_resume} to continue it, or {flag_overwrite} to replace it" if flag_resume
+               else f"pass {flag_overwrite} to replace it")
+        raise RunFolderExistsError(f"{folder}: already holds {shown}; nothing was changed: {how} "
+                                   f"(or choose another folder)")
+
+
 def _detector_config(variant: str, image_size: Optional[int], method: Any, bank_config: Any, scoring: Any,
                      backbone: Optional[str], layers: Optional[Sequence[int]], bank_size: Optional[int],
                      weights: Optional[str], batch_size: Optional[int], preset: Optional[str]) -> DetectorConfig:
@@ -615,6 +789,7 @@ def _prepare(data: Any, config: DetectorConfig, bank: Any, calibration_fraction:
 
     with collect_skipped() as unsupported:  # files left out for their extension (info.json "skipped")
         good = _as_samples(data)
+    check_calibration_split(good, calibration_fraction, data)
     train, cal = split_good(good, calibration_fraction, seed)
     train = SampleList(train, unsupported)
     dev = torch.device(device) if device is not None else default_device()
@@ -729,6 +904,7 @@ def train_detector(
     device: Any = None,
     seed: int = 0,
     fusion_memory: Any = None,
+    overwrite: bool = False,
 ) -> AnomalyDetector:
     """Build and train a detector of any registered method on good images; save ``out_dir/model``.
 
@@ -742,11 +918,22 @@ def train_detector(
     ``scoring.fusion = "bank"`` fuses the method's map with a nearest-neighbour map, normalised on
     the calibration slice (:mod:`ccad.scoring.fusion`; ``fusion_memory``: a fitted
     ``PatchCoreScorer`` of the same training images to reuse).
+
+    An ``out_dir`` that already holds a run (``checkpoint-*``, ``model/``, ``bank.safetensors``) is
+    refused with :class:`RunFolderExistsError` before anything is read or written, unless
+    ``resume`` (continue it) or ``overwrite=True`` (replace it: its checkpoints are removed when
+    training starts, its model when the new one is saved). Too few good images to hold out a
+    calibration slice is a ``ValueError`` before anything is built (:func:`check_calibration_split`).
     """
     from .features import FeatureBank
     from .training import TrainConfig, Trainer
 
     out_dir = Path(out_dir)
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: resume continues the run in out_dir, "
+                         "overwrite replaces it")
+    if not resume and not overwrite:
+        refuse_to_overwrite(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = _detector_config(variant, image_size, method, bank_config, scoring, backbone, layers, bank_size,
                               None, None, preset)
@@ -772,7 +959,7 @@ def train_detector(
         dataset = m.training_dataset(train_s)
         trainer = Trainer(m.trainable_modules(), m.training_loss, dataset, tcfg, out_dir, callbacks=cbs,
                           preview=m.preview)
-        result = trainer.train(resume=resume)
+        result = trainer.train(resume=resume, overwrite=bool(overwrite))
         m.use_trained(result.model)
         m.after_training(train_s)  # e.g. domain adaptation of the scoring extractor (D3AD eq. 10)
         info.update({"train_steps": int(result.step), "stopped_early": bool(result.stopped)})
@@ -783,6 +970,10 @@ def train_detector(
         det.calibrate(cal, batch_size=tcfg.batch_size)
     state = _launch_state()
     if state is None or state.is_main_process:  # several processes (accelerate launch): one writes the model
+        if overwrite and (out_dir / "model").is_dir():  # replaced as a whole: no stale file of the old model
+            from .training import _remove_dir
+
+            _remove_dir(out_dir / "model")
         det.save_pretrained(out_dir / "model")
     if state is not None:
         state.wait_for_everyone()

@@ -578,12 +578,14 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------ loop
-    def train(self, resume: bool | str | Path = False) -> TrainResult:
+    def train(self, resume: bool | str | Path = False, overwrite: bool = False) -> TrainResult:
         """Run (or continue) training to ``config.steps``; see the module docstring for the files.
 
-        ``resume``: False starts fresh (older ``checkpoint-*`` folders in ``out_dir`` are removed,
-        with a warning); True continues from the latest checkpoint in ``out_dir`` (fresh when there
-        is none); a path continues from that checkpoint folder. Continuing needs the same
+        ``resume``: False starts fresh: older ``checkpoint-*`` folders in ``out_dir`` are refused
+        (``ValueError`` naming ``resume`` and ``overwrite``; nothing is removed) unless
+        ``overwrite=True``, which removes them (with a warning); True continues from the latest
+        checkpoint in ``out_dir`` (fresh when there is none); a path continues from that checkpoint
+        folder. Continuing needs the same
         ``seed``, ``batch_size`` and number of processes for the run to be bit-for-bit the same as
         an uninterrupted one; a larger ``steps`` extends training (the cosine schedule follows the
         new total).
@@ -620,6 +622,13 @@ class Trainer:
         if use_cl:
             model = model.to(memory_format=torch.channels_last)
         self._corrupt: list[Path] = []
+        if not resume and not overwrite and list_checkpoints(self.out_dir):
+            from .pipeline import RunFolderExistsError
+
+            stale = list_checkpoints(self.out_dir)
+            raise RunFolderExistsError(
+                f"{self.out_dir}: already holds {len(stale)} checkpoint(s) ({stale[-1].name} latest); nothing was "
+                f"changed: pass resume=True to continue, or overwrite=True to replace them")
         ckpt = self._resolve_resume(resume)
         if acc.is_main_process:
             for old in self.out_dir.glob(f".{CHECKPOINT_PREFIX}*"):  # left by a killed run
@@ -635,8 +644,8 @@ class Trainer:
             # would pick a stale higher-step one
             stale = list_checkpoints(self.out_dir)
             if stale:
-                warnings.warn(f"{self.out_dir}: starting a fresh run, removing {len(stale)} old checkpoint(s) "
-                              f"({stale[-1].name} latest); pass resume=True to continue instead", stacklevel=2)
+                warnings.warn(f"{self.out_dir}: overwrite: starting a fresh run, removing {len(stale)} old "
+                              f"checkpoint(s) ({stale[-1].name} latest)", stacklevel=2)
                 for old in stale:
                     shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()

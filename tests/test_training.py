@@ -143,10 +143,13 @@ def test_callbacks_see_every_step_preview_and_can_stop(tmp_path):
                  callbacks=[lambda s: t2.request_stop() if s.step == 2 else None])
     r2 = t2.train()
     assert r2.stopped and r2.step == 2 and latest_checkpoint(other).name == "checkpoint-2"
-    # a fresh (non-resumed) run in the same folder replaces the old checkpoints, so a later
-    # resume=True cannot pick up a stale one
-    with pytest.warns(UserWarning, match="removing 1 old checkpoint"):
+    # a fresh (non-resumed) run in the same folder is refused (nothing removed) unless overwrite=True,
+    # which replaces the old checkpoints, so a later resume=True cannot pick up a stale one
+    with pytest.raises(ValueError, match=r"resume=True.*overwrite=True"):
         trainer(small_model(), texture_images(5), cfg(steps=1), other).train(resume=False)
+    assert latest_checkpoint(other).name == "checkpoint-2"
+    with pytest.warns(UserWarning, match="removing 1 old checkpoint"):
+        trainer(small_model(), texture_images(5), cfg(steps=1), other).train(resume=False, overwrite=True)
     assert [c.name for c in list_checkpoints(other)] == ["checkpoint-1"]
 
 

@@ -40,6 +40,17 @@ class Calibration:
             raise ValueError(f"calibration method must be 'fpr' or 'sigma', got {method!r}")
         return cls(good_scores=s.astype(np.float32), threshold=thr, method=method, target_fpr=fpr, sigma_k=sigma)
 
+    def check_finite(self) -> "Calibration":
+        """Raise ``ValueError`` unless the threshold and every stored good score are finite numbers
+        (a NaN threshold would make every verdict meaningless). Returns self."""
+        if not np.isfinite(float(self.threshold)):
+            raise ValueError(f"the threshold is {self.threshold} (not a finite number)")
+        scores = np.asarray(self.good_scores, np.float64)
+        if scores.size and not np.all(np.isfinite(scores)):
+            raise ValueError(f"{int(np.sum(~np.isfinite(scores)))} of the {scores.size} good-image scores are "
+                             f"NaN or inf")
+        return self
+
     def false_alarms(self, threshold: float | None = None) -> int:
         """How many calibration good images score above ``threshold`` (default: the calibrated one)."""
         t = self.threshold if threshold is None else threshold
