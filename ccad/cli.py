@@ -213,27 +213,11 @@ def cmd_predict(a: argparse.Namespace) -> int:
         shard.close()
 
 
-def _output_stems(paths: Sequence[Optional[str]]) -> list[str]:
-    """One distinct file stem per readable image, in order (``test/good/000.png`` and
-    ``test/spot/000.png`` become ``000`` and ``spot_000``)."""
-    stems: list[str] = []
-    used: set[str] = set()
-    for path in paths:
-        stem = Path(str(path)).stem
-        if stem in used:  # same file name in two folders (test/good/000.png, test/spot/000.png)
-            stem = f"{Path(str(path)).parent.name}_{stem}"
-        base, i = stem, 1
-        while stem in used:
-            stem, i = f"{base}_{i}", i + 1
-        used.add(stem)
-        stems.append(stem)
-    return stems
-
-
 def _predict(a: argparse.Namespace, shard: Any) -> int:
     import cv2
 
     from .data.datasets import find_images, unsupported_reason
+    from .data.naming import OUTPUT_KINDS, output_files, output_stems
 
     det = _load_model(a.model, a.revision)
     if a.threshold is not None:
@@ -246,22 +230,28 @@ def _predict(a: argparse.Namespace, shard: Any) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     bar = _Bar("predict", a.quiet or not shard.is_main)
-    results, errors = det.predict_many(shard.split(items, a.batch_size), batch_size=a.batch_size, progress=bar)
+    mine = shard.split(items, a.batch_size)
+    results, errors = det.predict_many(mine, batch_size=a.batch_size, progress=bar)
     bar.close()
-    # the names a single process gives: stems over every process's readable images, in order
-    paths_by_rank = shard.gather([r.path for r in results])
-    first = sum(len(p) for p in paths_by_rank[:shard.rank])
-    stems = _output_stems([p for ps in paths_by_rank for p in ps])[first:first + len(results)]
+    # the names a single process gives: one unambiguous stem per input over every process's
+    # inputs in order (ranks' parts concatenate to ``items``); see ccad.data.naming
+    first = shard.bounds(len(items), a.batch_size)[0]
+    stems = output_stems(items)[first:first + len(mine)]
     rows = []
-    for r, stem in zip(results, stems):
-        cv2.imwrite(str(out / f"{stem}_heatmap.png"), cv2.cvtColor(r.heatmap(), cv2.COLOR_RGB2BGR))
-        cv2.imwrite(str(out / f"{stem}_overlay.png"), cv2.cvtColor(r.overlay(), cv2.COLOR_RGB2BGR))
-        cv2.imwrite(str(out / f"{stem}_mask.png"), r.mask.astype("uint8") * 255)
+    j = 0
+    for r in results:
+        while str(mine[j]) != r.path:  # results keep input order; unreadable inputs have none
+            j += 1
+        names = output_files(stems[j], OUTPUT_KINDS if r.reconstruction is not None else OUTPUT_KINDS[:3])
+        j += 1
+        cv2.imwrite(str(out / names["heatmap"]), cv2.cvtColor(r.heatmap(), cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(out / names["overlay"]), cv2.cvtColor(r.overlay(), cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(out / names["mask"]), r.mask.astype("uint8") * 255)
         if r.reconstruction is not None:
             rec = (r.reconstruction * 255).round().astype("uint8")
-            cv2.imwrite(str(out / f"{stem}_reconstruction.png"), cv2.cvtColor(rec, cv2.COLOR_RGB2BGR))
+            cv2.imwrite(str(out / names["reconstruction"]), cv2.cvtColor(rec, cv2.COLOR_RGB2BGR))
         rows.append({"file": r.path, "score": f"{r.score:.6f}", "threshold": f"{r.threshold:.6f}",
-                     "verdict": r.verdict, "seconds": f"{r.seconds:.3f}"})
+                     "verdict": r.verdict, "seconds": f"{r.seconds:.3f}", **names})
     if shard.distributed:  # the main process writes one CSV: every rank's rows, then every rank's errors
         rows = [row for part in shard.gather(rows) for row in part]
         errors = [e for part in shard.gather(errors) for e in part]
@@ -275,7 +265,9 @@ def _predict(a: argparse.Namespace, shard: Any) -> int:
               "seconds": ""} for q in unsupported]
     _report_skipped(unsupported)
     with open(out / "scores.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["file", "score", "threshold", "verdict", "seconds"])
+        # heatmap/overlay/mask/reconstruction: the file written for this row, in the --out folder
+        w = csv.DictWriter(f, fieldnames=["file", "score", "threshold", "verdict", "seconds", *OUTPUT_KINDS],
+                           restval="")
         w.writeheader()
         w.writerows(rows)
     print(f"{n_ok} images: {n_bad} anomalous, {n_ok - n_bad} good, {len(errors)} unreadable; "
@@ -295,8 +287,18 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
 
         method = "sigma" if a.sigma is not None else "fpr"
         good = load_folder(a.good)
+        if not good:  # name the folder the user gave, and what it holds instead
+            from .data.datasets import skipped_summary
+
+            _report_skipped(list(good.skipped))
+            why = skipped_summary(list(good.skipped))
+            print(f"error: --good {a.good}: the folder holds no images (.png/.jpg/.bmp/.tif) to calibrate on"
+                  + (f"; {why}" if why else ""), file=sys.stderr)
+            return 2
         try:
             det.calibrate(good, method=method, fpr=a.fpr, sigma=a.sigma)
+        except ValueError as exc:  # e.g. none of its images readable: say which folder
+            raise ValueError(f"--good {a.good}: {exc}") from None
         finally:  # what was left out is said even when nothing was readable
             _report_skipped(list(good.skipped))
         skipped = det.info.get("calibration_skipped") or []

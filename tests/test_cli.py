@@ -35,8 +35,9 @@ def test_bank_predict_calibrate_evaluate(tmp_path, capsys):
                  "--quiet"]) == 0
     rows = list(csv.DictReader(open(out / "scores.csv")))
     assert len(rows) == 6 and sum(r["verdict"].startswith("error") for r in rows) == 1
-    stem = [r for r in rows if not r["verdict"].startswith("error")][0]["file"].rsplit("/", 1)[1][:-4]
-    assert (out / f"{stem}_heatmap.png").is_file() and (out / f"{stem}_mask.png").is_file()
+    for r in rows:  # each scored row names its own output files (issue 13 item 8)
+        if not r["verdict"].startswith("error"):
+            assert (out / r["heatmap"]).is_file() and (out / r["mask"]).is_file() and (out / r["overlay"]).is_file()
 
     assert main(["calibrate", str(model), "--threshold", "1e9"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["threshold"] == 1e9

@@ -109,7 +109,8 @@ def test_sharded_predict_writes_the_single_process_csv_and_files(tiny, tmp_path)
             assert float(rb["score"]) == pytest.approx(float(ra["score"]), rel=1e-6, abs=2e-6)
             assert float(rb["seconds"]) >= 0
     assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
-    assert (two / "spot_000_heatmap.png").is_file() and (two / "scratch_000_mask.png").is_file()
+    assert (two / "spot+000_heatmap.png").is_file() and (two / "scratch+000_mask.png").is_file()
+    assert [(r["heatmap"], r["mask"]) for r in a] == [(r["heatmap"], r["mask"]) for r in b]
     assert proc.stdout.count("wrote") == 1  # one merged summary, from the main process
     assert proc.stderr.count("skipped") == 1 and "zz_broken" in proc.stderr
 

@@ -97,6 +97,12 @@ class DatasetLayoutError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
+def _abs(p: PathLike) -> Path:
+    """``p`` made absolute WITHOUT resolving symlinks: a sample, a skipped file and every row
+    that shows it are named by the path the user gave (a link's own name, never its target)."""
+    return Path(os.path.abspath(os.fspath(p)))
+
+
 def _norm_split(split: str | None) -> str | None:
     if split is None:
         return None
@@ -224,8 +230,10 @@ def skipped_summary(paths: Sequence[PathLike], limit: int = 10) -> str:
     return f"skipped {len(names)} file(s) with unsupported extensions: {', '.join(names[:limit])}{more}"
 
 
-def _note_unsupported(d: Path, recursive: bool = False) -> None:
-    """Record the non-image files of ``d`` (not hidden, not masks, not in mask folders)."""
+def _note_unsupported(d: Path, recursive: bool = False, as_given: bool = False) -> None:
+    """Record the non-image files of ``d`` (not hidden, not masks, not in mask folders), as
+    absolute paths (symlinks not resolved), or ``as_given``: ``d`` joined with the file's path
+    inside it (what ``ccad predict`` shows beside the images it names the same way)."""
     collectors = _COLLECTORS.get()
     if not collectors or not d.is_dir():
         return
@@ -237,7 +245,7 @@ def _note_unsupported(d: Path, recursive: bool = False) -> None:
         if any(part.lower() in _MASK_DIR_NAMES for part in parts[:-1]):
             continue
         if p.is_file() and not is_image_file(p) and not _looks_like_mask(p):
-            found.append(p.resolve())
+            found.append(p if as_given else _abs(p))
     for lst in collectors:
         seen = set(lst)
         lst.extend(q for q in sorted(found) if q not in seen)
@@ -265,12 +273,13 @@ def _reports_skipped(loader: Callable[..., list[Sample]]) -> Callable[..., list[
 def find_images(inputs: Iterable[PathLike]) -> tuple[list[str], list[Path]]:
     """Files to inspect from files and folders (``ccad predict``): a file is taken as given, a
     folder is searched recursively for image files. Returns ``(images, skipped)``: ``skipped``
-    are the folders' files with unsupported extensions (as :class:`SampleList`)."""
+    are the folders' files with unsupported extensions. Both are named as given (the folder as
+    given joined with the path inside it; a symlink by its own name, never its target)."""
     items: list[str] = []
     with collect_skipped() as skipped:
         for p in map(Path, inputs):
             if p.is_dir():
-                _note_unsupported(p, recursive=True)
+                _note_unsupported(p, recursive=True, as_given=True)
                 items.extend(str(f) for f in sorted(p.rglob("*")) if f.is_file() and is_image_file(f))
             else:
                 items.append(str(p))
@@ -305,7 +314,7 @@ def load_folder(dir: PathLike, label: int = 0, recursive: bool = False, category
         raise DatasetLayoutError(f"'{d}' is not a folder")
     files = _read_images(d, recursive=recursive)
     dt = defect_type if defect_type is not None else ("good" if label == 0 else d.name)
-    return [Sample(str(p.resolve()), None, label, category, dt, _norm_split(split) or "train") for p in files]
+    return [Sample(str(_abs(p)), None, label, category, dt, _norm_split(split) or "train") for p in files]
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,7 +377,7 @@ def _mvtec_category(cat: Path, split: str) -> list[Sample]:
             for p in _read_images(td):
                 m = masks.get(p.stem)
                 label = LABEL_GOOD if good else LABEL_ANOMALOUS
-                out.append(Sample(str(p.resolve()), str(m.resolve()) if m else None, label,
+                out.append(Sample(str(_abs(p)), str(_abs(m)) if m else None, label,
                                   cat.name, "good" if good else dtype, sp))
     return out
 
@@ -436,7 +445,7 @@ def load_anomalib_folder(root: PathLike, split: str = "test", normal_test_ratio:
     for i, p in enumerate(_read_images(good_dir)):
         sp = "test" if every and (i % every == every - 1) else "train"
         if sp in splits:
-            out.append(Sample(str(p.resolve()), None, LABEL_GOOD, cat, "good", sp))
+            out.append(Sample(str(_abs(p)), None, LABEL_GOOD, cat, "good", sp))
     if "test" in splits:
         skip = {good_dir.name.lower()} | {n for n in _MASK_DIR_NAMES}
         for td in _subdirs(r):
@@ -450,7 +459,7 @@ def load_anomalib_folder(root: PathLike, split: str = "test", normal_test_ratio:
                 masks = _mask_index(mask_root)  # flat mask folder
             for p in imgs:
                 m = masks.get(p.stem)
-                out.append(Sample(str(p.resolve()), str(m.resolve()) if m else None, LABEL_ANOMALOUS,
+                out.append(Sample(str(_abs(p)), str(_abs(m)) if m else None, LABEL_ANOMALOUS,
                                   cat, td.name, "test"))
     return out
 
@@ -541,9 +550,9 @@ def load_csv_manifest(csv_path: PathLike, split: str | None = None, root: PathLi
             dt = "good" if label == LABEL_GOOD else ("anomaly" if label == LABEL_ANOMALOUS else "unknown")
         if sp == "train" and label != LABEL_GOOD:
             continue
-        mp = str(_resolve(base, mask).resolve()) if mask else None
+        mp = str(_abs(_resolve(base, mask))) if mask else None
         cat = get(row, "category") or default_category
-        out.append(Sample(str(_resolve(base, img).resolve()), mp, label, cat, dt, sp))
+        out.append(Sample(str(_abs(_resolve(base, img))), mp, label, cat, dt, sp))
     return out
 
 
@@ -602,9 +611,9 @@ def load_mvtec_loco(root: PathLike, split: str = "test", category: str | Sequenc
                         md = _child(gt, td.name)
                         if md is not None and (md / p.stem).is_dir():
                             masks = [q for q in list_images(md / p.stem)]
-                    mp = str(masks[0].resolve()) if masks else None
-                    extra = tuple(str(q.resolve()) for q in masks[1:])
-                    out.append(Sample(str(p.resolve()), mp, LABEL_GOOD if good else LABEL_ANOMALOUS,
+                    mp = str(_abs(masks[0])) if masks else None
+                    extra = tuple(str(_abs(q)) for q in masks[1:])
+                    out.append(Sample(str(_abs(p)), mp, LABEL_GOOD if good else LABEL_ANOMALOUS,
                                       cat.name, "good" if good else td.name, sp, extra))
     return out
 
@@ -641,7 +650,7 @@ def load_mvtec3d(root: PathLike, split: str = "test", category: str | Sequence[s
                 masks = {} if good else _mask_index(_child(td, "gt"))
                 for p in _read_images(rgb):
                     m = masks.get(p.stem)
-                    out.append(Sample(str(p.resolve()), str(m.resolve()) if m else None,
+                    out.append(Sample(str(_abs(p)), str(_abs(m)) if m else None,
                                       LABEL_GOOD if good else LABEL_ANOMALOUS, cat.name,
                                       "good" if good else td.name, sp))
     return out
@@ -699,7 +708,7 @@ def _dagm_folder(folder: Path, split: str, category: str, include_defective: boo
             m = exact.get(p.stem)
         else:
             m = lpath if (lpath is not None and lpath.is_file()) else None
-        out.append(Sample(str(p.resolve()), str(m.resolve()) if m else None, label, category,
+        out.append(Sample(str(_abs(p)), str(_abs(m)) if m else None, label, category,
                           "good" if label == LABEL_GOOD else ("defect" if label == LABEL_ANOMALOUS else "unknown"),
                           split))
     return out

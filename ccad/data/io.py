@@ -37,7 +37,9 @@ from PIL import Image
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_PIXELS",
+    "MAX_SIDE",
     "ImageReadError",
+    "ImageFormatWarning",
     "is_image_file",
     "list_images",
     "read_raw",
@@ -61,6 +63,32 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 #: Images larger than this many pixels are refused before decoding (decompression-bomb guard).
 MAX_PIXELS: int = 100_000_000
 
+#: Images are read at most this many pixels on their longer side (aspect kept, area-averaged;
+#: JPEGs decoded reduced by the codec's DCT scaling): an 8000 x 8000 PNG is read as 2048 x 2048,
+#: so memory per image stays bounded (the models work at <= 256 px). ``None``: full size.
+#: Pass ``max_side=`` to :func:`load_image` / :func:`read_raw` to override per call.
+MAX_SIDE: int | None = 2048
+
+#: The Pillow formats a file's *content* may have for each accepted extension. Content in a
+#: format not listed at all (a GIF renamed ``.png``) is refused with :class:`ImageReadError`;
+#: content in another accepted format (a JPEG renamed ``.png``) is read with an
+#: :class:`ImageFormatWarning` naming the file.
+CONTENT_FORMATS: dict[str, frozenset[str]] = {
+    ".png": frozenset({"PNG"}),
+    ".jpg": frozenset({"JPEG", "MPO"}),
+    ".jpeg": frozenset({"JPEG", "MPO"}),
+    ".bmp": frozenset({"BMP", "DIB"}),
+    ".tif": frozenset({"TIFF"}),
+    ".tiff": frozenset({"TIFF"}),
+    ".webp": frozenset({"WEBP"}),
+    ".pgm": frozenset({"PPM"}),
+    ".ppm": frozenset({"PPM"}),
+    ".pbm": frozenset({"PPM"}),
+    ".pnm": frozenset({"PPM"}),
+}
+_SUPPORTED_CONTENT = frozenset().union(*CONTENT_FORMATS.values())
+_LOSSY_CONTENT = frozenset({"JPEG", "MPO", "WEBP"})
+
 _LOSSY = frozenset({".jpg", ".jpeg", ".webp"})
 
 
@@ -79,6 +107,11 @@ class ImageReadError(ValueError):
 
     def __reduce__(self):  # keep picklable for DataLoader workers
         return (type(self), (self.path, self.reason))
+
+
+class ImageFormatWarning(UserWarning):
+    """A file's content is an accepted image format other than its extension says (a JPEG
+    named ``.png``): it is read by its content; the message names the file."""
 
 
 def is_image_file(path: PathLike) -> bool:
@@ -136,9 +169,9 @@ def _check_pixels(h: int, w: int, original: PathLike) -> None:
         )
 
 
-def _header_info(path: Path, original: PathLike) -> tuple[int, int, int] | None:
-    """(H, W, EXIF orientation) from the file header via Pillow (no pixel decoding), or None
-    if Pillow cannot tell. Orientation is 1 when there is no EXIF tag."""
+def _header_info(path: Path, original: PathLike) -> tuple[int, int, int, str] | None:
+    """(H, W, EXIF orientation, Pillow format) from the file header via Pillow (no pixel
+    decoding), or None if Pillow cannot tell. Orientation is 1 when there is no EXIF tag."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -150,7 +183,7 @@ def _header_info(path: Path, original: PathLike) -> tuple[int, int, int] | None:
                         orient = int(im.getexif().get(0x0112, 1) or 1)
                     except Exception:
                         orient = 1
-                return int(h), int(w), orient
+                return int(h), int(w), orient, str(im.format or "")
     except Image.DecompressionBombError as e:
         raise ImageReadError(
             original,
@@ -229,13 +262,49 @@ def _pil_to_array(im: Image.Image) -> np.ndarray:
     return np.asarray(im)
 
 
-def _decode_pil(path: Path, original: PathLike) -> np.ndarray:
+def _reduced_size(h: int, w: int, max_side: int | None) -> tuple[int, int] | None:
+    """``(H', W')`` with the longer side ``max_side`` (aspect kept), or None when no reduction."""
+    if max_side is None or max(h, w) <= int(max_side):
+        return None
+    scale = int(max_side) / float(max(h, w))
+    return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+
+
+def _resize_native(arr: np.ndarray, hw: tuple[int, int], nearest: bool = False) -> np.ndarray:
+    """Resize a decoded array (native dtype, H x W or H x W x C) to ``hw``: area averaging
+    (the right filter to shrink), or nearest neighbour for masks. Keeps the dtype."""
+    h, w = hw
+    if tuple(arr.shape[:2]) == (h, w):
+        return arr
+    dtype = arr.dtype
+    work = arr if dtype in (np.uint8, np.uint16, np.float32, np.float64) else arr.astype(np.float64)
+    if cv2 is not None:
+        out = cv2.resize(np.ascontiguousarray(work), (w, h),
+                         interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_AREA)
+        if arr.ndim == 3 and out.ndim == 2:  # OpenCV drops a single channel axis
+            out = out[..., None]
+    else:  # pragma: no cover - OpenCV is a dependency
+        t = torch.from_numpy(np.ascontiguousarray(work).astype(np.float64))
+        t = t[None, None] if arr.ndim == 2 else t.permute(2, 0, 1)[None]
+        t = F.interpolate(t, size=(h, w), mode="nearest" if nearest else "area")[0]
+        out = (t[0] if arr.ndim == 2 else t.permute(1, 2, 0)).numpy()
+    if out.dtype != dtype:
+        out = np.round(out).astype(dtype) if np.issubdtype(dtype, np.integer) else out.astype(dtype)
+    return out
+
+
+def _decode_pil(path: Path, original: PathLike, reduce_to: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode with Pillow. ``reduce_to=(H, W)``: a JPEG is decoded at the smallest DCT scale
+    (1/2, 1/4, 1/8) still at least that size (``Image.draft``: the full-size pixels are never
+    held), other formats at full size; the caller resizes to the exact size."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(path) as im:
                 w, h = im.size
                 _check_pixels(h, w, original)
+                if reduce_to is not None and im.format in ("JPEG", "MPO"):
+                    im.draft(im.mode, (reduce_to[1], reduce_to[0]))
                 im.load()
                 return _pil_to_array(im)
     except ImageReadError:
@@ -246,24 +315,53 @@ def _decode_pil(path: Path, original: PathLike) -> np.ndarray:
         raise ImageReadError(original, f"cannot decode image data ({type(e).__name__}: {e})") from e
 
 
-def read_raw(path: PathLike) -> np.ndarray:
+def _check_content(fmt: str, path: Path, original: PathLike) -> None:
+    """Refuse content of an unsupported format whatever the extension (a GIF renamed ``.png``
+    is refused, as a ``.gif`` is); warn when the content is another accepted format."""
+    if not fmt:
+        return
+    suffix = path.suffix.lower()
+    if fmt not in _SUPPORTED_CONTENT:
+        raise ImageReadError(
+            original,
+            f"the file's content is {fmt}, not the {suffix} its name says; {fmt} is not a supported "
+            f"image type (supported: PNG, JPEG, BMP, TIFF, WebP, PNM)",
+        )
+    if fmt not in CONTENT_FORMATS.get(suffix, frozenset()):
+        warnings.warn(ImageFormatWarning(f"'{original}': the file's content is {fmt}, not the {suffix} "
+                                         f"its name says; read as {fmt}"), stacklevel=3)
+
+
+def read_raw(path: PathLike, max_side: int | None | str = "default", nearest: bool = False) -> np.ndarray:
     """Decode an image file to a numpy array with its native dtype, channels in RGB(A) order.
 
     Returns ``H x W`` (grey) or ``H x W x C`` (C in 3, 4), turned upright by its EXIF
-    orientation tag when it has one. Raises :class:`ImageReadError` for a
-    missing, empty, non-image, oversized (> :data:`MAX_PIXELS`) or undecodable file.
+    orientation tag when it has one, at most ``max_side`` pixels on its longer side (default
+    :data:`MAX_SIDE`; ``None``: full size): larger images are area-averaged down (``nearest=True``:
+    nearest neighbour, for masks), JPEGs decoded reduced by DCT scaling. Raises
+    :class:`ImageReadError` for a missing, empty, non-image, oversized (> :data:`MAX_PIXELS`),
+    undecodable file or one whose content is an unsupported format (a GIF renamed ``.png``);
+    content in another accepted format than the extension says is read with an
+    :class:`ImageFormatWarning`.
     """
+    limit = MAX_SIDE if max_side == "default" else max_side
     p = Path(os.fspath(path))
     _check_file(p, path)
     hdr = _header_info(p, path)
+    reduce_to = None
     if hdr is not None:
         _check_pixels(hdr[0], hdr[1], path)
+        _check_content(hdr[3], p, path)
+        reduce_to = _reduced_size(hdr[0], hdr[1], limit)
     arr: np.ndarray | None = None
-    if cv2 is not None:
+    if reduce_to is not None and hdr is not None and hdr[3] in ("JPEG", "MPO"):
+        arr = _decode_pil(p, path, reduce_to)  # reduced decode: never the full-size pixels
+    if arr is None and cv2 is not None:
         try:
             buf = np.fromfile(str(p), dtype=np.uint8)  # works with non-ASCII paths too
             with _quiet_opencv():
                 arr = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+            del buf
         except Exception:
             arr = None
         if arr is not None and arr.size > 0:
@@ -275,12 +373,15 @@ def read_raw(path: PathLike) -> np.ndarray:
             arr = None
     if arr is None:
         arr = _decode_pil(p, path)
-    if hdr is not None and hdr[2] != 1 and arr.ndim >= 2:
-        # IMREAD_UNCHANGED (and Pillow) ignore EXIF orientation: apply it, as photo viewers do
-        arr = _apply_orientation(arr, hdr[2])
     if arr.ndim < 2:
         raise ImageReadError(path, f"decoded data has an unexpected shape {arr.shape}")
     _check_pixels(arr.shape[0], arr.shape[1], path)
+    small = _reduced_size(arr.shape[0], arr.shape[1], limit)
+    if small is not None:
+        arr = _resize_native(arr, small, nearest=nearest)
+    if hdr is not None and hdr[2] != 1 and arr.ndim >= 2:
+        # IMREAD_UNCHANGED (and Pillow) ignore EXIF orientation: apply it, as photo viewers do
+        arr = _apply_orientation(arr, hdr[2])
     return np.ascontiguousarray(arr)
 
 
@@ -334,32 +435,42 @@ def to_float_rgb(arr: np.ndarray, source: str = "array") -> np.ndarray:
     return np.ascontiguousarray(np.clip(out, 0.0, 1.0), dtype=np.float32)
 
 
-def load_image(path: PathLike) -> np.ndarray:
+def load_image(path: PathLike, max_side: int | None | str = "default") -> np.ndarray:
     """Read an image file as float32 ``H x W x 3`` in [0, 1] (the ``x_0`` of CCAD eq. 15/16).
 
     Grey, RGB, RGBA (alpha dropped), 8/16-bit, PNG/JPG/BMP/TIFF, any size up to
-    :data:`MAX_PIXELS`. Raises :class:`ImageReadError` naming the file for anything unreadable.
+    :data:`MAX_PIXELS`, returned at most ``max_side`` (default :data:`MAX_SIDE`) pixels on its
+    longer side: the reduction happens on the decoded 8/16-bit data (or in the JPEG decoder),
+    never on a full-size float copy. Raises :class:`ImageReadError` naming the file for anything
+    unreadable.
     """
-    arr = read_raw(path)
+    arr = read_raw(path, max_side)
     try:
         return to_float_rgb(arr, source=str(path))
     except ValueError as e:
         raise ImageReadError(path, str(e)) from e
 
 
-def load_mask(path: PathLike, shape: tuple[int, int] | None = None) -> np.ndarray:
+def load_mask(path: PathLike, shape: tuple[int, int] | None = None,
+              max_side: int | None | str = "default") -> np.ndarray:
     """Read a ground-truth mask as float32 ``H x W`` in {0, 1} (any channel > 0 is defect).
 
     For lossy formats (JPEG/WebP) the threshold is half the value range instead of 0, so that
     compression noise is not taken for defect. ``shape=(H, W)`` resizes with nearest neighbour
-    when the mask's size differs (masks stored at another resolution than their image).
+    when the mask's size differs (masks stored at another resolution than their image). Masks
+    larger than ``max_side`` (default :data:`MAX_SIDE`) are reduced with nearest neighbour, as
+    their images are (:func:`load_image`). Lossy means the file's content (JPEG/WebP), whatever
+    its extension.
     """
-    arr = read_raw(path)
+    arr = read_raw(path, max_side, nearest=True)
     if arr.ndim == 3:
         if arr.shape[2] == 4:
             arr = arr[..., :3]
         arr = arr.max(axis=2)
-    if Path(os.fspath(path)).suffix.lower() in _LOSSY:
+    hdr = _header_info(Path(os.fspath(path)), path)
+    lossy = hdr[3] in _LOSSY_CONTENT if hdr is not None and hdr[3] else \
+        Path(os.fspath(path)).suffix.lower() in _LOSSY
+    if lossy:
         if arr.dtype == np.uint16:
             thr = 32767
         elif np.issubdtype(arr.dtype, np.floating):
