@@ -10,9 +10,11 @@ from __future__ import annotations
 import csv
 import math
 import os
+import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -20,7 +22,7 @@ import numpy as np
 
 from . import views
 from .jobs import FAILED, STOPPED, JobBusy, JobHandle, JobManager
-from .paths import PathError, count_images, resolve_in_root, safe_extract_zip
+from .paths import PathError, count_images, extracted_zip, remove_stale, resolve_in_root, safe_extract_zip
 from .state import DEMO_MODEL_DIR, SAMPLES_DIR, ModelRegistry
 
 ProgressFn = Optional[Callable[[int, int], None]]
@@ -375,6 +377,11 @@ class AppController:
         self.data_root = Path(data_root).expanduser().resolve()
         self.state_dir = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="ccad-app-"))
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        # uploaded zips are extracted into per-request folders here, removed when the request is done
+        self.uploads_dir = self.state_dir / "uploads"
+        remove_stale(self.uploads_dir)
+        self.zip_budget: Optional[int] = None  # bytes; None: app.paths.MAX_ZIP_BYTES
+        self._train_uploads: list[Path] = []
         self.registry = registry or ModelRegistry()
         self.jobs = jobs or JobManager()
         self.engine = engine or Engine()
@@ -438,16 +445,22 @@ class AppController:
         """Load a model from an uploaded zip of a saved model folder."""
         if not zip_file:
             raise UserError("no zip uploaded")
+        label = Path(str(zip_file)).name
         try:
-            path = safe_extract_zip(zip_file, Path(tempfile.mkdtemp(prefix="model-", dir=self.state_dir)))
+            with extracted_zip(zip_file, self.uploads_dir, "model-", self.zip_budget) as path:
+                if not (path / "config.json").is_file():
+                    found = [p.parent for p in path.rglob("config.json")]
+                    if len(found) != 1:
+                        raise UserError(f"{label}: the zip holds no saved model (config.json not found)")
+                    path = found[0]
+                try:  # the detector is read into memory; the extracted folder is removed afterwards
+                    det = self.engine.load(str(path))
+                except Exception as exc:
+                    raise UserError(f"{label}: not a loadable ccad model ({exc})") from None
         except PathError as exc:
             raise UserError(str(exc)) from None
-        if not (path / "config.json").is_file():
-            found = [p.parent for p in path.rglob("config.json")]
-            if len(found) != 1:
-                raise UserError(f"{Path(zip_file).name}: the zip holds no saved model (config.json not found)")
-            path = found[0]
-        return self._load_path(path, "zip")
+        name = self.registry.add(f"{Path(label).stem} ({det.variant})", det, f"zip {label}")
+        return name, f"Loaded {name} from the uploaded zip {label}."
 
     def load_from_hub(self, repo_id: str, revision: Optional[str]) -> tuple[str, str]:
         """Download and load a model from the Hugging Face Hub; offline says so clearly."""
@@ -571,40 +584,46 @@ class AppController:
             raise UserError("no image given: upload one or more images or click a sample")
         paths: list[str] = []
         shown: dict[str, str] = {}
+        from_zip: set[str] = set()
         skipped = list(left_out)
-        for f in raw:
-            if f.lower().endswith(".zip"):
-                images, not_images = self._zip_images(f)
-                skipped += not_images
-                for p, rel in images:
-                    paths.append(p)
-                    shown[p] = rel
-            else:
-                paths.append(f)
-                shown[f] = relative_name(f, base)
-        if not paths:
-            raise UserError("no image given: the zip(s) hold no images (.png/.jpg/.bmp/.tif)"
-                            + (f"; left out: {_names(skipped)}" if skipped else ""))
-        try:
-            preds, errors = det.predict_many(paths, batch_size=4, on_error="skip", progress=progress)
-        except Exception as exc:
-            raise UserError(f"the model failed on this batch ({type(exc).__name__}: {exc})") from None
+        with ExitStack() as stack:  # each zip is extracted into its own folder, removed once scored
+            for f in raw:
+                if f.lower().endswith(".zip"):
+                    images, not_images = self._zip_images(f, stack)
+                    skipped += not_images
+                    for p, rel in images:
+                        paths.append(p)
+                        shown[p] = rel
+                        from_zip.add(p)
+                else:
+                    paths.append(f)
+                    shown[f] = relative_name(f, base)
+            if not paths:
+                raise UserError("no image given: the zip(s) hold no images (.png/.jpg/.bmp/.tif)"
+                                + (f"; left out: {_names(skipped)}" if skipped else ""))
+            try:
+                preds, errors = det.predict_many(paths, batch_size=4, on_error="skip", progress=progress)
+            except Exception as exc:
+                raise UserError(f"the model failed on this batch ({type(exc).__name__}: {exc})") from None
         errors = skipped + [(shown.get(p, Path(p).name), msg) for p, msg in errors]
         if not preds:
             raise UserError("no readable image: " + "; ".join(f"{n}: {m}" for n, m in errors[:5]))
         names = unique_names([shown.get(str(p.path), Path(p.path).name) if p.path else f"image {i}"
                               for i, p in enumerate(preds)])
+        # an image from a zip no longer exists on disk: later runs (comparison, re-scoring) use its pixels
+        preds = [replace(p, path=None) if p.path is not None and str(p.path) in from_zip else p for p in preds]
         order = sorted(range(len(preds)), key=lambda i: -float(preds[i].score))
         return Batch(model=name or "", predictions=preds, names=names, errors=errors, selected=order[0])
 
-    def _zip_images(self, zip_file: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    def _zip_images(self, zip_file: str, stack: ExitStack) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
         """``(extracted path, path inside the zip)`` of every image in an uploaded zip, and
-        ``(path inside the zip, reason)`` of its other files (hidden files aside)."""
+        ``(path inside the zip, reason)`` of its other files (hidden files aside). The zip is
+        extracted into a per-request folder that ``stack`` removes when it closes."""
         from ccad.data.datasets import find_images, unsupported_reason
         from ccad.data.io import list_images
 
         try:
-            root = safe_extract_zip(zip_file, Path(tempfile.mkdtemp(prefix="inspect-", dir=self.state_dir)))
+            root = stack.enter_context(extracted_zip(zip_file, self.uploads_dir, "inspect-", self.zip_budget))
         except PathError as exc:
             raise UserError(str(exc)) from None
         not_images = find_images([root])[1]
@@ -692,7 +711,10 @@ class AppController:
             return []
         from PIL import Image
 
-        out = Path(tempfile.mkdtemp(prefix="dl-", dir=self.state_dir))
+        dl_root = self.state_dir / "downloads"
+        remove_stale(dl_root)  # Gradio serves its own copy of what it was given; old folders only take space
+        dl_root.mkdir(parents=True, exist_ok=True)
+        out = Path(tempfile.mkdtemp(prefix="dl-", dir=dl_root))
         preds = batch.at(threshold)
         p = preds[batch.selected]
         stem = Path(batch.names[batch.selected]).stem or "image"
@@ -773,11 +795,30 @@ class AppController:
         return det
 
     # ------------------------------------------------------------------ feature bank
-    def _data_folder(self, folder: Optional[str], zip_file: Optional[str]) -> Path:
-        """A good-image folder from a server path (confined to the data root) or an uploaded zip."""
+    def _data_folder(self, folder: Optional[str], zip_file: Optional[str],
+                     stack: Optional[ExitStack] = None) -> Path:
+        """A good-image folder from a server path (confined to the data root) or an uploaded zip.
+
+        A zip is extracted into a per-request folder: removed when ``stack`` closes, or (no
+        ``stack``: a training job reads it in the background and a resume reads it again) kept
+        until the next training upload while no job runs."""
         if zip_file:
             try:
-                path = safe_extract_zip(zip_file, Path(tempfile.mkdtemp(prefix="data-", dir=self.state_dir)))
+                if stack is not None:
+                    path = stack.enter_context(extracted_zip(zip_file, self.uploads_dir, "data-", self.zip_budget))
+                else:
+                    if not self.jobs.busy():
+                        for old in self._train_uploads:
+                            shutil.rmtree(old, ignore_errors=True)
+                        self._train_uploads = []
+                    self.uploads_dir.mkdir(parents=True, exist_ok=True)
+                    work = Path(tempfile.mkdtemp(prefix="train-data-", dir=self.uploads_dir))
+                    self._train_uploads.append(work)
+                    try:
+                        path = safe_extract_zip(zip_file, work, max_bytes=self.zip_budget)
+                    except PathError:
+                        shutil.rmtree(work, ignore_errors=True)
+                        raise
             except PathError as exc:
                 raise UserError(str(exc)) from None
             label = Path(str(zip_file)).name
@@ -795,8 +836,15 @@ class AppController:
     def build_bank(self, folder: Optional[str], zip_file: Optional[str], backbone: str, layers: Sequence[int],
                    xi: int, image_size: int, progress: ProgressFn = None,
                    cancel: Optional[Callable[[], bool]] = None) -> tuple[str, dict[str, Any], Any, str]:
-        """Build the feature bank + PatchCore detector (``ccad.fit_detector``); register it as a model."""
-        path = self._data_folder(folder, zip_file)
+        """Build the feature bank + PatchCore detector (``ccad.fit_detector``); register it as a model.
+        An uploaded zip is extracted for this request only and removed when the build is done."""
+        with ExitStack() as stack:
+            return self._build_bank(self._data_folder(folder, zip_file, stack), backbone, layers, xi, image_size,
+                                    progress, cancel)
+
+    def _build_bank(self, path: Path, backbone: str, layers: Sequence[int], xi: int, image_size: int,
+                    progress: ProgressFn = None,
+                    cancel: Optional[Callable[[], bool]] = None) -> tuple[str, dict[str, Any], Any, str]:
         layers = tuple(int(v) for v in layers)
         if not layers:
             raise UserError("choose at least one backbone layer")

@@ -1,0 +1,122 @@
+"""App callbacks for issue 13 ("Trust"): stale verdicts after a model switch, zip uploads cleaned
+up within a disk budget, the state folder outside the checkout, out-of-domain notes, and the
+Compare / Evaluate views. No browser (see tests/test_browser_trust.py for the Chromium side)."""
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.controller import AppController, Engine, UserError
+from test_app import FakeDetector
+
+
+@pytest.fixture()
+def root(tmp_path: Path) -> Path:
+    r = tmp_path / "data"
+    r.mkdir()
+    return r
+
+
+@pytest.fixture()
+def ctl(root: Path, tmp_path: Path) -> AppController:
+    c = AppController(data_root=root, state_dir=tmp_path / "state", engine=Engine(load=lambda *a, **k: FakeDetector()),
+                      samples_dir=None, demo_dir=None)
+    c.registry.add("fake", FakeDetector(), "test")
+    return c
+
+
+def _png_bytes(value: int, size: int = 24) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size, size), value, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+# ------------------------------------------------------------------------------- item 7: zips
+
+def test_inspecting_a_zip_leaves_no_extracted_files(ctl: AppController, tmp_path: Path) -> None:
+    zp = tmp_path / "batch.zip"
+    with zipfile.ZipFile(zp, "w") as zf:
+        zf.writestr("imgs/a.png", _png_bytes(250))
+        zf.writestr("imgs/sub/b.png", _png_bytes(128))
+        zf.writestr("imgs/notes.txt", b"not an image")
+    batch = ctl.inspect("fake", [str(zp)])
+    assert sorted(batch.names) == ["a.png", "sub/b.png"]
+    assert _files_under(ctl.state_dir) == []  # nothing extracted is left on the server's disk
+    # the batch still works without the files: a second model and the panels use the decoded pixels
+    ctl.registry.add("other", FakeDetector(threshold=0.1), "test")
+    cmp = ctl.compare_batch("other", batch)
+    assert cmp is not None and len(cmp.predictions) == 2
+    assert ctl.panels(batch)["original"] is not None
+
+
+def test_a_zip_over_the_disk_budget_is_refused_before_extracting(ctl: AppController, tmp_path: Path) -> None:
+    zp = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(zp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("a.png", _png_bytes(200))
+        zf.writestr("zeros.bin", b"\0" * (3 * 1024**2))  # compresses to a few KB
+    assert zp.stat().st_size < 100_000
+    ctl.zip_budget = 2 * 1024**2
+    with pytest.raises(UserError, match=r"bomb\.zip: 3\.0 MB uncompressed, more than the upload budget of 2\.0 MB"):
+        ctl.inspect("fake", [str(zp)])
+    assert _files_under(ctl.state_dir) == []
+    with pytest.raises(UserError, match="upload budget"):
+        ctl.build_bank(None, str(zp), "tf_efficientnet_lite0", [2, 3], 10, 64)
+    with pytest.raises(UserError, match="upload budget"):
+        ctl.load_from_zip(str(zp))
+    assert _files_under(ctl.state_dir) == []
+
+
+def test_a_member_larger_than_its_header_stops_extraction(tmp_path: Path) -> None:
+    from app.paths import PathError, safe_extract_zip
+
+    zp = tmp_path / "liar.zip"
+    with zipfile.ZipFile(zp, "w") as zf:  # stored: the header's file_size can be patched in place
+        zf.writestr("x.bin", b"a" * 4000)
+    raw = bytearray(zp.read_bytes())
+    # patch both the local header and the central directory's uncompressed size to 10 bytes
+    for sig, off in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):
+        i = raw.index(sig)
+        raw[i + off:i + off + 4] = (10).to_bytes(4, "little")
+    zp.write_bytes(bytes(raw))
+    with pytest.raises((PathError, zipfile.BadZipFile)):
+        safe_extract_zip(zp, tmp_path / "out")
+    out = _files_under(tmp_path / "out")
+    assert sum(p.stat().st_size for p in out) <= 10
+
+
+def test_bank_and_model_zips_are_removed_after_use(root: Path, tmp_path: Path) -> None:
+    """A bank built from a zip and a model loaded from a zip leave no extracted files behind."""
+    from ccad.data.synthetic import write_dataset
+
+    ds = write_dataset(tmp_path / "synth", kinds=("fibrous",), n_train=6, n_test_good=1, n_test_defect=1, size=32,
+                       seed=0, defects=("spot",))
+    zp = tmp_path / "good.zip"
+    with zipfile.ZipFile(zp, "w") as zf:
+        for p in sorted((ds / "fibrous" / "train" / "good").glob("*.png")):
+            zf.write(p, f"good/{p.name}")
+    c = AppController(data_root=root, state_dir=tmp_path / "state", samples_dir=None, demo_dir=None)
+    name, _, _, msg = c.build_bank(None, str(zp), "tf_efficientnet_lite0", [2, 3], 10, 32)
+    assert "Built" in msg
+    assert _files_under(c.uploads_dir) == []
+    saved = root / "saved"
+    c.save_model(name, "saved", "detector")
+    mz = tmp_path / "model.zip"
+    with zipfile.ZipFile(mz, "w") as zf:
+        for p in saved.rglob("*"):
+            if p.is_file():
+                zf.write(p, f"model/{p.relative_to(saved).as_posix()}")
+    loaded, _ = c.load_from_zip(str(mz))
+    assert _files_under(c.uploads_dir) == []
+    img = sorted((ds / "fibrous" / "test").rglob("*.png"))[0]
+    a = c.registry.detector(name).predict(str(img))
+    b = c.registry.detector(loaded).predict(str(img))
+    assert np.isclose(a.score, b.score, rtol=1e-5, atol=1e-6)
