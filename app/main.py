@@ -28,7 +28,7 @@ from .controller import (
     method_info,
     settings_form,
 )
-from .state import REPO_ROOT, SAMPLES_DIR
+from .state import SAMPLES_DIR, default_state_dir
 
 MAX_FILE_SIZE = "200mb"
 CONCURRENCY_LIMIT = 2
@@ -668,9 +668,10 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
 def launch(host: str = "127.0.0.1", port: int = 7860, data_root: str | os.PathLike = ".",
            model: Optional[str] = None, share: bool = False, state_dir: Optional[str | os.PathLike] = None,
            demo: Optional[gr.Blocks] = None, **launch_kwargs: Any) -> Any:
-    """Serve the app (``ccad app``): uploads limited to ``MAX_FILE_SIZE``, users queued."""
+    """Serve the app (``ccad app``): uploads limited to ``MAX_FILE_SIZE``, users queued. Its state
+    goes to ``state_dir`` (default :func:`app.state.default_state_dir`: ``$CCAD_STATE_DIR`` or the
+    user data folder, never the checkout)."""
     if demo is None:
-        demo = build_app(data_root=data_root, state_dir=state_dir or REPO_ROOT / "runs" / "app",
-                           model=model)
+        demo = build_app(data_root=data_root, state_dir=default_state_dir(state_dir), model=model)
     return demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE,
                        allowed_paths=[str(SAMPLES_DIR)], **launch_kwargs)

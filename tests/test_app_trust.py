@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -120,3 +121,43 @@ def test_bank_and_model_zips_are_removed_after_use(root: Path, tmp_path: Path) -
     a = c.registry.detector(name).predict(str(img))
     b = c.registry.detector(loaded).predict(str(img))
     assert np.isclose(a.score, b.score, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- item 10: state dir
+
+@pytest.fixture()
+def captured_launch(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """``ccad app`` runs up to ``demo.launch`` (not served); no model is loaded (fast)."""
+    import gradio as gr
+
+    built: list[Any] = []
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: built.append(self))
+    monkeypatch.setattr(AppController, "load_startup", lambda self, model=None: "")
+    return built
+
+
+def _checkout_runs_app() -> list[Path]:
+    from app.state import REPO_ROOT
+
+    return _files_under(REPO_ROOT / "runs" / "app")
+
+
+def test_ccad_app_state_dir_option_env_and_user_default(captured_launch: list[Any], root: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from ccad.cli import main
+
+    before = _checkout_runs_app()
+    monkeypatch.delenv("CCAD_STATE_DIR", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert main(["app", "--data-root", str(root), "--state-dir", str(tmp_path / "mine")]) == 0
+    assert captured_launch[-1].ccad_controller.state_dir == tmp_path / "mine"
+    monkeypatch.setenv("CCAD_STATE_DIR", str(tmp_path / "from-env"))
+    assert main(["app", "--data-root", str(root)]) == 0
+    assert captured_launch[-1].ccad_controller.state_dir == tmp_path / "from-env"
+    monkeypatch.delenv("CCAD_STATE_DIR")
+    assert main(["app", "--data-root", str(root)]) == 0
+    state = captured_launch[-1].ccad_controller.state_dir
+    assert state.is_dir() and ((tmp_path / "xdg") in state.parents or (tmp_path / "home") in state.parents)
+    assert _checkout_runs_app() == before  # nothing written into the checkout
+
