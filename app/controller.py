@@ -321,7 +321,40 @@ class Batch:
         return [p.with_threshold(float(threshold)) for p in self.predictions]
 
 
-TABLE_HEADERS = ["#", "file", "score", "verdict"]
+TABLE_HEADERS = ["#", "file", "score", "verdict", "seconds", "training domain"]
+AGREE_HEADER = "same verdict as the other model"
+
+
+def _seconds(v: Any) -> str:
+    """An image's own time, to 3 significant digits (rows of one batch differ in the digits shown)."""
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return "-"
+    return f"{x:.3g} s" if math.isfinite(x) else "-"
+
+
+def domain_text(p: Any, short: bool = False) -> str:
+    """Whether an image's features lie inside the model's training distribution, from the engine's
+    ``Prediction.out_of_domain`` / ``domain_distance`` (the bank's nearest-neighbour distance
+    against that of held-out good images); empty when the model does not say."""
+    ood = getattr(p, "out_of_domain", None)
+    if ood is None:
+        return ""
+    d, lim = getattr(p, "domain_distance", None), getattr(p, "domain_limit", None)
+    try:
+        dist = f" (feature distance {float(d):.3g}" if d is not None and math.isfinite(float(d)) else ""
+        if dist and lim is not None and math.isfinite(float(lim)):
+            dist += f"; good images up to {float(lim):.3g}"
+        dist += ")" if dist else ""
+    except (TypeError, ValueError):
+        dist = ""
+    if bool(ood):
+        if short:
+            return "OUT OF DOMAIN" + dist
+        return ("OUT OF DOMAIN: unlike the model's training images" + dist
+                + "; its score and verdict mean little for this image")
+    return "in domain" + dist
 
 
 def _names(items: Sequence[tuple[str, str]], limit: int = 10) -> str:
@@ -659,19 +692,135 @@ class AppController:
         return self.inspect(name, [str(paths[int(index)])])
 
     def table_rows(self, batch: Optional[Batch], threshold: Optional[float]) -> list[list[Any]]:
-        """Batch table, worst (highest score) first."""
+        """Batch table, worst (highest score) first: ``#, file, score, verdict, seconds (that image's
+        own time), training domain``."""
         if batch is None:
             return []
         preds = batch.at(threshold)
-        rows = [[i, batch.names[i], round(float(p.score), 5), p.verdict] for i, p in enumerate(preds)]
-        return sorted(rows, key=lambda r: -r[2])
+        rows = [self._row(i, batch.names[i], p) for i, p in enumerate(preds)]
+        return sorted(rows, key=lambda r: -r[2] if math.isfinite(r[2]) else -math.inf)
+
+    @staticmethod
+    def _row(i: int, name: str, p: Any) -> list[Any]:
+        score = float(p.score)
+        return [i, name, round(score, 5) if math.isfinite(score) else score, p.verdict, _seconds(p.seconds),
+                domain_text(p, short=True)]
+
+    def batch_label(self, batch: Optional[Batch], compared: bool = False) -> str:
+        """The batch table's label: which model scored it (verdicts belong to that model)."""
+        if batch is None or not batch.predictions:
+            return "Batch (inspect images to fill it)"
+        order = "sorted by file, rows line up with the other table" if compared else "worst first"
+        return f"Batch scored by {batch.model} ({order}; click a row to show it; click a header to sort)"
+
+    def compare_rows(self, other: Optional[str], batch: Optional[Batch],
+                     threshold: Optional[float] = None) -> tuple[list[list[Any]], list[list[Any]]]:
+        """The batch and its comparison batch as two tables sorted by file (row ``k`` of both is the
+        same image), each row marked with whether the two verdicts agree (the model in use at
+        ``threshold``, the other at its own calibrated threshold)."""
+        cmp = self.compare_batch(other, batch)
+        if cmp is None or batch is None:
+            return [], []
+        a, b = batch.at(threshold), cmp.predictions
+        order = sorted(range(len(a)), key=lambda i: (batch.names[i].lower(), batch.names[i]))
+        rows_a, rows_b = [], []
+        for i in order:
+            same = a[i].verdict == b[i].verdict
+            mark = "✓ same" if same else "✗ DIFFERS"
+            rows_a.append([*self._row(i, batch.names[i], a[i]), mark])
+            rows_b.append([*self._row(i, cmp.names[i], b[i]), mark])
+        return rows_a, rows_b
+
+    def out_of_domain_names(self, batch: Optional[Batch]) -> list[str]:
+        """Names of the batch's images whose features lie far outside the model's training
+        distribution (``Prediction.out_of_domain``, where the engine reports it)."""
+        if batch is None:
+            return []
+        return [n for n, p in zip(batch.names, batch.predictions) if getattr(p, "out_of_domain", None)]
+
+    # ---- a batch's verdicts belong to the model that scored it
+    def batch_for(self, name: Optional[str], batch: Optional[Batch]) -> Optional[Batch]:
+        """``batch`` when the model ``name`` scored it, else None: a threshold, histogram or card of
+        one model is never applied to scores of another."""
+        if batch is None or batch.model != (name or ""):
+            return None
+        return batch
+
+    def rescore(self, name: Optional[str], batch: Batch, progress: ProgressFn = None) -> Batch:
+        """The same images scored by the model ``name`` (a new :class:`Batch` of that model; names,
+        left-out files and the selected row kept). Images that came from a zip are re-run from
+        their decoded pixels (the extracted files are gone)."""
+        det = self._detector(name)
+        preds = []
+        for i, p in enumerate(batch.predictions):
+            item = p.path if p.path and Path(p.path).is_file() else p.image
+            try:
+                q = det.predict(item)
+            except Exception as exc:
+                raise UserError(f"{name} failed on {batch.names[i]} ({type(exc).__name__}: {exc})") from None
+            preds.append(q if q.path == p.path else replace(q, path=p.path))
+            if progress is not None:
+                progress(i + 1, len(batch.predictions))
+        return Batch(model=name or "", predictions=preds, names=list(batch.names), errors=list(batch.errors),
+                     selected=batch.selected)
+
+    def switch_model(self, name: Optional[str], batch: Optional[Batch],
+                     progress: ProgressFn = None) -> tuple[Optional[Batch], str]:
+        """After the model in use changed to ``name`` (picked, or a bank build that finished): the
+        batch re-scored by ``name`` (its verdicts at ``name``'s threshold), or None (cleared) when
+        that fails; and a line saying which. An unchanged model keeps the batch as it is."""
+        if batch is None or not batch.predictions or batch.model == (name or ""):
+            return batch, ""
+        old = batch.model
+        if not name or self.registry.get(name) is None:
+            return None, f"The batch scored by {old} was cleared: no model in use."
+        try:
+            new = self.rescore(name, batch, progress)
+        except UserError as exc:
+            return None, (f"⚠️ The batch scored by {old} was cleared (its verdicts do not hold for {name}); "
+                          f"re-scoring it failed: {exc}")
+        return new, (f"Re-scored the {len(new.predictions)} image(s) of the batch with {name} (they had been "
+                     f"scored by {old}): every verdict now is {name}'s, at its threshold.")
+
+    def training_data_text(self, name: Optional[str]) -> str:
+        """What the model in use was trained on (from its card / info.json), and that images unlike
+        those are out of its domain; for the bundled demo, what the demo is."""
+        entry = self.registry.get(name)
+        if entry is None:
+            return ""
+        det = entry.detector
+        info = getattr(det, "info", None) or {}
+        try:
+            card = det.card() or {}
+        except Exception:
+            card = {}
+        n = card.get("n_train_images", info.get("n_train_images"))
+        cats = card.get("categories") or info.get("categories") or []
+        size = card.get("image_size")
+        demo = info.get("demo") if isinstance(info.get("demo"), dict) else None
+        what = ", ".join(f"'{c}'" for c in cats) if cats else ""
+        if demo is not None and entry.source == "bundled demo model":
+            kind = demo.get("kind") or (cats[0] if cats else "?")
+            n_txt = f"{n} " if n else ""
+            return (f"**The bundled demo ({entry.name}) was trained on {n_txt}synthetic '{kind}' texture images only** "
+                    f"(generated by ccad.data.synthetic, {demo.get('size', size)} px; built by "
+                    f"{demo.get('built_by', 'scripts/build_demo.py')}). It knows nothing else: real parts, other "
+                    "textures or photos are out of its domain and its verdicts on them mean little. Build a bank "
+                    "or train a model on your own good images for a real inspection.")
+        parts = [f"**{entry.name}** was trained on"]
+        parts.append(f"{n} good image(s)" if n else "good images")
+        if what:
+            parts.append(f"of {what}")
+        parts.append(f"({entry.source})." if entry.source else ".")
+        return " ".join(parts) + " Images unlike those are out of its domain: its verdicts on them mean little."
 
     def panels(self, batch: Optional[Batch], index: Optional[int] = None,
                threshold: Optional[float] = None) -> dict[str, Any]:
         """The four aligned panels (uint8, same size) and the score / verdict / time of one result."""
         if batch is None or not batch.predictions:
             return {"original": None, "reconstruction": None, "heatmap": None, "overlay": None,
-                    "recon_label": "Reconstruction", "score": "", "verdict": "", "time": ""}
+                    "recon_label": "Reconstruction", "score": "", "verdict": "", "time": "", "name": "",
+                    "model": "", "domain": ""}
         i = batch.selected if index is None else int(index)
         p = batch.at(threshold)[i]
         original = _to_uint8(p.image)
@@ -682,7 +831,8 @@ class AppController:
             label = "Reconstruction (n/a: this method does not reconstruct)"
         return {"original": original, "reconstruction": recon, "heatmap": p.heatmap(), "overlay": p.overlay(),
                 "recon_label": label, "score": f"{float(p.score):.4f}", "verdict": p.verdict.upper(),
-                "time": f"{float(p.seconds):.2f} s", "name": batch.names[i]}
+                "time": _seconds(p.seconds), "name": batch.names[i], "model": batch.model,
+                "domain": domain_text(p) or "not reported by this model"}
 
     def select_row(self, batch: Optional[Batch], row_value: Sequence[Any]) -> Batch:
         """Select the clicked table row (by its '#' column, so sorting the table does not matter)."""
@@ -698,12 +848,15 @@ class AppController:
         return batch
 
     def histogram(self, name: Optional[str], batch: Optional[Batch], threshold: Optional[float]) -> Any:
+        """The calibration good scores of ``name`` and the batch's scores, only when ``name`` scored
+        the batch (two models' scores are never drawn on one axis), titled with the model."""
         det = self.registry.detector(name) if name else None
         cal = getattr(det, "calibration", None) if det is not None else None
         good = cal.good_scores if cal is not None else None
+        batch = self.batch_for(name, batch)
         scores = [p.score for p in batch.predictions] if batch else []
         t = float(threshold) if threshold is not None else float("nan")
-        return views.score_histogram(good, scores, t)
+        return views.score_histogram(good, scores, t, model=name or "")
 
     def downloads(self, batch: Optional[Batch], threshold: Optional[float]) -> list[str]:
         """Write the selected result's heatmap, overlay and binary mask PNGs and the batch CSV."""
