@@ -1,4 +1,6 @@
 """Entry point of the Hugging Face Space (and `python app.py`): the same app as `ccad app`.
+State (training runs, review decisions, uploads) goes to $CCAD_STATE_DIR or the user data folder
+(`--state-dir` overrides), never into the repository.
 
 A Space runs this file from the repository root; the bundled demo model in checkpoints/demo is
 loaded, so a sample inspection works offline on CPU. Locally: `python app.py [--port 7860]`.
@@ -8,8 +10,9 @@ from __future__ import annotations
 import os
 
 from app.main import build_app, launch
+from app.state import default_state_dir
 
-demo = build_app(data_root=os.environ.get("CCAD_DATA_ROOT", "."))
+demo = build_app(data_root=os.environ.get("CCAD_DATA_ROOT", "."), state_dir=default_state_dir())
 
 if __name__ == "__main__":
     import argparse

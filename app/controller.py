@@ -10,9 +10,11 @@ from __future__ import annotations
 import csv
 import math
 import os
+import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -20,7 +22,7 @@ import numpy as np
 
 from . import views
 from .jobs import FAILED, STOPPED, JobBusy, JobHandle, JobManager
-from .paths import PathError, count_images, resolve_in_root, safe_extract_zip
+from .paths import PathError, count_images, extracted_zip, remove_stale, resolve_in_root, safe_extract_zip
 from .state import DEMO_MODEL_DIR, SAMPLES_DIR, ModelRegistry
 
 ProgressFn = Optional[Callable[[int, int], None]]
@@ -319,7 +321,40 @@ class Batch:
         return [p.with_threshold(float(threshold)) for p in self.predictions]
 
 
-TABLE_HEADERS = ["#", "file", "score", "verdict"]
+TABLE_HEADERS = ["#", "file", "score", "verdict", "seconds", "training domain"]
+AGREE_HEADER = "same verdict as the other model"
+
+
+def _seconds(v: Any) -> str:
+    """An image's own time, to 3 significant digits (rows of one batch differ in the digits shown)."""
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return "-"
+    return f"{x:.3g} s" if math.isfinite(x) else "-"
+
+
+def domain_text(p: Any, short: bool = False) -> str:
+    """Whether an image's features lie inside the model's training distribution, from the engine's
+    ``Prediction.out_of_domain`` / ``domain_distance`` (the bank's nearest-neighbour distance
+    against that of held-out good images); empty when the model does not say."""
+    ood = getattr(p, "out_of_domain", None)
+    if ood is None:
+        return ""
+    d, lim = getattr(p, "domain_distance", None), getattr(p, "domain_limit", None)
+    try:
+        dist = f" (feature distance {float(d):.3g}" if d is not None and math.isfinite(float(d)) else ""
+        if dist and lim is not None and math.isfinite(float(lim)):
+            dist += f"; good images up to {float(lim):.3g}"
+        dist += ")" if dist else ""
+    except (TypeError, ValueError):
+        dist = ""
+    if bool(ood):
+        if short:
+            return "OUT OF DOMAIN" + dist
+        return ("OUT OF DOMAIN: unlike the model's training images" + dist
+                + "; its score and verdict mean little for this image")
+    return "in domain" + dist
 
 
 def _names(items: Sequence[tuple[str, str]], limit: int = 10) -> str:
@@ -375,6 +410,11 @@ class AppController:
         self.data_root = Path(data_root).expanduser().resolve()
         self.state_dir = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="ccad-app-"))
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        # uploaded zips are extracted into per-request folders here, removed when the request is done
+        self.uploads_dir = self.state_dir / "uploads"
+        remove_stale(self.uploads_dir)
+        self.zip_budget: Optional[int] = None  # bytes; None: app.paths.MAX_ZIP_BYTES
+        self._train_uploads: list[Path] = []
         self.registry = registry or ModelRegistry()
         self.jobs = jobs or JobManager()
         self.engine = engine or Engine()
@@ -438,16 +478,22 @@ class AppController:
         """Load a model from an uploaded zip of a saved model folder."""
         if not zip_file:
             raise UserError("no zip uploaded")
+        label = Path(str(zip_file)).name
         try:
-            path = safe_extract_zip(zip_file, Path(tempfile.mkdtemp(prefix="model-", dir=self.state_dir)))
+            with extracted_zip(zip_file, self.uploads_dir, "model-", self.zip_budget) as path:
+                if not (path / "config.json").is_file():
+                    found = [p.parent for p in path.rglob("config.json")]
+                    if len(found) != 1:
+                        raise UserError(f"{label}: the zip holds no saved model (config.json not found)")
+                    path = found[0]
+                try:  # the detector is read into memory; the extracted folder is removed afterwards
+                    det = self.engine.load(str(path))
+                except Exception as exc:
+                    raise UserError(f"{label}: not a loadable ccad model ({exc})") from None
         except PathError as exc:
             raise UserError(str(exc)) from None
-        if not (path / "config.json").is_file():
-            found = [p.parent for p in path.rglob("config.json")]
-            if len(found) != 1:
-                raise UserError(f"{Path(zip_file).name}: the zip holds no saved model (config.json not found)")
-            path = found[0]
-        return self._load_path(path, "zip")
+        name = self.registry.add(f"{Path(label).stem} ({det.variant})", det, f"zip {label}")
+        return name, f"Loaded {name} from the uploaded zip {label}."
 
     def load_from_hub(self, repo_id: str, revision: Optional[str]) -> tuple[str, str]:
         """Download and load a model from the Hugging Face Hub; offline says so clearly."""
@@ -571,40 +617,46 @@ class AppController:
             raise UserError("no image given: upload one or more images or click a sample")
         paths: list[str] = []
         shown: dict[str, str] = {}
+        from_zip: set[str] = set()
         skipped = list(left_out)
-        for f in raw:
-            if f.lower().endswith(".zip"):
-                images, not_images = self._zip_images(f)
-                skipped += not_images
-                for p, rel in images:
-                    paths.append(p)
-                    shown[p] = rel
-            else:
-                paths.append(f)
-                shown[f] = relative_name(f, base)
-        if not paths:
-            raise UserError("no image given: the zip(s) hold no images (.png/.jpg/.bmp/.tif)"
-                            + (f"; left out: {_names(skipped)}" if skipped else ""))
-        try:
-            preds, errors = det.predict_many(paths, batch_size=4, on_error="skip", progress=progress)
-        except Exception as exc:
-            raise UserError(f"the model failed on this batch ({type(exc).__name__}: {exc})") from None
+        with ExitStack() as stack:  # each zip is extracted into its own folder, removed once scored
+            for f in raw:
+                if f.lower().endswith(".zip"):
+                    images, not_images = self._zip_images(f, stack)
+                    skipped += not_images
+                    for p, rel in images:
+                        paths.append(p)
+                        shown[p] = rel
+                        from_zip.add(p)
+                else:
+                    paths.append(f)
+                    shown[f] = relative_name(f, base)
+            if not paths:
+                raise UserError("no image given: the zip(s) hold no images (.png/.jpg/.bmp/.tif)"
+                                + (f"; left out: {_names(skipped)}" if skipped else ""))
+            try:
+                preds, errors = det.predict_many(paths, batch_size=4, on_error="skip", progress=progress)
+            except Exception as exc:
+                raise UserError(f"the model failed on this batch ({type(exc).__name__}: {exc})") from None
         errors = skipped + [(shown.get(p, Path(p).name), msg) for p, msg in errors]
         if not preds:
             raise UserError("no readable image: " + "; ".join(f"{n}: {m}" for n, m in errors[:5]))
         names = unique_names([shown.get(str(p.path), Path(p.path).name) if p.path else f"image {i}"
                               for i, p in enumerate(preds)])
+        # an image from a zip no longer exists on disk: later runs (comparison, re-scoring) use its pixels
+        preds = [replace(p, path=None) if p.path is not None and str(p.path) in from_zip else p for p in preds]
         order = sorted(range(len(preds)), key=lambda i: -float(preds[i].score))
         return Batch(model=name or "", predictions=preds, names=names, errors=errors, selected=order[0])
 
-    def _zip_images(self, zip_file: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    def _zip_images(self, zip_file: str, stack: ExitStack) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
         """``(extracted path, path inside the zip)`` of every image in an uploaded zip, and
-        ``(path inside the zip, reason)`` of its other files (hidden files aside)."""
+        ``(path inside the zip, reason)`` of its other files (hidden files aside). The zip is
+        extracted into a per-request folder that ``stack`` removes when it closes."""
         from ccad.data.datasets import find_images, unsupported_reason
         from ccad.data.io import list_images
 
         try:
-            root = safe_extract_zip(zip_file, Path(tempfile.mkdtemp(prefix="inspect-", dir=self.state_dir)))
+            root = stack.enter_context(extracted_zip(zip_file, self.uploads_dir, "inspect-", self.zip_budget))
         except PathError as exc:
             raise UserError(str(exc)) from None
         not_images = find_images([root])[1]
@@ -640,19 +692,135 @@ class AppController:
         return self.inspect(name, [str(paths[int(index)])])
 
     def table_rows(self, batch: Optional[Batch], threshold: Optional[float]) -> list[list[Any]]:
-        """Batch table, worst (highest score) first."""
+        """Batch table, worst (highest score) first: ``#, file, score, verdict, seconds (that image's
+        own time), training domain``."""
         if batch is None:
             return []
         preds = batch.at(threshold)
-        rows = [[i, batch.names[i], round(float(p.score), 5), p.verdict] for i, p in enumerate(preds)]
-        return sorted(rows, key=lambda r: -r[2])
+        rows = [self._row(i, batch.names[i], p) for i, p in enumerate(preds)]
+        return sorted(rows, key=lambda r: -r[2] if math.isfinite(r[2]) else -math.inf)
+
+    @staticmethod
+    def _row(i: int, name: str, p: Any) -> list[Any]:
+        score = float(p.score)
+        return [i, name, round(score, 5) if math.isfinite(score) else score, p.verdict, _seconds(p.seconds),
+                domain_text(p, short=True)]
+
+    def batch_label(self, batch: Optional[Batch], compared: bool = False) -> str:
+        """The batch table's label: which model scored it (verdicts belong to that model)."""
+        if batch is None or not batch.predictions:
+            return "Batch (inspect images to fill it)"
+        order = "sorted by file, rows line up with the other table" if compared else "worst first"
+        return f"Batch scored by {batch.model} ({order}; click a row to show it; click a header to sort)"
+
+    def compare_rows(self, other: Optional[str], batch: Optional[Batch],
+                     threshold: Optional[float] = None) -> tuple[list[list[Any]], list[list[Any]]]:
+        """The batch and its comparison batch as two tables sorted by file (row ``k`` of both is the
+        same image), each row marked with whether the two verdicts agree (the model in use at
+        ``threshold``, the other at its own calibrated threshold)."""
+        cmp = self.compare_batch(other, batch)
+        if cmp is None or batch is None:
+            return [], []
+        a, b = batch.at(threshold), cmp.predictions
+        order = sorted(range(len(a)), key=lambda i: (batch.names[i].lower(), batch.names[i]))
+        rows_a, rows_b = [], []
+        for i in order:
+            same = a[i].verdict == b[i].verdict
+            mark = "✓ same" if same else "✗ DIFFERS"
+            rows_a.append([*self._row(i, batch.names[i], a[i]), mark])
+            rows_b.append([*self._row(i, cmp.names[i], b[i]), mark])
+        return rows_a, rows_b
+
+    def out_of_domain_names(self, batch: Optional[Batch]) -> list[str]:
+        """Names of the batch's images whose features lie far outside the model's training
+        distribution (``Prediction.out_of_domain``, where the engine reports it)."""
+        if batch is None:
+            return []
+        return [n for n, p in zip(batch.names, batch.predictions) if getattr(p, "out_of_domain", None)]
+
+    # ---- a batch's verdicts belong to the model that scored it
+    def batch_for(self, name: Optional[str], batch: Optional[Batch]) -> Optional[Batch]:
+        """``batch`` when the model ``name`` scored it, else None: a threshold, histogram or card of
+        one model is never applied to scores of another."""
+        if batch is None or batch.model != (name or ""):
+            return None
+        return batch
+
+    def rescore(self, name: Optional[str], batch: Batch, progress: ProgressFn = None) -> Batch:
+        """The same images scored by the model ``name`` (a new :class:`Batch` of that model; names,
+        left-out files and the selected row kept). Images that came from a zip are re-run from
+        their decoded pixels (the extracted files are gone)."""
+        det = self._detector(name)
+        preds = []
+        for i, p in enumerate(batch.predictions):
+            item = p.path if p.path and Path(p.path).is_file() else p.image
+            try:
+                q = det.predict(item)
+            except Exception as exc:
+                raise UserError(f"{name} failed on {batch.names[i]} ({type(exc).__name__}: {exc})") from None
+            preds.append(q if q.path == p.path else replace(q, path=p.path))
+            if progress is not None:
+                progress(i + 1, len(batch.predictions))
+        return Batch(model=name or "", predictions=preds, names=list(batch.names), errors=list(batch.errors),
+                     selected=batch.selected)
+
+    def switch_model(self, name: Optional[str], batch: Optional[Batch],
+                     progress: ProgressFn = None) -> tuple[Optional[Batch], str]:
+        """After the model in use changed to ``name`` (picked, or a bank build that finished): the
+        batch re-scored by ``name`` (its verdicts at ``name``'s threshold), or None (cleared) when
+        that fails; and a line saying which. An unchanged model keeps the batch as it is."""
+        if batch is None or not batch.predictions or batch.model == (name or ""):
+            return batch, ""
+        old = batch.model
+        if not name or self.registry.get(name) is None:
+            return None, f"The batch scored by {old} was cleared: no model in use."
+        try:
+            new = self.rescore(name, batch, progress)
+        except UserError as exc:
+            return None, (f"⚠️ The batch scored by {old} was cleared (its verdicts do not hold for {name}); "
+                          f"re-scoring it failed: {exc}")
+        return new, (f"Re-scored the {len(new.predictions)} image(s) of the batch with {name} (they had been "
+                     f"scored by {old}): every verdict now is {name}'s, at its threshold.")
+
+    def training_data_text(self, name: Optional[str]) -> str:
+        """What the model in use was trained on (from its card / info.json), and that images unlike
+        those are out of its domain; for the bundled demo, what the demo is."""
+        entry = self.registry.get(name)
+        if entry is None:
+            return ""
+        det = entry.detector
+        info = getattr(det, "info", None) or {}
+        try:
+            card = det.card() or {}
+        except Exception:
+            card = {}
+        n = card.get("n_train_images", info.get("n_train_images"))
+        cats = card.get("categories") or info.get("categories") or []
+        size = card.get("image_size")
+        demo = info.get("demo") if isinstance(info.get("demo"), dict) else None
+        what = ", ".join(f"'{c}'" for c in cats) if cats else ""
+        if demo is not None and entry.source == "bundled demo model":
+            kind = demo.get("kind") or (cats[0] if cats else "?")
+            n_txt = f"{n} " if n else ""
+            return (f"**The bundled demo ({entry.name}) was trained on {n_txt}synthetic '{kind}' texture images only** "
+                    f"(generated by ccad.data.synthetic, {demo.get('size', size)} px; built by "
+                    f"{demo.get('built_by', 'scripts/build_demo.py')}). It knows nothing else: real parts, other "
+                    "textures or photos are out of its domain and its verdicts on them mean little. Build a bank "
+                    "or train a model on your own good images for a real inspection.")
+        parts = [f"**{entry.name}** was trained on"]
+        parts.append(f"{n} good image(s)" if n else "good images")
+        if what:
+            parts.append(f"of {what}")
+        parts.append(f"({entry.source})." if entry.source else ".")
+        return " ".join(parts) + " Images unlike those are out of its domain: its verdicts on them mean little."
 
     def panels(self, batch: Optional[Batch], index: Optional[int] = None,
                threshold: Optional[float] = None) -> dict[str, Any]:
         """The four aligned panels (uint8, same size) and the score / verdict / time of one result."""
         if batch is None or not batch.predictions:
             return {"original": None, "reconstruction": None, "heatmap": None, "overlay": None,
-                    "recon_label": "Reconstruction", "score": "", "verdict": "", "time": ""}
+                    "recon_label": "Reconstruction", "score": "", "verdict": "", "time": "", "name": "",
+                    "model": "", "domain": ""}
         i = batch.selected if index is None else int(index)
         p = batch.at(threshold)[i]
         original = _to_uint8(p.image)
@@ -663,7 +831,8 @@ class AppController:
             label = "Reconstruction (n/a: this method does not reconstruct)"
         return {"original": original, "reconstruction": recon, "heatmap": p.heatmap(), "overlay": p.overlay(),
                 "recon_label": label, "score": f"{float(p.score):.4f}", "verdict": p.verdict.upper(),
-                "time": f"{float(p.seconds):.2f} s", "name": batch.names[i]}
+                "time": _seconds(p.seconds), "name": batch.names[i], "model": batch.model,
+                "domain": domain_text(p) or "not reported by this model"}
 
     def select_row(self, batch: Optional[Batch], row_value: Sequence[Any]) -> Batch:
         """Select the clicked table row (by its '#' column, so sorting the table does not matter)."""
@@ -679,12 +848,15 @@ class AppController:
         return batch
 
     def histogram(self, name: Optional[str], batch: Optional[Batch], threshold: Optional[float]) -> Any:
+        """The calibration good scores of ``name`` and the batch's scores, only when ``name`` scored
+        the batch (two models' scores are never drawn on one axis), titled with the model."""
         det = self.registry.detector(name) if name else None
         cal = getattr(det, "calibration", None) if det is not None else None
         good = cal.good_scores if cal is not None else None
+        batch = self.batch_for(name, batch)
         scores = [p.score for p in batch.predictions] if batch else []
         t = float(threshold) if threshold is not None else float("nan")
-        return views.score_histogram(good, scores, t)
+        return views.score_histogram(good, scores, t, model=name or "")
 
     def downloads(self, batch: Optional[Batch], threshold: Optional[float]) -> list[str]:
         """Write the selected result's heatmap, overlay and binary mask PNGs and the batch CSV."""
@@ -692,7 +864,10 @@ class AppController:
             return []
         from PIL import Image
 
-        out = Path(tempfile.mkdtemp(prefix="dl-", dir=self.state_dir))
+        dl_root = self.state_dir / "downloads"
+        remove_stale(dl_root)  # Gradio serves its own copy of what it was given; old folders only take space
+        dl_root.mkdir(parents=True, exist_ok=True)
+        out = Path(tempfile.mkdtemp(prefix="dl-", dir=dl_root))
         preds = batch.at(threshold)
         p = preds[batch.selected]
         stem = Path(batch.names[batch.selected]).stem or "image"
@@ -773,11 +948,30 @@ class AppController:
         return det
 
     # ------------------------------------------------------------------ feature bank
-    def _data_folder(self, folder: Optional[str], zip_file: Optional[str]) -> Path:
-        """A good-image folder from a server path (confined to the data root) or an uploaded zip."""
+    def _data_folder(self, folder: Optional[str], zip_file: Optional[str],
+                     stack: Optional[ExitStack] = None) -> Path:
+        """A good-image folder from a server path (confined to the data root) or an uploaded zip.
+
+        A zip is extracted into a per-request folder: removed when ``stack`` closes, or (no
+        ``stack``: a training job reads it in the background and a resume reads it again) kept
+        until the next training upload while no job runs."""
         if zip_file:
             try:
-                path = safe_extract_zip(zip_file, Path(tempfile.mkdtemp(prefix="data-", dir=self.state_dir)))
+                if stack is not None:
+                    path = stack.enter_context(extracted_zip(zip_file, self.uploads_dir, "data-", self.zip_budget))
+                else:
+                    if not self.jobs.busy():
+                        for old in self._train_uploads:
+                            shutil.rmtree(old, ignore_errors=True)
+                        self._train_uploads = []
+                    self.uploads_dir.mkdir(parents=True, exist_ok=True)
+                    work = Path(tempfile.mkdtemp(prefix="train-data-", dir=self.uploads_dir))
+                    self._train_uploads.append(work)
+                    try:
+                        path = safe_extract_zip(zip_file, work, max_bytes=self.zip_budget)
+                    except PathError:
+                        shutil.rmtree(work, ignore_errors=True)
+                        raise
             except PathError as exc:
                 raise UserError(str(exc)) from None
             label = Path(str(zip_file)).name
@@ -795,8 +989,15 @@ class AppController:
     def build_bank(self, folder: Optional[str], zip_file: Optional[str], backbone: str, layers: Sequence[int],
                    xi: int, image_size: int, progress: ProgressFn = None,
                    cancel: Optional[Callable[[], bool]] = None) -> tuple[str, dict[str, Any], Any, str]:
-        """Build the feature bank + PatchCore detector (``ccad.fit_detector``); register it as a model."""
-        path = self._data_folder(folder, zip_file)
+        """Build the feature bank + PatchCore detector (``ccad.fit_detector``); register it as a model.
+        An uploaded zip is extracted for this request only and removed when the build is done."""
+        with ExitStack() as stack:
+            return self._build_bank(self._data_folder(folder, zip_file, stack), backbone, layers, xi, image_size,
+                                    progress, cancel)
+
+    def _build_bank(self, path: Path, backbone: str, layers: Sequence[int], xi: int, image_size: int,
+                    progress: ProgressFn = None,
+                    cancel: Optional[Callable[[], bool]] = None) -> tuple[str, dict[str, Any], Any, str]:
         layers = tuple(int(v) for v in layers)
         if not layers:
             raise UserError("choose at least one backbone layer")

@@ -17,6 +17,7 @@ import gradio as gr
 
 from . import views
 from .controller import (
+    AGREE_HEADER,
     FORM_HEADERS,
     TABLE_HEADERS,
     AppController,
@@ -28,7 +29,7 @@ from .controller import (
     method_info,
     settings_form,
 )
-from .state import REPO_ROOT, SAMPLES_DIR
+from .state import SAMPLES_DIR, default_state_dir
 
 MAX_FILE_SIZE = "200mb"
 CONCURRENCY_LIMIT = 2
@@ -43,6 +44,7 @@ INSPECT_CONCURRENCY = int(os.environ.get("CCAD_APP_INSPECT_CONCURRENCY", "1"))
 # sessions, each with at most an inspection, a threshold change and a timer tick pending.
 QUEUE_MAX_SIZE = 128
 PANEL_HEIGHT = 300
+TABLE_TYPES = ["number", "str", "number", "str", "str", "str"]
 BACKBONES = ["tf_efficientnet_lite0", "tf_efficientnet_lite2", "wide_resnet50_2"]
 
 CSS = """
@@ -135,6 +137,8 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
                     model_status = gr.Markdown(c.startup_message, elem_id="model-status")
                 with gr.Column(scale=3):
                     card_line = gr.Markdown(c.model_card_line(c.registry.active), elem_id="model-card-line")
+                    train_data_md = gr.Markdown(c.training_data_text(c.registry.active),
+                                                elem_id="model-training-data")
                     with gr.Accordion("Model card (all facts)", open=False, elem_id="model-card-details"):
                         card_md = gr.Markdown(c.model_card(c.registry.active), elem_id="model-card")
             with gr.Accordion("Load another model: folder, zip or Hugging Face Hub", open=False,
@@ -189,6 +193,8 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
                                             elem_classes=["verdict-box"])
                     time_tb = gr.Textbox(label="Time taken", interactive=False, elem_id="inspect-time")
                     file_tb = gr.Textbox(label="File", interactive=False, elem_id="inspect-file")
+                    model_tb = gr.Textbox(label="Scored by (model)", interactive=False, elem_id="inspect-model")
+                    domain_tb = gr.Textbox(label="Training domain", interactive=False, elem_id="inspect-domain")
                 rng = c.threshold_range(c.registry.active)
                 with gr.Row():
                     with gr.Column(scale=2):
@@ -205,12 +211,11 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
                 with gr.Row(equal_height=False):
                     table = gr.Dataframe(headers=TABLE_HEADERS, value=[], interactive=False, label=(
                         "Batch (worst first; click a row to show it; click a header to sort)"),
-                        elem_id="inspect-table", datatype=["number", "str", "number", "str"])
+                        elem_id="inspect-table", datatype=TABLE_TYPES)
                     with gr.Column(visible=False, elem_id="compare-table-col") as compare_table_col:
                         cmp_table = gr.Dataframe(headers=TABLE_HEADERS, value=[], interactive=False,
                                                  label="The same batch through the comparison model",
-                                                 elem_id="compare-table",
-                                                 datatype=["number", "str", "number", "str"])
+                                                 elem_id="compare-table", datatype=TABLE_TYPES)
                 agree_md = gr.Markdown("", elem_id="compare-agreement")
                 downloads = gr.File(label="Downloads: heatmap, overlay, mask (selected image) and the batch CSV",
                                     file_count="multiple", interactive=False, elem_id="inspect-downloads")
@@ -230,6 +235,7 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
                         q_score = gr.Textbox(label="Score", interactive=False, elem_id="compare-score")
                         q_verdict = gr.Textbox(label="Verdict", interactive=False, elem_id="compare-verdict")
                         q_time = gr.Textbox(label="Time taken", interactive=False, elem_id="compare-time")
+                        q_domain = gr.Textbox(label="Training domain", interactive=False, elem_id="compare-domain")
                     q_slider = gr.ImageSlider(label="Original ↔ reconstruction (comparison model)", height=220,
                                               format="png", interactive=False, type="numpy",
                                               elem_id="compare-slider")
@@ -361,7 +367,8 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
                 _mount_review(review_builder, review_error, c)
 
         # ================================================================ wiring
-        inspect_outputs = [p_orig, p_rec, p_heat, p_over, p_slider, score_tb, verdict_tb, time_tb, file_tb]
+        inspect_outputs = [p_orig, p_rec, p_heat, p_over, p_slider, score_tb, verdict_tb, time_tb, file_tb,
+                           model_tb, domain_tb]
 
         def _slider(v: dict[str, Any]) -> Any:
             if v["original"] is None:
@@ -371,36 +378,64 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
         def panel_updates(batch: Optional[Batch], t: Optional[float]) -> list[Any]:
             v = c.panels(batch, None, t)
             return [v["original"], gr.update(value=v["reconstruction"], label=v["recon_label"]), v["heatmap"],
-                    v["overlay"], _slider(v), v["score"], v["verdict"], v["time"], v.get("name", "")]
+                    v["overlay"], _slider(v), v["score"], v["verdict"], v["time"], v.get("name", ""),
+                    v.get("model", ""), v.get("domain", "")]
+
+        def table_updates(other: Optional[str], batch: Optional[Batch], t: Optional[float]) -> list[Any]:
+            """Both tables: alone, the batch worst first; with a comparison model, both sorted by file
+            (row k is the same image) with each row marked same / differs."""
+            import pandas as pd
+
+            rows_a, rows_b = ([], [])
+            if other and batch is not None:
+                try:
+                    rows_a, rows_b = c.compare_rows(other, batch, t)
+                except UserError:
+                    rows_a, rows_b = [], []
+            if rows_a:
+                cols = [*TABLE_HEADERS, AGREE_HEADER]
+                main = gr.update(value=pd.DataFrame(rows_a, columns=cols), label=c.batch_label(batch, True),
+                                 datatype=[*TABLE_TYPES, "str"])
+                cmp = gr.update(value=pd.DataFrame(rows_b, columns=cols), datatype=[*TABLE_TYPES, "str"],
+                                label=f"The same batch scored by {other} (sorted by file; verdicts at its own "
+                                      "calibrated threshold)")
+                return [main, cmp]
+            main = gr.update(value=pd.DataFrame(c.table_rows(batch, t), columns=TABLE_HEADERS),
+                             label=c.batch_label(batch), datatype=TABLE_TYPES)
+            return [main, gr.update(value=pd.DataFrame([], columns=TABLE_HEADERS), datatype=TABLE_TYPES)]
 
         def compare_updates(other: Optional[str], batch: Optional[Batch], t: Optional[float] = None) -> list[Any]:
             try:
                 v = c.compare(other, batch)
-                cmp = c.compare_batch(other, batch)
-                rows = c.table_rows(cmp, None) if cmp is not None else []
                 agree = c.agreement(other, batch, t)["text"]
             except UserError as exc:
                 gr.Warning(str(exc))
-                v, rows, agree = c.panels(None), [], f"⚠️ {exc}"
+                v, agree = c.panels(None), f"⚠️ {exc}"
             return [v["original"], gr.update(value=v["reconstruction"], label=v["recon_label"]), v["heatmap"],
-                    v["overlay"], v["score"], v["verdict"], v["time"], _slider(v), rows, agree]
+                    v["overlay"], v["score"], v["verdict"], v["time"], v.get("domain", ""), _slider(v),
+                    *table_updates(other, batch, t), agree]
 
-        compare_outputs = [q_orig, q_rec, q_heat, q_over, q_score, q_verdict, q_time, q_slider, cmp_table, agree_md]
+        compare_outputs = [q_orig, q_rec, q_heat, q_over, q_score, q_verdict, q_time, q_domain, q_slider, table,
+                           cmp_table, agree_md]
 
         def show_batch(batch: Batch, name: str, t: float, other: Optional[str]) -> list[Any]:
             rng = c.threshold_range(name, batch)
             # keep the user's threshold if it is still inside the new range
             t_use = t if t is not None and rng["minimum"] <= t <= rng["maximum"] else rng["value"]
             msg = f"Inspected {len(batch.predictions)} image(s) with {name}."
+            ood = c.out_of_domain_names(batch)
+            if ood:
+                msg += (f" ⚠️ **{len(ood)} image(s) unlike {name}'s training images** (out of domain: their scores "
+                        "and verdicts mean little): " + ", ".join(f"`{n}`" for n in ood[:10])
+                        + (f" ... ({len(ood) - 10} more)" if len(ood) > 10 else "") + ".")
             if batch.errors:
                 msg += " Skipped: " + "; ".join(f"**{n}**: {m}" for n, m in batch.errors[:10])
-            return [batch, *panel_updates(batch, t_use), c.table_rows(batch, t_use),
+            return [batch, *panel_updates(batch, t_use),
                     gr.update(minimum=rng["minimum"], maximum=rng["maximum"], step=rng["step"], value=t_use),
                     c.histogram(name, batch, t_use), c.false_alarm_text(name, t_use), c.downloads(batch, t_use),
                     msg, *compare_updates(other, batch, t_use)]
 
-        batch_outputs = [batch_state, *inspect_outputs, table, thr, hist, fa_md, downloads, inspect_msg,
-                         *compare_outputs]
+        batch_outputs = [batch_state, *inspect_outputs, thr, hist, fa_md, downloads, inspect_msg, *compare_outputs]
 
         def no_change(msg: str) -> list[Any]:
             return [gr.update()] * (len(batch_outputs) - len(compare_outputs) - 1) + [msg] + \
@@ -454,19 +489,21 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
                          [batch_state, *inspect_outputs, downloads, inspect_msg, *compare_outputs])
 
         def on_threshold(batch: Optional[Batch], name: str, t: float, other: str) -> list[Any]:
-            # re-label only: no model call (Prediction.with_threshold; the comparison batch is cached)
+            # re-label only: no model call (Prediction.with_threshold; the comparison batch is cached).
+            # The slider is the threshold of the model in use: a batch another model scored is not re-labelled.
+            batch = c.batch_for(name, batch)
             v = c.panels(batch, None, t) if batch is not None else None
             try:
                 agree = c.agreement(other, batch, t)["text"] if batch is not None and other else gr.update()
             except UserError as exc:
                 agree = f"⚠️ {exc}"
+            tables = table_updates(other, batch, t) if batch is not None else [gr.update(), gr.update()]
             return [v["verdict"] if v else gr.update(), v["heatmap"] if v else gr.update(),
-                    v["overlay"] if v else gr.update(),
-                    c.table_rows(batch, t) if batch is not None else gr.update(),
+                    v["overlay"] if v else gr.update(), *tables,
                     c.histogram(name, batch, t), c.false_alarm_text(name, t), agree]
 
         thr.change(on_threshold, [batch_state, model_dd, thr, compare_dd],
-                   [verdict_tb, p_heat, p_over, table, hist, fa_md, agree_md],
+                   [verdict_tb, p_heat, p_over, table, cmp_table, hist, fa_md, agree_md],
                    show_progress="hidden", trigger_mode="always_last")
         thr.release(lambda b, t: c.downloads(b, t), [batch_state, thr], [downloads], show_progress="hidden")
 
@@ -482,14 +519,32 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
             return [gr.update(choices=names, value=sel), gr.update(choices=[""] + names),
                     gr.update(choices=[""] + c.registry.with_bank())]
 
-        def on_model(name: str, batch: Optional[Batch]) -> list[Any]:
-            c.registry.set_active(name)
+        def clear_batch(name: Optional[str], other: Optional[str], msg: str) -> list[Any]:
             rng = c.threshold_range(name, None)
-            return [c.model_card_line(name), c.model_card(name),
+            return [None, *panel_updates(None, None),
                     gr.update(minimum=rng["minimum"], maximum=rng["maximum"], step=rng["step"], value=rng["value"]),
-                    c.histogram(name, None, rng["value"]), c.false_alarm_text(name, rng["value"])]
+                    c.histogram(name, None, rng["value"]), c.false_alarm_text(name, rng["value"]), [], msg,
+                    *compare_updates(other, None)]
 
-        model_dd.change(on_model, [model_dd, batch_state], [card_line, card_md, thr, hist, fa_md])
+        def on_model(name: str, batch: Optional[Batch], other: str,
+                     progress: gr.Progress = gr.Progress()) -> list[Any]:
+            # a batch's verdicts belong to the model that scored it: re-score it with the new model
+            # (or clear it), never re-label the old scores at the new model's threshold
+            c.registry.set_active(name)
+            head = [c.model_card_line(name), c.model_card(name), c.training_data_text(name)]
+            new, msg = c.switch_model(name, batch,
+                                      progress=lambda d, n: progress((d, n), desc=f"re-scoring with {name}"))
+            if new is None:
+                return head + clear_batch(name, other, msg if batch is not None else gr.update())
+            out = show_batch(new, name, None, other)
+            if msg:
+                out[batch_outputs.index(inspect_msg)] = msg
+            return head + out
+
+        model_dd.change(on_model, [model_dd, batch_state, compare_dd], [card_line, card_md, train_data_md,
+                                                                         *batch_outputs],
+                        show_progress_on=[inspect_msg], concurrency_limit=INSPECT_CONCURRENCY,
+                        concurrency_id="inspect")
 
         def loaded(result: tuple[str, str]) -> list[Any]:
             name, msg = result
@@ -543,7 +598,7 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
 
         bank_build.click(on_build, [bank_folder, bank_zip, bank_backbone, bank_layers, bank_xi, bank_size],
                          [*choice_outputs, bank_summary, bank_plot, bank_msg], concurrency_limit=1,
-                         concurrency_id="heavy")
+                         concurrency_id="heavy", show_progress_on=[bank_msg])  # not over the model dropdowns
 
         def on_cancel(request: gr.Request) -> str:
             key = getattr(request, "session_hash", None) or "default"
@@ -668,9 +723,10 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
 def launch(host: str = "127.0.0.1", port: int = 7860, data_root: str | os.PathLike = ".",
            model: Optional[str] = None, share: bool = False, state_dir: Optional[str | os.PathLike] = None,
            demo: Optional[gr.Blocks] = None, **launch_kwargs: Any) -> Any:
-    """Serve the app (``ccad app``): uploads limited to ``MAX_FILE_SIZE``, users queued."""
+    """Serve the app (``ccad app``): uploads limited to ``MAX_FILE_SIZE``, users queued. Its state
+    goes to ``state_dir`` (default :func:`app.state.default_state_dir`: ``$CCAD_STATE_DIR`` or the
+    user data folder, never the checkout)."""
     if demo is None:
-        demo = build_app(data_root=data_root, state_dir=state_dir or REPO_ROOT / "runs" / "app",
-                           model=model)
+        demo = build_app(data_root=data_root, state_dir=default_state_dir(state_dir), model=model)
     return demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE,
                        allowed_paths=[str(SAMPLES_DIR)], **launch_kwargs)

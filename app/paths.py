@@ -5,16 +5,23 @@ path is resolved *inside* the allowed root given by ``--data-root``: ``..`` comp
 refused outright and a path (or a symlink on the way) that resolves outside the root is refused,
 so a user of a shared server cannot read or write anything else on the machine.
 Uploaded zips are extracted with the same rule for every member (no absolute names, no ``..``,
-no links) and with limits on the member count and the uncompressed size (zip bombs).
+no links) and with limits on the member count and the uncompressed size (zip bombs): the total
+uncompressed size from the zip's headers must fit a disk budget (``CCAD_APP_ZIP_BUDGET_MB``,
+default 1024 MB) and the free disk space before anything is written, and extraction stops as soon
+as the bytes written exceed what the headers announced. :func:`extracted_zip` extracts into a
+per-request folder that is removed when the request is done.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import tempfile
+import time
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Optional
+from typing import Iterator, Optional
 
 
 class PathError(ValueError):
@@ -22,7 +29,8 @@ class PathError(ValueError):
 
 
 MAX_ZIP_MEMBERS = 20_000
-MAX_ZIP_BYTES = 2 * 1024**3
+MAX_ZIP_BYTES = int(float(os.environ.get("CCAD_APP_ZIP_BUDGET_MB", "1024")) * 1024**2)
+DISK_MARGIN_BYTES = 256 * 1024**2  # free space kept on the disk after an extraction
 
 
 def resolve_in_root(user_path: str | os.PathLike, root: str | os.PathLike, must_exist: bool = True,
@@ -66,15 +74,23 @@ def count_images(folder: Path) -> int:
     return len(list_images(folder, recursive=True))
 
 
+def _mb(n: float) -> str:
+    return f"{n / 1024**2:.1f} MB"
+
+
 def safe_extract_zip(zip_path: str | os.PathLike, dest: Optional[str | os.PathLike] = None,
-                     max_members: int = MAX_ZIP_MEMBERS, max_bytes: int = MAX_ZIP_BYTES) -> Path:
+                     max_members: int = MAX_ZIP_MEMBERS, max_bytes: Optional[int] = None) -> Path:
     """Extract an uploaded zip into ``dest`` (a new temp folder by default) and return that folder.
 
     Every member must be a plain file or folder with a relative name without ``..``; links,
     absolute names, more than ``max_members`` members or more than ``max_bytes`` uncompressed
-    bytes are refused with :class:`PathError`. A single top-level folder is returned itself, so
+    bytes (the disk budget, read from the zip's headers before anything is written; default
+    :data:`MAX_ZIP_BYTES`) are refused with :class:`PathError`, and so is a zip that would not fit
+    the free disk space. While extracting, a member that decompresses to more bytes than its
+    header says stops the extraction. A single top-level folder is returned itself, so
     ``good.zip`` containing ``good/*.png`` yields the ``good`` folder.
     """
+    budget = MAX_ZIP_BYTES if max_bytes is None else int(max_bytes)
     zp = Path(zip_path)
     if not zipfile.is_zipfile(zp):
         raise PathError(f"{zp.name}: not a zip archive (upload a .zip of images or of a model folder)")
@@ -86,9 +102,13 @@ def safe_extract_zip(zip_path: str | os.PathLike, dest: Optional[str | os.PathLi
         if len(infos) > max_members:
             raise PathError(f"{zp.name}: {len(infos)} members, more than the limit of {max_members}")
         total = sum(i.file_size for i in infos)
-        if total > max_bytes:
-            raise PathError(f"{zp.name}: {total / 1e6:.0f} MB uncompressed, more than the limit of "
-                            f"{max_bytes / 1e6:.0f} MB")
+        if total > budget:
+            raise PathError(f"{zp.name}: {_mb(total)} uncompressed, more than the upload budget of "
+                            f"{_mb(budget)} (nothing was extracted; upload a smaller zip or split it)")
+        free = shutil.disk_usage(out_real).free
+        if total + DISK_MARGIN_BYTES > free:
+            raise PathError(f"{zp.name}: {_mb(total)} uncompressed, but the server has only {_mb(free)} of "
+                            "free disk space (nothing was extracted)")
         for info in infos:
             name = info.filename
             mode = info.external_attr >> 16
@@ -100,11 +120,56 @@ def safe_extract_zip(zip_path: str | os.PathLike, dest: Optional[str | os.PathLi
             target = (out_real / pp).resolve()
             if target != out_real and out_real not in target.parents:
                 raise PathError(f"{zp.name}: member {name!r} would land outside the extraction folder")
+        written = 0
         for info in infos:
             if "__MACOSX" in info.filename:
                 continue
-            zf.extract(info, out_real)
+            target = out_real / PurePosixPath(info.filename.replace("\\", "/"))
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src, open(target, "wb") as dst:
+                while True:
+                    chunk = src.read(1 << 20)
+                    if not chunk:
+                        break
+                    written += len(chunk)
+                    if written > total or written > budget:
+                        raise PathError(f"{zp.name}: member {info.filename!r} holds more data than the zip's "
+                                        "headers say; extraction stopped")
+                    dst.write(chunk)
     entries = [p for p in out_real.iterdir() if p.name != "__MACOSX"]
     if len(entries) == 1 and entries[0].is_dir():
         return entries[0]
     return out_real
+
+
+@contextmanager
+def extracted_zip(zip_path: str | os.PathLike, parent: str | os.PathLike, prefix: str = "upload-",
+                  max_bytes: Optional[int] = None) -> Iterator[Path]:
+    """:func:`safe_extract_zip` into a new per-request folder under ``parent``, removed (with all
+    it holds) when the ``with`` block ends, also when it fails."""
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        yield safe_extract_zip(zip_path, work, max_bytes=max_bytes)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def remove_stale(parent: str | os.PathLike, older_than_s: float = 3600.0) -> int:
+    """Remove the folders under ``parent`` last changed over ``older_than_s`` ago (what a server
+    that was killed mid-request left behind); returns how many were removed."""
+    p = Path(parent)
+    if not p.is_dir():
+        return 0
+    n, now = 0, time.time()
+    for child in p.iterdir():
+        try:
+            if child.is_dir() and not child.is_symlink() and now - child.stat().st_mtime > older_than_s:
+                shutil.rmtree(child, ignore_errors=True)
+                n += 1
+        except OSError:
+            continue
+    return n

@@ -7,6 +7,7 @@ inspect with different models. The registry remembers the last model picked anyw
 """
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,26 @@ from typing import Any, Optional
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL_DIR = REPO_ROOT / "checkpoints" / "demo"
 SAMPLES_DIR = REPO_ROOT / "assets" / "samples"
+STATE_DIR_ENV = "CCAD_STATE_DIR"
+
+
+def default_state_dir(given: Optional[str | os.PathLike] = None) -> Path:
+    """Where the app keeps its state (training runs, review decisions, per-request uploads): ``given``
+    (``--state-dir``), else ``$CCAD_STATE_DIR``, else the user data folder of ``ccad``
+    (platformdirs: ``~/.local/share/ccad/app`` on Linux, ``%LOCALAPPDATA%\\ccad\\app`` on Windows).
+    Never the checkout, so the app runs from a read-only install or a Space."""
+    if given:
+        return Path(given).expanduser()
+    env = os.environ.get(STATE_DIR_ENV, "").strip()
+    if env:
+        return Path(env).expanduser()
+    try:
+        from platformdirs import user_data_dir
+
+        base = Path(user_data_dir("ccad", appauthor=False))
+    except ImportError:  # platformdirs is a dependency; this only guards a broken install
+        base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "ccad"
+    return base / "app"
 
 
 @dataclass

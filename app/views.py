@@ -29,22 +29,25 @@ def _layout(fig: go.Figure, title: str, x: str, y: str, height: int = 320) -> go
 
 
 def score_histogram(good_scores: Optional[Sequence[float]], batch_scores: Sequence[float],
-                    threshold: float) -> go.Figure:
-    """Calibration good-score distribution vs the current batch's scores, with the threshold line."""
+                    threshold: float, model: str = "") -> go.Figure:
+    """Calibration good-score distribution vs the current batch's scores, with the threshold line;
+    ``model`` (the one whose calibration and scores these are) names the title and the traces."""
     fig = go.Figure()
     good = _finite(good_scores if good_scores is not None else [])
     batch = _finite(batch_scores)
+    of = f" of {model}" if model else ""
     if good.size:
-        fig.add_trace(go.Histogram(x=good, name=f"calibration good images ({good.size})", opacity=0.6,
+        fig.add_trace(go.Histogram(x=good, name=f"calibration good images{of} ({good.size})", opacity=0.6,
                                    marker_color=GOOD_COLOR, nbinsx=30))
     if batch.size:
-        fig.add_trace(go.Histogram(x=batch, name=f"this batch ({batch.size})", opacity=0.6,
+        by = f", scored by {model}" if model else ""
+        fig.add_trace(go.Histogram(x=batch, name=f"this batch{by} ({batch.size})", opacity=0.6,
                                    marker_color="#1565c0", nbinsx=30))
     if threshold is not None and math.isfinite(threshold):
         fig.add_vline(x=float(threshold), line_color=BAD_COLOR, line_dash="dash",
                       annotation_text=f"threshold {threshold:.4g}")
     fig.update_layout(barmode="overlay")
-    return _layout(fig, "Image scores", "score", "images")
+    return _layout(fig, f"Image scores · {model}" if model else "Image scores", "score", "images")
 
 
 def loss_curve(losses: Sequence[tuple[int, float]]) -> go.Figure:
