@@ -133,18 +133,20 @@ def cmd_train(a: argparse.Namespace) -> int:
         print("error: --resume continues the run in --out, --overwrite replaces it: give one of them",
               file=sys.stderr)
         return 2
-    if not a.resume and not a.overwrite:  # before anything is read: never lose a run's checkpoints
+    # the options first (a mistyped field is named whatever --out holds), then the run folder, before
+    # anything is read or written: never lose a run's checkpoints
+    method = _method_config(a.variant, a.preset, a.option)
+    scoring = _scoring_config(a.variant, getattr(a, "scoring", None))
+    if not a.resume and not a.overwrite:
         refuse_to_overwrite(a.out, "--resume", "--overwrite")
     bank = FeatureBank.load(a.bank) if a.bank else None
-    method = _method_config(a.variant, a.preset, a.option)
     train = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, checkpoint_every=a.checkpoint_every,
                         mixed_precision=a.mixed_precision, seed=a.seed, show_progress=not a.quiet)
     data = a.data[0] if len(a.data) == 1 else a.data
     det = train_detector(data, a.out, variant=a.variant, method=method, train=train, bank=bank,
                          image_size=a.image_size, backbone=a.backbone, layers=a.layers, bank_size=a.size,
                          calibration_fraction=a.calibration_fraction, resume=a.resume, seed=a.seed,
-                         overwrite=a.overwrite,
-                         scoring=_scoring_config(a.variant, getattr(a, "scoring", None)))
+                         overwrite=a.overwrite, scoring=scoring)
     from .distributed import launched_world_size
 
     if launched_world_size() > 1:

@@ -123,7 +123,7 @@ def test_bank_and_model_zips_are_removed_after_use(root: Path, tmp_path: Path) -
     img = sorted((ds / "fibrous" / "test").rglob("*.png"))[0]
     a = c.registry.detector(name).predict(str(img))
     b = c.registry.detector(loaded).predict(str(img))
-    assert np.isclose(a.score, b.score, rtol=1e-5, atol=1e-6)
+    assert np.isclose(a.score, b.score, rtol=1e-4, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------- item 10: state dir

@@ -65,7 +65,7 @@ def test_kl_encode_is_deterministic_posterior_mean(aes) -> None:
     a = ae.encode(x)
     torch.manual_seed(1)
     b = ae.encode(x)
-    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)  # the mean, not a sample: no RNG involved
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)  # the mean, not a sample: no RNG involved
     raw = ae.backend.encode(x * 2 - 1).latent_dist.mean
     assert torch.allclose(ae.encode_raw(x), raw)
 
@@ -96,12 +96,12 @@ def test_save_pretrained_round_trip(tmp_path: Path, kind: str) -> None:
     assert meta["kind"] == kind and meta["spec"] == f"{kind}:random@seed=1" and meta["fitted"]
     back = LatentAutoencoder.from_pretrained(tmp_path / "vae")
     assert (back.kind, back.scale, back.shift) == (kind, ae.scale, ae.shift)
-    torch.testing.assert_close(back.encode(x), ae.encode(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(back.encode(x), ae.encode(x), rtol=1e-4, atol=1e-5)
     # the same folder through the loader: bare path, kind:path and a pipeline-style parent
-    torch.testing.assert_close(load_autoencoder(str(tmp_path / "vae")).encode(x), ae.encode(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(load_autoencoder(str(tmp_path / "vae")).encode(x), ae.encode(x), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(load_autoencoder(f"{kind}:{tmp_path / 'vae'}").encode(x), ae.encode(x),
-                               rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(load_autoencoder(f"{kind}:{tmp_path}").encode(x), ae.encode(x), rtol=1e-5, atol=1e-6)
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(load_autoencoder(f"{kind}:{tmp_path}").encode(x), ae.encode(x), rtol=1e-4, atol=1e-5)
 
 
 def test_plain_diffusers_folder_and_sd_pipeline_layout(tmp_path: Path, aes) -> None:
@@ -110,7 +110,7 @@ def test_plain_diffusers_folder_and_sd_pipeline_layout(tmp_path: Path, aes) -> N
     ae = load_autoencoder(f"kl:{tmp_path / 'sd'}")
     x = _textures(1, 64)
     assert ae.scale == pytest.approx(0.18215)
-    torch.testing.assert_close(ae.encode(x), kl.encode(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ae.encode(x), kl.encode(x), rtol=1e-4, atol=1e-5)
     aes["tiny"].backend.save_pretrained(tmp_path / "taesd")
     assert load_autoencoder(f"tiny:{tmp_path / 'taesd'}").latent_channels == 4
 

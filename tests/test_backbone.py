@@ -50,20 +50,20 @@ def test_local_averaging_and_upsampling_match_definition(lite0: Backbone) -> Non
     pa = torch.nn.functional.avg_pool2d(a, 3, 1, 1, count_include_pad=True)
     pb = torch.nn.functional.avg_pool2d(b, 3, 1, 1, count_include_pad=True)
     pb = torch.nn.functional.interpolate(pb, size=a.shape[-2:], mode="bilinear", align_corners=False)
-    assert torch.allclose(f, torch.cat([pa, pb], 1), atol=1e-6)
+    assert torch.allclose(f, torch.cat([pa, pb], 1), rtol=1e-4, atol=1e-5)
 
 
 def test_deterministic_and_frozen(lite0: Backbone) -> None:
     x = _images(2, 64, seed=1)
     with torch.no_grad():
         a, b = lite0(x), lite0(x)
-    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)  # deterministic to float32 rounding
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)  # deterministic to float32 rounding
     assert not any(p.requires_grad for p in lite0.parameters())
     lite0.train()
     assert not lite0.training and not lite0.model.training
     with torch.no_grad():
         # BN still uses running stats after .train() (batch statistics would move it by far more)
-        torch.testing.assert_close(lite0(x), a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lite0(x), a, rtol=1e-4, atol=1e-5)
 
 
 def test_layer_choice() -> None:

@@ -116,7 +116,7 @@ def test_the_start_is_noiseless_scaling_and_draws_no_noise(net):
     assert torch.allclose(first[0], math.sqrt(float(sched.alphas_cumprod[40])) * z0)  # z_T = sqrt(abar) z0
     torch.manual_seed(123)
     b = d3ad_reconstruct(eps_fn, z0, sched, torch.tensor([40, 40]), guidance=7.0)
-    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)  # noiseless: the global seed changes nothing
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)  # noiseless: the global seed changes nothing
 
 
 def test_the_map_is_lambda_weighted():

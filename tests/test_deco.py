@@ -157,7 +157,7 @@ def test_training_pair_is_deterministic_under_a_fixed_generator():
     b = deco_training_pair(z0, s, gen(9))
     c = deco_training_pair(z0, s, gen(10))
     for x, y in zip(a, b):
-        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5)
     assert (a[0] - c[0]).abs().max() > 1e-3
 
 
@@ -190,7 +190,7 @@ def test_zero_network_leaves_the_latent_unchanged():
     s = deco_scheduler()
     z = torch.randn(2, 4, 8, 8, generator=gen(12))
     out = deco_correct(lambda z_t, t: torch.zeros_like(z_t), z, s)
-    torch.testing.assert_close(out, z, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, z, rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- map

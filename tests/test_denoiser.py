@@ -33,7 +33,7 @@ def test_shared_bank_equals_the_same_bank_per_sample(model):
     with torch.no_grad():
         a = model(x, t, bank)
         b = model(x, t, bank.unsqueeze(0).expand(2, -1, -1))
-    assert torch.allclose(a, b, atol=1e-6)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
 def test_the_bank_changes_the_predicted_noise(model):
@@ -91,7 +91,7 @@ def test_save_load_round_trip(tmp_path, model):
     with torch.no_grad():
         # the weights are bit for bit; two forward passes only agree to float32 rounding (kernels
         # may pick other code paths for differently aligned tensors, threads, CPUs)
-        torch.testing.assert_close(loaded(x, 7, bank), model(x, 7, bank), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loaded(x, 7, bank), model(x, 7, bank), rtol=1e-4, atol=1e-5)
     with pytest.raises(OSError, match="missing"):
         BankConditionedUNet.from_pretrained(tmp_path / "missing")
 

@@ -124,7 +124,7 @@ def test_ddad_reconstruct_is_seeded_and_keeps_shape(tiny):
     b = ddad_reconstruct(tiny, x0, bank, ddpm, generator=torch.Generator().manual_seed(5), **kw)
     c = ddad_reconstruct(tiny, x0, bank, ddpm, generator=torch.Generator().manual_seed(6), **kw)
     assert a.shape == x0.shape
-    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)  # the same seed: the same result to float32 rounding
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)  # the same seed: the same result to float32 rounding
     assert (a - c).abs().max() > 1e-3  # another seed: another result
     assert get_reconstructor("ddad") is ddad_reconstruct and "ddad" in RECONSTRUCTORS
     with pytest.raises(ValueError, match="unknown reconstruction strategy"):

@@ -203,6 +203,7 @@ def test_cli_trains_a_fused_detector_and_names_a_bad_scoring_field(root, tmp_pat
     assert back.config.scoring.fusion == "bank" and back.fusion is not None and back.fusion.fitted
     assert main(args[:-4] + ["--scoring", "fusion=maybe"]) != 0
     assert "scoring.fusion" in capsys.readouterr().err
+    assert AnomalyDetector.from_pretrained(tmp_path / "run" / "model", device="cpu").config.scoring.fusion == "bank"
 
 
 def test_fusion_weight_can_be_fitted_on_synthetic_anomalies_of_good_images(root, tmp_path):

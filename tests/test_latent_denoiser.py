@@ -115,14 +115,14 @@ def test_controlnet_zero_init_then_residuals_matter():
     with torch.no_grad():
         plain = latent_eps(unet, None, proj, z, 200, bank)
         zero = latent_eps(unet, cn, proj, z, 200, bank, img_a)
-        torch.testing.assert_close(zero, plain, atol=1e-6, rtol=1e-5)  # from_unet: zero convs
+        torch.testing.assert_close(zero, plain, atol=1e-5, rtol=1e-4)  # from_unet: zero convs
         _randomise_zero_convs(cn)
         ea = latent_eps(unet, cn, proj, z, 200, bank, img_a)
         eb = latent_eps(unet, cn, proj, z, 200, bank, img_b)
         e0 = latent_eps(unet, cn, proj, z, 200, bank, img_a, control_scale=0.0)
     assert (ea - plain).abs().max() > 1e-4
     assert (ea - eb).abs().max() > 1e-5  # the image condition reaches the output
-    torch.testing.assert_close(e0, plain, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(e0, plain, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="stride-2"):
         build_controlnet(unet, conditioning_embedding_out_channels=(8, 16, 32))
 

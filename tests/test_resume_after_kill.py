@@ -69,7 +69,7 @@ def test_a_corrupt_or_half_written_latest_checkpoint_is_skipped(tmp_path):
     assert res.losses == pytest.approx(full.losses, rel=1e-5, abs=1e-6)
     for k, v in load_checkpoint_weights(out / "checkpoint-8", "model").items():
         torch.testing.assert_close(v, load_checkpoint_weights(tmp_path / "full" / "checkpoint-8", "model")[k],
-                                   rtol=1e-5, atol=1e-6, msg=k)
+                                   rtol=1e-4, atol=1e-5, msg=k)
     assert not half.exists() and (out / ".checkpoint-6.corrupt").is_dir()  # set aside, not resumed again
     assert json.loads((out / "checkpoint-8" / "trainer_state.json").read_text())["resumed_from"] == [4]
 
