@@ -52,6 +52,17 @@ def default_device() -> torch.device:
 STATUSES = ("good", "anomalous", "uncalibrated", "error")
 
 
+def status_of(score: float, threshold: float, error: Optional[str] = None) -> str:
+    """The verdict of one image score (:attr:`Prediction.status`): ``"error"`` for an error or a
+    NaN / inf score, ``"uncalibrated"`` without a finite threshold, else ``"anomalous"`` above the
+    threshold and ``"good"`` at or below it."""
+    if error is not None or not math.isfinite(float(score)):
+        return "error"
+    if not math.isfinite(float(threshold)):
+        return "uncalibrated"
+    return "anomalous" if float(score) > float(threshold) else "good"
+
+
 @dataclass
 class Prediction:
     """The result of one inspection. Images are at the input's original size.
@@ -79,11 +90,7 @@ class Prediction:
     @property
     def status(self) -> str:
         """``"good"``, ``"anomalous"``, ``"uncalibrated"`` or ``"error"`` (see the class docstring)."""
-        if self.error is not None or not math.isfinite(float(self.score)):
-            return "error"
-        if not math.isfinite(float(self.threshold)):
-            return "uncalibrated"
-        return "anomalous" if self.score > self.threshold else "good"
+        return status_of(self.score, self.threshold, self.error)
 
     @property
     def is_anomalous(self) -> bool:

@@ -375,3 +375,12 @@ def test_a_model_without_the_statistic_still_predicts_and_can_gain_it(patchcore,
     thr = old.threshold
     old.calibrate_domain(sorted((root / "fibrous" / "test" / "good").glob("*.png")))
     assert old.threshold == thr and old.predict(foreign_images()["noise"]).out_of_domain is True
+
+
+def test_evaluation_records_carry_the_same_status(patchcore, root):
+    from ccad.data.datasets import load_dataset
+    from ccad.evaluate import evaluate
+
+    rep = evaluate(patchcore, load_dataset(root / "fibrous", split="test"))
+    assert {r["status"] for r in rep.records} <= {"good", "anomalous"}
+    assert all(r["is_anomalous"] == (r["status"] == "anomalous") for r in rep.records)
