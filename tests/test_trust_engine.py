@@ -384,3 +384,15 @@ def test_evaluation_records_carry_the_same_status(patchcore, root):
     rep = evaluate(patchcore, load_dataset(root / "fibrous", split="test"))
     assert {r["status"] for r in rep.records} <= {"good", "anomalous"}
     assert all(r["is_anomalous"] == (r["status"] == "anomalous") for r in rep.records)
+
+
+def test_cli_predict_summary_never_counts_uncalibrated_as_good(patchcore, root, tmp_path, capsys):
+    from ccad.cli import main
+
+    patchcore.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "calibration.json").unlink()
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "m"), str(good_image(root)), str(defect_image(root)), "--out",
+                 str(tmp_path / "out"), "--quiet"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "2 images: 0 anomalous, 0 good, 2 uncalibrated" in line
