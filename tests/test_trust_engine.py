@@ -396,3 +396,17 @@ def test_cli_predict_summary_never_counts_uncalibrated_as_good(patchcore, root, 
                  str(tmp_path / "out"), "--quiet"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert "2 images: 0 anomalous, 0 good, 2 uncalibrated" in line
+
+
+def test_a_calibration_giving_nan_scores_is_refused_and_keeps_the_old_threshold(patchcore, root):
+    det = patchcore
+    bank = det.method.scorer.memory_bank
+    saved, thr = bank.clone(), det.threshold
+    goods = sorted((root / "fibrous" / "test" / "good").glob("*.png"))
+    try:
+        bank[:] = float("nan")
+        with pytest.raises(ValueError, match="non-finite"):
+            det.calibrate(goods)
+    finally:
+        bank.copy_(saved)
+    assert det.threshold == thr
