@@ -15,6 +15,8 @@ _EXPORTS = {
     "AnomalyDetector": "ccad.pipeline",
     "Prediction": "ccad.pipeline",
     "CheckpointError": "ccad.pipeline",
+    "RunFolderExistsError": "ccad.pipeline",
+    "count_statuses": "ccad.pipeline",
     "fit_detector": "ccad.pipeline",
     "train_detector": "ccad.pipeline",
     "evaluate": "ccad.evaluate",

@@ -260,6 +260,7 @@ def _predict(a: argparse.Namespace, shard: Any) -> int:
         if not shard.is_main:
             return 0
     n_ok, n_bad = len(rows), sum(row["verdict"] == "anomalous" for row in rows)
+    n_good = sum(row["verdict"] == "good" for row in rows)  # Prediction.status: only "good" is good
     for path, why in errors:
         rows.append({"file": path, "score": "", "threshold": "", "verdict": f"error: {why}", "seconds": ""})
         print(f"skipped {path}: {why}", file=sys.stderr)
@@ -272,7 +273,11 @@ def _predict(a: argparse.Namespace, shard: Any) -> int:
                            restval="")
         w.writeheader()
         w.writerows(rows)
-    print(f"{n_ok} images: {n_bad} anomalous, {n_ok - n_bad} good, {len(errors)} unreadable; "
+    other = {k: sum(row["verdict"] == k for row in rows[:n_ok]) for k in ("uncalibrated", "error")}
+    print(f"{n_ok} images: {n_bad} anomalous, {n_good} good, "
+          + (f"{other['uncalibrated']} uncalibrated (no threshold: not judged), " if other["uncalibrated"] else "")
+          + (f"{other['error']} failed (non-finite score: see scores.csv), " if other["error"] else "")
+          + f"{len(errors)} unreadable; "
           f"wrote {out / 'scores.csv'}")
     return 0 if n_ok or not errors else 1
 

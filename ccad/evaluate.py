@@ -159,7 +159,10 @@ def report_from_scored(detector: Any, scored: ScoredSet, seconds: float = 0.0) -
     scores_a, maps_a, metas = scored.scores, scored.maps, scored.metas
     labels_a, masks_a = np.asarray(scored.labels).astype(int), scored.masks
     thr = detector.threshold
-    records = [{**meta, "label": int(y), "score": float(s), "is_anomalous": bool(np.isfinite(thr) and s > thr)}
+    from .pipeline import status_of
+
+    records = [{**meta, "label": int(y), "score": float(s), "status": status_of(s, thr),
+                "is_anomalous": status_of(s, thr) == "anomalous"}
                for meta, y, s in zip(metas, labels_a, scores_a)]
     cats = [m["category"] or "all" for m in metas]
     has_masks = bool(masks_a.any())

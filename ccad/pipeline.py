@@ -52,6 +52,17 @@ def default_device() -> torch.device:
 STATUSES = ("good", "anomalous", "uncalibrated", "error")
 
 
+def status_of(score: float, threshold: float, error: Optional[str] = None) -> str:
+    """The verdict of one image score (:attr:`Prediction.status`): ``"error"`` for an error or a
+    NaN / inf score, ``"uncalibrated"`` without a finite threshold, else ``"anomalous"`` above the
+    threshold and ``"good"`` at or below it."""
+    if error is not None or not math.isfinite(float(score)):
+        return "error"
+    if not math.isfinite(float(threshold)):
+        return "uncalibrated"
+    return "anomalous" if float(score) > float(threshold) else "good"
+
+
 @dataclass
 class Prediction:
     """The result of one inspection. Images are at the input's original size.
@@ -79,11 +90,7 @@ class Prediction:
     @property
     def status(self) -> str:
         """``"good"``, ``"anomalous"``, ``"uncalibrated"`` or ``"error"`` (see the class docstring)."""
-        if self.error is not None or not math.isfinite(float(self.score)):
-            return "error"
-        if not math.isfinite(float(self.threshold)):
-            return "uncalibrated"
-        return "anomalous" if self.score > self.threshold else "good"
+        return status_of(self.score, self.threshold, self.error)
 
     @property
     def is_anomalous(self) -> bool:
@@ -278,6 +285,15 @@ class AnomalyDetector(
         """``(method maps, bank maps or None, reconstructions or None)`` for a batch ``B x 3 x S' x S'``
         at :attr:`input_size`; the method sees the batch resized to its own size, and its maps
         and reconstructions come back at the batch's size."""
+        return self._map_parts(x)[:3]
+
+    @torch.no_grad()
+    def _map_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor],
+                                                   Optional[torch.Tensor]]:
+        """:meth:`map_parts` and the per-image domain distances ``B`` (:mod:`ccad.scoring.domain`;
+        None when this detector has no memory of good patch features)."""
+        from .scoring.domain import patch_median
+
         x = x.to(self.device, torch.float32)
         size = tuple(x.shape[-2:])
         xm = x if size == (self.image_size, self.image_size) else F.interpolate(
@@ -289,8 +305,55 @@ class AnomalyDetector(
             maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
         if rec is not None and tuple(rec.shape[-2:]) != size:
             rec = F.interpolate(rec, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
-        bank = self.fusion.bank_maps(x, size) if self.fusion is not None else None
-        return maps, bank, rec
+        bank, domain = None, getattr(out, "domain", None)
+        if self.fusion is not None:  # the fusion memory (training patches) gives both the map and the distance
+            raw = self.fusion.scorer.score_maps(x.float()).float()
+            bank = self.fusion.maps_from_raw(raw, size)
+            domain = patch_median(raw)
+        elif domain is None:
+            domain = self._bank_domain(x)
+        return maps, bank, rec, None if domain is None else domain.float()
+
+    @property
+    def domain_source(self) -> Optional[str]:
+        """Which memory of good patch features the domain distance is measured to, or None."""
+        if self.fusion is not None:
+            return "fusion memory (nearest-neighbour memory of the training patches)"
+        if hasattr(getattr(self.method, "scorer", None), "score_maps"):
+            return "PatchCore memory of the training patches"
+        if self._bank_is_backbone():
+            return "Coarse Feature Bank (coreset of the training patches)"
+        return None
+
+    def _bank_is_backbone(self) -> bool:
+        meta = getattr(self.bank, "meta", None) or {}
+        return (self.bank is not None and hasattr(self.bank, "features") and bool(meta.get("backbone"))
+                and not str(meta.get("backbone")).startswith("latent:")
+                and str(meta.get("backbone")) == str(self.config.bank.backbone))
+
+    @torch.no_grad()
+    def _bank_domain(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Domain distances to the Coarse Feature Bank (its backbone's patch features); None for a
+        detector without a backbone bank (a latent bank, or no bank)."""
+        if not self._bank_is_backbone():
+            return None
+        from .features.patchcore import nearest_distances
+        from .scoring.fusion import bank_backbone
+        from .scoring.domain import patch_median
+
+        bb = getattr(self, "_domain_backbone", None)
+        if bb is None:
+            bb = self._domain_backbone = bank_backbone(self.config.bank, self.device).eval()
+        s = int((self.bank.meta or {}).get("image_size") or self.image_size)
+        xb = x if tuple(x.shape[-2:]) == (s, s) else F.interpolate(x, size=(s, s), mode="bilinear",
+                                                                  align_corners=False, antialias=True)
+        f = bb(xb)
+        b, d = f.shape[:2]
+        feats = self.bank.features.to(f.device)
+        if d != feats.shape[1]:
+            return None
+        dist, _ = nearest_distances(f.permute(0, 2, 3, 1).reshape(-1, d), feats)
+        return patch_median(dist.view(b, -1))
 
     def combine(self, maps: torch.Tensor, bank: Optional[torch.Tensor], view: Optional[str] = None) -> torch.Tensor:
         """One view of :meth:`map_parts`: ``fused`` (the default with fusion), ``method`` or ``bank``."""
@@ -327,8 +390,11 @@ class AnomalyDetector(
             own[i] += time.perf_counter() - t
         t0 = time.perf_counter()
         x = torch.stack(tensors)
-        maps, x_hat = self.maps_for_batch(x)
+        parts, bank_maps, x_hat, domain = self._map_parts(x)
+        maps = self.combine(parts, bank_maps)
         scores = self._score(maps).cpu().numpy()
+        domain = None if domain is None else domain.cpu().numpy()
+        dstats = self.calibration.domain if self.calibration is not None else None
         finite = torch.isfinite(maps).flatten(1).all(1).cpu().numpy() & np.isfinite(scores)
         per = (time.perf_counter() - t0) / len(images)
         out = []
@@ -343,7 +409,9 @@ class AnomalyDetector(
             out.append(Prediction(image=im, reconstruction=rec, anomaly_map=m.cpu().numpy().astype(np.float32),
                                   score=float(scores[i]), threshold=self.threshold, seconds=per, path=paths[i],
                                   map_floor=self.map_floor,
-                                  error=None if finite[i] else self._non_finite_message(float(scores[i]))))
+                                  error=None if finite[i] else self._non_finite_message(float(scores[i])),
+                                  domain_distance=None if domain is None else float(domain[i]),
+                                  domain_limit=None if dstats is None else float(dstats.limit)))
             out[-1].seconds = own[i] + per + (time.perf_counter() - t)
         return out
 
@@ -443,9 +511,12 @@ class AnomalyDetector(
         fit_weight = self.fusion is not None and sc.fusion_weight_fit == "synthetic"
         synthetic: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         gen = torch.Generator().manual_seed(0)
+        domains: list[torch.Tensor] = []
         for b in iter_batches(samples, self.input_size, batch_size, on_error="skip", errors=errors):
-            m, bank, _ = self.map_parts(b["image"])
+            m, bank, _, dom = self._map_parts(b["image"])
             parts.append((m.cpu(), None if bank is None else bank.cpu()))
+            if dom is not None:
+                domains.append(dom.cpu())
             if fit_weight:  # copies of these good images with a synthetic anomaly each (good-only)
                 from .data.anomaly_synth import synthesize_batch
 
@@ -473,6 +544,7 @@ class AnomalyDetector(
         self.calibration = Calibration.fit(scores, method or sc.calibration,
                                            fpr=sc.target_fpr if fpr is None else fpr,
                                            sigma=sc.sigma_k if sigma is None else sigma)
+        self.calibration.domain = self._fit_domain(domains)
         self.info["map_floor"] = float(np.median(maps))
         self.info["n_calibration_images"] = int(scores.size)
         # the good files that could not be read: left out of the threshold, and said so
@@ -480,6 +552,35 @@ class AnomalyDetector(
         if self.fusion is not None:
             self.info["fusion"] = self.fusion.card()
         return self.calibration
+
+    def _fit_domain(self, domains: list[torch.Tensor]) -> Any:
+        from .scoring.domain import DomainStats
+
+        if not domains:
+            return None
+        good = torch.cat(domains).numpy()
+        if not np.all(np.isfinite(good)):
+            raise ValueError(f"calibration: the domain distance of {int(np.sum(~np.isfinite(good)))} good image(s) "
+                             f"is NaN or inf; {self._non_finite_message(float('nan'))}")
+        return DomainStats.fit(good, source=self.domain_source or "")
+
+    def calibrate_domain(self, good_items: Sequence[Any], batch_size: int = 8) -> Any:
+        """Store only the out-of-domain statistic (:mod:`ccad.scoring.domain`) from held-out good
+        images, leaving the threshold and every other calibrated value as they are (for a model
+        calibrated by an older ccad). Needs a calibrated detector; returns the ``DomainStats``."""
+        from .data.datasets import iter_batches
+        from .data.sample import Sample
+
+        if self.calibration is None:
+            raise ValueError("calibrate_domain: the detector is not calibrated; run calibrate() on good images")
+        samples = [s if isinstance(s, Sample) else Sample(str(s), None, 0) for s in good_items]
+        domains = [d.cpu() for b in iter_batches(samples, self.input_size, batch_size, on_error="skip")
+                   if (d := self._map_parts(b["image"])[3]) is not None]
+        if not domains:
+            raise ValueError("calibrate_domain: no readable good image, or this detector has no memory of good "
+                             "patch features to measure the domain distance to")
+        self.calibration.domain = self._fit_domain(domains)
+        return self.calibration.domain
 
     def card(self) -> dict[str, Any]:
         """Plain facts about this model for the UI and the model card."""
@@ -498,6 +599,7 @@ class AnomalyDetector(
             "threshold": self.threshold,
             "calibration": None if cal is None else {"method": cal.method, "n_good": int(cal.good_scores.size),
                                                      "target_fpr": cal.target_fpr},
+            "domain_limit": None if cal is None or cal.domain is None else round(float(cal.domain.limit), 6),
             "n_train_images": self.info.get("n_train_images", bank_meta.get("n_images")),
             "categories": self.info.get("categories"),
             "metrics": self.info.get("metrics"),

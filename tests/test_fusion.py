@@ -201,7 +201,7 @@ def test_cli_trains_a_fused_detector_and_names_a_bad_scoring_field(root, tmp_pat
     assert main(args) == 0
     back = AnomalyDetector.from_pretrained(tmp_path / "run" / "model", device="cpu")
     assert back.config.scoring.fusion == "bank" and back.fusion is not None and back.fusion.fitted
-    assert main(args[:-4] + ["--scoring", "fusion=maybe"]) != 0
+    assert main(args[:-4] + ["--scoring", "fusion=maybe", "--overwrite"]) != 0
     assert "scoring.fusion" in capsys.readouterr().err
     assert AnomalyDetector.from_pretrained(tmp_path / "run" / "model", device="cpu").config.scoring.fusion == "bank"
 

@@ -157,7 +157,7 @@ def test_seconds_are_each_images_own_time_plus_its_share_of_the_batch(tiny, monk
         clock[0] += read_cost[int(item)]
         return im
 
-    real_to_tensor, real_maps = pl.to_tensor, det.maps_for_batch
+    real_to_tensor, real_maps = pl.to_tensor, det._map_parts  # the batched forward (maps + domain distances)
 
     def to_tensor(im, size):
         clock[0] += im.shape[0] / 1000.0
@@ -169,7 +169,7 @@ def test_seconds_are_each_images_own_time_plus_its_share_of_the_batch(tiny, monk
 
     monkeypatch.setattr(pl, "coerce_image", coerce)
     monkeypatch.setattr(pl, "to_tensor", to_tensor)
-    monkeypatch.setattr(det, "maps_for_batch", maps_for_batch)
+    monkeypatch.setattr(det, "_map_parts", maps_for_batch)
     sizes = [40, 64, 200]
     read_cost.update({40: 0.5, 64: 0.25, 200: 2.0})
     results, errors = det.predict_many(sizes, batch_size=3)

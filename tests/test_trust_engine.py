@@ -311,3 +311,102 @@ def test_cli_bank_refuses_to_overwrite_a_saved_model(root, fused_model, tmp_path
     AnomalyDetector.from_pretrained(model, device="cpu")
     assert main(args + ["--overwrite"]) == 0
     assert AnomalyDetector.from_pretrained(model, device="cpu").variant == "patchcore"
+
+
+# ---- item 5: out of domain ---------------------------------------------------------------------
+
+def foreign_images():
+    from ccad.data.synthetic import make_sample
+
+    rng = np.random.default_rng(0)
+    return {"granular texture": make_sample("granular", 64, seed=1).image,
+            "woven texture": make_sample("woven", 64, seed=1).image,
+            "noise": rng.random((64, 64, 3)).astype(np.float32),
+            "constant grey": np.full((64, 64, 3), 0.5, np.float32)}
+
+
+def assert_domain_flags(det, root):
+    d = det.calibration.domain
+    assert d is not None and math.isfinite(d.limit) and d.good.size == det.calibration.good_scores.size
+    goods = sorted((root / "fibrous" / "test" / "good").glob("*.png"))
+    for p in goods:  # held-out good images, never in the memory: in the domain
+        r = det.predict(p)
+        assert r.out_of_domain is False, (p, r.domain_distance, r.domain_limit)
+    r = det.predict(defect_image(root))  # a defect on the right texture is a defect, not a foreign image
+    assert r.out_of_domain is False
+    for name, im in foreign_images().items():
+        r = det.predict(im)
+        assert r.out_of_domain is True, (name, r.domain_distance, r.domain_limit)
+        rec = r.to_record()
+        assert rec["out_of_domain"] is True and rec["domain_distance"] == pytest.approx(r.domain_distance)
+        assert rec["domain_limit"] == pytest.approx(d.limit)
+
+
+def test_patchcore_flags_foreign_images_out_of_domain(patchcore, root):
+    assert_domain_flags(patchcore, root)
+    results, errors = patchcore.predict_many(list(foreign_images().values()) + [good_image(root)])
+    assert count_statuses(results, errors)["out_of_domain"] == 4
+
+
+def test_fused_model_flags_foreign_images_and_keeps_the_statistic_on_disk(fused_model, root):
+    det = AnomalyDetector.from_pretrained(fused_model, device="cpu")
+    assert "fusion memory" in det.calibration.domain.source
+    assert_domain_flags(det, root)
+    saved = json.loads((fused_model / "calibration.json").read_text())["domain"]
+    assert saved["limit"] == pytest.approx(1.5 * max(saved["good"]), rel=1e-6)
+
+
+def test_ccad_v_without_fusion_flags_foreign_images_from_its_feature_bank(root, tmp_path):
+    det = train_detector(root / "fibrous", tmp_path / "run", variant="ccad-v", method=tiny_ccad_v(),
+                         image_size=SIZE, bank_size=8, train=tiny_train(), calibration_fraction=0.3, device="cpu")
+    assert det.fusion is None and "Feature Bank" in det.calibration.domain.source
+    assert_domain_flags(det, root)
+
+
+def test_a_model_without_the_statistic_still_predicts_and_can_gain_it(patchcore, root, tmp_path):
+    patchcore.save_pretrained(tmp_path / "m")
+    cal = json.loads((tmp_path / "m" / "calibration.json").read_text())
+    del cal["domain"]  # a model calibrated by an older ccad
+    (tmp_path / "m" / "calibration.json").write_text(json.dumps(cal))
+    old = AnomalyDetector.from_pretrained(tmp_path / "m", device="cpu")
+    r = old.predict(foreign_images()["noise"])
+    assert r.out_of_domain is None and r.domain_limit is None and r.status in ("good", "anomalous")
+    assert r.to_record()["out_of_domain"] is None
+    thr = old.threshold
+    old.calibrate_domain(sorted((root / "fibrous" / "test" / "good").glob("*.png")))
+    assert old.threshold == thr and old.predict(foreign_images()["noise"]).out_of_domain is True
+
+
+def test_evaluation_records_carry_the_same_status(patchcore, root):
+    from ccad.data.datasets import load_dataset
+    from ccad.evaluate import evaluate
+
+    rep = evaluate(patchcore, load_dataset(root / "fibrous", split="test"))
+    assert {r["status"] for r in rep.records} <= {"good", "anomalous"}
+    assert all(r["is_anomalous"] == (r["status"] == "anomalous") for r in rep.records)
+
+
+def test_cli_predict_summary_never_counts_uncalibrated_as_good(patchcore, root, tmp_path, capsys):
+    from ccad.cli import main
+
+    patchcore.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "calibration.json").unlink()
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "m"), str(good_image(root)), str(defect_image(root)), "--out",
+                 str(tmp_path / "out"), "--quiet"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "2 images: 0 anomalous, 0 good, 2 uncalibrated" in line
+
+
+def test_a_calibration_giving_nan_scores_is_refused_and_keeps_the_old_threshold(patchcore, root):
+    det = patchcore
+    bank = det.method.scorer.memory_bank
+    saved, thr = bank.clone(), det.threshold
+    goods = sorted((root / "fibrous" / "test" / "good").glob("*.png"))
+    try:
+        bank[:] = float("nan")
+        with pytest.raises(ValueError, match="non-finite"):
+            det.calibrate(goods)
+    finally:
+        bank.copy_(saved)
+    assert det.threshold == thr

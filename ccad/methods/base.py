@@ -92,6 +92,9 @@ class MethodOutput:
 
     maps: torch.Tensor
     reconstruction: Optional[torch.Tensor] = None
+    # per-image domain distance ``B`` (ccad.scoring.domain.patch_median of the method's own
+    # nearest-neighbour patch distances), for methods that compute them anyway (PatchCore)
+    domain: Optional[torch.Tensor] = None
 
 
 class Method:

@@ -115,9 +115,12 @@ class PatchCore(Method):
 
     @torch.no_grad()
     def maps(self, x: torch.Tensor) -> MethodOutput:
+        from ..scoring.domain import patch_median
+
         raw = self.scorer.score_maps(x).float()
         maps = F.interpolate(raw, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return MethodOutput(gaussian_blur(maps, scaled_sigma(self.ctx.scoring.sigma, x.shape[-1])))
+        return MethodOutput(gaussian_blur(maps, scaled_sigma(self.ctx.scoring.sigma, x.shape[-1])),
+                            domain=patch_median(raw))
 
     def to(self, device: torch.device) -> "PatchCore":
         if self.scorer is not None and hasattr(self.scorer, "to"):

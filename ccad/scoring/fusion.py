@@ -118,8 +118,11 @@ class BankFusion:
     @torch.no_grad()
     def bank_maps(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         """PatchCore maps ``B x 1 x H x W`` at ``size`` (upsampled, Gaussian-smoothed as PatchCore's)."""
-        raw = self.scorer.score_maps(x.float()).float()
-        maps = F.interpolate(raw, size=tuple(size), mode="bilinear", align_corners=False)
+        return self.maps_from_raw(self.scorer.score_maps(x.float()).float(), size)
+
+    def maps_from_raw(self, raw: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """:meth:`bank_maps` from the raw patch distances ``B x 1 x h x w`` (``scorer.score_maps``)."""
+        maps = F.interpolate(raw.float(), size=tuple(size), mode="bilinear", align_corners=False)
         return gaussian_blur(maps, scaled_sigma(self.sigma, int(size[-1])))
 
     def fit_stats(self, method_maps: np.ndarray | torch.Tensor, bank_maps: np.ndarray | torch.Tensor) -> None:

@@ -7,9 +7,11 @@ threshold stays a plain, editable parameter of a saved model (unlike anomalib#30
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
+
+from .domain import DomainStats
 
 
 @dataclass
@@ -19,6 +21,7 @@ class Calibration:
     method: str = "fpr"
     target_fpr: float = 0.01
     sigma_k: float = 3.0
+    domain: Optional[DomainStats] = None  # the out-of-domain limit (ccad.scoring.domain); None on older models
 
     @classmethod
     def fit(cls, scores: Any, method: str = "fpr", fpr: float = 0.01, sigma: float = 3.0) -> "Calibration":
@@ -49,6 +52,8 @@ class Calibration:
         if scores.size and not np.all(np.isfinite(scores)):
             raise ValueError(f"{int(np.sum(~np.isfinite(scores)))} of the {scores.size} good-image scores are "
                              f"NaN or inf")
+        if self.domain is not None:
+            self.domain.check_finite()
         return self
 
     def false_alarms(self, threshold: float | None = None) -> int:
@@ -61,11 +66,15 @@ class Calibration:
         return self.false_alarms(threshold) / n if n else float("nan")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"good_scores": [float(v) for v in self.good_scores], "threshold": float(self.threshold),
-                "method": self.method, "target_fpr": self.target_fpr, "sigma_k": self.sigma_k}
+        d = {"good_scores": [float(v) for v in self.good_scores], "threshold": float(self.threshold),
+             "method": self.method, "target_fpr": self.target_fpr, "sigma_k": self.sigma_k}
+        if self.domain is not None:
+            d["domain"] = self.domain.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Calibration":
         return cls(good_scores=np.asarray(d.get("good_scores", []), np.float32),
                    threshold=float(d.get("threshold", float("nan"))), method=d.get("method", "fpr"),
-                   target_fpr=float(d.get("target_fpr", 0.01)), sigma_k=float(d.get("sigma_k", 3.0)))
+                   target_fpr=float(d.get("target_fpr", 0.01)), sigma_k=float(d.get("sigma_k", 3.0)),
+                   domain=DomainStats.from_dict(d.get("domain")))
