@@ -31,11 +31,14 @@ the larger batch sizes are skipped too (recorded).
 (``assets/samples``, decoded once, cycled to ``--n-images``), after one warm-up call, median of
 ``--reps``; seconds per inspection = call time / images, wall time and this process's CPU time
 (``time.process_time``: with 2 threads an idle 2-core machine gives wall ~ CPU / 2 at best; CPU
-time is the figure that other processes on a shared machine inflate least). It also splits one batch-1 inspection
-into its parts (the method's maps, e.g. CCAD(V)'s reconstruction + feature comparison, and the
-fusion memory's nearest-neighbour map) and, with ``--check``, asserts that every batch size gives
-the one-at-a-time scores and maps (float32 tolerance). ``--threads`` sets ``torch.set_num_threads``
-(the app's Space has 2 cores). One JSON line, then a table.
+time is the figure that other processes on a shared machine inflate least). It also splits one
+batch-1 inspection into its parts (the method's maps, e.g. CCAD(V)'s reconstruction + feature
+comparison, and the fusion memory's nearest-neighbour map); ``--sessions N`` starts N one-image
+requests at once and serves them one by one (a queue with concurrency 1, as the app's inspect
+queue) and through :class:`ccad.batching.PredictionBatcher` (p50 latency, seconds per
+inspection); ``--check`` asserts that every batch size gives the one-at-a-time scores and maps
+(float32 tolerance). ``--threads`` sets ``torch.set_num_threads`` (a free Space has 2 cores).
+One JSON line, then a table.
 
 Output: one JSON line per (method, device), written as soon as the method is done, with the
 settings (batch sizes, dtype, compile, channels-last, settings row, preset, image size), every
@@ -322,6 +325,11 @@ def bench_saved(a: argparse.Namespace) -> dict[str, Any]:
     if det.fusion is not None:
         parts["fusion_bank_maps_s"] = med(lambda: det.fusion.bank_maps(x, tuple(x.shape[-2:])), a.reps)
     parts["maps_for_batch_s"] = med(lambda: det.maps_for_batch(x), a.reps)
+    sessions = None
+    if a.sessions:  # N sessions at once, one image each: served one by one vs. through the batcher
+        sessions = {"n": a.sessions, "max_batch": a.max_batch}
+        for mode in ("one_by_one", "batcher"):
+            sessions[mode] = serve_sessions(det, images, a.sessions, mode, a.max_batch)
     check = None
     if a.check:  # batching must not change any prediction (float32 tolerance)
         ref = [det.predict(im) for im in images]
@@ -344,9 +352,50 @@ def bench_saved(a: argparse.Namespace) -> dict[str, Any]:
             "predict_s_per_image": round(one, 4),
             "predict_many_s_per_image": {str(b): round(v, 4) for b, v in per_batch.items()},
             "parts_batch1": {k: round(v, 4) for k, v in parts.items()}, "cpu_s_per_image": cpu,
-            "batch_check": check,
+            "batch_check": check, "sessions": sessions,
             "loadavg_before": load_before, "loadavg_after": info["loadavg"],
             "command": "python benchmarks/throughput.py " + " ".join(sys.argv[1:])}
+
+
+def serve_sessions(det: Any, images: list[Any], n: int, mode: str, max_batch: int) -> dict[str, Any]:
+    """``n`` threads start at once (a barrier), each asking for one inspection: ``one_by_one``
+    takes a lock around ``det.predict`` (a queue served with concurrency 1, as the app's
+    ``inspect`` queue); ``batcher`` goes through :class:`ccad.batching.PredictionBatcher`.
+    Latency = finish - start of each request; per inspection = total wall / n."""
+    import threading
+
+    from ccad.batching import PredictionBatcher
+
+    lock = threading.Lock()
+    gate = threading.Barrier(n + 1)
+    lat: list[float] = [0.0] * n
+    batcher = PredictionBatcher(det, max_batch=max_batch, max_wait_s=0.01) if mode == "batcher" else None
+
+    def one(k: int) -> None:
+        gate.wait()
+        t = time.perf_counter()
+        if batcher is not None:
+            batcher.predict_many([images[k % len(images)]])
+        else:
+            with lock:
+                det.predict(images[k % len(images)])
+        lat[k] = time.perf_counter() - t
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    c0, t0 = time.process_time(), time.perf_counter()
+    gate.wait()
+    for t in threads:
+        t.join()
+    wall, cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    calls = batcher.calls if batcher is not None else n
+    if batcher is not None:
+        batcher.close()
+    lat.sort()
+    return {"p50_latency_s": round(statistics.median(lat), 3), "max_latency_s": round(lat[-1], 3),
+            "wall_s": round(wall, 3), "s_per_inspection": round(wall / n, 4), "cpu_s_per_inspection":
+            round(cpu_s / n, 4), "detector_calls": calls}
 
 
 def saved_table(row: dict[str, Any]) -> str:
@@ -358,6 +407,14 @@ def saved_table(row: dict[str, Any]) -> str:
         lines.append(f"predict_many batch {b} | {v:.3f} | {cpu[f'predict_many_b{b}']:.3f}")
     for k, v in row["parts_batch1"].items():
         lines.append(f"part, batch 1: {k[:-2]} | {v:.3f} | -")
+    ses = row.get("sessions")
+    if ses:
+        for mode in ("one_by_one", "batcher"):
+            r = ses[mode]
+            lines.append(f"{ses['n']} sessions at once, {mode.replace('_', ' ')} (p50 latency "
+                         f"{r['p50_latency_s']:.2f} s, {r['detector_calls']} detector calls) | "
+                         f"{r['s_per_inspection']:.3f} | "
+                         f"{r['cpu_s_per_inspection']:.3f}")
     lines.append(f"(threads {row['threads']}, load average before {row['loadavg_before']}, "
                  f"after {row['loadavg_after']})")
     return "\n".join(lines)
@@ -391,6 +448,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--model", default=None, help="time this saved model end to end instead (e.g. checkpoints/demo)")
     ap.add_argument("--n-images", type=int, default=8, help="--model: sample images per timed call")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--sessions", type=int, default=0,
+                    help="--model: also serve N simultaneous one-image sessions, one by one and batched")
+    ap.add_argument("--max-batch", type=int, default=8, help="--sessions: the batcher's largest batch")
     ap.add_argument("--check", action="store_true",
                     help="--model: assert every batch size gives the one-at-a-time scores and maps")
     a = ap.parse_args(argv)
