@@ -44,7 +44,7 @@ def peak(code: Path, model: Path, image: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=str(code))
     t = time.time()
     p = subprocess.run([sys.executable, "-m", "ccad.cli", "predict", str(model), str(image), "--out", out, "--quiet"],
-                       env=env, capture_output=True, text=True)
+                       env=env, capture_output=True, text=True, cwd=out)  # cwd: `-m` must not import ./ccad
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"code": str(code), "image": image.name, "rc": p.returncode, "peak_rss_mb": round(rss),
             "wall_s": round(time.time() - t, 1), "stdout": p.stdout.strip()[-200:], "loadavg": os.getloadavg()}
