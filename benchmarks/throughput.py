@@ -60,6 +60,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional
 
+import ccad  # noqa: F401 - before torch, as the CLI and the app import it (its OpenMP wait policy)
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -290,3 +290,19 @@ def test_the_batcher_serves_concurrent_callers_their_own_results(model, tmp_path
             assert p.image.shape == ref.image.shape
             np.testing.assert_allclose(p.score, ref.score, rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(p.anomaly_map, ref.anomaly_map, rtol=1e-5, atol=1e-5)
+
+
+def test_importing_ccad_makes_openmp_threads_wait_passively_unless_told_otherwise():
+    """Busy-waiting OpenMP threads made a batch-1 inspection ~15x slower on a shared 2-core box
+    (benchmarks/throughput.py --model checkpoints/demo); ccad sets PASSIVE before torch loads."""
+    import subprocess
+    import sys
+
+    code = "import os, ccad, torch; print(os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ACTIVE"
