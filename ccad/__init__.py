@@ -7,7 +7,16 @@ Names are imported lazily so ``import ccad`` (and ``ccad --help``) stay fast.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
+
+# OpenMP threads that busy-wait between parallel regions burn the cores that other threads of the
+# process (a web server's workers, image decoding) or other processes need, and a small model's
+# batch-1 forward is thousands of short regions: on the shared 2-core machine the bundled demo took
+# 15.9 s per inspection with the default (active) policy and 1.07 s with PASSIVE (issue 13 item 14,
+# benchmarks/throughput.py --model). Read by libgomp when torch is first imported, so it only takes
+# effect when ccad is imported before torch; an explicit setting is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 

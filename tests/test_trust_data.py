@@ -219,3 +219,90 @@ def test_paths_are_absolute_but_not_resolved(tmp_path):
     os.symlink(real, link)
     s = load_folder(link)
     assert [x.image_path for x in s] == [str(link / "a.png")]
+
+
+# ---- item 14: batching keeps every prediction -------------------------------------------------
+
+DEMO = Path(__file__).resolve().parents[1] / "checkpoints" / "demo"
+
+
+def _tiles(n: int, size: int = 48) -> list[np.ndarray]:
+    from ccad.data.io import coerce_image
+    from ccad.data.synthetic import generate_texture
+
+    kinds = ("fibrous", "granular", "cloud", "woven")
+    return [coerce_image(np.asarray(generate_texture(kinds[i % 4], size=size, seed=i))) for i in range(n)]
+
+
+@pytest.mark.skipif(not (DEMO / "config.json").is_file(), reason="the bundled demo model is not in this checkout")
+def test_the_demo_gives_each_image_the_same_prediction_alone_and_in_any_batch():
+    """CCAD(V)'s DDAD sampler is stochastic (eta = 1): each image draws its noise from its own
+    generator, so its score and map do not depend on its batch (size, neighbours, position)."""
+    from ccad.pipeline import AnomalyDetector
+
+    det = AnomalyDetector.load_folder(DEMO, device="cpu")
+    assert det.variant == "ccad-v" and det.config.method.diffusion.eta > 0
+    images = _tiles(2)
+    alone = [det.predict(im) for im in images]
+    batched, errors = det.predict_many(images[::-1], batch_size=2)  # together, each in the other's place
+    assert not errors
+    for got in (batched[::-1],):
+        for a, b in zip(alone, got):
+            np.testing.assert_allclose(b.score, a.score, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(b.anomaly_map, a.anomaly_map, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(b.reconstruction, a.reconstruction, rtol=1e-4, atol=1e-5)
+
+
+def test_the_batcher_serves_concurrent_callers_their_own_results(model, tmp_path):
+    import threading
+
+    from ccad.batching import PredictionBatcher
+    from ccad.pipeline import AnomalyDetector
+
+    det = AnomalyDetector.load_folder(model, device="cpu")
+    files = [_png(tmp_path / f"img{i}.png", 40 + 4 * i, 40, value=60 + 20 * i) for i in range(5)]
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
+    requests = [[files[0], files[1]], [files[2]], [tmp_path / "broken.png", files[3]], [files[4]]]
+    alone = {str(f): det.predict(str(f)) for f in files}
+    out: dict[int, tuple] = {}
+    gate = threading.Barrier(len(requests))
+    with PredictionBatcher(det, max_batch=8, max_wait_s=0.5) as batcher:
+        def call(k: int) -> None:
+            gate.wait()
+            out[k] = batcher.predict_many([str(p) for p in requests[k]])
+
+        threads = [threading.Thread(target=call, args=(k,)) for k in range(len(requests))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        calls = batcher.calls
+        with pytest.raises(ImageReadError, match="broken.png"):
+            batcher.predict(str(tmp_path / "broken.png"))
+    assert calls < len(requests)  # requests shared detector calls
+    for k, req in enumerate(requests):
+        preds, errors = out[k]
+        readable = [str(p) for p in req if p.name != "broken.png"]
+        assert [p.path for p in preds] == readable
+        assert [e[0] for e in errors] == [str(p) for p in req if p.name == "broken.png"]
+        for p in preds:
+            ref = alone[p.path]
+            assert p.image.shape == ref.image.shape
+            np.testing.assert_allclose(p.score, ref.score, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(p.anomaly_map, ref.anomaly_map, rtol=1e-5, atol=1e-5)
+
+
+def test_importing_ccad_makes_openmp_threads_wait_passively_unless_told_otherwise():
+    """Busy-waiting OpenMP threads made a batch-1 inspection ~15x slower on a shared 2-core box
+    (benchmarks/throughput.py --model checkpoints/demo); ccad sets PASSIVE before torch loads."""
+    import subprocess
+    import sys
+
+    code = "import os, ccad, torch; print(os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ACTIVE"

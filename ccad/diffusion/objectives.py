@@ -5,7 +5,7 @@ x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (eq. 17), t ~ U{0, ..., T-1}.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -13,10 +13,18 @@ from diffusers import DDPMScheduler
 from torch import nn
 
 
-def _randn_like(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """Standard normal noise shaped like ``x``; drawn on the generator's device, then moved."""
+def _randn_like(x: torch.Tensor, generator: Optional[torch.Generator] | Sequence[torch.Generator]) -> torch.Tensor:
+    """Standard normal noise shaped like ``x``; drawn on the generator's device, then moved.
+
+    ``generator`` may be a sequence of one generator per sample (``len == x.shape[0]``): sample
+    ``i`` then gets noise from its own generator only, so an image's noise (and result) does not
+    depend on which other images share its batch or where it sits in it."""
     if generator is None:
         return torch.randn_like(x)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}")
+        return torch.cat([_randn_like(x[i:i + 1], g) for i, g in enumerate(generator)])
     return torch.randn(x.shape, generator=generator, device=generator.device, dtype=torch.float32).to(
         device=x.device, dtype=x.dtype
     )

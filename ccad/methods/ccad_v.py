@@ -89,7 +89,9 @@ class CCADV(Method):
         from ..diffusion import get_reconstructor
 
         d = self.config.diffusion
-        gen = torch.Generator(device=x.device).manual_seed(d.seed)
+        # one generator per image, each seeded alike: an image's DDAD noise (eta > 0) and so its
+        # score are the same alone and in any batch (predict == predict_many, any batch size)
+        gen = [torch.Generator(device=x.device).manual_seed(d.seed) for _ in range(x.shape[0])]
         bank = self.ctx.bank_tensor().to(x.device)
         n = d.steps if steps is None else min(int(steps), d.start_step)
         if x.device.type == "cuda":
