@@ -195,3 +195,52 @@ def test_evaluate_per_defect_type_rows_and_unstretched_false_negatives(env: dict
         assert fit and all(f == "contain" for f in fit)
         captions = _text(page, "eval-fn")
         assert len(re.findall(r"score \d+(\.\d+)? · \S+\.png", captions)) == fn.count()
+
+
+def test_zip_upload_over_budget_is_refused_and_a_zip_batch_leaves_nothing(env: dict[str, Any],
+                                                                          tmp_path: Path) -> None:
+    import zipfile
+
+    ctl = env["ctl"]
+    ok, bomb = tmp_path / "batch.zip", tmp_path / "bomb.zip"
+    with zipfile.ZipFile(ok, "w") as zf:
+        for f in env["files"]:
+            zf.write(f, f"imgs/{f.name}")
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.write(env["files"][0], "a.png")
+        zf.writestr("zeros.bin", b"\0" * (3 * 1024**2))
+    old = ctl.zip_budget
+    ctl.zip_budget = 2 * 1024**2
+    try:
+        with browser_page(CHROMIUM) as page:
+            page.goto(env["url"])
+            page.wait_for_selector("#inspect-upload")
+            _pick(page, "model-select", "fake")
+            page.locator("#inspect-upload input[type=file]").set_input_files(str(bomb))
+            page.locator("#inspect-run").click()
+            _wait_text(page, "inspect-status", "more than the upload budget of 2.0 MB")
+            screenshot(page, "trust_zip_over_budget", full_page=False)
+            page.locator("#inspect-upload button[aria-label='Clear']").first.click()
+            page.locator("#inspect-upload input[type=file]").set_input_files(str(ok))
+            page.locator("#inspect-run").click()
+            _wait_text(page, "inspect-status", "Inspected 3 image(s) with fake")
+            assert [p for p in ctl.uploads_dir.rglob("*") if p.is_file()] == []
+    finally:
+        ctl.zip_budget = old
+
+
+def test_the_page_says_what_the_bundled_demo_was_trained_on(tmp_path: Path) -> None:
+    from app.main import build_app
+    from app.state import DEMO_MODEL_DIR
+
+    import json
+
+    info = json.loads((DEMO_MODEL_DIR / "info.json").read_text())
+    demo = build_app(data_root=tmp_path, state_dir=tmp_path / "state")
+    with serve(demo) as url, browser_page(CHROMIUM) as page:
+        page.goto(url)
+        _wait_text(page, "model-training-data", "was trained on")
+        text = _text(page, "model-training-data")
+        assert f"{info['n_train_images']} synthetic '{info['demo']['kind']}' texture images only" in text
+        assert "out of its domain" in text
+        screenshot(page, "trust_demo_training_data", full_page=False)
