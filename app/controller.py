@@ -351,10 +351,46 @@ def domain_text(p: Any, short: bool = False) -> str:
         dist = ""
     if bool(ood):
         if short:
-            return "OUT OF DOMAIN" + dist
+            return "OUT OF DOMAIN" + (f" ({float(d):.3g} > {float(lim):.3g})" if dist and lim is not None else dist)
         return ("OUT OF DOMAIN: unlike the model's training images" + dist
                 + "; its score and verdict mean little for this image")
     return "in domain" + dist
+
+
+DEFECT_HEADERS = ["category", "defect type", "images", "detected", "missed", "detection rate", "image_AUROC vs good",
+                  "median score"]
+
+
+def defect_type_rows(records: Sequence[dict[str, Any]], threshold: float) -> tuple[list[str], list[list[Any]]]:
+    """One row per (category, defect type) of an evaluation's per-image records: how many images,
+    how many the model flags at its ``threshold`` (records' ``is_anomalous``) and misses, and the
+    image AUROC of that defect type against the good images of its category
+    (:func:`ccad.metrics.auroc`); the good images get a row of their own (false alarms)."""
+    from ccad.metrics import auroc
+
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        cat = str(r.get("category") or "all")
+        kind = "good" if int(r["label"]) == 0 else str(r.get("defect_type") or "defect")
+        groups.setdefault((cat, kind), []).append(r)
+    rows = []
+    for (cat, kind), recs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "good", kv[0][1])):
+        scores = np.asarray([float(r["score"]) for r in recs], float)
+        flagged = sum(1 for r in recs if r.get("is_anomalous"))
+        med = round(float(np.median(scores)), 4) if scores.size else None
+        if kind == "good":
+            rows.append([cat, "good (false alarms)", len(recs), flagged, None, None, None, med])
+            continue
+        good = [float(r["score"]) for r in groups.get((cat, "good"), [])]
+        auc = None
+        if good:
+            try:
+                auc = round(float(auroc(np.r_[np.zeros(len(good)), np.ones(len(scores))], np.r_[good, scores])), 4)
+            except Exception:
+                auc = None
+        rate = round(flagged / len(recs), 4) if math.isfinite(float(threshold)) else None
+        rows.append([cat, kind, len(recs), flagged, len(recs) - flagged, rate, auc, med])
+    return DEFECT_HEADERS, rows
 
 
 def _names(items: Sequence[tuple[str, str]], limit: int = 10) -> str:
@@ -716,8 +752,8 @@ class AppController:
     def compare_rows(self, other: Optional[str], batch: Optional[Batch],
                      threshold: Optional[float] = None) -> tuple[list[list[Any]], list[list[Any]]]:
         """The batch and its comparison batch as two tables sorted by file (row ``k`` of both is the
-        same image), each row marked with whether the two verdicts agree (the model in use at
-        ``threshold``, the other at its own calibrated threshold)."""
+        same image), each row marked (column 5, :data:`AGREE_HEADER`) with whether the two verdicts
+        agree (the model in use at ``threshold``, the other at its own calibrated threshold)."""
         cmp = self.compare_batch(other, batch)
         if cmp is None or batch is None:
             return [], []
@@ -727,8 +763,9 @@ class AppController:
         for i in order:
             same = a[i].verdict == b[i].verdict
             mark = "✓ same" if same else "✗ DIFFERS"
-            rows_a.append([*self._row(i, batch.names[i], a[i]), mark])
-            rows_b.append([*self._row(i, cmp.names[i], b[i]), mark])
+            ra, rb = self._row(i, batch.names[i], a[i]), self._row(i, cmp.names[i], b[i])
+            rows_a.append([*ra[:4], mark, *ra[4:]])  # the mark beside the verdict, in view
+            rows_b.append([*rb[:4], mark, *rb[4:]])
         return rows_a, rows_b
 
     def out_of_domain_names(self, batch: Optional[Batch]) -> list[str]:
@@ -1252,7 +1289,9 @@ class AppController:
         cats = [c for c in report.per_category if c != "mean"]
         if len(cats) > 1:
             msg += f"; {len(cats)} categories: one row each, then their mean"
+        defect_headers, defect_rows = defect_type_rows(report.records, getattr(det, "threshold", float("nan")))
         return {"headers": ["category", *METRIC_KEYS], "rows": rows, "roc": views.roc_figure(report.curves),
+                "defect_headers": defect_headers, "defect_rows": defect_rows,
                 "pr": views.pr_figure(report.curves), "fn": self._gallery(report.worst("fn")),
                 "fp": self._gallery(report.worst("fp")), "message": msg, "report": report,
                 "categories": cats, "curve_choices": [ALL_IMAGES, *(cats if len(cats) > 1 else []),
@@ -1286,11 +1325,16 @@ class AppController:
         return roc, pr, note
 
     def _gallery(self, records: list[dict[str, Any]]) -> list[tuple[np.ndarray, str]]:
+        """(image, caption) of the worst cases: the file name, its category / defect type and its
+        score against the threshold (the gallery shows them with their aspect kept)."""
         out = []
         for r in records:
             try:
                 img = _to_uint8(self.engine.load_image(r["path"]))
             except Exception:
                 continue
-            out.append((img, f"{Path(r['path']).name} · {r.get('defect_type', '')} · score {r['score']:.4g}"))
+            where = " / ".join(str(x) for x in (r.get("category"), r.get("defect_type")) if x)
+            # the score first: a narrow thumbnail cuts the end of its caption
+            out.append((img, f"score {float(r['score']):.4g} · {Path(r['path']).name}"
+                        + (f" · {where}" if where else "")))
         return out

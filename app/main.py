@@ -191,7 +191,9 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
                     score_tb = gr.Textbox(label="Image score", interactive=False, elem_id="inspect-score")
                     verdict_tb = gr.Textbox(label="Verdict", interactive=False, elem_id="inspect-verdict",
                                             elem_classes=["verdict-box"])
-                    time_tb = gr.Textbox(label="Time taken", interactive=False, elem_id="inspect-time")
+                    time_tb = gr.Textbox(label="Time taken", interactive=False, elem_id="inspect-time",
+                                         info="this image's own: its read, resize and post-processing, plus its "
+                                              "share of the batched model pass")
                     file_tb = gr.Textbox(label="File", interactive=False, elem_id="inspect-file")
                     model_tb = gr.Textbox(label="Scored by (model)", interactive=False, elem_id="inspect-model")
                     domain_tb = gr.Textbox(label="Training domain", interactive=False, elem_id="inspect-domain")
@@ -348,6 +350,9 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
                 eval_run = gr.Button("Evaluate", variant="primary", elem_id="eval-run")
                 eval_msg = gr.Markdown("", elem_id="eval-status")
                 eval_table = gr.Dataframe(label="Metrics per category", interactive=False, elem_id="eval-metrics")
+                eval_defects = gr.Dataframe(label="Per defect type (detected / missed at the model's threshold; "
+                                                  "AUROC of that defect type against the good images)",
+                                            interactive=False, elem_id="eval-defect-types")
                 eval_report = gr.State(None)
                 with gr.Row():
                     eval_curves = gr.Dropdown([], value=None, label="Curves for", elem_id="eval-curves",
@@ -357,10 +362,11 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
                     eval_roc = gr.Plot(label="ROC", elem_id="eval-roc")
                     eval_pr = gr.Plot(label="Precision-recall", elem_id="eval-pr")
                 with gr.Row():
-                    eval_fn = gr.Gallery(label="Worst false negatives (missed defects)", columns=4, height=240,
-                                         elem_id="eval-fn")
-                    eval_fp = gr.Gallery(label="Worst false positives (false alarms)", columns=4, height=240,
-                                         elem_id="eval-fp")
+                    # object_fit="contain": thumbnails keep their aspect; captions name the file and its score
+                    eval_fn = gr.Gallery(label="Worst false negatives (missed defects)", columns=4, height=300,
+                                         object_fit="contain", allow_preview=True, elem_id="eval-fn")
+                    eval_fp = gr.Gallery(label="Worst false positives (false alarms)", columns=4, height=300,
+                                         object_fit="contain", allow_preview=True, elem_id="eval-fp")
 
             # ------------------------------------------------------------ DAGM review
             with gr.Tab("DAGM review", id="review", elem_id="tab-review"):
@@ -393,10 +399,11 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
                 except UserError:
                     rows_a, rows_b = [], []
             if rows_a:
-                cols = [*TABLE_HEADERS, AGREE_HEADER]
+                cols = [*TABLE_HEADERS[:4], AGREE_HEADER, *TABLE_HEADERS[4:]]
+                types = [*TABLE_TYPES[:4], "str", *TABLE_TYPES[4:]]
                 main = gr.update(value=pd.DataFrame(rows_a, columns=cols), label=c.batch_label(batch, True),
-                                 datatype=[*TABLE_TYPES, "str"])
-                cmp = gr.update(value=pd.DataFrame(rows_b, columns=cols), datatype=[*TABLE_TYPES, "str"],
+                                 datatype=types)
+                cmp = gr.update(value=pd.DataFrame(rows_b, columns=cols), datatype=types,
                                 label=f"The same batch scored by {other} (sorted by file; verdicts at its own "
                                       "calibrated threshold)")
                 return [main, cmp]
@@ -692,15 +699,17 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
                                      progress=lambda d, n: progress((d, n), desc="evaluating"))
                 import pandas as pd
 
-                return [r["message"], pd.DataFrame(r["rows"], columns=r["headers"]), r["roc"], r["pr"],
+                return [r["message"], pd.DataFrame(r["rows"], columns=r["headers"]),
+                        pd.DataFrame(r["defect_rows"], columns=r["defect_headers"]), r["roc"], r["pr"],
                         r["fn"], r["fp"], r["report"],
                         gr.update(choices=r["curve_choices"], value=r["curve_choices"][0]), ""]
             except Exception as exc:
-                return [_err(exc)] + [gr.update()] * 8
+                return [_err(exc)] + [gr.update()] * 9
 
         eval_run.click(on_eval, [model_dd, eval_path, eval_layout, eval_split],
-                       [eval_msg, eval_table, eval_roc, eval_pr, eval_fn, eval_fp, eval_report, eval_curves,
-                        eval_curves_note], concurrency_limit=1, concurrency_id="heavy")
+                       [eval_msg, eval_table, eval_defects, eval_roc, eval_pr, eval_fn, eval_fp, eval_report,
+                        eval_curves, eval_curves_note], concurrency_limit=1, concurrency_id="heavy",
+                       show_progress_on=[eval_msg])
 
         def on_curves(report: Any, which: str) -> list[Any]:
             try:

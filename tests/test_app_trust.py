@@ -283,3 +283,65 @@ def test_the_page_says_what_the_bundled_demo_was_trained_on(root: Path, tmp_path
     assert f"{info['demo']['size']} px" in text and "out of its domain" in text
     c.registry.add("fake", FakeDetector(), "bank built from /x/good")
     assert "trained on 3 good image(s)" in c.training_data_text("fake")
+
+
+# ------------------------------------------------------------------------------- item 13: compare, evaluate
+
+def test_comparison_tables_are_sorted_by_file_with_agreement_per_row(ctl: AppController, tmp_path: Path) -> None:
+    ctl.registry.add("scaled", ScaledDetector(), "test", activate=False)
+    files = [str(grey(tmp_path / n, v)) for n, v in (("c.png", 70), ("a.png", 128), ("b.png", 10))]
+    batch = ctl.inspect("fake", files)  # scores: c ~0.225, a ~0.002, b ~0.46
+    a, b = ctl.compare_rows("scaled", batch, 0.3)
+    assert [r[1] for r in a] == [r[1] for r in b] == ["a.png", "b.png", "c.png"]  # the same image on each row
+    assert [r[0] for r in a] == [r[0] for r in b]  # and the same batch index (row clicks select it)
+    assert [(r[3], q[3]) for r, q in zip(a, b)] == [("good", "good"), ("anomalous", "anomalous"),
+                                                    ("good", "anomalous")]
+    assert [r[4] for r in a] == [r[4] for r in b] == ["✓ same", "✓ same", "✗ DIFFERS"]
+    assert ctl.compare_rows("", batch) == ([], [])
+
+
+def test_each_row_shows_that_images_own_time(ctl: AppController, tmp_path: Path) -> None:
+    class Timed(FakeDetector):
+        def predict(self, item: Any) -> Any:
+            p = super().predict(item)
+            p.seconds = 0.0101 * (1 + self.runs)  # 0.0202, 0.0303, 0.0404
+            return p
+
+    ctl.registry.add("timed", Timed(), "test")
+    files = [str(grey(tmp_path / f"{v}.png", v)) for v in (10, 60, 128)]
+    batch = ctl.inspect("timed", files)
+    rows = {r[1]: r[4] for r in ctl.table_rows(batch, 0.3)}
+    assert rows == {"10.png": "0.0202 s", "60.png": "0.0303 s", "128.png": "0.0404 s"}
+    assert [ctl.panels(batch, i)["time"] for i in range(3)] == ["0.0202 s", "0.0303 s", "0.0404 s"]
+
+
+def test_evaluation_has_per_defect_type_rows_and_named_false_negatives(ctl: AppController, root: Path) -> None:
+    from ccad.data.sample import Sample
+    from ccad.evaluate import evaluate
+
+    (root / "ds").mkdir()
+    samples = [Sample(str(grey(root / "ds" / f"g{i}.png", 125 + i)), None, 0, "tex") for i in range(3)]
+    samples += [Sample(str(grey(root / "ds" / f"spot{i}.png", 10 + 5 * i)), None, 1, "tex", "spot") for i in range(2)]
+    samples += [Sample(str(grey(root / "ds" / "faint.png", 110)), None, 1, "tex", "faint")]
+    ctl.engine.load_dataset = lambda path, split, layout: samples
+
+    class Scored(FakeDetector):
+        def score_batches(self, batches: Any, progress: Any = None, total: Any = None):
+            s, m = [], []
+            for b in batches:
+                amap = (b["image"].mean(1) - 0.5).abs()
+                s.append(amap.flatten(1).max(1).values.numpy())
+                m.append(amap.numpy())
+            return np.concatenate(s), np.concatenate(m)
+
+    ctl.registry.add("scored", Scored(), "test")
+    ctl.engine.evaluate = lambda det, smp, progress=None: evaluate(det, smp)
+    r = ctl.run_evaluation("scored", "ds")
+    assert r["defect_headers"][:6] == ["category", "defect type", "images", "detected", "missed", "detection rate"]
+    rows = {row[1]: row for row in r["defect_rows"]}
+    assert list(rows) == ["good (false alarms)", "faint", "spot"]
+    assert rows["spot"][2:6] == [2, 2, 0, 1.0] and rows["spot"][6] == pytest.approx(1.0)
+    assert rows["faint"][2:6] == [1, 0, 1, 0.0]  # missed at threshold 0.3 (score ~0.07), yet above the good ones
+    assert rows["faint"][6] == pytest.approx(1.0)
+    assert rows["good (false alarms)"][2:4] == [3, 0]
+    assert [cap for _, cap in r["fn"]] == ["score 0.06863 · faint.png · tex / faint"]

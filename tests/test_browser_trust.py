@@ -1,0 +1,246 @@
+"""Issue 13 ("Trust") in a real headless Chromium: a model switch re-scores the batch (also the
+switch a finished bank build makes), the model that scored a result is named, out-of-domain images
+are flagged, the Compare tables line up by file, the bank-build progress stays off the model
+dropdowns, and the Evaluate tab has per-defect-type rows and false-negative thumbnails.
+
+Models: the deterministic fakes of tests/test_app_trust.py (so the wrong "good" of the bug is
+certain), a real PatchCore detector built in the browser from synthetic textures, and a real one
+built by ``ccad.fit_detector`` for the Evaluate tab. Screenshots land in ``test-artifacts/``.
+"""
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+
+from browser_util import browser_page, fill_textbox, find_chromium, screenshot, serve, textbox_value, wait_textbox
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = find_chromium()
+if CHROMIUM is None:
+    pytest.skip("no chromium binary found (install Debian's: apt-get update && apt-get install -y chromium; "
+                "or set CHROMIUM=/path/to/chromium)", allow_module_level=True)
+pytest.importorskip("playwright.sync_api", reason="the playwright python package is not installed")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from test_app import FakeDetector, grey
+    from test_app_trust import DomainDetector, ScaledDetector
+
+    from app.controller import AppController
+    from app.main import build_app
+    from ccad.data.synthetic import write_dataset
+
+    root = tmp_path_factory.mktemp("data")
+    imgs = root / "imgs"
+    imgs.mkdir()
+    files = [grey(imgs / "b_defect.png", 10, 48), grey(imgs / "a_ok.png", 128, 48), grey(imgs / "c_mid.png", 70, 48)]
+    ds = write_dataset(root / "synth", kinds=("fibrous",), n_train=12, n_test_good=2, n_test_defect=2, size=64,
+                       seed=3, defects=("spot", "stain"))
+    ctl = AppController(data_root=root, state_dir=tmp_path_factory.mktemp("state"), samples_dir=None, demo_dir=None)
+    ctl.registry.add("scaled", ScaledDetector(), "test")
+    ctl.registry.add("domain", DomainDetector(), "test")
+    ctl.registry.add("fake", FakeDetector(), "test")
+    demo = build_app(ctl)
+    with serve(demo) as url:
+        yield {"url": url, "root": root, "files": files, "ds": ds / "fibrous", "ctl": ctl}
+
+
+def _text(page: Any, elem_id: str) -> str:
+    return page.locator(f"#{elem_id}").inner_text()
+
+
+def _wait_text(page: Any, elem_id: str, needle: str, timeout_ms: int = 60_000) -> None:
+    page.wait_for_function("([id, s]) => (document.getElementById(id)?.innerText || '').includes(s)",
+                           arg=[elem_id, needle], timeout=timeout_ms)
+
+
+def _pick(page: Any, elem_id: str, option: str) -> None:
+    page.locator(f"#{elem_id} input").first.click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def _table(page: Any, elem_id: str) -> list[list[str]]:
+    """The rows of a Gradio Dataframe as shown (cell texts)."""
+    return page.evaluate("""id => Array.from(document.querySelectorAll('#' + id + ' [role=row].virtual-row'))
+        .sort((a, b) => Number(a.dataset.index) - Number(b.dataset.index))
+        .map(tr => Array.from(tr.querySelectorAll('[role=gridcell]')).map(td => td.innerText.trim()))""", elem_id)
+
+
+def _inspect(page: Any, files: list[Path]) -> None:
+    page.locator("#inspect-upload input[type=file]").set_input_files([str(f) for f in files])
+    page.locator("#inspect-run").click()
+    _wait_text(page, "inspect-status", f"Inspected {len(files)} image(s)")
+
+
+def test_model_switch_and_bank_build_rescore_the_batch(env: dict[str, Any]) -> None:
+    with browser_page(CHROMIUM) as page:
+        page.goto(env["url"])
+        page.wait_for_selector("#inspect-upload")
+        _inspect(page, env["files"][:2])
+        assert textbox_value(page, "inspect-verdict") == "ANOMALOUS"  # the defect, worst first
+        assert textbox_value(page, "inspect-model") == "fake"
+        assert "scored by fake" in _text(page, "inspect-table")
+        score_fake = float(textbox_value(page, "inspect-score"))
+        screenshot(page, "trust_before_model_switch")
+
+        # switch model: the batch is re-scored by the new model (before the fix: the old scores at the
+        # new threshold 2.0, so the defect read GOOD, and the histogram mixed the two models)
+        _pick(page, "model-select", "scaled")
+        wait_textbox(page, "inspect-model", lambda v: v == "scaled")
+        _wait_text(page, "inspect-status", "Re-scored the 2 image(s) of the batch with scaled")
+        assert textbox_value(page, "inspect-verdict") == "ANOMALOUS"
+        assert float(textbox_value(page, "inspect-score")) == pytest.approx(10 * score_fake, rel=1e-3)
+        assert "scored by scaled" in _text(page, "inspect-table")
+        rows = _table(page, "inspect-table")
+        assert [r[3] for r in rows] == ["anomalous", "good"]
+        _wait_text(page, "inspect-histogram", "scored by scaled")
+        assert "scored by fake" not in _text(page, "inspect-histogram")
+        screenshot(page, "trust_after_model_switch")
+
+        # a bank build switches the model by itself: the batch follows, and the progress is drawn on
+        # the bank status, never over the model dropdowns
+        page.get_by_role("tab", name="Feature bank").click()
+        fill_textbox(page, "bank-folder", "synth/fibrous/train/good")
+        page.locator("#bank-build").click()
+        over_dropdowns, on_status = 0, 0
+        deadline = time.time() + 120
+        shot = False
+        while time.time() < deadline and "Built" not in _text(page, "bank-status"):
+            over_dropdowns += page.locator("#model-select .eta-bar, #model-select .progress-text, "
+                                           "#compare-select .eta-bar, #compare-select .progress-text").count()
+            n = page.locator("#bank-status .eta-bar, #bank-status .progress-text, #bank-status .progress-bar").count()
+            on_status += n
+            if n and not shot:
+                screenshot(page, "trust_bank_build_progress")
+                shot = True
+            time.sleep(0.1)
+        assert "Built" in _text(page, "bank-status")
+        assert over_dropdowns == 0
+        page.get_by_role("tab", name="Inspect").click()
+        wait_textbox(page, "inspect-model", lambda v: v.startswith("bank "), timeout=60)
+        _wait_text(page, "inspect-status", "Re-scored the 2 image(s)")
+        bank_name = textbox_value(page, "inspect-model")
+        assert page.locator("#model-select input").first.input_value() == bank_name
+        assert f"scored by {bank_name}" in _text(page, "inspect-table")
+        screenshot(page, "trust_after_bank_build")
+        print("progress elements seen on the bank status:", on_status)
+
+
+def test_out_of_domain_images_and_comparison_tables_line_up(env: dict[str, Any]) -> None:
+    with browser_page(CHROMIUM) as page:
+        page.goto(env["url"])
+        page.wait_for_selector("#inspect-upload")
+        _pick(page, "model-select", "domain")
+        wait_textbox(page, "inspect-model", lambda v: v == "", timeout=10)
+        _inspect(page, env["files"])
+        _wait_text(page, "inspect-status", "unlike domain's training images")
+        assert "b_defect.png" in _text(page, "inspect-status")
+        assert textbox_value(page, "inspect-domain").startswith("OUT OF DOMAIN")  # the worst is the dark one
+        rows = _table(page, "inspect-table")
+        dom = {r[1]: r[5] for r in rows}
+        assert dom["b_defect.png"].startswith("OUT OF DOMAIN") and dom["a_ok.png"].startswith("in domain")
+        screenshot(page, "trust_out_of_domain")
+
+        _pick(page, "compare-select", "scaled")
+        page.locator("#compare-table").wait_for(state="visible")
+        _wait_text(page, "compare-table", "c_mid.png")
+        a, b = _table(page, "inspect-table"), _table(page, "compare-table")
+        assert [r[1] for r in a] == [r[1] for r in b] == ["a_ok.png", "b_defect.png", "c_mid.png"]  # by file
+        # c_mid (score ~0.225): good for domain (0.3), anomalous for scaled (2.25 > 2.0)
+        assert [r[4] for r in a] == [r[4] for r in b] == ["✓ same", "✓ same", "✗ DIFFERS"]
+        assert "sorted by file" in _text(page, "inspect-table") and "scored by scaled" in _text(page, "compare-table")
+        screenshot(page, "trust_compare_lined_up")
+
+
+def test_evaluate_per_defect_type_rows_and_unstretched_false_negatives(env: dict[str, Any]) -> None:
+    from PIL import Image
+
+    from ccad.pipeline import fit_detector
+
+    ctl = env["ctl"]
+    ds: Path = env["ds"]
+    # a wide defect image (aspect 2:1) that the model misses: its thumbnail must keep that aspect
+    wide = ds / "test" / "stain" / "wide.png"
+    src = Image.open(sorted((ds / "train" / "good").glob("*.png"))[0])
+    Image.fromarray(np.concatenate([np.asarray(src)] * 2, axis=1)).save(wide)
+    det = fit_detector(str(ds), bank_size=20, image_size=64, calibration_fraction=0.25)
+    ctl.registry.add("eval bank (patchcore)", det, "built by the test", activate=False)
+    with browser_page(CHROMIUM) as page:
+        page.goto(env["url"])
+        page.wait_for_selector("#inspect-upload")
+        _pick(page, "model-select", "eval bank (patchcore)")
+        page.get_by_role("tab", name="Evaluate").click()
+        fill_textbox(page, "eval-path", str(ds.relative_to(env["root"])))
+        page.locator("#eval-run").click()
+        _wait_text(page, "eval-status", "Evaluated eval bank")
+        rows = _table(page, "eval-defect-types")
+        kinds = [r[1] for r in rows]
+        assert kinds == ["good (false alarms)", "spot", "stain"]
+        stain = rows[2]
+        assert int(stain[2]) == 3 and int(stain[3]) + int(stain[4]) == 3
+        page.locator("#eval-fn").scroll_into_view_if_needed()
+        screenshot(page, "trust_evaluate_defect_types")
+        # every missed defect is shown with its name and score, its thumbnail not stretched or cropped
+        fn = page.locator("#eval-fn img")
+        assert fn.count() == int(stain[4]) + int(rows[1][4]) > 0
+        fit = page.evaluate("() => Array.from(document.querySelectorAll('#eval-fn img')).map("
+                            "i => getComputedStyle(i).objectFit)")
+        assert fit and all(f == "contain" for f in fit)
+        captions = _text(page, "eval-fn")
+        assert len(re.findall(r"score \d+(\.\d+)? · \S+\.png", captions)) == fn.count()
+
+
+def test_zip_upload_over_budget_is_refused_and_a_zip_batch_leaves_nothing(env: dict[str, Any],
+                                                                          tmp_path: Path) -> None:
+    import zipfile
+
+    ctl = env["ctl"]
+    ok, bomb = tmp_path / "batch.zip", tmp_path / "bomb.zip"
+    with zipfile.ZipFile(ok, "w") as zf:
+        for f in env["files"]:
+            zf.write(f, f"imgs/{f.name}")
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.write(env["files"][0], "a.png")
+        zf.writestr("zeros.bin", b"\0" * (3 * 1024**2))
+    old = ctl.zip_budget
+    ctl.zip_budget = 2 * 1024**2
+    try:
+        with browser_page(CHROMIUM) as page:
+            page.goto(env["url"])
+            page.wait_for_selector("#inspect-upload")
+            _pick(page, "model-select", "fake")
+            page.locator("#inspect-upload input[type=file]").set_input_files(str(bomb))
+            page.locator("#inspect-run").click()
+            _wait_text(page, "inspect-status", "more than the upload budget of 2.0 MB")
+            screenshot(page, "trust_zip_over_budget", full_page=False)
+            page.locator("#inspect-upload button[aria-label='Clear']").first.click()
+            page.locator("#inspect-upload input[type=file]").set_input_files(str(ok))
+            page.locator("#inspect-run").click()
+            _wait_text(page, "inspect-status", "Inspected 3 image(s) with fake")
+            assert [p for p in ctl.uploads_dir.rglob("*") if p.is_file()] == []
+    finally:
+        ctl.zip_budget = old
+
+
+def test_the_page_says_what_the_bundled_demo_was_trained_on(tmp_path: Path) -> None:
+    from app.main import build_app
+    from app.state import DEMO_MODEL_DIR
+
+    import json
+
+    info = json.loads((DEMO_MODEL_DIR / "info.json").read_text())
+    demo = build_app(data_root=tmp_path, state_dir=tmp_path / "state")
+    with serve(demo) as url, browser_page(CHROMIUM) as page:
+        page.goto(url)
+        _wait_text(page, "model-training-data", "was trained on")
+        text = _text(page, "model-training-data")
+        assert f"{info['n_train_images']} synthetic '{info['demo']['kind']}' texture images only" in text
+        assert "out of its domain" in text
+        screenshot(page, "trust_demo_training_data", full_page=False)
