@@ -104,6 +104,15 @@ SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
         "full": {"image_size": 256, "preset": "base", "steps": 20000, "batch_size": 32, "lr": 1e-4,
                  "warmup_steps": 500, "options": {"T": 750, "steps": 25, "t_min": 350}},
     },
+    "feat-diff": {
+        "quick": {**_PATCHCORE, "preset": "small", "steps": 300, "batch_size": 8, "lr": 1e-3, "warmup_steps": 30,
+                  "options": {"memory_size": 4096},
+                  "budget": "lite0 layers 2+3 features at 256 px cached once, 300 steps x batch 8 of the small "
+                            "feature denoiser, edit memory 4096 rows, noise / steps / edit picked on synthetic "
+                            "anomalies of 16 held-out good images"},
+        "full": {**_PATCHCORE, "preset": "base", "steps": 5000, "batch_size": 32, "lr": 3e-4, "warmup_steps": 200,
+                 "options": {"search_images": 64, "search_steps": "1 2 4"}},
+    },
 }
 
 DEFAULT_METHODS = "patchcore,ccad-v,ccad-c,ccad-f,deco-diff"

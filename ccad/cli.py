@@ -181,23 +181,51 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from .distributed import current, evaluate_sharded
 
     shard = current()  # under accelerate launch / torchrun: this process's slice (before loading: its GPU)
+    views = None
     try:
         det = _load_model(a.model, a.revision)
+        if getattr(a, "views", False):
+            if det.fusion is None:
+                print(f"error: --views: {a.model} has no fusion (its only view is 'method'); views need a detector "
+                      f"trained with scoring.fusion='bank'", file=sys.stderr)
+                return 2
+            if shard.world > 1:
+                print("error: --views runs in one process; drop --views under accelerate launch / torchrun",
+                      file=sys.stderr)
+                return 2
         samples = load_dataset(a.data, split=a.split, layout=a.layout)
         if shard.is_main:
             _report_skipped(getattr(samples, "skipped", []))
         bar = _Bar("evaluate", a.quiet or not shard.is_main)
-        report = evaluate_sharded(det, samples, shard, batch_size=a.batch_size, progress=bar, folder=a.shard_dir)
+        if getattr(a, "views", False):
+            from .evaluate import evaluate_views
+
+            views = evaluate_views(det, samples, batch_size=a.batch_size, progress=bar)
+            report = views["fused"]
+        else:
+            report = evaluate_sharded(det, samples, shard, batch_size=a.batch_size, progress=bar,
+                                      folder=a.shard_dir)
         bar.close()
     finally:
         shard.close()
     if report is None:  # not the main process: the main one merges and reports
         return 0
     print(report.table())
+    if views is not None:  # one row per view of the same detector and forward passes
+        keys = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_ap", "pixel_ap")
+        print("\nviews (mean over categories; fused = the detector's own map)")
+        print(f"{'view':<8}" + "".join(f"{k:>13}" for k in keys))
+        for name, rep in views.items():
+            m = rep.per_category["mean"]
+            print(f"{name:<8}" + "".join(f"{float(m[k]):>13.4f}" for k in keys))
     for path, why in report.errors:
         print(f"skipped {path}: {why}", file=sys.stderr)
     if a.json:
         report.save(a.json)
+        if views is not None:
+            data = json.loads(Path(a.json).read_text())
+            data["views"] = {name: rep.to_json()["per_category"] for name, rep in views.items()}
+            Path(a.json).write_text(json.dumps(data, indent=1, default=float))
         print(f"wrote {a.json}")
     if a.record:
         det.info["metrics"] = report.to_json()["per_category"]["mean"]
@@ -428,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, default=8, help="images per batch")
     sp.add_argument("--json", default=None, help="write the full report (metrics, per-image records) here")
     sp.add_argument("--record", action="store_true", help="store the mean metrics in the model's card")
+    sp.add_argument("--views", action="store_true",
+                    help="a fused detector: also the method-only and bank-only rows, from the same forward passes")
     sp.add_argument("--shard-dir", default=None,
                     help="under accelerate launch / torchrun: the folder for each process's maps (default: a "
                          "temporary folder; processes on several machines need one they all share)")

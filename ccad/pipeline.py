@@ -897,7 +897,7 @@ def _prepare(data: Any, config: DetectorConfig, bank: Any, calibration_fraction:
     dev = torch.device(device) if device is not None else default_device()
     mcls = get_method(config.variant)
     ctx = Context(image_size=config.image_size, device=dev, bank_config=config.bank, scoring=config.scoring,
-                  run_dir=run_dir, progress=progress, cancel=cancel, seed=seed)
+                  run_dir=run_dir, progress=progress, cancel=cancel, seed=seed, held_out=list(cal))
     method = mcls(config.method, ctx)
     if bank is None:
         bank = method.build_bank(train)

@@ -5,3 +5,4 @@ from . import ccad_latent  # noqa: F401
 from . import deco_diff  # noqa: F401
 from . import d3ad  # noqa: F401
 from . import glad  # noqa: F401
+from . import feat_diff  # noqa: F401

@@ -54,7 +54,9 @@ class Context:
     """What a method sees of the detector around it: size, device, bank, scoring settings.
 
     ``run_dir`` is the training run folder (caches and checkpoints go there); ``progress`` and
-    ``cancel`` report and stop long steps (bank builds, latent caching).
+    ``cancel`` report and stop long steps (bank builds, latent caching). ``held_out``: the good
+    images held out of training (the calibration slice) while a detector is being built, for
+    settings a method fits on good images it was not trained on (empty once loaded).
     """
 
     image_size: int
@@ -66,6 +68,7 @@ class Context:
     progress: ProgressFn = None
     cancel: CancelFn = None
     seed: int = 0
+    held_out: list = field(default_factory=list, repr=False)
     _score_backbone: Any = field(default=None, repr=False)
 
     def scoring_backbone(self) -> Any:
@@ -310,7 +313,7 @@ def _load_builtin() -> None:
     from . import _builtin  # noqa: F401  (imports every built-in method module)
 
 
-BUILTIN_ORDER = ("patchcore", "ccad-v", "ccad-c", "ccad-f", "deco-diff", "d3ad", "glad")
+BUILTIN_ORDER = ("patchcore", "ccad-v", "ccad-c", "ccad-f", "deco-diff", "d3ad", "glad", "feat-diff")
 
 
 def method_names() -> list[str]:

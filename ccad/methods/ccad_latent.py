@@ -20,6 +20,7 @@ model covers every category of the training data (multi-class); no category at i
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -106,7 +107,9 @@ class CCADFConfig(CCADLatentConfig):
     """CCAD(F) adds the Fine Compression Module (eq. 7-8): ``fcm_heads`` attention heads over the
     latent patch features of a ``bank_kernel`` x ``bank_kernel`` neighbourhood; the coarse latent
     bank draws ``bank_per_image`` patches of every good image into its streaming coreset;
-    ``query_stride`` subsamples the query grid (the fine bank has one row per query patch)."""
+    ``query_stride`` subsamples the query grid (the fine bank has one row per query patch). A head count
+    that does not divide the bank width is lowered to the largest one that does, with a warning, and
+    written back into the config."""
 
     fcm_heads: int = 4
     bank_kernel: int = 3
@@ -120,6 +123,14 @@ class CCADFConfig(CCADLatentConfig):
                 raise ConfigError(f"method.{name} must be >= 1, got {getattr(self, name)}")
         if int(self.bank_per_image) < 0:
             raise ConfigError(f"method.bank_per_image must be >= 0, got {self.bank_per_image}")
+
+
+def fcm_head_count(bank_dim: int, requested: int) -> int:
+    """The largest head count <= ``requested`` that divides ``bank_dim`` (the FCM's width, eq. 7-8)."""
+    for h in range(max(1, int(requested)), 0, -1):
+        if int(bank_dim) % h == 0:
+            return h
+    return 1
 
 
 def _scheduler_of(d: LatentDiffusionConfig) -> Any:
@@ -190,9 +201,22 @@ class _CCADLatentBase(DynamicStartMixin, LatentMethod):
         if c.controlnet:
             self.modules["controlnet"] = build_controlnet(unet)
         if self.uses_fcm:
-            heads = int(c.fcm_heads) if bank_dim % int(c.fcm_heads) == 0 else 1
+            heads = fcm_head_count(bank_dim, int(c.fcm_heads))
+            if heads != int(c.fcm_heads):
+                warnings.warn(f"method.fcm_heads={c.fcm_heads} does not divide the bank width {bank_dim}; the FCM "
+                              f"uses {heads} heads (the largest count <= {c.fcm_heads} that does), and the saved "
+                              f"config says so", UserWarning, stacklevel=2)
+                c.fcm_heads = heads
             self.modules["fcm"] = FineCompressionModule(bank_dim, num_heads=heads)
         if self.dynamic:
+            self.fit_conditioning(train)
+
+    def after_training(self, train: Sequence[Any]) -> None:
+        """Domain adaptation (D3AD eq. 10, when ``domain_adapt_epochs`` > 0); with dynamic start steps the
+        KNN memory and bins are then refitted with the adapted extractor they are queried with
+        (D3AD sec. 4.3: "domain-adapted features for both the dynamic implicit conditioning and f_map")."""
+        super().after_training(train)
+        if self.dynamic and getattr(self, "adapted", None):
             self.fit_conditioning(train)
 
     # ---- the condition -----------------------------------------------------------------------

@@ -70,9 +70,10 @@ class DecoDiff(LatentMethod):
 
     @classmethod
     def default_scoring(cls) -> ScoringConfig:
-        # the eq. 15 map saturates at 1 where both deviations exceed gamma: a top-1 % mean ranks
-        # images better than the max (DeCo-Diff's reference code scores a top-k mean as well)
-        return ScoringConfig(score="topk", topk_ratio=0.01, sigma=0.0)
+        # the reference implementation's image score is the map's max (ccad.diffusion.deco.deco_anomaly_map);
+        # the mean of the top 1 % (scoring.score="topk", topk_ratio=0.01) stays an option: eq. 15's map
+        # saturates at 1 where both deviations exceed gamma, which can tie many maxima
+        return ScoringConfig(score="max", sigma=0.0)
 
     components = {"net": UNet2DModel}
 

@@ -59,7 +59,7 @@ class GLADConfig:
     Features: ``feature_backbone`` (timm name), ``feature_layers`` (timm out_indices),
     ``feature_weights`` (optional local file). ``delta_quantile``: when set, ``delta`` is fitted
     after training from good images only (:meth:`GLAD.calibrate_delta`: that quantile of the
-    per-step scores of good training images along their search path, so a good image rarely
+    per-step scores of held-out good images along their search path, so a good image rarely
     fires); None keeps ``delta`` as given (the paper hand-sets it). Training: ``anomaly_ratio`` (share of images given
     an anomaly), ``beta_max`` (opacity), ``perlin_threshold``, ``anomaly_schedule``."""
 
@@ -241,9 +241,15 @@ class GLAD(Method):
         return self._reconstruct(modules["unet"], image)[0].permute(1, 2, 0).float().cpu().numpy()
 
     def after_training(self, train: Sequence[Any]) -> None:
+        """Domain adaptation (when configured), then delta fitted on the held-out good slice
+        (``ctx.held_out``, images the UNet never trained on, as a test image is; the training
+        images only when nothing was held out, and the card says which)."""
         super().after_training(train)  # domain adaptation, when configured
         if self.config.delta_quantile is not None:
-            self.calibrate_delta(train)
+            held = list(self.ctx.held_out)
+            self.calibrate_delta(held if held else train)
+            if getattr(self, "delta_fit", None):
+                self.delta_fit["source"] = "held-out good slice" if held else "training images (nothing held out)"
 
     @torch.no_grad()
     def calibrate_delta(self, good: Sequence[Any]) -> float:
@@ -284,6 +290,13 @@ class GLAD(Method):
                           "n_scores": int(scores.numel()), "delta": c.delta}
         return c.delta
 
+    def _delta_source(self) -> str:
+        c = self.config
+        if c.delta_quantile is None:
+            return "as configured"
+        src = (getattr(self, "delta_fit", None) or {}).get("source")
+        return f"quantile {c.delta_quantile} of good images' step scores" + (f" ({src})" if src else "")
+
     @torch.no_grad()
     def maps(self, x: torch.Tensor) -> MethodOutput:
         from ..diffusion.glad import glad_anomaly_map
@@ -299,9 +312,7 @@ class GLAD(Method):
         return {**super().card(),
                 "reconstruction": {"strategy": f"GLAD adaptive step ({c.fusion})", "T": c.T, "steps": c.steps,
                                    "delta": c.delta, "t_min": c.t_min, "fusion_mask": c.fusion_mask,
-                                   "delta_source": (f"quantile {c.delta_quantile} of good training images' "
-                                                    "step scores" if c.delta_quantile is not None
-                                                    else "as configured")},
+                                   "delta_source": self._delta_source()},
                 "feature_backbone": {"name": c.feature_backbone, "layers": list(c.feature_layers),
                                      "weights": getattr(feats, "weights_source", None),
                                      "paper_used": PAPER_FEATURES}}

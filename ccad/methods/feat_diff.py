@@ -1,0 +1,506 @@
+"""Feature-space diffusion (``feat-diff``): denoise the bank's own feature map, not pixels.
+
+The frozen backbone the bank is built from (``bank.backbone`` / ``bank.layers``; by default
+``tf_efficientnet_lite0`` layers 2 + 3, PatchCore-style 3x3 local averaging, a 32 x 32 grid of
+C = 120 channels at 256 px: :class:`ccad.features.Backbone`) maps every image to ``f = phi(x)``.
+The method diffuses ``f`` itself. Anchors:
+
+- LafitE (Yin et al., arXiv 2307.08059: latent diffusion in a pretrained feature space, multi-class;
+  "feature editing" of the diffusion input with a memory of normal features; hyper-parameters
+  chosen on a pseudo-validation set of synthetic anomalies).
+- DPDiff-AD (Feng et al., arXiv 2605.24402: diffusion reconstruction conditioned on prototypes of
+  normal features through attention; its *local prototypes* are nearest-prototype aggregates).
+- CCAD (papers/ccad.md sec. 3.3, Fig. 3b, eq. 11): the denoiser's cross-attention context is the
+  Coarse Feature Bank B_c (the GCB of CCAD(C)/(V): LN + SelfAttn -> LN + CrossAttn(bank) -> LN + FF).
+
+What is implemented (equation numbers are CCAD's / METHOD.md's notation unless named):
+
+1. Features, cached once per run (:func:`ccad.data.latent_cache.build_latent_cache` with the
+   backbone as the "encoder", :class:`FeatureEncoder`): ``z = (phi(x) - mu) * s`` with mu, s the
+   mean and 1 / std of every cached value of the good training images (unit variance, as the
+   latent methods' TAEF2 latents). Written to ``<run>/features`` as a float16 memmap; an epoch
+   costs only the denoiser.
+2. Coarse bank B_c (CCAD eq. 5-6): the greedy k-center coreset (PatchCore Alg. 1) of
+   ``patches_per_image`` random cells of every cached map (one pass over the images gives the
+   cache, the bank and the edit memory). The bank is stored in the backbone's raw units, like
+   every other method's bank; the denoiser sees it standardised and projected (``BankProjector``).
+3. Training (CCAD eq. 11 in feature space, DDPM eq. 2): ``z_t = sqrt(abar_t) z + sqrt(1 - abar_t) eps``
+   and ``|| eps - eps_theta(z_t, t; B_c) ||^2``; ``eps_theta`` is
+   :class:`ccad.models.feat_denoiser.FeatDenoiser` (diffusers ``ResnetBlock2D`` +
+   ``BasicTransformerBlock`` on the 32 x 32 grid, ``preset``) whose cross-attention context is the
+   projected bank. The Trainer keeps a diffusers ``EMAModel``.
+4. Feature editing (LafitE sec. 3, "feature editing"; our reading, as a convex step toward the
+   memory): with ``m(z)`` the nearest row of the edit memory M (a k-center coreset of
+   ``memory_size`` normal cells, DPDiff-AD's nearest local prototype),
+   ``z_e = (1 - lambda) z + lambda m(z)`` per location, ``lambda = edit`` in [0, 1]. An anomalous
+   cell is pulled toward normal before noising, so the denoiser cannot copy it back (the
+   "identity shortcut" LafitE names); a normal cell moves little (its neighbour is close).
+5. Reconstruction (DDIM, eq. 18, diffusers ``DDIMScheduler``, eta = 0): noise ``z_e`` to
+   ``t' = noise_level`` with one fixed noise field (seeded, the same for every image, so a
+   prediction never depends on the batch it is in), then ``steps`` DDIM steps of stride
+   ``noise_level / steps``; ``z_hat`` is the last step's x0-prediction.
+6. Map: per location ``1 - cos(z, z_hat)`` (``distance = "cosine"``) or ``||z - z_hat||_2``
+   (``"l2"``), bilinearly upsampled to the image and Gaussian-smoothed with ``scoring.sigma``
+   (scaled to the size) exactly as the bank's PatchCore map; the image score is the map's max
+   (``scoring.score``).
+7. Hyper-parameters (LafitE's pseudo-validation set): after training, every ``(noise_level,
+   steps)`` of ``search_noise x search_steps`` (pairs whose DDIM stride divides T) and every
+   ``edit`` of ``search_edit`` is scored on up to ``search_images`` *held-out* good images (the
+   calibration slice, never training images, never a test label) and on copies of them given
+   synthetic anomalies (:mod:`ccad.data.anomaly_synth`, the fusion fit's recipe). The objective
+   is the mean of image AUROC, pixel AUROC and pixel AUPRO; ties go to fewer UNet evaluations,
+   then smaller noise. The chosen values are written into the config (saved with the model) and
+   the whole table is in the model card (``search``).
+
+One model covers every category of its training data (multi-class, like the latent methods).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ConfigError
+from ..models.feat_denoiser import FeatDenoiser
+from ..models.latent_denoiser import BankProjector
+from ..scoring.anomaly_map import gaussian_blur, image_score, scaled_sigma
+from .base import Context, Method, MethodOutput, check_preset, register_method
+
+MEMORY_FILE = "feat_diff_memory.safetensors"
+FEATURES_FOLDER = "features"
+DISTANCES = ("cosine", "l2")
+
+
+@dataclass
+class FeatDiffConfig:
+    """Feature-space diffusion settings (see the module docstring for the equations).
+
+    ``preset``: the denoiser size (tiny: tests, small: CPU, base: a GPU); ``num_train_timesteps`` /
+    ``beta_schedule``: the DDPM table (linear 1e-4 ... 0.02, T = 1000); ``noise_level`` t' and
+    ``steps``: the DDIM reconstruction (stride ``noise_level / steps`` must divide T); ``edit``:
+    LafitE's editing strength lambda; ``distance``: ``cosine`` or ``l2``; ``memory_size``: rows of
+    the edit memory; ``patches_per_image``: random cells per image drawn for the bank / memory
+    coresets (0 = all); ``search``: pick noise_level / steps / edit on synthetic anomalies of the
+    held-out good slice after training, over ``search_noise`` x ``search_steps`` and
+    ``search_edit``, with ``search_images`` good images; ``seed``: the fixed noise field.
+    Filled in at build time: ``feature_channels``, ``feature_scale``, ``feature_shift``,
+    ``bank_dim``, ``cross_attention_dim``."""
+
+    preset: str = "small"
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    noise_level: int = 100
+    steps: int = 2
+    edit: float = 0.9
+    distance: str = "l2"
+    memory_size: int = 2048
+    patches_per_image: int = 256
+    search: bool = True
+    search_noise: tuple[int, ...] = (50, 100, 200, 400)
+    search_steps: tuple[int, ...] = (1, 2)
+    search_edit: tuple[float, ...] = (0.0, 0.5, 1.0)
+    search_images: int = 16
+    seed: int = 0
+    feature_channels: Optional[int] = None
+    feature_scale: Optional[float] = None
+    feature_shift: Optional[float] = None
+    bank_dim: Optional[int] = None
+    cross_attention_dim: Optional[int] = None
+
+    def validate(self) -> None:
+        check_preset(self.preset)
+        T = int(self.num_train_timesteps)
+        check_schedule(T, int(self.noise_level), int(self.steps), "method.noise_level / method.steps")
+        if not 0.0 <= float(self.edit) <= 1.0:
+            raise ConfigError(f"method.edit (the editing strength lambda) must be in [0, 1], got {self.edit}")
+        if self.distance not in DISTANCES:
+            raise ConfigError(f"method.distance must be 'cosine' or 'l2', got {self.distance!r}")
+        if int(self.memory_size) < 1:
+            raise ConfigError(f"method.memory_size must be >= 1, got {self.memory_size}")
+        if int(self.patches_per_image) < 0:
+            raise ConfigError(f"method.patches_per_image must be >= 0, got {self.patches_per_image}")
+        if int(self.search_images) < 1:
+            raise ConfigError(f"method.search_images must be >= 1, got {self.search_images}")
+        if any(not 0.0 <= float(e) <= 1.0 for e in self.search_edit) or not self.search_edit:
+            raise ConfigError(f"method.search_edit must list values in [0, 1], got {self.search_edit}")
+        if self.search and not search_pairs(T, self.search_noise, self.search_steps):
+            raise ConfigError(f"method.search_noise {self.search_noise} x method.search_steps {self.search_steps}: "
+                              f"no pair whose DDIM stride (noise / steps) divides T={T}")
+
+
+def check_schedule(T: int, noise_level: int, steps: int, where: str) -> None:
+    """``1 <= steps <= noise_level < T`` and the DDIM stride ``noise_level / steps`` divides T."""
+    if not 1 <= steps <= noise_level < T:
+        raise ConfigError(f"{where}: need 1 <= steps <= noise_level < T={T}, got noise_level={noise_level}, "
+                          f"steps={steps}")
+    if noise_level % steps or T % (noise_level // steps):
+        raise ConfigError(f"{where}: the DDIM stride noise_level / steps = {noise_level}/{steps} must be a whole "
+                          f"number dividing T={T}")
+
+
+def search_pairs(T: int, noises: Sequence[int], steps: Sequence[int]) -> list[tuple[int, int]]:
+    """The valid ``(noise_level, steps)`` pairs of the grid (stride a whole divisor of T)."""
+    out = []
+    for t in noises:
+        for k in steps:
+            t, k = int(t), int(k)
+            if 1 <= k <= t < T and t % k == 0 and T % (t // k) == 0:
+                out.append((t, k))
+    return out
+
+
+class FeatureEncoder:
+    """The bank backbone seen as an "encoder" for :func:`ccad.data.latent_cache.build_latent_cache`:
+    ``encode_raw(x)`` = the locally averaged patch features ``B x C x h x w`` (PatchCore eq. 1-2),
+    ``scale_latents`` standardises them with ``(f - shift) * scale``."""
+
+    kind = "backbone"
+
+    def __init__(self, backbone: Any, image_size: int, scale: Optional[float] = None,
+                 shift: Optional[float] = None) -> None:
+        self.backbone = backbone
+        self.spec = f"{backbone.name}:{list(backbone.layers)}"
+        self.latent_channels = int(backbone.feature_dim)
+        grid = backbone.grid(int(image_size))[0]
+        self.downscale = int(image_size) // int(grid)
+        self.scale = 1.0 if scale is None else float(scale)
+        self.shift = 0.0 if shift is None else float(shift)
+        self.fitted = scale is not None
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(str(getattr(self.backbone, "weights_source", "")).encode())
+        for p in list(self.backbone.parameters())[:4]:
+            h.update(p.detach().float().cpu().numpy().tobytes()[:4096])
+        return h.hexdigest()
+
+    @torch.no_grad()
+    def encode_raw(self, x: torch.Tensor) -> torch.Tensor:
+        dev = next(self.backbone.parameters()).device
+        return self.backbone(x.to(dev)).float()
+
+    def scale_latents(self, raw: torch.Tensor) -> torch.Tensor:
+        return (raw - self.shift) * self.scale
+
+    def set_scaling(self, scale: float, shift: float, fitted: bool = True) -> None:
+        self.scale, self.shift, self.fitted = float(scale), float(shift), bool(fitted)
+
+
+def _sample_cells(cache: Any, per_image: int, seed: int) -> torch.Tensor:
+    """``per_image`` random cells (rows of C standardised values) of every cached map (0 = all)."""
+    g = torch.Generator().manual_seed(int(seed))
+    rows = []
+    n = len(cache)
+    for start in range(0, n, 64):
+        z = torch.from_numpy(np.asarray(cache.latents[start:start + 64], dtype=np.float32))
+        b, c, h, w = z.shape
+        cells = z.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        if per_image and h * w > per_image:
+            idx = torch.stack([torch.randperm(h * w, generator=g)[:per_image] for _ in range(b)])
+            cells = torch.gather(cells, 1, idx[..., None].expand(-1, -1, c))
+        rows.append(cells.reshape(-1, c))
+    return torch.cat(rows)
+
+
+def distance_map(z: torch.Tensor, z_hat: torch.Tensor, distance: str) -> torch.Tensor:
+    """Per-location ``1 - cos(z, z_hat)`` or ``||z - z_hat||_2`` over channels, ``B x 1 x h x w``."""
+    if distance == "cosine":
+        return 1.0 - F.cosine_similarity(z, z_hat, dim=1, eps=1e-6).unsqueeze(1)
+    if distance == "l2":
+        return (z - z_hat).pow(2).sum(1, keepdim=True).sqrt()
+    raise ValueError(f"distance must be 'cosine' or 'l2', got {distance!r}")
+
+
+def edit_features(z: torch.Tensor, memory: torch.Tensor, strength: float,
+                  nearest: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """LafitE feature editing (module docstring item 4): ``z_e = (1 - lambda) z + lambda m(z)``,
+    ``m(z)`` the nearest memory row of each location (L2). Returns ``(z_e, m(z))`` (``B x C x h x w``);
+    ``nearest`` reuses an earlier ``m(z)``."""
+    from ..features.patchcore import nearest_distances
+
+    lam = float(strength)
+    if nearest is None and lam == 0.0:
+        return z, None
+    if nearest is None:
+        b, c, h, w = z.shape
+        q = z.permute(0, 2, 3, 1).reshape(-1, c)
+        _, idx = nearest_distances(q, memory.to(q.device), 1)
+        nearest = memory.to(q.device)[idx[:, 0]].view(b, h, w, c).permute(0, 3, 1, 2).contiguous()
+    return (1.0 - lam) * z + lam * nearest, nearest
+
+
+@register_method
+class FeatDiff(Method):
+    name = "feat-diff"
+    title = "Feature-space diffusion (bank features, LafitE-style editing)"
+    description = ("small UNet denoising the bank backbone's feature map, cross-attending to the coarse bank; "
+                   "input edited toward nearest normal features; multi-class")
+    paper = "LafitE (arXiv 2307.08059) + DPDiff-AD (arXiv 2605.24402) + CCAD eq. 11 in feature space"
+    space = "feature"
+    Config = FeatDiffConfig
+    multi_class = True
+    components = {"denoiser": FeatDenoiser, "bank_proj": BankProjector}
+    default_image_size = 256
+
+    def __init__(self, config: FeatDiffConfig, ctx: Context) -> None:
+        from ..diffusion import make_scheduler
+        from ..diffusion.schedule import ddim_from
+
+        super().__init__(config, ctx)
+        self.scheduler = make_scheduler(int(config.num_train_timesteps), config.beta_schedule)
+        self.ddim = ddim_from(self.scheduler)
+        self.memory: Optional[torch.Tensor] = None  # edit memory, standardised units
+        self.search_table: Optional[dict[str, Any]] = None
+        self._cache: Any = None
+        self._encoder: Optional[FeatureEncoder] = None
+        self._noise: Optional[torch.Tensor] = None
+
+    # ---- features ---------------------------------------------------------------------------
+    def encoder(self) -> FeatureEncoder:
+        if self._encoder is None:
+            from ..features import get_backbone
+
+            bc, c = self.ctx.bank_config, self.config
+            bb = get_backbone(bc.backbone, layers=tuple(bc.layers), weights=bc.weights).to(self.ctx.device)
+            self._encoder = FeatureEncoder(bb, self.ctx.image_size, c.feature_scale, c.feature_shift)
+            c.feature_channels = int(self._encoder.latent_channels)
+        return self._encoder
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Standardised bank features ``z`` of a batch ``B x 3 x S x S`` in [0, 1]: ``B x C x h x w``."""
+        enc = self.encoder()
+        return enc.scale_latents(enc.encode_raw(x.to(self.ctx.device)))
+
+    def feature_cache(self, train: Sequence[Any]) -> Any:
+        """Extract the training features once into ``<run>/features`` (or reuse a matching cache)
+        and fit the standardisation on them (module docstring item 1)."""
+        from ..data.latent_cache import build_latent_cache
+
+        if self._cache is not None:
+            return self._cache
+        enc = self.encoder()
+        run_dir = self.ctx.run_dir or Path(tempfile.mkdtemp(prefix="ccad-features-"))
+        cache = build_latent_cache(list(train), enc, self.ctx.image_size, Path(run_dir) / FEATURES_FOLDER,
+                                   batch_size=self.ctx.bank_config.batch_size, progress=self.ctx.progress,
+                                   cancel=self.ctx.cancel, fit_scaling=self.config.feature_scale is None)
+        self.config.feature_scale, self.config.feature_shift = float(enc.scale), float(enc.shift)
+        self._cache = cache
+        return cache
+
+    def build_bank(self, train: Sequence[Any]) -> Any:
+        """B_c as a greedy k-center coreset of the cached features (one pass over the images)."""
+        from datetime import datetime, timezone
+
+        from .. import __version__
+        from ..features import FeatureBank
+        from ..features.coreset import greedy_coreset, validate_bank_size
+
+        bc, c = self.ctx.bank_config, self.config
+        xi = validate_bank_size(bc.size)
+        cache = self.feature_cache(train)
+        cells = _sample_cells(cache, int(c.patches_per_image), self.ctx.seed)
+        rows = cells[greedy_coreset(cells, xi, seed=self.ctx.seed)]
+        raw = rows / float(c.feature_scale) + float(c.feature_shift)
+        bb = self.encoder().backbone
+        meta = {"backbone": bb.name, "layers": list(bb.layers), "image_size": int(self.ctx.image_size),
+                "xi": int(raw.shape[0]), "xi_requested": xi, "feature_dim": int(raw.shape[1]),
+                "n_images": len(cache), "n_patches": int(cells.shape[0]), "skipped": [list(e) for e in cache.errors],
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "ccad_version": __version__,
+                "coreset": {"method": "greedy k-center of the cached feature cells", "per_image":
+                            int(c.patches_per_image), "seed": self.ctx.seed}}
+        return FeatureBank(raw.float(), meta)
+
+    # ---- building and training ----------------------------------------------------------------
+    def build(self, train: Sequence[Any]) -> None:
+        from ..features.coreset import greedy_coreset
+        from ..models.feat_denoiser import build_feat_denoiser
+
+        c = self.config
+        cache = self.feature_cache(train)
+        net = build_feat_denoiser(c.preset, int(c.feature_channels))
+        c.cross_attention_dim = int(net.config.cross_attention_dim)
+        c.bank_dim = int(self.ctx.bank.features.shape[1])
+        if c.bank_dim != int(c.feature_channels):
+            raise ConfigError(f"the bank has {c.bank_dim}-dim rows but the backbone gives {c.feature_channels} "
+                              f"channels: build the bank with the same bank.backbone / bank.layers")
+        self.modules["denoiser"] = net
+        self.modules["bank_proj"] = BankProjector(c.bank_dim, c.cross_attention_dim)
+        cells = _sample_cells(cache, int(c.patches_per_image), self.ctx.seed + 1)
+        self.memory = cells[greedy_coreset(cells, int(c.memory_size), seed=self.ctx.seed + 1)].float().contiguous()
+
+    def training_dataset(self, train: Sequence[Any]) -> Any:
+        return self.feature_cache(train)
+
+    def _context_bank(self, device: torch.device) -> torch.Tensor:
+        c = self.config
+        return ((self.ctx.bank_tensor() - float(c.feature_shift)) * float(c.feature_scale)).to(device)
+
+    def _eps_fn(self, modules: nn.ModuleDict, device: torch.device) -> Any:
+        bank = self._context_bank(device)
+
+        def eps_fn(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return modules["denoiser"](z_t, t, modules["bank_proj"](bank, batch=z_t.shape[0]))
+
+        return eps_fn
+
+    def training_loss(self, modules: nn.ModuleDict, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+        from ..diffusion.objectives import noise_prediction_loss
+
+        z = batch["latent"]
+        return noise_prediction_loss(self._eps_fn(modules, z.device), z, self.scheduler, generator)
+
+    # ---- reconstruction and maps ----------------------------------------------------------------
+    def _noise_field(self, shape: Sequence[int], device: torch.device) -> torch.Tensor:
+        if self._noise is None or tuple(self._noise.shape) != tuple(shape):
+            g = torch.Generator().manual_seed(int(self.config.seed))
+            self._noise = torch.randn(tuple(shape), generator=g)
+        return self._noise.to(device)
+
+    @torch.no_grad()
+    def denoise(self, z_e: torch.Tensor, noise_level: int, steps: int,
+                modules: Optional[nn.ModuleDict] = None) -> torch.Tensor:
+        """Module docstring item 5: noise ``z_e`` to ``noise_level`` and run ``steps`` DDIM steps
+        (diffusers ``DDIMScheduler``, eta 0); returns the last x0-prediction ``z_hat``."""
+        T = int(self.config.num_train_timesteps)
+        check_schedule(T, int(noise_level), int(steps), "denoise")
+        modules = self.modules if modules is None else modules
+        stride = int(noise_level) // int(steps)
+        self.ddim.set_timesteps(T // stride, device=z_e.device)
+        ts = [int(t) for t in self.ddim.timesteps.tolist() if 0 < int(t) <= int(noise_level)][:int(steps)]
+        if not ts or ts[0] != int(noise_level):
+            raise RuntimeError(f"DDIM grid {self.ddim.timesteps.tolist()[:5]}... lacks t'={noise_level}")
+        eps_fn = self._eps_fn(modules, z_e.device)
+        noise = self._noise_field(z_e.shape[1:], z_e.device).expand_as(z_e)
+        z_t = self.scheduler.add_noise(z_e, noise, torch.full((z_e.shape[0],), ts[0], dtype=torch.long,
+                                                              device=z_e.device))
+        z_hat = z_e
+        for t in ts:
+            tt = torch.full((z_e.shape[0],), t, dtype=torch.long, device=z_e.device)
+            out = self.ddim.step(eps_fn(z_t, tt), t, z_t, eta=0.0)
+            z_t, z_hat = out.prev_sample, out.pred_original_sample
+        return z_hat.float()
+
+    def _smooth(self, raw: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        maps = F.interpolate(raw, size=tuple(size), mode="bilinear", align_corners=False)
+        return gaussian_blur(maps, scaled_sigma(self.ctx.scoring.sigma, int(size[-1])))
+
+    @torch.no_grad()
+    def raw_maps(self, z: torch.Tensor, noise_level: int, steps: int, edit: float,
+                 nearest: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The grid-level map (item 6) of standardised features ``z`` with given settings."""
+        z_e, _ = edit_features(z, self.memory, edit, nearest)
+        z_hat = self.denoise(z_e, noise_level, steps)
+        return distance_map(z, z_hat, self.config.distance)
+
+    @torch.no_grad()
+    def maps(self, x: torch.Tensor) -> MethodOutput:
+        c = self.config
+        z = self.features(x)
+        return MethodOutput(self._smooth(self.raw_maps(z, int(c.noise_level), int(c.steps), float(c.edit)),
+                                         x.shape[-2:]))
+
+    # ---- hyper-parameters on synthetic anomalies of held-out good images ------------------------
+    def after_training(self, train: Sequence[Any]) -> None:
+        super().after_training(train)
+        if self.config.search:
+            self.search_hyperparameters(list(self.ctx.held_out))
+
+    @torch.no_grad()
+    def search_hyperparameters(self, good: Sequence[Any]) -> Optional[dict[str, Any]]:
+        """Module docstring item 7 (LafitE's pseudo-validation set). ``good`` are held-out good
+        images (the calibration slice); without any, the configured values stay and the card says so."""
+        from ..data.anomaly_synth import synthesize_batch
+        from ..data.datasets import iter_batches
+        from ..metrics import aupro, auroc, pixel_auroc
+
+        c, sc = self.config, self.ctx.scoring
+        items = list(good)[: int(c.search_images)]
+        if not items:
+            self.search_table = {"source": "none: no held-out good images; configured values kept"}
+            return None
+        self.to(self.ctx.device)
+        gen = torch.Generator().manual_seed(int(self.ctx.seed) + 7)
+        zs, masks = [], []
+        size = None
+        for b in iter_batches(items, self.ctx.image_size, batch_size=self.ctx.bank_config.batch_size,
+                              on_error="skip"):
+            x = b["image"].float()
+            x_a, m = synthesize_batch(x, gen, ratio=1.0)
+            zs.append(torch.cat([self.features(x), self.features(x_a)]).cpu())
+            masks.append(torch.cat([torch.zeros_like(m), m]).cpu())
+            size = x.shape[-2:]
+        if not zs:
+            self.search_table = {"source": "none: no readable held-out good image; configured values kept"}
+            return None
+        n_good = sum(len(z) // 2 for z in zs)
+        labels = np.concatenate([np.r_[np.zeros(len(z) // 2), np.ones(len(z) // 2)] for z in zs])
+        mask = torch.cat(masks)[:, 0].numpy() > 0.5
+        nearest = [edit_features(z.to(self.ctx.device), self.memory, 1.0)[1] for z in zs]
+        table = []
+        for t, k in search_pairs(int(c.num_train_timesteps), c.search_noise, c.search_steps):
+            for lam in c.search_edit:
+                maps = torch.cat([self._smooth(self.raw_maps(z.to(self.ctx.device), t, k, float(lam), nn_), size).cpu()
+                                  for z, nn_ in zip(zs, nearest)])
+                scores = image_score(maps, sc.score, sc.topk_ratio, topk_count=sc.topk_count).numpy()
+                img = float(auroc(labels, scores))
+                pix = float(pixel_auroc(mask, maps[:, 0].numpy()))
+                pro = float(aupro(mask, maps[:, 0].numpy(), labels=labels))
+                table.append({"noise_level": t, "steps": k, "edit": float(lam), "image_auroc": round(img, 5),
+                              "pixel_auroc": round(pix, 5), "pixel_aupro": round(pro, 5),
+                              "objective": round((img + pix + pro) / 3, 5)})
+        best = max(table, key=lambda r: (r["objective"], -r["steps"], -r["noise_level"]))
+        c.noise_level, c.steps, c.edit = int(best["noise_level"]), int(best["steps"]), float(best["edit"])
+        self.search_table = {"source": "synthetic anomalies on held-out good images (the calibration slice)",
+                             "n_good": int(n_good), "n_synthetic": int(n_good), "chosen": dict(best), "grid": table}
+        return self.search_table
+
+    # ---- device, card, files --------------------------------------------------------------------
+    def to(self, device: torch.device) -> "FeatDiff":
+        super().to(device)
+        if self._encoder is not None:
+            self._encoder.backbone.to(device)
+        if self.memory is not None:
+            self.memory = self.memory.to(device)
+        return self
+
+    def card(self) -> dict[str, Any]:
+        c = self.config
+        facts = {**super().card(), "reconstruction": {
+            "strategy": "feature editing (LafitE) + DDIM from the noised features", "noise_level": c.noise_level,
+            "steps": c.steps, "edit": c.edit, "distance": c.distance,
+            "memory_rows": None if self.memory is None else int(self.memory.shape[0])}}
+        if self.search_table is not None:
+            facts["search"] = self.search_table
+        return facts
+
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        super().save(directory)
+        meta = {"search": json.dumps(self.search_table)} if self.search_table is not None else None
+        save_file({"memory": self.memory.detach().float().cpu().contiguous()}, str(Path(directory) / MEMORY_FILE),
+                  metadata=meta)
+
+    @classmethod
+    def load(cls, directory: Path, config: FeatDiffConfig, ctx: Context) -> "FeatDiff":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        method = super().load(directory, config, ctx)
+        f = Path(directory) / MEMORY_FILE
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: missing; a saved feat-diff detector keeps its edit memory there")
+        method.memory = load_file(str(f))["memory"]
+        with safe_open(str(f), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        if meta.get("search"):
+            method.search_table = json.loads(meta["search"])
+        return method

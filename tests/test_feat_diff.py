@@ -1,0 +1,158 @@
+"""feat-diff: diffusion in the bank's feature space (ccad/methods/feat_diff.py).
+
+Unit checks of its equations (LafitE-style editing, the DDIM reconstruction through diffusers'
+scheduler, the two distances), then a tiny end-to-end run through the API and the CLI: train,
+hyper-parameters picked on the held-out good slice, save, load, predict, evaluate.
+"""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from ccad.config import ConfigError
+from ccad.features import FeatureBank
+from ccad.methods import Context, get_method, method_names
+from ccad.methods.feat_diff import FeatDiffConfig, distance_map, edit_features, search_pairs
+from ccad.models.latent_denoiser import BankProjector
+
+
+def test_registered_multi_class_and_listed_for_the_app():
+    assert "feat-diff" in method_names()
+    m = get_method("feat-diff")
+    assert m.multi_class and m.trainable and m.space == "feature"
+    from app.controller import trainable_variants
+
+    assert "feat-diff" in [n for n, _ in trainable_variants()]
+
+
+def test_edit_is_a_convex_step_to_the_nearest_memory_row():
+    g = torch.Generator().manual_seed(0)
+    memory = torch.randn(7, 5, generator=g)
+    z = torch.randn(2, 5, 3, 4, generator=g)
+    q = z.permute(0, 2, 3, 1).reshape(-1, 5)
+    nn_rows = memory[torch.cdist(q, memory).argmin(1)].view(2, 3, 4, 5).permute(0, 3, 1, 2)
+    for lam in (0.0, 0.3, 1.0):
+        z_e, near = edit_features(z, memory, lam)
+        torch.testing.assert_close(z_e, (1 - lam) * z + lam * nn_rows, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(near, nn_rows, rtol=1e-5, atol=1e-6)
+
+
+def test_distances_by_hand():
+    z = torch.tensor([[1.0, 0.0], [0.0, 2.0]]).T.reshape(1, 2, 1, 2)  # two locations
+    z_hat = torch.tensor([[1.0, 1.0], [0.0, -2.0]]).T.reshape(1, 2, 1, 2)
+    l2 = distance_map(z, z_hat, "l2")
+    cos = distance_map(z, z_hat, "cosine")
+    torch.testing.assert_close(l2.flatten(), torch.tensor([1.0, 4.0]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cos.flatten(), torch.tensor([1 - 1 / 2 ** 0.5, 2.0]), rtol=1e-5, atol=1e-6)
+
+
+def test_schedule_pairs_and_bad_settings_name_the_field():
+    assert search_pairs(1000, (50, 300), (1, 2)) == [(50, 1), (50, 2)]  # 300 / 1 and 300 / 2 do not divide T
+    with pytest.raises(ConfigError, match="noise_level"):
+        FeatDiffConfig(noise_level=300, steps=1).validate()
+    with pytest.raises(ConfigError, match="method.edit"):
+        FeatDiffConfig(edit=1.5).validate()
+    with pytest.raises(ConfigError, match="method.distance"):
+        FeatDiffConfig(distance="l1").validate()
+
+
+class _Oracle(nn.Module):
+    """Predicts exactly the method's fixed noise field: DDIM must then return the edited input."""
+
+    def __init__(self, method):
+        super().__init__()
+        self.method = method
+
+    def forward(self, z_t, t, ctx):
+        return self.method._noise_field(z_t.shape[1:], z_t.device).expand_as(z_t)
+
+
+def _method(distance="l2", edit=1.0):
+    cfg = FeatDiffConfig(preset="tiny", noise_level=100, steps=2, edit=edit, distance=distance,
+                         feature_scale=1.0, feature_shift=0.0)
+    bank = FeatureBank(torch.randn(4, 6, generator=torch.Generator().manual_seed(1)))
+    m = get_method("feat-diff")(cfg, Context(image_size=64, device=torch.device("cpu"), bank=bank))
+    m.modules["denoiser"] = _Oracle(m)
+    m.modules["bank_proj"] = BankProjector(6, 8)
+    return m
+
+
+@pytest.mark.parametrize("noise_level,steps", [(50, 1), (100, 2), (400, 4)])
+def test_ddim_with_a_perfect_denoiser_returns_the_edited_features(noise_level, steps):
+    m = _method()
+    z_e = torch.randn(3, 6, 4, 4, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(m.denoise(z_e, noise_level, steps), z_e, rtol=1e-4, atol=1e-4)
+
+
+def test_with_full_editing_the_map_is_the_distance_to_normal_and_peaks_on_a_planted_cell():
+    m = _method(edit=1.0)
+    g = torch.Generator().manual_seed(3)
+    m.memory = torch.randn(32, 6, generator=g)
+    z = m.memory[torch.randint(32, (1, 4, 4), generator=g)].permute(0, 3, 1, 2).clone()  # all cells normal
+    z[0, :, 1, 2] += 6.0  # one anomalous cell far from every memory row
+    raw = m.raw_maps(z, 100, 2, 1.0)
+    assert raw.shape == (1, 1, 4, 4)
+    assert int(raw.flatten().argmax()) == 1 * 4 + 2
+    assert float(raw.flatten().sort().values[-2]) < 1e-3  # normal cells: reconstructed to themselves
+    no_edit = m.raw_maps(z, 100, 2, 0.0)  # the perfect denoiser copies the anomaly back: nothing found
+    assert float(no_edit.max()) < 1e-3
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from ccad.data.datasets import load_dataset
+    from ccad.data.synthetic import write_dataset
+    from ccad.pipeline import train_detector
+    from ccad.training import TrainConfig
+
+    root = tmp_path_factory.mktemp("fd")
+    data = write_dataset(root / "data", kinds=("granular", "fibrous"), n_train=5, n_test_good=1, n_test_defect=1,
+                         size=64, seed=0)
+    train = load_dataset(str(data), split="train")
+    cfg = FeatDiffConfig(preset="tiny", memory_size=64, search_noise=(50, 100), search_steps=(1,),
+                         search_edit=(0.0, 1.0), search_images=4)
+    det = train_detector(train, root / "run", variant="feat-diff", method=cfg, image_size=64, bank_size=16,
+                         train=TrainConfig(steps=3, batch_size=4, lr=1e-3, warmup_steps=1, show_progress=False),
+                         calibration_fraction=0.3)
+    return det, data, root
+
+
+def test_trained_detector_picks_settings_on_the_held_out_slice_and_round_trips(trained):
+    from ccad.pipeline import AnomalyDetector
+
+    det, data, root = trained
+    table = det.method.search_table
+    assert table["source"].startswith("synthetic anomalies on held-out good images")
+    n_cal = det.info["n_calibration_images"]
+    assert table["n_good"] == min(4, n_cal) and table["n_synthetic"] == table["n_good"]
+    assert len(table["grid"]) == 4  # (50, 1), (100, 1) x edit 0, 1
+    c = det.method.config
+    assert (c.noise_level, c.steps, c.edit) == tuple(table["chosen"][k] for k in ("noise_level", "steps", "edit"))
+    assert (root / "run" / "features" / "latents.json").is_file()  # features cached once in the run
+    det.save_pretrained(root / "saved")
+    again = AnomalyDetector.from_pretrained(root / "saved")
+    assert again.method.config.noise_level == c.noise_level and again.method.search_table == table
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(again.maps_for_batch(x)[0], det.maps_for_batch(x)[0], rtol=1e-5, atol=1e-6)
+    one = det.maps_for_batch(x[:1])[0]  # a prediction does not depend on the batch it is in
+    torch.testing.assert_close(one, det.maps_for_batch(x)[0][:1], rtol=1e-4, atol=1e-5)
+
+
+def test_feat_diff_through_the_cli(tmp_path, capsys):
+    from ccad.cli import main
+    from ccad.data.synthetic import write_dataset
+
+    data = write_dataset(tmp_path / "data", kinds=("granular",), n_train=5, n_test_good=1, n_test_defect=1,
+                         size=64, seed=1)
+    run = tmp_path / "run"
+    assert main(["train", str(data / "granular"), "--variant", "feat-diff", "--out", str(run), "--steps", "2",
+                 "--batch-size", "2", "--image-size", "64", "--preset", "tiny", "--option", "memory_size=32",
+                 "--option", "search_noise=50", "--option", "search_steps=1", "--option", "search_edit=1.0",
+                 "--option", "distance=cosine", "--quiet"]) == 0
+    cfg = json.loads((run / "model" / "config.json").read_text())
+    assert cfg["variant"] == "feat-diff" and cfg["method"]["distance"] == "cosine"
+    assert cfg["method"]["noise_level"] == 50 and cfg["method"]["edit"] == 1.0
+    capsys.readouterr()
+    assert main(["evaluate", str(run / "model"), str(data / "granular"), "--quiet"]) == 0
+    assert "image_auroc" in capsys.readouterr().out
