@@ -761,8 +761,10 @@ class AppController:
         order = sorted(range(len(a)), key=lambda i: (batch.names[i].lower(), batch.names[i]))
         rows_a, rows_b = [], []
         for i in order:
-            same = a[i].verdict == b[i].verdict
-            mark = "✓ same" if same else "✗ DIFFERS"
+            if not {a[i].status, b[i].status} <= {"good", "anomalous"}:
+                mark = "? no verdict"  # an error or an uncalibrated model agrees with nothing
+            else:
+                mark = "✓ same" if a[i].status == b[i].status else "✗ DIFFERS"
             ra, rb = self._row(i, batch.names[i], a[i]), self._row(i, cmp.names[i], b[i])
             rows_a.append([*ra[:4], mark, *ra[4:]])  # the mark beside the verdict, in view
             rows_b.append([*rb[:4], mark, *rb[4:]])
@@ -959,23 +961,30 @@ class AppController:
         calibrated threshold) over the whole batch: counts and the files they disagree on."""
         cmp = self.compare_batch(other, batch)
         if cmp is None or batch is None:
-            return {"agree": 0, "disagree": 0, "both_anomalous": 0, "both_good": 0, "only_first": [],
+            return {"agree": 0, "disagree": 0, "both_anomalous": 0, "both_good": 0, "no_verdict": [], "only_first": [],
                     "only_second": [], "text": ""}
-        a = [p.is_anomalous for p in batch.at(threshold)]
-        b = [p.is_anomalous for p in cmp.predictions]
-        only_a = [batch.names[i] for i, (x, y) in enumerate(zip(a, b)) if x and not y]
-        only_b = [batch.names[i] for i, (x, y) in enumerate(zip(a, b)) if y and not x]
-        both_bad = sum(1 for x, y in zip(a, b) if x and y)
-        both_good = sum(1 for x, y in zip(a, b) if not x and not y)
+        # statuses, not is_anomalous: an error or an uncalibrated verdict is neither good nor anomalous,
+        # so it never counts as "both good" (or as agreement with a "good")
+        a = [p.status for p in batch.at(threshold)]
+        b = [p.status for p in cmp.predictions]
+        only_a = [batch.names[i] for i, (x, y) in enumerate(zip(a, b)) if x == "anomalous" and y == "good"]
+        only_b = [batch.names[i] for i, (x, y) in enumerate(zip(a, b)) if y == "anomalous" and x == "good"]
+        unsure = [batch.names[i] for i, (x, y) in enumerate(zip(a, b)) if not {x, y} <= {"good", "anomalous"}]
+        both_bad = sum(1 for x, y in zip(a, b) if x == y == "anomalous")
+        both_good = sum(1 for x, y in zip(a, b) if x == y == "good")
         n = len(a)
         agree = both_bad + both_good
         text = (f"**Agreement on {n} image(s): {agree} agree** ({both_bad} both anomalous, {both_good} both "
-                f"good), **{n - agree} disagree**")
+                f"good), **{len(only_a) + len(only_b)} disagree**")
         if only_a:
             text += f". Only {batch.model} flags: " + ", ".join(f"`{x}`" for x in only_a[:10])
         if only_b:
             text += f". Only {other} flags: " + ", ".join(f"`{x}`" for x in only_b[:10])
-        return {"agree": agree, "disagree": n - agree, "both_anomalous": both_bad, "both_good": both_good,
+        if unsure:
+            text += (f". **{len(unsure)} without a verdict** from one of the models (uncalibrated or an error): "
+                     + ", ".join(f"`{x}`" for x in unsure[:10]))
+        return {"agree": agree, "disagree": len(only_a) + len(only_b), "both_anomalous": both_bad,
+                "both_good": both_good, "no_verdict": unsure,
                 "only_first": only_a, "only_second": only_b, "text": text + "."}
 
     def _detector_no_activate(self, name: str) -> Any:

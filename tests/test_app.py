@@ -756,3 +756,17 @@ def test_files_that_are_not_images_are_said_to_be_left_out(ctl: AppController, r
     assert "Left out 1 file(s): notes.txt (unsupported file type .txt)." in msg
     r = c.run_evaluation(name, "synth/fibrous")
     assert "left out 1 file(s) with unsupported extensions: scan.gif" in r["message"]
+
+
+def test_comparison_with_an_uncalibrated_model_never_counts_both_good(ctl: AppController, tmp_path: Path) -> None:
+    # an uncalibrated model's verdict is neither good nor anomalous: before, its "not anomalous" was
+    # counted as agreeing with the good images of the model in use ("3 agree, 2 both good")
+    ctl.registry.add("raw", FakeDetector(threshold=float("nan")), "test", activate=False)
+    files = [str(grey(tmp_path / f"{v}.png", v)) for v in (128, 60, 10)]
+    batch = ctl.inspect("fake", files)
+    a = ctl.agreement("raw", batch, 0.3)
+    assert (a["agree"], a["both_good"], a["disagree"]) == (0, 0, 0)
+    assert sorted(a["no_verdict"]) == ["10.png", "128.png", "60.png"]
+    assert "3 without a verdict" in a["text"]
+    rows_a, rows_b = ctl.compare_rows("raw", batch, 0.3)
+    assert [r[4] for r in rows_a] == ["? no verdict"] * 3
