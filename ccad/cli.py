@@ -280,8 +280,14 @@ def _predict(a: argparse.Namespace, shard: Any) -> int:
         if r.reconstruction is not None:
             rec = (r.reconstruction * 255).round().astype("uint8")
             cv2.imwrite(str(out / names["reconstruction"]), cv2.cvtColor(rec, cv2.COLOR_RGB2BGR))
+        ood = r.out_of_domain
         rows.append({"file": r.path, "score": f"{r.score:.6f}", "threshold": f"{r.threshold:.6f}",
-                     "verdict": r.verdict, "seconds": f"{r.seconds:.3f}", **names})
+                     "verdict": r.verdict, "seconds": f"{r.seconds:.3f}",
+                     # unlike the model's good training images (empty: the model has no such statistic)
+                     "out_of_domain": "" if ood is None else ("yes" if ood else "no"),
+                     "domain_distance": "" if r.domain_distance is None else f"{r.domain_distance:.6f}",
+                     "domain_limit": "" if r.domain_limit is None else f"{r.domain_limit:.6f}",
+                     "error": r.error or "", **names})
     if shard.distributed:  # the main process writes one CSV: every rank's rows, then every rank's errors
         rows = [row for part in shard.gather(rows) for row in part]
         errors = [e for part in shard.gather(errors) for e in part]
@@ -297,16 +303,19 @@ def _predict(a: argparse.Namespace, shard: Any) -> int:
     _report_skipped(unsupported)
     with open(out / "scores.csv", "w", newline="") as f:
         # heatmap/overlay/mask/reconstruction: the file written for this row, in the --out folder
-        w = csv.DictWriter(f, fieldnames=["file", "score", "threshold", "verdict", "seconds", *OUTPUT_KINDS],
-                           restval="")
+        w = csv.DictWriter(f, fieldnames=["file", "score", "threshold", "verdict", "seconds", "out_of_domain",
+                                          "domain_distance", "domain_limit", "error", *OUTPUT_KINDS], restval="")
         w.writeheader()
         w.writerows(rows)
     other = {k: sum(row["verdict"] == k for row in rows[:n_ok]) for k in ("uncalibrated", "error")}
+    n_ood = sum(row["out_of_domain"] == "yes" for row in rows[:n_ok])
     print(f"{n_ok} images: {n_bad} anomalous, {n_good} good, "
           + (f"{other['uncalibrated']} uncalibrated (no threshold: not judged), " if other["uncalibrated"] else "")
           + (f"{other['error']} failed (non-finite score: see scores.csv), " if other["error"] else "")
           + f"{len(errors)} unreadable; "
-          f"wrote {out / 'scores.csv'}")
+          + (f"{n_ood} out of the model's training domain (out_of_domain in scores.csv: verdicts there are "
+             "not to be trusted); " if n_ood else "")
+          + f"wrote {out / 'scores.csv'}")
     return 0 if n_ok or not errors else 1
 
 

@@ -348,6 +348,28 @@ def test_patchcore_flags_foreign_images_out_of_domain(patchcore, root):
     assert count_statuses(results, errors)["out_of_domain"] == 4
 
 
+def test_predict_writes_out_of_domain_columns_and_counts_them(patchcore, root, tmp_path, capsys):
+    import csv
+
+    import cv2
+
+    from ccad.cli import main
+
+    patchcore.save_pretrained(tmp_path / "m")
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for name, im in foreign_images().items():
+        cv2.imwrite(str(imgs / f"{name.replace(' ', '_')}.png"), (im[..., ::-1] * 255).round().astype(np.uint8))
+    shutil.copy(good_image(root), imgs / "good.png")
+    assert main(["predict", str(tmp_path / "m"), str(imgs), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    rows = {r["file"].rsplit("/", 1)[-1]: r for r in csv.DictReader(open(tmp_path / "out" / "scores.csv"))}
+    assert rows["good.png"]["out_of_domain"] == "no" and rows["noise.png"]["out_of_domain"] == "yes"
+    assert sum(r["out_of_domain"] == "yes" for r in rows.values()) == 4
+    assert float(rows["noise.png"]["domain_distance"]) > float(rows["noise.png"]["domain_limit"]) > 0
+    assert all(r["error"] == "" for r in rows.values())
+    assert "4 out of the model's training domain" in capsys.readouterr().out
+
+
 def test_fused_model_flags_foreign_images_and_keeps_the_statistic_on_disk(fused_model, root):
     det = AnomalyDetector.from_pretrained(fused_model, device="cpu")
     assert "fusion memory" in det.calibration.domain.source
