@@ -46,7 +46,7 @@ def resolve_model_path(model_id: str | os.PathLike, revision: Optional[str] = No
     ``model_id``: ``"<id>: no such model folder (and not a Hugging Face Hub repo id)"`` for a
     path that does not exist, or why the Hub could not serve a valid repo id.
     """
-    from .pipeline import CheckpointError
+    from .errors import CheckpointError
 
     text = str(model_id)
     path = Path(text).expanduser()

@@ -28,6 +28,7 @@ from huggingface_hub import ModelHubMixin
 from . import __version__
 from .config import ConfigError, DetectorConfig, set_option
 from .data.io import ImageReadError, coerce_image, to_tensor
+from .errors import CheckpointError  # noqa: F401  (re-exported: ccad.pipeline.CheckpointError)
 from .methods import Context, Method, get_method
 from .scoring.anomaly_map import image_score
 from .scoring.heatmap import render_heatmap
@@ -35,10 +36,6 @@ from .scoring.threshold import Calibration
 
 ProgressFn = Optional[Callable[[int, int], None]]
 CancelFn = Optional[Callable[[], bool]]
-
-
-class CheckpointError(ValueError):
-    """A saved detector folder is missing files, corrupt, or from an incompatible version."""
 
 
 def default_device() -> torch.device:

@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..scoring.anomaly_map import gaussian_blur, scaled_sigma
+from ..scoring.anomaly_map import gaussian_blur, min_cosine_distance_map, scaled_sigma
 from .objectives import _randn_like, sample_timesteps
 from .reconstruct import ddim_step, reconstruction_timesteps
 
@@ -256,22 +256,6 @@ def glad_reconstruct(eps_fn: EpsFn, x0: torch.Tensor, scheduler, score_fn: Score
 # --------------------------------------------------------------------------------------------
 # sec. 3.6: eq. 11-12
 # --------------------------------------------------------------------------------------------
-
-def min_cosine_distance_map(f_t: torch.Tensor, f_r: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
-    """Eq. 11: ``M^(i,j) = min over all locations (u, v) of 1 - cos(F_t^(i,j), F_r^(u,v))``.
-
-    ``f_t`` (test image) and ``f_r`` (reconstruction) are ``B x C x h x w`` maps of one layer;
-    returns ``B x 1 x h x w``. The similarity matrix is computed ``chunk`` query locations at a
-    time (a 64 x 64 grid would otherwise be a 4096 x 4096 matrix per image)."""
-    b, c, h, w = f_t.shape
-    a = F.normalize(f_t.float().flatten(2), dim=1, eps=1e-6)  # B x C x N
-    r = F.normalize(f_r.float().flatten(2), dim=1, eps=1e-6)  # B x C x M
-    out = []
-    for s in range(0, a.shape[-1], int(chunk)):
-        sim = torch.bmm(a[:, :, s:s + int(chunk)].transpose(1, 2), r)  # B x n x M
-        out.append(1.0 - sim.amax(-1))
-    return torch.cat(out, dim=1).view(b, 1, h, w)
-
 
 def topk_mean(maps: torch.Tensor, k: int) -> torch.Tensor:
     """Mean of the ``k`` largest values of each map (``B``)."""

@@ -56,6 +56,22 @@ def neighbourhood_cosine_distance(a: torch.Tensor, b: torch.Tensor, radius: int 
     return (1.0 - sim.amax(1)).view(n, 1, h, w)
 
 
+def min_cosine_distance_map(f_t: torch.Tensor, f_r: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """GLAD (papers/glad.md) eq. 11: ``M^(i,j) = min over all locations (u, v) of 1 - cos(F_t^(i,j), F_r^(u,v))``.
+
+    ``f_t`` (test image) and ``f_r`` (reconstruction) are ``B x C x h x w`` maps of one layer;
+    returns ``B x 1 x h x w``. The similarity matrix is computed ``chunk`` query locations at a
+    time (a 64 x 64 grid would otherwise be a 4096 x 4096 matrix per image)."""
+    b, c, h, w = f_t.shape
+    a = F.normalize(f_t.float().flatten(2), dim=1, eps=1e-6)  # B x C x N
+    r = F.normalize(f_r.float().flatten(2), dim=1, eps=1e-6)  # B x C x M
+    out = []
+    for s in range(0, a.shape[-1], int(chunk)):
+        sim = torch.bmm(a[:, :, s:s + int(chunk)].transpose(1, 2), r)  # B x n x M
+        out.append(1.0 - sim.amax(-1))
+    return torch.cat(out, dim=1).view(b, 1, h, w)
+
+
 def layer_distance(a: torch.Tensor, b: torch.Tensor, match: str = "same", radius: int = 1) -> torch.Tensor:
     """Cosine distance map of one layer's features ``B x C x h x w`` -> ``B x 1 x h x w``.
 
@@ -66,8 +82,6 @@ def layer_distance(a: torch.Tensor, b: torch.Tensor, match: str = "same", radius
     if match == "neighbourhood":
         return neighbourhood_cosine_distance(a, b, radius)
     if match == "all":
-        from ..diffusion.glad import min_cosine_distance_map
-
         return min_cosine_distance_map(a, b)
     raise ValueError(f"feature match must be 'same', 'neighbourhood' or 'all', got {match!r}")
 
