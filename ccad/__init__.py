@@ -32,7 +32,7 @@ _EXPORTS = {
     "FeatureBank": "ccad.features",
     "Backbone": "ccad.features",
     "PatchCoreScorer": "ccad.features",
-    "DetectorConfig": "ccad.config",
+    "DetectorConfig": "ccad.detector_config",
     "register_method": "ccad.methods",
     "get_method": "ccad.methods",
     "Method": "ccad.methods",

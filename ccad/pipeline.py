@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from huggingface_hub import ModelHubMixin
 
 from . import __version__
-from .config import ConfigError, DetectorConfig, set_option
+from .config import ConfigError, set_option
 from .data.io import ImageReadError, coerce_image, to_tensor
+from .detector_config import DetectorConfig
 from .errors import CheckpointError  # noqa: F401  (re-exported: ccad.pipeline.CheckpointError)
 from .methods import Context, Method, get_method
 from .scoring.anomaly_map import image_score

@@ -7,7 +7,8 @@ import re
 import pytest
 
 from ccad.cli import main
-from ccad.config import ConfigError, DetectorConfig, config_from_dict
+from ccad.config import ConfigError, config_from_dict
+from ccad.detector_config import DetectorConfig
 from ccad.data.synthetic import write_dataset
 from ccad.pipeline import AnomalyDetector, CheckpointError, fit_detector
 

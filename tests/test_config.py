@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from ccad.config import BankConfig, ConfigError, DetectorConfig, DiffusionConfig, set_option
+from ccad.config import BankConfig, ConfigError, DiffusionConfig, set_option
+from ccad.detector_config import DetectorConfig
 from ccad.methods import PLANNED, Planned, UnknownVariant, get_method, method_names
 
 
