@@ -193,7 +193,8 @@ def build_detector(name: str, train: list, s: dict[str, Any], run_dir: Path, cal
                        checkpoint_every=steps, keep_checkpoints=1, show_progress=False, seed=seed)
     return train_detector(train, run_dir, variant=name, method=cfg, train=tcfg, image_size=s["image_size"],
                           scoring=scoring, calibration_fraction=calibration_fraction, device=device, seed=seed,
-                          fusion_memory=fusion_memory, **bank_kw)
+                          fusion_memory=fusion_memory, overwrite=True,  # a benchmark row always trains afresh
+                          **bank_kw)
 
 
 def loss_summary(run_dir: Path) -> Optional[dict[str, float]]:
