@@ -21,11 +21,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "AnomalyDetector": "ccad.pipeline",
-    "Prediction": "ccad.pipeline",
-    "CheckpointError": "ccad.pipeline",
-    "RunFolderExistsError": "ccad.pipeline",
-    "count_statuses": "ccad.pipeline",
+    "AnomalyDetector": "ccad.detector",
+    "Prediction": "ccad.prediction",
+    "CheckpointError": "ccad.errors",
+    "RunFolderExistsError": "ccad.errors",
+    "count_statuses": "ccad.prediction",
     "fit_detector": "ccad.pipeline",
     "train_detector": "ccad.pipeline",
     "evaluate": "ccad.evaluate",

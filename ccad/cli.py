@@ -178,7 +178,8 @@ def variants_help() -> str:
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from .data.datasets import load_dataset
-    from .distributed import current, evaluate_sharded
+    from .distributed import current
+    from .evaluate import evaluate_sharded
 
     shard = current()  # under accelerate launch / torchrun: this process's slice (before loading: its GPU)
     views = None

@@ -5,3 +5,12 @@ from __future__ import annotations
 
 class CheckpointError(ValueError):
     """A saved detector folder is missing files, corrupt, or from an incompatible version."""
+
+
+class RunFolderExistsError(ValueError):
+    """The output folder already holds a run or a model that this call would overwrite."""
+
+
+class Cancelled(RuntimeError):
+    """A long operation was stopped because its ``cancel()`` callable returned True (the project's
+    one cancellation exception: bank builds, latent caches, training)."""

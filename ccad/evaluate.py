@@ -159,7 +159,7 @@ def report_from_scored(detector: Any, scored: ScoredSet, seconds: float = 0.0) -
     scores_a, maps_a, metas = scored.scores, scored.maps, scored.metas
     labels_a, masks_a = np.asarray(scored.labels).astype(int), scored.masks
     thr = detector.threshold
-    from .pipeline import status_of
+    from .scoring.verdict import status_of
 
     records = [{**meta, "label": int(y), "score": float(s), "status": status_of(s, thr),
                 "is_anomalous": status_of(s, thr) == "anomalous"}
@@ -202,3 +202,56 @@ def evaluate_views(detector: Any, samples: Sequence[Any], batch_size: int = 8,
     scored = score_views(detector, samples, batch_size, progress, views)
     seconds = time.perf_counter() - t0
     return {v: report_from_scored(detector, sc, seconds=seconds) for v, sc in scored.items()}
+
+
+def evaluate_sharded(detector: Any, samples: Sequence[Any], shard: Any, batch_size: int = 8,
+                     progress: Any = None, folder: Optional[str] = None) -> Any:
+    """:func:`evaluate` with the samples split across the processes.
+
+    Each rank scores its slice (:func:`score_samples`) and writes its scores, maps,
+    labels and masks to ``rank<k>.npz`` (records and skipped files to ``rank<k>.json``) in
+    :func:`ccad.distributed.shard_folder`; after every rank is done, the main process reads them in rank order and
+    computes the metrics once (:func:`report_from_scored`). Returns the
+    :class:`~ccad.evaluate.EvalReport` on the main process and None on the others. Running
+    alone it is plain :func:`~ccad.evaluate.evaluate`.
+    """
+    import shutil
+    import time
+
+    from .distributed import shard_folder
+
+    if not shard.distributed:
+        return evaluate(detector, samples, batch_size=batch_size, progress=progress)
+    t0 = time.perf_counter()
+    made = not folder
+    where = Path(shard_folder(shard, folder))
+    scored = score_samples(detector, shard.split(list(samples), batch_size), batch_size, progress)
+    where.mkdir(parents=True, exist_ok=True)
+    stem = where / f"rank{shard.rank}"
+    np.savez(f"{stem}.npz", scores=scored.scores, maps=scored.maps, labels=scored.labels, masks=scored.masks)
+    Path(f"{stem}.json").write_text(json.dumps({"metas": scored.metas, "errors": [list(e) for e in scored.errors]}))
+    shard.wait()
+    if not shard.is_main:
+        return None
+    parts = []
+    try:
+        for k in range(shard.world):
+            npz, meta = where / f"rank{k}.npz", where / f"rank{k}.json"
+            if not npz.is_file() or not meta.is_file():
+                raise FileNotFoundError(f"{npz}: process {k}'s results are missing (processes on several machines "
+                                        f"need --shard-dir on a file system they all share)")
+            with np.load(npz) as z:
+                side = json.loads(meta.read_text())
+                parts.append(ScoredSet(z["scores"], z["maps"], z["labels"], z["masks"], side["metas"],
+                                       [tuple(e) for e in side["errors"]]))
+    finally:
+        if made:
+            shutil.rmtree(where, ignore_errors=True)
+        else:
+            for k in range(shard.world):
+                for ext in (".npz", ".json"):
+                    (where / f"rank{k}{ext}").unlink(missing_ok=True)
+    size = int(getattr(detector, "input_size", detector.image_size))
+    report = report_from_scored(detector, ScoredSet.concatenate(parts, size))
+    report.seconds = time.perf_counter() - t0
+    return report

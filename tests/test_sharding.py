@@ -145,7 +145,7 @@ def test_sharded_evaluate_gives_the_single_process_report(tiny, tmp_path):
 def test_seconds_are_each_images_own_time_plus_its_share_of_the_batch(tiny, monkeypatch):
     """A fake clock that only moves while an image is read (its own cost), resized (its own cost)
     or the batch runs forward (3 s): each image's seconds must be exactly its own costs + 1 s."""
-    import ccad.pipeline as pl
+    import ccad.detector as pl  # the module whose clock and readers predict_many uses
 
     det = pl.AnomalyDetector.from_pretrained(str(tiny.model))
     clock = [0.0]

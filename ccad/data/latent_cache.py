@@ -203,7 +203,7 @@ def build_latent_cache(samples: Sequence[Sample], autoencoder: Any, image_size: 
         batch_size: images per encoder call.
         progress: ``progress(images_done, images_total)`` after each batch.
         cancel: called before each batch; returning True raises
-            :class:`ccad.features.bank.Cancelled` (the partial files are removed).
+            :class:`ccad.errors.Cancelled` (the partial files are removed).
         hflip: also store the horizontally flipped copy of every image.
         fit_scaling: fit the autoencoder's scale / shift on these raw latents first (module
             docstring); otherwise the autoencoder's current scaling is used.
@@ -233,7 +233,7 @@ def build_latent_cache(samples: Sequence[Sample], autoencoder: Any, image_size: 
             progress(len(samples), len(samples))
         return cache
 
-    from ccad.features.bank import Cancelled  # the project's one cancellation exception
+    from ccad.errors import Cancelled  # the project's one cancellation exception
 
     n_views = 2 if hflip else 1
     n_src = len(samples)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .coreset import MAX_BANK_SIZE, StreamingCoreset, validate_bank_size
+from ..errors import Cancelled  # noqa: F401  (re-exported: ccad.features.bank.Cancelled)
 
 __all__ = [
     "FeatureBank",
@@ -50,10 +51,6 @@ BANK_META = "bank.json"
 
 ProgressFn = Optional[Callable[[int, Optional[int]], Any]]
 CancelFn = Optional[Callable[[], bool]]
-
-
-class Cancelled(RuntimeError):
-    """A long operation was stopped because its ``cancel()`` callable returned True."""
 
 
 def _ccad_version() -> str:

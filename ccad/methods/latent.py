@@ -146,7 +146,7 @@ def latent_bank(method: LatentMethod, train: Sequence[Any], size: int, kernel: i
     n = len(cache)
     for start in range(0, n, 32):
         if method.ctx.cancel is not None and method.ctx.cancel():
-            from ..features.bank import Cancelled
+            from ..errors import Cancelled
 
             raise Cancelled("latent bank build cancelled")
         z = torch.from_numpy(cache.latents[start:start + 32].astype("float32"))

@@ -1,0 +1,623 @@
+"""The one object users call: :class:`AnomalyDetector`.
+
+A detector is a method plug-in (:mod:`ccad.methods`: PatchCore, CCAD(V), ...) plus what every
+method shares: the feature bank, the image score, the calibrated threshold, the files on disk.
+The detector never looks at the method's name; it asks the registry for the method class and
+calls its hooks (``maps`` for a batch, ``save`` / ``load`` for its files).
+
+``AnomalyDetector.from_pretrained(path_or_repo_id).predict(image_or_path)`` returns a
+:class:`~ccad.prediction.Prediction` with the score, map, reconstruction, binary mask, verdict
+and timing. Building and training detectors is :mod:`ccad.pipeline` (above this module).
+"""
+
+import json
+import math
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from huggingface_hub import ModelHubMixin
+
+from . import __version__
+from .config import ConfigError
+from .data.io import ImageReadError, coerce_image, to_tensor
+from .detector_config import DetectorConfig
+from .errors import CheckpointError  # noqa: F401  (re-exported: ccad.pipeline.CheckpointError)
+from .methods import Context, Method, get_method
+from .prediction import Prediction
+from .scoring.anomaly_map import image_score
+from .scoring.threshold import Calibration
+
+ProgressFn = Optional[Callable[[int, int], None]]
+CancelFn = Optional[Callable[[], bool]]
+
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# The detector
+# --------------------------------------------------------------------------------------------
+
+FILES = {
+    "config": "config.json",
+    "calibration": "calibration.json",
+    "info": "info.json",
+}
+
+
+class AnomalyDetector(
+    ModelHubMixin,
+    library_name="ccad",
+    tags=["anomaly-detection", "ccad", "diffusion"],
+    repo_url="https://github.com/ccad-project/ccad",
+    paper_url="https://arxiv.org/abs/2512.21459",
+):
+    """A method plug-in + bank + image score + threshold behind one ``predict`` call.
+
+    Args:
+        config: the :class:`DetectorConfig` (its ``method`` section is the method's own config).
+        bank: the Coarse Feature Bank (a :class:`ccad.features.FeatureBank`) or None for methods
+            without one.
+        method: the built or loaded :class:`ccad.methods.Method` instance.
+        calibration / info: the threshold and plain facts (training count, metrics ...).
+        fusion: the :class:`ccad.scoring.fusion.BankFusion` when ``config.scoring.fusion`` is
+            ``"bank"`` (the method's map fused with a nearest-neighbour map), else None.
+    """
+
+    def __init__(
+        self,
+        config: DetectorConfig,
+        bank: Any,
+        method: Method,
+        calibration: Optional[Calibration] = None,
+        info: Optional[dict[str, Any]] = None,
+        device: Optional[torch.device | str] = None,
+        fusion: Any = None,
+    ) -> None:
+        self.config = config.validate()
+        if not isinstance(method, get_method(config.variant)):
+            raise ConfigError(f"a {config.variant} detector needs a {get_method(config.variant).__name__} "
+                              f"method, got {type(method).__name__}")
+        self.bank = bank
+        self.method = method
+        self.calibration = calibration
+        self.info: dict[str, Any] = dict(info or {})
+        self.source: Optional[Path] = None  # the folder load_folder read this detector from
+        self.device = torch.device(device) if device is not None else default_device()
+        if (config.scoring.fusion == "bank") != (fusion is not None):
+            raise ConfigError("scoring.fusion is 'bank' but no fusion memory was given" if fusion is None
+                              else "a fusion memory was given but scoring.fusion is 'none'")
+        self.fusion = fusion.to(self.device) if fusion is not None else None
+        ctx = method.ctx
+        ctx.device, ctx.bank, ctx.scoring, ctx.bank_config = self.device, bank, config.scoring, config.bank
+        method.config = config.method
+        method.to(self.device)
+
+    # ---- properties -------------------------------------------------------------------------
+    @property
+    def variant(self) -> str:
+        return self.config.variant
+
+    @property
+    def image_size(self) -> int:
+        return int(self.config.image_size)
+
+    @property
+    def threshold(self) -> float:
+        return float(self.calibration.threshold) if self.calibration is not None else float("nan")
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"threshold must be a finite number, got {value}")
+        if self.calibration is None:
+            self.calibration = Calibration(threshold=value, method="manual")
+        else:
+            self.calibration.threshold = value
+            self.calibration.method = "manual"
+
+    @property
+    def input_size(self) -> int:
+        """The square size images are read at: the model's, or the fusion memory's when larger
+        (maps and reconstructions come back at this size)."""
+        return max(self.image_size, self.fusion.image_size) if self.fusion is not None else self.image_size
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        """The maps this detector can give: ``fused`` / ``method`` / ``bank`` with fusion, else ``method``."""
+        from .scoring.fusion import VIEWS
+
+        return VIEWS if self.fusion is not None else ("method",)
+
+    @property
+    def map_floor(self) -> float:
+        return float(self.info.get("map_floor", 0.0))
+
+    # ---- internals --------------------------------------------------------------------------
+    @torch.no_grad()
+    def map_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``(method maps, bank maps or None, reconstructions or None)`` for a batch ``B x 3 x S' x S'``
+        at :attr:`input_size`; the method sees the batch resized to its own size, and its maps
+        and reconstructions come back at the batch's size."""
+        return self._map_parts(x)[:3]
+
+    @torch.no_grad()
+    def _map_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor],
+                                                   Optional[torch.Tensor]]:
+        """:meth:`map_parts` and the per-image domain distances ``B`` (:mod:`ccad.scoring.domain`;
+        None when this detector has no memory of good patch features)."""
+        from .scoring.domain import patch_median
+
+        x = x.to(self.device, torch.float32)
+        size = tuple(x.shape[-2:])
+        xm = x if size == (self.image_size, self.image_size) else F.interpolate(
+            x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=True)
+        out = self.method.maps(xm)
+        maps = out.maps.float()
+        rec = None if out.reconstruction is None else out.reconstruction.float()
+        if tuple(maps.shape[-2:]) != size:
+            maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+        if rec is not None and tuple(rec.shape[-2:]) != size:
+            rec = F.interpolate(rec, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
+        bank, domain = None, getattr(out, "domain", None)
+        if self.fusion is not None:  # the fusion memory (training patches) gives both the map and the distance
+            raw = self.fusion.scorer.score_maps(x.float()).float()
+            bank = self.fusion.maps_from_raw(raw, size)
+            domain = patch_median(raw)
+        elif domain is None:
+            domain = self._bank_domain(x)
+        return maps, bank, rec, None if domain is None else domain.float()
+
+    @property
+    def domain_source(self) -> Optional[str]:
+        """Which memory of good patch features the domain distance is measured to, or None."""
+        if self.fusion is not None:
+            return "fusion memory (nearest-neighbour memory of the training patches)"
+        if hasattr(getattr(self.method, "scorer", None), "score_maps"):
+            return "PatchCore memory of the training patches"
+        if self._bank_is_backbone():
+            return "Coarse Feature Bank (coreset of the training patches)"
+        return None
+
+    def _bank_is_backbone(self) -> bool:
+        meta = getattr(self.bank, "meta", None) or {}
+        return (self.bank is not None and hasattr(self.bank, "features") and bool(meta.get("backbone"))
+                and not str(meta.get("backbone")).startswith("latent:")
+                and str(meta.get("backbone")) == str(self.config.bank.backbone))
+
+    @torch.no_grad()
+    def _bank_domain(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Domain distances to the Coarse Feature Bank (its backbone's patch features); None for a
+        detector without a backbone bank (a latent bank, or no bank)."""
+        if not self._bank_is_backbone():
+            return None
+        from .features.patchcore import nearest_distances
+        from .scoring.fusion import bank_backbone
+        from .scoring.domain import patch_median
+
+        bb = getattr(self, "_domain_backbone", None)
+        if bb is None:
+            bb = self._domain_backbone = bank_backbone(self.config.bank, self.device).eval()
+        s = int((self.bank.meta or {}).get("image_size") or self.image_size)
+        xb = x if tuple(x.shape[-2:]) == (s, s) else F.interpolate(x, size=(s, s), mode="bilinear",
+                                                                  align_corners=False, antialias=True)
+        f = bb(xb)
+        b, d = f.shape[:2]
+        feats = self.bank.features.to(f.device)
+        if d != feats.shape[1]:
+            return None
+        dist, _ = nearest_distances(f.permute(0, 2, 3, 1).reshape(-1, d), feats)
+        return patch_median(dist.view(b, -1))
+
+    def combine(self, maps: torch.Tensor, bank: Optional[torch.Tensor], view: Optional[str] = None) -> torch.Tensor:
+        """One view of :meth:`map_parts`: ``fused`` (the default with fusion), ``method`` or ``bank``."""
+        if self.fusion is None:
+            if view not in (None, "method"):
+                raise ValueError(f"view {view!r}: this detector has no fusion (scoring.fusion is 'none'); "
+                                 f"its only view is 'method'")
+            return maps
+        return self.fusion.combine(maps, bank, view or "fused")
+
+    @torch.no_grad()
+    def maps_for_batch(self, x: torch.Tensor, view: Optional[str] = None
+                       ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Anomaly maps ``B x 1 x S x S`` (and reconstructions) for a batch at :attr:`input_size`
+        (the fused map when the detector fuses, unless ``view`` asks for one component)."""
+        maps, bank, rec = self.map_parts(x)
+        return self.combine(maps, bank, view), rec
+
+    def _score(self, maps: torch.Tensor) -> torch.Tensor:
+        sc = self.config.scoring
+        return image_score(maps, sc.score, sc.topk_ratio, topk_count=sc.topk_count)
+
+    def _predict_batch(self, images: list[np.ndarray], paths: list[Optional[str]],
+                       read_seconds: Optional[Sequence[float]] = None) -> list[Prediction]:
+        """Predictions for decoded images. ``Prediction.seconds`` is each image's own time: its
+        read/decode (``read_seconds``, measured by the caller), its resize to the model's size and
+        its post-processing (map and reconstruction interpolated back to its size), each timed per
+        image, plus its share of the batched forward pass and image score (batch time / batch size)."""
+        own = list(read_seconds) if read_seconds is not None else [0.0] * len(images)
+        tensors = []
+        for i, im in enumerate(images):
+            t = time.perf_counter()
+            tensors.append(to_tensor(im, self.input_size))
+            own[i] += time.perf_counter() - t
+        t0 = time.perf_counter()
+        x = torch.stack(tensors)
+        parts, bank_maps, x_hat, domain = self._map_parts(x)
+        maps = self.combine(parts, bank_maps)
+        scores = self._score(maps).cpu().numpy()
+        domain = None if domain is None else domain.cpu().numpy()
+        dstats = self.calibration.domain if self.calibration is not None else None
+        finite = torch.isfinite(maps).flatten(1).all(1).cpu().numpy() & np.isfinite(scores)
+        per = (time.perf_counter() - t0) / len(images)
+        out = []
+        for i, im in enumerate(images):
+            t = time.perf_counter()
+            h, w = im.shape[:2]
+            m = F.interpolate(maps[i:i + 1], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+            rec = None
+            if x_hat is not None:
+                rec = F.interpolate(x_hat[i:i + 1].float(), size=(h, w), mode="bilinear", align_corners=False)
+                rec = rec[0].permute(1, 2, 0).clamp(0, 1).cpu().numpy()
+            out.append(Prediction(image=im, reconstruction=rec, anomaly_map=m.cpu().numpy().astype(np.float32),
+                                  score=float(scores[i]), threshold=self.threshold, seconds=per, path=paths[i],
+                                  map_floor=self.map_floor,
+                                  error=None if finite[i] else self._non_finite_message(float(scores[i])),
+                                  domain_distance=None if domain is None else float(domain[i]),
+                                  domain_limit=None if dstats is None else float(dstats.limit)))
+            out[-1].seconds = own[i] + per + (time.perf_counter() - t)
+        return out
+
+    def weight_files(self) -> list[str]:
+        """The safetensors files this detector was loaded from (paths), or [] for one built in memory."""
+        if self.source is None:
+            return []
+        return [str(f) for f in sorted(Path(self.source).rglob("*.safetensors"))]
+
+    def _non_finite_message(self, score: float) -> str:
+        what = f"anomaly score {score}" if not math.isfinite(score) else "anomaly map"
+        files = self.weight_files()
+        where = (f"its weight files ({', '.join(files)})" if files else "its weights (built in memory, not loaded "
+                 "from a folder)")
+        return (f"the model gave a non-finite {what} (NaN or inf): no verdict; the model is probably corrupt: "
+                f"check {where}, re-download or re-train it")
+
+    # ---- public API -------------------------------------------------------------------------
+    def predict(self, image: Any) -> Prediction:
+        """Inspect one image (path, PIL image or numpy array; grey/RGB/RGBA/16-bit; any size)."""
+        path = str(image) if isinstance(image, (str, Path)) else None
+        t = time.perf_counter()
+        im = coerce_image(image)
+        return self._predict_batch([im], [path], [time.perf_counter() - t])[0]
+
+    def predict_many(
+        self, items: Iterable[Any], batch_size: int = 8, on_error: str = "skip", progress: ProgressFn = None,
+        cancel: CancelFn = None,
+    ) -> tuple[list[Prediction], list[tuple[str, str]]]:
+        """Inspect many images in batches. A bad file is reported in ``errors`` and skipped
+        (``on_error="skip"``) or raises (``"raise"``); nothing already done is lost. Each
+        prediction's ``seconds`` is that image's own time (see :meth:`_predict_batch`), its read
+        and decode included."""
+        items = list(items)
+        results: list[Prediction] = []
+        errors: list[tuple[str, str]] = []
+        batch: list[np.ndarray] = []
+        paths: list[Optional[str]] = []
+        reads: list[float] = []
+        done = 0
+
+        def flush() -> None:
+            if batch:
+                results.extend(self._predict_batch(batch, paths, reads))
+                batch.clear()
+                paths.clear()
+                reads.clear()
+
+        for item in items:
+            if cancel is not None and cancel():
+                break
+            name = str(item) if isinstance(item, (str, Path)) else f"item {done}"
+            try:
+                t = time.perf_counter()
+                batch.append(coerce_image(item))
+                reads.append(time.perf_counter() - t)
+                paths.append(str(item) if isinstance(item, (str, Path)) else None)
+            except (ImageReadError, ValueError, TypeError) as exc:
+                if on_error == "raise":
+                    raise
+                errors.append((name, str(exc)))
+            done += 1
+            if len(batch) >= batch_size:
+                flush()
+            if progress is not None:
+                progress(done, len(items))
+        flush()
+        return results, errors
+
+    def score_batches(self, batches: Iterable[dict], progress: ProgressFn = None, total: Optional[int] = None,
+                      view: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and ``N x S x S`` maps for batches from :func:`ccad.data.datasets.iter_batches`
+        (read at :attr:`input_size`); ``view`` as :meth:`combine`."""
+        scores, maps = [], []
+        done = 0
+        for b in batches:
+            m, _ = self.maps_for_batch(b["image"], view)
+            scores.append(self._score(m).cpu().numpy())
+            maps.append(m[:, 0].cpu().numpy().astype(np.float32))
+            done += len(b["image"])
+            if progress is not None:
+                progress(done, total or done)
+        if not scores:
+            return np.zeros(0, np.float32), np.zeros((0, self.input_size, self.input_size), np.float32)
+        return np.concatenate(scores), np.concatenate(maps)
+
+    def calibrate(self, good_items: Sequence[Any], method: Optional[str] = None, fpr: Optional[float] = None,
+                  sigma: Optional[float] = None, batch_size: int = 8) -> Calibration:
+        """Calibrate the threshold on held-out good images only (paths, samples or arrays)."""
+        from .data.datasets import iter_batches
+        from .data.sample import Sample
+
+        sc = self.config.scoring
+        samples = [s if isinstance(s, Sample) else Sample(str(s), None, 0) for s in good_items]
+        errors: list[tuple[str, str]] = []
+        parts: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = []
+        fit_weight = self.fusion is not None and sc.fusion_weight_fit == "synthetic"
+        synthetic: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        gen = torch.Generator().manual_seed(0)
+        domains: list[torch.Tensor] = []
+        for b in iter_batches(samples, self.input_size, batch_size, on_error="skip", errors=errors):
+            m, bank, _, dom = self._map_parts(b["image"])
+            parts.append((m.cpu(), None if bank is None else bank.cpu()))
+            if dom is not None:
+                domains.append(dom.cpu())
+            if fit_weight:  # copies of these good images with a synthetic anomaly each (good-only)
+                from .data.anomaly_synth import synthesize_batch
+
+                x_a, masks = synthesize_batch(b["image"].float(), gen, ratio=1.0)
+                m_a, bank_a, _ = self.map_parts(x_a)
+                synthetic.append((m_a.cpu(), bank_a.cpu(), masks.cpu()))
+        if not parts:
+            raise ValueError("no readable good image to calibrate on" + (f" ({errors[0][0]}: {errors[0][1]})"
+                                                                         if errors else ""))
+        if self.fusion is not None:  # the normalisation of both maps comes from these good images only
+            good = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+            self.fusion.fit_stats(*good)
+            self.fusion.weight, self.fusion.norm, self.fusion.weight_fit = sc.fusion_weight, sc.fusion_norm, None
+            if fit_weight:
+                syn = [torch.cat([p[k] for p in synthetic]) for k in range(3)]
+                norms = (sc.fusion_norm,) + tuple(n for n in ("std", "quantile") if n != sc.fusion_norm)
+                self.fusion.fit_weight(good, (syn[0], syn[1]), syn[2], self._score, norms=norms)
+        fused = torch.cat([self.combine(m, bank) for m, bank in parts])
+        scores = self._score(fused).numpy()
+        maps = fused[:, 0].numpy()
+        if not (np.all(np.isfinite(scores)) and np.all(np.isfinite(maps))):
+            bad = int(np.sum(~np.isfinite(scores)) or np.sum(~np.isfinite(maps).reshape(len(maps), -1).all(1)))
+            raise ValueError(f"calibration: {bad} of the {scores.size} good images gave a non-finite score or map "
+                             f"(NaN or inf): no threshold can be set; {self._non_finite_message(float('nan'))}")
+        self.calibration = Calibration.fit(scores, method or sc.calibration,
+                                           fpr=sc.target_fpr if fpr is None else fpr,
+                                           sigma=sc.sigma_k if sigma is None else sigma)
+        self.calibration.domain = self._fit_domain(domains)
+        self.info["map_floor"] = float(np.median(maps))
+        self.info["n_calibration_images"] = int(scores.size)
+        # the good files that could not be read: left out of the threshold, and said so
+        self.info["calibration_skipped"] = [{"path": str(name), "reason": str(why)} for name, why in errors]
+        if self.fusion is not None:
+            self.info["fusion"] = self.fusion.card()
+        return self.calibration
+
+    def _fit_domain(self, domains: list[torch.Tensor]) -> Any:
+        from .scoring.domain import DomainStats
+
+        if not domains:
+            return None
+        good = torch.cat(domains).numpy()
+        if not np.all(np.isfinite(good)):
+            raise ValueError(f"calibration: the domain distance of {int(np.sum(~np.isfinite(good)))} good image(s) "
+                             f"is NaN or inf; {self._non_finite_message(float('nan'))}")
+        return DomainStats.fit(good, source=self.domain_source or "")
+
+    def calibrate_domain(self, good_items: Sequence[Any], batch_size: int = 8) -> Any:
+        """Store only the out-of-domain statistic (:mod:`ccad.scoring.domain`) from held-out good
+        images, leaving the threshold and every other calibrated value as they are (for a model
+        calibrated by an older ccad). Needs a calibrated detector; returns the ``DomainStats``."""
+        from .data.datasets import iter_batches
+        from .data.sample import Sample
+
+        if self.calibration is None:
+            raise ValueError("calibrate_domain: the detector is not calibrated; run calibrate() on good images")
+        samples = [s if isinstance(s, Sample) else Sample(str(s), None, 0) for s in good_items]
+        domains = [d.cpu() for b in iter_batches(samples, self.input_size, batch_size, on_error="skip")
+                   if (d := self._map_parts(b["image"])[3]) is not None]
+        if not domains:
+            raise ValueError("calibrate_domain: no readable good image, or this detector has no memory of good "
+                             "patch features to measure the domain distance to")
+        self.calibration.domain = self._fit_domain(domains)
+        return self.calibration.domain
+
+    def card(self) -> dict[str, Any]:
+        """Plain facts about this model for the UI and the model card."""
+        bank_meta = dict(getattr(self.bank, "meta", {}) or {})
+        cal = self.calibration
+        mcls = type(self.method)
+        facts = {
+            "variant": self.variant,
+            "title": mcls.title,
+            "backbone": (self.bank.meta.get("backbone", self.config.bank.backbone) if self.bank is not None
+                         else None),
+            "layers": list(self.config.bank.layers) if self.bank is not None else None,
+            "bank_size": int(self.bank.features.shape[0]) if self.bank is not None else None,
+            "feature_dim": int(self.bank.features.shape[1]) if self.bank is not None else None,
+            "image_size": self.image_size,
+            "threshold": self.threshold,
+            "calibration": None if cal is None else {"method": cal.method, "n_good": int(cal.good_scores.size),
+                                                     "target_fpr": cal.target_fpr},
+            "domain_limit": None if cal is None or cal.domain is None else round(float(cal.domain.limit), 6),
+            "n_train_images": self.info.get("n_train_images", bank_meta.get("n_images")),
+            "categories": self.info.get("categories"),
+            "metrics": self.info.get("metrics"),
+            "created": self.info.get("created"),
+        }
+        method_facts = self.method.card()
+        facts["denoiser_parameters"] = method_facts.pop("parameters", None)
+        facts.update(method_facts)
+        if self.fusion is not None:
+            facts["fusion"] = self.fusion.card()
+        facts["ccad_version"] = self.info.get("ccad_version", __version__)
+        return facts
+
+    # ---- persistence (huggingface_hub mixin) ------------------------------------------------
+    def _save_pretrained(self, save_directory: Path) -> None:
+        save_directory = Path(save_directory)
+        if self.calibration is not None:
+            try:
+                self.calibration.check_finite()
+            except ValueError as exc:  # nothing is written: a NaN threshold would read every image as good
+                raise ValueError(f"{save_directory}: not saved: the calibration is not usable ({exc}); "
+                                 f"re-calibrate on readable good images") from None
+        save_directory.mkdir(parents=True, exist_ok=True)
+        self.config.save(save_directory / FILES["config"])
+        if self.bank is not None:
+            self.bank.save(save_directory)
+        self.method.save(save_directory)
+        if self.fusion is not None:
+            self.fusion.save(save_directory)
+        if self.calibration is not None:
+            (save_directory / FILES["calibration"]).write_text(json.dumps(self.calibration.to_dict(), indent=1))
+        elif (save_directory / FILES["calibration"]).is_file():  # never leave another model's threshold behind
+            (save_directory / FILES["calibration"]).unlink()
+        info = dict(self.info)
+        info.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        info["ccad_version"] = __version__
+        (save_directory / FILES["info"]).write_text(json.dumps(info, indent=2, default=float))
+        (save_directory / "README.md").write_text(model_card_text(self.card()))
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> Optional[str]:  # type: ignore[override]
+        """Write config.json, bank, the method's files (safetensors), calibration and a model card."""
+        return super().save_pretrained(save_directory, **kwargs)
+
+    def set_threshold_and_save(self, save_directory: str | Path, threshold: float) -> None:
+        """Change a saved model's threshold in place (only calibration.json is rewritten)."""
+        self.threshold = threshold
+        Path(save_directory, FILES["calibration"]).write_text(json.dumps(self.calibration.to_dict(), indent=1))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, revision: Optional[str] = None,
+                        cache_dir: Any = None, force_download: bool = False, local_files_only: bool = False,
+                        token: Any = None, device: Any = None, **_: Any) -> "AnomalyDetector":  # type: ignore[override]
+        """Load a detector from a local folder or a Hub repo id (:func:`ccad.hub.resolve_model_path`:
+        a path that does not exist or a repo the Hub cannot serve is a clear CheckpointError)."""
+        return cls._from_pretrained(model_id=str(pretrained_model_name_or_path), revision=revision,
+                                    cache_dir=cache_dir, force_download=force_download,
+                                    local_files_only=local_files_only, token=token, device=device)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: Optional[str], cache_dir: Any, force_download: bool,
+                         local_files_only: bool, token: Any, device: Any = None, **_: Any) -> "AnomalyDetector":
+        from .hub import resolve_model_path
+
+        path = resolve_model_path(model_id, revision=revision, cache_dir=cache_dir, force_download=force_download,
+                                  local_files_only=local_files_only, token=token)
+        return cls.load_folder(path, device=device)
+
+    @classmethod
+    def load_folder(cls, path: str | Path, device: Any = None) -> "AnomalyDetector":
+        """Load a detector saved by :meth:`save_pretrained` from a local folder."""
+        from safetensors import SafetensorError
+
+        from .features import FeatureBank
+
+        path = Path(path)
+        if not (path / FILES["config"]).is_file():
+            raise CheckpointError(f"{path}: not a ccad model folder (no {FILES['config']})")
+        try:
+            config = DetectorConfig.load(path / FILES["config"])
+        except ConfigError as exc:
+            raise CheckpointError(str(exc)) from None
+        mcls = get_method(config.variant)
+        check_weight_files(path)  # a truncated or corrupted safetensors file is named before anything is built
+        bank = None
+        if (path / "bank.safetensors").is_file():
+            try:
+                bank = FeatureBank.load(path)
+            except Exception as exc:  # noqa: BLE001 - any reader error is a checkpoint problem
+                raise CheckpointError(f"{path}: cannot read the feature bank ({exc})") from None
+        elif mcls.uses_bank:
+            raise CheckpointError(f"{path}: a {config.variant} detector needs its feature bank (bank.safetensors)")
+        dev = torch.device(device) if device is not None else default_device()
+        ctx = Context(image_size=config.image_size, device=dev, bank_config=config.bank, scoring=config.scoring,
+                      bank=bank)
+        try:
+            method = mcls.load(path, config.method, ctx)
+        except (SafetensorError, RuntimeError, OSError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{path}: cannot read the {config.variant} weights ({exc})") from None
+        calibration = None
+        if (path / FILES["calibration"]).is_file():
+            try:
+                calibration = Calibration.from_dict(json.loads((path / FILES["calibration"]).read_text()))
+                calibration.check_finite()
+            except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as exc:
+                raise CheckpointError(f"{path / FILES['calibration']}: {exc}; re-calibrate the model "
+                                      f"(ccad calibrate MODEL --good FOLDER)") from None
+        fusion = None
+        if config.scoring.fusion == "bank":
+            from .scoring.fusion import BankFusion, bank_backbone
+
+            try:
+                fusion = BankFusion.load(path, bank_backbone(config.bank, dev))
+            except (FileNotFoundError, OSError, ValueError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{path}: cannot read the fusion memory ({exc})") from None
+        info = {}
+        if (path / FILES["info"]).is_file():
+            try:
+                info = json.loads((path / FILES["info"]).read_text())
+            except json.JSONDecodeError as exc:
+                raise CheckpointError(f"{path / FILES['info']}: {exc}") from None
+        try:
+            det = cls(config, bank, method, calibration=calibration, info=info, device=dev, fusion=fusion)
+        except ConfigError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+        det.source = path
+        return det
+
+
+def check_weight_files(folder: str | Path) -> None:
+    """Read every ``*.safetensors`` file under a model folder and refuse a truncated or corrupt one,
+    or one holding NaN / inf weights, with a :class:`CheckpointError` naming the file (and tensor)."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(Path(folder).rglob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for key in fh.keys():
+                    t = fh.get_tensor(key)
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        bad = int((~torch.isfinite(t)).sum())
+                        raise CheckpointError(f"{f}: tensor {key!r} holds {bad} NaN/inf value(s) of {t.numel()}: "
+                                              f"the file is corrupt; re-download or re-train the model")
+        except CheckpointError:
+            raise
+        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"{f}: cannot read the weights: not a readable safetensors file (truncated or "
+                                  f"corrupt: {exc}); "
+                                  f"re-download or re-train the model") from None
+
+
+def model_card_text(card: dict[str, Any]) -> str:
+    """A Hub model card (YAML metadata + a table of the detector's facts)."""
+    rows = "\n".join(f"| {k} | {json.dumps(v, default=str)} |" for k, v in card.items())
+    return (
+        "---\nlibrary_name: ccad\ntags:\n- anomaly-detection\n- ccad\n- diffusion\nlicense: apache-2.0\n---\n\n"
+        f"# ccad detector: {card['title']}\n\n"
+        "Load it with `AnomalyDetector.from_pretrained(path_or_repo_id)` from the `ccad` package.\n\n"
+        f"| field | value |\n|---|---|\n{rows}\n"
+    )
