@@ -268,3 +268,71 @@ class ScoringConfig:
             raise ConfigError(f"scoring.topk_count must be >= 1 or null, got {self.topk_count}")
         if self.calibration not in ("fpr", "sigma"):
             raise ConfigError(f"scoring.calibration must be 'fpr' or 'sigma', got {self.calibration!r}")
+
+
+# Training (the ``train`` section of a detector's config; the loop is ccad.training)
+_MP_CHOICES = ("auto", "no", "fp16", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """Training hyper-parameters (DDAD/CCAD(V) defaults: lr 3e-4, batch 32, Table 19).
+
+    ``mixed_precision``: ``auto`` = bf16 (or fp16 without bf16 support) on CUDA, ``no`` on CPU.
+    ``checkpoint_every``: steps between checkpoints (0 = only at the end / on stop).
+    ``preview_every``: steps between EMA reconstructions of one training image (0 = never;
+    the method's own preview settings apply).
+    ``show_progress``: the tqdm bar (loss, lr, ETA) on the main process.
+    ``ema_decay`` is warmed up by diffusers' ``EMAModel`` as ``min(ema_decay, (1 + n) / (10 + n))``
+    (n = updates so far) so short runs still give a usable EMA model.
+    """
+
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    mixed_precision: str = "auto"
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    seed: int = 0
+    hflip: bool = False
+    num_workers: int = 0
+    preview_every: int = 0
+    show_progress: bool = True
+    channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> TrainConfig:
+        def need(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise ValueError(f"TrainConfig.{name} {rule}, got {getattr(self, name)!r}")
+
+        need(int(self.steps) >= 1, "steps", "must be >= 1")
+        need(int(self.batch_size) >= 1, "batch_size", "must be >= 1")
+        need(float(self.lr) > 0, "lr", "must be > 0")
+        need(float(self.weight_decay) >= 0, "weight_decay", "must be >= 0")
+        need(int(self.warmup_steps) >= 0, "warmup_steps", "must be >= 0")
+        need(0.0 <= float(self.ema_decay) < 1.0, "ema_decay", "must be in [0, 1)")
+        need(float(self.grad_clip) >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
+        need(self.mixed_precision in _MP_CHOICES, "mixed_precision", f"must be one of {_MP_CHOICES}")
+        need(int(self.checkpoint_every) >= 0, "checkpoint_every", "must be >= 0")
+        need(int(self.keep_checkpoints) >= 1, "keep_checkpoints", "must be >= 1")
+        need(int(self.num_workers) >= 0, "num_workers", "must be >= 0")
+        need(int(self.preview_every) >= 0, "preview_every", "must be >= 0")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown field(s) {unknown}; known: {sorted(names)}")
+        return cls(**data)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import CONFIG_VERSION, BankConfig, ConfigError, ScoringConfig, config_from_dict
+from .config import CONFIG_VERSION, BankConfig, ConfigError, ScoringConfig, TrainConfig, config_from_dict
 from .methods import UnknownVariant, get_method
 
 
@@ -78,8 +78,6 @@ class DetectorConfig:
                 data[key] = config_from_dict(klass, data[key], key)
         data["method"] = mcls.config_from_dict(data.get("method") or {})
         if data.get("train") is not None:
-            from .training import TrainConfig
-
             data["train"] = config_from_dict(TrainConfig, data["train"], "train")
         return config_from_dict(cls, data, "").validate()
 
@@ -111,8 +109,6 @@ def _migrate_v1(data: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"variant: {exc}") from None
     train = data.get("train")
     if isinstance(train, dict):
-        from .training import TrainConfig
-
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         data["train"] = {k: v for k, v in train.items() if k in known}
     data["version"] = CONFIG_VERSION

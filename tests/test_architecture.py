@@ -1,0 +1,100 @@
+"""The package's layers import downward only: no import circle between ccad's rooms (its
+subpackages and top-level modules), counting function-level imports too (issue 15)."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import ccad
+
+ROOT = Path(ccad.__file__).parent
+
+
+def _room(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if parts[0] == "ccad" and len(parts) > 1 else None
+
+
+def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    """Room -> rooms it imports (``ccad.features.bank`` is room ``features``; ``ccad.pipeline`` is
+    ``pipeline``); relative imports resolved against the importing file's package."""
+    graph: dict[str, set[str]] = {}
+    for f in root.rglob("*.py"):
+        rel = f.relative_to(root.parent).with_suffix("").parts
+        package = rel[:-1]  # the package a relative import starts from
+        if f.name == "__init__.py":
+            rel = rel[:-1]
+        src = _room(".".join(rel))
+        if src is None:
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = list(package[: len(package) - node.level + 1]) if node.level else []
+                module = ".".join(base + ([node.module] if node.module else []))
+                targets = [f"{module}.{a.name}" for a in node.names] if module == "ccad" else [module]
+            else:
+                continue
+            for t in targets:
+                dst = _room(t)
+                if dst and dst != src:
+                    graph.setdefault(src, set()).add(dst)
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one room (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(set(graph) | {w for ws in graph.values() for w in ws}):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_checker_finds_a_circle_it_is_shown(tmp_path):
+    pkg = tmp_path / "ccad"
+    (pkg / "a").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a" / "__init__.py").write_text("from ..b import thing\n")
+    (pkg / "b.py").write_text("def f():\n    from .a import other\n")
+    (pkg / "c.py").write_text("import ccad.b\n")
+    graph = import_graph(pkg)
+    assert graph == {"a": {"b"}, "b": {"a"}, "c": {"b"}}
+    assert circles(graph) == [["a", "b"]]
+
+
+def test_ccad_has_no_import_circle():
+    graph = import_graph()
+    assert {"detector", "pipeline", "features", "data", "methods"} <= set(graph)
+    assert circles(graph) == []
+
+
+def test_the_detector_and_the_data_layer_sit_below_what_uses_them():
+    graph = import_graph()
+    assert "pipeline" not in graph.get("detector", set())
+    assert "features" not in graph.get("data", set())
+    assert not graph.get("errors")  # exceptions shared by every layer import nothing of ccad
