@@ -7,17 +7,10 @@ on several under ``accelerate launch``: AdamW, diffusers' cosine learning rate w
 warm-up (``get_cosine_schedule_with_warmup``), gradient clipping, automatic mixed precision on
 CUDA (bf16 where supported, else fp16 with a loss scaler), diffusers' ``EMAModel`` (fp32; the
 weights you deploy), a tqdm progress bar, callbacks that see every step and may stop training,
-and resumable checkpoints (the folder format lives in :mod:`ccad.checkpoints`)::
+and resumable checkpoints (the ``checkpoint-<step>/`` folder format, no pickle anywhere, lives in
+:mod:`ccad.checkpoints`).
 
-    out_dir/checkpoint-<step>/
-        model.safetensors                  trained weights of every module (``<module>.<param>``)
-        ema.safetensors                    EMA weights, same keys
-        optimizer.safetensors + optimizer.json   AdamW state flattened to tensors + JSON
-        scheduler.json                     LR scheduler state
-        rng.safetensors + rng.json         torch / CUDA / numpy / python RNG states
-        trainer_state.json                 step, epoch, losses, seconds, EMA step, config
-
-No pickle anywhere. Determinism: the batch of step s (the sample order) and all of its randomness
+Determinism: the batch of step s (the sample order) and all of its randomness
 (the generator handed to ``loss_fn``, the flips) are pure functions of ``(seed, s, process
 index)``, never of a global RNG or of a data loader's position, so "train 6 steps" and "train 3,
 stop, resume to 6" give identical weights and losses.
