@@ -75,3 +75,10 @@ def test_registry_lists_available_and_refuses_unknown_variants():
     assert cfg.diffusion.guidance == 2.0 and cfg.diffusion.beta_end == 0.02  # DDAD's published defaults
     with pytest.raises(UnknownVariant, match="available: patchcore"):
         get_method("nope")
+
+
+def test_an_unknown_reconstruction_strategy_is_refused_when_the_config_is_read():
+    with pytest.raises(ConfigError, match="diffusion.strategy.*'ddad'.*'nope'"):
+        DetectorConfig.from_dict({"variant": "ccad-v", "method": {"diffusion": {"strategy": "nope"}}})
+    cfg = DetectorConfig.from_dict({"variant": "ccad-v", "method": {"diffusion": {"strategy": "ddad"}}})
+    assert cfg.method.diffusion.strategy == "ddad"

@@ -1,29 +1,20 @@
 """Reconstruction strategies: test image -> its "normal" counterpart x_hat_0.
 
 CCAD(V) uses DDAD's conditioned DDIM sampling (papers/ccad.md eq. 12-14 with the DDIM step of
-eq. 18). Every strategy has the :class:`ReconstructionStrategy` call signature
-``(model, x0, bank, scheduler, *, generator=None, **options) -> Tensor`` and is registered by
-name in :data:`RECONSTRUCTORS`, so later strategies (D3AD noiseless scaling, DeCo-Diff, GLAD)
-sit beside ``"ddad"``. All tensors are in the model range [-1, 1].
+eq. 18): :func:`ddad_reconstruct`, the one strategy (``diffusion.strategy = "ddad"``); the other
+methods' samplers live in their own modules (d3ad, deco, glad). All tensors are in the model
+range [-1, 1].
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Protocol
+from typing import Callable, Optional
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
 from .objectives import _randn_like
-
-
-class ReconstructionStrategy(Protocol):
-    """``strategy(model, x0, bank, scheduler, *, generator=None, **options) -> x_hat_0`` (same shape as x0)."""
-
-    def __call__(self, model: nn.Module, x0: torch.Tensor, bank: torch.Tensor,
-                 scheduler: DDPMScheduler | DDIMScheduler, *, generator: Optional[torch.Generator] = None,
-                 **options: Any) -> torch.Tensor: ...
 
 
 def reconstruction_timesteps(start_step: int, steps: int, num_train_timesteps: int) -> list[int]:
@@ -140,13 +131,3 @@ def guided_ddim(eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0
         x_t = ddim_step(x_t, eps, a_t, a_prev, eta, noise)  # eq. 18
     return x_t
 
-
-RECONSTRUCTORS: dict[str, Callable[..., torch.Tensor]] = {"ddad": ddad_reconstruct}
-
-
-def get_reconstructor(name: str) -> Callable[..., torch.Tensor]:
-    """Look up a reconstruction strategy by name (``"ddad"``; later ``"d3ad"``, ``"deco"``, ``"glad"``)."""
-    try:
-        return RECONSTRUCTORS[name]
-    except KeyError:
-        raise ValueError(f"unknown reconstruction strategy {name!r}; known: {sorted(RECONSTRUCTORS)}") from None
