@@ -9,6 +9,7 @@ calls its hooks (``maps`` for a batch, ``save`` / ``load`` for its files).
 :class:`~ccad.prediction.Prediction` with the score, map, reconstruction, binary mask, verdict
 and timing. Building and training detectors is :mod:`ccad.pipeline` (above this module).
 """
+from __future__ import annotations
 
 import json
 import math

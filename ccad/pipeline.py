@@ -2,6 +2,7 @@
 :func:`train_detector` (any method), the held-out calibration split and the refusal to overwrite a
 run. The detector itself is :mod:`ccad.detector`; its names are re-exported here (the API users
 have imported from ``ccad.pipeline`` since the start)."""
+from __future__ import annotations
 
 import time
 from dataclasses import replace
