@@ -159,3 +159,29 @@ def test_epsilon_loss_is_seeded_and_decreases_with_training():
         opt.step()
     after = eval_loss()
     assert after < 0.6 * before, (before, after)
+
+
+@pytest.mark.parametrize("spacing,offset,eta", [("leading", 0, 0.0), ("leading", 1, 0.0), ("trailing", 0, 0.0),
+                                                ("leading", 0, 1.0)])
+def test_the_one_sampler_without_correction_is_a_plain_diffusers_ddim_loop(spacing, offset, eta):
+    """``ddim_sample`` over a DDIMScheduler's own ``timesteps`` is the loop users write by hand."""
+    from diffusers import DDIMScheduler
+
+    from ccad.diffusion import ddim_sample
+
+    ddim = DDIMScheduler.from_config(make_scheduler().config, clip_sample=False, set_alpha_to_one=True,
+                                     timestep_spacing=spacing, steps_offset=offset)
+    ddim.set_timesteps(10)
+    w = torch.randn(3, 3, generator=torch.Generator().manual_seed(1))
+
+    def eps_fn(x, t):  # a non-linear, t-dependent stand-in network
+        return torch.tanh(torch.einsum("ij,bjhw->bihw", w, x)) * (1 + t.float().view(-1, 1, 1, 1) / 1000)
+
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    x, g = x_T.clone(), torch.Generator().manual_seed(7)
+    for t in ddim.timesteps:
+        x = ddim.step(eps_fn(x, t.repeat(2)), t, x, eta=eta, generator=g).prev_sample
+    ours = ddim_sample(eps_fn, x_T, make_scheduler(), ddim.timesteps.tolist(), eta=eta,
+                       generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-5)
+    assert (ours - x_T).abs().max() > 1e-2  # it did move

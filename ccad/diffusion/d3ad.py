@@ -25,14 +25,13 @@
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from .reconstruct import ddim_step, reconstruction_timesteps
+from .sampling import ddad_guidance, ddim_sample, noised, reconstruction_timesteps
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -124,21 +123,6 @@ def bin_start_step(bins: torch.Tensor, n_bins: int, T_max: int, min_bin: int = 2
 # --------------------------------------------------------------------------------------------
 # Noiseless-scaling reconstruction (sec. 4, Algorithm 1)
 # --------------------------------------------------------------------------------------------
-def _noiseless_ddim(eps_fn: EpsFn, z0: torch.Tensor, abar: torch.Tensor, timesteps: list[int],
-                    guidance: float) -> torch.Tensor:
-    z_t = math.sqrt(float(abar[timesteps[0]])) * z0  # Algorithm 1 line 4: z_T_hat = sqrt(abar) z0, no noise
-    b = z0.shape[0]
-    for i, t in enumerate(timesteps):
-        a_t = float(abar[t])
-        a_prev = float(abar[timesteps[i + 1]]) if i + 1 < len(timesteps) else 1.0
-        eps = eps_fn(z_t, torch.full((b,), t, device=z0.device, dtype=torch.long)).float()
-        if guidance:
-            z_tilde = math.sqrt(a_t) * z0 + math.sqrt(1.0 - a_t) * eps  # Algorithm 1 line 6 (eq. 8)
-            eps = eps - guidance * math.sqrt(1.0 - a_t) * (z_tilde - z_t)  # line 7 (eq. 8)
-        z_t = ddim_step(z_t, eps, a_t, a_prev, 0.0, None)  # line 8: eq. 7 with sigma = 0
-    return z_t
-
-
 @torch.no_grad()
 def d3ad_reconstruct(eps_fn: EpsFn, z0: torch.Tensor, scheduler: Union[DDPMScheduler, DDIMScheduler],
                      start_steps: torch.Tensor, steps: Optional[int] = None, skip: int = 10,
@@ -150,9 +134,10 @@ def d3ad_reconstruct(eps_fn: EpsFn, z0: torch.Tensor, scheduler: Union[DDPMSched
     ``T_hat, T_hat - skip, ..., skip`` (``steps`` None: ``T_hat // skip`` evaluations, the paper's
     skip of 10 in T = 1000; an int fixes the count, capped at T_hat), with DDAD's correction
     (eq. 8, Algorithm 1 lines 6-7) when ``guidance`` > 0; the last update lands on abar = 1 and
-    returns z0_hat. One run per distinct start step; results are scattered back to batch order,
-    so an image gets the same reconstruction alone or in any batch (up to float rounding).
-    No random number is drawn. Returns z0_hat, ``B x C x h x w`` float32.
+    returns z0_hat. The loop is :func:`ccad.diffusion.sampling.ddim_sample` with the correction
+    :func:`ccad.diffusion.sampling.ddad_guidance` (eq. 8). One run per distinct start step;
+    results are scattered back to batch order, so an image gets the same reconstruction alone or
+    in any batch (up to float rounding). No random number is drawn. Returns z0_hat, ``B x C x h x w`` float32.
     """
     if z0.dim() != 4:
         raise ValueError(f"z0 must be B x C x h x w latents, got shape {tuple(z0.shape)}")
@@ -162,14 +147,16 @@ def d3ad_reconstruct(eps_fn: EpsFn, z0: torch.Tensor, scheduler: Union[DDPMSched
     if int(skip) < 1:
         raise ValueError(f"skip must be >= 1, got {skip}")
     T = int(scheduler.config.num_train_timesteps)
-    abar = scheduler.alphas_cumprod.double().cpu()
     z0f = z0.float()
     out = torch.empty_like(z0f)
     for s in torch.unique(starts).tolist():
         n = int(steps) if steps is not None else max(1, int(s) // int(skip))
         timesteps = reconstruction_timesteps(int(s), min(n, int(s)), T)
         idx = (starts == s).nonzero().flatten().to(z0.device)
-        out[idx] = _noiseless_ddim(eps_fn, z0f[idx], abar, timesteps, float(guidance))
+        z = z0f[idx]
+        z_start = noised(z, scheduler, timesteps[0], None)  # Algorithm 1 line 4: sqrt(abar) z0, no noise
+        out[idx] = ddim_sample(eps_fn, z_start, scheduler, timesteps,  # line 8: eq. 7, sigma = 0
+                               correct=ddad_guidance(z, guidance) if guidance else None)  # lines 6-7 (eq. 8)
     return out
 
 

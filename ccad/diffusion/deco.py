@@ -13,8 +13,8 @@ Pieces (all pure tensor functions; every random draw comes from a passed CPU
 * ``deco_forward``        - eq. 10-11 for given (z0, t, eps, mask): z_t and the target eta.
 * ``deco_training_pair``  - draws (t, mask, eps) and applies ``deco_forward``.
 * ``deco_loss``           - eq. 12, MSE between eta and eta_theta(z_t, t) (fp32).
-* ``deco_correct``        - eq. 13-14, deterministic DDIM-style correction started from the test
-                            latent itself (no forward noising).
+* ``deco_correct``        - eq. 13-14, deterministic DDIM correction started from the test
+                            latent itself (no forward noising), on ``deviation_vp_table``.
 * ``deco_anomaly_map``    - eq. 15, geometric mean of clipped latent and pixel deviations.
 
 Timestep convention: ``t`` is the 0-based index into ``scheduler.alphas_cumprod`` (``0 .. T-1``);
@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from ccad.scoring.anomaly_map import gaussian_blur, scaled_sigma
+
+from .sampling import ddim_sample
 
 PATCH_SIZES = (1, 2, 4, 8)
 
@@ -291,24 +293,39 @@ def deco_correct(net: Callable, z: torch.Tensor, scheduler, steps: int = 5, star
     ``abar_prev`` is the next visited index's, 1 after the last), so the result is the last
     z0_tilde. ``strategy="z0"`` is the table-3 alternative ``z_prev = z0_tilde``. 5 steps with
     the z_{t-1} strategy is the paper's default (table 3: best image-level metrics).
+
+    The loop is :func:`ccad.diffusion.sampling.ddim_sample` on the equivalent variance-preserving
+    table of :func:`deviation_vp_table` (the network still sees z_t); ``"z0"`` is its per-step
+    correction. Returns z0_tilde in ``z``'s dtype.
     """
     if strategy not in ("z_t-1", "z0"):
         raise ValueError(f"strategy must be 'z_t-1' or 'z0', got {strategy!r}")
-    ab = _abar(scheduler)
     ts = deco_timesteps(_num_steps(scheduler), steps, start_t)
-    z_t = z
-    z0_tilde = z
-    for i, t in enumerate(ts):
-        tt = torch.full((z.shape[0],), t, dtype=torch.long, device=z.device)
-        eta = _predict(net, z_t, tt).to(z.dtype)
-        s_t = float((1.0 - ab[t]).sqrt())
-        z0_tilde = z_t - s_t * eta
-        if strategy == "z0":
-            z_t = z0_tilde
-        else:
-            ab_prev = ab[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0, dtype=torch.float64)
-            z_t = z0_tilde + float((1.0 - ab_prev).sqrt()) * eta
-    return z0_tilde
+    vp = deviation_vp_table(scheduler)
+    scale = vp.sqrt()
+
+    def eta_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # the network sees z_t = x / sqrt(abar'_t)
+        return _predict(net, (x / float(scale[int(t[0])])).to(z.dtype), t)
+
+    def keep_z0(x: torch.Tensor, eta: torch.Tensor, t: int, a: float) -> tuple[torch.Tensor, torch.Tensor]:
+        # table 3's z_prev = z0_tilde: the step sees sqrt(abar') z0_tilde with no deviation left
+        return x - math.sqrt(1.0 - a) * eta, torch.zeros_like(eta)
+
+    out = ddim_sample(eta_fn, float(scale[ts[0]]) * z.float(), scheduler, ts, alphas_cumprod=vp,
+                      correct=keep_z0 if strategy == "z0" else None)
+    return out.to(z.dtype)
+
+
+def deviation_vp_table(scheduler) -> torch.Tensor:
+    """DeCo-Diff's deviation process as a variance-preserving one: ``abar'_t = 1 / (2 - abar_t)``.
+
+    Eq. 11's ``z_t = z0 + sqrt(1 - abar_t) eta`` is a variance-exploding process with sigma_t =
+    sqrt(1 - abar_t); the scaled state ``x_t = sqrt(abar'_t) z_t`` with ``abar'_t = 1 / (1 +
+    sigma_t^2)`` is ``sqrt(abar'_t) z0 + sqrt(1 - abar'_t) eta``, and DDIM (eta = 0, epsilon =
+    eta) on ``abar'`` divided back by ``sqrt(abar'_{t-1})`` is exactly eq. 13-14:
+    x0_pred = z_t - sigma_t eta = z0_tilde, z_{t-1} = z0_tilde + sigma_{t-1} eta.
+    float32, one value per 0-based index."""
+    return (1.0 / (2.0 - _abar(scheduler))).float()
 
 
 def deco_anomaly_map(z0: torch.Tensor, z0_tilde: torch.Tensor, x0: torch.Tensor, x0_tilde: torch.Tensor,

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..scoring.anomaly_map import gaussian_blur, min_cosine_distance_map, scaled_sigma
 from .objectives import _randn_like, sample_timesteps
-from .reconstruct import ddim_step, reconstruction_timesteps
+from .sampling import ddim_sample, noised, reconstruction_timesteps
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: ``score_fn(x0_path, x0_input) -> (score B, map B x 1 x h x w)`` (images in [-1, 1])
@@ -183,7 +183,10 @@ def glad_reconstruct(eps_fn: EpsFn, x0: torch.Tensor, scheduler, score_fn: Score
        - else: one DDIM step (eq. 3, eta = 0) along the generated path.
     3. Deterministic DDIM down to abar = 1.
 
-    Images that stopped searching cost one network call per step; searching ones two (batched).
+    The loop is :func:`ccad.diffusion.sampling.ddim_sample` (eq. 3 as diffusers' DDIM step, eta =
+    0); the search and the fusion are its per-step correction, which at the stopping step hands
+    the step eq. 7's ``x^f_t`` and the consistent noise eps. Images that stopped searching cost
+    one network call per step; searching ones two.
     The authors' code reuses the path's eps for the input's estimate; this follows eq. 2 and
     evaluates the network on ``x^a_t``. Returns ``(x_hat_0, GLADTrace)``.
     """
@@ -191,64 +194,53 @@ def glad_reconstruct(eps_fn: EpsFn, x0: torch.Tensor, scheduler, score_fn: Score
         raise ValueError(f"fusion must be 'saff' or 'none', got {fusion!r}")
     T = int(scheduler.config.num_train_timesteps)
     ts = reconstruction_timesteps(int(start_step), int(steps), T)
-    abar = scheduler.alphas_cumprod.double().cpu()
+    position = {t: i for i, t in enumerate(ts)}
     target = x0.float()
     b = target.shape[0]
     eps = _randn_like(target, generator)
 
-    def noised(t: int) -> torch.Tensor:
-        a = float(abar[t])
-        return math.sqrt(a) * target + math.sqrt(1.0 - a) * eps
+    def call(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return eps_fn(x.to(x0.dtype), t).float()
 
-    def call(x: torch.Tensor, t: int) -> torch.Tensor:
-        tb = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
-        return eps_fn(x.to(x0.dtype), tb).float()
-
-    x_t = noised(ts[0])
     searching = torch.ones(b, dtype=torch.bool)
     start = torch.full((b,), ts[-1], dtype=torch.long)
     start_index = torch.full((b,), len(ts) - 1, dtype=torch.long)
     fired_all = torch.zeros(b, dtype=torch.bool)
     score_at = torch.zeros(b)
-    for i, t in enumerate(ts):
-        a_t = float(abar[t])
-        a_prev = float(abar[ts[i + 1]]) if i + 1 < len(ts) else 1.0
+
+    def search(x_t: torch.Tensor, e_path: torch.Tensor, t: int, a_t: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-step correction: the adaptive-step rule and, where it stops, eq. 7's state."""
         idx = searching.nonzero().flatten()
         if not len(idx):
-            x_t = ddim_step(x_t, call(x_t, t), a_t, a_prev, 0.0, None)  # eq. 3
-            continue
-        x_in = noised(t)[idx]
-        e = call(torch.cat([x_t, x_in]), t)
-        e_path, e_in = e[:b], e[b:]
+            return x_t, e_path  # plain DDIM (eq. 3)
+        x_in = noised(target, scheduler, t, eps)[idx]
+        e_in = call(x_in, torch.full((len(idx),), t, device=x_in.device, dtype=torch.long))
         x0_path = noise_free(x_t, e_path, a_t)  # eq. 2, generated path
         x0_in = noise_free(x_in, e_in, a_t)  # eq. 2, directly-noised input
         score, smap = score_fn(x0_path[idx], x0_in)
         score = score.float().cpu()
         fire, floor = step_decision(score, t, delta, t_min)
         stop = fire | floor
-        x_next = ddim_step(x_t, e_path, a_t, a_prev, 0.0, None)  # eq. 3
-        if stop.any():
-            sel = idx[stop]
-            start[sel], start_index[sel], fired_all[sel], score_at[sel] = t, i, fire[stop], score[stop]
-            searching[sel] = False
-            m = torch.zeros_like(x0_in[:, :1])  # m = 0: the input's own estimate (t_min floor)
-            if fusion == "saff" and fire.any():
-                m[fire] = fusion_mask(smap[fire], target.shape[-2:], mask).to(m)
-            fused = spatial_adaptive_fusion(x0_path[sel], x0_in[stop], m[stop], a_t, eps[sel])  # eq. 7
-            # DDIM step from x^f_t with its own decomposition (x0 = the fused estimate, noise = eps)
-            x0_f = noise_free(fused, eps[sel], a_t)
-            x_next[sel] = math.sqrt(a_prev) * x0_f + math.sqrt(1.0 - a_prev) * eps[sel]
-        x_t = x_next
+        if not stop.any():
+            return x_t, e_path
+        sel = idx[stop]
+        start[sel], start_index[sel], fired_all[sel], score_at[sel] = t, position[t], fire[stop], score[stop]
+        searching[sel] = False
+        m = torch.zeros_like(x0_in[:, :1])  # m = 0: the input's own estimate (t_min floor)
+        if fusion == "saff" and fire.any():
+            m[fire] = fusion_mask(smap[fire], target.shape[-2:], mask).to(m)
+        # the DDIM step from x^f_t (eq. 7) with its own decomposition: x0 = the fused estimate, noise = eps
+        x_t, e_path = x_t.clone(), e_path.clone()
+        x_t[sel] = spatial_adaptive_fusion(x0_path[sel], x0_in[stop], m[stop], a_t, eps[sel])
+        e_path[sel] = eps[sel]
+        return x_t, e_path
+
+    x_t = ddim_sample(call, noised(target, scheduler, ts[0], eps), scheduler, ts, correct=search)
     if fusion == "none" and int(redundancy) > 0 and fired_all.any():
         # sec. 3.3 alone: an image whose anomaly showed at t restarts from x^a_{t+n}, n grid steps back
         for back in sorted(set((start_index[fired_all] - int(redundancy)).clamp_min(0).tolist())):
             sel = (fired_all & ((start_index - int(redundancy)).clamp_min(0) == back)).nonzero().flatten()
-            x_s = noised(ts[back])[sel]
-            for i in range(back, len(ts)):
-                a_t = float(abar[ts[i]])
-                a_prev = float(abar[ts[i + 1]]) if i + 1 < len(ts) else 1.0
-                x_s = ddim_step(x_s, call(x_s, ts[i]), a_t, a_prev, 0.0, None)
-            x_t[sel] = x_s
+            x_t[sel] = ddim_sample(call, noised(target, scheduler, ts[back], eps)[sel], scheduler, ts[back:])
             start[sel] = ts[back]
     return x_t, GLADTrace(start, fired_all, score_at)
 

@@ -63,9 +63,9 @@ def latent_ddim_reconstruct(eps_fn: EpsFn, z0: torch.Tensor, scheduler: Union[DD
        sigma_t = eta * sqrt((1 - abar_prev)/(1 - abar_t)) sqrt(1 - abar_t/abar_prev).
        The last step goes to abar = 1 and returns the x0 prediction.
 
-    ``eta = 0`` (default) is deterministic DDIM after the initial noising. The update is written
-    against the scheduler's ``alphas_cumprod`` through the shared :func:`ddim_step` (the same
-    one CCAD(V)'s sampler uses), which lets the noise come from our generator.
+    ``eta = 0`` (default) is deterministic DDIM after the initial noising. The loop is the one
+    sampler :func:`ccad.diffusion.sampling.ddim_sample` (diffusers' ``DDIMScheduler.step``, the
+    same one CCAD(V)'s sampler uses, the noise from our generator).
 
     Returns z0_hat, ``B x C x h x w`` float32 (same device as ``z0``).
     """

@@ -15,51 +15,9 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
 from .objectives import _randn_like
+from .sampling import ddad_guidance, ddim_sample, ddim_step, noised, reconstruction_timesteps
 
-
-def reconstruction_timesteps(start_step: int, steps: int, num_train_timesteps: int) -> list[int]:
-    """The model-evaluation timesteps ``[T', T' - skip, ..., skip]`` (evenly spaced, descending).
-
-    T' = 250 and 10 steps give 250, 225, ..., 25; the step after the last one lands on the clean
-    image (abar = 1), so the final update returns the x_0 estimate. Raises ``ValueError`` with the
-    offending field for ``start_step`` outside ``1..T-1``, ``steps < 1`` or ``steps > start_step``.
-    """
-    if not isinstance(start_step, int) or isinstance(start_step, bool):
-        raise ValueError(f"start_step must be an int, got {start_step!r}")
-    if not isinstance(steps, int) or isinstance(steps, bool):
-        raise ValueError(f"steps must be an int, got {steps!r}")
-    if not 1 <= start_step < num_train_timesteps:
-        raise ValueError(
-            f"start_step must be in 1..{num_train_timesteps - 1} (< num_train_timesteps={num_train_timesteps}), "
-            f"got {start_step}"
-        )
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if steps > start_step:
-        raise ValueError(f"steps ({steps}) must be <= start_step ({start_step}): timesteps would repeat")
-    # round(start_step * (1 - k/steps)) for k = 0..steps-1: exactly T' - k*skip when skip divides T'
-    return [int(round(start_step * (steps - k) / steps)) for k in range(steps)]
-
-
-def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, abar_t: float, abar_prev: float, eta: float,
-              noise: Optional[torch.Tensor]) -> torch.Tensor:
-    """One DDIM update, eq. 18 (the correct form of CCAD eq. 12/19):
-
-    x_{t-1} = sqrt(abar_{t-1}) * x0_pred + sqrt(1 - abar_{t-1} - sigma_t^2) * eps + sigma_t * noise,
-    x0_pred = (x_t - sqrt(1 - abar_t) * eps) / sqrt(abar_t),
-    sigma_t = eta * sqrt((1 - abar_{t-1}) / (1 - abar_t)) * sqrt(1 - abar_t / abar_{t-1}).
-
-    ``noise`` may be None when sigma_t is 0 (eta = 0 or the final step to abar = 1).
-    """
-    sigma = eta * math.sqrt((1.0 - abar_prev) / (1.0 - abar_t)) * math.sqrt(max(0.0, 1.0 - abar_t / abar_prev))
-    x0_pred = (x_t - math.sqrt(1.0 - abar_t) * eps) / math.sqrt(abar_t)
-    direction = math.sqrt(max(0.0, 1.0 - abar_prev - sigma ** 2)) * eps
-    out = math.sqrt(abar_prev) * x0_pred + direction
-    if sigma > 0.0:
-        if noise is None:
-            raise ValueError("ddim_step: sigma_t > 0 needs a noise tensor")
-        out = out + sigma * noise
-    return out
+__all__ = ["ddad_reconstruct", "ddim_step", "guided_ddim", "reconstruction_timesteps"]
 
 
 @torch.no_grad()
@@ -73,14 +31,12 @@ def ddad_reconstruct(model: nn.Module, x0: torch.Tensor, bank: torch.Tensor,
     2. For each t in ``[T', T' - skip, ..., skip]`` (``steps`` values, skip = T'/steps):
        eps_t = eps_Theta(x_t; B);  xbar_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps_t  (eq. 14);
        eps_hat = eps_t - w sqrt(1 - abar_t) (xbar_t - x_t)  (eq. 13, w = ``guidance``);
-       x_{t-skip} = DDIM update with eps_hat (eq. 18; sigma_t = eta * ...), see :func:`ddim_step`.
+       x_{t-skip} = DDIM update with eps_hat (eq. 18; sigma_t = eta * ...).
        The last step goes to abar = 1, so it returns x0_hat = (x_t - sqrt(1-abar_t) eps_hat)/sqrt(abar_t).
 
-    The update is written out here against the scheduler's ``alphas_cumprod`` table rather than
-    through ``DDIMScheduler.step``: DDAD evaluates arbitrary (T'-relative) timesteps with a
-    guided eps_hat and draws the sigma noise from our generator; bending ``set_timesteps`` /
-    ``step`` to that (its timestep grid starts at 0 with ``steps_offset`` and it expects to own
-    the noise) is harder to read and verify than the three lines of eq. 18. Differences from
+    The loop is :func:`ccad.diffusion.sampling.ddim_sample` (diffusers' ``DDIMScheduler.step``
+    on the respaced grid, the sigma noise drawn from ``generator``) with the correction
+    :func:`ccad.diffusion.sampling.ddad_guidance`. Differences from
     DDAD's code (which noises to T' but first evaluates the model at T' - skip): we evaluate the
     model at the timestep x_t was noised to. ``eta = 1`` is DDAD's stochastic DDIM; ``eta = 0``
     is deterministic.
@@ -105,29 +61,17 @@ def guided_ddim(eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0
 
     ``guidance`` > 0 applies DDAD's conditioning toward ``x0`` (CCAD eq. 13-14); 0 is plain DDIM
     (the latent variants' eq. 9 / 19). ``eps_fn(x_t, t) -> eps`` closes over the network and its
-    conditions. The one sampler loop of :func:`ddad_reconstruct` and
-    :func:`ccad.diffusion.latent.latent_ddim_reconstruct`.
+    conditions. Serves :func:`ddad_reconstruct` and
+    :func:`ccad.diffusion.latent.latent_ddim_reconstruct`; the loop is
+    :func:`ccad.diffusion.sampling.ddim_sample`.
     """
-    T = int(scheduler.config.num_train_timesteps)
-    timesteps = reconstruction_timesteps(start_step, steps, T)
+    timesteps = reconstruction_timesteps(start_step, steps, int(scheduler.config.num_train_timesteps))
     if x0.dim() != 4:
-        raise ValueError(f"x0 must be B x C x H x W, got shape {tuple(x0.shape)}")
+        raise ValueError(f"x0 must be B x C x h x w, got shape {tuple(x0.shape)}")
     if not math.isfinite(float(guidance)) or not math.isfinite(float(eta)) or eta < 0:
         raise ValueError(f"guidance must be finite and eta >= 0, got guidance={guidance}, eta={eta}")
-    abar = scheduler.alphas_cumprod.double().cpu()
-    target = x0.float()
-    b = x0.shape[0]
-    a0 = float(abar[timesteps[0]])
-    x_t = math.sqrt(a0) * target + math.sqrt(1.0 - a0) * _randn_like(target, generator)
-    for i, t in enumerate(timesteps):
-        a_t = float(abar[t])
-        a_prev = float(abar[timesteps[i + 1]]) if i + 1 < len(timesteps) else 1.0
-        t_batch = torch.full((b,), t, device=x0.device, dtype=torch.long)
-        eps = eps_fn(x_t.to(x0.dtype), t_batch).float()
-        if guidance:
-            xbar_t = math.sqrt(a_t) * target + math.sqrt(1.0 - a_t) * eps  # eq. 14
-            eps = eps - guidance * math.sqrt(1.0 - a_t) * (xbar_t - x_t)  # eq. 13
-        noise = _randn_like(target, generator) if (eta > 0 and a_prev < 1.0) else None
-        x_t = ddim_step(x_t, eps, a_t, a_prev, eta, noise)  # eq. 18
-    return x_t
+    x_t = noised(x0, scheduler, timesteps[0], _randn_like(x0.float(), generator))
+    return ddim_sample(lambda x, t: eps_fn(x.to(x0.dtype), t), x_t, scheduler, timesteps,
+                       correct=ddad_guidance(x0, guidance) if guidance else None, eta=float(eta),
+                       generator=generator)
 
