@@ -466,6 +466,7 @@ def test_mask_editor_in_chromium_proposal_over_image_strokes_add_unchanged_accep
         assert n_red > 100 and abs(cx - 0.5) < 0.03 and abs(cy - 0.5) < 0.05, (cx, cy, n_red)
 
         # a short stroke from the centre of the defect out past its edge, then Save edit
+        canvas.scroll_into_view_if_needed()  # mouse events need it inside the viewport
         box = canvas.bounding_box()
         x0, y0 = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
         page.mouse.move(x0, y0)
