@@ -48,7 +48,7 @@ _SOURCE_WORDS = {"good Train images": "good image(s)", "good Test images": "good
 #: layer drawn 144 px right of and below the image, and the first stroke saved it there. A canvas
 #: smaller than any image makes the background's size the canvas size.
 EDITOR_CANVAS = (16, 16)
-#: Brush radius (image px). Gradio's "auto" radius was ~18 px on a 512 px DAGM image: one dab
+#: Brush and eraser radius (image px). Gradio's "auto" radius was ~18 px on a 512 px DAGM image: one dab
 #: (~1000 px) swamped a 270 px proposal. A tight mask needs a fine brush (the size is adjustable).
 EDITOR_BRUSH = 4
 
@@ -523,7 +523,7 @@ def build_review_tab(get_detector: Callable[[], Any], data_root: str | os.PathLi
                                 sources=(), transforms=(), format="png",
                                 brush=gr.Brush(colors=["#ff0000"], default_color="#ff0000",
                                                color_mode="fixed", default_size=EDITOR_BRUSH),
-                                eraser=gr.Eraser(),
+                                eraser=gr.Eraser(default_size=EDITOR_BRUSH),
                                 layers=gr.LayerOptions(allow_additional_layers=False),
                                 canvas_size=EDITOR_CANVAS, elem_id=ids["editor"])
         save_b = gr.Button("Save edit", elem_id=ids["save_edit"])

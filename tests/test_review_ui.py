@@ -424,8 +424,8 @@ def _red_centre(png: bytes) -> tuple[float, float, int]:
 def test_mask_editor_in_chromium_proposal_over_image_strokes_add_unchanged_accepts(tmp_path: Path) -> None:
     """End to end in Chromium on a generated DAGM-like class (defects at the image centre): the
     editor shows the proposal over the defect; a small stroke saves proposal + stroke ("edited",
-    IoU with the proposal stays high); "Save edit" with no change records "accepted"; the page
-    names the per-class bank that made the proposal."""
+    IoU with the proposal stays high); "Save edit" with no change records "accepted"; the eraser
+    removes from the proposal; the page names the per-class bank that made the proposal."""
     pytest.importorskip("playwright")
     from dagm_like import write_dagm_like
 
@@ -437,7 +437,7 @@ def test_mask_editor_in_chromium_proposal_over_image_strokes_add_unchanged_accep
     if chromium is None:
         pytest.skip("no Chromium (apt-get install chromium)")
     root = tmp_path / "data"
-    write_dagm_like(root / "dagm", n_good=3, n_defect=2, size=128, axes=(24, 16))
+    write_dagm_like(root / "dagm", n_good=3, n_defect=3, size=128, axes=(24, 16))
     made: list[_UI] = []
     with gr.Blocks() as demo:
         made.append(build_review_tab(lambda: None, str(root), str(tmp_path / "state")))
@@ -453,7 +453,7 @@ def test_mask_editor_in_chromium_proposal_over_image_strokes_add_unchanged_accep
         fill_textbox(page, "review-folder", "dagm")
         page.get_by_text("Edit the mask").click()  # open the editor before loading
         page.locator("#review-load").click()
-        wait_for(page, "review-item", "1 / 2")
+        wait_for(page, "review-item", "1 / 3")
         wait_for(page, "review-status", "PatchCore built on Class1 from its 3 good image(s)")
         sess = ui.session(str((root / "dagm").resolve()))
         proposal = sess.proposal(0).copy()
@@ -476,7 +476,7 @@ def test_mask_editor_in_chromium_proposal_over_image_strokes_add_unchanged_accep
         page.wait_for_timeout(800)
         screenshot(page, "review-editor-stroke")
         page.locator("#review-save-edit").click()
-        wait_for(page, "review-progress", "1 / 2 reviewed")
+        wait_for(page, "review-progress", "1 / 3 reviewed")
         dec = sess.decision(0)
         saved = sess.mask(0)
         assert dec["decision"] == "edited"
@@ -485,11 +485,32 @@ def test_mask_editor_in_chromium_proposal_over_image_strokes_add_unchanged_accep
         assert mask_iou(saved, proposal) > 0.7, mask_iou(saved, proposal)  # a small stroke, a small change
 
         # the next item: Save edit with no change is an accept
-        wait_for(page, "review-item", "2 / 2")
+        wait_for(page, "review-item", "2 / 3")
         page.wait_for_timeout(2500)
         page.locator("#review-save-edit").click()
-        wait_for(page, "review-progress", "2 / 2 reviewed")
+        wait_for(page, "review-progress", "2 / 3 reviewed")
         assert sess.decision(1)["decision"] == "accepted"
         assert (sess.mask(1) == sess.proposal(1)).all()
         wait_for(page, "review-status", "accepted (saved)")
         screenshot(page, "review-editor-saved")
+
+        # the third: the eraser, dragged across the middle of the defect, removes from the proposal
+        wait_for(page, "review-item", "3 / 3")
+        page.wait_for_timeout(2500)
+        proposal = sess.proposal(2).copy()
+        page.locator("#review-editor button[aria-label='Erase']").click()
+        canvas.scroll_into_view_if_needed()
+        box = canvas.bounding_box()
+        x0, y0 = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        page.mouse.move(x0 - 0.2 * box["height"], y0)
+        page.mouse.down()
+        page.mouse.move(x0 + 0.2 * box["height"], y0, steps=10)
+        page.mouse.up()
+        page.wait_for_timeout(800)
+        screenshot(page, "review-editor-erased")
+        page.locator("#review-save-edit").click()
+        wait_for(page, "review-progress", "3 / 3 reviewed")
+        saved = sess.mask(2)
+        assert sess.decision(2)["decision"] == "edited"
+        assert (saved <= proposal).all() and 0 < saved.sum() < proposal.sum()
+        assert not saved[64, 50:78].any()  # the erased line through the centre
