@@ -466,8 +466,15 @@ class ReviewUI:
                 if p.is_file():
                     zf.write(p, p.relative_to(out_root).as_posix())
         n_masks = sum(1 for _ in folder.rglob("*.png"))
+        using = ""
+        if len(sess):
+            try:  # keep the model that makes the proposals named on screen
+                with self._lock:
+                    using = self._map_source(key, sess)[3]
+            except Exception:
+                using = ""
         return str(zpath), (f"Exported {n_masks} mask(s) and {csv_path.name} "
-                            f"({sess.progress_text()}).")
+                            f"({sess.progress_text()}). {using}").strip()
 
 
 def build_review_tab(get_detector: Callable[[], Any], data_root: str | os.PathLike[str],

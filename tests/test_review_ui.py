@@ -393,6 +393,7 @@ def test_per_class_bank_on_a_loose_dagm_sample_names_the_model(tmp_path: Path) -
     assert "The model in use (**demo (ccad-v)**) was not built on class1" in status, status
     assert "**a PatchCore built on class1 from its 2 image(s) without a defect label" in status, status
     assert "no good" not in status and "using the model in use" not in status
+    assert "PatchCore built on class1" in ui.export(key)[1]  # still named after an export
     status = ui.choose_model(key, IN_USE)[0]
     assert "Heatmap and proposal from **demo (ccad-v)** (the model in use)." in status, status
 
