@@ -69,7 +69,7 @@ def _mount_review(builder: Any, error: Optional[str], controller: AppController)
     try:
         builder(lambda: controller.registry.detector(), str(controller.data_root),
                 str(controller.state_dir / "review"), models=controller.registry.names,
-                get_model=controller.registry.detector)
+                get_model=controller.registry.detector, active_name=lambda: controller.registry.active)
     except Exception as exc:
         gr.Markdown(f"The DAGM review screen could not be built ({type(exc).__name__}: {exc}).")
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 import cv2
 import numpy as np
 
-from ccad.relabel import ReviewSession, mask_iou, overlay, render_heatmap
+from ccad.relabel import ReviewSession, class_normal_images, mask_iou, overlay, render_heatmap
 
 from .paths import PathError, resolve_in_root
 
@@ -39,6 +39,18 @@ AUTO = "auto: the model in use if built on this class, else a PatchCore built on
 IN_USE = "the model in use"
 PER_CLASS_MAX_SIZE = 256
 PER_CLASS_BANK = 64
+PER_CLASS_MAX_IMAGES = 32  # a DAGM class has ~1000 good Train images: an even spread of 32 is plenty
+#: What the per-class bank was built from, by :func:`ccad.relabel.class_normal_images` source.
+_SOURCE_WORDS = {"good Train images": "good image(s)", "good Test images": "good Test image(s)",
+                 "images without a defect label": "image(s) without a defect label (no label file)"}
+#: The editor's starting canvas. gr.ImageEditor (Gradio 6) centres a layer in the larger of the
+#: canvas and the background, so with the default 800 x 800 canvas a 512 px image got its mask
+#: layer drawn 144 px right of and below the image, and the first stroke saved it there. A canvas
+#: smaller than any image makes the background's size the canvas size.
+EDITOR_CANVAS = (16, 16)
+#: Brush and eraser radius (image px). Gradio's "auto" radius was ~18 px on a 512 px DAGM image: one dab
+#: (~1000 px) swamped a 270 px proposal. A tight mask needs a fine brush (the size is adjustable).
+EDITOR_BRUSH = 4
 
 #: Stable element ids (browser tests and users' automation find the components by them).
 ELEM_IDS = {
@@ -142,8 +154,10 @@ class ReviewUI:
     def __init__(self, get_detector: Callable[[], Any], data_root: str | os.PathLike[str],
                  state_dir: str | os.PathLike[str], models: Optional[Callable[[], list[str]]] = None,
                  get_model: Optional[Callable[[str], Any]] = None,
-                 fit: Optional[Callable[..., Any]] = None) -> None:
+                 fit: Optional[Callable[..., Any]] = None,
+                 active_name: Optional[Callable[[], Optional[str]]] = None) -> None:
         self.get_detector = get_detector
+        self.active_name = active_name  # the name of the model in use (shown on screen)
         self.models = models
         self.get_model = get_model
         self.fit = fit  # builds a fit-only detector from good samples (default: ccad.pipeline.fit_detector)
@@ -208,21 +222,28 @@ class ReviewUI:
                 return False
         return False
 
-    def _good_of_class(self, sess: ReviewSession, category: str) -> list[Any]:
+    def _good_of_class(self, sess: ReviewSession, category: str) -> tuple[list[Any], str, int]:
+        """(the class's non-defective images, their source in words, how many there are in all):
+        :func:`ccad.relabel.class_normal_images`, at most ``PER_CLASS_MAX_IMAGES`` of them."""
         if sess.root is None or not category:
-            return []
+            return [], "", 0
         try:
-            from ccad.data.datasets import load_dagm
-
-            return [smp for smp in load_dagm(sess.root, "train", category=category.split("/")[-1])
-                    if int(smp.label) == 0]
+            found = class_normal_images(sess.root, category, limit=PER_CLASS_MAX_IMAGES)
         except Exception:
-            return []
+            return [], "", 0
+        return found.samples, found.source, found.total
+
+    def _in_use_name(self) -> str:
+        try:
+            name = self.active_name() if self.active_name is not None else None
+        except Exception:
+            name = None
+        return str(name) if name else "the model in use"
 
     def _class_detector(self, key: str, sess: ReviewSession, category: str,
-                        good: list[Any]) -> tuple[Any, str]:
+                        good: list[Any], source: str = "good Train images", total: int = 0) -> tuple[Any, str]:
         """A fit-only detector (the registry's first method that needs no training: PatchCore) built
-        from the class's own good images, once per folder and class."""
+        from the class's own non-defective images, once per folder and class; and its name."""
         import time
 
         if (key, category) in self._class_dets:
@@ -238,8 +259,10 @@ class ReviewUI:
         t0 = time.perf_counter()
         det = fit(good, variant=variant, image_size=size, bank_size=PER_CLASS_BANK, calibration_fraction=0.0)
         title = (get_method(variant).title or variant).split(":")[0].split(" (")[0]
-        note = (f"a {title} built on {category} from its {len(good)} good image(s) in "
-                f"{time.perf_counter() - t0:.1f} s")
+        words = _SOURCE_WORDS.get(source, "good image(s)")
+        count = f"its {len(good)}" if total <= len(good) else f"{len(good)} of its {total}"
+        note = (f"**a {title} built on {category} from {count} {words}** (a bank of "
+                f"{PER_CLASS_BANK} patches at {size} px, built here in {time.perf_counter() - t0:.1f} s)")
         self._class_dets[(key, category)] = (det, note)
         return det, note
 
@@ -256,24 +279,29 @@ class ReviewUI:
                 using = f"Heatmap and proposal from **{choice}** (picked)."
             else:
                 det = self.get_detector() if self.get_detector is not None else None
-                using = "Heatmap and proposal from **the model in use**."
+                name = self._in_use_name()
+                using = ("Heatmap and proposal from **the model in use**." if name == "the model in use"
+                         else f"Heatmap and proposal from **{name}** (the model in use).")
         except Exception as exc:  # a broken model must not break the review
             return None, None, f"model unavailable ({type(exc).__name__}: {exc})", ""
         if choice == AUTO and sess is not None and len(sess):
             category = sess.current.category
-            good = self._good_of_class(sess, category) if category else []
+            good, source, total = self._good_of_class(sess, category) if category else ([], "", 0)
             if det is None or not self.built_on(det, category, good):
-                why = "no model is loaded" if det is None else "the model in use was not built on " + category
+                name = self._in_use_name()
+                in_use = "the model in use" + (f" (**{name}**)" if name != "the model in use" else "")
+                why = "no model is loaded" if det is None else f"{in_use} was not built on {category}"
                 if good:
                     try:
-                        det, note = self._class_detector(key or "", sess, category, good)
+                        det, note = self._class_detector(key or "", sess, category, good, source, total)
                         using = f"{why[0].upper() + why[1:]}: heatmap and proposal from {note}."
                     except Exception as exc:
                         using = (f"{why[0].upper() + why[1:]}; building a per-class model failed "
                                  f"({type(exc).__name__}: {exc}).")
                 elif det is not None:
-                    using = (f"⚠️ The model in use was not built on {category}, and the folder holds no good "
-                             f"{category} training images to build one from; using the model in use.")
+                    using = (f"⚠️ {in_use[0].upper() + in_use[1:]} was not built on {category}, and the "
+                             f"folder holds no non-defective {category} images to build a per-class bank "
+                             f"from; heatmap and proposal from **{name}**.")
         if det is None:
             return None, None, "no model loaded", ""
 
@@ -438,13 +466,21 @@ class ReviewUI:
                 if p.is_file():
                     zf.write(p, p.relative_to(out_root).as_posix())
         n_masks = sum(1 for _ in folder.rglob("*.png"))
+        using = ""
+        if len(sess):
+            try:  # keep the model that makes the proposals named on screen
+                with self._lock:
+                    using = self._map_source(key, sess)[3]
+            except Exception:
+                using = ""
         return str(zpath), (f"Exported {n_masks} mask(s) and {csv_path.name} "
-                            f"({sess.progress_text()}).")
+                            f"({sess.progress_text()}). {using}").strip()
 
 
 def build_review_tab(get_detector: Callable[[], Any], data_root: str | os.PathLike[str],
                      state_dir: str | os.PathLike[str], models: Optional[Callable[[], list[str]]] = None,
-                     get_model: Optional[Callable[[str], Any]] = None) -> ReviewUI:
+                     get_model: Optional[Callable[[str], Any]] = None,
+                     active_name: Optional[Callable[[], Optional[str]]] = None) -> ReviewUI:
     """Create the DAGM review components inside the current ``gr.Blocks``/``gr.Tab`` context.
 
     ``get_detector()`` returns the loaded ``AnomalyDetector`` or None (then the heatmap panel
@@ -453,7 +489,8 @@ def build_review_tab(get_detector: Callable[[], Any], data_root: str | os.PathLi
     """
     import gradio as gr
 
-    ui = ReviewUI(get_detector, data_root, state_dir, models=models, get_model=get_model)
+    ui = ReviewUI(get_detector, data_root, state_dir, models=models, get_model=get_model,
+                  active_name=active_name)
     ids = ELEM_IDS
     key_state = gr.State(None)
     gr.Markdown("Review tight-mask proposals for DAGM's ellipse labels. Keys: **n**/→ next, "
@@ -492,10 +529,10 @@ def build_review_tab(get_detector: Callable[[], Any], data_root: str | os.PathLi
         editor = gr.ImageEditor(label="Mask editor", type="numpy", image_mode="RGBA",
                                 sources=(), transforms=(), format="png",
                                 brush=gr.Brush(colors=["#ff0000"], default_color="#ff0000",
-                                               color_mode="fixed"),
-                                eraser=gr.Eraser(),
+                                               color_mode="fixed", default_size=EDITOR_BRUSH),
+                                eraser=gr.Eraser(default_size=EDITOR_BRUSH),
                                 layers=gr.LayerOptions(allow_additional_layers=False),
-                                elem_id=ids["editor"])
+                                canvas_size=EDITOR_CANVAS, elem_id=ids["editor"])
         save_b = gr.Button("Save edit", elem_id=ids["save_edit"])
     with gr.Row():
         export_b = gr.Button("Export masks + CSV (zip)", elem_id=ids["export"])

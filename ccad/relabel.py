@@ -23,7 +23,7 @@ import json
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -38,8 +38,10 @@ from ccad.scoring.heatmap import render_heatmap
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ReviewItem",
+    "NormalImages",
     "ReviewSession",
     "ProposalSettings",
+    "class_normal_images",
     "discover_items",
     "image_cues",
     "mask_iou",
@@ -587,6 +589,58 @@ def _items_from_loader(root: Path, loader: str) -> tuple[list[ReviewItem], list[
     return [], []
 
 
+@dataclass
+class NormalImages:
+    """The non-defective images of one DAGM class (see :func:`class_normal_images`).
+
+    ``samples`` carry label 0 (good), ``source`` says where they came from in words
+    (e.g. ``"good Train images"``), ``total`` how many there were before ``limit``.
+    """
+
+    samples: list[Any]
+    source: str
+    total: int
+
+
+def class_normal_images(root: str | os.PathLike[str], category: str,
+                        limit: int | None = None) -> NormalImages:
+    """The non-defective images of DAGM class ``category`` under ``root``, to build a per-class
+    bank from (the model that makes the heatmap and the proposals of that class).
+
+    DAGM marks every defective image with a label (a ``Labels.txt`` row with flag 1 and a
+    ``<stem>_label.PNG`` ellipse), so the non-defective images are the others, taken in this
+    order of preference: the class's good ``Train`` images (``Labels.txt`` flag 0, or no label
+    file), else its good ``Test`` images, else (a loose sample such as ``classN/*.PNG`` with
+    ``true_masks/``, which has no ``Labels.txt``) the images that have no label file. At most
+    ``limit`` of them, evenly spread over the sorted list. Defective images are never included.
+    An empty :class:`NormalImages` when the folder is no DAGM layout or holds none.
+    """
+    from ccad.data.datasets import load_dagm
+    from ccad.data.sample import LABEL_ANOMALOUS, LABEL_GOOD
+
+    name = str(category).split("/")[0]
+    picked: list[Any] = []
+    source = ""
+    for split, words in (("train", "good Train images"), ("test", "good Test images"),
+                         ("all", "images without a defect label")):
+        try:
+            samples = load_dagm(root, split, category=name, include_defective=split == "all")
+        except (ValueError, OSError, TypeError):
+            return NormalImages([], "", 0)
+        if words.startswith("good"):
+            picked = [smp for smp in samples if smp.label == LABEL_GOOD]
+        else:  # no Labels.txt: an image without a label file is not known to be defective
+            picked = [replace(smp, label=LABEL_GOOD, defect_type="good") for smp in samples
+                      if smp.label != LABEL_ANOMALOUS and not smp.mask_path]
+        if picked:
+            source = words
+            break
+    total = len(picked)
+    if limit is not None and total > int(limit) > 0:
+        picked = [picked[i] for i in np.linspace(0, total - 1, int(limit)).round().astype(int)]
+    return NormalImages(picked, source, total)
+
+
 def _items_from_samples(samples: Iterable[Any]) -> list[ReviewItem]:
     out: list[ReviewItem] = []
     for smp in samples:
@@ -627,6 +681,20 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def _safe_name(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "__", key)
+
+
+def _relative_to(path: str, base: Path | None) -> str:
+    """``path`` relative to ``base`` in ``/`` form (both resolved, so symlinks and ``..`` agree);
+    ``path`` itself when it is not inside ``base``."""
+    if base is None:
+        return Path(path).as_posix()
+    p, b = Path(path), Path(base)
+    for pp, bb in ((p, b), (p.resolve(), b.resolve())):
+        try:
+            return pp.relative_to(bb).as_posix()
+        except ValueError:
+            continue
+    return p.as_posix()
 
 
 def _now() -> str:
@@ -842,13 +910,32 @@ class ReviewSession:
         return self._record(self._idx(i), "rejected", None)
 
     def save_edit(self, mask: np.ndarray, i: int | None = None) -> dict[str, Any]:
-        """Store an annotator-edited mask for item ``i``; saved immediately."""
-        return self._record(self._idx(i), "edited", mask)
+        """Store an annotator-edited mask for item ``i``; saved immediately.
+
+        A mask equal to the proposal (the annotator saved without changing anything) is
+        recorded as ``"accepted"``, not ``"edited"``: the decision says whether a human
+        changed the proposal.
+        """
+        i = self._idx(i)
+        mask = np.asarray(mask) > 0
+        if mask.shape == self.ellipse(i).shape and np.array_equal(mask, self.proposal(i)):
+            return self._record(i, "accepted", mask)
+        return self._record(i, "edited", mask)
 
     def clear(self, i: int | None = None) -> None:
         """Forget the decision on item ``i``."""
         self.decisions.pop(self.items[self._idx(i)].key, None)
         self._save_store()
+
+    def _path_base(self) -> Path | None:
+        """The folder CSV paths are relative to: the session's root, else the items' common folder."""
+        if self.root is not None:
+            return self.root
+        parents = [str(Path(it.image_path).parent) for it in self.items]
+        try:
+            return Path(os.path.commonpath(parents)) if parents else None
+        except ValueError:  # mixed drives / relative and absolute
+            return None
 
     @property
     def n_reviewed(self) -> int:
@@ -863,6 +950,10 @@ class ReviewSession:
         ``decisions.csv`` (stem, decision, mask_area, iou_with_ellipse, timestamp, category,
         image_path, mask_file) to ``out_dir``; returns the CSV path.
 
+        ``image_path`` is relative to the dataset root (the folder the session was opened on;
+        for a list of samples, their common folder), in ``/`` form, so the CSV stays valid
+        when the data set is moved or read on another machine.
+
         Masks go to ``out_dir/<stem>.png``; when stems repeat across classes or splits (DAGM
         numbers images per class and split) every mask goes to ``out_dir/<key>.png`` instead,
         i.e. ``out_dir/<category>/<split>/<stem>.png``. ``mask_file`` in the CSV names it.
@@ -871,6 +962,7 @@ class ReviewSession:
         out.mkdir(parents=True, exist_ok=True)
         stems = [it.stem for it in self.items]
         nested = len(set(stems)) != len(stems)
+        base = self._path_base()
         rows = []
         for it in self.items:
             dec = self.decisions.get(it.key)
@@ -888,7 +980,7 @@ class ReviewSession:
                          "iou_with_ellipse": "" if dec.get("iou_with_ellipse") is None
                          else dec["iou_with_ellipse"],
                          "timestamp": dec.get("timestamp", ""), "category": it.category,
-                         "image_path": it.image_path, "mask_file": rel})
+                         "image_path": _relative_to(it.image_path, base), "mask_file": rel})
         csv_path = out / "decisions.csv"
         cols = ["stem", "decision", "mask_area", "iou_with_ellipse", "timestamp", "category",
                 "image_path", "mask_file"]

@@ -308,3 +308,77 @@ def test_proposals_are_cached_and_use_the_map_fn(tmp_path: Path) -> None:
     a = sess.proposal(0)
     b = sess.proposal(0)
     assert a is b and len(calls) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# issue 13 item 11: unchanged saves, portable CSV paths, the non-defective images of a class
+# --------------------------------------------------------------------------------------------
+
+
+def test_saving_the_proposal_unchanged_is_accepted_not_edited(tmp_path: Path) -> None:
+    sess = ReviewSession(_small_items(tmp_path, 2), tmp_path / "store")
+    proposal = sess.proposal(0).copy()
+    assert proposal.any()
+    rec = sess.save_edit(proposal.copy(), 0)  # "Save edit" without touching the mask
+    assert rec["decision"] == "accepted" and rec["mask_area"] == int(proposal.sum())
+    stroke = proposal.copy()
+    stroke[0:3, 0:3] = True  # one small stroke
+    assert sess.save_edit(stroke, 0)["decision"] == "edited"
+    assert (sess.mask(0) == stroke).all()
+    assert sess.save_edit(sess.mask(0), 0)["decision"] == "edited"  # the edit saved again stays edited
+    sess.reject(1)
+    assert sess.save_edit(sess.mask(1), 1)["decision"] == "accepted"  # the proposal shown after a reject
+
+
+def test_decisions_csv_paths_are_relative_to_the_dataset_root(tmp_path: Path) -> None:
+    from dagm_like import write_dagm_like
+
+    root = tmp_path / "dagm"
+    write_dagm_like(root, n_good=1, n_defect=2, size=64)
+    sess = ReviewSession(root, tmp_path / "store")
+    sess.accept(0)
+    sess.reject(1)
+    rows = list(csv.DictReader(open(sess.export(tmp_path / "out"))))
+    assert [r["image_path"] for r in rows] == ["Class1/Train/0001.PNG", "Class1/Train/0002.PNG"]
+    assert not any(str(tmp_path) in v for r in rows for v in r.values())  # no server path anywhere
+    moved = tmp_path / "elsewhere"
+    root.rename(moved)  # portable: the CSV still names the files under the moved root
+    assert all((moved / r["image_path"]).is_file() for r in rows)
+    # a session on a list of items: paths relative to the items' common folder
+    items = _small_items(tmp_path / "loose", 2)
+    s2 = ReviewSession(items, tmp_path / "store2")
+    s2.accept(0)
+    assert [r["image_path"] for r in csv.DictReader(open(s2.export(tmp_path / "out2")))] == ["0000.png"]
+
+
+def test_class_normal_images_published_layout_uses_labels_txt(tmp_path: Path) -> None:
+    from dagm_like import write_dagm_like
+
+    from ccad.relabel import class_normal_images
+
+    names = write_dagm_like(tmp_path / "dagm", n_good=5, n_defect=2, size=32)
+    write_dagm_like(tmp_path / "dagm", n_good=3, n_defect=1, size=32, cls="Class2", seed=1)
+    found = class_normal_images(tmp_path / "dagm", "Class1")
+    assert found.source == "good Train images" and found.total == 5
+    assert sorted(Path(s.image_path).name for s in found.samples) == names["good"]
+    assert all(s.label == 0 and s.category == "Class1" for s in found.samples)
+    few = class_normal_images(tmp_path / "dagm", "Class1", limit=3)
+    assert [Path(s.image_path).name for s in few.samples] == ["0003.PNG", "0005.PNG", "0007.PNG"]
+    assert few.total == 5
+    assert len(class_normal_images(tmp_path / "dagm", "Class2").samples) == 3
+    assert class_normal_images(tmp_path / "dagm", "Class7").samples == []  # no such class
+    assert class_normal_images(tmp_path / "nowhere", "Class1").samples == []
+
+
+def test_class_normal_images_loose_sample_takes_the_images_without_a_label(tmp_path: Path) -> None:
+    """The DAGM sample layout (classN/*.PNG + true_masks/, no Labels.txt): the images without a
+    label file are the non-defective ones; the labelled ones are never in the bank."""
+    from dagm_like import write_dagm_like
+
+    from ccad.relabel import class_normal_images
+
+    names = write_dagm_like(tmp_path / "sample", n_good=2, n_defect=3, size=32, cls="class1", loose=True)
+    found = class_normal_images(tmp_path / "sample", "class1")
+    assert found.source == "images without a defect label"
+    assert sorted(Path(s.image_path).name for s in found.samples) == names["good"]
+    assert all(s.label == 0 for s in found.samples)

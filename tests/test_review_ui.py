@@ -33,7 +33,9 @@ REQUIRED_IDS = ["review-folder", "review-load", "review-accept", "review-reject"
 @pytest.fixture()
 def data_root(tmp_path: Path) -> Path:
     root = tmp_path / "data"
-    write_dataset(root / "dagm", kinds=("granular", "cloud"), n_train=0, n_test_good=1,
+    # no good images at all: nothing to build a per-class bank from (the heatmap comes from the
+    # model in use, or is the "no model" note); the per-class bank has its own tests below
+    write_dataset(root / "dagm", kinds=("granular", "cloud"), n_train=0, n_test_good=0,
                   n_test_defect=1, size=64, layout="dagm", defects=("spot", "stain"))
     return root
 
@@ -360,3 +362,156 @@ def test_per_class_patchcore_real_fit(tmp_path: Path) -> None:
     det = ui._class_dets[(key, "Class1")][0]
     assert det.info["categories"] == ["Class1"] and ReviewUI.built_on(det, "Class1")
     assert np.abs(heat[..., 0].astype(int) - heat[..., 2].astype(int)).max() > 40  # a colour map
+
+
+# --------------------------------------------------------------------------------------------
+# issue 13 item 11: the per-class bank on a DAGM sample, the model named, the mask editor
+# --------------------------------------------------------------------------------------------
+
+
+def test_per_class_bank_on_a_loose_dagm_sample_names_the_model(tmp_path: Path) -> None:
+    """A folder laid out like the DAGM sample (classN/*.PNG + true_masks/, no Labels.txt): the
+    per-class bank is built from the class's images without a label file (never the labelled
+    ones), and the status names the model in use and the bank that made the proposal."""
+    from dagm_like import write_dagm_like
+
+    from app.review import IN_USE
+
+    root = tmp_path / "data"
+    names = write_dagm_like(root / "sample", n_good=2, n_defect=2, size=48, cls="class1", loose=True)
+    fitted: list[list[str]] = []
+
+    def fake_fit(good: list, variant: str, image_size: int, **kw: object) -> _MapDetector:
+        fitted.append(sorted(Path(s.image_path).name for s in good))
+        assert all(s.label == 0 for s in good)
+        return _MapDetector()
+
+    ui = ReviewUI(lambda: _OnClass("Class9"), root, tmp_path / "state", fit=fake_fit,
+                  active_name=lambda: "demo (ccad-v)")
+    key, status, *_ = ui.load("sample")
+    assert fitted == [names["good"]]
+    assert "The model in use (**demo (ccad-v)**) was not built on class1" in status, status
+    assert "**a PatchCore built on class1 from its 2 image(s) without a defect label" in status, status
+    assert "no good" not in status and "using the model in use" not in status
+    assert "PatchCore built on class1" in ui.export(key)[1]  # still named after an export
+    status = ui.choose_model(key, IN_USE)[0]
+    assert "Heatmap and proposal from **demo (ccad-v)** (the model in use)." in status, status
+
+
+def test_editor_canvas_is_smaller_than_any_image() -> None:
+    """gr.ImageEditor centres the mask layer in max(canvas, image): the canvas must not be larger
+    than the image, or the proposal is drawn offset from it (the browser test checks the pixels)."""
+    with gr.Blocks() as demo:
+        build_review_tab(lambda: None, ".", "/tmp/ccad-review-test-state")
+    editor = next(c for c in demo.get_config_file()["components"] if c["props"].get("elem_id") == "review-editor")
+    assert max(editor["props"]["canvas_size"]) <= 16
+
+
+def _red_centre(png: bytes) -> tuple[float, float, int]:
+    """(x, y) centre of the red-tinted pixels of a screenshot, as fractions of its size, and their
+    count; the editor's tool bars (left, top) are left out (the brush colour icon is red)."""
+    shot = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR).astype(int)  # BGR
+    red = (shot[..., 2] - np.maximum(shot[..., 0], shot[..., 1])) > 40
+    h, w = red.shape
+    red[:, : w // 8] = False
+    red[: h // 8] = False
+    ys, xs = np.nonzero(red)
+    if not len(xs):
+        return -1.0, -1.0, 0
+    return float(xs.mean() / shot.shape[1]), float(ys.mean() / shot.shape[0]), int(red.sum())
+
+
+@pytest.mark.browser
+def test_mask_editor_in_chromium_proposal_over_image_strokes_add_unchanged_accepts(tmp_path: Path) -> None:
+    """End to end in Chromium on a generated DAGM-like class (defects at the image centre): the
+    editor shows the proposal over the defect; a small stroke saves proposal + stroke ("edited",
+    IoU with the proposal stays high); "Save edit" with no change records "accepted"; the eraser
+    removes from the proposal; the page names the per-class bank that made the proposal."""
+    pytest.importorskip("playwright")
+    from dagm_like import write_dagm_like
+
+    from app.review import ReviewUI as _UI
+    from ccad.relabel import mask_iou
+    from tests.browser_util import browser_page, find_chromium, fill_textbox, screenshot, serve
+
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("no Chromium (apt-get install chromium)")
+    root = tmp_path / "data"
+    write_dagm_like(root / "dagm", n_good=3, n_defect=3, size=128, axes=(24, 16))
+    made: list[_UI] = []
+    with gr.Blocks() as demo:
+        made.append(build_review_tab(lambda: None, str(root), str(tmp_path / "state")))
+    ui = made[0]
+
+    def wait_for(page, elem_id: str, needle: str) -> None:
+        page.wait_for_function(
+            "([id, s]) => (document.getElementById(id)?.innerText || '').includes(s)",
+            arg=[elem_id, needle], timeout=120_000)
+
+    with serve(demo) as url, browser_page(chromium) as page:
+        page.goto(url)
+        fill_textbox(page, "review-folder", "dagm")
+        page.get_by_text("Edit the mask").click()  # open the editor before loading
+        page.locator("#review-load").click()
+        wait_for(page, "review-item", "1 / 3")
+        wait_for(page, "review-status", "PatchCore built on Class1 from its 3 good image(s)")
+        sess = ui.session(str((root / "dagm").resolve()))
+        proposal = sess.proposal(0).copy()
+        assert proposal[64, 64] and 300 < proposal.sum() < 3000  # the dark blob at the centre
+        canvas = page.locator("#review-editor canvas").first
+        canvas.wait_for(state="visible")
+        page.wait_for_timeout(2500)  # the layer loads after the background
+        cx, cy, n_red = _red_centre(canvas.screenshot())
+        screenshot(page, "review-editor-proposal")
+        assert n_red > 100 and abs(cx - 0.5) < 0.03 and abs(cy - 0.5) < 0.05, (cx, cy, n_red)
+
+        # a short stroke from the centre of the defect out past its edge, then Save edit
+        canvas.scroll_into_view_if_needed()  # mouse events need it inside the viewport
+        box = canvas.bounding_box()
+        x0, y0 = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        page.mouse.move(x0, y0)
+        page.mouse.down()
+        page.mouse.move(x0 + 0.25 * box["height"], y0, steps=8)  # past the blob's right edge
+        page.mouse.up()
+        page.wait_for_timeout(800)
+        screenshot(page, "review-editor-stroke")
+        page.locator("#review-save-edit").click()
+        wait_for(page, "review-progress", "1 / 3 reviewed")
+        dec = sess.decision(0)
+        saved = sess.mask(0)
+        assert dec["decision"] == "edited"
+        assert (saved >= proposal).all()  # every proposal pixel kept where it was
+        assert saved.sum() > proposal.sum()  # the stroke added
+        assert mask_iou(saved, proposal) > 0.7, mask_iou(saved, proposal)  # a small stroke, a small change
+
+        # the next item: Save edit with no change is an accept
+        wait_for(page, "review-item", "2 / 3")
+        page.wait_for_timeout(2500)
+        page.locator("#review-save-edit").click()
+        wait_for(page, "review-progress", "2 / 3 reviewed")
+        assert sess.decision(1)["decision"] == "accepted"
+        assert (sess.mask(1) == sess.proposal(1)).all()
+        wait_for(page, "review-status", "accepted (saved)")
+        screenshot(page, "review-editor-saved")
+
+        # the third: the eraser, dragged across the middle of the defect, removes from the proposal
+        wait_for(page, "review-item", "3 / 3")
+        page.wait_for_timeout(2500)
+        proposal = sess.proposal(2).copy()
+        page.locator("#review-editor button[aria-label='Erase']").click()
+        canvas.scroll_into_view_if_needed()
+        box = canvas.bounding_box()
+        x0, y0 = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        page.mouse.move(x0 - 0.2 * box["height"], y0)
+        page.mouse.down()
+        page.mouse.move(x0 + 0.2 * box["height"], y0, steps=10)
+        page.mouse.up()
+        page.wait_for_timeout(800)
+        screenshot(page, "review-editor-erased")
+        page.locator("#review-save-edit").click()
+        wait_for(page, "review-progress", "3 / 3 reviewed")
+        saved = sess.mask(2)
+        assert sess.decision(2)["decision"] == "edited"
+        assert (saved <= proposal).all() and 0 < saved.sum() < proposal.sum()
+        assert not saved[64, 50:78].any()  # the erased line through the centre
