@@ -346,26 +346,6 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def saved_progress(out_dir: str | Path) -> dict[str, Any] | None:
-    """Where the run in ``out_dir`` stands, from its latest readable checkpoint: ``step``,
-    ``epoch``, ``total_steps`` (the steps it was trained for), ``seconds`` and the loss history
-    ``losses`` (one per completed step, step 1 first); None when it has no checkpoint. What a
-    resumed run continues from (its curve goes on at ``step + 1``)."""
-    for ckpt in reversed(list_checkpoints(out_dir)):
-        if checkpoint_problem(ckpt) is not None:
-            continue  # resume skips it too
-        try:
-            state = json.loads((ckpt / STATE_NAME).read_text())
-            step = int(state["step"])
-            losses = [float(v) for v in state.get("losses", [])][:step]
-            return {"step": step, "epoch": int(state.get("epoch", 0)),
-                    "total_steps": int((state.get("config") or {}).get("steps", step)),
-                    "seconds": float(state.get("seconds", 0.0)), "losses": losses, "checkpoint": ckpt}
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return None
-
-
 _CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "optimizer.json",
                      "scheduler.json", "rng.safetensors", "rng.json")
 
@@ -800,3 +780,23 @@ class Trainer:
             x = torch.as_tensor(item["image"]).float()
         x = x.unsqueeze(0).to(device) if x.dim() == 3 else x.to(device)
         return self.preview_fn(ema_module(ema, unwrapped), x)
+
+
+def saved_progress(out_dir: str | Path) -> dict[str, Any] | None:
+    """Where the run in ``out_dir`` stands, from its latest readable checkpoint: ``step``,
+    ``epoch``, ``total_steps`` (the steps it was trained for), ``seconds`` and the loss history
+    ``losses`` (one per completed step, step 1 first); None when it has no checkpoint. What a
+    resumed run continues from (its curve goes on at ``step + 1``)."""
+    for ckpt in reversed(list_checkpoints(out_dir)):
+        if checkpoint_problem(ckpt) is not None:
+            continue  # resume skips it too
+        try:
+            state = json.loads((ckpt / STATE_NAME).read_text())
+            step = int(state["step"])
+            losses = [float(v) for v in state.get("losses", [])][:step]
+            return {"step": step, "epoch": int(state.get("epoch", 0)),
+                    "total_steps": int((state.get("config") or {}).get("steps", step)),
+                    "seconds": float(state.get("seconds", 0.0)), "losses": losses, "checkpoint": ckpt}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
