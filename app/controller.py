@@ -135,6 +135,11 @@ CPU_PRESET = "tiny"
 CPU_MAX_IMAGE_SIZE = 128
 FORM_HEADERS = ["setting", "type", "default", "value"]
 FORM_SKIP = ("preset", "autoencoder")  # these have their own boxes above the form
+AUTOENCODER_HINT = ("taef2:/path/to/folder (the folder holding taef2_encoder.pth and taef2_decoder.pth); "
+                    "kl:/path/to/folder or tiny:/path/to/folder (a diffusers folder); or a Hub id such as "
+                    "kl:stabilityai/sd-vae-ft-mse or tiny:madebyollin/taesd (it needs the Hub, or the local Hub "
+                    "cache: huggingface-cli download stabilityai/sd-vae-ft-mse); taef2:random or kl:random: "
+                    "random init, for tests only.")
 
 
 def _method_class(variant: Optional[str]) -> Any:
@@ -459,6 +464,8 @@ class AppController:
         self.startup_message = ""
         self._last_train: Optional[dict[str, Any]] = None
         self.hub_probe: Callable[[], bool] = hub_reachable
+        self.hub_cache_dir: Optional[str] = None  # the local Hub cache (None: huggingface_hub's default)
+        self._hub_seen: Optional[tuple[float, bool]] = None
 
     # ------------------------------------------------------------------ models
     def load_startup(self, model: Optional[str] = None) -> str:
@@ -1127,6 +1134,66 @@ class AppController:
                 f"{CPU_MAX_IMAGE_SIZE} px, a few hundred steps): expect minutes, not seconds; the rest of the app "
                 "stays usable.")
 
+    def _hub_online(self) -> bool:
+        """Whether the Hub answers (``hub_probe``), asked at most once a minute."""
+        now = time.time()
+        if self._hub_seen is None or now - self._hub_seen[0] > 60:
+            try:
+                self._hub_seen = (now, bool(self.hub_probe()))
+            except Exception:
+                self._hub_seen = (now, False)
+        return self._hub_seen[1]
+
+    def autoencoder_problem(self, spec: str) -> Optional[str]:
+        """Why the autoencoder ``spec`` would not load on this server (None: it loads), checked
+        without loading it (:func:`ccad.models.autoencoder.autoencoder_problem`); the Hub is asked
+        only for a Hub id that is not in the local cache."""
+        from ccad.models.autoencoder import autoencoder_problem
+
+        offline = autoencoder_problem(spec, online=False, cache_dir=self.hub_cache_dir)
+        if offline is None:
+            return None
+        online = autoencoder_problem(spec, online=True, cache_dir=self.hub_cache_dir)
+        if online is not None or not self._hub_online():
+            return offline if online is None else online
+        return None
+
+    def autoencoder_field(self, variant: Optional[str] = None) -> dict[str, Any]:
+        """The Train tab's Autoencoder box for ``variant``: ``visible`` (its config has the field),
+        ``value`` (the method's default when it loads here, else the first spec that loads
+        offline), ``offline`` (specs that load without the network, best first: TAEF2 folders
+        inside the data root, then Hub autoencoders in the local cache) and the ``info`` hint."""
+        from ccad.models.autoencoder import offline_autoencoders
+
+        info = method_info(variant or default_variant())
+        if not info["has_autoencoder"]:
+            return {"visible": False, "value": "", "offline": [], "info": AUTOENCODER_HINT}
+        offline = offline_autoencoders([self.data_root], cache_dir=self.hub_cache_dir)
+        default = info["autoencoder"]
+        works = default in offline or not offline or self.autoencoder_problem(default) is None
+        value = default if works else offline[0]
+        if offline:
+            head = "Loads offline here: " + ", ".join(offline) + ". "
+        else:
+            head = (f"Nothing loads offline here yet (no TAEF2 folder inside {self.data_root}, no autoencoder "
+                    "in the local Hub cache). ")
+        return {"visible": True, "value": value, "offline": offline, "info": head + AUTOENCODER_HINT}
+
+    def _check_autoencoder(self, variant: str, cfg: Any) -> None:
+        """A :class:`UserError` naming the Autoencoder field when its spec would not load here."""
+        spec = getattr(cfg, "autoencoder", None)
+        if spec is None:
+            return
+        problem = self.autoencoder_problem(str(spec))
+        if problem is None:
+            return
+        from ccad.models.autoencoder import offline_autoencoders
+
+        offline = offline_autoencoders([self.data_root], cache_dir=self.hub_cache_dir)
+        there = (f"Loads offline here: {', '.join(offline)}. Or enter" if offline else "Enter")
+        raise UserError(f"Autoencoder {spec!r} of {_method_class(variant).title or variant} will not load: "
+                        f"{problem}. Nothing was started. {there} in the Autoencoder box {AUTOENCODER_HINT}")
+
     def default_train_settings(self, variant: Optional[str] = None) -> dict[str, Any]:
         """The Train tab's defaults for this device. On a GPU: the method's own preset and image
         size (from the registry) and full-length training. On the CPU: the smallest preset the
@@ -1170,7 +1237,8 @@ class AppController:
             if not mcls.trainable:
                 raise UserError(f"{mcls.title or variant} is not trained (it is fitted): build it in the "
                                 "Feature bank tab")
-            method_config(variant, preset, options, autoencoder)  # refuse a bad option before anything starts
+            # refuse a bad option, or an autoencoder that would not load, before anything starts
+            self._check_autoencoder(variant, method_config(variant, preset, options, autoencoder))
             path = self._data_folder(folder, zip_file)
             bank = None
             if bank_model and mcls.uses_bank:
@@ -1180,26 +1248,48 @@ class AppController:
                     raise UserError(f"{bank_model} has no feature bank to reuse; leave 'Reuse the bank' empty")
             if int(steps) < 1 or int(batch_size) < 1:
                 raise UserError("steps and batch size must be positive")
-            run_dir = self.state_dir / "runs" / time.strftime("train-%Y%m%d-%H%M%S")
+            run_dir = self._new_run_dir()
             params = {"data": str(path), "out_dir": str(run_dir), "bank": bank,
                       "bank_model": (bank_model or "") if bank is not None else "",
                       "preset": preset or "", "image_size": int(image_size or mcls.default_image_size),
                       "steps": int(steps), "batch_size": int(batch_size),
-                      "preview_every": max(1, int(preview_every)), "resume": False, "variant": variant,
+                      "preview_every": min(max(1, int(preview_every)), int(steps)), "resume": False,
+                      "variant": variant,
                       "options": options or "", "autoencoder": (autoencoder or "").strip(),
                       "fuse_bank": bool(fuse_bank)}
-        self._last_train = dict(params, resume=False)
-        train_fn = self.engine.train
         # the typed config, rebuilt from the recipe (a resumed job gets a fresh copy of the same config)
         method_cfg = method_config(params["variant"], params["preset"], params["options"], params["autoencoder"])
+        if resume:
+            self._check_autoencoder(params["variant"], method_cfg)
+        self._last_train = dict(params, resume=False)
+        train_fn = self.engine.train
+        last = self.jobs.snapshot() if resume else None
+        last_preview = (last or {}).get("preview") if (last or {}).get("params", {}).get("out_dir") == \
+            params["out_dir"] else None
         scoring = None
         if params.get("fuse_bank"):
             scoring = _method_class(params["variant"]).default_scoring()
             scoring.fusion = "bank"
 
         def target(handle: JobHandle) -> Any:
-            handle.update(total_steps=params["steps"], message="building the bank" if params["bank"] is None
-                          else "training", step=0)
+            handle.update(total_steps=params["steps"], message="reading the images", step=0)
+            if params["resume"]:  # the curve, step and loss go on from the checkpoint
+                from ccad.training import saved_progress
+
+                saved = saved_progress(params["out_dir"])
+                if saved is not None:
+                    hist = saved["losses"]
+                    handle.update(losses=[(i + 1, v) for i, v in enumerate(hist)], step=saved["step"],
+                                  epoch=saved["epoch"], loss=hist[-1] if hist else float("nan"),
+                                  **({"preview": last_preview} if last_preview is not None else {}))
+            current = {"phase": "reading the images"}
+
+            def phase(text: str) -> None:  # the engine says what runs now (bank, latents, training ...)
+                current["phase"] = text
+                handle.update(message=text)
+
+            def progress(done: int, total: int) -> None:
+                handle.update(message=f"{current['phase']} ({done}/{total})")
 
             def on_state(st: Any) -> bool:
                 upd: dict[str, Any] = {"step": int(getattr(st, "step", 0)),
@@ -1220,16 +1310,17 @@ class AppController:
                             train=train_config(steps=params["steps"], batch_size=params["batch_size"],
                                                preview_every=params["preview_every"], show_progress=False),
                             callbacks=(on_state,), resume=params["resume"], cancel=handle.should_stop,
-                            **({"scoring": scoring} if scoring is not None else {}))
+                            phase=phase, progress=progress, **({"scoring": scoring} if scoring is not None else {}))
 
         def on_done(job: Any) -> None:
             det = job.result
             if det is None:
                 return
             label = "stopped" if job.state == STOPPED else "trained"
-            name = self.registry.add(f"{params['variant']} {label} {job.id}", det,
+            # one name per run (method + run folder): a resumed run replaces its entry
+            name = self.registry.add(f"{params['variant']} {Path(params['out_dir']).name}", det,
                                      f"{label} in this app ({params['data']})",
-                                     folder=str(Path(params["out_dir"]) / "model"), activate=False)
+                                     folder=str(Path(params["out_dir"]) / "model"), activate=False, replace=True)
             job.params["model_name"] = name
             job.params["skipped"] = _left_out(det)
 
@@ -1240,6 +1331,20 @@ class AppController:
         title = _method_class(params["variant"]).title or params["variant"]
         return (f"Started training job {job.id} ({'resumed' if resume else 'new'}): {title} on "
                 f"{Path(params['data']).name}.")
+
+    def _new_run_dir(self) -> Path:
+        """A fresh run folder ``runs/train-<date>-<time>`` (``-2``, ``-3`` ... within one second)."""
+        runs = self.state_dir / "runs"
+        runs.mkdir(parents=True, exist_ok=True)
+        base = time.strftime("train-%Y%m%d-%H%M%S")
+        for i in range(1, 1000):
+            run = runs / (base if i == 1 else f"{base}-{i}")
+            try:
+                run.mkdir()
+                return run
+            except FileExistsError:
+                continue
+        raise UserError(f"{runs}: could not make a new run folder")
 
     def stop_training(self) -> str:
         if self.jobs.stop():
@@ -1254,8 +1359,9 @@ class AppController:
                     "preview": None, "state": "idle", "model_name": None, "can_resume": False}
         total = snap["total_steps"] or 0
         pct = f" ({100.0 * snap['step'] / total:.0f} %)" if total else ""
+        loss = f"{snap['loss']:.4f}" if math.isfinite(snap["loss"]) else "-"
         progress = (f"step {snap['step']}/{total}{pct} · epoch {snap['epoch']} · loss "
-                    f"{snap['loss']:.4f} · elapsed {views.format_seconds(snap['elapsed'])} · ETA "
+                    f"{loss} · elapsed {views.format_seconds(snap['elapsed'])} · ETA "
                     f"{views.format_seconds(snap['eta_seconds'])}")
         status = f"Job {snap['id']}: {snap['state']} - {snap['message']}"
         if snap["params"].get("model_name"):

@@ -70,7 +70,9 @@ class JobHandle:
         return self._stop.is_set()
 
     def update(self, **fields: Any) -> None:
-        """Set progress fields (step, total_steps, epoch, loss, lr, eta_seconds, message, preview)."""
+        """Set progress fields (step, total_steps, epoch, loss, lr, eta_seconds, message, preview,
+        losses: the whole curve, e.g. the history a resumed run continues); a finite ``loss`` adds
+        the point ``(step, loss)`` to the curve unless it has one for that step."""
         with self._manager._lock:
             job = self._job
             for key, value in fields.items():
@@ -78,7 +80,8 @@ class JobHandle:
                     raise AttributeError(f"Job has no field {key!r}")
                 setattr(job, key, value)
             if "loss" in fields and fields["loss"] is not None and np.isfinite(float(fields["loss"])):
-                job.losses.append((int(job.step), float(fields["loss"])))
+                if not job.losses or job.losses[-1][0] != int(job.step):  # one point per step
+                    job.losses.append((int(job.step), float(fields["loss"])))
             if fields.get("preview") is not None:
                 job.preview_step = int(job.step)
 

@@ -74,8 +74,6 @@ def _mount_review(builder: Any, error: Optional[str], controller: AppController)
         gr.Markdown(f"The DAGM review screen could not be built ({type(exc).__name__}: {exc}).")
 
 
-AUTOENCODER_INFO = ("taef2:/path/to/taef2.pth, kl:<Hub id or folder>, tiny:<Hub id or folder>, "
-                    "or taef2:random / kl:random (random init, for tests)")
 IMAGE_SIZES = [64, 96, 128, 256]
 
 
@@ -297,9 +295,9 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
                         train_size = gr.Dropdown(_sizes(minfo["image_size"]), value=settings["image_size"],
                                                  label="Image size", elem_id="train-image-size",
                                                  allow_custom_value=True)
-                        train_ae = gr.Textbox(value=minfo["autoencoder"], label="Autoencoder",
-                                              info=AUTOENCODER_INFO, elem_id="train-autoencoder",
-                                              visible=minfo["has_autoencoder"])
+                        ae = c.autoencoder_field(settings["variant"])
+                        train_ae = gr.Textbox(value=ae["value"], label="Autoencoder", info=ae["info"],
+                                              elem_id="train-autoencoder", visible=ae["visible"])
                         train_steps = gr.Number(value=settings["steps"], precision=0, label="Steps",
                                                 elem_id="train-steps")
                         train_bs = gr.Number(value=settings["batch_size"], precision=0, label="Batch size",
@@ -629,12 +627,13 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
             try:
                 info = method_info(variant)
                 d = c.default_train_settings(variant)
+                ae = c.autoencoder_field(variant)
             except Exception as exc:
                 return [_err(exc)] + [gr.update()] * 7
             return [_method_text(info),
                     gr.update(choices=info["presets"], value=d["preset"], visible=info["preset"] is not None),
                     gr.update(choices=_sizes(info["image_size"]), value=d["image_size"]),
-                    gr.update(value=info["autoencoder"], visible=info["has_autoencoder"]),
+                    gr.update(value=ae["value"], visible=ae["visible"], info=ae["info"]),
                     _options_text(info), gr.update(visible=info["uses_bank"]),
                     settings_form(variant, d["preset"]), gr.update(label=f"Settings of {info['title']}")]
 

@@ -56,11 +56,12 @@ class ModelRegistry:
         self.active: Optional[str] = None
 
     def add(self, name: str, detector: Any, source: str, folder: Optional[str] = None,
-            activate: bool = True, **extra: Any) -> str:
-        """Register ``detector`` under ``name`` (made unique with a suffix); returns the final name."""
+            activate: bool = True, replace: bool = False, **extra: Any) -> str:
+        """Register ``detector`` under ``name`` (made unique with a suffix); returns the final name.
+        ``replace=True`` puts it in place of an entry of that name instead (a run trained again)."""
         with self._lock:
             final, i = name, 2
-            while final in self._entries and self._entries[final].detector is not detector:
+            while not replace and final in self._entries and self._entries[final].detector is not detector:
                 final = f"{name} ({i})"
                 i += 1
             self._entries[final] = ModelEntry(final, detector, source, folder, dict(extra))

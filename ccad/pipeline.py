@@ -145,8 +145,10 @@ def _detector_config(variant: str, image_size: Optional[int], method: Any, bank_
 
 
 def _prepare(data: Any, config: DetectorConfig, bank: Any, calibration_fraction: float, seed: int, device: Any,
-             progress: ProgressFn, cancel: CancelFn, run_dir: Optional[Path]) -> tuple[Method, Any, list, list]:
-    """Samples -> train / calibration split -> the method with its bank and modules built."""
+             progress: ProgressFn, cancel: CancelFn, run_dir: Optional[Path],
+             phase: Optional[Callable[[str], None]] = None) -> tuple[Method, Any, list, list]:
+    """Samples -> train / calibration split -> the method with its bank and modules built
+    (``phase(text)`` is told when the bank and the modules are built)."""
     from .data.datasets import SampleList, collect_skipped
 
     with collect_skipped() as unsupported:  # files left out for their extension (info.json "skipped")
@@ -160,6 +162,8 @@ def _prepare(data: Any, config: DetectorConfig, bank: Any, calibration_fraction:
                   run_dir=run_dir, progress=progress, cancel=cancel, seed=seed, held_out=list(cal))
     method = mcls(config.method, ctx)
     if bank is None:
+        if phase is not None and mcls.uses_bank:
+            phase("building the feature bank")
         bank = method.build_bank(train)
     elif mcls.uses_bank:
         meta = getattr(bank, "meta", {}) or {}
@@ -167,6 +171,8 @@ def _prepare(data: Any, config: DetectorConfig, bank: Any, calibration_fraction:
         config.bank.layers = tuple(meta.get("layers", config.bank.layers))
         config.bank.size = int(bank.features.shape[0])
     ctx.bank = bank
+    if phase is not None:
+        phase(method.build_phase)
     with torch.random.fork_rng(devices=[]):  # a fresh init is a function of the seed, not of the global RNG
         torch.manual_seed(seed)
         method.build(train)
@@ -267,6 +273,7 @@ def train_detector(
     seed: int = 0,
     fusion_memory: Any = None,
     overwrite: bool = False,
+    phase: Optional[Callable[[str], None]] = None,
 ) -> AnomalyDetector:
     """Build and train a detector of any registered method on good images; save ``out_dir/model``.
 
@@ -286,9 +293,16 @@ def train_detector(
     ``resume`` (continue it) or ``overwrite=True`` (replace it: its checkpoints are removed when
     training starts, its model when the new one is saved). Too few good images to hold out a
     calibration slice is a ``ValueError`` before anything is built (:func:`check_calibration_split`).
+    ``phase(text)`` is told what runs now, as it starts ("building the feature bank" only for a
+    method that builds one, the method's own text for preparing its training data, "training",
+    "calibrating ...", "saving ..."); ``progress(done, total)`` counts within a phase.
     """
     from .features import FeatureBank
     from .training import TrainConfig, Trainer
+
+    def say(text: str) -> None:
+        if phase is not None:
+            phase(text)
 
     out_dir = Path(out_dir)
     if resume and overwrite:
@@ -308,7 +322,7 @@ def train_detector(
     if bank is None and resume and (out_dir / "bank.safetensors").is_file():
         bank = FeatureBank.load(out_dir)  # the bank this run was trained with
     m, bank, train_s, cal = _prepare(data, config, bank, calibration_fraction, seed, device, progress, cancel,
-                                     out_dir)
+                                     out_dir, phase=say)
     if bank is not None:
         bank.save(out_dir)
     info = _info(train_s, bank)
@@ -318,18 +332,25 @@ def train_detector(
         cbs = list(callbacks)
         if cancel is not None:
             cbs.append(lambda state: bool(cancel()))
+        say(m.training_data_phase)
         dataset = m.training_dataset(train_s)
+        preview_image = _preview_image(train_s, m.ctx.image_size) if tcfg.preview_every else None
+        say("training")
         trainer = Trainer(m.trainable_modules(), m.training_loss, dataset, tcfg, out_dir, callbacks=cbs,
-                          preview=m.preview)
+                          preview=m.preview, preview_image=preview_image)
         result = trainer.train(resume=resume, overwrite=bool(overwrite))
         m.use_trained(result.model)
         m.after_training(train_s)  # e.g. domain adaptation of the scoring extractor (D3AD eq. 10)
         info.update({"train_steps": int(result.step), "stopped_early": bool(result.stopped)})
     info["train_seconds"] = round(time.perf_counter() - t0, 1)
+    if config.scoring.fusion == "bank":
+        say("fitting the bank map it is fused with")
     fusion = _build_fusion(config, train_s, cal, m.ctx.device, fusion_memory, progress, cancel, seed)
     det = AnomalyDetector(config, bank, m, device=m.ctx.device, info=info, fusion=fusion)
     if cal:
+        say("calibrating the threshold on held-out good images")
         det.calibrate(cal, batch_size=tcfg.batch_size)
+    say("saving the model")
     state = _launch_state()
     if state is None or state.is_main_process:  # several processes (accelerate launch): one writes the model
         if overwrite and (out_dir / "model").is_dir():  # replaced as a whole: no stale file of the old model
@@ -340,6 +361,17 @@ def train_detector(
     if state is not None:
         state.wait_for_everyone()
     return det
+
+
+def _preview_image(train: Sequence[Any], image_size: int) -> Optional[torch.Tensor]:
+    """The first readable training image (``3 x S x S`` in [0, 1]) the live preview reconstructs."""
+    from .data.datasets import ImageDataset
+
+    ds = ImageDataset(list(train)[:8], image_size, on_error="skip")
+    try:
+        return ds[0]["image"] if len(ds) else None
+    except Exception:  # noqa: BLE001 - no readable image among the first: no preview, training goes on
+        return None
 
 
 def _launch_state() -> Any:

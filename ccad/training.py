@@ -235,11 +235,13 @@ class Trainer:
         out_dir: where checkpoints go (created).
         callbacks: called with a :class:`TrainState` after every step; returning True requests a stop.
         preview: ``preview(ema_modules, image 1 x 3 x S x S) -> H x W x 3`` for the live preview.
+        preview_image: the ``3 x S x S`` image in [0, 1] the preview reconstructs (default: the
+            dataset's first ``"image"``; a dataset of latents has none, so give one).
     """
 
     def __init__(self, modules: nn.Module, loss_fn: LossFn, dataset: Dataset | torch.Tensor,
                  config: TrainConfig, out_dir: str | Path, callbacks: Sequence[Callback] = (),
-                 preview: PreviewFn | None = None) -> None:
+                 preview: PreviewFn | None = None, preview_image: torch.Tensor | None = None) -> None:
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
         if not isinstance(modules, nn.Module):
@@ -250,6 +252,7 @@ class Trainer:
         self.model = modules
         self.loss_fn = loss_fn
         self.preview_fn = preview
+        self.preview_image = None if preview_image is None else torch.as_tensor(preview_image).float().cpu()
         if torch.is_tensor(dataset):
             if dataset.dim() != 4 or dataset.shape[1] != 3:
                 raise ValueError(f"a tensor dataset must be N x 3 x S x S, got shape {tuple(dataset.shape)}")
@@ -542,8 +545,32 @@ class Trainer:
 
     @torch.no_grad()
     def _preview(self, ema: Any, unwrapped: nn.Module, device: torch.device) -> np.ndarray | None:
-        item = _as_dict(self.dataset[0])
-        if "image" not in item:
-            return None
-        x = torch.as_tensor(item["image"]).float().unsqueeze(0).to(device)
+        if self.preview_image is not None:
+            x = self.preview_image
+        else:
+            item = _as_dict(self.dataset[0])
+            if "image" not in item:
+                return None
+            x = torch.as_tensor(item["image"]).float()
+        x = x.unsqueeze(0).to(device) if x.dim() == 3 else x.to(device)
         return self.preview_fn(ema_module(ema, unwrapped), x)
+
+
+def saved_progress(out_dir: str | Path) -> dict[str, Any] | None:
+    """Where the run in ``out_dir`` stands, from its latest readable checkpoint: ``step``,
+    ``epoch``, ``total_steps`` (the steps it was trained for), ``seconds`` and the loss history
+    ``losses`` (one per completed step, step 1 first); None when it has no checkpoint. What a
+    resumed run continues from (its curve goes on at ``step + 1``)."""
+    for ckpt in reversed(list_checkpoints(out_dir)):
+        if checkpoint_problem(ckpt) is not None:
+            continue  # resume skips it too
+        try:
+            state = json.loads((ckpt / STATE_NAME).read_text())
+            step = int(state["step"])
+            losses = [float(v) for v in state.get("losses", [])][:step]
+            return {"step": step, "epoch": int(state.get("epoch", 0)),
+                    "total_steps": int((state.get("config") or {}).get("steps", step)),
+                    "seconds": float(state.get("seconds", 0.0)), "losses": losses, "checkpoint": ckpt}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None

@@ -347,7 +347,7 @@ def test_training_job_runs_in_background_one_at_a_time(ctl: AppController, root:
     ctl.jobs.join(5)
     st = ctl.training_status()
     assert st["state"] == "stopped" and st["can_resume"] and st["model_name"] in ctl.registry.names()
-    assert st["model_name"].startswith("ccad-v stopped")
+    assert st["model_name"].startswith("ccad-v train-")  # method + run folder, one name per run
     assert "Left out 1 file(s) of the data: notes.txt (unsupported file type .txt)." in st["status"]
     assert "resumed" in ctl.start_training(None, None, None, "", 0, 0, 0, resume=True)
     ctl.jobs.join(5)
@@ -503,7 +503,7 @@ def _train_inspect_real(root: Path, tmp_path: Path, variant: str, **kw: Any) -> 
     st = c.training_status()
     assert st["state"] == "finished", (st["status"], c.jobs.snapshot().get("error"))
     name = st["model_name"]
-    assert name.startswith(f"{variant} trained ") and name in c.registry.names()
+    assert name.startswith(f"{variant} train-") and name in c.registry.names()
     det = c.registry.detector(name)
     assert det.variant == variant and det.info["train_steps"] == 2
     card = c.model_card(name)

@@ -119,6 +119,9 @@ class Method:
     multi_class: ClassVar[bool] = False  # one model may cover several categories
     components: ClassVar[dict[str, type]] = {}
     default_image_size: ClassVar[int] = 256
+    # what the app / train_detector's ``phase`` say while build() and training_dataset() run
+    build_phase: ClassVar[str] = "building the model"
+    training_data_phase: ClassVar[str] = "reading the training images"
 
     def __init__(self, config: Any, ctx: Context) -> None:
         if not isinstance(config, self.Config):

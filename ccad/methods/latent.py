@@ -29,7 +29,8 @@ DEFAULT_AUTOENCODER = "kl:stabilityai/sd-vae-ft-mse"  # SD's f8 KL autoencoder, 
 def check_autoencoder_spec(spec: str) -> None:
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError("method.autoencoder must name an autoencoder, e.g. kl:stabilityai/sd-vae-ft-mse, "
-                          "tiny:madebyollin/taesd, taef2:/folder/with/taef2_encoder.pth, or a saved vae/ folder")
+                          "tiny:madebyollin/taesd, taef2:/path/to/folder (holding taef2_encoder.pth and "
+                          "taef2_decoder.pth), or a saved vae/ folder")
 
 
 class LatentMethod(Method):
@@ -43,6 +44,8 @@ class LatentMethod(Method):
     space = "latent"
     multi_class = True
     needs_images = False  # the training batches also carry the pixel image (ControlNet input)
+    build_phase = "loading the autoencoder and building the model"
+    training_data_phase = "encoding the training images into latents (once; cached in the run folder)"
 
     def __init__(self, config: Any, ctx: Context) -> None:
         super().__init__(config, ctx)
