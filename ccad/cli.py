@@ -164,15 +164,13 @@ def cmd_train(a: argparse.Namespace) -> int:
 def variants_help() -> str:
     """Every available variant with its one-line description and its options (for --help)."""
     from .config import option_help
-    from .methods import PLANNED, get_method, method_names
+    from .methods import get_method, method_names
 
     lines = ["variants (--variant NAME):"]
     for name in method_names():
         m = get_method(name)
         lines.append(f"  {name:<10} {m.title}: {m.description}" + ("" if m.trainable else " (no training)"))
         lines.append(f"  {'':<10} options: {', '.join(option_help(m.Config))}")
-    if PLANNED:
-        lines.append(f"  planned, not in this version: {', '.join(PLANNED)}")
     return "\n".join(lines)
 
 

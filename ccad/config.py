@@ -194,6 +194,9 @@ class DiffusionConfig:
     seed: int = 0
 
     def validate(self) -> None:
+        if self.strategy != "ddad":
+            raise ConfigError(f"diffusion.strategy must be 'ddad' (DDAD-conditioned DDIM, eq. 12-14), "
+                              f"got {self.strategy!r}")
         if not 0 < self.start_step < self.num_train_timesteps:
             raise ConfigError(
                 f"diffusion.start_step must be in 1..{self.num_train_timesteps - 1}, got {self.start_step}"

@@ -4,7 +4,7 @@ import pytest
 
 from ccad.config import BankConfig, ConfigError, DiffusionConfig, set_option
 from ccad.detector_config import DetectorConfig
-from ccad.methods import PLANNED, Planned, UnknownVariant, get_method, method_names
+from ccad.methods import UnknownVariant, get_method, method_names
 
 
 def ccad_v_config(**diffusion):
@@ -66,18 +66,12 @@ def test_options_are_typed_and_unknown_ones_are_named():
         set_option(m, "diffusion.steps", "abc")
 
 
-def test_registry_lists_available_and_refuses_planned_variants():
+def test_registry_lists_available_and_refuses_unknown_variants():
     assert {"patchcore", "ccad-v"} <= set(method_names())
-    assert {"ccad-c", "ccad-f", "deco-diff", "d3ad", "glad"} <= set(method_names()) and not PLANNED
+    assert {"ccad-c", "ccad-f", "deco-diff", "d3ad", "glad"} <= set(method_names())
     assert get_method("patchcore").default_config().ratio == 0.01
     cfg = get_method("ccad-v").default_config()
     assert cfg.diffusion.start_step == 250 and cfg.diffusion.steps == 10
     assert cfg.diffusion.guidance == 2.0 and cfg.diffusion.beta_end == 0.02  # DDAD's published defaults
-    try:  # a name listed as planned is refused with its own message
-        PLANNED["future-x"] = Planned("future-x", "Future", "n/a", "pixel")
-        with pytest.raises(UnknownVariant, match="planned"):
-            get_method("future-x")
-    finally:
-        PLANNED.pop("future-x", None)
     with pytest.raises(UnknownVariant, match="available: patchcore"):
         get_method("nope")

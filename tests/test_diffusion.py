@@ -7,15 +7,14 @@ import pytest
 import torch
 
 from ccad.diffusion import (
-    RECONSTRUCTORS,
     ddad_reconstruct,
     ddim_from,
     ddim_step,
     epsilon_loss,
-    get_reconstructor,
     make_scheduler,
     reconstruction_timesteps,
 )
+from ccad.config import ConfigError, DiffusionConfig
 from ccad.models import BankConditionedUNet, DenoiserConfig
 
 S, D, XI = 32, 8, 16
@@ -126,9 +125,8 @@ def test_ddad_reconstruct_is_seeded_and_keeps_shape(tiny):
     assert a.shape == x0.shape
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)  # the same seed: the same result to float32 rounding
     assert (a - c).abs().max() > 1e-3  # another seed: another result
-    assert get_reconstructor("ddad") is ddad_reconstruct and "ddad" in RECONSTRUCTORS
-    with pytest.raises(ValueError, match="unknown reconstruction strategy"):
-        get_reconstructor("nope")
+    with pytest.raises(ConfigError, match="diffusion.strategy"):  # the one reconstruction of CCAD(V)
+        DiffusionConfig(strategy="nope").validate()
     with pytest.raises(ValueError, match="start_step"):
         ddad_reconstruct(tiny, x0, bank, ddpm, start_step=1000)
 

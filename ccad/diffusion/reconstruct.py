@@ -1,15 +1,14 @@
-"""Reconstruction strategies: test image -> its "normal" counterpart x_hat_0.
+"""DDAD-conditioned reconstruction: test image -> its "normal" counterpart x_hat_0.
 
 CCAD(V) uses DDAD's conditioned DDIM sampling (papers/ccad.md eq. 12-14 with the DDIM step of
-eq. 18). Every strategy has the :class:`ReconstructionStrategy` call signature
-``(model, x0, bank, scheduler, *, generator=None, **options) -> Tensor`` and is registered by
-name in :data:`RECONSTRUCTORS`, so later strategies (D3AD noiseless scaling, DeCo-Diff, GLAD)
-sit beside ``"ddad"``. All tensors are in the model range [-1, 1].
+eq. 18); the latent variants the same sampler without the conditioning. The other methods'
+reconstructions (D3AD, DeCo-Diff, GLAD) live in their own modules, on the same sampler
+(:mod:`ccad.diffusion.sampling`). All tensors are in the model range [-1, 1].
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Protocol
+from typing import Callable, Optional
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
@@ -18,16 +17,7 @@ from torch import nn
 from .objectives import _randn_like
 from .sampling import ddad_guidance, ddim_sample, ddim_step, noised, reconstruction_timesteps
 
-__all__ = ["ReconstructionStrategy", "ddad_reconstruct", "ddim_step", "get_reconstructor", "guided_ddim",
-           "reconstruction_timesteps", "RECONSTRUCTORS"]
-
-
-class ReconstructionStrategy(Protocol):
-    """``strategy(model, x0, bank, scheduler, *, generator=None, **options) -> x_hat_0`` (same shape as x0)."""
-
-    def __call__(self, model: nn.Module, x0: torch.Tensor, bank: torch.Tensor,
-                 scheduler: DDPMScheduler | DDIMScheduler, *, generator: Optional[torch.Generator] = None,
-                 **options: Any) -> torch.Tensor: ...
+__all__ = ["ddad_reconstruct", "ddim_step", "guided_ddim", "reconstruction_timesteps"]
 
 
 @torch.no_grad()
@@ -85,13 +75,3 @@ def guided_ddim(eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0
                        correct=ddad_guidance(x0, guidance) if guidance else None, eta=float(eta),
                        generator=generator)
 
-
-RECONSTRUCTORS: dict[str, Callable[..., torch.Tensor]] = {"ddad": ddad_reconstruct}
-
-
-def get_reconstructor(name: str) -> Callable[..., torch.Tensor]:
-    """Look up a reconstruction strategy by name (``"ddad"``; later ``"d3ad"``, ``"deco"``, ``"glad"``)."""
-    try:
-        return RECONSTRUCTORS[name]
-    except KeyError:
-        raise ValueError(f"unknown reconstruction strategy {name!r}; known: {sorted(RECONSTRUCTORS)}") from None

@@ -6,11 +6,9 @@ The CLI, the app and ``AnomalyDetector.from_pretrained`` read this registry (see
 :mod:`ccad.methods.base` for what a method owns).
 """
 from .base import (
-    PLANNED,
     Context,
     Method,
     MethodOutput,
-    Planned,
     UnknownVariant,
     describe_methods,
     get_method,
@@ -20,6 +18,6 @@ from .base import (
 )
 
 __all__ = [
-    "PLANNED", "Context", "Method", "MethodOutput", "Planned", "UnknownVariant", "describe_methods",
+    "Context", "Method", "MethodOutput", "UnknownVariant", "describe_methods",
     "get_method", "method_names", "register_method", "unregister_method",
 ]

@@ -18,7 +18,6 @@ registry and call these hooks; they never compare method names.
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional, Sequence
@@ -279,21 +278,6 @@ class Method:
 _METHODS: dict[str, type[Method]] = {}
 
 
-@dataclass(frozen=True)
-class Planned:
-    """A published method that this version lists but does not implement yet."""
-
-    name: str
-    title: str
-    paper: str
-    space: str
-    description: str = ""
-
-
-PLANNED: dict[str, Planned] = {
-}
-
-
 def register_method(cls: type[Method]) -> type[Method]:
     """Class decorator: make a method available by ``cls.name`` to the API, the CLI and the app."""
     if not cls.name or not isinstance(cls.name, str):
@@ -327,11 +311,7 @@ def get_method(name: str) -> type[Method]:
     _load_builtin()
     if name in _METHODS:
         return _METHODS[name]
-    if name in PLANNED:
-        raise UnknownVariant(f"variant {name!r} is planned but not implemented in this ccad version; "
-                             f"available: {', '.join(method_names())}")
-    raise UnknownVariant(f"unknown variant {name!r}; available: {', '.join(method_names())}"
-                         + (f"; planned: {', '.join(PLANNED)}" if PLANNED else ""))
+    raise UnknownVariant(f"unknown variant {name!r}; available: {', '.join(method_names())}")
 
 
 def describe_methods() -> list[tuple[str, str]]:
@@ -339,6 +319,3 @@ def describe_methods() -> list[tuple[str, str]]:
     return [(n, f"{m.title}: {m.description}" if m.description else m.title) for n, m in
             ((n, get_method(n)) for n in method_names())]
 
-
-def field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)

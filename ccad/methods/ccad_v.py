@@ -86,7 +86,7 @@ class CCADV(Method):
 
     @torch.no_grad()
     def _reconstruct(self, denoiser: nn.Module, x: torch.Tensor, steps: Optional[int] = None) -> torch.Tensor:
-        from ..diffusion import get_reconstructor
+        from ..diffusion import ddad_reconstruct
 
         d = self.config.diffusion
         # one generator per image, each seeded alike: an image's DDAD noise (eta > 0) and so its
@@ -97,9 +97,8 @@ class CCADV(Method):
         if x.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-            x_hat = get_reconstructor(d.strategy)(denoiser, images_to_model(x), bank, self.scheduler,
-                                                  start_step=d.start_step, steps=n, guidance=d.guidance, eta=d.eta,
-                                                  generator=gen)
+            x_hat = ddad_reconstruct(denoiser, images_to_model(x), bank, self.scheduler, start_step=d.start_step,
+                                     steps=n, guidance=d.guidance, eta=d.eta, generator=gen)
         return model_to_images(x_hat.float())
 
     def preview(self, modules: nn.ModuleDict, image: torch.Tensor) -> Optional[np.ndarray]:

@@ -195,10 +195,9 @@ class GLAD(Method):
         return self._reconstruct(modules["unet"], image)[0].permute(1, 2, 0).float().cpu().numpy()
 
     def after_training(self, train: Sequence[Any]) -> None:
-        """Domain adaptation (when configured), then delta fitted on the held-out good slice
-        (``ctx.held_out``, images the UNet never trained on, as a test image is; the training
-        images only when nothing was held out, and the card says which)."""
-        super().after_training(train)  # domain adaptation, when configured
+        """Delta fitted on the held-out good slice (``ctx.held_out``, images the UNet never
+        trained on, as a test image is; the training images only when nothing was held out, and
+        the card says which)."""
         if self.config.delta_quantile is not None:
             held = list(self.ctx.held_out)
             self.calibrate_delta(held if held else train)

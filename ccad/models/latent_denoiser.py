@@ -283,7 +283,3 @@ def latent_eps(unet: UNet2DConditionModel, controlnet: Optional[ControlNetModel]
     return unet(z_t, ts, encoder_hidden_states=ctx, down_block_additional_residuals=down_res,
                 mid_block_additional_residual=mid_res, return_dict=False)[0]
 
-
-def num_parameters(module: nn.Module) -> int:
-    """Parameter count of a module."""
-    return sum(p.numel() for p in module.parameters())
