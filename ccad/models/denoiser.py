@@ -42,6 +42,27 @@ def model_to_images(x: torch.Tensor) -> torch.Tensor:
     return ((x + 1.0) * 0.5).clamp(0.0, 1.0)
 
 
+def project_bank(bank: torch.Tensor, proj: nn.Linear, norm: nn.LayerNorm, batch: Optional[int],
+                 owner: str) -> torch.Tensor:
+    """The GCB context of a bank (CCAD Fig. 3a/3b: "a new modality condition"):
+    ``LayerNorm(Linear(bank))``, ``B x xi x c``, from ``xi x d`` (one bank for the batch, e.g.
+    B_c) or ``B x xi x d`` (per image, e.g. the FFB B_f of eq. 8); ``batch`` expands a shared
+    bank (None: as it is). Errors name ``owner``'s ``bank_dim`` or the batch that disagrees."""
+    if not torch.is_tensor(bank):
+        raise TypeError(f"bank must be a torch.Tensor (xi x d or B x xi x d), got {type(bank).__name__}")
+    if bank.dim() == 2:
+        bank = bank.unsqueeze(0)
+    if bank.dim() != 3:
+        raise ValueError(f"bank must be xi x d or B x xi x d, got shape {tuple(bank.shape)}")
+    if bank.shape[-1] != proj.in_features:
+        raise ValueError(f"bank feature dim {bank.shape[-1]} does not match {owner}.bank_dim={proj.in_features}")
+    if batch is not None and bank.shape[0] not in (1, batch):
+        raise ValueError(f"bank batch {bank.shape[0]} does not match the input batch {batch}")
+    w = proj.weight
+    ctx = norm(proj(bank.to(device=w.device, dtype=w.dtype)))
+    return ctx.expand(batch, -1, -1) if batch is not None and ctx.shape[0] != batch else ctx
+
+
 class _DenoiserLayout:
     """The block layout, validation, presets and JSON of :data:`DenoiserConfig` (its fields are
     :class:`BankConditionedUNet`'s ``register_to_config`` arguments, documented there)."""
@@ -218,23 +239,7 @@ class BankConditionedUNet(ModelMixin, ConfigMixin):
 
     def encode_bank(self, bank: torch.Tensor, batch: int) -> torch.Tensor:
         """Project the bank (``xi x d`` or ``B x xi x d``) to the cross-attention context ``B x xi x c``."""
-        if not torch.is_tensor(bank):
-            raise TypeError(f"bank must be a torch.Tensor (xi x d or B x xi x d), got {type(bank).__name__}")
-        if bank.dim() == 2:
-            bank = bank.unsqueeze(0)
-        if bank.dim() != 3:
-            raise ValueError(f"bank must be xi x d or B x xi x d, got shape {tuple(bank.shape)}")
-        if bank.shape[-1] != self.spec.bank_dim:
-            raise ValueError(
-                f"bank feature dim {bank.shape[-1]} does not match DenoiserConfig.bank_dim={self.spec.bank_dim}"
-            )
-        if bank.shape[0] not in (1, batch):
-            raise ValueError(f"bank batch {bank.shape[0]} does not match the input batch {batch}")
-        bank = bank.to(device=self.bank_proj.weight.device, dtype=self.bank_proj.weight.dtype)
-        ctx = self.bank_norm(self.bank_proj(bank))
-        if ctx.shape[0] != batch:
-            ctx = ctx.expand(batch, -1, -1)
-        return ctx
+        return project_bank(bank, self.bank_proj, self.bank_norm, batch, "DenoiserConfig")
 
     def forward(self, x_t: torch.Tensor, timesteps: Union[int, torch.Tensor], bank: torch.Tensor) -> torch.Tensor:
         if x_t.dim() != 4 or x_t.shape[1] != self.spec.in_channels:

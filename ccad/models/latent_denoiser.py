@@ -36,6 +36,7 @@ from diffusers import ConfigMixin, ControlNetModel, ModelMixin, UNet2DConditionM
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
+from .denoiser import project_bank
 from .presets import unet_preset
 
 #: the autoencoder downsampling factor the ControlNet conditioning embedding must match (SD KL / TAEF2: f8)
@@ -209,21 +210,7 @@ class BankProjector(ModelMixin, ConfigMixin):
         self.norm = nn.LayerNorm(int(cross_attention_dim))
 
     def forward(self, bank: torch.Tensor, batch: Optional[int] = None) -> torch.Tensor:
-        if not torch.is_tensor(bank):
-            raise TypeError(f"bank must be a torch.Tensor (xi x d or B x xi x d), got {type(bank).__name__}")
-        if bank.dim() == 2:
-            bank = bank.unsqueeze(0)
-        if bank.dim() != 3:
-            raise ValueError(f"bank must be xi x d or B x xi x d, got shape {tuple(bank.shape)}")
-        if bank.shape[-1] != self.config.bank_dim:
-            raise ValueError(f"bank feature dim {bank.shape[-1]} != BankProjector.bank_dim={self.config.bank_dim}")
-        w = self.proj.weight
-        ctx = self.norm(self.proj(bank.to(device=w.device, dtype=w.dtype)))
-        if batch is not None and ctx.shape[0] != batch:
-            if ctx.shape[0] != 1:
-                raise ValueError(f"bank batch {ctx.shape[0]} does not match the input batch {batch}")
-            ctx = ctx.expand(batch, -1, -1)
-        return ctx
+        return project_bank(bank, self.proj, self.norm, batch, "BankProjector")
 
 
 def _timesteps(t: Union[int, torch.Tensor], batch: int, device: torch.device) -> torch.Tensor:
