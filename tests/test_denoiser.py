@@ -112,3 +112,21 @@ def test_image_range_helpers():
     assert torch.equal(images_to_model(img), torch.tensor([-1.0, -0.5, 1.0]))
     assert torch.allclose(model_to_images(images_to_model(img)), img)
     assert model_to_images(torch.tensor([-3.0, 3.0])).tolist() == [0.0, 1.0]
+
+
+def test_one_record_of_the_architecture_and_one_preset_table():
+    """DenoiserConfig's fields are the model's register_to_config arguments; every UNet family
+    offers the presets a method's ``preset`` accepts."""
+    import dataclasses
+
+    from ccad.methods.base import check_preset
+    from ccad.models.presets import PRESET_NAMES, UNET_PRESETS
+
+    model = BankConditionedUNet.from_spec(DenoiserConfig.preset("tiny", sample_size=32, bank_dim=8))
+    names = [f.name for f in dataclasses.fields(DenoiserConfig)]
+    assert set(names) == {k for k in model.config if not k.startswith("_")}
+    assert model.spec == DenoiserConfig.from_config(model.config) == DenoiserConfig.preset("tiny", 32, 8)
+    for family, table in UNET_PRESETS.items():
+        assert tuple(table) == PRESET_NAMES, family
+    for name in PRESET_NAMES:
+        check_preset(name)

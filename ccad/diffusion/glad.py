@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..scoring.anomaly_map import gaussian_blur, min_cosine_distance_map, scaled_sigma
-from .objectives import _randn_like, sample_timesteps
+from .objectives import _randn_like, training_draws
 from .sampling import ddim_sample, noised, reconstruction_timesteps
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -67,11 +67,7 @@ def glad_training_pair(x: torch.Tensor, x_a: torch.Tensor, scheduler, generator:
     if schedule not in ("linear", "constant"):
         raise ValueError(f"schedule must be 'linear' or 'constant', got {schedule!r}")
     T = int(scheduler.config.num_train_timesteps)
-    if timesteps is None:
-        timesteps = sample_timesteps(x.shape[0], scheduler, generator, device=x.device)
-    timesteps = timesteps.to(x.device).long()
-    if noise is None:
-        noise = _randn_like(x, generator)
+    timesteps, noise = training_draws(x, scheduler, generator, timesteps, noise)
     noise = noise.to(x.device, torch.float32)
     x, x_a = x.float(), x_a.float()
     if schedule == "linear":

@@ -59,6 +59,19 @@ def epsilon_loss(model: nn.Module, x0: torch.Tensor, bank: torch.Tensor, schedul
     return noise_prediction_loss(lambda x_t, t: model(x_t, t, bank), x0, scheduler, generator, timesteps, noise)
 
 
+def training_draws(x0: torch.Tensor, scheduler: DDPMScheduler, generator: Optional[torch.Generator],
+                   timesteps: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training step's ``(t, eps)``: t ~ U{0..T-1} (long, on ``x0``'s device) and eps ~ N(0, I)
+    shaped like ``x0``, drawn from ``generator`` on its own device then moved; a given
+    ``timesteps`` / ``noise`` is used instead (noise as given)."""
+    if timesteps is None:
+        timesteps = sample_timesteps(x0.shape[0], scheduler, generator, device=x0.device)
+    if noise is None:
+        noise = _randn_like(x0, generator)
+    return timesteps.to(x0.device).long(), noise
+
+
 def noise_prediction_loss(eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor,
                           scheduler: DDPMScheduler, generator: Optional[torch.Generator] = None,
                           timesteps: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None
@@ -66,11 +79,7 @@ def noise_prediction_loss(eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.T
     """``|| eps - eps_fn(x_t, t) ||^2`` with ``x_t = scheduler.add_noise(x0, eps, t)`` (eq. 15 / 17;
     the latent variants' eq. 10-11), t ~ U{0..T-1} and eps ~ N(0, I) drawn from ``generator`` on
     its own device, then moved. Returns a 0-d float32 loss (fp32 even under autocast)."""
-    if timesteps is None:
-        timesteps = sample_timesteps(x0.shape[0], scheduler, generator, device=x0.device)
-    timesteps = timesteps.to(x0.device).long()
-    if noise is None:
-        noise = _randn_like(x0, generator)
+    timesteps, noise = training_draws(x0, scheduler, generator, timesteps, noise)
     x_t = scheduler.add_noise(x0, noise.to(x0.device, x0.dtype), timesteps)
     eps = eps_fn(x_t, timesteps)
     return F.mse_loss(eps.float(), noise.float())

@@ -1,9 +1,9 @@
-"""Reconstruction strategies: test image -> its "normal" counterpart x_hat_0.
+"""DDAD-conditioned reconstruction: test image -> its "normal" counterpart x_hat_0.
 
 CCAD(V) uses DDAD's conditioned DDIM sampling (papers/ccad.md eq. 12-14 with the DDIM step of
-eq. 18): :func:`ddad_reconstruct`, the one strategy (``diffusion.strategy = "ddad"``); the other
-methods' samplers live in their own modules (d3ad, deco, glad). All tensors are in the model
-range [-1, 1].
+eq. 18); the latent variants the same sampler without the conditioning. The other methods'
+reconstructions (D3AD, DeCo-Diff, GLAD) live in their own modules, on the same sampler
+(:mod:`ccad.diffusion.sampling`). All tensors are in the model range [-1, 1].
 """
 from __future__ import annotations
 

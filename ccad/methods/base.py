@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..config import BankConfig, ConfigError, ScoringConfig, config_from_dict
+from ..models.presets import PRESET_NAMES
 
 ProgressFn = Optional[Callable[[int, int], None]]
 CancelFn = Optional[Callable[[], bool]]
@@ -39,12 +40,10 @@ class UnknownVariant(KeyError):
         return str(self.args[0])
 
 
-PRESETS = ("tiny", "small", "base")
-
-
 def check_preset(preset: str) -> None:
-    """The network presets every trained method offers: tiny (tests), small (CPU), base (GPU)."""
-    if preset not in PRESETS:
+    """The network presets every trained method offers: tiny (tests), small (CPU), base (GPU)
+    (the rows of :data:`ccad.models.presets.UNET_PRESETS`)."""
+    if preset not in PRESET_NAMES:
         raise ConfigError(f"method.preset must be tiny, small or base, got {preset!r}")
 
 

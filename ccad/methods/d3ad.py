@@ -48,7 +48,7 @@ from .latent import DEFAULT_AUTOENCODER, LatentMethod, check_autoencoder_spec
 class D3ADConfig:
     """D3AD settings (paper defaults, App. A.1 / sec. 5).
 
-    ``preset``: the latent UNet size (tiny / small / base, :data:`ccad.models.deco_net.DECO_PRESETS`);
+    ``preset``: the latent UNet size (tiny / small / base, :data:`ccad.models.presets.UNET_PRESETS` ``["deco"]``);
     ``K``, ``n_bins``, ``min_bin``, ``T_max``, ``round_to``: the DIC (Algorithm 2); ``knn_layer``:
     the scoring extractor's layer of the KNN features (block 2), ``knn_pool``: average-pool that map
     to ``knn_pool x knn_pool`` before the KNN (0 = the full map as the paper; pooling caps the

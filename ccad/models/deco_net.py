@@ -33,61 +33,47 @@ swing 2-5x when other jobs share the cores).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-
 from diffusers import UNet2DModel
 
-
-@dataclass(frozen=True)
-class DecoNetPreset:
-    block_out_channels: tuple[int, ...]
-    layers_per_block: int
-    attn_max_grid: int | None  # attention on levels whose grid side <= this; None = no attention
-    norm_num_groups: int = 32
-    attention_head_dim: int = 32
-    dropout: float = 0.0
-
-
-DECO_PRESETS: dict[str, DecoNetPreset] = {
-    "tiny": DecoNetPreset((32, 64), 1, None, norm_num_groups=8),
-    "small": DecoNetPreset((64, 128, 256), 1, 16, norm_num_groups=16),
-    "base": DecoNetPreset((128, 256, 512), 2, 16, norm_num_groups=32, attention_head_dim=64),
-}
+from .presets import UNET_PRESETS, unet_preset
 
 
 def build_deco_unet(preset: str = "small", latent_channels: int = 4, sample_size: int = 32,
                     **overrides) -> UNet2DModel:
     """A diffusers ``UNet2DModel`` predicting DeCo-Diff's deviation eta (eq. 11-12).
 
-    ``preset`` in ``DECO_PRESETS`` (tiny / small / base); ``overrides`` replace preset fields
-    (``block_out_channels``, ``layers_per_block``, ``attn_max_grid``, ``norm_num_groups``,
-    ``attention_head_dim``, ``dropout``). Level ``i`` works on a ``sample_size / 2**i`` grid;
-    it gets self-attention iff that side is ``<= attn_max_grid`` (the mid block likewise).
-    Unconditional: no class embedding, no cross-attention.
+    ``preset`` names a row of ``UNET_PRESETS["deco"]`` (:mod:`ccad.models.presets`: tiny / small /
+    base); ``overrides`` replace its fields (``block_out_channels``, ``layers_per_block``,
+    ``attn_max_grid``, ``norm_num_groups``, ``attention_head_dim``, ``dropout``). Level ``i``
+    works on a ``sample_size / 2**i`` grid; it gets self-attention iff that side is ``<=
+    attn_max_grid`` (the mid block likewise). Unconditional: no class embedding, no
+    cross-attention. The built model's ``.config`` is the record of what was built.
     """
-    if preset not in DECO_PRESETS:
-        raise ValueError(f"unknown DeCo net preset {preset!r}; choose from {sorted(DECO_PRESETS)}")
-    p = replace(DECO_PRESETS[preset], **overrides)
-    n_levels = len(p.block_out_channels)
+    p = unet_preset("deco", preset)
+    unknown = sorted(set(overrides) - set(p))
+    if unknown:
+        raise ValueError(f"unknown DeCo net field(s) {unknown}; known: {sorted(p)}")
+    p.update(overrides)
+    n_levels = len(p["block_out_channels"])
     if int(sample_size) % (2 ** (n_levels - 1)) != 0:
         raise ValueError(f"sample_size {sample_size} must be divisible by {2 ** (n_levels - 1)}")
     grids = [int(sample_size) // (2 ** i) for i in range(n_levels)]
-    attn = [p.attn_max_grid is not None and g <= p.attn_max_grid for g in grids]
+    max_grid = p["attn_max_grid"]
+    attn = [max_grid is not None and g <= max_grid for g in grids]
     down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn)
     up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
-    mid_attn = p.attn_max_grid is not None and grids[-1] <= p.attn_max_grid
     return UNet2DModel(
         sample_size=int(sample_size),
         in_channels=int(latent_channels),
         out_channels=int(latent_channels),
-        block_out_channels=tuple(p.block_out_channels),
-        layers_per_block=int(p.layers_per_block),
+        block_out_channels=tuple(p["block_out_channels"]),
+        layers_per_block=int(p["layers_per_block"]),
         down_block_types=down,
         up_block_types=up,
-        add_attention=bool(mid_attn),
-        attention_head_dim=int(p.attention_head_dim),
-        norm_num_groups=int(p.norm_num_groups),
-        dropout=float(p.dropout),
+        add_attention=bool(max_grid is not None and grids[-1] <= max_grid),
+        attention_head_dim=int(p["attention_head_dim"]),
+        norm_num_groups=int(p["norm_num_groups"]),
+        dropout=float(p["dropout"]),
         class_embed_type=None,
         num_class_embeds=None,
     )
@@ -112,7 +98,7 @@ def _benchmark() -> None:  # pragma: no cover - manual measurement helper
                 net(z, t)
         return (time.perf_counter() - t0) / reps * 1000
 
-    for name in DECO_PRESETS:
+    for name in UNET_PRESETS["deco"]:
         for c in (4, 32):
             net = build_deco_unet(name, c, 32).eval()
             msg = f"{name:5s} C={c:2d} params={count_parameters(net) / 1e6:.2f}M"

@@ -20,7 +20,7 @@ Input range: the network works on images in [-1, 1]. Convert ``[0, 1]`` images w
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import inspect
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -29,6 +29,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from .presets import unet_preset
 
 
 def images_to_model(images: torch.Tensor) -> torch.Tensor:
@@ -41,40 +42,30 @@ def model_to_images(x: torch.Tensor) -> torch.Tensor:
     return ((x + 1.0) * 0.5).clamp(0.0, 1.0)
 
 
-@dataclass
-class DenoiserConfig:
-    """Architecture of :class:`BankConditionedUNet` (plain values; JSON round trip).
+def project_bank(bank: torch.Tensor, proj: nn.Linear, norm: nn.LayerNorm, batch: Optional[int],
+                 owner: str) -> torch.Tensor:
+    """The GCB context of a bank (CCAD Fig. 3a/3b: "a new modality condition"):
+    ``LayerNorm(Linear(bank))``, ``B x xi x c``, from ``xi x d`` (one bank for the batch, e.g.
+    B_c) or ``B x xi x d`` (per image, e.g. the FFB B_f of eq. 8); ``batch`` expands a shared
+    bank (None: as it is). Errors name ``owner``'s ``bank_dim`` or the batch that disagrees."""
+    if not torch.is_tensor(bank):
+        raise TypeError(f"bank must be a torch.Tensor (xi x d or B x xi x d), got {type(bank).__name__}")
+    if bank.dim() == 2:
+        bank = bank.unsqueeze(0)
+    if bank.dim() != 3:
+        raise ValueError(f"bank must be xi x d or B x xi x d, got shape {tuple(bank.shape)}")
+    if bank.shape[-1] != proj.in_features:
+        raise ValueError(f"bank feature dim {bank.shape[-1]} does not match {owner}.bank_dim={proj.in_features}")
+    if batch is not None and bank.shape[0] not in (1, batch):
+        raise ValueError(f"bank batch {bank.shape[0]} does not match the input batch {batch}")
+    w = proj.weight
+    ctx = norm(proj(bank.to(device=w.device, dtype=w.dtype)))
+    return ctx.expand(batch, -1, -1) if batch is not None and ctx.shape[0] != batch else ctx
 
-    Fields:
-        sample_size: input height = width in pixels (a multiple of ``2 ** (levels - 1)``).
-        in_channels / out_channels: 3 for RGB pixel-space CCAD(V).
-        block_out_channels: channels per resolution level (level i runs at ``sample_size / 2**i``).
-        layers_per_block: ResBlocks per level (diffusers' ``layers_per_block``).
-        attention_resolutions: feature-grid sizes (e.g. 32, 16, 8) whose levels get the
-            GCB (self-attn + cross-attn on the bank). The middle block gets it when its grid is
-            at most ``max(attention_resolutions)``.
-        cross_attention_dim: width the bank is projected to (the UNet's context width).
-        bank_dim: d, the feature dimension of the bank (xi x d).
-        attention_head_dim: channels per attention head (the real head size; converted to a
-            per-level head count for diffusers, whose ``attention_head_dim`` argument is
-            historically the number of heads, see diffusers issue #2011).
-        norm_num_groups: GroupNorm groups (must divide every entry of block_out_channels).
-        transformer_layers: transformer layers per GCB.
-        dropout: ResBlock dropout.
-    """
 
-    sample_size: int = 64
-    in_channels: int = 3
-    out_channels: int = 3
-    block_out_channels: tuple[int, ...] = (32, 64, 64)
-    layers_per_block: int = 1
-    attention_resolutions: tuple[int, ...] = (32, 16, 8)
-    cross_attention_dim: int = 64
-    bank_dim: int = 64
-    attention_head_dim: int = 32
-    norm_num_groups: int = 8
-    transformer_layers: int = 1
-    dropout: float = 0.0
+class _DenoiserLayout:
+    """The block layout, validation, presets and JSON of :data:`DenoiserConfig` (its fields are
+    :class:`BankConditionedUNet`'s ``register_to_config`` arguments, documented there)."""
 
     def __post_init__(self) -> None:
         self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
@@ -142,26 +133,10 @@ class DenoiserConfig:
     @classmethod
     def preset(cls, name: str, sample_size: Optional[int] = None, bank_dim: Optional[int] = None,
                **overrides: Any) -> "DenoiserConfig":
-        """Named architectures.
-
-        - ``tiny``: tests; trains in seconds on CPU at 32-64 px (32-64 channels, 1 ResBlock per level).
-        - ``small``: CPU demos at 64-128 px (~ a few M parameters).
-        - ``base``: DDAD-like for GPUs at 256 px (six levels 256..8, attention at 32/16/8, ~40 M).
-        """
-        presets: dict[str, dict[str, Any]] = {
-            "tiny": dict(sample_size=64, block_out_channels=(32, 64, 64), layers_per_block=1,
-                         attention_resolutions=(16, 8), cross_attention_dim=64, attention_head_dim=32,
-                         norm_num_groups=8),
-            "small": dict(sample_size=128, block_out_channels=(32, 64, 128, 128), layers_per_block=1,
-                          attention_resolutions=(32, 16, 8), cross_attention_dim=128, attention_head_dim=32,
-                          norm_num_groups=16),
-            "base": dict(sample_size=256, block_out_channels=(64, 64, 128, 128, 256, 256), layers_per_block=2,
-                         attention_resolutions=(32, 16, 8), cross_attention_dim=256, attention_head_dim=64,
-                         norm_num_groups=32),
-        }
-        if name not in presets:
-            raise ValueError(f"unknown denoiser preset {name!r}; choose one of {sorted(presets)}")
-        kwargs = dict(presets[name])
+        """A row of ``UNET_PRESETS["bank"]`` (:mod:`ccad.models.presets`): ``tiny`` (tests),
+        ``small`` (CPU demos at 64-128 px), ``base`` (DDAD-like, GPU, 256 px); ``overrides`` are
+        further fields."""
+        kwargs = unet_preset("bank", name)
         if sample_size is not None:
             kwargs["sample_size"] = int(sample_size)
         if bank_dim is not None:
@@ -178,6 +153,11 @@ class DenoiserConfig:
         d["block_out_channels"] = list(self.block_out_channels)
         d["attention_resolutions"] = list(self.attention_resolutions)
         return d
+
+    @classmethod
+    def from_config(cls, config: Any) -> "DenoiserConfig":
+        """The spec of a built model's ``.config`` (the one record of its architecture)."""
+        return cls(**{f.name: config[f.name] for f in dataclasses.fields(cls)})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DenoiserConfig":
@@ -198,28 +178,42 @@ class BankConditionedUNet(ModelMixin, ConfigMixin):
     Coarse Feature Bank ``xi x d`` (shared by the batch) or ``B x xi x d``.
 
     A diffusers ``ModelMixin, ConfigMixin``: ``save_pretrained(dir)`` writes ``config.json`` and
-    ``diffusion_pytorch_model.safetensors``, ``from_pretrained(dir)`` reads them. The constructor
-    takes :class:`DenoiserConfig`'s fields; :meth:`from_spec` builds from a ``DenoiserConfig``.
+    ``diffusion_pytorch_model.safetensors``, ``from_pretrained(dir)`` reads them. The
+    ``register_to_config`` arguments below are the one record of the architecture: the model's
+    ``.config`` holds them, :data:`DenoiserConfig` is a dataclass with exactly these fields (made
+    from this signature), ``self.spec`` is the validated view of ``.config`` and
+    :meth:`from_spec` builds from a ``DenoiserConfig``.
+
+    Args:
+        sample_size: input height = width in pixels (a multiple of ``2 ** (levels - 1)``).
+        in_channels / out_channels: 3 for RGB pixel-space CCAD(V).
+        block_out_channels: channels per resolution level (level i runs at ``sample_size / 2**i``).
+        layers_per_block: ResBlocks per level (diffusers' ``layers_per_block``).
+        attention_resolutions: feature-grid sizes (e.g. 32, 16, 8) whose levels get the
+            GCB (self-attn + cross-attn on the bank). The middle block gets it when its grid is
+            at most ``max(attention_resolutions)``.
+        cross_attention_dim: width the bank is projected to (the UNet's context width).
+        bank_dim: d, the feature dimension of the bank (xi x d).
+        attention_head_dim: channels per attention head (the real head size; converted to a
+            per-level head count for diffusers, whose ``attention_head_dim`` argument is
+            historically the number of heads, see diffusers issue #2011).
+        norm_num_groups: GroupNorm groups (must divide every entry of block_out_channels).
+        transformer_layers: transformer layers per GCB.
+        dropout: ResBlock dropout.
     """
 
     config_name = "config.json"
 
     @register_to_config
     def __init__(self, sample_size: int = 64, in_channels: int = 3, out_channels: int = 3,
-                 block_out_channels: tuple = (32, 64, 64), layers_per_block: int = 1,
-                 attention_resolutions: tuple = (32, 16, 8), cross_attention_dim: int = 64, bank_dim: int = 64,
-                 attention_head_dim: int = 32, norm_num_groups: int = 8, transformer_layers: int = 1,
-                 dropout: float = 0.0) -> None:
+                 block_out_channels: tuple[int, ...] = (32, 64, 64), layers_per_block: int = 1,
+                 attention_resolutions: tuple[int, ...] = (32, 16, 8), cross_attention_dim: int = 64,
+                 bank_dim: int = 64, attention_head_dim: int = 32, norm_num_groups: int = 8,
+                 transformer_layers: int = 1, dropout: float = 0.0) -> None:
         super().__init__()
         from diffusers import UNet2DConditionModel
 
-        spec = DenoiserConfig(sample_size=sample_size, in_channels=in_channels, out_channels=out_channels,
-                              block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
-                              attention_resolutions=tuple(attention_resolutions),
-                              cross_attention_dim=cross_attention_dim, bank_dim=bank_dim,
-                              attention_head_dim=attention_head_dim, norm_num_groups=norm_num_groups,
-                              transformer_layers=transformer_layers, dropout=dropout)
-        self.spec = spec
+        self.spec = spec = DenoiserConfig.from_config(self.config)
         self.bank_proj = nn.Linear(spec.bank_dim, spec.cross_attention_dim)
         self.bank_norm = nn.LayerNorm(spec.cross_attention_dim)
         self.unet = UNet2DConditionModel(
@@ -245,23 +239,7 @@ class BankConditionedUNet(ModelMixin, ConfigMixin):
 
     def encode_bank(self, bank: torch.Tensor, batch: int) -> torch.Tensor:
         """Project the bank (``xi x d`` or ``B x xi x d``) to the cross-attention context ``B x xi x c``."""
-        if not torch.is_tensor(bank):
-            raise TypeError(f"bank must be a torch.Tensor (xi x d or B x xi x d), got {type(bank).__name__}")
-        if bank.dim() == 2:
-            bank = bank.unsqueeze(0)
-        if bank.dim() != 3:
-            raise ValueError(f"bank must be xi x d or B x xi x d, got shape {tuple(bank.shape)}")
-        if bank.shape[-1] != self.spec.bank_dim:
-            raise ValueError(
-                f"bank feature dim {bank.shape[-1]} does not match DenoiserConfig.bank_dim={self.spec.bank_dim}"
-            )
-        if bank.shape[0] not in (1, batch):
-            raise ValueError(f"bank batch {bank.shape[0]} does not match the input batch {batch}")
-        bank = bank.to(device=self.bank_proj.weight.device, dtype=self.bank_proj.weight.dtype)
-        ctx = self.bank_norm(self.bank_proj(bank))
-        if ctx.shape[0] != batch:
-            ctx = ctx.expand(batch, -1, -1)
-        return ctx
+        return project_bank(bank, self.bank_proj, self.bank_norm, batch, "DenoiserConfig")
 
     def forward(self, x_t: torch.Tensor, timesteps: Union[int, torch.Tensor], bank: torch.Tensor) -> torch.Tensor:
         if x_t.dim() != 4 or x_t.shape[1] != self.spec.in_channels:
@@ -290,3 +268,16 @@ class BankConditionedUNet(ModelMixin, ConfigMixin):
                 f"{weights}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})"
             )
         return model
+
+
+#: The architecture of :class:`BankConditionedUNet` as a plain dataclass (JSON round trip, the
+#: ``method.denoiser`` config section): its fields, types and defaults are the model's
+#: ``register_to_config`` arguments, read from the constructor's signature (one source); the
+#: layout, validation and presets come from ``_DenoiserLayout``.
+DenoiserConfig = dataclasses.make_dataclass(
+    "DenoiserConfig",
+    [(p.name, p.annotation, dataclasses.field(default=p.default))
+     for p in list(inspect.signature(BankConditionedUNet.__init__).parameters.values())[1:]],
+    bases=(_DenoiserLayout,), namespace={"__module__": __name__})
+DenoiserConfig.__doc__ = ("Architecture of :class:`BankConditionedUNet` (plain values; JSON round trip); the "
+                          "fields are its constructor's arguments.")

@@ -15,7 +15,8 @@ added to the UNet's skip connections and middle block (the standard diffusers Co
 pattern, :func:`latent_eps`).
 
 Pieces:
-    * :func:`build_latent_unet` / :func:`latent_unet_kwargs`: presets ``tiny`` / ``small`` / ``base``.
+    * :func:`build_latent_unet` / :func:`latent_unet_kwargs`: presets ``tiny`` / ``small`` / ``base``
+      (``UNET_PRESETS["latent"]``, :mod:`ccad.models.presets`).
     * :func:`build_controlnet`: ``ControlNetModel.from_unet`` with an f8 conditioning embedding.
     * :class:`BankProjector`: ``Linear(d -> cross_attention_dim)`` + ``LayerNorm`` on the bank.
     * :func:`latent_eps`: eps = UNet(z_t, t, ctx, + ControlNet(z_t, t, ctx, x) residuals).
@@ -35,29 +36,11 @@ from diffusers import ConfigMixin, ControlNetModel, ModelMixin, UNet2DConditionM
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
+from .denoiser import project_bank
+from .presets import unet_preset
+
 #: the autoencoder downsampling factor the ControlNet conditioning embedding must match (SD KL / TAEF2: f8)
 LATENT_DOWNSCALE = 8
-
-#: presets; ``attention_head_dim`` here is the real per-head width (converted to diffusers' head
-#: counts), ``max_attention_grid`` the largest feature grid (tokens per side) that gets a GCB.
-LATENT_UNET_PRESETS: dict[str, dict[str, Any]] = {
-    # tests: two levels, GCB only at the 16x16 level and the middle (the 32x32 level is ResBlocks only)
-    "tiny": dict(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=32,
-                 cross_attention_dim=64, norm_num_groups=8, max_attention_grid=16),
-    # CPU benchmark: three levels 32/16/8, GCB at every level and the middle (~53 ms/image UNet+ControlNet, 2 threads)
-    "small": dict(block_out_channels=(64, 128, 128), layers_per_block=1, attention_head_dim=64,
-                  cross_attention_dim=128, norm_num_groups=16, max_attention_grid=32),
-    # GPU: SD 1.5 widths and layout (GCB at the first three levels, 8 heads, context 768)
-    "base": dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=None,
-                 num_heads=8, cross_attention_dim=768, norm_num_groups=32, max_attention_grid=32,
-                 attention_levels=(0, 1, 2)),
-}
-
-
-def _preset(name: str) -> dict[str, Any]:
-    if name not in LATENT_UNET_PRESETS:
-        raise ValueError(f"unknown latent UNet preset {name!r}; choose one of {sorted(LATENT_UNET_PRESETS)}")
-    return dict(LATENT_UNET_PRESETS[name])
 
 
 def latent_unet_kwargs(preset: str, latent_channels: int, sample_size: int,
@@ -72,7 +55,7 @@ def latent_unet_kwargs(preset: str, latent_channels: int, sample_size: int,
     ``attention_head_dim`` (that argument means *number of heads*, diffusers issue #2011).
     ``base`` uses SD 1.5's fixed 8 heads.
     """
-    p = _preset(preset)
+    p = unet_preset("latent", preset)
     if int(latent_channels) < 1:
         raise ValueError(f"latent_channels must be >= 1, got {latent_channels}")
     blocks = tuple(int(c) for c in p["block_out_channels"])
@@ -227,21 +210,7 @@ class BankProjector(ModelMixin, ConfigMixin):
         self.norm = nn.LayerNorm(int(cross_attention_dim))
 
     def forward(self, bank: torch.Tensor, batch: Optional[int] = None) -> torch.Tensor:
-        if not torch.is_tensor(bank):
-            raise TypeError(f"bank must be a torch.Tensor (xi x d or B x xi x d), got {type(bank).__name__}")
-        if bank.dim() == 2:
-            bank = bank.unsqueeze(0)
-        if bank.dim() != 3:
-            raise ValueError(f"bank must be xi x d or B x xi x d, got shape {tuple(bank.shape)}")
-        if bank.shape[-1] != self.config.bank_dim:
-            raise ValueError(f"bank feature dim {bank.shape[-1]} != BankProjector.bank_dim={self.config.bank_dim}")
-        w = self.proj.weight
-        ctx = self.norm(self.proj(bank.to(device=w.device, dtype=w.dtype)))
-        if batch is not None and ctx.shape[0] != batch:
-            if ctx.shape[0] != 1:
-                raise ValueError(f"bank batch {ctx.shape[0]} does not match the input batch {batch}")
-            ctx = ctx.expand(batch, -1, -1)
-        return ctx
+        return project_bank(bank, self.proj, self.norm, batch, "BankProjector")
 
 
 def _timesteps(t: Union[int, torch.Tensor], batch: int, device: torch.device) -> torch.Tensor:
