@@ -212,7 +212,7 @@ class ReviewUI:
         if sess.root is None or not category:
             return []
         try:
-            from ccad.data.datasets import load_dagm
+            from ccad.data.layouts import load_dagm
 
             return [smp for smp in load_dagm(sess.root, "train", category=category.split("/")[-1])
                     if int(smp.label) == 0]

@@ -31,7 +31,7 @@ CancelFn = Optional[Callable[[], bool]]
 
 def _as_samples(data: Any, split: str = "train") -> list:
     """Good samples from a dataset path, several dataset paths (one category each), or items."""
-    from .data.datasets import load_dataset
+    from .data.detect import load_dataset
     from .data.sample import Sample
 
     if isinstance(data, (str, Path)):
@@ -147,7 +147,7 @@ def _detector_config(variant: str, image_size: Optional[int], method: Any, bank_
 def _prepare(data: Any, config: DetectorConfig, bank: Any, calibration_fraction: float, seed: int, device: Any,
              progress: ProgressFn, cancel: CancelFn, run_dir: Optional[Path]) -> tuple[Method, Any, list, list]:
     """Samples -> train / calibration split -> the method with its bank and modules built."""
-    from .data.datasets import SampleList, collect_skipped
+    from .data.skips import SampleList, collect_skipped
 
     with collect_skipped() as unsupported:  # files left out for their extension (info.json "skipped")
         good = _as_samples(data)
@@ -197,7 +197,7 @@ def _build_fusion(config: DetectorConfig, train: list, cal: list, device: torch.
 
 def _info(train: list, bank: Any) -> dict[str, Any]:
     cats = sorted({getattr(s, "category", "") or "" for s in train} - {""})
-    from .data.datasets import unsupported_reason
+    from .data.skips import unsupported_reason
 
     skipped = list((getattr(bank, "meta", {}) or {}).get("skipped", []) if bank is not None else [])
     skipped += [{"path": str(p), "reason": unsupported_reason(p)} for p in getattr(train, "skipped", [])]

@@ -558,10 +558,10 @@ def discover_items(root: str | os.PathLike[str]) -> tuple[list[ReviewItem], list
 
 
 def _items_from_loader(root: Path, loader: str) -> tuple[list[ReviewItem], list[str]]:
-    """Items from ``ccad.data.datasets.load_dagm`` (ellipses as labels, ``Exact/`` masks joined
+    """Items from ``ccad.data.layouts.load_dagm`` (ellipses as labels, ``Exact/`` masks joined
     by image) or ``load_dagm_ccad`` (re-annotated masks as labels)."""
     try:
-        from ccad.data import datasets as ds
+        from ccad.data import layouts as ds
     except ImportError:
         return [], []
     load_dagm = getattr(ds, "load_dagm", None) if loader == "load_dagm" else None
