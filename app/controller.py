@@ -63,7 +63,7 @@ class Engine:
             self.evaluate = _evaluate
         if self.load_dataset is None:
             def _load_dataset(*a: Any, **k: Any) -> Any:
-                from ccad.data.datasets import load_dataset
+                from ccad.data.detect import load_dataset
 
                 return load_dataset(*a, **k)
             self.load_dataset = _load_dataset
@@ -695,7 +695,7 @@ class AppController:
         """``(extracted path, path inside the zip)`` of every image in an uploaded zip, and
         ``(path inside the zip, reason)`` of its other files (hidden files aside). The zip is
         extracted into a per-request folder that ``stack`` removes when it closes."""
-        from ccad.data.datasets import find_images, unsupported_reason
+        from ccad.data.skips import find_images, unsupported_reason
         from ccad.data.io import list_images
 
         try:
@@ -709,7 +709,7 @@ class AppController:
     def inspect_folder(self, name: Optional[str], folder: str, progress: ProgressFn = None) -> Batch:
         """Inspect every image under a server folder (inside the data root, recursively); each is
         named by its path relative to that folder."""
-        from ccad.data.datasets import find_images, unsupported_reason
+        from ccad.data.skips import find_images, unsupported_reason
         from ccad.data.io import list_images
 
         try:

@@ -71,7 +71,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (PeakRSS, build_detector, default_autoencoder, git_commit, loss_summary, machine,  # noqa: E402
                     settings_for)
 
-from ccad.data.datasets import iter_batches, load_dataset  # noqa: E402
+from ccad.data.dataset import iter_batches  # noqa: E402
+from ccad.data.detect import load_dataset  # noqa: E402
 from ccad.data.synthetic import write_dataset  # noqa: E402
 from ccad.evaluate import evaluate  # noqa: E402
 from ccad.pipeline import split_good  # noqa: E402

@@ -285,7 +285,7 @@ def add_saved_model_args(ap: Any, what: str = "trained models") -> None:
 def saved_model_split(data: str, subset: Optional[int] = None) -> tuple[list, list]:
     """``(test samples, calibration slice)`` as ``mtd.py`` used them: the slice is the 10 % of the
     good training images (seed 0) its models were calibrated on; ``subset`` as ``mtd.py --subset``."""
-    from ccad.data.datasets import load_csv_manifest
+    from ccad.data.layouts import load_csv_manifest
     from ccad.pipeline import split_good
 
     train = load_csv_manifest(data, split="train")

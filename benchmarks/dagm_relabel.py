@@ -40,7 +40,7 @@ from ccad.relabel import ProposalSettings, ReviewSession, _otsu, mask_iou, propo
 
 
 def _fit_detectors(root: Path, classes: list[str], size: int, seed: int) -> dict[str, object]:
-    from ccad.data.datasets import load_dagm
+    from ccad.data.layouts import load_dagm
     from ccad.methods import get_method
     from ccad.pipeline import fit_detector
 

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_saved_model_args, git_commit, machine, saved_model_split  # noqa: E402
 
 from ccad.data.anomaly_synth import synthesize_batch  # noqa: E402
-from ccad.data.datasets import iter_batches  # noqa: E402
+from ccad.data.dataset import iter_batches  # noqa: E402
 from ccad.metrics import aupro, auroc, pixel_auroc  # noqa: E402
 from ccad.pipeline import AnomalyDetector  # noqa: E402
 from ccad.scoring.fusion import NORMS, WEIGHT_GRID  # noqa: E402

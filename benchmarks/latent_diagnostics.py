@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import ROOT, loss_summary  # noqa: E402
 
-from ccad.data.datasets import load_dataset  # noqa: E402
+from ccad.data.detect import load_dataset  # noqa: E402
 from ccad.data.io import load_image, to_tensor  # noqa: E402
 from ccad.pipeline import AnomalyDetector  # noqa: E402
 
@@ -74,7 +74,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+")
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "mtd" / "split.csv"),
-                    help="any dataset ccad.data.datasets.load_dataset reads (its good train images are used)")
+                    help="any dataset ccad.data.detect.load_dataset reads (its good train images are used)")
     ap.add_argument("--n", type=int, default=24)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()

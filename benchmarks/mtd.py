@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (DEFAULT_METHODS, ROOT, PeakRSS, build_detector, default_autoencoder, git_commit,  # noqa: E402
                     loss_summary, machine, parse_options, peak_vram_mb, settings_for)
 
-from ccad.data.datasets import load_csv_manifest  # noqa: E402
+from ccad.data.layouts import load_csv_manifest  # noqa: E402
 from ccad.evaluate import METRIC_KEYS, evaluate, evaluate_views  # noqa: E402
 from ccad.methods import get_method  # noqa: E402
 

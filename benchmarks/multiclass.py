@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (PeakRSS, build_detector, default_autoencoder, git_commit, loss_summary, machine,  # noqa: E402
                     parse_options, peak_vram_mb, settings_for)
 
-from ccad.data.datasets import load_dataset  # noqa: E402
+from ccad.data.detect import load_dataset  # noqa: E402
 from ccad.data.synthetic import TEXTURES, write_dataset  # noqa: E402
 from ccad.evaluate import METRIC_KEYS, evaluate  # noqa: E402
 from ccad.methods import get_method  # noqa: E402

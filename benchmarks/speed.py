@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import ROOT, build_detector, default_autoencoder, git_commit, machine, settings_for  # noqa: E402
 
-from ccad.data.datasets import load_csv_manifest  # noqa: E402
+from ccad.data.layouts import load_csv_manifest  # noqa: E402
 from ccad.data.io import load_image, to_tensor  # noqa: E402
 from ccad.methods import get_method  # noqa: E402
 

@@ -99,7 +99,7 @@ def textures(n: int, size: int, seed: int = 0) -> torch.Tensor:
 
 
 def train_samples(folder: Path, size: int, n: int) -> list:
-    from ccad.data.datasets import load_dataset
+    from ccad.data.detect import load_dataset
     from ccad.data.synthetic import write_dataset
 
     root = write_dataset(folder, kinds=("granular",), n_train=n, n_test_good=1, n_test_defect=1, size=size, seed=3,

@@ -38,7 +38,7 @@ _EXPORTS = {
     "Method": "ccad.methods",
     "load_image": "ccad.data.io",
     "ImageReadError": "ccad.data.io",
-    "load_dataset": "ccad.data.datasets",
+    "load_dataset": "ccad.data.detect",
     "compute_metrics": "ccad.metrics",
 }
 

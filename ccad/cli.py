@@ -60,7 +60,7 @@ def _load_model(path: str, revision: Optional[str] = None):
 def _report_skipped(skipped: Sequence[Any]) -> None:
     """Tell stderr what was left out: one line for the files with unsupported extensions (paths,
     or info.json ``skipped`` entries with that reason), one line per other (unreadable) file."""
-    from .data.datasets import skipped_summary, unsupported_reason
+    from .data.skips import skipped_summary, unsupported_reason
 
     unsupported = []
     for item in skipped or ():
@@ -175,7 +175,7 @@ def variants_help() -> str:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from .data.datasets import load_dataset
+    from .data.detect import load_dataset
     from .distributed import current
     from .evaluate import evaluate_sharded
 
@@ -245,7 +245,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
 def _predict(a: argparse.Namespace, shard: Any) -> int:
     import cv2
 
-    from .data.datasets import find_images, unsupported_reason
+    from .data.skips import find_images, unsupported_reason
     from .data.naming import OUTPUT_KINDS, output_files, output_stems
 
     det = _load_model(a.model, a.revision)
@@ -326,12 +326,12 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
         if not a.good:
             print("error: give --good FOLDER (held-out good images) or --threshold VALUE", file=sys.stderr)
             return 2
-        from .data.datasets import load_folder
+        from .data.layouts import load_folder
 
         method = "sigma" if a.sigma is not None else "fpr"
         good = load_folder(a.good)
         if not good:  # name the folder the user gave, and what it holds instead
-            from .data.datasets import skipped_summary
+            from .data.skips import skipped_summary
 
             _report_skipped(list(good.skipped))
             why = skipped_summary(list(good.skipped))

@@ -346,7 +346,7 @@ class AnomalyDetector(
 
     def score_batches(self, batches: Iterable[dict], progress: ProgressFn = None, total: Optional[int] = None,
                       view: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and ``N x S x S`` maps for batches from :func:`ccad.data.datasets.iter_batches`
+        """Scores and ``N x S x S`` maps for batches from :func:`ccad.data.dataset.iter_batches`
         (read at :attr:`input_size`); ``view`` as :meth:`combine`."""
         scores, maps = [], []
         done = 0
@@ -364,7 +364,7 @@ class AnomalyDetector(
     def calibrate(self, good_items: Sequence[Any], method: Optional[str] = None, fpr: Optional[float] = None,
                   sigma: Optional[float] = None, batch_size: int = 8) -> Calibration:
         """Calibrate the threshold on held-out good images only (paths, samples or arrays)."""
-        from .data.datasets import iter_batches
+        from .data.dataset import iter_batches
         from .data.sample import Sample
 
         sc = self.config.scoring
@@ -431,7 +431,7 @@ class AnomalyDetector(
         """Store only the out-of-domain statistic (:mod:`ccad.scoring.domain`) from held-out good
         images, leaving the threshold and every other calibrated value as they are (for a model
         calibrated by an older ccad). Needs a calibrated detector; returns the ``DomainStats``."""
-        from .data.datasets import iter_batches
+        from .data.dataset import iter_batches
         from .data.sample import Sample
 
         if self.calibration is None:

@@ -110,7 +110,7 @@ def score_views(detector: Any, samples: Sequence[Any], batch_size: int = 8,
     A fused detector (``scoring.fusion = "bank"``) has the views ``fused`` (what it predicts),
     ``method`` (the method's own map, unfused) and ``bank`` (the nearest-neighbour map alone);
     ``None`` is the detector's default view."""
-    from .data.datasets import iter_batches
+    from .data.dataset import iter_batches
 
     size = int(getattr(detector, "input_size", detector.image_size))
     errors: list[tuple[str, str]] = []

@@ -31,7 +31,7 @@ CancelFn = Optional[Callable[[], bool]]
 
 def _as_samples(data: Any, split: str = "train") -> list:
     """Good samples from a dataset path, several dataset paths (one category each), or items."""
-    from .data.datasets import load_dataset
+    from .data.detect import load_dataset
     from .data.sample import Sample
 
     if isinstance(data, (str, Path)):
@@ -149,7 +149,7 @@ def _prepare(data: Any, config: DetectorConfig, bank: Any, calibration_fraction:
              phase: Optional[Callable[[str], None]] = None) -> tuple[Method, Any, list, list]:
     """Samples -> train / calibration split -> the method with its bank and modules built
     (``phase(text)`` is told when the bank and the modules are built)."""
-    from .data.datasets import SampleList, collect_skipped
+    from .data.skips import SampleList, collect_skipped
 
     with collect_skipped() as unsupported:  # files left out for their extension (info.json "skipped")
         good = _as_samples(data)
@@ -203,7 +203,7 @@ def _build_fusion(config: DetectorConfig, train: list, cal: list, device: torch.
 
 def _info(train: list, bank: Any) -> dict[str, Any]:
     cats = sorted({getattr(s, "category", "") or "" for s in train} - {""})
-    from .data.datasets import unsupported_reason
+    from .data.skips import unsupported_reason
 
     skipped = list((getattr(bank, "meta", {}) or {}).get("skipped", []) if bank is not None else [])
     skipped += [{"path": str(p), "reason": unsupported_reason(p)} for p in getattr(train, "skipped", [])]
@@ -365,7 +365,7 @@ def train_detector(
 
 def _preview_image(train: Sequence[Any], image_size: int) -> Optional[torch.Tensor]:
     """The first readable training image (``3 x S x S`` in [0, 1]) the live preview reconstructs."""
-    from .data.datasets import ImageDataset
+    from .data.dataset import ImageDataset
 
     ds = ImageDataset(list(train)[:8], image_size, on_error="skip")
     try:

@@ -560,10 +560,10 @@ def discover_items(root: str | os.PathLike[str]) -> tuple[list[ReviewItem], list
 
 
 def _items_from_loader(root: Path, loader: str) -> tuple[list[ReviewItem], list[str]]:
-    """Items from ``ccad.data.datasets.load_dagm`` (ellipses as labels, ``Exact/`` masks joined
+    """Items from ``ccad.data.layouts.load_dagm`` (ellipses as labels, ``Exact/`` masks joined
     by image) or ``load_dagm_ccad`` (re-annotated masks as labels)."""
     try:
-        from ccad.data import datasets as ds
+        from ccad.data import layouts as ds
     except ImportError:
         return [], []
     load_dagm = getattr(ds, "load_dagm", None) if loader == "load_dagm" else None
@@ -615,7 +615,7 @@ def class_normal_images(root: str | os.PathLike[str], category: str,
     ``limit`` of them, evenly spread over the sorted list. Defective images are never included.
     An empty :class:`NormalImages` when the folder is no DAGM layout or holds none.
     """
-    from ccad.data.datasets import load_dagm
+    from ccad.data.layouts import load_dagm
     from ccad.data.sample import LABEL_ANOMALOUS, LABEL_GOOD
 
     name = str(category).split("/")[0]

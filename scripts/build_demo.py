@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ccad.data.io import save_image
     from ccad.data.synthetic import DEFECTS, make_sample, write_dataset
-    from ccad.data.datasets import load_dataset
+    from ccad.data.detect import load_dataset
     from ccad.evaluate import evaluate_views
     from ccad.config import DiffusionConfig
     from ccad.methods import get_method

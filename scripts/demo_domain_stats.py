@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from ccad.data.datasets import iter_batches
+    from ccad.data.dataset import iter_batches
     from ccad.data.synthetic import write_dataset
     from ccad.pipeline import AnomalyDetector, _as_samples, split_good
 

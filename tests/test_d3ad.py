@@ -10,7 +10,7 @@ from unittest import mock
 import pytest
 import torch
 
-from ccad.data.datasets import load_dataset
+from ccad.data.detect import load_dataset
 from ccad.data.synthetic import write_dataset
 from ccad.diffusion import make_scheduler
 from ccad.diffusion.d3ad import (

@@ -1,4 +1,4 @@
-"""ccad.data.datasets: every layout loader on tiny generated trees, auto-detection, errors,
+"""ccad.data.layouts / detect / dataset: every layout loader on tiny generated trees, auto-detection, errors,
 skip-and-report batching, and the synthetic write -> load round trip."""
 
 from __future__ import annotations
@@ -10,24 +10,21 @@ import pytest
 import torch
 from PIL import Image
 
-from ccad.data.datasets import (
-    DatasetLayoutError,
-    ImageDataset,
-    detect_layout,
-    iter_batches,
+from ccad.data.dataset import ImageDataset, iter_batches, load_sample_mask
+from ccad.data.detect import detect_layout, load_dataset
+from ccad.data.layouts import (
     load_anomalib_folder,
     load_csv_manifest,
     load_dagm,
     load_dagm_ccad,
-    load_dataset,
     load_folder,
     load_mvtec,
     load_mvtec3d,
     load_mvtec_loco,
-    load_sample_mask,
     load_visa,
-    summarize,
 )
+from ccad.data.sample import summarize
+from ccad.data.tree import DatasetLayoutError
 from ccad.data.io import load_mask
 from ccad.data.sample import Sample
 from ccad.data.synthetic import DEFECTS, make_sample, write_dataset

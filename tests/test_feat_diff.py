@@ -101,7 +101,7 @@ def test_with_full_editing_the_map_is_the_distance_to_normal_and_peaks_on_a_plan
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from ccad.data.datasets import load_dataset
+    from ccad.data.detect import load_dataset
     from ccad.data.synthetic import write_dataset
     from ccad.pipeline import train_detector
     from ccad.training import TrainConfig

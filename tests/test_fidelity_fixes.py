@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from ccad.config import ScoringConfig
-from ccad.data.datasets import iter_batches, load_dataset
+from ccad.data.dataset import iter_batches
+from ccad.data.detect import load_dataset
 from ccad.data.synthetic import write_dataset
 from ccad.features import FeatureBank
 from ccad.methods import Context, get_method

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ccad.config import ConfigError, ScoringConfig
-from ccad.data.datasets import load_dataset
+from ccad.data.detect import load_dataset
 from ccad.data.synthetic import write_dataset
 from ccad.evaluate import evaluate, evaluate_views
 from ccad.methods import get_method
@@ -72,7 +72,7 @@ def test_normalisation_comes_from_the_held_out_good_images_only(root, fused):
     good = [s for s in load_dataset(root, split="train") if s.label == 0]
     train, cal = split_good(good, 0.3, 0)
     assert det.fusion.stats["method"].n_images == len(cal) == det.info["n_calibration_images"]
-    from ccad.data.datasets import iter_batches
+    from ccad.data.dataset import iter_batches
 
     ms, bs = [], []
     for b in iter_batches(cal, det.input_size, 8):

@@ -170,7 +170,7 @@ def test_fixed_count_topk_score():
 # ---- end to end -------------------------------------------------------------------------------
 
 def test_glad_trains_saves_loads_and_predicts(tmp_path):
-    from ccad.data.datasets import load_dataset
+    from ccad.data.detect import load_dataset
     from ccad.methods import get_method, method_names
     from ccad.pipeline import AnomalyDetector, train_detector
     from ccad.training import TrainConfig
@@ -204,7 +204,8 @@ def test_delta_is_fitted_on_good_images_so_they_do_not_fire(tmp_path):
     """delta_quantile=1.0: delta becomes the largest step score of the good images it is fitted on,
     so re-running those images never fires the adaptive rule (and a lower quantile fires some);
     the fitted delta is saved with the model; None keeps the configured delta."""
-    from ccad.data.datasets import ImageDataset, load_dataset
+    from ccad.data.dataset import ImageDataset
+    from ccad.data.detect import load_dataset
     from ccad.methods import get_method
     from ccad.pipeline import AnomalyDetector, train_detector
     from ccad.training import TrainConfig

@@ -37,7 +37,7 @@ import pytest
 import torch
 
 from ccad.config import set_option
-from ccad.data.datasets import load_dataset
+from ccad.data.detect import load_dataset
 from ccad.data.io import coerce_image, to_tensor
 from ccad.data.synthetic import write_dataset
 from ccad.methods import get_method, method_names

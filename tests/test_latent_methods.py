@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ccad.cli import main
-from ccad.data.datasets import load_dataset
+from ccad.data.detect import load_dataset
 from ccad.data.synthetic import write_dataset
 from ccad.evaluate import evaluate
 from ccad.methods import get_method

@@ -18,7 +18,7 @@ from torch import nn
 import ccad
 from ccad.cli import main
 from ccad.config import ConfigError
-from ccad.data.datasets import load_dataset
+from ccad.data.detect import load_dataset
 from ccad.data.synthetic import write_dataset
 from ccad.evaluate import evaluate
 from ccad.methods import Method, MethodOutput, get_method, method_names, register_method, unregister_method

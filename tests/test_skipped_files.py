@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from ccad.cli import main
-from ccad.data.datasets import collect_skipped, find_images, load_dataset, load_folder, skipped_summary
+from ccad.data.detect import load_dataset
+from ccad.data.layouts import load_folder
+from ccad.data.skips import collect_skipped, find_images, skipped_summary
 from ccad.data.synthetic import write_dataset
 
 LINE = "skipped 2 file(s) with unsupported extensions: a.gif, notes.txt"

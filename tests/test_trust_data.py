@@ -14,7 +14,7 @@ from PIL import Image
 
 from ccad.cli import main
 from ccad.data import io as dio
-from ccad.data.datasets import load_folder
+from ccad.data.layouts import load_folder
 from ccad.data.io import ImageReadError, load_image, load_mask
 from ccad.data.synthetic import write_dataset
 

@@ -400,7 +400,7 @@ def test_a_model_without_the_statistic_still_predicts_and_can_gain_it(patchcore,
 
 
 def test_evaluation_records_carry_the_same_status(patchcore, root):
-    from ccad.data.datasets import load_dataset
+    from ccad.data.detect import load_dataset
     from ccad.evaluate import evaluate
 
     rep = evaluate(patchcore, load_dataset(root / "fibrous", split="test"))

@@ -1,25 +1,13 @@
-"""ccad.data: images, masks, samples, dataset layouts and synthetic DAGM-style textures."""
+"""ccad.data: images, masks, samples, dataset layouts and synthetic DAGM-style textures.
 
-from ccad.data.datasets import (
-    LAYOUTS,
-    DatasetLayoutError,
-    ImageDataset,
-    detect_layout,
-    iter_batches,
-    load_anomalib_folder,
-    load_csv_manifest,
-    load_dagm,
-    load_dagm_ccad,
-    load_dataset,
-    load_folder,
-    load_item,
-    load_mvtec,
-    load_mvtec3d,
-    load_mvtec_loco,
-    load_sample_mask,
-    load_visa,
-    summarize,
-)
+Modules: `io` (reading images and masks), `sample` (the Sample record, `summarize`), `tree`
+(folder helpers the loaders share, DatasetLayoutError), `skips` (files left out for their
+extension), `layouts/` (one loader module per layout family), `detect` (layout detection,
+`load_dataset`), `dataset` (samples as tensors: ImageDataset, iter_batches), `synthetic`.
+"""
+
+from ccad.data.dataset import ImageDataset, iter_batches, load_item, load_sample_mask
+from ccad.data.detect import LAYOUTS, detect_layout, load_dataset
 from ccad.data.io import (
     IMAGE_EXTENSIONS,
     MAX_PIXELS,
@@ -33,7 +21,18 @@ from ccad.data.io import (
     save_mask,
     to_tensor,
 )
-from ccad.data.sample import Sample
+from ccad.data.layouts import (
+    load_anomalib_folder,
+    load_csv_manifest,
+    load_dagm,
+    load_dagm_ccad,
+    load_folder,
+    load_mvtec,
+    load_mvtec3d,
+    load_mvtec_loco,
+    load_visa,
+)
+from ccad.data.sample import Sample, summarize
 from ccad.data.synthetic import (
     DEFECTS,
     TEXTURES,
@@ -42,6 +41,7 @@ from ccad.data.synthetic import (
     make_sample,
     write_dataset,
 )
+from ccad.data.tree import DatasetLayoutError
 
 __all__ = [
     "DEFECTS",

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .datasets import iter_batches
+from .dataset import iter_batches
 from .io import load_image, to_tensor
 from .sample import Sample
 

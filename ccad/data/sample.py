@@ -1,11 +1,11 @@
-"""The one sample record every dataset loader returns."""
+"""The one sample record every dataset loader returns, and its counts for display (:func:`summarize`)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable, Iterable
 
-__all__ = ["Sample", "LABEL_GOOD", "LABEL_ANOMALOUS", "LABEL_UNKNOWN"]
+__all__ = ["Sample", "LABEL_GOOD", "LABEL_ANOMALOUS", "LABEL_UNKNOWN", "summarize"]
 
 LABEL_GOOD = 0
 LABEL_ANOMALOUS = 1
@@ -79,3 +79,20 @@ class Sample:
         if "extra_masks" in kw:
             kw["extra_masks"] = tuple(kw["extra_masks"] or ())
         return cls(**kw)
+
+
+def summarize(samples: Iterable[Sample]) -> dict[str, Any]:
+    """Counts for display: total, per split, per label (good/anomalous/unknown), per category and
+    defect type, and how many anomalous samples have masks."""
+    s = list(samples)
+    def count(key: Callable[[Sample], str]) -> dict[str, int]:
+        d: dict[str, int] = {}
+        for x in s:
+            d[key(x)] = d.get(key(x), 0) + 1
+        return dict(sorted(d.items()))
+    names = {LABEL_GOOD: "good", LABEL_ANOMALOUS: "anomalous", LABEL_UNKNOWN: "unknown"}
+    return dict(
+        n=len(s), splits=count(lambda x: x.split), labels=count(lambda x: names[x.label]),
+        categories=count(lambda x: x.category), defect_types=count(lambda x: x.defect_type),
+        anomalous_with_mask=sum(1 for x in s if x.label == LABEL_ANOMALOUS and x.has_mask),
+    )

@@ -370,7 +370,7 @@ def write_dataset(root: str | os.PathLike[str], kinds: Sequence[str] = ("fibrous
                   n_train: int = 8, n_test_good: int = 4, n_test_defect: int = 2,
                   size: int | tuple[int, int] = 256, seed: int = 0, layout: str = "mvtec",
                   defects: Sequence[str] = DEFECTS) -> Path:
-    """Write a synthetic data set that the :mod:`ccad.data.datasets` loaders read back.
+    """Write a synthetic data set that the :mod:`ccad.data.layouts` loaders read back.
 
     Args:
         root: output folder (created).

@@ -15,7 +15,7 @@ Data accepted wherever this module (and :mod:`ccad.features.patchcore`) takes im
   :func:`ccad.data.io.load_image` and resized with :func:`ccad.data.io.to_tensor`;
 * a tensor ``N x 3 x S x S`` in ``[0, 1]``;
 * an iterable of batches: tensors ``B x 3 x S x S`` in ``[0, 1]`` or dicts with an ``"image"``
-  tensor (the output of ``ccad.data.datasets.iter_batches``; an ``"errors"`` entry of
+  tensor (the output of ``ccad.data.dataset.iter_batches``; an ``"errors"`` entry of
   ``(path, reason)`` pairs is recorded as skipped);
 * a map-style dataset whose items are dicts with an ``"image"`` tensor (``ImageDataset``).
 """
@@ -115,7 +115,7 @@ class ImageStream:
 
         if isinstance(data, (str, os.PathLike)):
             raise TypeError(
-                "pass a list of samples or image paths (e.g. ccad.data.datasets.load_dataset(dir)), "
+                "pass a list of samples or image paths (e.g. ccad.data.detect.load_dataset(dir)), "
                 f"not a single path '{data}'"
             )
         if isinstance(data, torch.Tensor):
@@ -165,7 +165,7 @@ class ImageStream:
     def __iter__(self) -> Iterator[torch.Tensor]:
         bs = self.batch_size
         if self._kind == "files":
-            from ccad.data.datasets import iter_batches
+            from ccad.data.dataset import iter_batches
             from ccad.data.sample import Sample
 
             assert self._paths is not None
@@ -491,7 +491,7 @@ def _folder_images(folder: Path) -> list[Any]:
     """Good images of a dataset folder (any layout ``ccad.data`` knows), else all images in it
     that are not masks."""
     try:
-        from ccad.data.datasets import load_dataset
+        from ccad.data.detect import load_dataset
 
         good = [s for s in load_dataset(folder, split="train") if s.label == 0]
         if good:

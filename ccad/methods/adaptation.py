@@ -38,7 +38,7 @@ def adapt_scoring_backbone(method: Any, train: Sequence[Any], epochs: int, n_ima
     :func:`ccad.scoring.domain_adapt.domain_adapt` runs ``epochs`` passes over the pairs. The
     adapted copy is installed in ``method.ctx`` and returned; ``method.adapted`` records what was done.
     """
-    from ..data.datasets import iter_batches
+    from ..data.dataset import iter_batches
     from ..scoring.domain_adapt import domain_adapt
 
     epochs = int(epochs)

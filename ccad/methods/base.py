@@ -190,7 +190,7 @@ class Method:
     # ---- training ---------------------------------------------------------------------------
     def training_dataset(self, train: Sequence[Any]) -> torch.utils.data.Dataset:
         """The dataset the Trainer iterates (default: images ``3 x S x S`` in [0, 1] as ``"image"``)."""
-        from ..data.datasets import ImageDataset
+        from ..data.dataset import ImageDataset
 
         return ImageDataset(list(train), self.ctx.image_size, on_error="skip")
 

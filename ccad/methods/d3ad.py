@@ -159,7 +159,7 @@ class D3AD(DynamicStartMixin, LatentMethod):
     @torch.no_grad()
     def fit_normalisers(self, train: Sequence[Any]) -> None:
         """l_norm / f_norm: the mean latent and feature maps over ``norm_images`` good training images."""
-        from ..data.datasets import iter_batches
+        from ..data.dataset import iter_batches
 
         c = self.config
         c.l_norm = c.f_norm = None

@@ -58,7 +58,7 @@ class DynamicStartMixin:
     def fit_conditioning(self, train: Sequence[Any]) -> None:
         """Y_Train, the leave-one-out mean KNN distances of the training set and the equal-width
         bins over them (sec. 4.1 "Bin construction")."""
-        from ..data.datasets import iter_batches
+        from ..data.dataset import iter_batches
         from ..diffusion.d3ad import fit_bins, knn_mean_distance
 
         p = self.dic_params()

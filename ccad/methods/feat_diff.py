@@ -418,7 +418,7 @@ class FeatDiff(Method):
         """Module docstring item 7 (LafitE's pseudo-validation set). ``good`` are held-out good
         images (the calibration slice); without any, the configured values stay and the card says so."""
         from ..data.anomaly_synth import synthesize_batch
-        from ..data.datasets import iter_batches
+        from ..data.dataset import iter_batches
         from ..metrics import aupro, auroc, pixel_auroc
 
         c, sc = self.config, self.ctx.scoring

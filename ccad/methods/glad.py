@@ -214,7 +214,7 @@ class GLAD(Method):
         over the steps the rule can fire at (t > t_min). A good image then seldom fires, and an
         anomaly that makes the two noise-free estimates differ more than good images ever do
         does. The value is written into the config (saved with the model)."""
-        from ..data.datasets import ImageDataset
+        from ..data.dataset import ImageDataset
         from ..diffusion.glad import glad_reconstruct, reconstruction_timesteps
 
         c = self.config
