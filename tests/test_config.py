@@ -77,6 +77,22 @@ def test_registry_lists_available_and_refuses_unknown_variants():
         get_method("nope")
 
 
+def test_the_baseline_heads_the_method_list_whatever_module_is_imported_first():
+    """The app's default and every list start with PatchCore and follow ``_builtin``'s import order
+    (a built-in method is its module plus one line there), even when a method module is imported
+    before the registry is first read."""
+    import subprocess
+    import sys
+
+    code = ("import ccad.methods.feat_diff, ccad.methods.glad\n"
+            "from ccad.methods import method_names\n"
+            "print(','.join(method_names()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    names = out.strip().split(",")
+    assert names[0] == "patchcore"
+    assert names.index("glad") < names.index("feat-diff") and names.index("d3ad") < names.index("glad")
+
+
 def test_an_unknown_reconstruction_strategy_is_refused_when_the_config_is_read():
     with pytest.raises(ConfigError, match="diffusion.strategy.*'ddad'.*'nope'"):
         DetectorConfig.from_dict({"variant": "ccad-v", "method": {"diffusion": {"strategy": "nope"}}})

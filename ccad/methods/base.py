@@ -295,19 +295,22 @@ def unregister_method(name: str) -> None:
     _METHODS.pop(name, None)
 
 
-def _load_builtin() -> None:
-    from . import _builtin  # noqa: F401  (imports every built-in method module)
+def _load_builtin() -> Any:
+    from . import _builtin  # (imports every built-in method module)
 
-
-BUILTIN_ORDER = ("patchcore", "ccad-v", "ccad-c", "ccad-f", "deco-diff", "d3ad", "glad", "feat-diff")
+    return _builtin
 
 
 def method_names() -> list[str]:
-    """Names of the available methods: the built-in ones in a fixed order (the baseline first),
-    then plug-ins in registration order (whatever order their modules were imported in)."""
-    _load_builtin()
-    first = [n for n in BUILTIN_ORDER if n in _METHODS]
-    return first + [n for n in _METHODS if n not in BUILTIN_ORDER]
+    """Names of the available methods: the built-in ones in the order ``_builtin`` imports their
+    modules (the baseline first, whichever module was imported first), then plug-ins in
+    registration order. A built-in method is its module plus one import line in ``_builtin``."""
+    import types
+
+    modules = [m.__name__ for m in vars(_load_builtin()).values() if isinstance(m, types.ModuleType)]
+    rank = {name: i for i, name in enumerate(modules)}
+    order = {n: i for i, n in enumerate(_METHODS)}
+    return sorted(_METHODS, key=lambda n: (rank.get(_METHODS[n].__module__, len(rank)), order[n]))
 
 
 def get_method(name: str) -> type[Method]:
