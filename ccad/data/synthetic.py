@@ -211,6 +211,16 @@ def _fill(h: int, w: int, poly: np.ndarray) -> np.ndarray:
     return m.astype(bool)
 
 
+def _random_blob(rng: np.random.Generator, h: int, w: int, r: float, margin: float, aspect: tuple[float, float],
+                 jag: float) -> tuple[np.ndarray, float, float]:
+    """A filled random blob of radius ``r`` centred at least ``margin * r`` from the border:
+    (mask, cx, cy)."""
+    cx = rng.uniform(r * margin, w - r * margin)
+    cy = rng.uniform(r * margin, h - r * margin)
+    mask = _fill(h, w, _blob_polygon(rng, cx, cy, r, rng.uniform(*aspect), rng.uniform(0, np.pi), jag))
+    return mask, cx, cy
+
+
 def _sign(rng: np.random.Generator) -> float:
     return -1.0 if rng.random() < 0.5 else 1.0
 
@@ -248,9 +258,7 @@ def make_defect(texture: np.ndarray, defect: str, rng: np.random.Generator) -> t
         out = np.where(mask, t + delta, t)
     elif defect == "spot":
         r = s * rng.uniform(0.03, 0.07)
-        cx = rng.uniform(r * 2, w - r * 2)
-        cy = rng.uniform(r * 2, h - r * 2)
-        mask = _fill(h, w, _blob_polygon(rng, cx, cy, r, rng.uniform(0.6, 1.0), rng.uniform(0, np.pi), 0.35))
+        mask, cx, cy = _random_blob(rng, h, w, r, 2, (0.6, 1.0), 0.35)
         delta = _sign(rng) * rng.uniform(0.25, 0.4)
         yy = np.arange(h, dtype=np.float32)[:, None] - np.float32(cy)
         xx = np.arange(w, dtype=np.float32)[None, :] - np.float32(cx)
@@ -258,17 +266,13 @@ def make_defect(texture: np.ndarray, defect: str, rng: np.random.Generator) -> t
         out = np.where(mask, t + delta * prof, t)
     elif defect == "blur":
         r = s * rng.uniform(0.08, 0.14)
-        cx = rng.uniform(r * 1.6, w - r * 1.6)
-        cy = rng.uniform(r * 1.6, h - r * 1.6)
-        mask = _fill(h, w, _blob_polygon(rng, cx, cy, r, rng.uniform(0.5, 0.9), rng.uniform(0, np.pi), 0.25))
+        mask, _, _ = _random_blob(rng, h, w, r, 1.6, (0.5, 0.9), 0.25)
         blurred = cv2.GaussianBlur(t, (0, 0), max(2.0, s / 48.0))
         shift = _sign(rng) * rng.uniform(0.08, 0.14)
         out = np.where(mask, blurred + shift, t)
     elif defect == "stain":
         r = s * rng.uniform(0.1, 0.17)
-        cx = rng.uniform(r * 1.6, w - r * 1.6)
-        cy = rng.uniform(r * 1.6, h - r * 1.6)
-        mask = _fill(h, w, _blob_polygon(rng, cx, cy, r, rng.uniform(0.55, 1.0), rng.uniform(0, np.pi), 0.6))
+        mask, _, _ = _random_blob(rng, h, w, r, 1.6, (0.55, 1.0), 0.6)
         inner = _lowfreq(rng, h, w, 8)
         inner = (inner - inner.min()) / max(1e-6, float(inner.max() - inner.min()))
         alpha = 0.55 + 0.45 * inner

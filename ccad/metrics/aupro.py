@@ -27,7 +27,7 @@ input arrays on the float32 path; about 10 s and 1 GB on the float64 fallback.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -212,29 +212,45 @@ def _weights(sizes: list[np.ndarray], regions: bool) -> np.ndarray | None:
     return w
 
 
+class _RegionTally:
+    """Per-image region ids with running counts: regions so far, their sizes, positive pixels."""
+
+    def __init__(self, regions: bool, connectivity: int, max_regions: int | None = None) -> None:
+        self.regions, self.connectivity, self.max_regions = regions, connectivity, max_regions
+        self.sizes: list[np.ndarray] = []
+        self.n_regions = 0
+        self.n_pos = 0
+
+    def add(self, mb: np.ndarray) -> np.ndarray:
+        ids, sz = _region_ids(mb, self.regions, self.connectivity, self.n_regions)
+        if self.max_regions is not None and self.n_regions + sz.size >= self.max_regions:
+            raise ValueError("too many ground-truth regions (>= 2**32) for the packed sweep")
+        self.n_regions += sz.size
+        self.sizes.append(sz)
+        self.n_pos += int(np.count_nonzero(mb))
+        return ids
+
+    def sweep(self, total: int, lim: float, decode: Callable[[Any], float]) -> CurveSweep:
+        return CurveSweep(self.n_pos, total - self.n_pos, _weights(self.sizes, self.regions), lim, decode=decode,
+                          pixel=True)
+
+
 def _packed_sweep(
     idx: list[int], mk: Sequence[Any], mp: Sequence[Any], total: int, lim: float,
     regions: bool, connectivity: int,
 ) -> PixelSweepResult:
     keys = np.empty(total, dtype=np.uint64)
-    sizes: list[np.ndarray] = []
-    n_regions = 0
-    n_pos = 0
+    tally = _RegionTally(regions, connectivity, max_regions=2**32 - 1)
     off = 0
     for _, mb, a in _pairs(idx, mk, mp):
-        ids, sz = _region_ids(mb, regions, connectivity, n_regions)
-        if n_regions + sz.size >= 2**32 - 1:
-            raise ValueError("too many ground-truth regions (>= 2**32) for the packed sweep")
-        n_regions += sz.size
-        sizes.append(sz)
-        n_pos += int(np.count_nonzero(mb))
+        ids = tally.add(mb)
         dst = keys[off : off + a.size].reshape(a.shape)
         np.copyto(dst, float32_to_key(a))
         dst <<= np.uint64(32)
         dst |= ids
         off += a.size
     keys.sort()  # in place: no second copy of the keys
-    sw = CurveSweep(n_pos, total - n_pos, _weights(sizes, regions), lim, decode=key_to_float32, pixel=True)
+    sw = tally.sweep(total, lim, key_to_float32)
     low = np.uint64(0xFFFFFFFF)
     stop = total
     while stop > 0:
@@ -245,7 +261,7 @@ def _packed_sweep(
         nxt = int(keys[start - 1]) >> 32 if start > 0 else None
         sw.feed(vals, reg, nxt)
         stop = start
-    return PixelSweepResult(sw, n_regions, exact_float64=False)
+    return PixelSweepResult(sw, tally.n_regions, exact_float64=False)
 
 
 def _float64_sweep(
@@ -254,20 +270,15 @@ def _float64_sweep(
 ) -> PixelSweepResult:
     vals = np.empty(total, dtype=np.float64)
     regs = np.empty(total, dtype=np.uint32)
-    sizes: list[np.ndarray] = []
-    n_regions = 0
-    n_pos = 0
+    tally = _RegionTally(regions, connectivity)
     off = 0
     for _, mb, a in _pairs(idx, mk, mp):
-        ids, sz = _region_ids(mb, regions, connectivity, n_regions)
-        n_regions += sz.size
-        sizes.append(sz)
-        n_pos += int(np.count_nonzero(mb))
+        ids = tally.add(mb)
         vals[off : off + a.size] = a.ravel()
         regs[off : off + a.size] = ids.ravel()
         off += a.size
     order = np.argsort(vals)
-    sw = CurveSweep(n_pos, total - n_pos, _weights(sizes, regions), lim, decode=float, pixel=True)
+    sw = tally.sweep(total, lim, float)
     stop = total
     while stop > 0:
         start = max(0, stop - CHUNK)
@@ -275,7 +286,7 @@ def _float64_sweep(
         nxt = float(vals[order[start - 1]]) if start > 0 else None
         sw.feed(vals[o], regs[o].astype(np.intp), nxt)
         stop = start
-    return PixelSweepResult(sw, n_regions, exact_float64=True)
+    return PixelSweepResult(sw, tally.n_regions, exact_float64=True)
 
 
 def aupro(
