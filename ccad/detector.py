@@ -24,7 +24,7 @@ from huggingface_hub import ModelHubMixin
 
 from . import __version__
 from .config import ConfigError
-from .data.io import ImageReadError, coerce_image, to_tensor
+from .data.io import coerce_image, decode_item, to_tensor
 from .detector_config import DetectorConfig
 from .detector_folder import default_device, read_folder, write_calibration, write_folder
 from .errors import CheckpointError
@@ -314,16 +314,11 @@ class AnomalyDetector(
         for item in items:
             if cancel is not None and cancel():
                 break
-            name = str(item) if isinstance(item, (str, Path)) else f"item {done}"
-            try:
-                t = time.perf_counter()
-                batch.append(coerce_image(item))
-                reads.append(time.perf_counter() - t)
-                paths.append(str(item) if isinstance(item, (str, Path)) else None)
-            except (ImageReadError, ValueError, TypeError) as exc:
-                if on_error == "raise":
-                    raise
-                errors.append((name, str(exc)))
+            got = decode_item(item, done, on_error, errors, coerce_image, time.perf_counter)
+            if got is not None:
+                batch.append(got[0])
+                reads.append(got[1])
+                paths.append(got[2])
             done += 1
             if len(batch) >= batch_size:
                 flush()
