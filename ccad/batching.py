@@ -22,7 +22,6 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import Future
-from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 __all__ = ["PredictionBatcher"]
@@ -67,24 +66,14 @@ class PredictionBatcher:
         in the caller's thread (errors named as there; ``on_error="raise"`` raises the first),
         then run with other callers' images. ``batch_size`` is ignored (the batcher decides);
         ``progress`` is called when this caller's images are decoded and when they are done."""
-        from .data.io import ImageReadError, coerce_image
+        from .data.io import decode_item
 
         items = list(items)
-        images: list[Any] = []
-        paths: list[Optional[str]] = []
-        reads: list[float] = []
         errors: list[tuple[str, str]] = []
-        for j, item in enumerate(items):
-            name = str(item) if isinstance(item, (str, Path)) else f"item {j}"
-            try:
-                t = time.perf_counter()
-                images.append(coerce_image(item))
-                reads.append(time.perf_counter() - t)
-                paths.append(str(item) if isinstance(item, (str, Path)) else None)
-            except (ImageReadError, ValueError, TypeError) as exc:
-                if on_error == "raise":
-                    raise
-                errors.append((name, str(exc)))
+        decoded = [got for j, item in enumerate(items) if (got := decode_item(item, j, on_error, errors)) is not None]
+        images: list[Any] = [d[0] for d in decoded]
+        reads: list[float] = [d[1] for d in decoded]
+        paths: list[Optional[str]] = [d[2] for d in decoded]
         if not images:
             return [], errors
         req = _Request(images, paths, reads)

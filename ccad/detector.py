@@ -1,7 +1,8 @@
 """The one object users call: :class:`AnomalyDetector`.
 
 A detector is a method plug-in (:mod:`ccad.methods`: PatchCore, CCAD(V), ...) plus what every
-method shares: the feature bank, the image score, the calibrated threshold, the files on disk.
+method shares: the feature bank, the image score, the calibrated threshold, the files on disk
+(written and read by :mod:`ccad.detector_folder`).
 The detector never looks at the method's name; it asks the registry for the method class and
 calls its hooks (``maps`` for a batch, ``save`` / ``load`` for its files).
 
@@ -11,10 +12,8 @@ and timing. Building and training detectors is :mod:`ccad.pipeline` (above this 
 """
 from __future__ import annotations
 
-import json
 import math
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -25,10 +24,11 @@ from huggingface_hub import ModelHubMixin
 
 from . import __version__
 from .config import ConfigError
-from .data.io import ImageReadError, coerce_image, to_tensor
+from .data.io import coerce_image, decode_item, to_tensor
 from .detector_config import DetectorConfig
-from .errors import CheckpointError  # noqa: F401  (re-exported: ccad.pipeline.CheckpointError)
-from .methods import Context, Method, get_method
+from .detector_folder import default_device, read_folder, write_calibration, write_folder
+from .errors import CheckpointError
+from .methods import Method, get_method
 from .prediction import Prediction
 from .scoring.anomaly_map import image_score
 from .scoring.threshold import Calibration
@@ -37,21 +37,9 @@ ProgressFn = Optional[Callable[[int, int], None]]
 CancelFn = Optional[Callable[[], bool]]
 
 
-
-def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
 # --------------------------------------------------------------------------------------------
 # The detector
 # --------------------------------------------------------------------------------------------
-
-FILES = {
-    "config": "config.json",
-    "calibration": "calibration.json",
-    "info": "info.json",
-}
-
 
 class AnomalyDetector(
     ModelHubMixin,
@@ -326,16 +314,11 @@ class AnomalyDetector(
         for item in items:
             if cancel is not None and cancel():
                 break
-            name = str(item) if isinstance(item, (str, Path)) else f"item {done}"
-            try:
-                t = time.perf_counter()
-                batch.append(coerce_image(item))
-                reads.append(time.perf_counter() - t)
-                paths.append(str(item) if isinstance(item, (str, Path)) else None)
-            except (ImageReadError, ValueError, TypeError) as exc:
-                if on_error == "raise":
-                    raise
-                errors.append((name, str(exc)))
+            got = decode_item(item, done, on_error, errors, coerce_image, time.perf_counter)
+            if got is not None:
+                batch.append(got[0])
+                reads.append(got[1])
+                paths.append(got[2])
             done += 1
             if len(batch) >= batch_size:
                 flush()
@@ -478,29 +461,7 @@ class AnomalyDetector(
 
     # ---- persistence (huggingface_hub mixin) ------------------------------------------------
     def _save_pretrained(self, save_directory: Path) -> None:
-        save_directory = Path(save_directory)
-        if self.calibration is not None:
-            try:
-                self.calibration.check_finite()
-            except ValueError as exc:  # nothing is written: a NaN threshold would read every image as good
-                raise ValueError(f"{save_directory}: not saved: the calibration is not usable ({exc}); "
-                                 f"re-calibrate on readable good images") from None
-        save_directory.mkdir(parents=True, exist_ok=True)
-        self.config.save(save_directory / FILES["config"])
-        if self.bank is not None:
-            self.bank.save(save_directory)
-        self.method.save(save_directory)
-        if self.fusion is not None:
-            self.fusion.save(save_directory)
-        if self.calibration is not None:
-            (save_directory / FILES["calibration"]).write_text(json.dumps(self.calibration.to_dict(), indent=1))
-        elif (save_directory / FILES["calibration"]).is_file():  # never leave another model's threshold behind
-            (save_directory / FILES["calibration"]).unlink()
-        info = dict(self.info)
-        info.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        info["ccad_version"] = __version__
-        (save_directory / FILES["info"]).write_text(json.dumps(info, indent=2, default=float))
-        (save_directory / "README.md").write_text(model_card_text(self.card()))
+        write_folder(self, save_directory)
 
     def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> Optional[str]:  # type: ignore[override]
         """Write config.json, bank, the method's files (safetensors), calibration and a model card."""
@@ -509,7 +470,7 @@ class AnomalyDetector(
     def set_threshold_and_save(self, save_directory: str | Path, threshold: float) -> None:
         """Change a saved model's threshold in place (only calibration.json is rewritten)."""
         self.threshold = threshold
-        Path(save_directory, FILES["calibration"]).write_text(json.dumps(self.calibration.to_dict(), indent=1))
+        write_calibration(save_directory, self.calibration)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, revision: Optional[str] = None,
@@ -533,92 +494,11 @@ class AnomalyDetector(
     @classmethod
     def load_folder(cls, path: str | Path, device: Any = None) -> "AnomalyDetector":
         """Load a detector saved by :meth:`save_pretrained` from a local folder."""
-        from safetensors import SafetensorError
-
-        from .features import FeatureBank
-
         path = Path(path)
-        if not (path / FILES["config"]).is_file():
-            raise CheckpointError(f"{path}: not a ccad model folder (no {FILES['config']})")
+        parts = read_folder(path, device)
         try:
-            config = DetectorConfig.load(path / FILES["config"])
-        except ConfigError as exc:
-            raise CheckpointError(str(exc)) from None
-        mcls = get_method(config.variant)
-        check_weight_files(path)  # a truncated or corrupted safetensors file is named before anything is built
-        bank = None
-        if (path / "bank.safetensors").is_file():
-            try:
-                bank = FeatureBank.load(path)
-            except Exception as exc:  # noqa: BLE001 - any reader error is a checkpoint problem
-                raise CheckpointError(f"{path}: cannot read the feature bank ({exc})") from None
-        elif mcls.uses_bank:
-            raise CheckpointError(f"{path}: a {config.variant} detector needs its feature bank (bank.safetensors)")
-        dev = torch.device(device) if device is not None else default_device()
-        ctx = Context(image_size=config.image_size, device=dev, bank_config=config.bank, scoring=config.scoring,
-                      bank=bank)
-        try:
-            method = mcls.load(path, config.method, ctx)
-        except (SafetensorError, RuntimeError, OSError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"{path}: cannot read the {config.variant} weights ({exc})") from None
-        calibration = None
-        if (path / FILES["calibration"]).is_file():
-            try:
-                calibration = Calibration.from_dict(json.loads((path / FILES["calibration"]).read_text()))
-                calibration.check_finite()
-            except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as exc:
-                raise CheckpointError(f"{path / FILES['calibration']}: {exc}; re-calibrate the model "
-                                      f"(ccad calibrate MODEL --good FOLDER)") from None
-        fusion = None
-        if config.scoring.fusion == "bank":
-            from .scoring.fusion import BankFusion, bank_backbone
-
-            try:
-                fusion = BankFusion.load(path, bank_backbone(config.bank, dev))
-            except (FileNotFoundError, OSError, ValueError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"{path}: cannot read the fusion memory ({exc})") from None
-        info = {}
-        if (path / FILES["info"]).is_file():
-            try:
-                info = json.loads((path / FILES["info"]).read_text())
-            except json.JSONDecodeError as exc:
-                raise CheckpointError(f"{path / FILES['info']}: {exc}") from None
-        try:
-            det = cls(config, bank, method, calibration=calibration, info=info, device=dev, fusion=fusion)
+            det = cls(**parts)
         except ConfigError as exc:
             raise CheckpointError(f"{path}: {exc}") from None
         det.source = path
         return det
-
-
-def check_weight_files(folder: str | Path) -> None:
-    """Read every ``*.safetensors`` file under a model folder and refuse a truncated or corrupt one,
-    or one holding NaN / inf weights, with a :class:`CheckpointError` naming the file (and tensor)."""
-    from safetensors import SafetensorError, safe_open
-
-    for f in sorted(Path(folder).rglob("*.safetensors")):
-        try:
-            with safe_open(str(f), framework="pt") as fh:
-                for key in fh.keys():
-                    t = fh.get_tensor(key)
-                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                        bad = int((~torch.isfinite(t)).sum())
-                        raise CheckpointError(f"{f}: tensor {key!r} holds {bad} NaN/inf value(s) of {t.numel()}: "
-                                              f"the file is corrupt; re-download or re-train the model")
-        except CheckpointError:
-            raise
-        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-            raise CheckpointError(f"{f}: cannot read the weights: not a readable safetensors file (truncated or "
-                                  f"corrupt: {exc}); "
-                                  f"re-download or re-train the model") from None
-
-
-def model_card_text(card: dict[str, Any]) -> str:
-    """A Hub model card (YAML metadata + a table of the detector's facts)."""
-    rows = "\n".join(f"| {k} | {json.dumps(v, default=str)} |" for k, v in card.items())
-    return (
-        "---\nlibrary_name: ccad\ntags:\n- anomaly-detection\n- ccad\n- diffusion\nlicense: apache-2.0\n---\n\n"
-        f"# ccad detector: {card['title']}\n\n"
-        "Load it with `AnomalyDetector.from_pretrained(path_or_repo_id)` from the `ccad` package.\n\n"
-        f"| field | value |\n|---|---|\n{rows}\n"
-    )

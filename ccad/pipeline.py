@@ -14,8 +14,9 @@ import torch
 
 from .config import ConfigError, set_option
 from .detector_config import DetectorConfig
-from .detector import (  # noqa: F401  (re-exported: the detector's names as ccad.pipeline.*)
-    FILES, AnomalyDetector, check_weight_files, default_device, model_card_text)
+from .detector import AnomalyDetector  # noqa: F401  (re-exported: the detector's names as ccad.pipeline.*)
+from .detector_folder import (  # noqa: F401  (re-exported)
+    FILES, check_weight_files, default_device, model_card_text)
 from .errors import CheckpointError, RunFolderExistsError  # noqa: F401  (re-exported)
 from .methods import Context, Method, get_method
 from .prediction import Prediction, count_statuses  # noqa: F401  (re-exported)

@@ -17,9 +17,10 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 import warnings
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import numpy as np
 import torch
@@ -48,6 +49,7 @@ __all__ = [
     "to_tensor",
     "mask_to_tensor",
     "coerce_image",
+    "decode_item",
     "to_float_rgb",
     "save_image",
     "save_mask",
@@ -552,6 +554,28 @@ def coerce_image(x: Any) -> np.ndarray:
         f"cannot interpret {type(x).__name__} as an image; pass a path, a PIL image, "
         "a numpy array or a torch tensor"
     )
+
+
+def decode_item(item: Any, index: int, on_error: str, errors: list[tuple[str, str]],
+                read: Callable[[Any], np.ndarray] = coerce_image,
+                clock: Callable[[], float] = time.perf_counter) -> tuple[np.ndarray, float, str | None] | None:
+    """One item to inspect -> ``(image, seconds its read took, its path or None)``.
+
+    ``read`` (:func:`coerce_image`) decodes a path, PIL image, array or tensor, timed by ``clock``.
+    An unreadable item raises when ``on_error == "raise"``; otherwise it is added to ``errors`` as
+    ``(its path, else "item <index>", the reason)`` and None is returned. Callers pass the ``read``
+    and ``clock`` they look up themselves (``ccad.detector`` passes its own names).
+    """
+    name = str(item) if isinstance(item, (str, Path)) else f"item {index}"
+    try:
+        t = clock()
+        image = read(item)
+        return image, clock() - t, str(item) if isinstance(item, (str, Path)) else None
+    except (ImageReadError, ValueError, TypeError) as exc:
+        if on_error == "raise":
+            raise
+        errors.append((name, str(exc)))
+        return None
 
 
 def save_image(path: PathLike, image: np.ndarray) -> Path:

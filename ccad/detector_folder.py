@@ -1,0 +1,163 @@
+"""The folder a detector is saved in, and how it is written and read back.
+
+A detector folder holds ``config.json`` (the :class:`~ccad.detector_config.DetectorConfig`), the
+feature bank (``bank.safetensors``), the method's own files (its ``save`` / ``load`` hooks), the
+fusion memory when ``scoring.fusion`` is ``"bank"``, ``calibration.json``, ``info.json`` and a
+Hub model card (``README.md``). :class:`ccad.detector.AnomalyDetector` calls
+:func:`write_folder` from ``save_pretrained`` and :func:`read_folder` from ``load_folder``; every
+unreadable or corrupt file is a :class:`~ccad.errors.CheckpointError` naming it.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .config import ConfigError
+from .detector_config import DetectorConfig
+from .errors import CheckpointError
+from .methods import Context, get_method
+from .scoring.threshold import Calibration
+
+__all__ = ["FILES", "check_weight_files", "default_device", "model_card_text", "read_folder",
+           "write_calibration", "write_folder"]
+
+FILES = {
+    "config": "config.json",
+    "calibration": "calibration.json",
+    "info": "info.json",
+}
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else the CPU: where a detector runs unless it is told otherwise."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def write_calibration(folder: str | Path, calibration: Calibration) -> None:
+    """Write ``calibration.json`` (the threshold and its statistics) into a detector folder."""
+    Path(folder, FILES["calibration"]).write_text(json.dumps(calibration.to_dict(), indent=1))
+
+
+def write_folder(detector: Any, save_directory: str | Path) -> None:
+    """Write an :class:`~ccad.detector.AnomalyDetector` into ``save_directory``: config, bank, the
+    method's files, the fusion memory, calibration, info and the model card. An unusable
+    (non-finite) calibration is refused before anything is written."""
+    save_directory = Path(save_directory)
+    if detector.calibration is not None:
+        try:
+            detector.calibration.check_finite()
+        except ValueError as exc:  # nothing is written: a NaN threshold would read every image as good
+            raise ValueError(f"{save_directory}: not saved: the calibration is not usable ({exc}); "
+                             f"re-calibrate on readable good images") from None
+    save_directory.mkdir(parents=True, exist_ok=True)
+    detector.config.save(save_directory / FILES["config"])
+    if detector.bank is not None:
+        detector.bank.save(save_directory)
+    detector.method.save(save_directory)
+    if detector.fusion is not None:
+        detector.fusion.save(save_directory)
+    if detector.calibration is not None:
+        write_calibration(save_directory, detector.calibration)
+    elif (save_directory / FILES["calibration"]).is_file():  # never leave another model's threshold behind
+        (save_directory / FILES["calibration"]).unlink()
+    info = dict(detector.info)
+    info.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    info["ccad_version"] = __version__
+    (save_directory / FILES["info"]).write_text(json.dumps(info, indent=2, default=float))
+    (save_directory / "README.md").write_text(model_card_text(detector.card()))
+
+
+def read_folder(path: str | Path, device: Any = None) -> dict[str, Any]:
+    """Read a detector folder written by :func:`write_folder`: the keyword arguments of
+    :class:`~ccad.detector.AnomalyDetector` (``config``, ``bank``, ``method``, ``calibration``,
+    ``info``, ``device``, ``fusion``). Every weight file is checked before anything is built."""
+    from safetensors import SafetensorError
+
+    from .features import FeatureBank
+
+    path = Path(path)
+    if not (path / FILES["config"]).is_file():
+        raise CheckpointError(f"{path}: not a ccad model folder (no {FILES['config']})")
+    try:
+        config = DetectorConfig.load(path / FILES["config"])
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+    mcls = get_method(config.variant)
+    check_weight_files(path)  # a truncated or corrupted safetensors file is named before anything is built
+    bank = None
+    if (path / "bank.safetensors").is_file():
+        try:
+            bank = FeatureBank.load(path)
+        except Exception as exc:  # noqa: BLE001 - any reader error is a checkpoint problem
+            raise CheckpointError(f"{path}: cannot read the feature bank ({exc})") from None
+    elif mcls.uses_bank:
+        raise CheckpointError(f"{path}: a {config.variant} detector needs its feature bank (bank.safetensors)")
+    dev = torch.device(device) if device is not None else default_device()
+    ctx = Context(image_size=config.image_size, device=dev, bank_config=config.bank, scoring=config.scoring,
+                  bank=bank)
+    try:
+        method = mcls.load(path, config.method, ctx)
+    except (SafetensorError, RuntimeError, OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path}: cannot read the {config.variant} weights ({exc})") from None
+    calibration = None
+    if (path / FILES["calibration"]).is_file():
+        try:
+            calibration = Calibration.from_dict(json.loads((path / FILES["calibration"]).read_text()))
+            calibration.check_finite()
+        except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{path / FILES['calibration']}: {exc}; re-calibrate the model "
+                                  f"(ccad calibrate MODEL --good FOLDER)") from None
+    fusion = None
+    if config.scoring.fusion == "bank":
+        from .scoring.fusion import BankFusion, bank_backbone
+
+        try:
+            fusion = BankFusion.load(path, bank_backbone(config.bank, dev))
+        except (FileNotFoundError, OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path}: cannot read the fusion memory ({exc})") from None
+    info = {}
+    if (path / FILES["info"]).is_file():
+        try:
+            info = json.loads((path / FILES["info"]).read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path / FILES['info']}: {exc}") from None
+    return {"config": config, "bank": bank, "method": method, "calibration": calibration, "info": info,
+            "device": dev, "fusion": fusion}
+
+
+def check_weight_files(folder: str | Path) -> None:
+    """Read every ``*.safetensors`` file under a model folder and refuse a truncated or corrupt one,
+    or one holding NaN / inf weights, with a :class:`CheckpointError` naming the file (and tensor)."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(Path(folder).rglob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for key in fh.keys():
+                    t = fh.get_tensor(key)
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        bad = int((~torch.isfinite(t)).sum())
+                        raise CheckpointError(f"{f}: tensor {key!r} holds {bad} NaN/inf value(s) of {t.numel()}: "
+                                              f"the file is corrupt; re-download or re-train the model")
+        except CheckpointError:
+            raise
+        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"{f}: cannot read the weights: not a readable safetensors file (truncated or "
+                                  f"corrupt: {exc}); "
+                                  f"re-download or re-train the model") from None
+
+
+def model_card_text(card: dict[str, Any]) -> str:
+    """A Hub model card (YAML metadata + a table of the detector's facts)."""
+    rows = "\n".join(f"| {k} | {json.dumps(v, default=str)} |" for k, v in card.items())
+    return (
+        "---\nlibrary_name: ccad\ntags:\n- anomaly-detection\n- ccad\n- diffusion\nlicense: apache-2.0\n---\n\n"
+        f"# ccad detector: {card['title']}\n\n"
+        "Load it with `AnomalyDetector.from_pretrained(path_or_repo_id)` from the `ccad` package.\n\n"
+        f"| field | value |\n|---|---|\n{rows}\n"
+    )
