@@ -16,19 +16,10 @@ from typing import Any, Optional
 import gradio as gr
 
 from . import views
-from .controller import (
-    AGREE_HEADER,
-    FORM_HEADERS,
-    TABLE_HEADERS,
-    AppController,
-    Batch,
-    UserError,
-    default_variant,
-    form_options,
-    method_choices,
-    method_info,
-    settings_form,
-)
+from .batch import AGREE_HEADER, TABLE_HEADERS, Batch
+from .controller import AppController
+from .errors import UserError
+from .forms import FORM_HEADERS, default_variant, form_options, method_choices, method_info, settings_form
 from .state import SAMPLES_DIR, default_state_dir
 
 MAX_FILE_SIZE = "200mb"
