@@ -13,7 +13,6 @@ from .. import views
 from ..batch import left_out_files, name_list
 from ..engine import ProgressFn
 from ..errors import UserError
-from ..paths import PathError, resolve_in_root
 from .base import ControllerBase
 
 
@@ -89,10 +88,7 @@ class BankMixin(ControllerBase):
         det = self._detector_no_activate(name) if name else None
         if det is None:
             raise UserError("no model selected to save")
-        try:
-            path = resolve_in_root(dest, self.data_root, must_exist=False)
-        except PathError as exc:
-            raise UserError(str(exc)) from None
+        path = self._in_root(dest, must_exist=False)
         if path.exists() and not path.is_dir():
             raise UserError(f"{dest}: exists and is not a folder")
         if what == "bank" and getattr(det, "bank", None) is None:

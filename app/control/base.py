@@ -53,6 +53,14 @@ class ControllerBase:
         self.registry.set_active(name)
         return det
 
+    def _in_root(self, path: Optional[str], kind: str = "folder", must_exist: bool = True) -> Path:
+        """``path`` resolved inside the data root (:func:`app.paths.resolve_in_root`); a path that
+        is empty, missing or outside it is a :class:`UserError` saying so."""
+        try:
+            return resolve_in_root(path or "", self.data_root, must_exist=must_exist, kind=kind)
+        except PathError as exc:
+            raise UserError(str(exc)) from None
+
     def _detector_no_activate(self, name: str) -> Any:
         det = self.registry.detector(name)
         if det is None:
@@ -87,10 +95,7 @@ class ControllerBase:
                 raise UserError(str(exc)) from None
             label = Path(str(zip_file)).name
         else:
-            try:
-                path = resolve_in_root(folder or "", self.data_root, kind="folder")
-            except PathError as exc:
-                raise UserError(str(exc)) from None
+            path = self._in_root(folder)
             label = folder or str(path)
         n = count_images(path)
         if n == 0:

@@ -12,7 +12,6 @@ from .. import views
 from ..batch import to_uint8
 from ..engine import ProgressFn
 from ..errors import UserError
-from ..paths import PathError, resolve_in_root
 from .base import ControllerBase
 
 ALL_IMAGES = "all images (pooled)"
@@ -62,10 +61,7 @@ class EvaluateMixin(ControllerBase):
                        progress: ProgressFn = None) -> dict[str, Any]:
         """Evaluate a model on a labelled dataset inside the data root (``ccad.evaluate``)."""
         det = self._detector(name)
-        try:
-            root = resolve_in_root(path, self.data_root, kind="any")
-        except PathError as exc:
-            raise UserError(str(exc)) from None
+        root = self._in_root(path, kind="any")
         try:
             samples = self.engine.load_dataset(str(root), split=split, layout=layout)
         except Exception as exc:

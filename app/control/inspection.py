@@ -17,7 +17,7 @@ from .. import views
 from ..batch import Batch, domain_text, name_list, relative_name, seconds_text, to_uint8, unique_names
 from ..engine import ProgressFn
 from ..errors import UserError
-from ..paths import PathError, extracted_zip, remove_stale, resolve_in_root
+from ..paths import PathError, extracted_zip, remove_stale
 from .base import ControllerBase
 
 
@@ -106,10 +106,7 @@ class InspectMixin(ControllerBase):
         from ccad.data.datasets import find_images, unsupported_reason
         from ccad.data.io import list_images
 
-        try:
-            path = resolve_in_root(folder, self.data_root, kind="folder")
-        except PathError as exc:
-            raise UserError(str(exc)) from None
+        path = self._in_root(folder)
 
         def inside(p: Path) -> bool:  # no links out of the data root
             return p.resolve() == self.data_root or self.data_root in p.resolve().parents

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -12,7 +12,7 @@ from .. import views
 from ..batch import Batch
 from ..errors import UserError
 from ..hub import is_hub_unreachable
-from ..paths import PathError, extracted_zip, resolve_in_root
+from ..paths import PathError, extracted_zip
 from .base import ControllerBase
 
 
@@ -59,10 +59,7 @@ class ModelsMixin(ControllerBase):
 
     def load_from_folder(self, folder: str) -> tuple[str, str]:
         """Load a saved model folder (confined to the data root)."""
-        try:
-            path = resolve_in_root(folder, self.data_root, kind="folder")
-        except PathError as exc:
-            raise UserError(str(exc)) from None
+        path = self._in_root(folder)
         if not (path / "config.json").is_file():
             raise UserError(f"{folder}: no config.json in this folder; pick a folder written by "
                             "save_pretrained / `ccad bank` / `ccad train`")
@@ -121,26 +118,29 @@ class ModelsMixin(ControllerBase):
         name = self.registry.add(f"{tag} ({det.variant})", det, f"hub {tag}")
         return name, f"Loaded {name} from the Hugging Face Hub."
 
-    def model_card(self, name: Optional[str]) -> str:
+    def _card(self, name: Optional[str]) -> tuple[Any, Any, str]:
+        """``(registry entry, its card, "")`` of model ``name``; ``(None, None, "")`` when it is not
+        loaded; ``(entry, None, message)`` when its card cannot be read."""
         entry = self.registry.get(name)
         if entry is None:
-            return views.card_markdown(None) + ("\n\n" + self.startup_message if self.startup_message else "")
+            return None, None, ""
         try:
-            card = entry.detector.card()
+            return entry, entry.detector.card(), ""
         except Exception as exc:
-            return f"**{name}**: the card could not be read ({exc})"
-        return views.card_markdown(card, entry.name, entry.source)
+            return entry, None, f"**{name}**: the card could not be read ({exc})"
+
+    def model_card(self, name: Optional[str]) -> str:
+        entry, card, problem = self._card(name)
+        if entry is None:
+            return views.card_markdown(None) + ("\n\n" + self.startup_message if self.startup_message else "")
+        return problem or views.card_markdown(card, entry.name, entry.source)
 
     def model_card_line(self, name: Optional[str]) -> str:
         """The card in one line (shown above the closed full-card accordion)."""
-        entry = self.registry.get(name)
+        entry, card, problem = self._card(name)
         if entry is None:
             return views.card_summary(None)
-        try:
-            card = entry.detector.card()
-        except Exception as exc:
-            return f"**{name}**: the card could not be read ({exc})"
-        return views.card_summary(card, entry.name)
+        return problem or views.card_summary(card, entry.name)
 
     def threshold_range(self, name: Optional[str], batch: Optional[Batch] = None) -> dict[str, float]:
         """Slider settings: the model's calibrated threshold and a range covering good and batch scores."""
