@@ -3,7 +3,7 @@ into ``ccad`` (``fit_detector``, ``train_detector``, ``AnomalyDetector``, ``eval
 
 Every public method turns a bad input into a :class:`UserError` (or a message) naming the file,
 folder or field; nothing a user does can raise out of a callback into the server. The Gradio
-wiring in :mod:`app.main` only adapts these results to components.
+wiring in :mod:`app.main` and :mod:`app.tabs` only adapts these results to components.
 
 :class:`AppController` is composed of one mixin per tab (:mod:`app.control`); the engine access is
 :mod:`app.engine`, the method settings forms :mod:`app.forms`, a session's results :mod:`app.batch`.

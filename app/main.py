@@ -2,7 +2,8 @@
 
 Layout: a model bar (model list, card, load from folder / zip / Hugging Face Hub) above five
 tabs: Inspect, Feature bank, Train, Evaluate and DAGM review. All computation is a call into
-``ccad`` through :class:`app.controller.AppController`; this module only wires components.
+``ccad`` through :class:`app.controller.AppController`. Each tab's components and events are a
+module of :mod:`app.tabs` (``layout`` / ``wire``); this module composes them and serves the app.
 Every interactive component has a stable ``elem_id`` (used by the browser tests and by users'
 own automation).
 """
