@@ -365,7 +365,7 @@ def test_training_job_runs_in_background_one_at_a_time(ctl: AppController, root:
 
 
 def test_train_tab_lists_the_registry_and_reads_each_method(ctl: AppController) -> None:
-    from app.controller import default_variant, method_choices, method_info, trainable_variants
+    from app.forms import default_variant, method_choices, method_info, trainable_variants
     from ccad.methods import get_method, method_names
 
     expected = [n for n in method_names() if get_method(n).trainable]
@@ -632,7 +632,7 @@ def test_evaluation_of_a_multi_class_model_rows_per_category_and_curves(ctl: App
     from ccad.data.sample import Sample
     from ccad.evaluate import evaluate
 
-    from app.controller import ALL_IMAGES, EVERY_CATEGORY
+    from app.control.evaluation import ALL_IMAGES, EVERY_CATEGORY
 
     (root / "ds").mkdir()
     samples = []
@@ -673,8 +673,9 @@ def test_settings_form_is_generated_from_each_methods_config(ctl: AppController,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     import dataclasses
 
-    from app import controller as appc
-    from app.controller import FORM_SKIP, form_options, method_config, settings_form, trainable_variants
+    from app import forms
+    from app.control import training
+    from app.forms import FORM_SKIP, form_options, method_config, settings_form, trainable_variants
     from ccad.config import option_help
     from ccad.methods import get_method
 
@@ -696,7 +697,7 @@ def test_settings_form_is_generated_from_each_methods_config(ctl: AppController,
             assert opts == f"{row[0]}={int(row[2]) + 1}"
             try:
                 cfg = method_config(name, None, opts)
-            except appc.UserError as exc:
+            except UserError as exc:
                 assert "method." in str(exc)  # refused naming a field, never a traceback
                 row[3] = row[2]
                 continue
@@ -711,16 +712,16 @@ def test_settings_form_is_generated_from_each_methods_config(ctl: AppController,
 
     rows = settings_form("ccad-v")
     rows[0][3] = "bogus"
-    assert form_options(pd.DataFrame(rows, columns=appc.FORM_HEADERS)).startswith(f"{rows[0][0]}=bogus")
+    assert form_options(pd.DataFrame(rows, columns=forms.FORM_HEADERS)).startswith(f"{rows[0][0]}=bogus")
     # CPU defaults: the smallest preset and a small image; GPU: the method's own defaults
-    monkeypatch.setattr(appc, "cuda_available", lambda: False)
+    monkeypatch.setattr(training, "cuda_available", lambda: False)
     for name, _ in trainable_variants():
         mcls, d = get_method(name), ctl.default_train_settings(name)
-        assert d["device"] == "cpu" and d["image_size"] == min(mcls.default_image_size, appc.CPU_MAX_IMAGE_SIZE)
+        assert d["device"] == "cpu" and d["image_size"] == min(mcls.default_image_size, training.CPU_MAX_IMAGE_SIZE)
         if getattr(mcls.default_config(), "preset", None) is not None:
             assert d["preset"] == "tiny"
         assert d["steps"] <= 500
-    monkeypatch.setattr(appc, "cuda_available", lambda: True)
+    monkeypatch.setattr(training, "cuda_available", lambda: True)
     for name, _ in trainable_variants():
         mcls, d = get_method(name), ctl.default_train_settings(name)
         assert d["device"] == "cuda" and d["image_size"] == mcls.default_image_size

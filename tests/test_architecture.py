@@ -1,30 +1,36 @@
 """The package's layers import downward only: no import circle between ccad's rooms (its
-subpackages and top-level modules), counting function-level imports too (issue 15)."""
+subpackages and top-level modules), nor between the app's modules, counting function-level
+imports too (issue 15)."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 from pathlib import Path
 
+import app.controller
 import ccad
 
 ROOT = Path(ccad.__file__).parent
+APP = Path(app.controller.__file__).parent
 
 
-def _room(module: str) -> str | None:
+def _room(module: str, top: str = "ccad") -> str | None:
     parts = module.split(".")
-    return parts[1] if parts[0] == "ccad" and len(parts) > 1 else None
+    return parts[1] if parts[0] == top and len(parts) > 1 else None
 
 
 def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
     """Room -> rooms it imports (``ccad.features.bank`` is room ``features``; ``ccad.pipeline`` is
-    ``pipeline``); relative imports resolved against the importing file's package."""
+    ``pipeline``); relative imports resolved against the importing file's package. The rooms are
+    those of the package at ``root`` (``ccad`` or ``app``)."""
+    top = root.name
     graph: dict[str, set[str]] = {}
     for f in root.rglob("*.py"):
         rel = f.relative_to(root.parent).with_suffix("").parts
         package = rel[:-1]  # the package a relative import starts from
         if f.name == "__init__.py":
             rel = rel[:-1]
-        src = _room(".".join(rel))
+        src = _room(".".join(rel), top)
         if src is None:
             continue
         for node in ast.walk(ast.parse(f.read_text())):
@@ -33,11 +39,11 @@ def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom):
                 base = list(package[: len(package) - node.level + 1]) if node.level else []
                 module = ".".join(base + ([node.module] if node.module else []))
-                targets = [f"{module}.{a.name}" for a in node.names] if module == "ccad" else [module]
+                targets = [f"{module}.{a.name}" for a in node.names] if module == top else [module]
             else:
                 continue
             for t in targets:
-                dst = _room(t)
+                dst = _room(t, top)
                 if dst and dst != src:
                     graph.setdefault(src, set()).add(dst)
     return graph
@@ -98,3 +104,27 @@ def test_the_detector_and_the_data_layer_sit_below_what_uses_them():
     assert "pipeline" not in graph.get("detector", set())
     assert "features" not in graph.get("data", set())
     assert not graph.get("errors")  # exceptions shared by every layer import nothing of ccad
+
+
+def test_the_app_has_no_import_circle_and_ccad_never_imports_it():
+    graph = import_graph(APP)
+    assert {"controller", "control", "main", "forms"} <= set(graph)
+    assert circles(graph) == []
+    # the engine sits below the app: nothing in ccad imports app
+    for f in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            assert not any(n == "app" or n.startswith("app.") for n in names), f
+
+
+def test_the_apps_lazy_engine_entry_points_exist():
+    """The app imports its ``ccad`` entry points on first use: a moved function must fail here,
+    not on a user's first click."""
+    import importlib
+
+    from app.engine import DEFAULTS, Engine
+
+    assert set(DEFAULTS) <= {f.name for f in dataclasses.fields(Engine)}
+    for attr, (module, name) in DEFAULTS.items():
+        assert callable(getattr(importlib.import_module(module), name, None)), f"Engine.{attr}: {module}.{name}"

@@ -169,7 +169,7 @@ def test_train_tab_method_dropdown_from_the_registry(app_env: dict[str, Any]) ->
     """The Method dropdown lists the registry's trainable methods by title; picking one shows its
     description, preset and image size, and the Autoencoder box exactly for configs that have one;
     a bad advanced option is refused with the field named and no job starts."""
-    from app.controller import method_info, trainable_variants
+    from app.forms import method_info, trainable_variants
 
     infos = [method_info(n) for n, _ in trainable_variants()]
     latent = next((i for i in infos if i["has_autoencoder"]), None)
@@ -279,7 +279,7 @@ def test_evaluate_multi_class_rows_and_per_category_curves(app_env: dict[str, An
 
 
 def test_train_tab_settings_form_from_the_config(app_env: dict[str, Any]) -> None:
-    from app.controller import method_info, settings_form, trainable_variants
+    from app.forms import method_info, settings_form, trainable_variants
 
     infos = [method_info(n) for n, _ in trainable_variants()]
     latent = next((i for i in infos if i["has_autoencoder"]), None)

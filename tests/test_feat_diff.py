@@ -21,7 +21,7 @@ def test_registered_multi_class_and_listed_for_the_app():
     assert "feat-diff" in method_names()
     m = get_method("feat-diff")
     assert m.multi_class and m.trainable and m.space == "feature"
-    from app.controller import trainable_variants
+    from app.forms import trainable_variants
 
     assert "feat-diff" in [n for n, _ in trainable_variants()]
 

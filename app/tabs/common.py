@@ -1,0 +1,40 @@
+"""What every tab's UI shares: the inspection queue group, the error line, collecting a layout's
+components by name, and the good-image inputs (a server folder or a zip)."""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+from typing import Any
+
+import gradio as gr
+
+from ..errors import UserError
+
+# Model calls (Inspect button, sample click, Inspect folder) share one queue group run one at a time:
+# with many users they are served strictly in arrival order (Gradio's queue is FIFO per group), a model
+# never runs twice at once (no CPU-thread / GPU-memory contention, no thread-safety question), and
+# requests beyond the limit wait in the queue instead of failing. Light events (threshold, table
+# rows, timer ticks) keep the default group of CONCURRENCY_LIMIT, so they never wait behind inspections.
+# CCAD_APP_INSPECT_CONCURRENCY raises it (e.g. a GPU that serves two batches at once).
+INSPECT_CONCURRENCY = int(os.environ.get("CCAD_APP_INSPECT_CONCURRENCY", "1"))
+
+
+def error_text(exc: BaseException) -> str:
+    """The line a callback shows for an error: a :class:`UserError` as is, anything else named."""
+    if isinstance(exc, UserError):
+        return f"⚠️ {exc}"
+    return f"⚠️ Unexpected error ({type(exc).__name__}): {exc}"
+
+
+def blocks(scope: dict[str, Any]) -> SimpleNamespace:
+    """The Gradio blocks among a layout function's locals, by variable name."""
+    return SimpleNamespace(**{k: v for k, v in scope.items() if isinstance(v, gr.blocks.Block)})
+
+
+def good_images_inputs(data_root: Any, prefix: str) -> tuple[gr.Textbox, gr.File]:
+    """A folder box (inside ``data_root``) and a zip upload for a set of good images; element ids
+    ``<prefix>-folder`` and ``<prefix>-zip``."""
+    folder = gr.Textbox(label=f"Folder of good images (inside {data_root})", elem_id=f"{prefix}-folder")
+    zip_file = gr.File(label="...or upload a zip of good images", file_types=[".zip"], type="filepath",
+                       elem_id=f"{prefix}-zip")
+    return folder, zip_file
