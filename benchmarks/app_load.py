@@ -245,7 +245,7 @@ def run_client(ep: InspectEndpoint, image: Path, barrier: Optional[threading.Bar
                             rec["finish"] = now()
                             out = msg.get("output") or {}
                             if not msg.get("success", False):
-                                rec.update(status="failed", error=str(out.get("error"))[:200])
+                                rec.update(status="failed", error=str(out.get("error") or msg)[:400])
                                 return rec
                             data = out.get("data") or []
                             status_md, shown = ep.output(data, "inspect-status"), ep.output(data, "inspect-file")

@@ -55,7 +55,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap = make_parser("peak_memory", __doc__)
     ap.add_argument("--code", default=str(ROOT), help="checkout whose ccad is run (PYTHONPATH)")
     ap.add_argument("--model", default=str(ROOT / "checkpoints" / "demo"))
-    ap.add_argument("--side", type=int, default=8000)
+    ap.add_argument("--side", type=int, default=8000, help="the big images' side (0: the sample image only)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure this image only
     a = parse(ap, argv)
     if a.one:
@@ -64,7 +64,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     out = JsonLines(a.json)
     rows = out.rows
     with tempfile.TemporaryDirectory(prefix="ccad-peak-img-") as tmp:
-        images = [ROOT / "assets" / "samples" / "good_1.png", *write_images(Path(tmp), a.side)]
+        images = [ROOT / "assets" / "samples" / "good_1.png", *(write_images(Path(tmp), a.side) if a.side else [])]
         for im in images:  # one measuring process per image: ru_maxrss is a running maximum
             r = subprocess.run([sys.executable, "-m", "benchmarks", "peak_memory", "--code", a.code, "--model",
                                 a.model, "--one", str(im)], capture_output=True, text=True, check=True, cwd=ROOT)

@@ -461,7 +461,8 @@ def bench_latency(a: argparse.Namespace, out: JsonLines) -> list[dict[str, Any]]
 
     ae = a.autoencoder or default_autoencoder()
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    train = load_csv_manifest(a.data, split="train")[:: max(1, 762 // a.n_train)][: a.n_train]
+    train = load_csv_manifest(a.data, split="train")  # every k-th good train image (MTD: 762 // n_train)
+    train = train[:: max(1, len(train) // a.n_train)][: a.n_train]
     test = load_csv_manifest(a.data, split="test")
     test = test[:: max(1, len(test) // 8)][:8]
     images = [load_image(s.image_path) for s in test]
