@@ -6,7 +6,8 @@ network, no GPU) and must exit 0 and append parseable JSON lines with the fields
 results (benchmarks/results/*.jsonl) carry. They run in this process through
 :func:`benchmarks.run` (the dispatcher ``python -m benchmarks`` calls), with ``--threads 1``; the
 dispatcher itself runs once as a subprocess. The experiments are checked to import and parse
-their arguments, and two of them (levers, fusion_grid) run on the models the mtd smoke run saved.
+their arguments, and three of them (levers, fusion_grid, latent_diagnostics) run on the models
+the mtd smoke run saved (ablations trains four methods: too slow for a smoke test).
 """
 from __future__ import annotations
 
@@ -125,6 +126,10 @@ def test_experiments_rescore_the_saved_mtd_models(mtd_run, manifest, tmp_path):
     grid = run("experiments.fusion_grid", *common, out=tmp_path / "grid.jsonl")
     assert sum(r["chosen"] for r in grid) == 1
     assert all({"norm", "weight_of_method_map", "synthetic", "test", "settings"} <= set(r) for r in grid)
+    (diag,) = run("experiments.latent_diagnostics", str(work / "deco-diff" / "model"), "--data", str(manifest),
+                  "--n", "4", out=tmp_path / "diag.jsonl")
+    assert diag["variant"] == "deco-diff" and diag["n_good"] == 4
+    assert {"ae_err", "rec_err", "rec_vs_ae", "latent_dev", "map_p99", "calibration_scores"} <= set(diag)
 
 
 def test_multiclass(tmp_path):
