@@ -1,7 +1,7 @@
 """The app under load: N concurrent sessions inspect one image each through Gradio's HTTP queue API.
 
-    python benchmarks/app_load.py                              # 20 clients, the bundled demo model
-    python benchmarks/app_load.py --n 40 --model path/to/model --json benchmarks/results/app-load-cpu.jsonl
+    python -m benchmarks app_load                              # 20 clients, the bundled demo model
+    python -m benchmarks app_load --n 40 --model path/to/model --json benchmarks/results/app-load-cpu.jsonl
 
 Starts ``ccad app`` (the real launch path: ``app.main.launch``, its ``demo.queue`` settings) in a
 subprocess on a free 127.0.0.1 port, waits for it, sends one warm-up inspection, then starts N
@@ -30,7 +30,6 @@ inflated by other processes: the load average before and after is recorded.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -47,7 +46,8 @@ from typing import Any, Optional
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.common import ROOT, JsonLines, make_parser, parse
+
 SAMPLES = ROOT / "assets" / "samples"
 
 
@@ -97,7 +97,6 @@ def sample_images(src: Optional[str], n: int, workdir: Path) -> list[Path]:
     folder = Path(src) if src else SAMPLES
     pool = sorted(p for p in folder.glob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".tif"})
     if not pool:
-        sys.path.insert(0, str(ROOT))
         from ccad.data.synthetic import write_dataset
 
         ds = write_dataset(workdir / "synth", kinds=("fibrous",), n_train=1, n_test_good=4, n_test_defect=4,
@@ -246,7 +245,7 @@ def run_client(ep: InspectEndpoint, image: Path, barrier: Optional[threading.Bar
                             rec["finish"] = now()
                             out = msg.get("output") or {}
                             if not msg.get("success", False):
-                                rec.update(status="failed", error=str(out.get("error"))[:200])
+                                rec.update(status="failed", error=str(out.get("error") or msg)[:400])
                                 return rec
                             data = out.get("data") or []
                             status_md, shown = ep.output(data, "inspect-status"), ep.output(data, "inspect-file")
@@ -321,8 +320,7 @@ def table(recs: list[dict[str, Any]]) -> str:
 # ----------------------------------------------------------------------------------------- main
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = make_parser("app_load", __doc__, json_help="append the JSON line to this file")
     ap.add_argument("--n", type=int, default=20, help="concurrent client sessions")
     ap.add_argument("--model", default=None, help="model folder or Hub id for the app (default: the bundled demo)")
     ap.add_argument("--images", default=None, help="folder of images to cycle over (default: assets/samples)")
@@ -331,9 +329,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the app to answer")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds a client waits for its result")
     ap.add_argument("--no-warmup", action="store_true", help="skip the warm-up inspection before the burst")
-    ap.add_argument("--json", default=None, help="append the JSON line to this file")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (server log, request images)")
-    a = ap.parse_args(argv)
+    a = parse(ap, argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="ccad-app-load-"))
     images = sample_images(a.images, a.n + 2, workdir)
@@ -393,15 +390,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             print(f"work folder kept: {workdir}", file=sys.stderr)
-    line = json.dumps(result)
-    print(line)
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(a.json, "a") as f:
-            f.write(line + "\n")
+    JsonLines(a.json).emit(result)
     good = (result.get("ok") == a.n and result.get("server_alive") and result.get("order_violations") == 0)
     return 0 if good else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,20 +12,21 @@ Prints one JSON line per size (keys ``n_images``, ``seconds``, ``peak_ram_mb``, 
 
 Usage::
 
-    python benchmarks/bank_scaling.py                       # 100, 1000, 10000 images at 64 px
-    python benchmarks/bank_scaling.py --image-size 128 --sizes 100 1000
+    python -m benchmarks bank_scaling                       # 100, 1000, 10000 images at 64 px
+    python -m benchmarks bank_scaling --image-size 128 --sizes 100 1000
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Optional
+
+from benchmarks.common import ROOT, JsonLines, make_parser, parse
 
 if TYPE_CHECKING:
     import torch
@@ -103,16 +104,16 @@ def worker(args: argparse.Namespace) -> dict:
     }
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = make_parser("bank_scaling", __doc__, threads=2)
     ap.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10000])
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--xi", type=int, default=200)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = parse(ap, argv)
+    args.threads = args.threads if args.threads is not None else 2
 
     if args.worker is not None:
         print(json.dumps(worker(args)))
@@ -128,19 +129,19 @@ def main() -> int:
         "device": "cpu",
         "data": "synthetic textures generated on the fly (numpy), never stored",
     }
-    rows = []
-    for n in args.sizes:
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", str(n),
+    out_rows = JsonLines(args.json)
+    rows = out_rows.rows
+    for n in args.sizes:  # the worker: this benchmark in a fresh process (cwd: the repo root, for -m)
+        cmd = [sys.executable, "-m", "benchmarks", "bank_scaling", "--worker", str(n),
                "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
                "--xi", str(args.xi), "--threads", str(args.threads), "--seed", str(args.seed)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if out.returncode != 0:
             sys.stderr.write(out.stderr)
             return out.returncode
         row = json.loads(out.stdout.strip().splitlines()[-1])
         row["settings"] = settings
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        out_rows.emit(row)
 
     print()
     print(f"{'images':>8} {'seconds':>9} {'img/s':>7} {'peak RSS MB':>12} {'build growth MB':>16} "
@@ -150,7 +151,3 @@ def main() -> int:
               f"{r['peak_ram_mb']:>12.1f} {r['build_growth_mb']:>16.1f} {r['n_patches']:>10} "
               f"{r['reductions']:>10}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

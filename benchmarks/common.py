@@ -14,7 +14,9 @@ spec with ``--autoencoder``). Thresholds come from a held-out slice of the good 
 """
 from __future__ import annotations
 
+import argparse
 import copy
+import json
 import os
 import sys
 import threading
@@ -22,16 +24,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
+# torch and ccad are imported where they are used: a benchmark that measures memory (metrics_speed,
+# peak_memory's children) or only drives a server (app_load) must not pay for them at import.
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from ccad.config import set_option  # noqa: E402
-from ccad.methods import get_method  # noqa: E402
-from ccad.pipeline import fit_detector, train_detector  # noqa: E402
-from ccad.training import TrainConfig  # noqa: E402
 
 LATENT_TAG = "{autoencoder}"  # placeholder in the table, replaced by the resolved spec
 
@@ -150,6 +146,9 @@ def settings_for(name: str, mode: str, autoencoder: str, overrides: Optional[dic
 
 def method_configs(name: str, s: dict[str, Any]) -> tuple[Any, Any]:
     """(method config, scoring config) from a settings row, through ``set_option``."""
+    from ccad.config import set_option
+    from ccad.methods import get_method
+
     mcls = get_method(name)
     cfg = mcls.default_config()
     if s.get("preset") is not None:
@@ -174,6 +173,10 @@ def build_detector(name: str, train: list, s: dict[str, Any], run_dir: Path, cal
     method's map is fused with a nearest-neighbour map (``fusion_memory``: a fitted
     ``PatchCoreScorer`` of the same training images to reuse, e.g. the PatchCore row's).
     """
+    from ccad.methods import get_method
+    from ccad.pipeline import fit_detector, train_detector
+    from ccad.training import TrainConfig
+
     mcls = get_method(name)
     cfg, scoring = method_configs(name, s)
     bank_kw = {k: s[k] for k in ("bank_size", "backbone", "layers") if s.get(k) is not None}
@@ -221,6 +224,8 @@ class PeakRSS:
         self.proc, self.every, self.peak, self._stop = psutil.Process(), every, 0, threading.Event()
 
     def __enter__(self) -> "PeakRSS":
+        import torch
+
         self.peak = self.proc.memory_info().rss
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
@@ -243,12 +248,16 @@ class PeakRSS:
 
 
 def peak_vram_mb() -> float:
+    import torch
+
     return round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else 0.0
 
 
 def machine() -> dict[str, Any]:
     """Device name, CPU count, torch version, and the 1/5/15-minute load average now."""
     import platform
+
+    import torch
 
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or 'x86_64'})"
     load = [round(x, 2) for x in os.getloadavg()]
@@ -273,13 +282,13 @@ MTD_SPLIT = ROOT.parent / "shared" / "data" / "mtd" / "split.csv"
 
 
 def add_saved_model_args(ap: Any, what: str = "trained models") -> None:
-    """The arguments of a tool that re-scores the models a ``benchmarks/mtd.py --workdir`` saved."""
-    ap.add_argument("--workdir", required=True, help=f"a benchmarks/mtd.py --workdir with {what}")
+    """The arguments of a tool that re-scores the models a ``python -m benchmarks mtd --workdir`` saved
+    (``--json`` and ``--threads`` come from :func:`make_parser`)."""
+    ap.add_argument("--workdir", required=True, help=f"a `python -m benchmarks mtd --workdir` with {what}")
     ap.add_argument("--methods", required=True, help="comma-separated method folders in WORKDIR")
     ap.add_argument("--data", default=str(MTD_SPLIT), help="MTD split.csv")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--subset", type=int, default=None, help="as mtd.py --subset (for a smoke run's workdir)")
-    ap.add_argument("--json", default=None, help="append the JSON lines to this file")
+    ap.add_argument("--subset", type=int, default=None, help="as mtd --subset (for a smoke run's workdir)")
 
 
 def saved_model_split(data: str, subset: Optional[int] = None) -> tuple[list, list]:
@@ -307,3 +316,83 @@ def parse_options(items: list[str]) -> dict[str, dict[str, str]]:
         method, _, key = head.rpartition(":")
         out.setdefault(method or "*", {})[key] = value
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The shared command line and the one JSON-lines writer
+# ------------------------------------------------------------------------------------------------
+ALL_CORES = "all"  # make_parser(threads=ALL_CORES): torch.set_num_threads(os.cpu_count())
+
+
+def make_parser(name: str, doc: Optional[str], *, quick: Optional[str] = None, workdir: Optional[str] = None,
+                autoencoder: bool = False, device: bool = False, threads: Any = None,
+                json_help: str = "also append the JSON lines to this file") -> argparse.ArgumentParser:
+    """The argument parser every benchmark starts from: ``--json PATH`` always (append the JSON lines
+    there, see :class:`JsonLines`) and ``--threads N`` (``torch.set_num_threads``; default
+    ``threads``: a number, :data:`ALL_CORES`, or None = torch's own); the shared options a
+    benchmark opts into: ``--quick`` (help text ``quick``), ``--workdir`` (help ``workdir``),
+    ``--autoencoder`` (the latent methods' autoencoder spec) and ``--device``. Each benchmark then
+    adds only its own arguments. ``prog`` is ``python -m benchmarks NAME``."""
+    ap = argparse.ArgumentParser(prog=f"python -m benchmarks {name}", description=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", default=None, metavar="PATH", help=json_help)
+    default = "all cores" if threads == ALL_CORES else (threads if threads is not None else "torch's own")
+    ap.add_argument("--threads", type=int, default=None, help=f"torch.set_num_threads (default: {default})")
+    ap.set_defaults(_threads_default=threads)
+    if quick is not None:
+        ap.add_argument("--quick", action="store_true", help=quick)
+    if workdir is not None:
+        ap.add_argument("--workdir", default=None, help=workdir)
+    if autoencoder:
+        ap.add_argument("--autoencoder", default=None,
+                        help="latent methods' autoencoder spec (default taef2:../shared/weights, or "
+                             "taef2:.device/weights)")
+    if device:
+        ap.add_argument("--device", default=None, help="default cuda when available, else cpu")
+    return ap
+
+
+def parse(ap: argparse.ArgumentParser, argv: Optional[list[str]]) -> argparse.Namespace:
+    """``ap.parse_args(argv)``, then the thread count (``--threads`` or the parser's default)."""
+    a = ap.parse_args(argv)
+    n = a.threads if a.threads is not None else a._threads_default
+    if n == ALL_CORES:
+        n = max(1, os.cpu_count() or 1)
+    if n is not None:
+        import torch
+
+        torch.set_num_threads(int(n))
+    return a
+
+
+def command(name: str, argv: Optional[list[str]]) -> str:
+    """The command line a row records: ``python -m benchmarks NAME ARGS``."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if argv is None and args[:1] == [name]:
+        args = args[1:]
+    return " ".join(["python -m benchmarks", name, *args])
+
+
+class JsonLines:
+    """The one JSON writer: :meth:`emit` prints a row as one JSON line on stdout (flushed) and, with
+    a path, appends it to that file at once (parent folders created), so a long run keeps every
+    row it finished and two runs into one file add up (delete the file first for a fresh one).
+    Values JSON cannot encode are written with ``default`` (``str`` unless told)."""
+
+    def __init__(self, path: Optional[str], default: Any = str) -> None:
+        self.path = Path(path) if path else None
+        self.default = default
+        self.rows: list[dict[str, Any]] = []
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def emit(self, row: dict[str, Any], echo: bool = True) -> None:
+        """Print ``row`` (unless ``echo`` is False: a benchmark that printed its progress already)
+        and append it to the file."""
+        line = json.dumps(row, default=self.default)
+        if echo:
+            print(line, flush=True)
+        self.rows.append(row)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")

@@ -1,8 +1,8 @@
 """DAGM re-labelling benchmark: how close are proposed masks and DAGM ellipses to the truth?
 
-    python benchmarks/dagm_relabel.py            # 5 textures x 4 defects x 3 = 60 images, 256 px
-    python benchmarks/dagm_relabel.py --quick    # 2 textures x 4 defects x 1, 128 px, no detector
-    python benchmarks/dagm_relabel.py --detector none
+    python -m benchmarks dagm_relabel            # 5 textures x 4 defects x 3 = 60 images, 256 px
+    python -m benchmarks dagm_relabel --quick    # 2 textures x 4 defects x 1, 128 px, no detector
+    python -m benchmarks dagm_relabel --detector none
 
 Generates the synthetic DAGM-style set (``ccad.data.synthetic.write_dataset(layout="dagm")``:
 the published DAGM layout with ellipse weak labels in ``Label/`` and the exact masks in
@@ -23,20 +23,16 @@ settings) and then a per-texture / per-defect table. ``seconds_per_image`` is th
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from ccad.data.synthetic import DEFECTS, TEXTURES, write_dataset  # noqa: E402
-from ccad.relabel import ProposalSettings, ReviewSession, _otsu, mask_iou, propose_mask  # noqa: E402
+from benchmarks.common import JsonLines, make_parser, parse
+from ccad.data.synthetic import DEFECTS, TEXTURES, write_dataset
+from ccad.relabel import ProposalSettings, ReviewSession, _otsu, mask_iou, propose_mask
 
 
 def _fit_detectors(root: Path, classes: list[str], size: int, seed: int) -> dict[str, object]:
@@ -58,8 +54,9 @@ def _map_otsu(amap: np.ndarray, ellipse: np.ndarray) -> np.ndarray:
     return (amap > t) & ellipse
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = make_parser("dagm_relabel", __doc__, quick="2 textures x 4 defects x 1 image, 128 px, no detector",
+                     threads=None)
     ap.add_argument("--kinds", nargs="+", default=list(TEXTURES), choices=TEXTURES)
     ap.add_argument("--defects", nargs="+", default=list(DEFECTS), choices=DEFECTS)
     ap.add_argument("--n-defect", type=int, default=3, help="test images per texture and defect")
@@ -68,14 +65,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--detector", choices=["patchcore", "none"], default="patchcore")
     ap.add_argument("--out", type=Path, default=None, help="dataset folder (default: a temp dir)")
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args(argv)
+    args = parse(ap, argv)
     if args.quick:
         args.kinds, args.n_defect, args.size, args.detector = args.kinds[:2], 1, 128, "none"
 
     import torch
 
-    torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+    if args.threads is None:
+        torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     tmp = Path(tempfile.mkdtemp(prefix="dagm-relabel-"))
     root = args.out or tmp / "dagm"
     t0 = time.perf_counter()
@@ -142,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "detector_fit_seconds": round(fit_s, 1), "generate_seconds": round(gen_s, 1),
                      "torch_threads": torch.get_num_threads()},
     }
-    print(json.dumps(result))
+    JsonLines(args.json).emit(result)
     print()
     cols = ["ellipse", "proposal", "image_only", "no_grabcut"] + (["map_otsu"] if detectors else [])
     print(f"{'group':<18}{'n':>4}" + "".join(f"{c:>12}" for c in cols))
@@ -152,8 +149,4 @@ def main(argv: list[str] | None = None) -> dict:
     for name, sel in groups:
         if sel:
             print(f"{name:<18}{len(sel):>4}" + "".join(f"{mean(c, sel):>12.3f}" for c in cols))
-    return result
-
-
-if __name__ == "__main__":
-    main()
+    return 0

@@ -12,18 +12,18 @@ each pixel metric on its own (each call sorts all pixels once) and the combined
 ``total_s`` is the combined call (what ``compute_metrics`` pays); ``data_rss_mb`` is the peak
 RSS after generating the data, ``peak_rss_mb`` the peak RSS of the whole run.
 
-Usage: ``python benchmarks/metrics_speed.py [--n 582] [--size 256] [--seed 0]``
+Usage: ``python -m benchmarks metrics_speed [--n 582] [--size 256] [--seed 0] [--json PATH]``
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import resource
 import time
+from typing import Optional
 
 import numpy as np
 
+from benchmarks.common import JsonLines, make_parser, parse
 from ccad.metrics import aupro, label_regions, pixel_ap, pixel_auroc, pixel_f1max, pixel_metrics
 
 
@@ -50,12 +50,12 @@ def make_data(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return masks, maps
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = make_parser("metrics_speed", __doc__)
     ap.add_argument("--n", type=int, default=582)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = parse(ap, argv)
 
     masks, maps = make_data(args.n, args.size, args.seed)
     regions = sum(label_regions(m)[1] for m in masks)
@@ -77,8 +77,5 @@ def main() -> None:
     out["data_rss_mb"] = round(data_rss, 1)
     out["peak_rss_mb"] = round(peak_rss_mb(), 1)
     out["metrics"] = {k: round(v, 6) for k, v in metrics.items()}
-    print(json.dumps(out))
-
-
-if __name__ == "__main__":
-    main()
+    JsonLines(args.json).emit(out)
+    return 0

@@ -1,8 +1,8 @@
 """MTD benchmark: every method on the fixed Magnetic Tile Defect split, through one code path.
 
-    python benchmarks/mtd.py --quick        # CPU (2 cores): reduced budgets, whole default run <= 30 min
-    python benchmarks/mtd.py                # full size (a GPU)
-    python benchmarks/mtd.py --quick --methods deco-diff --steps 20      # a smoke run
+    python -m benchmarks mtd --quick        # CPU (2 cores): reduced budgets, whole default run <= 30 min
+    python -m benchmarks mtd                # full size (a GPU)
+    python -m benchmarks mtd --quick --methods deco-diff --steps 20      # a smoke run
 
 Methods (default: patchcore,ccad-v,ccad-c,ccad-f,deco-diff): each has a row of settings per mode
 in ``benchmarks/common.py`` (image size, preset, steps, batch size, lr, method-config fields set
@@ -18,32 +18,30 @@ Thresholds are calibrated on 10 % of the good training images; no setting reads 
 
 Prints one JSON line per method with the keys method, image_auroc, image_ap, image_f1max,
 pixel_auroc, pixel_ap, pixel_f1max, pixel_aupro, fit_seconds, ms_per_image, peak_ram_mb,
-peak_vram_mb, device, settings; then a table. Data: ../shared/data/mtd/split.csv (read-only).
+peak_vram_mb, device, settings; then a table. Data: ../shared/data/mtd/split.csv (read-only; any
+CSV manifest with ``--data``).
 Reference (paper Table 3, image/pixel AUROC): CCAD(V) 0.897/0.755, CCAD(C) 0.959/0.826,
 CCAD(F) 0.968/0.818; anomalib 2.7 PatchCore (lite0, 256 px, CPU) 0.965/0.822, AUPRO 0.728.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks.common import (ALL_CORES, DEFAULT_METHODS, MTD_SPLIT, JsonLines, PeakRSS, build_detector, command,
+                               default_autoencoder, git_commit, loss_summary, machine, make_parser, parse,
+                               parse_options, peak_vram_mb, settings_for)
+from ccad.data.layouts import load_csv_manifest
+from ccad.evaluate import METRIC_KEYS, evaluate, evaluate_views
+from ccad.methods import get_method
 
-from common import (DEFAULT_METHODS, ROOT, PeakRSS, build_detector, default_autoencoder, git_commit,  # noqa: E402
-                    loss_summary, machine, parse_options, peak_vram_mb, settings_for)
-
-from ccad.data.layouts import load_csv_manifest  # noqa: E402
-from ccad.evaluate import METRIC_KEYS, evaluate, evaluate_views  # noqa: E402
-from ccad.methods import get_method  # noqa: E402
-
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mtd" / "split.csv"
+DEFAULT_DATA = MTD_SPLIT
 TABLE_KEYS = ["image_auroc", "pixel_auroc", "pixel_aupro", "image_ap", "pixel_ap", "fit_seconds", "ms_per_image",
               "peak_ram_mb"]
 
@@ -115,18 +113,16 @@ def print_table(rows: list[dict]) -> None:
         print(f"{r['method']:<16}" + "".join(f"{r[k]:>13}" for k in TABLE_KEYS))
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="CPU mode: the quick budgets (whole default run <= 30 min)")
-    ap.add_argument("--data", default=str(DEFAULT_DATA), help="MTD split.csv")
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = make_parser("mtd", __doc__, quick="CPU mode: the quick budgets (whole default run <= 30 min)",
+                     workdir="run folders (default: a temporary folder)", autoencoder=True, device=True,
+                     threads=ALL_CORES)
+    ap.add_argument("--data", default=str(DEFAULT_DATA), help="MTD split.csv (or any CSV manifest)")
     ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
     ap.add_argument("--steps", type=int, default=None, help="override every trained method's training steps")
     ap.add_argument("--image-size", type=int, default=None, help="override every method's image size")
-    ap.add_argument("--autoencoder", default=None,
-                    help="latent autoencoder spec (default taef2:../shared/weights, or taef2:.device/weights)")
     ap.add_argument("--option", action="append", default=[], metavar="[METHOD:]KEY=VALUE",
                     help="a method-config field (dotted, as ccad train --option), for METHOD or every method")
-    ap.add_argument("--workdir", default=None, help="run folders (default: a temporary folder)")
     ap.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
     ap.add_argument("--subset", type=int, default=None,
                     help="smoke runs: every k-th train and test image so that about N of each remain")
@@ -134,8 +130,7 @@ def main() -> int:
                     help="both (default): every trained method also gives a fused row (its map + the bank's "
                          "nearest-neighbour map, normalised on held-out good images) next to its own row, "
                          "from the same model; off: its own row only")
-    ap.add_argument("--json", default=None, help="also write the JSON lines to this file")
-    a = ap.parse_args()
+    a = parse(ap, argv)
 
     if not Path(a.data).is_file():
         print(f"error: {a.data} not found (the benchmark reads ../shared/data/mtd/split.csv)", file=sys.stderr)
@@ -151,17 +146,16 @@ def main() -> int:
     except KeyError as exc:
         print(f"error: {exc.args[0]}", file=sys.stderr)
         return 2
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     train = load_csv_manifest(a.data, split="train")
     test = load_csv_manifest(a.data, split="test")
     if a.subset:
         train = train[::max(1, len(train) // a.subset)]
         test = test[::max(1, len(test) // a.subset)]
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="ccad-mtd-"))
-    run_info = {"commit": git_commit(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-                **machine()}
+    run_info = {"commit": git_commit(), "command": command("mtd", argv), **machine()}
     print(f"# {json.dumps(run_info)}", file=sys.stderr, flush=True)
-    rows = []
+    out = JsonLines(a.json)
     t_all = time.perf_counter()
     memory = None
     for method in methods:
@@ -171,19 +165,10 @@ def main() -> int:
                               fuse=a.fusion == "both", fusion_memory=memory)
         if memory is None:
             memory = fusion_memory_from(det, s)  # the PatchCore row's memory serves the fused rows
-        for row in new:
+        for row in new:  # written as each method finishes, so a long run keeps what it has
             row["settings"]["run"] = run_info
-            print(json.dumps(row, default=str), flush=True)
-            rows.append(row)
-        if a.json:  # after every method, so a long run keeps what it has
-            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.json).write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
+            out.emit(row)
     print()
-    print_table(rows)
+    print_table(out.rows)
     print(f"\n# total {time.perf_counter() - t_all:.0f} s; loadavg at end {machine()['loadavg']}")
     return 0
-
-
-if __name__ == "__main__":
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """Multi-class benchmark: ONE model per latent method over the five synthetic texture classes.
 
-    python benchmarks/multiclass.py --quick      # CPU (2 cores), well under 30 min
-    python benchmarks/multiclass.py              # full (a GPU)
+    python -m benchmarks multiclass --quick      # CPU (2 cores), well under 30 min
+    python -m benchmarks multiclass              # full (a GPU)
 
 The data is generated, deterministically (seed 0), by ``ccad.data.synthetic.write_dataset`` at
 256 x 256: the five classes of ``TEXTURES`` (fibrous, granular, cloud, woven, speckle) in the
@@ -19,26 +19,22 @@ and AUPRO per class.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (PeakRSS, build_detector, default_autoencoder, git_commit, loss_summary, machine,  # noqa: E402
-                    parse_options, peak_vram_mb, settings_for)
-
-from ccad.data.detect import load_dataset  # noqa: E402
-from ccad.data.synthetic import TEXTURES, write_dataset  # noqa: E402
-from ccad.evaluate import METRIC_KEYS, evaluate  # noqa: E402
-from ccad.methods import get_method  # noqa: E402
+from benchmarks.common import (ALL_CORES, JsonLines, PeakRSS, build_detector, command, default_autoencoder, git_commit,
+                               loss_summary, machine, make_parser, parse, parse_options, peak_vram_mb, settings_for)
+from ccad.data.detect import load_dataset
+from ccad.data.synthetic import TEXTURES, write_dataset
+from ccad.evaluate import METRIC_KEYS, evaluate
+from ccad.methods import get_method
 
 SIZES = {  # images per class: good train, good test, defective test per defect type (4 types)
     "quick": {"n_train": 40, "n_test_good": 8, "n_test_defect": 2},
@@ -72,21 +68,19 @@ def clean(row: dict[str, float]) -> dict[str, float]:
             for k in METRIC_KEYS}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="CPU mode (quick rows, 40 train images per class)")
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = make_parser("multiclass", __doc__, quick="CPU mode (quick rows, 40 train images per class)",
+                     workdir="run folders and the generated set (default: a temporary folder)", autoencoder=True,
+                     device=True, threads=ALL_CORES)
     ap.add_argument("--root", default=None, help="where the synthetic set is written (default: a temp folder)")
     ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS}); "
                                                                 "patchcore is fitted once per class")
     ap.add_argument("--steps", type=int, default=None, help="override every trained method's steps")
     ap.add_argument("--image-size", type=int, default=None, help="override the model image size")
-    ap.add_argument("--autoencoder", default=None)
     ap.add_argument("--option", action="append", default=[], metavar="[METHOD:]KEY=VALUE")
-    ap.add_argument("--workdir", default=None)
     ap.add_argument("--per-class", default=None, metavar="TRAIN,TEST_GOOD,TEST_DEFECT",
                     help="smoke runs: images per class (defective: per defect type) instead of the mode's")
-    ap.add_argument("--json", default=None)
-    a = ap.parse_args()
+    a = parse(ap, argv)
     if a.per_class:
         n = [int(v) for v in a.per_class.split(",")]
         SIZES["custom"] = {"n_train": n[0], "n_test_good": n[1], "n_test_defect": n[2]}
@@ -98,14 +92,15 @@ def main() -> int:
     ae = a.autoencoder or default_autoencoder()
     opts = parse_options(a.option)
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     test = load_dataset(root, split="test")
     train_all = [s for s in load_dataset(root, split="train") if s.label == 0]
-    run = {"commit": git_commit(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), **machine(),
+    run = {"commit": git_commit(), "command": command("multiclass", argv), **machine(),
            "data": {"generator": "ccad.data.synthetic.write_dataset", "classes": list(TEXTURES), "size": 256,
                     "seed": 0, **SIZES[sizes], "n_train_total": len(train_all), "n_test_total": len(test)}}
     print(f"# {json.dumps(run)}", file=sys.stderr, flush=True)
-    rows = []
+    out = JsonLines(a.json)
+    rows = out.rows
     for name in methods:
         trainable = get_method(name).trainable
         s = settings_for(name, mode, ae, {"steps": a.steps if trainable else None, "image_size": a.image_size},
@@ -148,11 +143,7 @@ def main() -> int:
                "peak_vram_mb": peak_vram_mb(), "device": device,
                "settings": {**s, **extra, "mode": mode, "n_test": n_eval, "loadavg_start": load0,
                             "loadavg_end": machine()["loadavg"], "run": run}}
-        print(json.dumps(row, default=str), flush=True)
-        rows.append(row)
-        if a.json:
-            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.json).write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
+        out.emit(row)
     print()
     for key in ("image_auroc", "pixel_auroc", "pixel_aupro"):
         print(f"{key:<12}" + "".join(f"{c:>10}" for c in (*TEXTURES, "mean")))
@@ -161,8 +152,3 @@ def main() -> int:
             print(f"{r['method']:<12}" + "".join(f"{'-' if v is None else f'{v:.4f}':>10}" for v in vals))
         print()
     return 0
-
-
-if __name__ == "__main__":
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """Peak resident memory of ``ccad predict`` on one huge image (issue 13, item 9d).
 
-    python benchmarks/peak_memory.py                      # 8000 x 8000 PNG and JPEG, the bundled demo
-    python benchmarks/peak_memory.py --code /work/main    # the same against another checkout's ccad
+    python -m benchmarks peak_memory                      # 8000 x 8000 PNG and JPEG, the bundled demo
+    python -m benchmarks peak_memory --code /work/main    # the same against another checkout's ccad
 
 Writes a smooth 8000 x 8000 RGB test image (PNG and JPEG) into a temporary folder, runs
 ``python -m ccad.cli predict <model> <image> --out <tmp>`` in a child process with ``PYTHONPATH``
@@ -20,8 +20,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.common import ROOT, JsonLines, make_parser, parse
 
 
 def write_images(folder: Path, side: int) -> list[Path]:
@@ -50,31 +51,26 @@ def peak(code: Path, model: Path, image: Path) -> dict:
             "wall_s": round(time.time() - t, 1), "stdout": p.stdout.strip()[-200:], "loadavg": os.getloadavg()}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = make_parser("peak_memory", __doc__)
     ap.add_argument("--code", default=str(ROOT), help="checkout whose ccad is run (PYTHONPATH)")
     ap.add_argument("--model", default=str(ROOT / "checkpoints" / "demo"))
-    ap.add_argument("--side", type=int, default=8000)
+    ap.add_argument("--side", type=int, default=8000, help="the big images' side (0: the sample image only)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure this image only
-    a = ap.parse_args()
+    a = parse(ap, argv)
     if a.one:
         print(json.dumps(peak(Path(a.code), Path(a.model), Path(a.one))))
         return 0
-    rows = []
+    out = JsonLines(a.json)
+    rows = out.rows
     with tempfile.TemporaryDirectory(prefix="ccad-peak-img-") as tmp:
-        images = [ROOT / "assets" / "samples" / "good_1.png", *write_images(Path(tmp), a.side)]
+        images = [ROOT / "assets" / "samples" / "good_1.png", *(write_images(Path(tmp), a.side) if a.side else [])]
         for im in images:  # one measuring process per image: ru_maxrss is a running maximum
-            r = subprocess.run([sys.executable, __file__, "--code", a.code, "--model", a.model, "--one", str(im)],
-                               capture_output=True, text=True, check=True)
-            row = json.loads(r.stdout.strip().splitlines()[-1])
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            r = subprocess.run([sys.executable, "-m", "benchmarks", "peak_memory", "--code", a.code, "--model",
+                                a.model, "--one", str(im)], capture_output=True, text=True, check=True, cwd=ROOT)
+            out.emit(json.loads(r.stdout.strip().splitlines()[-1]))
     print()
     print("image | peak RSS (MB) | rc")
     for r in rows:
         print(f"{r['image']} | {r['peak_rss_mb']} | {r['rc']}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

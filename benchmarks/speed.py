@@ -1,48 +1,446 @@
-"""Per-image inference time of every method at the same image sizes (batch 1 and batch 8).
+"""Inference speed of every method, three ways (one benchmark; ``--mode`` picks the first two).
 
-    python benchmarks/speed.py                       # sizes 128,256; quick settings; CPU or GPU
-    python benchmarks/speed.py --sizes 256 --methods deco-diff,ccad-v
+    python -m benchmarks speed --json results.jsonl            # GPU: full rows, 256 px, batch 1,8,32,64
+    python -m benchmarks speed --compile --methods ccad-v,deco-diff
+    python -m benchmarks speed --quick                          # CPU smoke: tiny presets, 64 px, batch 1,2
+    python -m benchmarks speed --mode latency                   # ms/image at 128 and 256 px, batch 1 and 8, MTD
+    python -m benchmarks speed --mode latency --sizes 256 --methods deco-diff,ccad-v
+    python -m benchmarks speed --model checkpoints/demo --threads 2  # a saved model, end to end (below)
 
-Each method is built through the benchmarks' one code path (``common.build_detector``, the
-``--quick`` settings row of ``benchmarks/common.py`` at the requested size) on a handful of MTD
-training images and trained for ONE step: the networks are effectively untrained, which does not
-change the cost of a forward pass (same architecture, same number of denoising / correction
-steps, same autoencoder and scoring backbone). ``NAME@full`` uses the method's full-mode row
-(e.g. ``ccad-v@full``: the base denoiser, 10 DDIM steps), still at the requested size.
+**Throughput** (``--mode throughput``, the default; was ``benchmarks/throughput.py``):
+images per second, batch size swept.
 
-Timed: ``detector.maps_for_batch(x)`` - everything a prediction costs after the image is
-decoded and resized (for a latent method: TAEF2 encode, the denoiser / corrector steps, decode,
-the map) - on real MTD test images, after one warm-up call; the median of ``--reps`` runs.
-Prints one JSON line per (method, size) with ms per image at batch 1 and 8, then a table with
-the ratio to CCAD(V) (quick row) at the same size and batch. CPU timings on a shared machine are
-inflated by other processes: the load average before / after each row is recorded.
+Each method (default: every registered one, ``ccad.methods.method_names()``) is built through the
+benchmarks' one code path (``common.build_detector`` with the ``full`` settings row of
+``benchmarks/common.py`` on CUDA, the ``quick`` row on the CPU, at ``--image-size``) on a few
+generated textures (``ccad.data.synthetic``), trained for ONE step and not calibrated: the
+networks are untrained, which does not change the cost of a forward pass (same architecture,
+same number of denoising / correction steps, same autoencoder and scoring backbone). Latent
+methods use the TAEF2 autoencoder of ``common.default_autoencoder()`` when its weights are there,
+else the random-init one (``taef2:random``, the same architecture and cost); the spec is recorded.
+
+Timed: ``detector.maps_for_batch(x)`` on a batch of generated textures already on the device -
+everything a prediction costs after decoding and resizing - under bf16 autocast on CUDA (fp32 on
+the CPU; ``--dtype``), the method's networks and the input in channels-last on CUDA
+(``--memory-format``), after ``--warmup`` untimed calls, with ``torch.cuda.synchronize()``
+around each of the ``--reps`` timed calls; images/s = batch / median seconds. ``--compile``
+compiles the method's networks (and the autoencoder's encoder / decoder) in place with
+``torch.compile``; a compile failure is recorded in the row (``compile_error``) and the method
+is timed without it. A batch size that runs out of memory is recorded as ``oom`` and the larger
+ones are skipped; once (warmup + reps) calls of one batch size take longer than ``--budget-s``,
+the larger batch sizes are skipped too (recorded).
+
+``--model DIR`` instead times one SAVED model end to end the way the app and the CLI call it
+(``AnomalyDetector.load_folder``; ``predict(image)`` one image at a time, as one app request, and
+``predict_many(images, batch_size=B)`` for each ``--batch-sizes``) on the bundled sample images
+(``assets/samples``, decoded once, cycled to ``--n-images``), after one warm-up call, median of
+``--reps``; seconds per inspection = call time / images, wall time and this process's CPU time
+(``time.process_time``: with 2 threads an idle 2-core machine gives wall ~ CPU / 2 at best; CPU
+time is the figure that other processes on a shared machine inflate least). It also splits one
+batch-1 inspection into its parts (the method's maps, e.g. CCAD(V)'s reconstruction + feature
+comparison, and the fusion memory's nearest-neighbour map); ``--sessions N`` starts N one-image
+requests at once and serves them one by one (a queue with concurrency 1, as the app's inspect
+queue) and through :class:`ccad.batching.PredictionBatcher` (p50 latency, seconds per
+inspection); ``--check`` asserts that every batch size gives the one-at-a-time scores and maps
+(float32 tolerance). ``--threads`` sets ``torch.set_num_threads`` (a free Space has 2 cores).
+One JSON line, then a table.
+
+**Latency** (``--mode latency``; was ``benchmarks/speed.py``): per-image inference time at
+several image sizes (``--sizes``, default 128,256) and batch sizes (``--batch-sizes``, default
+1,8) on real images (``--data``: MTD's split.csv by default, any CSV manifest). Each method is
+built through ``common.build_detector`` with the ``quick`` settings row at the requested size on
+``--n-train`` training images and trained for ONE step (untrained networks, the same forward
+cost). ``NAME@full`` uses the method's full-mode row (e.g. ``ccad-v@full``: the base denoiser, 10
+DDIM steps), still at the requested size. Timed: ``detector.maps_for_batch(x)`` on real test
+images, after one warm-up call; the median of ``--reps`` runs (default 3; a row whose first call
+takes over 20 s gets one; once an image takes over 10 s, larger batches are skipped, ``null``).
+One JSON line per (method, size) with ``ms_per_image_b<B>`` for each batch, then a table with the
+ratio to CCAD(V) (quick row) at the same size and batch. The load average before / after each row
+is recorded.
+
+Throughput output: one JSON line per (method, device), written as soon as the method is done, with the
+settings (batch sizes, dtype, compile, channels-last, settings row, preset, image size), every
+batch size's result, the best images/s and its batch, the device name, torch version, commit
+and load average (CPU timings on a shared machine are inflated by other processes); then a
+table.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
+from typing import Any, Optional
 
+import ccad  # noqa: F401 - before torch, as the CLI and the app import it (its OpenMP wait policy)
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks.common import (MTD_SPLIT, ROOT, JsonLines, build_detector, command, default_autoencoder, git_commit,
+                               machine, make_parser, parse, settings_for)
+from ccad.methods import get_method, method_names
 
-from common import ROOT, build_detector, default_autoencoder, git_commit, machine, settings_for  # noqa: E402
-
-from ccad.data.layouts import load_csv_manifest  # noqa: E402
-from ccad.data.io import load_image, to_tensor  # noqa: E402
-from ccad.methods import get_method  # noqa: E402
-
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mtd" / "split.csv"
-DEFAULT_METHODS = "patchcore,ccad-v,ccad-v@full,ccad-c,ccad-f,deco-diff"
+LATENCY_METHODS = "patchcore,ccad-v,ccad-v@full,ccad-c,ccad-f,deco-diff"
 
 
-def time_call(det, x: torch.Tensor, reps: int) -> float:
+def parse_batches(text: str) -> list[int]:
+    out = sorted({int(b) for b in text.split(",") if b.strip()})
+    if not out or out[0] < 1:
+        raise SystemExit(f"error: --batch-sizes {text!r}: expected positive integers, e.g. 1,8,32,64")
+    return out
+
+
+def pick_autoencoder(spec: Optional[str]) -> str:
+    if spec:
+        return spec
+    found = default_autoencoder()
+    return found if (Path(found.split(":", 1)[1]) / "taef2_encoder.pth").is_file() else "taef2:random"
+
+
+def textures(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    """``n x 3 x S x S`` generated textures in [0, 1] (four kinds, cycled)."""
+    from ccad.data.io import to_tensor
+    from ccad.data.synthetic import generate_texture
+
+    kinds = ("fibrous", "granular", "cloud", "woven")
+    out = []
+    for i in range(min(n, 8)):
+        im = generate_texture(kinds[i % len(kinds)], size=size, seed=seed + i)
+        out.append(to_tensor(im, size))  # grey -> 3 x S x S
+    x = torch.stack(out)
+    return x.repeat((n + len(x) - 1) // len(x), 1, 1, 1)[:n].contiguous()
+
+
+def train_samples(folder: Path, size: int, n: int) -> list:
+    from ccad.data.detect import load_dataset
+    from ccad.data.synthetic import write_dataset
+
+    root = write_dataset(folder, kinds=("granular",), n_train=n, n_test_good=1, n_test_defect=1, size=size, seed=3,
+                         defects=("spot",))
+    return [s for s in load_dataset(root, split="train") if s.label == 0]
+
+
+def row_settings(name: str, mode: str, size: int, autoencoder: str, preset: Optional[str]) -> dict[str, Any]:
+    """The benchmark table's row for ``name`` at ``size``, one training step, no domain adaptation
+    (it changes the scoring extractor's weights, not its cost)."""
+    fields = {f.name for f in dataclasses.fields(get_method(name).Config)}
+    options = {"domain_adapt_epochs": 0} if "domain_adapt_epochs" in fields else {}
+    overrides: dict[str, Any] = {"image_size": size, "steps": 1, "warmup_steps": 0, "batch_size": 2}
+    if preset is not None and "preset" in fields:
+        overrides["preset"] = preset
+    if not get_method(name).trainable:
+        overrides = {"image_size": size}
+    return settings_for(name, mode, autoencoder, overrides=overrides, options=options)
+
+
+def compile_networks(det: Any) -> tuple[list[str], list[tuple[Any, str]]]:
+    """``torch.compile`` the method's networks in place (``nn.Module.compile``) and the autoencoder's
+    children; returns their names and the handles to undo it."""
+    done: list[tuple[Any, str]] = []
+    for key, mod in det.method.modules.items():
+        mod.compile()
+        done.append((mod, key))
+    ae = getattr(det.method, "autoencoder", None)
+    backend = getattr(ae, "backend", None)
+    if isinstance(backend, torch.nn.Module):
+        for key, mod in backend.named_children():
+            mod.compile()
+            done.append((mod, f"autoencoder.{key}"))
+    return [n for _, n in done], done
+
+
+def uncompile(done: list[tuple[Any, str]]) -> None:
+    for mod, _ in done:
+        mod._compiled_call_impl = None
+
+
+def timed(det: Any, x: torch.Tensor, warmup: int, reps: int, dtype: str) -> list[float]:
+    cuda = x.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def ctx() -> Any:
+        if dtype == "bf16":
+            return torch.autocast(x.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    for _ in range(warmup):
+        with ctx():
+            det.maps_for_batch(x)
+    sync()
+    out = []
+    for _ in range(reps):
+        sync()
+        t = time.perf_counter()
+        with ctx():
+            det.maps_for_batch(x)
+        sync()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def error_text(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {' '.join(lines)[:400]}"
+
+
+def bench_method(name: str, a: argparse.Namespace, train: list, run_root: Path, device: torch.device,
+                 base: dict[str, Any]) -> dict[str, Any]:
+    cuda = device.type == "cuda"
+    row: dict[str, Any] = {**base, "method": name}
+    s = row_settings(name, a.settings, a.image_size, a.autoencoder, a.preset)
+    row.update(preset=s.get("preset"), steps_trained=1 if get_method(name).trainable else 0)
+    t0 = time.perf_counter()
+    try:
+        det = build_detector(name, train, s, run_root / name, calibration_fraction=0.0, device=device,
+                             latent_cache=run_root / "latents")
+    except Exception as exc:  # noqa: BLE001 - one method failing must not stop the others: record it
+        row.update(error=f"build: {error_text(exc)}", best_images_per_s=None, best_batch=None)
+        if a.verbose:
+            traceback.print_exc()
+        return row
+    row["build_seconds"] = round(time.perf_counter() - t0, 1)
+    channels_last = a.memory_format == "channels_last" or (a.memory_format == "auto" and cuda)
+    if channels_last:
+        det.method.modules.to(memory_format=torch.channels_last)
+    row["channels_last"] = channels_last
+    compiled: list[tuple[Any, str]] = []
+    if a.compile:
+        try:
+            row["compiled"], compiled = compile_networks(det)
+        except Exception as exc:  # noqa: BLE001
+            row["compile_error"] = error_text(exc)
+    results = []
+    xs = textures(max(a.batch_sizes), a.image_size).to(device)
+    if channels_last:
+        xs = xs.contiguous(memory_format=torch.channels_last)
+    skip_reason = None
+    for b in a.batch_sizes:
+        if skip_reason is not None:
+            results.append({"batch": b, "skipped": skip_reason})
+            continue
+        x = xs[:b]
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            times = timed(det, x, a.warmup, a.reps, a.dtype)
+        except torch.cuda.OutOfMemoryError:
+            results.append({"batch": b, "error": "oom"})
+            skip_reason = f"oom at batch {b}"
+            torch.cuda.empty_cache()
+            continue
+        except Exception as exc:  # noqa: BLE001
+            if compiled and "compile_error" not in row:
+                # the compiled graph failed (compilation is lazy): record it, time the eager networks
+                row["compile_error"] = error_text(exc)
+                uncompile(compiled)
+                compiled = []
+                try:
+                    times = timed(det, x, a.warmup, a.reps, a.dtype)
+                except Exception as exc2:  # noqa: BLE001
+                    results.append({"batch": b, "error": error_text(exc2)})
+                    continue
+            else:
+                if a.verbose:
+                    traceback.print_exc()
+                results.append({"batch": b, "error": error_text(exc)})
+                continue
+        med = statistics.median(times)
+        r = {"batch": b, "seconds_per_batch": round(med, 5), "images_per_s": round(b / med, 2),
+             "min_s": round(min(times), 5), "max_s": round(max(times), 5)}
+        if cuda:
+            r["peak_vram_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        results.append(r)
+        if med * (a.warmup + a.reps) > a.budget_s:
+            skip_reason = f"batch {b} took {med:.2f} s per call (budget {a.budget_s:g} s per batch size)"
+    row["results"] = results
+    ok = [r for r in results if "images_per_s" in r]
+    best = max(ok, key=lambda r: r["images_per_s"]) if ok else None
+    row["best_images_per_s"] = best["images_per_s"] if best else None
+    row["best_batch"] = best["batch"] if best else None
+    if not ok:
+        row["error"] = "; ".join(f"batch {r['batch']}: {r.get('error') or r.get('skipped')}" for r in results)
+    del det
+    if cuda:
+        torch.cuda.empty_cache()
+    return row
+
+
+def table(rows: list[dict[str, Any]], batches: list[int]) -> str:
+    head = ["method", "device", "dtype", "compile", "best img/s", "at batch"] + [f"b={b}" for b in batches]
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for r in rows:
+        per = {x["batch"]: x for x in r.get("results", [])}
+        cells = []
+        for b in batches:
+            x = per.get(b, {})
+            cells.append(f"{x['images_per_s']:g}" if "images_per_s" in x else ("oom" if x.get("error") == "oom" else
+                                                                                 ("skip" if "skipped" in x else
+                                                                                  ("err" if x else "-"))))
+        comp = ("failed" if r.get("compile_error") else "yes") if r.get("compile") else "no"
+        best = "-" if r.get("best_images_per_s") is None else f"{r['best_images_per_s']:g}"
+        lines.append(" | ".join([r["method"], r["device"], r["dtype"], comp, best, str(r.get("best_batch") or "-"),
+                                 *cells]))
+    return "\n".join(lines)
+
+
+def sample_images(n: int) -> tuple[list[Any], list[str]]:
+    from ccad.data.io import list_images, load_image
+
+    root = ROOT / "assets" / "samples"
+    paths = list_images(root)
+    if not paths:
+        raise SystemExit(f"error: no sample images in {root}")
+    imgs = [load_image(p) for p in paths]
+    return [imgs[i % len(imgs)] for i in range(n)], [paths[i % len(paths)].name for i in range(n)]
+
+
+def bench_saved(a: argparse.Namespace) -> dict[str, Any]:
+    """End-to-end seconds per inspection of a saved model (see the module docstring)."""
+    import numpy as np
+
+    from ccad.data.io import to_tensor
+    from ccad.pipeline import AnomalyDetector
+
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    t0 = time.perf_counter()
+    det = AnomalyDetector.load_folder(a.model, device=device)
+    load_s = time.perf_counter() - t0
+    images, names = sample_images(a.n_images)
+    load_before = machine()["loadavg"]
+    det.predict(images[0])  # warm-up: lazy backbone builds, allocator
+
+    cpu: dict[str, float] = {}
+
+    def med(fn: Any, reps: int, key: Optional[str] = None, n: int = 1) -> float:
+        """Median wall seconds of ``fn()`` / n; the median process CPU seconds / n go to cpu[key]
+        (CPU time is what the work costs; wall time is inflated when other processes share the cores)."""
+        out, cpus = [], []
+        for _ in range(reps):
+            c, t = time.process_time(), time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+            cpus.append(time.process_time() - c)
+        if key:
+            cpu[key] = round(statistics.median(cpus) / n, 4)
+        return statistics.median(out) / n
+
+    one = med(lambda: [det.predict(im) for im in images], a.reps, "predict", len(images))
+    per_batch = {}
+    for b in a.batch_sizes:
+        det.predict_many(images[:b], batch_size=b)
+        per_batch[b] = med(lambda b=b: det.predict_many(images, batch_size=b), a.reps, f"predict_many_b{b}",
+                           len(images))
+    # the parts of one batch-1 inspection (after decoding): the method's maps, the fusion map
+    x = to_tensor(images[0], det.input_size)[None].to(device)
+    xm = torch.nn.functional.interpolate(x, size=(det.image_size, det.image_size), mode="bilinear",
+                                         align_corners=False, antialias=True)
+    parts = {"method_maps_s": med(lambda: det.method.maps(xm), a.reps)}
+    if det.fusion is not None:
+        parts["fusion_bank_maps_s"] = med(lambda: det.fusion.bank_maps(x, tuple(x.shape[-2:])), a.reps)
+    parts["maps_for_batch_s"] = med(lambda: det.maps_for_batch(x), a.reps)
+    sessions = None
+    if a.sessions:  # N sessions at once, one image each: served one by one vs. through the batcher
+        sessions = {"n": a.sessions, "max_batch": a.max_batch}
+        for mode in ("one_by_one", "batcher"):
+            sessions[mode] = serve_sessions(det, images, a.sessions, mode, a.max_batch)
+    check = None
+    if a.check:  # batching must not change any prediction (float32 tolerance)
+        ref = [det.predict(im) for im in images]
+        worst_score, worst_map = 0.0, 0.0
+        for b in a.batch_sizes:
+            got, errs = det.predict_many(images, batch_size=b)
+            assert not errs and len(got) == len(ref)
+            for r, g in zip(ref, got):
+                np.testing.assert_allclose(g.score, r.score, rtol=1e-4, atol=1e-5)
+                np.testing.assert_allclose(g.anomaly_map, r.anomaly_map, rtol=1e-4, atol=1e-4)
+                worst_score = max(worst_score, abs(g.score - r.score))
+                worst_map = max(worst_map, float(np.abs(g.anomaly_map - r.anomaly_map).max()))
+        check = {"max_abs_score_diff": worst_score, "max_abs_map_diff": worst_map, "rtol": 1e-4}
+    info = machine()
+    return {"benchmark": "saved-model", "model": str(a.model), "variant": det.variant,
+            "image_size": det.image_size, "input_size": det.input_size, "device": device.type,
+            "device_name": info["device_name"], "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_count": info["cpu_count"], "commit": git_commit(), "n_images": len(images),
+            "images": sorted(set(names)), "reps": a.reps, "load_seconds": round(load_s, 2),
+            "predict_s_per_image": round(one, 4),
+            "predict_many_s_per_image": {str(b): round(v, 4) for b, v in per_batch.items()},
+            "parts_batch1": {k: round(v, 4) for k, v in parts.items()}, "cpu_s_per_image": cpu,
+            "batch_check": check, "sessions": sessions,
+            "loadavg_before": load_before, "loadavg_after": info["loadavg"],
+            "command": a.command}
+
+
+def serve_sessions(det: Any, images: list[Any], n: int, mode: str, max_batch: int) -> dict[str, Any]:
+    """``n`` threads start at once (a barrier), each asking for one inspection: ``one_by_one``
+    takes a lock around ``det.predict`` (a queue served with concurrency 1, as the app's
+    ``inspect`` queue); ``batcher`` goes through :class:`ccad.batching.PredictionBatcher`.
+    Latency = finish - start of each request; per inspection = total wall / n."""
+    import threading
+
+    from ccad.batching import PredictionBatcher
+
+    lock = threading.Lock()
+    gate = threading.Barrier(n + 1)
+    lat: list[float] = [0.0] * n
+    batcher = PredictionBatcher(det, max_batch=max_batch, max_wait_s=0.01) if mode == "batcher" else None
+
+    def one(k: int) -> None:
+        gate.wait()
+        t = time.perf_counter()
+        if batcher is not None:
+            batcher.predict_many([images[k % len(images)]])
+        else:
+            with lock:
+                det.predict(images[k % len(images)])
+        lat[k] = time.perf_counter() - t
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    c0, t0 = time.process_time(), time.perf_counter()
+    gate.wait()
+    for t in threads:
+        t.join()
+    wall, cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    calls = batcher.calls if batcher is not None else n
+    if batcher is not None:
+        batcher.close()
+    lat.sort()
+    return {"p50_latency_s": round(statistics.median(lat), 3), "max_latency_s": round(lat[-1], 3),
+            "wall_s": round(wall, 3), "s_per_inspection": round(wall / n, 4), "cpu_s_per_inspection":
+            round(cpu_s / n, 4), "detector_calls": calls}
+
+
+def saved_table(row: dict[str, Any]) -> str:
+    cpu = row["cpu_s_per_image"]
+    lines = ["call | wall s per inspection | CPU s per inspection", "--- | --- | ---",
+             f"predict (one image per call, as one app request) | {row['predict_s_per_image']:.3f} | "
+             f"{cpu['predict']:.3f}"]
+    for b, v in row["predict_many_s_per_image"].items():
+        lines.append(f"predict_many batch {b} | {v:.3f} | {cpu[f'predict_many_b{b}']:.3f}")
+    for k, v in row["parts_batch1"].items():
+        lines.append(f"part, batch 1: {k[:-2]} | {v:.3f} | -")
+    ses = row.get("sessions")
+    if ses:
+        for mode in ("one_by_one", "batcher"):
+            r = ses[mode]
+            lines.append(f"{ses['n']} sessions at once, {mode.replace('_', ' ')} (p50 latency "
+                         f"{r['p50_latency_s']:.2f} s, {r['detector_calls']} detector calls) | "
+                         f"{r['s_per_inspection']:.3f} | "
+                         f"{r['cpu_s_per_inspection']:.3f}")
+    lines.append(f"(threads {row['threads']}, load average before {row['loadavg_before']}, "
+                 f"after {row['loadavg_after']})")
+    return "\n".join(lines)
+
+
+def latency_time_call(det: Any, x: torch.Tensor, reps: int) -> float:
     """Median seconds of ``det.maps_for_batch(x)`` over ``reps`` runs after one warm-up."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     det.maps_for_batch(x)
@@ -56,34 +454,25 @@ def time_call(det, x: torch.Tensor, reps: int) -> float:
     return statistics.median(out)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(DEFAULT_DATA))
-    ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated NAME or NAME@full "
-                                                                f"(default {DEFAULT_METHODS})")
-    ap.add_argument("--sizes", default="128,256")
-    ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--reps", type=int, default=3, help="timed runs per batch size (median)")
-    ap.add_argument("--n-train", type=int, default=16, help="images the (untrained) detectors are built on")
-    ap.add_argument("--autoencoder", default=None)
-    ap.add_argument("--json", default=None)
-    a = ap.parse_args()
+def bench_latency(a: argparse.Namespace, out: JsonLines) -> list[dict[str, Any]]:
+    """``--mode latency``: ms per image of each (method, size) at each batch size (module docstring)."""
+    from ccad.data.layouts import load_csv_manifest
+    from ccad.data.io import load_image, to_tensor
 
     ae = a.autoencoder or default_autoencoder()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    train = load_csv_manifest(a.data, split="train")[:: max(1, 762 // a.n_train)][: a.n_train]
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    train = load_csv_manifest(a.data, split="train")  # every k-th good train image (MTD: 762 // n_train)
+    train = train[:: max(1, len(train) // a.n_train)][: a.n_train]
     test = load_csv_manifest(a.data, split="test")
     test = test[:: max(1, len(test) // 8)][:8]
     images = [load_image(s.image_path) for s in test]
-    sizes = [int(v) for v in a.sizes.split(",")]
-    batches = [int(v) for v in a.batches.split(",")]
-    work = Path(tempfile.mkdtemp(prefix="ccad-speed-"))
-    run = {"commit": git_commit(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), **machine()}
+    work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="ccad-speed-"))
+    run = {"commit": git_commit(), "command": a.command, **machine()}
     print(f"# {json.dumps(run)}", file=sys.stderr, flush=True)
     rows = []
-    for size in sizes:
+    for size in a.sizes:
         xs = torch.stack([to_tensor(im, size) for im in images])
-        for spec in [m.strip() for m in a.methods.split(",") if m.strip()]:
+        for spec in a.methods:
             name, _, mode = spec.partition("@")
             mode = mode or "quick"
             trainable = get_method(name).trainable
@@ -95,42 +484,144 @@ def main() -> int:
             det = build_detector(name, train, s, work / f"{spec}-{size}", calibration_fraction=0.25, device=device,
                                  latent_cache=work / f"latents-{size}")
             build_s = time.perf_counter() - t0
-            ms = {}
-            for b in batches:
-                if ms and max(ms.values()) > 10000:  # > 10 s an image: larger batches add nothing but minutes
+            ms: dict[str, Any] = {}
+            for b in a.batch_sizes:
+                if ms and max(v for v in ms.values() if v is not None) > 10000:  # > 10 s an image: skip larger
                     ms[f"ms_per_image_b{b}"] = None
                     continue
                 x = xs[:b] if b <= len(xs) else xs.repeat((b + len(xs) - 1) // len(xs), 1, 1, 1)[:b]
                 first = time.perf_counter()
                 det.maps_for_batch(x)
                 reps = a.reps if time.perf_counter() - first < 20 else 1  # slow rows: one timed run
-                ms[f"ms_per_image_b{b}"] = round(1000 * time_call(det, x, reps) / b, 1)
+                ms[f"ms_per_image_b{b}"] = round(1000 * latency_time_call(det, x, reps) / b, 1)
             row = {"method": spec, "image_size": size, **ms, "device": device,
                    "settings": {"mode": mode, "preset": s.get("preset"), "options": s.get("options", {}),
                                 "trained_steps": 1 if trainable else None, "untrained_networks": trainable,
                                 "build_seconds": round(build_s, 1), "reps": a.reps,
                                 "loadavg_start": load0, "loadavg_end": machine()["loadavg"], "run": run}}
-            print(json.dumps(row, default=str), flush=True)
+            out.emit(row)
             rows.append(row)
-            if a.json:
-                Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-                Path(a.json).write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
-    print()
+    return rows
+
+
+def latency_table(rows: list[dict[str, Any]], batches: list[int]) -> str:
     ref = {(r["image_size"]): r for r in rows if r["method"] == "ccad-v"}
-    head = f"{'method':<14}{'size':>6}" + "".join(f"{'ms/img b' + str(b):>14}{'vs ccad-v':>11}" for b in batches)
-    print(head)
+    lines = [f"{'method':<14}{'size':>6}" + "".join(f"{'ms/img b' + str(b):>14}{'vs ccad-v':>11}" for b in batches)]
     for r in rows:
         line = f"{r['method']:<14}{r['image_size']:>6}"
         for b in batches:
             v = r[f"ms_per_image_b{b}"]
             base = ref.get(r["image_size"], {}).get(f"ms_per_image_b{b}")
             line += f"{str(v):>14}" + (f"{base / v:>10.2f}x" if base and v else f"{'-':>11}")
-        print(line)
-    print("\n('vs ccad-v' = CCAD(V) quick-row ms / this row's ms at the same size and batch; > 1 = faster. "
-          "Networks untrained: forward cost only.)")
+        lines.append(line)
+    lines.append("\n('vs ccad-v' = CCAD(V) quick-row ms / this row's ms at the same size and batch; > 1 = faster. "
+                 "Networks untrained: forward cost only.)")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = make_parser("speed", __doc__, quick="throughput: CPU smoke test (tiny presets, 64 px, batch 1,2, one "
+                                             "warm-up and one timed call)",
+                     workdir="latency: run folders (default: a temporary folder)", autoencoder=True, device=True,
+                     threads=None)
+    ap.add_argument("--mode", choices=("throughput", "latency"), default="throughput",
+                    help="throughput: images/s per batch size on generated textures (default); latency: ms/image "
+                         "per image size on real images (--data). --model times a saved model instead")
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated method names (throughput: or 'all', the registry, the default; "
+                         f"latency: NAME or NAME@full, default {LATENCY_METHODS})")
+    ap.add_argument("--batch-sizes", "--batches", dest="batch_sizes", default=None,
+                    help="throughput: default 1,8,32,64 (--quick: 1,2); latency: default 1,8; --model: 1,4,8")
+    ap.add_argument("--reps", type=int, default=None,
+                    help="timed calls per batch size (throughput: default 5, quick 1; latency and --model: 3)")
+    ap.add_argument("--image-size", type=int, default=None, help="throughput: default 256 (--quick: 64)")
+    ap.add_argument("--settings", choices=("quick", "full"), default=None,
+                    help="throughput: the benchmark table row (default: full on CUDA, quick on the CPU)")
+    ap.add_argument("--preset", default=None, help="throughput: override the row's network preset (tiny/small/base)")
+    ap.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                    help="throughput: auto = bf16 autocast on CUDA, fp32 on the CPU")
+    ap.add_argument("--compile", action="store_true", help="throughput: torch.compile the method's networks")
+    ap.add_argument("--memory-format", choices=("auto", "channels_last", "contiguous"), default="auto",
+                    help="throughput: networks and input batch; auto: channels-last on CUDA, contiguous on the CPU")
+    ap.add_argument("--warmup", type=int, default=None, help="throughput: untimed calls per batch size (default 2; "
+                                                             "quick 1)")
+    ap.add_argument("--budget-s", type=float, default=60.0,
+                    help="throughput: skip larger batches once (warmup + reps) calls of one batch size exceed this")
+    ap.add_argument("--train-images", type=int, default=8, help="throughput: generated images the networks are "
+                                                                "built on")
+    ap.add_argument("--verbose", action="store_true", help="throughput: print tracebacks of failures")
+    ap.add_argument("--data", default=str(MTD_SPLIT), help="latency: a CSV manifest (default MTD's split.csv)")
+    ap.add_argument("--sizes", default="128,256", help="latency: image sizes (default 128,256)")
+    ap.add_argument("--n-train", type=int, default=16, help="latency: images the (untrained) detectors are built on")
+    ap.add_argument("--model", default=None, help="time this saved model end to end instead (e.g. checkpoints/demo)")
+    ap.add_argument("--n-images", type=int, default=8, help="--model: sample images per timed call")
+    ap.add_argument("--sessions", type=int, default=0,
+                    help="--model: also serve N simultaneous one-image sessions, one by one and batched")
+    ap.add_argument("--max-batch", type=int, default=8, help="--sessions: the batcher's largest batch")
+    ap.add_argument("--check", action="store_true",
+                    help="--model: assert every batch size gives the one-at-a-time scores and maps")
+    a = parse(ap, argv)
+    a.command = command("speed", argv)
+    out = JsonLines(a.json)
+    if a.model:
+        a.batch_sizes = parse_batches(a.batch_sizes or "1,4,8")
+        a.reps = a.reps if a.reps is not None else 3
+        row = bench_saved(a)
+        out.emit(row)
+        print()
+        print(saved_table(row))
+        return 0
+    if a.mode == "latency":
+        if a.threads is None:  # as the latency benchmark always ran: every core
+            torch.set_num_threads(max(1, os.cpu_count() or 1))
+        a.methods = [m.strip() for m in (a.methods or LATENCY_METHODS).split(",") if m.strip()]
+        a.sizes = [int(v) for v in a.sizes.split(",") if v.strip()]
+        a.batch_sizes = [int(v) for v in (a.batch_sizes or "1,8").split(",") if v.strip()]
+        a.reps = a.reps if a.reps is not None else 3
+        if not Path(a.data).is_file():
+            print(f"error: {a.data} not found (--mode latency reads MTD's split.csv, or --data)", file=sys.stderr)
+            return 2
+        rows = bench_latency(a, out)
+        print()
+        print(latency_table(rows, a.batch_sizes))
+        return 0
+
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    a.settings = a.settings or ("full" if cuda and not a.quick else "quick")
+    if a.quick:
+        a.preset = a.preset or "tiny"
+    a.image_size = a.image_size or (64 if a.quick else 256)
+    a.batch_sizes = parse_batches(a.batch_sizes or ("1,2" if a.quick else "1,8,32,64"))
+    a.warmup = a.warmup if a.warmup is not None else (1 if a.quick else 2)
+    a.reps = a.reps if a.reps is not None else (1 if a.quick else 5)
+    if a.dtype == "auto":
+        a.dtype = "bf16" if cuda else "fp32"
+    a.autoencoder = pick_autoencoder(a.autoencoder)
+    methods = a.methods or "all"
+    names = method_names() if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()]
+    for n in names:
+        get_method(n)  # an unknown name fails here, listing the known ones
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+
+    info = machine()
+    base = {"benchmark": "throughput", "device": device.type, "device_name": info["device_name"],
+            "torch": torch.__version__, "commit": git_commit(),
+            "settings": a.settings, "image_size": a.image_size, "batch_sizes": a.batch_sizes, "dtype": a.dtype,
+            "compile": bool(a.compile), "memory_format": a.memory_format, "warmup": a.warmup, "reps": a.reps,
+            "autoencoder": a.autoencoder,
+            "cpu_count": info["cpu_count"], "torch_threads": info["torch_threads"],
+            "command": a.command}
+    with tempfile.TemporaryDirectory(prefix="ccad-throughput-") as tmp:
+        tmp_p = Path(tmp)
+        train = train_samples(tmp_p / "data", a.image_size, a.train_images)
+        for name in names:
+            t0 = time.perf_counter()
+            row = bench_method(name, a, train, tmp_p / "runs", device, base)
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            row["loadavg"] = machine()["loadavg"]
+            out.emit(row)
+    print()
+    print(table(out.rows, a.batch_sizes))
     return 0
-
-
-if __name__ == "__main__":
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    sys.exit(main())

@@ -14,7 +14,7 @@ from typing import Any
 # process (a web server's workers, image decoding) or other processes need, and a small model's
 # batch-1 forward is thousands of short regions: on the shared 2-core machine the bundled demo took
 # 15.9 s per inspection with the default (active) policy and 1.07 s with PASSIVE (issue 13 item 14,
-# benchmarks/throughput.py --model). Read by libgomp when torch is first imported, so it only takes
+# python -m benchmarks speed --model). Read by libgomp when torch is first imported, so it only takes
 # effect when ccad is imported before torch; an explicit setting is kept.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

@@ -2,7 +2,7 @@
 
 On a 2-core CPU a small model's batch-1 forward is overhead-bound: the bundled demo (CCAD(V)
 tiny, 5 DDAD steps, bank fusion) costs far less per image at batch 8 than at batch 1 (see
-``benchmarks/throughput.py --model checkpoints/demo``). A server that handles one session at a
+``python -m benchmarks speed --model checkpoints/demo``). A server that handles one session at a
 time runs every request at batch 1. :class:`PredictionBatcher` lets several sessions' requests
 run together: each caller (one thread per request, e.g. Gradio's workers with a concurrency
 limit above 1) calls :meth:`PredictionBatcher.predict_many`; one worker thread takes whatever

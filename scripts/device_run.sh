@@ -12,9 +12,9 @@
 # Steps (each one's output tee'd into $OUT, default ./device-out):
 #   env         install .device/wheels into /tmp/site; nvidia-smi; versions        -> env.txt
 #   tests       python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py   -> pytest.txt
-#   throughput  python3 benchmarks/throughput.py --json $OUT/throughput.jsonl $THROUGHPUT_EXTRA
+#   throughput  python3 -m benchmarks speed --json $OUT/throughput.jsonl $THROUGHPUT_EXTRA
 #               (default "--warmup 1 --reps 3 --budget-s 20") -> throughput.txt
-#   mtd         python3 benchmarks/mtd.py --methods patchcore,deco-diff --data .device/data/mtd-256/split.csv
+#   mtd         python3 -m benchmarks mtd --methods patchcore,deco-diff --data .device/data/mtd-256/split.csv
 #               --json $OUT/mtd.jsonl $MTD_EXTRA                                    -> mtd.txt
 # Each step runs under `timeout` (T_TESTS, T_THROUGHPUT, T_MTD seconds), cut to what is left of
 # TOTAL_S (default 570 s, the machine's 10-minute limit per call less the start-up); a step that
@@ -103,13 +103,13 @@ fi
 
 if want throughput; then
     # shellcheck disable=SC2086
-    run throughput "$T_THROUGHPUT" python3 benchmarks/throughput.py --json "$OUT/throughput.jsonl" $THROUGHPUT_EXTRA
+    run throughput "$T_THROUGHPUT" python3 -m benchmarks speed --json "$OUT/throughput.jsonl" $THROUGHPUT_EXTRA
 fi
 
 if want mtd; then
     if [[ -f .device/data/mtd-256/split.csv ]]; then
         # shellcheck disable=SC2086  # MTD_EXTRA is a list of words
-        run mtd "$T_MTD" python3 benchmarks/mtd.py --methods patchcore,deco-diff \
+        run mtd "$T_MTD" python3 -m benchmarks mtd --methods patchcore,deco-diff \
             --data .device/data/mtd-256/split.csv --json "$OUT/mtd.jsonl" $MTD_EXTRA
     else
         log "mtd: skipped, no .device/data/mtd-256/split.csv (run device_pack.py here)"

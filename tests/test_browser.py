@@ -148,7 +148,7 @@ def test_bundled_demo_sample_gallery_inspection(tmp_path: Path) -> None:
         page.locator("#inspect-samples button.thumbnail-item").nth(idx).click()
         wait_textbox(page, "inspect-score", lambda v: re.fullmatch(r"-?\d+\.\d+", v) is not None, timeout=120)
         t = float(textbox_value(page, "inspect-time").split()[0])
-        assert t > 0  # the page says how long it took (its speed is benchmarks/throughput.py's business)
+        assert t > 0  # the page says how long it took (its speed is python -m benchmarks speed's business)
         label = page.locator("#panel-reconstruction").inner_text()
         assert "n/a" not in label  # the diffusion model reconstructs
         assert textbox_value(page, "inspect-file") == names[idx] + ".png"

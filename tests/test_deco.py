@@ -236,7 +236,7 @@ def test_presets_are_unconditional_unets_with_attention_only_on_small_grids():
     t = torch.tensor([0, 9])
     with torch.no_grad():
         out = tiny.eval()(z, t).sample
-    assert out.shape == z.shape  # its speed is benchmarks/speed.py's business, not a timed test
+    assert out.shape == z.shape  # its speed is python -m benchmarks speed's business, not a timed test
 
 
 def _toy_latents(n: int, generator: torch.Generator, template: torch.Tensor) -> torch.Tensor:

@@ -86,7 +86,7 @@ def test_tiny_forward_at_32x32():
     z, bank = torch.randn(2, 4, 32, 32), torch.randn(2, 64, 64)
     with torch.no_grad():
         eps = latent_eps(unet, None, proj, z, 10, bank)
-    assert eps.shape == z.shape and torch.isfinite(eps).all()  # speed: benchmarks/speed.py, not a timed test
+    assert eps.shape == z.shape and torch.isfinite(eps).all()  # speed: python -m benchmarks speed, not a timed test
 
 
 def test_context_conditions_and_row_permutation_invariance():

@@ -294,7 +294,7 @@ def test_the_batcher_serves_concurrent_callers_their_own_results(model, tmp_path
 
 def test_importing_ccad_makes_openmp_threads_wait_passively_unless_told_otherwise():
     """Busy-waiting OpenMP threads made a batch-1 inspection ~15x slower on a shared 2-core box
-    (benchmarks/throughput.py --model checkpoints/demo); ccad sets PASSIVE before torch loads."""
+    (python -m benchmarks speed --model checkpoints/demo); ccad sets PASSIVE before torch loads."""
     import subprocess
     import sys
 

@@ -21,7 +21,7 @@ Scores are compared in float32 (anomaly maps are float32 throughout ``ccad``). I
 maps are passed whose values are not exactly representable in float32, the exact float64
 fallback (an argsort; about 20 bytes per pixel) is used instead, so results are never
 changed by rounding. Measured on 2 CPU cores with 582 x 256 x 256 maps
-(``benchmarks/metrics_speed.py``): all four pixel metrics in about 3 s and 0.4 GB above the
+(``python -m benchmarks metrics_speed``): all four pixel metrics in about 3 s and 0.4 GB above the
 input arrays on the float32 path; about 10 s and 1 GB on the float64 fallback.
 """
 

@@ -1,7 +1,7 @@
 """Ablations: each paper's key claim reproduced qualitatively on the synthetic set, one JSON line each.
 
-    python benchmarks/ablations.py --quick --json benchmarks/results/ablations-quick-cpu.jsonl   # CPU
-    python benchmarks/ablations.py --json benchmarks/results/ablations-full.jsonl                # a GPU
+    python -m benchmarks experiments.ablations --quick --json benchmarks/results/ablations-quick-cpu.jsonl  # CPU
+    python -m benchmarks experiments.ablations --json benchmarks/results/ablations-full.jsonl               # GPU
 
 Data: ``ccad.data.synthetic.write_dataset`` (deterministic, seed 0, MVTec layout, exact masks),
 written into a temp folder: the classes of ``CLASSES`` at the mode's size, good training images,
@@ -53,10 +53,8 @@ comparison for every metric. Prints one JSON line per ablation, then a table.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -66,16 +64,13 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (PeakRSS, build_detector, default_autoencoder, git_commit, loss_summary, machine,  # noqa: E402
-                    settings_for)
-
-from ccad.data.dataset import iter_batches  # noqa: E402
-from ccad.data.detect import load_dataset  # noqa: E402
-from ccad.data.synthetic import write_dataset  # noqa: E402
-from ccad.evaluate import evaluate  # noqa: E402
-from ccad.pipeline import split_good  # noqa: E402
+from benchmarks.common import (ALL_CORES, JsonLines, PeakRSS, build_detector, command, default_autoencoder, git_commit,
+                               loss_summary, machine, make_parser, parse, settings_for)
+from ccad.data.dataset import iter_batches
+from ccad.data.detect import load_dataset
+from ccad.data.synthetic import write_dataset
+from ccad.evaluate import evaluate
+from ccad.pipeline import split_good
 
 CLASSES = {"quick": ("granular", "woven"), "full": ("granular", "woven", "fibrous")}
 SIZES = {  # images per class: good train, good test, defective test per defect type (4 types)
@@ -475,18 +470,16 @@ def table_rows(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="CPU mode (128 px, short trainings)")
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = make_parser("experiments.ablations", __doc__, quick="CPU mode (128 px, short trainings)",
+                     workdir="run folders and the generated set (default: a temporary folder)", autoencoder=True,
+                     device=True, threads=ALL_CORES)
     ap.add_argument("--only", default=",".join(ABLATIONS), help=f"comma-separated subset of {','.join(ABLATIONS)}")
     ap.add_argument("--steps", type=int, default=None, help="override every training's steps (smoke runs)")
     ap.add_argument("--per-class", default=None, metavar="TRAIN,TEST_GOOD,TEST_DEFECT",
                     help="smoke runs: images per class (defective: per defect type) instead of the mode's")
     ap.add_argument("--image-size", type=int, default=None, help="override the data and model image size")
-    ap.add_argument("--autoencoder", default=None)
-    ap.add_argument("--workdir", default=None)
-    ap.add_argument("--json", default=None)
-    a = ap.parse_args()
+    a = parse(ap, argv)
 
     mode = "quick" if a.quick else "full"
     sizes = dict(SIZES[mode])
@@ -504,17 +497,18 @@ def main() -> int:
     tag = f"{sizes['size']}-{sizes['n_train']}-{sizes['n_test_good']}-{sizes['n_test_defect']}"
     root = generate(work / f"synthetic-{'-'.join(classes)}-{tag}", classes, sizes)
     ae = a.autoencoder or default_autoencoder()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     test_all = load_dataset(root, split="test")
     test_first = [s for s in test_all if s.category == classes[0]]
     latent_cache = work / f"latents-{sizes['size']}"
-    run = {"commit": git_commit(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), **machine(),
+    run = {"commit": git_commit(), "command": command("experiments.ablations", argv), **machine(),
            "data": {"generator": "ccad.data.synthetic.write_dataset", "classes": list(classes), "seed": 0, **sizes,
                     "n_test_all": len(test_all), "n_test_first_class": len(test_first),
                     "calibration_fraction": CAL_FRACTION}}
     print(f"# {json.dumps(run)}", file=sys.stderr, flush=True)
     t_start = time.perf_counter()
-    rows: list[dict[str, Any]] = []
+    out = JsonLines(a.json)
+    rows: list[dict[str, Any]] = out.rows
     trained: dict[str, Any] = {}
 
     def train(name: str, data: Any, image_size: int) -> tuple[Any, dict[str, Any]]:
@@ -534,11 +528,7 @@ def main() -> int:
                     "loss": info["loss"], "data": data_note, "device": device, "mode": mode,
                     "peak_ram_mb": mem.peak_mb, "loadavg_start": load0, "loadavg_end": machine()["loadavg"],
                     "settings": info["settings"], "run": run})
-        print(json.dumps(row, default=str), flush=True)
-        rows.append(row)
-        if a.json:
-            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.json).write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
+        out.emit(row)
 
     size = int(sizes["size"])
     all_note = f"synthetic {'+'.join(classes)} ({len(test_all)} test images), one model over all classes"
@@ -584,8 +574,3 @@ def main() -> int:
     print(f"\n# total {round(time.perf_counter() - t_start, 1)} s, load average now {machine()['loadavg']}",
           file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Why a latent detector scores as it does, from GOOD images only (no test label is read).
 
-    python benchmarks/latent_diagnostics.py RUN_DIR/model [RUN_DIR/model ...] [--n 24]
+    python -m benchmarks experiments.latent_diagnostics RUN_DIR/model [RUN_DIR/model ...] [--n 24]
 
 For each saved latent detector (``model/`` of a benchmark run folder) and N good *training*
 images of the dataset (default MTD; the ones it was trained on; the point is to see what the model does on normal
@@ -19,21 +19,16 @@ data), report:
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import ROOT, loss_summary  # noqa: E402
-
-from ccad.data.detect import load_dataset  # noqa: E402
-from ccad.data.io import load_image, to_tensor  # noqa: E402
-from ccad.pipeline import AnomalyDetector  # noqa: E402
+from benchmarks.common import MTD_SPLIT, JsonLines, loss_summary, make_parser, parse
+from ccad.data.detect import load_dataset
+from ccad.data.io import load_image, to_tensor
+from ccad.pipeline import AnomalyDetector
 
 
 @torch.no_grad()
@@ -70,25 +65,16 @@ def diagnose(model_dir: Path, samples: list, batch: int = 8) -> dict:
             "threshold": det.threshold, "loss": loss_summary(Path(model_dir).parent)}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = make_parser("experiments.latent_diagnostics", __doc__)
     ap.add_argument("models", nargs="+")
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "mtd" / "split.csv"),
+    ap.add_argument("--data", default=str(MTD_SPLIT),
                     help="any dataset ccad.data.detect.load_dataset reads (its good train images are used)")
     ap.add_argument("--n", type=int, default=24)
-    ap.add_argument("--json", default=None)
-    a = ap.parse_args()
+    a = parse(ap, argv)
     train = load_dataset(a.data, split="train")
     good = [s for s in train if s.label == 0][:: max(1, len(train) // a.n)][: a.n]
-    rows = []
+    out = JsonLines(a.json, default=float)
     for d in a.models:
-        row = diagnose(Path(d), good)
-        print(json.dumps(row, default=float), flush=True)
-        rows.append(row)
-    if a.json:
-        Path(a.json).write_text("".join(json.dumps(r, default=float) + "\n" for r in rows))
+        out.emit(diagnose(Path(d), good))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

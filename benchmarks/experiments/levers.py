@@ -1,9 +1,9 @@
 """Scoring levers on already trained MTD models: one JSON line per (model, arm, view).
 
-    python benchmarks/levers.py --workdir /tmp/mtd-run/work --methods deco-diff,d3ad \\
+    python -m benchmarks experiments.levers --workdir /tmp/mtd-run/work --methods deco-diff,d3ad \\
         --arm fusion_weight_fit=synthetic --arm feature_match=neighbourhood --json levers.jsonl
 
-``benchmarks/mtd.py`` saves every trained model in ``WORKDIR/<method>/model`` (fused with the
+``python -m benchmarks mtd`` saves every trained model in ``WORKDIR/<method>/model`` (fused with the
 bank's nearest-neighbour map when it ran with ``--fusion both``, its default). This script loads
 each one, applies an arm (``KEY=VALUE`` fields of the scoring config, several per arm joined by
 ``,``), re-calibrates on the same held-out good slice the model was calibrated on (10 % of the
@@ -14,22 +14,15 @@ reads a test label before the metrics; each arm is a lever measured, not a choic
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
 import time
 from pathlib import Path
+from typing import Optional
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import add_saved_model_args, git_commit, machine, saved_model_split  # noqa: E402
-
-from ccad.config import set_option  # noqa: E402
-from ccad.evaluate import METRIC_KEYS, evaluate_views  # noqa: E402
-from ccad.pipeline import AnomalyDetector  # noqa: E402
+from benchmarks.common import (ALL_CORES, JsonLines, add_saved_model_args, command, git_commit, machine, make_parser,
+                               parse, saved_model_split)
+from ccad.config import set_option
+from ccad.evaluate import METRIC_KEYS, evaluate_views
+from ccad.pipeline import AnomalyDetector
 
 def parse_arm(text: str) -> dict[str, str]:
     out = {}
@@ -41,18 +34,19 @@ def parse_arm(text: str) -> dict[str, str]:
     return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = make_parser("experiments.levers", __doc__, threads=ALL_CORES)
     add_saved_model_args(ap)
     ap.add_argument("--arm", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                     help="scoring-config fields of one arm (repeatable); 'baseline' is always run first")
     ap.add_argument("--no-baseline", action="store_true", help="skip the model as saved")
-    a = ap.parse_args()
+    a = parse(ap, argv)
 
     test, cal = saved_model_split(a.data, a.subset)  # the slice mtd.py calibrated on
     arms = ([] if a.no_baseline else [("baseline", {})]) + [(arm, parse_arm(arm)) for arm in a.arm]
-    run = {"commit": git_commit(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), **machine()}
-    rows = []
+    run = {"commit": git_commit(), "command": command("experiments.levers", argv), **machine()}
+    out = JsonLines(a.json)
+    rows = out.rows
     for name in [m.strip() for m in a.methods.split(",") if m.strip()]:
         folder = Path(a.workdir) / name / "model"
         for label, fields in arms:
@@ -74,19 +68,10 @@ def main() -> int:
                        "settings": {"view": view, "arm": fields, "model": str(folder),
                                     "fusion": det.fusion.card() if det.fusion is not None else None,
                                     "n_test": len(rep.records), "n_calibration": len(cal), "run": run}}
-                print(json.dumps(row, default=str), flush=True)
-                rows.append(row)
-                if a.json:
-                    with open(a.json, "a") as f:
-                        f.write(json.dumps(row, default=str) + "\n")
+                out.emit(row)
     print()
     keys = ["image_auroc", "pixel_auroc", "pixel_aupro"]
     print(f"{'method':<16}{'arm':<40}" + "".join(f"{k:>13}" for k in keys))
     for r in rows:
         print(f"{r['method']:<16}{r['arm'][:39]:<40}" + "".join(f"{r[k]:>13}" for k in keys))
     return 0
-
-
-if __name__ == "__main__":
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    sys.exit(main())

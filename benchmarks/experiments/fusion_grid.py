@@ -1,8 +1,8 @@
 """The fusion weight grid of a saved, fused MTD model: what the good-only fit saw, and the ceiling.
 
-    python benchmarks/fusion_grid.py --workdir /tmp/mtd-run/work --methods deco-diff --json grid.jsonl
+    python -m benchmarks experiments.fusion_grid --workdir /tmp/mtd-run/work --methods deco-diff --json grid.jsonl
 
-``benchmarks/mtd.py`` saves each fused model in ``WORKDIR/<method>/model``. This script computes
+``python -m benchmarks mtd`` saves each fused model in ``WORKDIR/<method>/model``. This script computes
 the two components of its map (the method's map and the bank's nearest-neighbour map) once, on
 the held-out good slice the model was calibrated on, on copies of those images with a synthetic
 anomaly each (what ``scoring.fusion_weight_fit = "synthetic"`` fits on), and on the MTD test
@@ -19,25 +19,21 @@ marks the row the good-only fit picks (the objective of
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import add_saved_model_args, git_commit, machine, saved_model_split  # noqa: E402
-
-from ccad.data.anomaly_synth import synthesize_batch  # noqa: E402
-from ccad.data.dataset import iter_batches  # noqa: E402
-from ccad.metrics import aupro, auroc, pixel_auroc  # noqa: E402
-from ccad.pipeline import AnomalyDetector  # noqa: E402
-from ccad.scoring.fusion import NORMS, WEIGHT_GRID  # noqa: E402
+from benchmarks.common import (ALL_CORES, JsonLines, add_saved_model_args, command, git_commit, machine, make_parser,
+                               parse, saved_model_split)
+from ccad.data.anomaly_synth import synthesize_batch
+from ccad.data.dataset import iter_batches
+from ccad.metrics import aupro, auroc, pixel_auroc
+from ccad.pipeline import AnomalyDetector
+from ccad.scoring.fusion import NORMS, WEIGHT_GRID
 
 def parts(det: AnomalyDetector, samples: list, batch_size: int, synthetic: bool = False) -> dict[str, torch.Tensor]:
     """Method and bank maps (``N x 1 x S x S``, float16 to save memory), labels and masks; with
@@ -69,14 +65,15 @@ def metrics(det: AnomalyDetector, maps: torch.Tensor, labels: np.ndarray, masks:
             "pixel_aupro": round(float(aupro(masks, maps[:, 0].numpy())), 5)}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = make_parser("experiments.fusion_grid", __doc__, threads=ALL_CORES)
     add_saved_model_args(ap, "fused models")
-    a = ap.parse_args()
+    a = parse(ap, argv)
 
     test, cal = saved_model_split(a.data, a.subset)  # the slice mtd.py calibrated on
-    run = {"commit": git_commit(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), **machine()}
-    rows = []
+    run = {"commit": git_commit(), "command": command("experiments.fusion_grid", argv), **machine()}
+    out = JsonLines(a.json)
+    rows = out.rows
     for name in [m.strip() for m in a.methods.split(",") if m.strip()]:
         folder = Path(a.workdir) / name / "model"
         det = AnomalyDetector.from_pretrained(folder)
@@ -101,7 +98,7 @@ def main() -> int:
                               syn_labels, syn_masks)
                 grid.append({"method": name, "norm": norm, "weight_of_method_map": w,
                              "synthetic": syn, "test": metrics(det, fuse(tm, tb), test_labels, test_masks)})
-                print(json.dumps(grid[-1]), flush=True)
+                print(json.dumps(grid[-1]), flush=True)  # progress; the file gets the full rows below
         # the good-only fit's choice: BankFusion.fit_weight's objective and tie-breaks
         best = max(grid, key=lambda r: ((r["synthetic"]["image_auroc"] + r["synthetic"]["pixel_auroc"]) / 2,
                                         r["norm"] == NORMS[0], -abs(r["weight_of_method_map"] - 0.5)))
@@ -110,11 +107,8 @@ def main() -> int:
             r["settings"] = {"model": str(folder), "n_calibration": len(cm), "n_synthetic": len(c["sm"]),
                              "n_test": len(tm), "maps_seconds": round(secs, 1), "run": run,
                              "note": "test columns: diagnostic only (an oracle), never a choice"}
-        rows += grid
-        if a.json:
-            with open(a.json, "a") as f:
-                for r in grid:
-                    f.write(json.dumps(r, default=str) + "\n")
+        for r in grid:
+            out.emit(r, echo=False)
     print()
     print(f"{'method':<12}{'norm':<10}{'w':>5}  {'syn img':>9}{'syn pix':>9}{'syn pro':>9}  "
           f"{'img':>9}{'pix':>9}{'pro':>9}")
@@ -124,8 +118,3 @@ def main() -> int:
               f"{s['pixel_auroc']:>9}{s['pixel_aupro']:>9}  {q['image_auroc']:>9}{q['pixel_auroc']:>9}"
               f"{q['pixel_aupro']:>9}" + ("  <- the good-only fit" if r["chosen"] else ""))
     return 0
-
-
-if __name__ == "__main__":
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    sys.exit(main())
