@@ -116,5 +116,10 @@ def launch(host: str = "127.0.0.1", port: int = 7860, data_root: str | os.PathLi
     user data folder, never the checkout)."""
     if demo is None:
         demo = build_app(data_root=data_root, state_dir=default_state_dir(state_dir), model=model)
+    allowed = [str(SAMPLES_DIR)]
+    controller = getattr(demo, "ccad_controller", None)
+    if controller is not None:  # the Inspect tab's downloads are written there (the state folder is
+        allowed.append(str(controller.state_dir / "downloads"))  # neither the temp folder nor the cwd)
+    allowed += list(launch_kwargs.pop("allowed_paths", None) or [])
     return demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE,
-                       allowed_paths=[str(SAMPLES_DIR)], **launch_kwargs)
+                       allowed_paths=allowed, **launch_kwargs)

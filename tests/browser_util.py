@@ -35,12 +35,12 @@ def free_port() -> int:
 
 @contextmanager
 def serve(demo: Any, timeout: float = 60.0) -> Iterator[str]:
-    """Launch a built gr.Blocks on 127.0.0.1:<free port> without blocking; yield its URL."""
-    from app.main import MAX_FILE_SIZE
+    """Serve a built gr.Blocks through ``app.main.launch`` (the options ``ccad app`` uses) on
+    127.0.0.1:<free port> without blocking; yield its URL."""
+    from app.main import launch
 
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                max_file_size=MAX_FILE_SIZE, ssr_mode=False)
+    launch(host="127.0.0.1", port=port, demo=demo, prevent_thread_lock=True, quiet=True, ssr_mode=False)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + timeout
     while time.time() < deadline:

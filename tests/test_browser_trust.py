@@ -244,3 +244,35 @@ def test_the_page_says_what_the_bundled_demo_was_trained_on(tmp_path: Path) -> N
         assert f"{info['n_train_images']} synthetic '{info['demo']['kind']}' texture images only" in text
         assert "out of its domain" in text
         screenshot(page, "trust_demo_training_data", full_page=False)
+
+
+def test_downloads_are_served_when_the_state_folder_is_outside_temp_and_cwd(tmp_path: Path, monkeypatch) -> None:
+    """``ccad app`` keeps its state in the user data folder (``~/.local/share/ccad/app``), outside
+    the system temp folder and the working directory Gradio serves by default: the downloads
+    written there after an inspection must still reach the page (no "Cannot move ... InvalidPathError")."""
+    import tempfile
+
+    from test_app import FakeDetector, grey
+
+    from app.controller import AppController
+    from app.main import build_app
+
+    systmp, cwd = tmp_path / "systmp", tmp_path / "cwd"
+    systmp.mkdir()
+    cwd.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(systmp))  # the state folder is not under it
+    monkeypatch.chdir(cwd)
+    root = tmp_path / "data"
+    root.mkdir()
+    img = grey(root / "part.png", 10, 48)
+    ctl = AppController(data_root=root, state_dir=tmp_path / "state", samples_dir=None, demo_dir=None)
+    ctl.registry.add("fake", FakeDetector(), "test")
+    with serve(build_app(ctl)) as url, browser_page(CHROMIUM) as page:
+        page.goto(url)
+        page.wait_for_selector("#inspect-upload")
+        _inspect(page, [img])
+        _wait_text(page, "inspect-downloads", "batch_scores")  # the name and its extension are shown apart
+        assert "part_heatmap" in _text(page, "inspect-downloads")
+        assert "Error" not in _text(page, "inspect-status")
+        shot = screenshot(page, "trust_downloads_outside_temp")
+    assert shot.is_file()
