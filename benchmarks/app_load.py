@@ -125,7 +125,8 @@ class AppServer:
         if inspect_concurrency is not None:
             env["CCAD_APP_INSPECT_CONCURRENCY"] = str(inspect_concurrency)
         cmd = [sys.executable, "-c", "import sys; from ccad.cli import main; sys.exit(main(sys.argv[1:]))",
-               "app", "--host", "127.0.0.1", "--port", str(port), "--data-root", str(workdir)]
+               "app", "--host", "127.0.0.1", "--port", str(port), "--data-root", str(workdir),
+               "--state-dir", str(workdir / "state")]  # never the user's own app state
         if model:
             cmd += ["--model", model]
         self._log = open(self.log_path, "wb")

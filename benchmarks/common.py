@@ -122,12 +122,29 @@ def default_autoencoder() -> str:
     return f"taef2:{ROOT.parent / 'shared' / 'weights'}"
 
 
+def default_settings(name: str, mode: str) -> dict[str, Any]:
+    """The row of a registered method without one in :data:`SETTINGS` (a new method needs no
+    benchmark row): its own default config and image size (at most 128 px for ``quick``) and the
+    trainer's defaults, 200 steps for ``quick``, 2000 for ``full``."""
+    from ccad.methods import get_method
+    from ccad.training import TrainConfig
+
+    mcls = get_method(name)  # an unknown name: UnknownVariant listing the available ones
+    if mode not in ("quick", "full"):
+        raise ValueError(f"mode must be 'quick' or 'full', got {mode!r}")
+    t = TrainConfig()
+    size = int(mcls.default_image_size)
+    steps = 200 if mode == "quick" else 2000
+    return {"image_size": min(128, size) if mode == "quick" else size, "preset": None, "steps": steps,
+            "batch_size": int(t.batch_size), "lr": float(t.lr), "warmup_steps": steps // 10, "options": {},
+            "budget": f"no settings row for {name}: the method's defaults, {steps} training steps"}
+
+
 def settings_for(name: str, mode: str, autoencoder: str, overrides: Optional[dict[str, Any]] = None,
                  options: Optional[dict[str, str]] = None) -> dict[str, Any]:
-    """A deep copy of the table row with the autoencoder filled in and overrides applied."""
-    if name not in SETTINGS:
-        raise KeyError(f"no benchmark settings for {name!r}; known: {', '.join(SETTINGS)}")
-    s = copy.deepcopy(SETTINGS[name][mode])
+    """A deep copy of the table row (:func:`default_settings` for a method without one) with the
+    autoencoder filled in and overrides applied."""
+    s = copy.deepcopy(SETTINGS[name][mode]) if name in SETTINGS else default_settings(name, mode)
     opts = s.setdefault("options", {})
     for k, v in list(opts.items()):
         if v == LATENT_TAG:

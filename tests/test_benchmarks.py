@@ -194,9 +194,6 @@ def test_dagm_relabel(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="app bug (not the benchmark's): with the default state dir (~/.local/share/ccad/app) "
-                         "every inspection fails in Gradio's postprocess with InvalidPathError, the downloads "
-                         "(state_dir/downloads) are outside launch(allowed_paths=...); unskip once app/ is fixed")
 def test_app_load(mtd_run, tmp_path):
     pytest.importorskip("gradio")
     work, _ = mtd_run
@@ -204,3 +201,20 @@ def test_app_load(mtd_run, tmp_path):
                "--timeout", "240", "--no-warmup", out=tmp_path / "app.jsonl")
     assert r["ok"] == 2 and r["server_alive"] and r["order_violations"] == 0
     assert {"latency_p50_s", "throughput_per_s", "lost", "failed", "refused"} <= set(r)
+
+
+def test_a_method_without_a_settings_row_gets_a_default_one(monkeypatch):
+    """Adding a method needs no benchmark row: without one the method's own defaults are used."""
+    from benchmarks import common
+
+    monkeypatch.delitem(common.SETTINGS, "deco-diff")
+    quick = common.settings_for("deco-diff", "quick", "taef2:random")
+    full = common.settings_for("deco-diff", "full", "taef2:random", overrides={"steps": 7})
+    assert quick["image_size"] <= 128 and quick["steps"] == 200 and "no settings row" in quick["budget"]
+    assert full["steps"] == 7 and "overrides: steps 7" in full["budget"]
+    from ccad.methods import get_method
+
+    cfg, scoring = common.method_configs("deco-diff", quick)  # validated: the method's own defaults
+    assert cfg == get_method("deco-diff").default_config() and scoring == get_method("deco-diff").default_scoring()
+    with pytest.raises(Exception, match="available"):
+        common.settings_for("no-such-method", "quick", "taef2:random")
