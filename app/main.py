@@ -40,9 +40,9 @@ CSS = """
 
 
 def _import_review() -> tuple[Any, Optional[str], Optional[str]]:
-    """The DAGM review tab (app/review.py, written separately): (builder, shortcuts js, import error)."""
+    """The DAGM review tab (app/tabs/review.py over app/review.py): (builder, shortcuts js, import error)."""
     try:
-        from .review import REVIEW_SHORTCUTS_JS, build_review_tab
+        from .tabs.review import REVIEW_SHORTCUTS_JS, build_review_tab
     except Exception as exc:  # the rest of the app must work without it
         return None, None, f"{type(exc).__name__}: {exc}"
     return build_review_tab, REVIEW_SHORTCUTS_JS, None

@@ -15,14 +15,8 @@ import pytest
 
 gr = pytest.importorskip("gradio")
 
-from app.review import (  # noqa: E402
-    ELEM_IDS,
-    REVIEW_SHORTCUTS_JS,
-    ReviewUI,
-    build_review_tab,
-    editor_value,
-    mask_from_editor,
-)
+from app.review import ReviewUI, editor_value, mask_from_editor  # noqa: E402
+from app.tabs.review import ELEM_IDS, REVIEW_SHORTCUTS_JS, build_review_tab  # noqa: E402
 from ccad.data.synthetic import write_dataset  # noqa: E402
 
 REQUIRED_IDS = ["review-folder", "review-load", "review-accept", "review-reject", "review-next",
