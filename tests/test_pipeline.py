@@ -88,6 +88,9 @@ def test_incompatible_or_corrupt_checkpoints_give_clear_errors(patchcore, tmp_pa
     (bad / "patchcore.safetensors").write_bytes(b"not safetensors at all")
     with pytest.raises(CheckpointError, match="weights"):
         AnomalyDetector.from_pretrained(bad)
+    (bad / "patchcore.safetensors").unlink()  # a part of the folder lost in a copy: named, with what it holds
+    with pytest.raises((CheckpointError, FileNotFoundError), match=r"patchcore\.safetensors.*memory bank"):
+        AnomalyDetector.from_pretrained(bad)
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     cfg["variant"] = "no-such-method"  # e.g. a plug-in that is not installed here
     (bad / "config.json").write_text(json.dumps(cfg))

@@ -264,9 +264,7 @@ class Method:
         """Rebuild from :meth:`save`'s folder; a missing component is a clear ``FileNotFoundError``."""
         method = cls(config, ctx)
         for name, klass in method.component_classes().items():
-            sub = Path(directory) / name
-            if not sub.is_dir():
-                raise FileNotFoundError(f"{sub}: missing; a saved {cls.name} detector has the subfolder {name}/")
+            sub = saved_part(directory, name, f"its {name} network ({cls.name})", folder=True)
             method.modules[name] = klass.from_pretrained(str(sub))
         from .adaptation import load_adapted
 
@@ -277,6 +275,16 @@ class Method:
 # --------------------------------------------------------------------------------------------
 # The registry
 # --------------------------------------------------------------------------------------------
+
+def saved_part(directory: str | Path, name: str, holds: str, folder: bool = False) -> Path:
+    """``directory/name`` of a saved detector, or a ``FileNotFoundError`` naming the missing file
+    (or subfolder) and what it ``holds``, e.g. "its memory bank"."""
+    p = Path(directory) / name
+    if not (p.is_dir() if folder else p.is_file()):
+        kind = "subfolder" if folder else "file"
+        raise FileNotFoundError(f"{p}: missing; a saved detector keeps {holds} in the {kind} {name}")
+    return p
+
 
 _METHODS: dict[str, type[Method]] = {}
 

@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..config import ConfigError
+from .base import saved_part
 
 CONDITIONING_FILE = "d3ad_conditioning.safetensors"
 
@@ -120,9 +121,6 @@ class DynamicStartMixin:
     def load_conditioning(self, directory: Path) -> None:
         from safetensors.torch import load_file
 
-        path = Path(directory) / CONDITIONING_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; a detector with dynamic start steps keeps its KNN memory "
-                                    f"and bins there")
+        path = saved_part(directory, CONDITIONING_FILE, "the KNN memory and bins of its dynamic start steps")
         t = load_file(str(path))
         self.knn_features, self.train_distances, self.bin_edges = t["features"], t["train_distances"], t["bin_edges"]

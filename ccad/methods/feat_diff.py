@@ -72,7 +72,7 @@ from ..config import ConfigError
 from ..models.feat_denoiser import FeatDenoiser
 from ..models.latent_denoiser import BankProjector
 from ..scoring.anomaly_map import gaussian_blur, image_score, scaled_sigma
-from .base import Context, Method, MethodOutput, check_preset, register_method
+from .base import Context, Method, MethodOutput, check_preset, register_method, saved_part
 
 MEMORY_FILE = "feat_diff_memory.safetensors"
 FEATURES_FOLDER = "features"
@@ -495,9 +495,7 @@ class FeatDiff(Method):
         from safetensors.torch import load_file
 
         method = super().load(directory, config, ctx)
-        f = Path(directory) / MEMORY_FILE
-        if not f.is_file():
-            raise FileNotFoundError(f"{f}: missing; a saved feat-diff detector keeps its edit memory there")
+        f = saved_part(directory, MEMORY_FILE, "feat-diff's edit memory")
         method.memory = load_file(str(f))["memory"]
         with safe_open(str(f), framework="pt") as fh:
             meta = fh.metadata() or {}

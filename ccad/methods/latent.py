@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..config import ConfigError
-from .base import Context, Method
+from .base import Context, Method, saved_part
 
 VAE_FOLDER = "vae"
 
@@ -119,9 +119,7 @@ class LatentMethod(Method):
         from ..models.autoencoder import LatentAutoencoder
 
         method = super().load(directory, config, ctx)
-        vae = Path(directory) / VAE_FOLDER
-        if not vae.is_dir():
-            raise FileNotFoundError(f"{vae}: missing; a saved {cls.name} detector keeps its autoencoder there")
+        vae = saved_part(directory, VAE_FOLDER, f"its autoencoder ({cls.name})", folder=True)
         method.autoencoder = LatentAutoencoder.from_pretrained(vae).to(ctx.device)
         method.autoencoder.set_scaling(config.latent_scale, config.latent_shift)
         return method

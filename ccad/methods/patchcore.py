@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..scoring.anomaly_map import gaussian_blur, scaled_sigma
-from .base import Context, Method, MethodOutput, register_method
+from .base import Context, Method, MethodOutput, register_method, saved_part
 
 MEMORY_FILE = "patchcore.safetensors"
 
@@ -143,9 +143,7 @@ class PatchCore(Method):
 
         from ..features import PatchCoreScorer
 
-        f = Path(directory) / MEMORY_FILE
-        if not f.is_file():
-            raise FileNotFoundError(f"{f}: missing; a saved patchcore detector has its memory bank in {MEMORY_FILE}")
+        f = saved_part(directory, MEMORY_FILE, "PatchCore's memory bank")
         method = cls(config, ctx)
         method.scorer = PatchCoreScorer.from_tensors(load_file(str(f)), method._backbone())
         return method
