@@ -22,6 +22,17 @@ class ConfigError(ValueError):
     """A configuration file or field is invalid; the message names the field."""
 
 
+def at_least(cfg: Any, minimum: int, *names: str, section: str = "method", optional: bool = False) -> None:
+    """Each field ``names`` of ``cfg`` is >= ``minimum`` (``optional``: or None), else a
+    :class:`ConfigError` naming ``section.field`` and its value."""
+    for name in names:
+        value = getattr(cfg, name)
+        if optional and value is None:
+            continue
+        if float(value) < minimum:
+            raise ConfigError(f"{section}.{name} must be >= {minimum}{' or null' if optional else ''}, got {value}")
+
+
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     """Turn a JSON value into the annotated field type (nested dataclasses, Optional, tuples)."""
     origin = typing.get_origin(tp)
@@ -262,12 +273,10 @@ class ScoringConfig:
         if self.feature_match not in (None, "same", "neighbourhood", "all"):
             raise ConfigError(f"scoring.feature_match must be 'same', 'neighbourhood' or 'all', "
                               f"got {self.feature_match!r}")
-        if int(self.match_radius) < 1:
-            raise ConfigError(f"scoring.match_radius must be >= 1, got {self.match_radius}")
+        at_least(self, 1, "match_radius", section="scoring")
         if self.score not in ("max", "topk"):
             raise ConfigError(f"scoring.score must be 'max' or 'topk', got {self.score!r}")
-        if self.topk_count is not None and int(self.topk_count) < 1:
-            raise ConfigError(f"scoring.topk_count must be >= 1 or null, got {self.topk_count}")
+        at_least(self, 1, "topk_count", section="scoring", optional=True)
         if self.calibration not in ("fpr", "sigma"):
             raise ConfigError(f"scoring.calibration must be 'fpr' or 'sigma', got {self.calibration!r}")
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import ConfigError
+from ..config import ConfigError, at_least
 from ..scoring.anomaly_map import anomaly_map
 from .base import Context, MethodOutput, check_preset, register_method
 from .dynamic_start import DynamicStartMixin
@@ -62,8 +62,7 @@ class LatentDiffusionConfig:
         if self.start_step is not None and not 1 <= int(self.start_step) < T:
             raise ConfigError(f"method.diffusion.start_step must be in 1..{T - 1} (or None for T-1), "
                               f"got {self.start_step}")
-        if int(self.steps) < 1:
-            raise ConfigError(f"method.diffusion.steps must be >= 1, got {self.steps}")
+        at_least(self, 1, "steps", section="method.diffusion")
 
 
 @dataclass
@@ -95,10 +94,7 @@ class CCADLatentConfig:
     def validate(self) -> None:
         check_preset(self.preset)
         check_autoencoder_spec(self.autoencoder)
-        if float(self.latent_weight) < 0:
-            raise ConfigError(f"method.latent_weight must be >= 0, got {self.latent_weight}")
-        if int(self.domain_adapt_epochs) < 0:
-            raise ConfigError(f"method.domain_adapt_epochs must be >= 0, got {self.domain_adapt_epochs}")
+        at_least(self, 0, "latent_weight", "domain_adapt_epochs")
         self.diffusion.validate()
 
 
@@ -118,11 +114,8 @@ class CCADFConfig(CCADLatentConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("fcm_heads", "bank_kernel", "query_stride"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"method.{name} must be >= 1, got {getattr(self, name)}")
-        if int(self.bank_per_image) < 0:
-            raise ConfigError(f"method.bank_per_image must be >= 0, got {self.bank_per_image}")
+        at_least(self, 1, "fcm_heads", "bank_kernel", "query_stride")
+        at_least(self, 0, "bank_per_image")
 
 
 def fcm_head_count(bank_dim: int, requested: int) -> int:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import ConfigError, DiffusionConfig
+from ..config import at_least, DiffusionConfig
 from ..models.denoiser import BankConditionedUNet, DenoiserConfig, images_to_model, model_to_images
 from ..scoring.anomaly_map import anomaly_map
 from .base import Context, Method, MethodOutput, check_preset, register_method
@@ -41,8 +41,7 @@ class CCADVConfig:
     def validate(self) -> None:
         check_preset(self.preset)
         self.diffusion.validate()
-        if int(self.domain_adapt_epochs) < 0:
-            raise ConfigError(f"method.domain_adapt_epochs must be >= 0, got {self.domain_adapt_epochs}")
+        at_least(self, 0, "domain_adapt_epochs")
         if self.denoiser is not None:
             self.denoiser.validate()
 

@@ -36,7 +36,7 @@ import torch
 from diffusers import UNet2DModel
 from torch import nn
 
-from ..config import ConfigError, ScoringConfig
+from ..config import ConfigError, at_least, ScoringConfig
 from ..models.deco_net import build_deco_unet
 from .base import Context, MethodOutput, check_preset, register_method
 from .dynamic_start import CONDITIONING_FILE, DynamicStartMixin  # noqa: F401  (CONDITIONING_FILE re-exported)
@@ -89,21 +89,16 @@ class D3ADConfig:
     def validate(self) -> None:
         check_preset(self.preset)
         check_autoencoder_spec(self.autoencoder)
-        for name in ("K", "n_bins", "T_max", "round_to", "skip"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"method.{name} must be >= 1, got {getattr(self, name)}")
+        at_least(self, 1, "K", "n_bins", "T_max", "round_to", "skip")
         if not 1 <= int(self.min_bin) <= int(self.n_bins):
             raise ConfigError(f"method.min_bin must be in 1..n_bins={self.n_bins}, got {self.min_bin}")
         if not int(self.T_max) < int(self.num_train_timesteps):
             raise ConfigError(f"method.T_max must be < num_train_timesteps={self.num_train_timesteps}, "
                               f"got {self.T_max}")
-        if self.steps is not None and int(self.steps) < 1:
-            raise ConfigError(f"method.steps must be >= 1 or null, got {self.steps}")
+        at_least(self, 1, "steps", optional=True)
         if not 0.0 <= float(self.lam) <= 1.0:
             raise ConfigError(f"method.lam must be in [0, 1], got {self.lam}")
-        for name in ("knn_pool", "norm_images", "domain_adapt_epochs", "domain_adapt_images"):
-            if int(getattr(self, name)) < 0:
-                raise ConfigError(f"method.{name} must be >= 0, got {getattr(self, name)}")
+        at_least(self, 0, "knn_pool", "norm_images", "domain_adapt_epochs", "domain_adapt_images")
 
 
 @register_method

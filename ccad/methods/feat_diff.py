@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError
+from ..config import ConfigError, at_least
 from ..models.feat_denoiser import FeatDenoiser
 from ..models.latent_denoiser import BankProjector
 from ..scoring.anomaly_map import gaussian_blur, image_score, scaled_sigma
@@ -123,12 +123,8 @@ class FeatDiffConfig:
             raise ConfigError(f"method.edit (the editing strength lambda) must be in [0, 1], got {self.edit}")
         if self.distance not in DISTANCES:
             raise ConfigError(f"method.distance must be 'cosine' or 'l2', got {self.distance!r}")
-        if int(self.memory_size) < 1:
-            raise ConfigError(f"method.memory_size must be >= 1, got {self.memory_size}")
-        if int(self.patches_per_image) < 0:
-            raise ConfigError(f"method.patches_per_image must be >= 0, got {self.patches_per_image}")
-        if int(self.search_images) < 1:
-            raise ConfigError(f"method.search_images must be >= 1, got {self.search_images}")
+        at_least(self, 1, "memory_size", "search_images")
+        at_least(self, 0, "patches_per_image")
         if any(not 0.0 <= float(e) <= 1.0 for e in self.search_edit) or not self.search_edit:
             raise ConfigError(f"method.search_edit must list values in [0, 1], got {self.search_edit}")
         if self.search and not search_pairs(T, self.search_noise, self.search_steps):

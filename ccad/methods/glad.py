@@ -40,7 +40,7 @@ import torch
 from diffusers import UNet2DModel
 from torch import nn
 
-from ..config import ConfigError, ScoringConfig
+from ..config import ConfigError, at_least, ScoringConfig
 from ..models.deco_net import build_deco_unet
 from ..models.denoiser import images_to_model, model_to_images
 from .base import Context, Method, MethodOutput, check_preset, register_method
@@ -103,8 +103,7 @@ class GLADConfig:
             raise ConfigError("method.anomaly_ratio must be in [0, 1] and method.beta_max in [0, 1)")
         if self.delta_quantile is not None and not 0.0 < float(self.delta_quantile) <= 1.0:
             raise ConfigError(f"method.delta_quantile must be in (0, 1] or null, got {self.delta_quantile}")
-        if int(self.delta_images) < 1:
-            raise ConfigError(f"method.delta_images must be >= 1, got {self.delta_images}")
+        at_least(self, 1, "delta_images")
         if not self.feature_layers or int(self.step_topk) < 1 or int(self.redundancy) < 0:
             raise ConfigError("method.feature_layers must name a layer, step_topk >= 1, redundancy >= 0")
 

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError
+from ..config import ConfigError, at_least
 from ..scoring.anomaly_map import gaussian_blur, scaled_sigma
 from .base import Context, Method, MethodOutput, register_method, saved_part
 
@@ -33,8 +33,7 @@ class PatchCoreConfig:
     def validate(self) -> None:
         if not 0.0 < float(self.ratio) <= 1.0:
             raise ConfigError(f"method.ratio (PatchCore coreset ratio) must be in (0, 1], got {self.ratio}")
-        if int(self.k) < 1:
-            raise ConfigError(f"method.k must be >= 1, got {self.k}")
+        at_least(self, 1, "k")
 
 
 def bank_from_memory(pc: Any, samples: Sequence[Any], bank_size: int, image_size: int, batch_size: int = 8,
