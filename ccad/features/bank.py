@@ -12,7 +12,7 @@ there are. Unreadable images are skipped and listed in ``meta["skipped"]``.
 Data accepted wherever this module (and :mod:`ccad.features.patchcore`) takes images:
 
 * a list of :class:`ccad.data.sample.Sample` (or of image paths), read with
-  :func:`ccad.data.io.load_image` and resized with :func:`ccad.data.io.to_tensor`;
+  :func:`ccad.data.io.load_image` and resized with :func:`ccad.data.convert.to_tensor`;
 * a tensor ``N x 3 x S x S`` in ``[0, 1]``;
 * an iterable of batches: tensors ``B x 3 x S x S`` in ``[0, 1]`` or dicts with an ``"image"``
   tensor (the output of ``ccad.data.dataset.iter_batches``; an ``"errors"`` entry of
