@@ -177,7 +177,7 @@ class ReviewUI:
         src = (getattr(bank, "meta", None) or {}).get("source_hash") if bank is not None else None
         if src and good:
             try:
-                from ccad.features.bank import ImageStream
+                from ccad.features.stream import ImageStream
 
                 return ImageStream(good, 64).source_hash() == src
             except Exception:

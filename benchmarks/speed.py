@@ -105,7 +105,7 @@ def pick_autoencoder(spec: Optional[str]) -> str:
 
 def textures(n: int, size: int, seed: int = 0) -> torch.Tensor:
     """``n x 3 x S x S`` generated textures in [0, 1] (four kinds, cycled)."""
-    from ccad.data.io import to_tensor
+    from ccad.data.convert import to_tensor
     from ccad.data.synthetic import generate_texture
 
     kinds = ("fibrous", "granular", "cloud", "woven")
@@ -305,7 +305,7 @@ def bench_saved(a: argparse.Namespace) -> dict[str, Any]:
     """End-to-end seconds per inspection of a saved model (see the module docstring)."""
     import numpy as np
 
-    from ccad.data.io import to_tensor
+    from ccad.data.convert import to_tensor
     from ccad.pipeline import AnomalyDetector
 
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -457,7 +457,8 @@ def latency_time_call(det: Any, x: torch.Tensor, reps: int) -> float:
 def bench_latency(a: argparse.Namespace, out: JsonLines) -> list[dict[str, Any]]:
     """``--mode latency``: ms per image of each (method, size) at each batch size (module docstring)."""
     from ccad.data.layouts import load_csv_manifest
-    from ccad.data.io import load_image, to_tensor
+    from ccad.data.convert import to_tensor
+    from ccad.data.io import load_image
 
     ae = a.autoencoder or default_autoencoder()
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -66,7 +66,7 @@ class PredictionBatcher:
         in the caller's thread (errors named as there; ``on_error="raise"`` raises the first),
         then run with other callers' images. ``batch_size`` is ignored (the batcher decides);
         ``progress`` is called when this caller's images are decoded and when they are done."""
-        from .data.io import decode_item
+        from .data.coerce import decode_item
 
         items = list(items)
         errors: list[tuple[str, str]] = []

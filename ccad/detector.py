@@ -24,7 +24,8 @@ from huggingface_hub import ModelHubMixin
 
 from . import __version__
 from .config import ConfigError
-from .data.io import coerce_image, decode_item, to_tensor
+from .data.coerce import coerce_image, decode_item
+from .data.convert import to_tensor
 from .detector_config import DetectorConfig
 from .detector_folder import default_device, read_folder, write_calibration, write_folder
 from .errors import CheckpointError

@@ -23,7 +23,8 @@ from PIL import Image
 from app.controller import AppController, Engine, UserError
 from app.jobs import FAILED, FINISHED, STOPPED, JobBusy, JobManager
 from app.paths import PathError, resolve_in_root, safe_extract_zip
-from ccad.data.io import ImageReadError, coerce_image
+from ccad.data.coerce import coerce_image
+from ccad.data.io import ImageReadError
 from ccad.pipeline import Prediction
 from ccad.scoring.threshold import Calibration
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from ccad.data.io import load_image, save_image, to_tensor
+from ccad.data.convert import to_tensor
+from ccad.data.io import load_image, save_image
 from ccad.data.latent_cache import LATENTS_META, LatentCache, build_latent_cache
 from ccad.data.sample import Sample
 from ccad.data.synthetic import generate_texture

@@ -61,7 +61,8 @@ def test_build_save_load_round_trip(image_dir: Path, backbone, tmp_path: Path) -
 
     # each bank row is a real patch feature of the training images
     with torch.no_grad():
-        from ccad.data.io import load_image, to_tensor
+        from ccad.data.convert import to_tensor
+        from ccad.data.io import load_image
 
         x = torch.stack([to_tensor(load_image(s.image_path), SIZE) for s in samples])
         allf = backbone(x).permute(0, 2, 3, 1).reshape(-1, 152)

@@ -11,14 +11,9 @@ import torch
 from PIL import Image
 
 from ccad.data import io as dio
-from ccad.data.io import (
-    ImageReadError,
-    coerce_image,
-    load_image,
-    load_mask,
-    mask_to_tensor,
-    to_tensor,
-)
+from ccad.data.coerce import coerce_image
+from ccad.data.convert import mask_to_tensor, to_tensor
+from ccad.data.io import ImageReadError, load_image, load_mask
 from ccad.data.sample import Sample
 
 

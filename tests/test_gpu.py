@@ -38,7 +38,8 @@ import torch
 
 from ccad.config import set_option
 from ccad.data.detect import load_dataset
-from ccad.data.io import coerce_image, to_tensor
+from ccad.data.coerce import coerce_image
+from ccad.data.convert import to_tensor
 from ccad.data.synthetic import write_dataset
 from ccad.methods import get_method, method_names
 from ccad.pipeline import AnomalyDetector, fit_detector, train_detector

@@ -76,7 +76,7 @@ def _synth(root: Path) -> None:
 
 def test_autoencoder_problem_checks_folders_and_the_hub_cache(tmp_path: Path, offline: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    from ccad.models.autoencoder import autoencoder_problem, offline_autoencoders
+    from ccad.models.autoencoder_check import autoencoder_problem, offline_autoencoders
 
     folder = _taef2_folder(tmp_path / "taef2")
     assert autoencoder_problem(f"taef2:{folder}", cache_dir=str(offline)) is None

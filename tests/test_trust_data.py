@@ -227,7 +227,7 @@ DEMO = Path(__file__).resolve().parents[1] / "checkpoints" / "demo"
 
 
 def _tiles(n: int, size: int = 48) -> list[np.ndarray]:
-    from ccad.data.io import coerce_image
+    from ccad.data.coerce import coerce_image
     from ccad.data.synthetic import generate_texture
 
     kinds = ("fibrous", "granular", "cloud", "woven")

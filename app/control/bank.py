@@ -65,9 +65,9 @@ class BankMixin(ControllerBase):
             return {"error": f"summary unavailable ({exc})"}
 
     def bank_projection(self, det: Any, folder: Optional[Path] = None) -> Any:
-        """PCA projection of the bank against a sample of all patch features (``ccad.features.bank``)."""
+        """PCA projection of the bank against a sample of all patch features (``ccad.features.projection``)."""
         try:
-            from ccad.features.bank import project_2d
+            from ccad.features.projection import project_2d
         except Exception:
             return views.projection_figure(np.zeros((0, 2)), None)
         try:

@@ -48,9 +48,9 @@ class TrainingMixin(ControllerBase):
 
     def autoencoder_problem(self, spec: str) -> Optional[str]:
         """Why the autoencoder ``spec`` would not load on this server (None: it loads), checked
-        without loading it (:func:`ccad.models.autoencoder.autoencoder_problem`); the Hub is asked
+        without loading it (:func:`ccad.models.autoencoder_check.autoencoder_problem`); the Hub is asked
         only for a Hub id that is not in the local cache."""
-        from ccad.models.autoencoder import autoencoder_problem
+        from ccad.models.autoencoder_check import autoencoder_problem
 
         offline = autoencoder_problem(spec, online=False, cache_dir=self.hub_cache_dir)
         if offline is None:
@@ -65,7 +65,7 @@ class TrainingMixin(ControllerBase):
         ``value`` (the method's default when it loads here, else the first spec that loads
         offline), ``offline`` (specs that load without the network, best first: TAEF2 folders
         inside the data root, then Hub autoencoders in the local cache) and the ``info`` hint."""
-        from ccad.models.autoencoder import offline_autoencoders
+        from ccad.models.autoencoder_check import offline_autoencoders
 
         info = method_info(variant or default_variant())
         if not info["has_autoencoder"]:
@@ -89,7 +89,7 @@ class TrainingMixin(ControllerBase):
         problem = self.autoencoder_problem(str(spec))
         if problem is None:
             return
-        from ccad.models.autoencoder import offline_autoencoders
+        from ccad.models.autoencoder_check import offline_autoencoders
 
         offline = offline_autoencoders([self.data_root], cache_dir=self.hub_cache_dir)
         there = (f"Loads offline here: {', '.join(offline)}. Or enter" if offline else "Enter")

@@ -27,7 +27,8 @@ import torch
 
 from benchmarks.common import MTD_SPLIT, JsonLines, loss_summary, make_parser, parse
 from ccad.data.detect import load_dataset
-from ccad.data.io import load_image, to_tensor
+from ccad.data.convert import to_tensor
+from ccad.data.io import load_image
 from ccad.pipeline import AnomalyDetector
 
 

@@ -1,25 +1,26 @@
 """ccad.data: images, masks, samples, dataset layouts and synthetic DAGM-style textures.
 
-Modules: `io` (reading images and masks), `sample` (the Sample record, `summarize`), `tree`
-(folder helpers the loaders share, DatasetLayoutError), `skips` (files left out for their
-extension), `layouts/` (one loader module per layout family), `detect` (layout detection,
-`load_dataset`), `dataset` (samples as tensors: ImageDataset, iter_batches), `synthetic`.
+Modules: `io` (reading and writing image and mask files), `convert` (arrays to the float image
+convention and to model tensors), `coerce` (anything a user hands over -> an image), `sample`
+(the Sample record, `summarize`), `tree` (folder helpers the loaders share, DatasetLayoutError),
+`skips` (files left out for their extension), `layouts/` (one loader module per layout family),
+`detect` (layout detection, `load_dataset`), `dataset` (samples as tensors: ImageDataset,
+iter_batches), `synthetic`.
 """
 
+from ccad.data.coerce import coerce_image
+from ccad.data.convert import mask_to_tensor, to_tensor
 from ccad.data.dataset import ImageDataset, iter_batches, load_item, load_sample_mask
 from ccad.data.detect import LAYOUTS, detect_layout, load_dataset
 from ccad.data.io import (
     IMAGE_EXTENSIONS,
     MAX_PIXELS,
     ImageReadError,
-    coerce_image,
     list_images,
     load_image,
     load_mask,
-    mask_to_tensor,
     save_image,
     save_mask,
-    to_tensor,
 )
 from ccad.data.layouts import (
     load_anomalib_folder,

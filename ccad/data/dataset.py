@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ccad.data.io import ImageReadError, load_image, load_mask, mask_to_tensor, to_tensor
+from ccad.data.convert import mask_to_tensor, to_tensor
+from ccad.data.io import ImageReadError, load_image, load_mask
 from ccad.data.sample import Sample
 
 __all__ = ["load_sample_mask", "load_item", "ImageDataset", "iter_batches"]

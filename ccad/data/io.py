@@ -1,10 +1,11 @@
-"""Robust image and mask reading.
+"""Reading and writing image and mask files.
 
-Every image that enters ccad goes through :func:`load_image` (files) or :func:`coerce_image`
-(anything a user may hand over: a path, a PIL image, a numpy array, a tensor). The result is
-always the convention of the whole package: ``float32`` ``H x W x 3`` in ``[0, 1]`` (grey images
-replicated to three channels, alpha dropped, 16-bit scaled by 65535). These are the inputs
-``x_0`` of the CCAD paper (eq. 15 trains on them, eq. 16 compares them to reconstructions).
+Every image file that enters ccad goes through :func:`load_image` (masks: :func:`load_mask`). The
+result is the convention of the whole package: ``float32`` ``H x W x 3`` in ``[0, 1]`` (grey
+images replicated to three channels, alpha dropped, 16-bit scaled by 65535; the conversion is
+:func:`ccad.data.convert.to_float_rgb`). These are the inputs ``x_0`` of the CCAD paper (eq. 15
+trains on them, eq. 16 compares them to reconstructions). Anything else a user may hand over (a
+PIL image, an array, a tensor) goes through :func:`ccad.data.coerce.coerce_image`.
 
 Files are decoded with OpenCV (``IMREAD_UNCHANGED``, BGR -> RGB) and, when OpenCV cannot decode a
 file, with Pillow. A missing, empty, corrupt, oversized or non-image file raises
@@ -17,10 +18,9 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Union
 
 import numpy as np
 import torch
@@ -35,6 +35,8 @@ except Exception:  # pragma: no cover - opencv is a hard dependency, but keep re
 
 from PIL import Image
 
+from ccad.data.convert import to_float_rgb
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_PIXELS",
@@ -46,11 +48,6 @@ __all__ = [
     "read_raw",
     "load_image",
     "load_mask",
-    "to_tensor",
-    "mask_to_tensor",
-    "coerce_image",
-    "decode_item",
-    "to_float_rgb",
     "save_image",
     "save_mask",
 ]
@@ -387,56 +384,6 @@ def read_raw(path: PathLike, max_side: int | None | str = "default", nearest: bo
     return np.ascontiguousarray(arr)
 
 
-def to_float_rgb(arr: np.ndarray, source: str = "array") -> np.ndarray:
-    """Any image array (grey/RGB/RGBA, uint8/uint16/int/bool/float) -> float32 ``H x W x 3`` in [0, 1].
-
-    uint8 is divided by 255, uint16 by 65535, other integers by their dtype maximum; float data
-    already in [0, 1] is kept, other float data is min-max scaled. Channel order is taken as
-    RGB(A); a 2-channel image is grey + alpha; alpha is dropped.
-    """
-    a = np.asarray(arr)
-    if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[2] not in (1, 2, 3, 4):
-        a = np.transpose(a, (1, 2, 0))  # C x H x W given
-    if a.ndim == 2:
-        a = a[..., None]
-    if a.ndim != 3 or a.shape[0] == 0 or a.shape[1] == 0:
-        raise ValueError(f"{source}: expected an H x W or H x W x C image, got shape {a.shape}")
-    c = a.shape[2]
-    if c == 1 or c == 2:
-        a = a[..., :1]
-    elif c >= 3:
-        a = a[..., :3]
-    if a.dtype == np.bool_:
-        out = a.astype(np.float32)
-    elif a.dtype == np.uint8:
-        out = a.astype(np.float32) / 255.0
-    elif a.dtype == np.uint16:
-        out = a.astype(np.float32) / 65535.0
-    elif np.issubdtype(a.dtype, np.integer):
-        info = np.iinfo(a.dtype)
-        af = a.astype(np.float64)
-        if af.min() >= 0 and af.max() <= 255:
-            out = (af / 255.0).astype(np.float32)
-        elif af.min() >= 0 and af.max() <= 65535:
-            out = (af / 65535.0).astype(np.float32)
-        else:
-            out = ((af - info.min) / float(info.max - info.min)).astype(np.float32)
-    elif np.issubdtype(a.dtype, np.floating):
-        af = np.nan_to_num(a.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
-        lo, hi = float(af.min()), float(af.max())
-        if lo >= 0.0 and hi <= 1.0:
-            out = af
-        elif lo >= 0.0 and hi <= 255.0 and a.dtype != np.float16:
-            out = af / 255.0
-        else:
-            out = (af - lo) / (hi - lo) if hi > lo else np.zeros_like(af)
-    else:
-        raise ValueError(f"{source}: unsupported image dtype {a.dtype}")
-    if out.shape[2] == 1:
-        out = np.repeat(out, 3, axis=2)
-    return np.ascontiguousarray(np.clip(out, 0.0, 1.0), dtype=np.float32)
-
-
 def load_image(path: PathLike, max_side: int | None | str = "default") -> np.ndarray:
     """Read an image file as float32 ``H x W x 3`` in [0, 1] (the ``x_0`` of CCAD eq. 15/16).
 
@@ -488,94 +435,6 @@ def load_mask(path: PathLike, shape: tuple[int, int] | None = None,
             t = torch.from_numpy(m)[None, None]
             m = F.interpolate(t, size=(h, w), mode="nearest")[0, 0].numpy()
     return np.ascontiguousarray(m, dtype=np.float32)
-
-
-def _size_tuple(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    if isinstance(size, (tuple, list)):
-        if len(size) != 2:
-            raise ValueError(f"size must be an int or (H, W), got {size!r}")
-        return int(size[0]), int(size[1])
-    return int(size), int(size)
-
-
-def to_tensor(image: np.ndarray, size: int | tuple[int, int]) -> torch.Tensor:
-    """``H x W x 3`` float image -> ``3 x S x S`` tensor, bilinear resize with antialiasing.
-
-    ``size`` is an int (square) or ``(H, W)``. Values stay in [0, 1].
-    """
-    img = to_float_rgb(image) if (image.dtype != np.float32 or image.ndim != 3) else image
-    t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).contiguous()
-    hw = _size_tuple(size)
-    if tuple(t.shape[1:]) != hw:
-        t = F.interpolate(t[None], size=hw, mode="bilinear", align_corners=False, antialias=True)[0]
-        t = t.clamp_(0.0, 1.0)
-    return t
-
-
-def mask_to_tensor(mask: np.ndarray | None, size: int | tuple[int, int]) -> torch.Tensor:
-    """``H x W`` {0,1} mask -> ``1 x S x S`` float tensor (nearest); ``None`` -> zeros."""
-    hw = _size_tuple(size)
-    if mask is None:
-        return torch.zeros(1, *hw, dtype=torch.float32)
-    m = np.asarray(mask)
-    if m.ndim == 3:
-        m = m.max(axis=2)
-    t = torch.from_numpy((m > 0).astype(np.float32))[None]
-    if tuple(t.shape[1:]) != hw:
-        t = F.interpolate(t[None], size=hw, mode="nearest")[0]
-    return t
-
-
-def coerce_image(x: Any) -> np.ndarray:
-    """Anything image-like -> the :func:`load_image` format (float32 ``H x W x 3`` in [0, 1]).
-
-    Accepts a path (str / PathLike), a PIL image, a numpy array (uint8/uint16/float, grey/RGB/RGBA,
-    ``H x W x C`` or ``C x H x W``) or a torch tensor (``C x H x W`` or ``H x W``, values in [0, 1]).
-    Arrays are taken as RGB channel order.
-    """
-    if isinstance(x, (str, os.PathLike)):
-        return load_image(x)
-    if isinstance(x, Image.Image):
-        w, h = x.size
-        _check_pixels(h, w, "<PIL image>")
-        return to_float_rgb(_pil_to_array(x), source="PIL image")
-    if isinstance(x, torch.Tensor):
-        t = x.detach().cpu()
-        if t.ndim == 4 and t.shape[0] == 1:
-            t = t[0]
-        if t.ndim == 3 and t.shape[0] in (1, 3, 4):
-            t = t.permute(1, 2, 0)
-        return to_float_rgb(t.float().numpy(), source="tensor")
-    if isinstance(x, np.ndarray):
-        if x.ndim >= 2:
-            _check_pixels(x.shape[0], x.shape[1], "<array>")
-        return to_float_rgb(x, source="array")
-    raise TypeError(
-        f"cannot interpret {type(x).__name__} as an image; pass a path, a PIL image, "
-        "a numpy array or a torch tensor"
-    )
-
-
-def decode_item(item: Any, index: int, on_error: str, errors: list[tuple[str, str]],
-                read: Callable[[Any], np.ndarray] = coerce_image,
-                clock: Callable[[], float] = time.perf_counter) -> tuple[np.ndarray, float, str | None] | None:
-    """One item to inspect -> ``(image, seconds its read took, its path or None)``.
-
-    ``read`` (:func:`coerce_image`) decodes a path, PIL image, array or tensor, timed by ``clock``.
-    An unreadable item raises when ``on_error == "raise"``; otherwise it is added to ``errors`` as
-    ``(its path, else "item <index>", the reason)`` and None is returned. Callers pass the ``read``
-    and ``clock`` they look up themselves (``ccad.detector`` passes its own names).
-    """
-    name = str(item) if isinstance(item, (str, Path)) else f"item {index}"
-    try:
-        t = clock()
-        image = read(item)
-        return image, clock() - t, str(item) if isinstance(item, (str, Path)) else None
-    except (ImageReadError, ValueError, TypeError) as exc:
-        if on_error == "raise":
-            raise
-        errors.append((name, str(exc)))
-        return None
 
 
 def save_image(path: PathLike, image: np.ndarray) -> Path:

@@ -37,7 +37,8 @@ import torch
 from torch.utils.data import Dataset
 
 from .dataset import iter_batches
-from .io import load_image, to_tensor
+from .convert import to_tensor
+from .io import load_image
 from .sample import Sample
 
 __all__ = ["LatentCache", "build_latent_cache", "source_hash", "LATENTS_META"]

@@ -1,5 +1,9 @@
 """Frozen backbones -> patch features -> streaming coreset -> FeatureBank; PatchCore.
 
+Modules: `backbone` (frozen ImageNet extractors), `stream` (image sources -> batches -> features),
+`coreset` (greedy k-center, streaming), `bank` (FeatureBank: build, save, load, summary),
+`projection` (the bank's 2-D PCA view), `patchcore` (nearest-neighbour patch scoring).
+
 CCAD sec. 3.2 (eq. 5-6): the coarse feature bank ``B_c`` is a greedy k-center coreset of fixed
 size ``xi`` of the locally aware patch features of all good images; PatchCore (Roth et al. 2022)
 scores patches by their nearest-neighbour distance to a coreset memory bank.
@@ -13,7 +17,7 @@ from .backbone import (
     clear_backbone_cache,
     get_backbone,
 )
-from .bank import Cancelled, FeatureBank, ImageStream, project_2d
+from .bank import Cancelled, FeatureBank
 from .coreset import (
     MAX_BANK_SIZE,
     StreamingCoreset,
@@ -22,6 +26,8 @@ from .coreset import (
     validate_bank_size,
 )
 from .patchcore import PatchCoreScorer, nearest_distances
+from .projection import project_2d
+from .stream import ImageStream
 
 __all__ = [
     "Backbone",

@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 import torch
 
-from .bank import CancelFn, ImageStream, ProgressFn, _module_device, stream_features
+from .stream import CancelFn, ImageStream, ProgressFn, _module_device, stream_features
 from .coreset import StreamingCoreset
 
 __all__ = ["PatchCoreScorer", "nearest_distances"]
@@ -141,7 +141,7 @@ class PatchCoreScorer:
         """Build the memory bank from good images (PatchCore sec. 3.2, streamed).
 
         Args:
-            samples: any source :class:`~ccad.features.bank.ImageStream` accepts.
+            samples: any source :class:`~ccad.features.stream.ImageStream` accepts.
             progress: ``progress(images_done, images_total)`` after each batch.
             cancel: returning True raises :class:`~ccad.features.bank.Cancelled`.
             n_images: number of images, for sources without a length (sizes the buffer).

@@ -37,7 +37,7 @@ class LatentMethod(Method):
     """Base of the latent methods: owns ``self.autoencoder`` (frozen, never trained) and the cache.
 
     Subclass configs have the fields ``autoencoder`` (a spec for
-    :func:`ccad.models.autoencoder.load_autoencoder`), ``latent_scale`` / ``latent_shift``
+    :func:`ccad.models.autoencoder_load.load_autoencoder`), ``latent_scale`` / ``latent_shift``
     (filled in at build time) and ``latent_channels`` (filled in).
     """
 
@@ -54,7 +54,7 @@ class LatentMethod(Method):
     # ---- the autoencoder ----------------------------------------------------------------------
     def load_autoencoder(self) -> Any:
         if self.autoencoder is None:
-            from ..models.autoencoder import load_autoencoder
+            from ..models.autoencoder_load import load_autoencoder
 
             c = self.config
             self.autoencoder = load_autoencoder(c.autoencoder, device=self.ctx.device, scale=c.latent_scale,

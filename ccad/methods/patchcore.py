@@ -46,8 +46,8 @@ def bank_from_memory(pc: Any, samples: Sequence[Any], bank_size: int, image_size
     """
     from .. import __version__
     from ..features import FeatureBank
-    from ..features.bank import ImageStream
     from ..features.coreset import greedy_coreset, validate_bank_size
+    from ..features.stream import ImageStream
 
     xi = validate_bank_size(bank_size)
     memory = pc.memory_bank

@@ -23,20 +23,18 @@ Backends (``kind``):
   (or ``build_latent_cache(..., fit_scaling=True)``) sets scale/shift from good images.
 
 The autoencoder is frozen (``requires_grad=False``, always in eval mode) and ``encode`` /
-``decode`` run under ``torch.no_grad``. :func:`load_autoencoder` builds one from a spec string;
-:meth:`LatentAutoencoder.save_pretrained` writes the backend in diffusers format plus
-``autoencoder.json`` (the ``vae/`` subfolder of a saved detector).
+``decode`` run under ``torch.no_grad``. :meth:`LatentAutoencoder.save_pretrained` writes the
+backend in diffusers format plus ``autoencoder.json`` (the ``vae/`` subfolder of a saved
+detector). Building one from a spec string: :func:`ccad.models.autoencoder_load.load_autoencoder`;
+checking a spec without loading it: :mod:`ccad.models.autoencoder_check`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -47,12 +45,9 @@ from .taef2 import TAEF2
 __all__ = [
     "LatentAutoencoder",
     "AutoencoderNotFound",
-    "load_autoencoder",
     "AUTOENCODER_KINDS",
     "AUTOENCODER_META",
     "AUTOENCODER_HOWTO",
-    "autoencoder_problem",
-    "offline_autoencoders",
 ]
 
 AUTOENCODER_META = "autoencoder.json"
@@ -310,7 +305,7 @@ class LatentAutoencoder(nn.Module):
                    spec=spec or meta.get("spec"), fitted=meta.get("fitted", False))
 
 
-# ---------------------------------------------------------------------- loading from a spec
+# ---------------------------------------------------------------------- kinds
 def _norm_kind(kind: str) -> str:
     k = _KIND_ALIASES.get(str(kind).strip().lower())
     if k is None:
@@ -327,272 +322,3 @@ def _infer_kind(backend: nn.Module) -> str:
     if name == "AutoencoderKL":
         return "kl"
     raise ValueError(f"cannot infer the autoencoder kind of a {name}; pass kind=")
-
-
-@contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-def _random_backend(kind: str, seed: int) -> nn.Module:
-    """Small random-init backends with the real downscale (8) for tests and demos."""
-    from diffusers import AutoencoderKL, AutoencoderTiny
-
-    with _seeded(seed):
-        if kind == "kl":
-            return AutoencoderKL(
-                down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4,
-                block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=4,
-                norm_num_groups=4, sample_size=64, mid_block_add_attention=False,
-            )
-        if kind == "tiny":
-            return AutoencoderTiny(
-                encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
-                num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1), latent_channels=4,
-            )
-        return TAEF2(latent_channels=32, channels=16, blocks_per_stage=1)
-
-
-def _hf_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
-
-
-def _looks_like_hub_id(s: str) -> bool:
-    return bool(_HUB_ID.match(s)) and not s.startswith((".", "~")) and ".." not in s
-
-
-def _load_local(kind: str, d: Path, spec: str, subfolder: str | None) -> nn.Module | LatentAutoencoder:
-    if subfolder:
-        d = d / subfolder
-    for sub in (d, d / "vae"):  # a saved LatentAutoencoder, or a saved detector / pipeline folder
-        if (sub / AUTOENCODER_META).is_file():
-            return LatentAutoencoder.from_pretrained(sub, spec=spec)
-    if kind == "taef2" and all((d / f).is_file() for f in _TAEF2_FILES):
-        return TAEF2.from_original_weights(d / _TAEF2_FILES[0], d / _TAEF2_FILES[1])
-    cls = _backend_class(kind)
-    if (d / "config.json").is_file():
-        return cls.from_pretrained(str(d))
-    if (d / "vae" / "config.json").is_file():  # a diffusers pipeline folder
-        return cls.from_pretrained(str(d), subfolder="vae")
-    if kind == "taef2" and any((d / f).is_file() for f in _TAEF2_FILES):
-        missing = [f for f in _TAEF2_FILES if not (d / f).is_file()]
-        raise AutoencoderNotFound(spec, f"{d} has only one of the TAEF2 files ({', '.join(missing)} missing)")
-    want = " or ".join(_TAEF2_FILES) + ", or " if kind == "taef2" else ""
-    raise AutoencoderNotFound(spec, f"{d} holds no {want}config.json, vae/config.json or {AUTOENCODER_META}")
-
-
-def _load_hub(kind: str, repo_id: str, spec: str, subfolder: str | None,
-              cache_dir: str | None) -> nn.Module:
-    offline = _hf_offline()
-    cls = _backend_class(kind)
-    kw: dict[str, Any] = dict(local_files_only=offline)
-    if cache_dir is not None:
-        kw["cache_dir"] = cache_dir
-    errors: list[str] = []
-    subfolders = [subfolder] if subfolder else [None, "vae"]
-    for sub in subfolders:
-        try:
-            with warnings.catch_warnings():  # diffusers' own deprecation notice on every miss
-                warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
-                return cls.from_pretrained(repo_id, subfolder=sub, **kw)
-        except (OSError, ValueError) as e:  # not cached / not found / invalid id
-            errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    if kind == "taef2":
-        try:
-            from huggingface_hub import hf_hub_download
-
-            paths = [hf_hub_download(repo_id, f, subfolder=subfolder, **kw) for f in _TAEF2_FILES]
-            return TAEF2.from_original_weights(*paths)
-        except (OSError, ValueError) as e:
-            errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    where = "in the local Hub cache (HF_HUB_OFFLINE=1)" if offline else "on the Hub or in its cache"
-    raise AutoencoderNotFound(spec, f"{repo_id!r} is not a local folder and was not found {where} "
-                                    f"({errors[0] if errors else 'no detail'})")
-
-
-# ---------------------------------------------------------------------- checking a spec without loading it
-KNOWN_HUB_AUTOENCODERS = ("kl:stabilityai/sd-vae-ft-mse", "tiny:madebyollin/taesd")
-
-
-def _hub_cached(kind: str, repo_id: str, cache_dir: str | None = None) -> bool:
-    """Whether ``repo_id`` is in the local Hub cache with the files :func:`load_autoencoder` reads
-    (a diffusers ``config.json`` at the top or in ``vae/``, or TAEF2's two ``.pth`` files)."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
-        return False
-
-    def cached(filename: str) -> bool:
-        try:
-            return isinstance(try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir), str)
-        except Exception:  # noqa: BLE001 - a malformed id or cache: not usable offline
-            return False
-
-    if cached("config.json") or cached("vae/config.json"):
-        return True
-    return kind == "taef2" and all(cached(f) for f in _TAEF2_FILES)
-
-
-def _folder_problem(kind: str, d: Path) -> str | None:
-    """Why ``kind:d`` cannot load from the folder ``d`` (None: it holds what :func:`_load_local` reads)."""
-    if not d.exists():
-        return f"there is no folder {d}"
-    if not d.is_dir():
-        if kind == "taef2" and d.name in _TAEF2_FILES:
-            return (f"{d} is a file; give the folder that holds {' and '.join(_TAEF2_FILES)}: "
-                    f"taef2:{d.parent}")
-        return f"{d} is a file, not a folder"
-    if any((sub / AUTOENCODER_META).is_file() for sub in (d, d / "vae")):
-        return None
-    if kind == "taef2":
-        have = [f for f in _TAEF2_FILES if (d / f).is_file()]
-        if len(have) == len(_TAEF2_FILES):
-            return None
-        if have:
-            missing = [f for f in _TAEF2_FILES if f not in have]
-            return f"{d} has {have[0]} but not {', '.join(missing)} (TAEF2 needs both files in one folder)"
-    if (d / "config.json").is_file() or (d / "vae" / "config.json").is_file():
-        return None
-    want = " and ".join(_TAEF2_FILES) if kind == "taef2" else "config.json (a diffusers folder) or vae/config.json"
-    return f"{d} holds no {want}"
-
-
-def autoencoder_problem(spec: str, online: bool | None = None, cache_dir: str | None = None) -> str | None:
-    """Why :func:`load_autoencoder` would fail on ``spec`` here, checked without loading any
-    weights (None: it will load). A folder must hold the files its kind reads (TAEF2: the folder
-    with ``taef2_encoder.pth`` and ``taef2_decoder.pth``, not one of the files); a Hub id must be in
-    the local Hub cache unless the Hub can be reached: ``online`` says whether it can (None: unknown,
-    taken as reachable unless ``HF_HUB_OFFLINE`` is set)."""
-    spec = str(spec or "").strip()
-    if not spec:
-        return "no autoencoder given"
-    kind_s, sep, target = spec.partition(":")
-    if not sep or (len(kind_s) == 1 and os.name == "nt"):  # a bare path: a saved LatentAutoencoder
-        p = Path(os.path.expanduser(spec))
-        if (p / AUTOENCODER_META).is_file():
-            return None
-        return (f"{spec!r} is not a saved autoencoder folder (no {AUTOENCODER_META}); write "
-                "<kind>:<Hub id or folder>, e.g. taef2:/path/to/folder")
-    try:
-        kind = _norm_kind(kind_s)
-    except ValueError as exc:
-        return str(exc)
-    target = target.strip()
-    if not target:
-        return f"no Hub id or folder after {kind_s}:"
-    if target.lower() == "random":
-        return None
-    p = Path(os.path.expanduser(target))
-    if p.exists() or not _looks_like_hub_id(target):
-        return _folder_problem(kind, p)
-    if _hub_cached(kind, target, cache_dir):
-        return None
-    offline = _hf_offline() or online is False
-    if not offline:
-        return None
-    why = "HF_HUB_OFFLINE is set" if _hf_offline() else "the Hugging Face Hub cannot be reached from here"
-    return (f"{target!r} is not in the local Hub cache and {why}; download it first "
-            f"(`huggingface-cli download {target}`) or use a local folder")
-
-
-def offline_autoencoders(search: Iterable[str | os.PathLike[str]] = (), cache_dir: str | None = None,
-                         depth: int = 2) -> list[str]:
-    """Specs that load here without the network, best first: TAEF2 folders (``taef2:<folder>``)
-    found in ``search`` folders (down to ``depth`` levels; hidden folders skipped), then the known
-    Hub autoencoders already in the local Hub cache. Random-init specs are not listed."""
-    found: list[str] = []
-
-    def walk(d: Path, level: int) -> None:
-        try:
-            entries = list(os.scandir(d))
-        except OSError:
-            return
-        names = {e.name for e in entries if e.is_file()}
-        if all(f in names for f in _TAEF2_FILES):
-            found.append(f"taef2:{d}")
-        if level < depth:
-            for e in sorted(entries, key=lambda e: e.name):
-                if e.is_dir(follow_symlinks=False) and not e.name.startswith("."):
-                    walk(Path(e.path), level + 1)
-
-    for root in search:
-        walk(Path(root).expanduser(), 0)
-    for spec in KNOWN_HUB_AUTOENCODERS:
-        kind, _, repo = spec.partition(":")
-        if _hub_cached(kind, repo, cache_dir):
-            found.append(spec)
-    return list(dict.fromkeys(found))
-
-
-def load_autoencoder(spec: str | LatentAutoencoder, device: str | torch.device | None = None,
-                     *, subfolder: str | None = None, seed: int = 0, cache_dir: str | None = None,
-                     scale: float | None = None, shift: float | None = None) -> LatentAutoencoder:
-    """Build a :class:`LatentAutoencoder` from a spec string.
-
-    Specs:
-        ``"kl:<hub id or folder>"``: diffusers ``AutoencoderKL`` (e.g. ``kl:stabilityai/sd-vae-ft-mse``);
-        ``"tiny:<hub id or folder>"``: diffusers ``AutoencoderTiny`` (e.g. ``tiny:madebyollin/taesd``);
-        ``"taef2:<folder>"``: a folder with ``taef2_encoder.pth`` + ``taef2_decoder.pth`` (the
-        original weights), or a ``save_pretrained`` folder;
-        ``"<kind>:random"``: a small random-init backend (tests, demos; ``seed`` sets the init);
-        a bare folder holding ``autoencoder.json`` (a saved :class:`LatentAutoencoder`).
-
-    Folders load with ``from_pretrained(folder)`` (``subfolder="vae"`` for an SD pipeline
-    folder); Hub ids use ``local_files_only`` when ``HF_HUB_OFFLINE`` is set. ``scale`` /
-    ``shift`` override the default scaling.
-
-    Raises:
-        AutoencoderNotFound: no such folder, not cached, or offline; the message says how to
-            provide one.
-        ValueError: unknown kind or a malformed spec.
-    """
-    if isinstance(spec, LatentAutoencoder):
-        ae = spec
-    else:
-        spec = str(spec).strip()
-        kind_s, sep, target = spec.partition(":")
-        if not sep or (len(kind_s) == 1 and os.name == "nt"):  # a bare path
-            p = Path(os.path.expanduser(spec))
-            if (p / AUTOENCODER_META).is_file() or (subfolder and (p / subfolder / AUTOENCODER_META).is_file()):
-                ae = LatentAutoencoder.from_pretrained(p, subfolder=subfolder)
-            elif p.exists():
-                raise ValueError(f"autoencoder spec {spec!r}: say which kind it is, e.g. kl:{spec}, "
-                                 f"tiny:{spec} or taef2:{spec}")
-            else:
-                raise AutoencoderNotFound(spec, "expected '<kind>:<hub id or folder>'")
-        else:
-            kind = _norm_kind(kind_s)
-            target = target.strip()
-            if not target:
-                raise AutoencoderNotFound(spec, "no hub id or folder after the kind")
-            if target.lower() == "random":
-                backend: nn.Module | LatentAutoencoder = _random_backend(kind, seed)
-                spec = f"{kind}:random" + (f"@seed={seed}" if seed else "")
-            else:
-                p = Path(os.path.expanduser(target))
-                if p.exists():
-                    if not p.is_dir():
-                        raise AutoencoderNotFound(spec, f"{p} is a file, not a folder")
-                    backend = _load_local(kind, p, spec, subfolder)
-                elif _looks_like_hub_id(target):
-                    backend = _load_hub(kind, target, spec, subfolder, cache_dir)
-                else:
-                    raise AutoencoderNotFound(spec, f"no folder {p}")
-            if isinstance(backend, LatentAutoencoder):
-                if backend.kind != kind:
-                    raise ValueError(f"{spec!r}: the folder holds a {backend.kind} autoencoder, not {kind}")
-                ae = backend
-            else:
-                ae = LatentAutoencoder(backend, kind, spec=spec)
-    if scale is not None or shift is not None:
-        ae.set_scaling(ae.scale if scale is None else scale, ae.shift if shift is None else shift,
-                       fitted=False)
-    if device is not None:
-        ae.to(device)
-    return ae
