@@ -311,6 +311,9 @@ def train_detector(
                          "overwrite replaces it")
     if not resume and not overwrite:
         refuse_to_overwrite(out_dir)
+    state = _launch_state()
+    if state is not None:  # several processes: each checks the folder before any of them writes to it
+        state.wait_for_everyone()
     out_dir.mkdir(parents=True, exist_ok=True)
     config = _detector_config(variant, image_size, method, bank_config, scoring, backbone, layers, bank_size,
                               None, None, preset)
@@ -325,7 +328,10 @@ def train_detector(
     m, bank, train_s, cal = _prepare(data, config, bank, calibration_fraction, seed, device, progress, cancel,
                                      out_dir, phase=say)
     if bank is not None:
-        bank.save(out_dir)
+        if state is not None:  # every process has read the folder's bank (resume) before it is rewritten
+            state.wait_for_everyone()
+        if state is None or state.is_main_process:
+            bank.save(out_dir)
     info = _info(train_s, bank)
     t0 = time.perf_counter()
     if mcls.trainable:
@@ -352,7 +358,6 @@ def train_detector(
         say("calibrating the threshold on held-out good images")
         det.calibrate(cal, batch_size=tcfg.batch_size)
     say("saving the model")
-    state = _launch_state()
     if state is None or state.is_main_process:  # several processes (accelerate launch): one writes the model
         if overwrite and (out_dir / "model").is_dir():  # replaced as a whole: no stale file of the old model
             from .training import _remove_dir
@@ -376,11 +381,8 @@ def _preview_image(train: Sequence[Any], image_size: int) -> Optional[torch.Tens
 
 
 def _launch_state() -> Any:
-    """accelerate's shared state when a launcher started several processes, else None."""
-    from .distributed import launched_world_size
+    """accelerate's shared state when a launcher started several processes, else None (started as
+    :func:`ccad.distributed.current` does: gloo on CPU, each process on its own GPU)."""
+    from .distributed import current
 
-    if launched_world_size() <= 1:
-        return None
-    from accelerate import PartialState
-
-    return PartialState()
+    return current().state

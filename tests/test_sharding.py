@@ -48,13 +48,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(tmp: Path, *args: str) -> subprocess.CompletedProcess:
-    """``accelerate launch`` two CPU processes of ``python -m ccad.cli ARGS`` (offline, no prompt)."""
+def _launch(tmp: Path, *args: str, late_rank_s: float = 0.0) -> subprocess.CompletedProcess:
+    """``accelerate launch`` two CPU processes of ``python -m ccad.cli ARGS`` (offline, no prompt);
+    ``late_rank_s``: rank 1 starts that many seconds after rank 0 (a slow process: a ``sitecustomize``
+    that sleeps before anything is imported)."""
     cfg = tmp / "accelerate.yaml"  # an explicit config: a user's default config is never read
     cfg.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\n"
                    "num_processes: 2\nmixed_precision: 'no'\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
            "PYTHONUNBUFFERED": "1"}
+    if late_rank_s:
+        site = tmp / "late-rank"
+        site.mkdir(exist_ok=True)
+        (site / "sitecustomize.py").write_text(
+            "import os, time\n"
+            f"if os.environ.get('RANK') == '1':\n    time.sleep({float(late_rank_s)})\n")
+        env["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [env.get("PYTHONPATH")])])
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg), "--multi_gpu",
            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()), "-m", "ccad.cli", *args]
@@ -202,11 +211,13 @@ def test_seconds_differ_within_a_batch_and_add_up_to_no_more_than_the_run(tiny, 
 
 def test_two_process_training_writes_one_model_and_reports_once(tiny, tmp_path):
     """``accelerate launch -m ccad.cli train`` on two CPU processes: training is data-parallel, and
-    only the main process writes RUN/model and prints the result line."""
+    only the main process writes RUN/model and prints the result line. The second process starts
+    late (as a loaded machine makes it): it must still find the fresh folder fresh, not refuse the
+    bank the first one already wrote as "an existing run"."""
     run = tmp_path / "run"
     proc = _launch(tmp_path, "train", str(tiny.cat), "--variant", "ccad-v", "--preset", "tiny", "--image-size", "32",
                    "--steps", "2", "--batch-size", "2", "--size", "8", "--out", str(run), "--quiet",
-                   "--option", "diffusion.start_step=50", "--option", "diffusion.steps=2")
+                   "--option", "diffusion.start_step=50", "--option", "diffusion.steps=2", late_rank_s=8)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert len(lines) == 1 and json.loads(lines[0])["steps"] == 2
     det = AnomalyDetector.from_pretrained(str(run / "model"), device="cpu")
