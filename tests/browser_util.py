@@ -27,6 +27,25 @@ def find_chromium() -> Optional[str]:
     return None
 
 
+def chromium_or_skip() -> str:
+    """The Chromium binary, else skip the calling test module (call at module level) with how to
+    install it; playwright missing skips too."""
+    import pytest
+
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("no chromium binary found (install Debian's: apt-get update && apt-get install -y chromium; "
+                    "or set CHROMIUM=/path/to/chromium)", allow_module_level=True)
+    pytest.importorskip("playwright.sync_api", reason="the playwright python package is not installed")
+    return chromium
+
+
+def wait_text(page: Any, elem_id: str, needle: str, timeout_ms: int = 60_000) -> None:
+    """Wait until the element ``#elem_id`` shows ``needle`` in its text."""
+    page.wait_for_function("([id, s]) => (document.getElementById(id)?.innerText || '').includes(s)",
+                           arg=[elem_id, needle], timeout=timeout_ms)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

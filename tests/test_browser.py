@@ -14,15 +14,20 @@ from typing import Any, Iterator
 
 import pytest
 
-from browser_util import browser_page, fill_textbox, find_chromium, screenshot, serve, textbox_value, wait_textbox
+from browser_util import (
+    browser_page,
+    chromium_or_skip,
+    fill_textbox,
+    screenshot,
+    serve,
+    textbox_value,
+    wait_text,
+    wait_textbox,
+)
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = find_chromium()
-if CHROMIUM is None:
-    pytest.skip("no chromium binary found (install Debian's: apt-get update && apt-get install -y chromium; "
-                "or set CHROMIUM=/path/to/chromium)", allow_module_level=True)
-pytest.importorskip("playwright.sync_api", reason="the playwright python package is not installed")
+CHROMIUM = chromium_or_skip()
 
 
 @pytest.fixture(scope="module")
@@ -104,30 +109,25 @@ def test_bad_folder_gives_a_message_and_server_survives(app_env: dict[str, Any])
         page.locator("#inspect-status").get_by_text("no image given").wait_for()
 
 
-def _wait_text(page: Any, elem_id: str, needle: str, timeout_ms: int = 60_000) -> None:
-    page.wait_for_function("([id, s]) => (document.getElementById(id)?.innerText || '').includes(s)",
-                           arg=[elem_id, needle], timeout=timeout_ms)
-
-
 def test_review_tab_accept_flow(app_env: dict[str, Any]) -> None:
     with browser_page(CHROMIUM) as page:
         page.goto(app_env["url"])
         page.get_by_role("tab", name="DAGM review").click()
         fill_textbox(page, "review-folder", "dagm")
         page.locator("#review-load").click()
-        _wait_text(page, "review-progress", "0 / 2 reviewed")
-        _wait_text(page, "review-item", "1 / 2")
+        wait_text(page, "review-progress", "0 / 2 reviewed")
+        wait_text(page, "review-item", "1 / 2")
         # the model in use was built on the synthetic fibrous folder, not on DAGM Class1: the review
         # builds a PatchCore on Class1's own good images and says so
-        _wait_text(page, "review-status", "not built on Class1")
-        _wait_text(page, "review-status", "PatchCore built on Class1 from its 3 good image(s)")
+        wait_text(page, "review-status", "not built on Class1")
+        wait_text(page, "review-status", "PatchCore built on Class1 from its 3 good image(s)")
         page.locator("#review-panel-heatmap img").first.wait_for(state="visible")
         screenshot(page, "review_per_class_patchcore")
         page.locator("#review-panel-mask img").first.wait_for(state="visible")
         page.locator("#review-accept").click()
-        _wait_text(page, "review-progress", "1 / 2 reviewed")
+        wait_text(page, "review-progress", "1 / 2 reviewed")
         page.locator("#review-prev").click()
-        _wait_text(page, "review-item", "accepted")
+        wait_text(page, "review-item", "accepted")
         screenshot(page, "review_accept")
 
 
@@ -179,7 +179,7 @@ def test_train_tab_method_dropdown_from_the_registry(app_env: dict[str, Any]) ->
         page.get_by_role("tab", name="Train").click()
         page.locator("#train-method input").first.wait_for(state="visible")
         assert textbox_value(page, "train-method") == pixel["title"]
-        _wait_text(page, "train-method-description", pixel["description"])
+        wait_text(page, "train-method-description", pixel["description"])
         assert not page.locator("#train-autoencoder").is_visible()
         ctl = app_env["ctl"]
         assert textbox_value(page, "train-preset") == ctl.default_train_settings(pixel["name"])["preset"]
@@ -189,14 +189,14 @@ def test_train_tab_method_dropdown_from_the_registry(app_env: dict[str, Any]) ->
         page.keyboard.press("Escape")
         if latent is not None:
             _select_dropdown(page, "train-method", latent["title"])
-            _wait_text(page, "train-method-description", latent["description"])
+            wait_text(page, "train-method-description", latent["description"])
             page.locator("#train-autoencoder").wait_for(state="visible")
             wait_textbox(page, "train-autoencoder", lambda v: v == latent["autoencoder"], timeout=20)
             latent_size = ctl.default_train_settings(latent["name"])["image_size"]  # device defaults
             wait_textbox(page, "train-image-size", lambda v: v == str(latent_size), timeout=20)
             screenshot(page, "train_method_latent")
             _select_dropdown(page, "train-method", pixel["title"])
-            _wait_text(page, "train-method-description", pixel["description"])
+            wait_text(page, "train-method-description", pixel["description"])
             page.locator("#train-autoencoder").wait_for(state="hidden")
             pixel_size = ctl.default_train_settings(pixel["name"])["image_size"]
             wait_textbox(page, "train-image-size", lambda v: v == str(pixel_size), timeout=20)
@@ -209,7 +209,7 @@ def test_train_tab_method_dropdown_from_the_registry(app_env: dict[str, Any]) ->
         page.locator("#train-advanced").get_by_text("Advanced options").first.click()
         fill_textbox(page, "train-options", "bogus_field=1")
         page.locator("#train-start").click()
-        _wait_text(page, "train-message", "unknown field 'bogus_field'")
+        wait_text(page, "train-message", "unknown field 'bogus_field'")
         screenshot(page, "train_bad_option")
         assert app_env["ctl"].jobs.snapshot() is None
 
@@ -237,13 +237,13 @@ def test_folder_batch_relative_paths_and_whole_batch_comparison(app_env: dict[st
         fill_textbox(page, "inspect-folder", "mv")
         page.locator("#inspect-folder-run").click()
         for n in names:
-            _wait_text(page, "inspect-table", n)
+            wait_text(page, "inspect-table", n)
         wait_textbox(page, "inspect-file", lambda v: v in names)
         _select_dropdown(page, "compare-select", "small bank (patchcore)")
         page.locator("#compare-table").wait_for(state="visible")
         for n in names:
-            _wait_text(page, "compare-table", n)
-        _wait_text(page, "compare-agreement", "Agreement on 3 image(s)")
+            wait_text(page, "compare-table", n)
+        wait_text(page, "compare-agreement", "Agreement on 3 image(s)")
         text = page.locator("#compare-agreement").inner_text()
         m = re.search(r"(\d+) agree .*?(\d+) disagree", text)
         assert m and int(m.group(1)) + int(m.group(2)) == 3, text
@@ -263,14 +263,14 @@ def test_evaluate_multi_class_rows_and_per_category_curves(app_env: dict[str, An
     with browser_page(CHROMIUM, height=1300) as page:
         page.goto(app_env["url"])
         _select_dropdown(page, "model-select", "two textures (patchcore)")
-        _wait_text(page, "model-card-line", "two textures")
+        wait_text(page, "model-card-line", "two textures")
         page.get_by_role("tab", name="Evaluate").click()
         fill_textbox(page, "eval-path", "multi")
         page.locator("#eval-run").click()
-        _wait_text(page, "eval-status", "2 categories", timeout_ms=120_000)
+        wait_text(page, "eval-status", "2 categories", timeout_ms=120_000)
         table = page.locator("#eval-metrics")
         for cat in ("fibrous", "granular", "mean"):
-            _wait_text(page, "eval-metrics", cat)
+            wait_text(page, "eval-metrics", cat)
         assert table.inner_text().index("fibrous") < table.inner_text().index("mean")
         _select_dropdown(page, "eval-curves", "every category (overlaid)")
         page.wait_for_function("() => { const t = document.getElementById('eval-roc')?.innerText || '';"
@@ -290,7 +290,7 @@ def test_train_tab_settings_form_from_the_config(app_env: dict[str, Any]) -> Non
         form.wait_for(state="visible")
         d = app_env["ctl"].default_train_settings()
         for row in settings_form(d["variant"], d["preset"])[:3]:
-            _wait_text(page, "train-form", row[0])
+            wait_text(page, "train-form", row[0])
         assert textbox_value(page, "train-image-size") == str(d["image_size"])
         if d["device"] == "cpu" and d["preset"] is not None:
             assert textbox_value(page, "train-preset") == "tiny"
@@ -299,6 +299,6 @@ def test_train_tab_settings_form_from_the_config(app_env: dict[str, Any]) -> Non
             _select_dropdown(page, "train-method", latent["title"])
             first = settings_form(latent["name"], app_env["ctl"].default_train_settings(latent["name"])["preset"])
             for row in first[:3]:
-                _wait_text(page, "train-form", row[0])
-            _wait_text(page, "train-settings", f"Settings of {latent['title']}")
+                wait_text(page, "train-form", row[0])
+            wait_text(page, "train-settings", f"Settings of {latent['title']}")
             screenshot(page, "train_settings_form_latent")

@@ -11,15 +11,19 @@ from typing import Any, Iterator
 
 import pytest
 
-from browser_util import browser_page, fill_textbox, find_chromium, screenshot, serve, wait_textbox
+from browser_util import (
+    browser_page,
+    chromium_or_skip,
+    fill_textbox,
+    screenshot,
+    serve,
+    wait_text,
+    wait_textbox,
+)
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = find_chromium()
-if CHROMIUM is None:
-    pytest.skip("no chromium binary found (install Debian's: apt-get update && apt-get install -y chromium; "
-                "or set CHROMIUM=/path/to/chromium)", allow_module_level=True)
-pytest.importorskip("playwright.sync_api", reason="the playwright python package is not installed")
+CHROMIUM = chromium_or_skip()
 
 DEFAULT_KL = "kl:stabilityai/sd-vae-ft-mse"
 
@@ -54,11 +58,6 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             os.environ["HF_HUB_OFFLINE"] = old
 
 
-def _wait_text(page: Any, elem_id: str, needle: str, timeout_ms: int = 60_000) -> None:
-    page.wait_for_function("([id, s]) => (document.getElementById(id)?.innerText || '').includes(s)",
-                           arg=[elem_id, needle], timeout=timeout_ms)
-
-
 def _select_dropdown(page: Any, elem_id: str, label: str) -> None:
     box = page.locator(f"#{elem_id} input").first
     box.click()
@@ -84,7 +83,7 @@ def test_autoencoder_box_offers_offline_first_and_refuses_what_will_not_load(env
         page.locator("#train-autoencoder").wait_for(state="visible")
         spec = f"taef2:{env['taef2']}"
         wait_textbox(page, "train-autoencoder", lambda v: v == spec, timeout=20)  # what loads offline first
-        _wait_text(page, "train-autoencoder", f"Loads offline here: {spec}.")
+        wait_text(page, "train-autoencoder", f"Loads offline here: {spec}.")
         hint = page.locator("#train-autoencoder").inner_text()
         assert "taef2:/path/to/folder (the folder holding taef2_encoder.pth and taef2_decoder.pth)" in hint
         assert "taef2.pth" not in hint
@@ -93,7 +92,7 @@ def test_autoencoder_box_offers_offline_first_and_refuses_what_will_not_load(env
         fill_textbox(page, "train-folder", "synth/fibrous")
         fill_textbox(page, "train-autoencoder", DEFAULT_KL)
         page.locator("#train-start").click()
-        _wait_text(page, "train-message", f"Autoencoder '{DEFAULT_KL}'")
+        wait_text(page, "train-message", f"Autoencoder '{DEFAULT_KL}'")
         msg = page.locator("#train-message").inner_text()
         assert "HF_HUB_OFFLINE" in msg and "Nothing was started" in msg and f"Loads offline here: {spec}" in msg
         assert "ccad train" not in msg
@@ -102,7 +101,7 @@ def test_autoencoder_box_offers_offline_first_and_refuses_what_will_not_load(env
         # a TAEF2 file instead of its folder
         fill_textbox(page, "train-autoencoder", f"{spec}/taef2_encoder.pth")
         page.locator("#train-start").click()
-        _wait_text(page, "train-message", f"give the folder that holds taef2_encoder.pth and taef2_decoder.pth: {spec}")
+        wait_text(page, "train-message", f"give the folder that holds taef2_encoder.pth and taef2_decoder.pth: {spec}")
         assert env["ctl"].jobs.snapshot() is None
 
 
@@ -110,18 +109,11 @@ def test_resumed_job_shows_real_step_loss_preview_and_one_model_name(env: dict[s
     import torch
 
     torch.set_num_threads(1)
+    from test_train_tab import stop_training_at
+
     ctl = env["ctl"]
     real = ctl.engine.train
-    stop_at = {"step": 1}
-
-    def train(*a: Any, **k: Any) -> Any:
-        def stopper(st: Any) -> bool:
-            if st.step == stop_at["step"]:
-                ctl.jobs.stop()
-            return False
-        return real(*a, **dict(k, callbacks=(*k["callbacks"], stopper)))
-
-    ctl.engine.train = train
+    stop_at = stop_training_at(ctl, 1)
     try:
         ctl.start_training("synth/fibrous", None, None, "tiny", 32, 3, 2, preview_every=1, variant="deco-diff",
                            autoencoder="taef2:random")
@@ -138,7 +130,7 @@ def test_resumed_job_shows_real_step_loss_preview_and_one_model_name(env: dict[s
     last = st["losses"][-1][1]
     with browser_page(CHROMIUM, height=1600) as page:
         _open_train(page, env["url"])
-        _wait_text(page, "train-progress", "step 3/3")
+        wait_text(page, "train-progress", "step 3/3")
         progress = page.locator("#train-progress").inner_text()
         assert f"loss {last:.4f}" in progress and "nan" not in progress
         status = page.locator("#train-status").inner_text()
@@ -150,7 +142,7 @@ def test_resumed_job_shows_real_step_loss_preview_and_one_model_name(env: dict[s
         screenshot(page, "train_resumed_finished")
         name = st["model_name"]
         assert ctl.registry.names() == [name] and "stopped" not in name and "(2)" not in name
-        _wait_text(page, "train-status", f"Model loaded as '{name}'")
+        wait_text(page, "train-status", f"Model loaded as '{name}'")
         page.locator("#model-select input").first.click()  # the model list holds the run once
         shown = [t.replace("✓", "").strip() for t in page.get_by_role("option").all_inner_texts()]
         page.keyboard.press("Escape")

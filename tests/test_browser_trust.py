@@ -17,15 +17,20 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 
-from browser_util import browser_page, fill_textbox, find_chromium, screenshot, serve, textbox_value, wait_textbox
+from browser_util import (
+    browser_page,
+    chromium_or_skip,
+    fill_textbox,
+    screenshot,
+    serve,
+    textbox_value,
+    wait_text,
+    wait_textbox,
+)
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = find_chromium()
-if CHROMIUM is None:
-    pytest.skip("no chromium binary found (install Debian's: apt-get update && apt-get install -y chromium; "
-                "or set CHROMIUM=/path/to/chromium)", allow_module_level=True)
-pytest.importorskip("playwright.sync_api", reason="the playwright python package is not installed")
+CHROMIUM = chromium_or_skip()
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +61,6 @@ def _text(page: Any, elem_id: str) -> str:
     return page.locator(f"#{elem_id}").inner_text()
 
 
-def _wait_text(page: Any, elem_id: str, needle: str, timeout_ms: int = 60_000) -> None:
-    page.wait_for_function("([id, s]) => (document.getElementById(id)?.innerText || '').includes(s)",
-                           arg=[elem_id, needle], timeout=timeout_ms)
-
-
 def _pick(page: Any, elem_id: str, option: str) -> None:
     page.locator(f"#{elem_id} input").first.click()
     page.get_by_role("option", name=option, exact=True).click()
@@ -76,7 +76,7 @@ def _table(page: Any, elem_id: str) -> list[list[str]]:
 def _inspect(page: Any, files: list[Path]) -> None:
     page.locator("#inspect-upload input[type=file]").set_input_files([str(f) for f in files])
     page.locator("#inspect-run").click()
-    _wait_text(page, "inspect-status", f"Inspected {len(files)} image(s)")
+    wait_text(page, "inspect-status", f"Inspected {len(files)} image(s)")
 
 
 def test_model_switch_and_bank_build_rescore_the_batch(env: dict[str, Any]) -> None:
@@ -94,13 +94,13 @@ def test_model_switch_and_bank_build_rescore_the_batch(env: dict[str, Any]) -> N
         # new threshold 2.0, so the defect read GOOD, and the histogram mixed the two models)
         _pick(page, "model-select", "scaled")
         wait_textbox(page, "inspect-model", lambda v: v == "scaled")
-        _wait_text(page, "inspect-status", "Re-scored the 2 image(s) of the batch with scaled")
+        wait_text(page, "inspect-status", "Re-scored the 2 image(s) of the batch with scaled")
         assert textbox_value(page, "inspect-verdict") == "ANOMALOUS"
         assert float(textbox_value(page, "inspect-score")) == pytest.approx(10 * score_fake, rel=1e-3)
         assert "scored by scaled" in _text(page, "inspect-table")
         rows = _table(page, "inspect-table")
         assert [r[3] for r in rows] == ["anomalous", "good"]
-        _wait_text(page, "inspect-histogram", "scored by scaled")
+        wait_text(page, "inspect-histogram", "scored by scaled")
         assert "scored by fake" not in _text(page, "inspect-histogram")
         screenshot(page, "trust_after_model_switch")
 
@@ -125,7 +125,7 @@ def test_model_switch_and_bank_build_rescore_the_batch(env: dict[str, Any]) -> N
         assert over_dropdowns == 0
         page.get_by_role("tab", name="Inspect").click()
         wait_textbox(page, "inspect-model", lambda v: v.startswith("bank "), timeout=60)
-        _wait_text(page, "inspect-status", "Re-scored the 2 image(s)")
+        wait_text(page, "inspect-status", "Re-scored the 2 image(s)")
         bank_name = textbox_value(page, "inspect-model")
         assert page.locator("#model-select input").first.input_value() == bank_name
         assert f"scored by {bank_name}" in _text(page, "inspect-table")
@@ -140,7 +140,7 @@ def test_out_of_domain_images_and_comparison_tables_line_up(env: dict[str, Any])
         _pick(page, "model-select", "domain")
         wait_textbox(page, "inspect-model", lambda v: v == "", timeout=10)
         _inspect(page, env["files"])
-        _wait_text(page, "inspect-status", "unlike domain's training images")
+        wait_text(page, "inspect-status", "unlike domain's training images")
         assert "b_defect.png" in _text(page, "inspect-status")
         assert textbox_value(page, "inspect-domain").startswith("OUT OF DOMAIN")  # the worst is the dark one
         rows = _table(page, "inspect-table")
@@ -150,7 +150,7 @@ def test_out_of_domain_images_and_comparison_tables_line_up(env: dict[str, Any])
 
         _pick(page, "compare-select", "scaled")
         page.locator("#compare-table").wait_for(state="visible")
-        _wait_text(page, "compare-table", "c_mid.png")
+        wait_text(page, "compare-table", "c_mid.png")
         a, b = _table(page, "inspect-table"), _table(page, "compare-table")
         assert [r[1] for r in a] == [r[1] for r in b] == ["a_ok.png", "b_defect.png", "c_mid.png"]  # by file
         # c_mid (score ~0.225): good for domain (0.3), anomalous for scaled (2.25 > 2.0)
@@ -179,7 +179,7 @@ def test_evaluate_per_defect_type_rows_and_unstretched_false_negatives(env: dict
         page.get_by_role("tab", name="Evaluate").click()
         fill_textbox(page, "eval-path", str(ds.relative_to(env["root"])))
         page.locator("#eval-run").click()
-        _wait_text(page, "eval-status", "Evaluated eval bank")
+        wait_text(page, "eval-status", "Evaluated eval bank")
         rows = _table(page, "eval-defect-types")
         kinds = [r[1] for r in rows]
         assert kinds == ["good (false alarms)", "spot", "stain"]
@@ -218,12 +218,12 @@ def test_zip_upload_over_budget_is_refused_and_a_zip_batch_leaves_nothing(env: d
             _pick(page, "model-select", "fake")
             page.locator("#inspect-upload input[type=file]").set_input_files(str(bomb))
             page.locator("#inspect-run").click()
-            _wait_text(page, "inspect-status", "more than the upload budget of 2.0 MB")
+            wait_text(page, "inspect-status", "more than the upload budget of 2.0 MB")
             screenshot(page, "trust_zip_over_budget", full_page=False)
             page.locator("#inspect-upload button[aria-label='Clear']").first.click()
             page.locator("#inspect-upload input[type=file]").set_input_files(str(ok))
             page.locator("#inspect-run").click()
-            _wait_text(page, "inspect-status", "Inspected 3 image(s) with fake")
+            wait_text(page, "inspect-status", "Inspected 3 image(s) with fake")
             assert [p for p in ctl.uploads_dir.rglob("*") if p.is_file()] == []
     finally:
         ctl.zip_budget = old
@@ -239,7 +239,7 @@ def test_the_page_says_what_the_bundled_demo_was_trained_on(tmp_path: Path) -> N
     demo = build_app(data_root=tmp_path, state_dir=tmp_path / "state")
     with serve(demo) as url, browser_page(CHROMIUM) as page:
         page.goto(url)
-        _wait_text(page, "model-training-data", "was trained on")
+        wait_text(page, "model-training-data", "was trained on")
         text = _text(page, "model-training-data")
         assert f"{info['n_train_images']} synthetic '{info['demo']['kind']}' texture images only" in text
         assert "out of its domain" in text
@@ -271,7 +271,7 @@ def test_downloads_are_served_when_the_state_folder_is_outside_temp_and_cwd(tmp_
         page.goto(url)
         page.wait_for_selector("#inspect-upload")
         _inspect(page, [img])
-        _wait_text(page, "inspect-downloads", "batch_scores")  # the name and its extension are shown apart
+        wait_text(page, "inspect-downloads", "batch_scores")  # the name and its extension are shown apart
         assert "part_heatmap" in _text(page, "inspect-downloads")
         assert "Error" not in _text(page, "inspect-status")
         shot = screenshot(page, "trust_downloads_outside_temp")

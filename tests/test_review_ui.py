@@ -243,7 +243,7 @@ def test_export_zip_has_masks_by_stem_and_csv(data_root: Path, tmp_path: Path) -
 def test_keyboard_shortcuts_in_chromium(data_root: Path, tmp_path: Path) -> None:
     """End to end: the JS snippet drives accept / reject / previous / next from the keyboard."""
     pytest.importorskip("playwright")
-    from tests.browser_util import browser_page, fill_textbox, find_chromium, screenshot, serve
+    from tests.browser_util import browser_page, fill_textbox, find_chromium, screenshot, serve, wait_text
 
     chromium = find_chromium()
     if chromium is None:
@@ -261,9 +261,7 @@ def test_keyboard_shortcuts_in_chromium(data_root: Path, tmp_path: Path) -> None
         return page.locator(f"#{elem_id}").inner_text()
 
     def wait_for(page, elem_id: str, needle: str) -> None:
-        page.wait_for_function(
-            "([id, s]) => (document.getElementById(id)?.innerText || '').includes(s)",
-            arg=[elem_id, needle], timeout=60_000)
+        wait_text(page, elem_id, needle, timeout_ms=60_000)
 
     with serve(demo) as url, browser_page(chromium) as page:
         page.goto(url)
@@ -426,7 +424,7 @@ def test_mask_editor_in_chromium_proposal_over_image_strokes_add_unchanged_accep
 
     from app.review import ReviewUI as _UI
     from ccad.relabel import mask_iou
-    from tests.browser_util import browser_page, find_chromium, fill_textbox, screenshot, serve
+    from tests.browser_util import browser_page, fill_textbox, find_chromium, screenshot, serve, wait_text
 
     chromium = find_chromium()
     if chromium is None:
@@ -439,9 +437,7 @@ def test_mask_editor_in_chromium_proposal_over_image_strokes_add_unchanged_accep
     ui = made[0]
 
     def wait_for(page, elem_id: str, needle: str) -> None:
-        page.wait_for_function(
-            "([id, s]) => (document.getElementById(id)?.innerText || '').includes(s)",
-            arg=[elem_id, needle], timeout=120_000)
+        wait_text(page, elem_id, needle, timeout_ms=120_000)
 
     with serve(demo) as url, browser_page(chromium) as page:
         page.goto(url)

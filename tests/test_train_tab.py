@@ -202,6 +202,23 @@ def test_engine_phases_follow_the_method(root: Path, tmp_path: Path) -> None:
     assert phases[0] == "building the feature bank" and "training" in phases
 
 
+def stop_training_at(controller: Any, step: int) -> dict[str, int]:
+    """Make the controller's training jobs stop (as the Stop button does) after ``step``; returns
+    the dict whose ``"step"`` can be changed later (-1: never stop). The real engine trains."""
+    real = controller.engine.train
+    stop_at = {"step": step}
+
+    def train(*a: Any, **k: Any) -> Any:
+        def stopper(st: Any) -> bool:
+            if st.step == stop_at["step"]:
+                controller.jobs.stop()
+            return False
+        return real(*a, **dict(k, callbacks=(*k["callbacks"], stopper)))
+
+    controller.engine.train = train
+    return stop_at
+
+
 def test_resumed_latent_job_continues_curve_preview_and_name(root: Path, tmp_path: Path, offline: Path) -> None:
     """A real DeCo-Diff job (random TAEF2, 32 px): a reconstruction preview appears; stopped at
     step 1 and resumed, the loss curve goes on at step 2 (steps 1, 2, 3, no restart); resumed
@@ -212,17 +229,7 @@ def test_resumed_latent_job_continues_curve_preview_and_name(root: Path, tmp_pat
     torch.set_num_threads(1)
     _synth(root)
     c = _ctl(root, tmp_path, offline)
-    real = c.engine.train
-    stop_at = {"step": 1}
-
-    def train(*a: Any, **k: Any) -> Any:
-        def stopper(st: Any) -> bool:
-            if st.step == stop_at["step"]:
-                c.jobs.stop()
-            return False
-        return real(*a, **dict(k, callbacks=(*k["callbacks"], stopper)))
-
-    c.engine.train = train
+    stop_at = stop_training_at(c, 1)
     c.start_training("synth/fibrous", None, None, "tiny", 32, 3, 2, preview_every=1, variant="deco-diff",
                      autoencoder="taef2:random")
     c.jobs.join(600)
