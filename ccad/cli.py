@@ -162,16 +162,27 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def variants_help() -> str:
-    """Every available variant with its one-line description and its options (for --help)."""
-    from .config import option_help
-    from .methods import get_method, method_names
+    """Every available variant with its one-line description and its options (for --help), read
+    from the built-in methods' snapshot (:mod:`ccad.method_catalog`) without importing them."""
+    from .method_catalog import builtin_catalog, plugin_catalog
 
     lines = ["variants (--variant NAME):"]
-    for name in method_names():
-        m = get_method(name)
-        lines.append(f"  {name:<10} {m.title}: {m.description}" + ("" if m.trainable else " (no training)"))
-        lines.append(f"  {'':<10} options: {', '.join(option_help(m.Config))}")
+    for m in builtin_catalog() + plugin_catalog():
+        untrained = "" if m["trainable"] else " (no training)"
+        lines.append(f"  {m['name']:<10} {m['title']}: {m['description']}{untrained}")
+        lines.append(f"  {'':<10} options: {', '.join(m['options'])}")
     return "\n".join(lines)
+
+
+def _variant(name: str) -> str:
+    """``--variant``: a built-in method or a plug-in registered in this process (checked without
+    importing the methods, so an argument error answers at once)."""
+    from .method_catalog import available_names
+
+    known = available_names()
+    if name not in known:
+        raise argparse.ArgumentTypeError(f"unknown variant {name!r}; available: {', '.join(known)}")
+    return name
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
@@ -418,15 +429,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     sp.set_defaults(func=cmd_bank)
 
-    from .methods import method_names
-
     sp = sub.add_parser("train", help="train a detector of any variant (ccad-v, ccad-c, ...)",
                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=variants_help(),
                         description="Build the bank, train the chosen variant on good images, calibrate the "
                                     "threshold and save RUN/model. Checkpoints go to RUN; --resume continues from "
                                     "the latest one. Several DATA folders train one multi-class model.")
     data_opts(sp, several=True)
-    sp.add_argument("--variant", default="ccad-v", choices=method_names(), metavar="NAME",
+    sp.add_argument("--variant", default="ccad-v", type=_variant, metavar="NAME",
                     help="the method to train (see the list below; default: %(default)s)")
     sp.add_argument("--out", required=True, help="run folder (checkpoints; the final model in RUN/model)")
     sp.add_argument("--bank", default=None, help="a folder with a saved bank (bank.safetensors) to reuse")

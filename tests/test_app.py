@@ -167,7 +167,10 @@ def test_job_manager_one_job_at_a_time_stop_and_failure() -> None:
     jm.start("train", target)
     with pytest.raises(JobBusy, match="already running"):
         jm.start("train", target)
-    time.sleep(0.05)
+    deadline = time.monotonic() + 60  # poll (never sleep-then-assert): the job has recorded a loss
+    while not (jm.snapshot() or {}).get("losses"):
+        assert time.monotonic() < deadline, "the job recorded no loss"
+        go.wait(0.005)
     assert jm.stop() is True
     jm.join(5)
     snap = jm.snapshot()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import time
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -286,7 +287,11 @@ def test_keyboard_shortcuts_in_chromium(data_root: Path, tmp_path: Path) -> None
         box.click()
         box.press("a")
         box.press("r")
-        page.wait_for_timeout(1500)
+        # a negative cannot be polled for, so sync on a later shortcut: had "a" and "r" fired they
+        # would have moved us to item 4, and "p" (previous) would land on 3, not on 1
+        page.locator("body").click(position={"x": 5, "y": 5})
+        page.keyboard.press("p")
+        wait_for(page, "review-item", "1 / 4")
         assert "2 / 4 reviewed" in text(page, "review-progress")
         screenshot(page, "review-shortcuts")
 
@@ -439,6 +444,22 @@ def test_mask_editor_in_chromium_proposal_over_image_strokes_add_unchanged_accep
     def wait_for(page, elem_id: str, needle: str) -> None:
         wait_text(page, elem_id, needle, timeout_ms=120_000)
 
+    def wait_proposal_drawn(page, canvas) -> tuple[float, float, int]:
+        """Poll (never sleep-then-assert) until the proposal layer shows on the canvas."""
+        deadline = time.monotonic() + 120
+        while True:
+            cx, cy, n_red = _red_centre(canvas.screenshot())
+            if n_red > 100 or time.monotonic() > deadline:
+                return cx, cy, n_red
+            page.wait_for_timeout(200)
+
+    def wait_canvas_changed(page, canvas, before: bytes) -> None:
+        """Poll until the editor has drawn the stroke (the canvas differs from ``before``)."""
+        deadline = time.monotonic() + 60
+        while canvas.screenshot() == before:
+            assert time.monotonic() < deadline, "the stroke never showed on the canvas"
+            page.wait_for_timeout(100)
+
     with serve(demo) as url, browser_page(chromium) as page:
         page.goto(url)
         fill_textbox(page, "review-folder", "dagm")
@@ -451,8 +472,7 @@ def test_mask_editor_in_chromium_proposal_over_image_strokes_add_unchanged_accep
         assert proposal[64, 64] and 300 < proposal.sum() < 3000  # the dark blob at the centre
         canvas = page.locator("#review-editor canvas").first
         canvas.wait_for(state="visible")
-        page.wait_for_timeout(2500)  # the layer loads after the background
-        cx, cy, n_red = _red_centre(canvas.screenshot())
+        cx, cy, n_red = wait_proposal_drawn(page, canvas)  # the layer loads after the background
         screenshot(page, "review-editor-proposal")
         assert n_red > 100 and abs(cx - 0.5) < 0.03 and abs(cy - 0.5) < 0.05, (cx, cy, n_red)
 
@@ -460,11 +480,12 @@ def test_mask_editor_in_chromium_proposal_over_image_strokes_add_unchanged_accep
         canvas.scroll_into_view_if_needed()  # mouse events need it inside the viewport
         box = canvas.bounding_box()
         x0, y0 = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        before = canvas.screenshot()
         page.mouse.move(x0, y0)
         page.mouse.down()
         page.mouse.move(x0 + 0.25 * box["height"], y0, steps=8)  # past the blob's right edge
         page.mouse.up()
-        page.wait_for_timeout(800)
+        wait_canvas_changed(page, canvas, before)
         screenshot(page, "review-editor-stroke")
         page.locator("#review-save-edit").click()
         wait_for(page, "review-progress", "1 / 3 reviewed")
@@ -477,7 +498,7 @@ def test_mask_editor_in_chromium_proposal_over_image_strokes_add_unchanged_accep
 
         # the next item: Save edit with no change is an accept
         wait_for(page, "review-item", "2 / 3")
-        page.wait_for_timeout(2500)
+        wait_proposal_drawn(page, canvas)
         page.locator("#review-save-edit").click()
         wait_for(page, "review-progress", "2 / 3 reviewed")
         assert sess.decision(1)["decision"] == "accepted"
@@ -487,17 +508,18 @@ def test_mask_editor_in_chromium_proposal_over_image_strokes_add_unchanged_accep
 
         # the third: the eraser, dragged across the middle of the defect, removes from the proposal
         wait_for(page, "review-item", "3 / 3")
-        page.wait_for_timeout(2500)
+        wait_proposal_drawn(page, canvas)
         proposal = sess.proposal(2).copy()
         page.locator("#review-editor button[aria-label='Erase']").click()
         canvas.scroll_into_view_if_needed()
         box = canvas.bounding_box()
         x0, y0 = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        before = canvas.screenshot()
         page.mouse.move(x0 - 0.2 * box["height"], y0)
         page.mouse.down()
         page.mouse.move(x0 + 0.2 * box["height"], y0, steps=10)
         page.mouse.up()
-        page.wait_for_timeout(800)
+        wait_canvas_changed(page, canvas, before)
         screenshot(page, "review-editor-erased")
         page.locator("#review-save-edit").click()
         wait_for(page, "review-progress", "3 / 3 reviewed")

@@ -13,7 +13,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -187,9 +186,9 @@ def test_seconds_are_each_images_own_time_plus_its_share_of_the_batch(tiny, monk
     assert [r.seconds for r in results] == pytest.approx(want, abs=1e-9)
 
 
-def test_seconds_differ_within_a_batch_and_add_up_to_no_more_than_the_run(tiny, tmp_path):
-    """Real clock, no absolute times: images of very different sizes in one batch get their own
-    (distinct) seconds, and the per-image times are disjoint slices of the run's wall time."""
+def test_seconds_differ_within_a_batch(tiny, tmp_path):
+    """Images of very different sizes in one batch get their own (distinct, positive) seconds. No
+    comparison with a wall clock here: timing belongs in benchmarks, not in tests (issue 20 item 5)."""
     import cv2
 
     from ccad.pipeline import AnomalyDetector
@@ -201,12 +200,9 @@ def test_seconds_differ_within_a_batch_and_add_up_to_no_more_than_the_run(tiny, 
         p = tmp_path / f"{i}.png"
         cv2.imwrite(str(p), (rng.random((s, s, 3)) * 255).astype(np.uint8))
         paths.append(str(p))
-    t0 = time.perf_counter()
     results, _ = det.predict_many(paths, batch_size=3)
-    wall = time.perf_counter() - t0
     seconds = [r.seconds for r in results]
     assert all(s > 0 for s in seconds) and len(set(seconds)) == 3
-    assert sum(seconds) <= wall
 
 
 def test_two_process_training_writes_one_model_and_reports_once(tiny, tmp_path):
