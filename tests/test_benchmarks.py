@@ -218,3 +218,17 @@ def test_a_method_without_a_settings_row_gets_a_default_one(monkeypatch):
     assert cfg == get_method("deco-diff").default_config() and scoring == get_method("deco-diff").default_scoring()
     with pytest.raises(Exception, match="available"):
         common.settings_for("no-such-method", "quick", "taef2:random")
+
+
+def test_cli_startup(tmp_path):
+    rows = run("cli_startup", "--repeat", "1", out=tmp_path / "cli.jsonl")
+    assert {r["command"] for r in rows} >= {"ccad --help", "ccad --version", "ccad train --help"}
+    assert all(r["heavy_imports"] == [] and r["median_s"] > 0 for r in rows), rows
+
+
+def test_synthetic_speed(tmp_path):
+    rows = run("synthetic_speed", "--size", "32", "--repeat", "1", out=tmp_path / "syn.jsonl")
+    from ccad.data.synthetic import DEFECTS, TEXTURES
+
+    assert [r["kind"] for r in rows] == list(TEXTURES)
+    assert all(set(r["best_ms"]) == {"good", *DEFECTS} for r in rows)
