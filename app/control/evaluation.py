@@ -76,7 +76,8 @@ class EvaluateMixin(ControllerBase):
         from ccad.evaluate import METRIC_KEYS
 
         rows = views.metrics_rows(report.per_category, METRIC_KEYS)
-        msg = (f"Evaluated {name} on {len(report.records)} images from {path} in {report.seconds:.1f} s"
+        msg = (f"Evaluated {name} on {len(report.records)} images from {path} in {report.seconds:.1f} s "
+               f"(+ {report.metrics_seconds:.1f} s for the metrics)"
                + (f"; {len(report.errors)} unreadable file(s) skipped" if report.errors else "")
                + (f"; left out {len(getattr(samples, 'skipped', []))} file(s) with unsupported extensions: "
                   + ", ".join(Path(q).name for q in samples.skipped[:10]) if getattr(samples, "skipped", None) else "")
