@@ -96,17 +96,51 @@ def cmd_bank(a: argparse.Namespace) -> int:
     return 0
 
 
-def _method_config(variant: str, preset: Optional[str], options: Sequence[str]) -> Any:
-    """The variant's typed config with ``--preset`` and every ``--option KEY=VALUE`` applied."""
+# TrainConfig fields with a flag of their own (``--steps`` ...) or set by the CLI itself; every other
+# TrainConfig field is a trainer setting ``--option`` accepts (e.g. warmup_steps=30, ema_decay=0.99)
+_TRAIN_FLAGS = {"steps": "--steps", "batch_size": "--batch-size", "lr": "--lr", "checkpoint_every":
+                "--checkpoint-every", "mixed_precision": "--mixed-precision", "seed": "--seed",
+                "show_progress": "--quiet"}
+
+
+def trainer_option_names() -> list[str]:
+    """The trainer settings ``--option`` sets (TrainConfig fields without a flag of their own)."""
+    import dataclasses
+
+    from .config import TrainConfig
+
+    return [f.name for f in dataclasses.fields(TrainConfig) if f.name not in _TRAIN_FLAGS]
+
+
+def _method_config(variant: str, preset: Optional[str], options: Sequence[str],
+                   train: Any = None) -> Any:
+    """The variant's typed config with ``--preset`` and every ``--option KEY=VALUE`` applied. A key
+    that is not a field of the method's config but a trainer setting (``warmup_steps``, ...) is
+    set on ``train`` (a TrainConfig; refused when None), so every setting the benchmarks use can
+    be given on the command line (issue 24 item 2)."""
+    import dataclasses
+
     from .config import ConfigError, set_option
     from .methods import get_method
 
     cfg = get_method(variant).default_config(preset)
+    method_fields = {f.name for f in dataclasses.fields(cfg)}
     for item in options or ():
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
             raise ConfigError(f"--option {item!r}: expected KEY=VALUE, e.g. diffusion.start_step=200")
-        set_option(cfg, key.strip(), value.strip(), "--option")
+        head = key.split(".")[0]
+        if head not in method_fields and head in _TRAIN_FLAGS:
+            raise ConfigError(f"--option {key}: a trainer setting with a flag of its own; use {_TRAIN_FLAGS[head]}")
+        if head not in method_fields and train is not None and head in trainer_option_names():
+            set_option(train, key, value, "--option")
+            continue
+        if head not in method_fields:
+            extra = f"; trainer settings: {', '.join(trainer_option_names())}" if train is not None else ""
+            raise ConfigError(f"--option {key!r}: unknown field {head!r}; known: {', '.join(sorted(method_fields))}"
+                              + extra)
+        set_option(cfg, key, value, "--option")
     return cfg
 
 
@@ -138,18 +172,27 @@ def cmd_train(a: argparse.Namespace) -> int:
         return 2
     # the options first (a mistyped field is named whatever --out holds), then the run folder, before
     # anything is read or written: never lose a run's checkpoints
-    method = _method_config(a.variant, a.preset, a.option)
+    train = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, checkpoint_every=a.checkpoint_every,
+                        mixed_precision=a.mixed_precision, seed=a.seed, show_progress=not a.quiet)
+    method = _method_config(a.variant, a.preset, a.option, train)
+    train.validate()
     scoring = _scoring_config(a.variant, getattr(a, "scoring", None))
     if not a.resume and not a.overwrite:
         refuse_to_overwrite(a.out, "--resume", "--overwrite")
     bank = FeatureBank.load(a.bank) if a.bank else None
-    train = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, checkpoint_every=a.checkpoint_every,
-                        mixed_precision=a.mixed_precision, seed=a.seed, show_progress=not a.quiet)
     data = a.data[0] if len(a.data) == 1 else a.data
+    callbacks = []
+    import torch
+
+    if not torch.cuda.is_available():  # the estimate from the first steps; over an hour refused unless --yes
+        from .train_budget import TimeBudget
+
+        callbacks.append(TimeBudget(max_seconds=float("inf") if a.yes else 3600.0,
+                                    say=lambda line: print(line, file=sys.stderr, flush=True)))
     det = train_detector(data, a.out, variant=a.variant, method=method, train=train, bank=bank,
                          image_size=a.image_size, backbone=a.backbone, layers=a.layers, bank_size=a.size,
                          calibration_fraction=a.calibration_fraction, resume=a.resume, seed=a.seed,
-                         overwrite=a.overwrite, scoring=scoring)
+                         overwrite=a.overwrite, scoring=scoring, callbacks=callbacks)
     from .distributed import launched_world_size
 
     if launched_world_size() > 1:
@@ -454,7 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto: bf16/fp16 on CUDA, fp32 on CPU")
     sp.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="set a field of the variant's config, e.g. diffusion.start_step=200 (repeatable; "
-                         "each variant's options are listed below)")
+                         "each variant's options are listed below), or a trainer setting: "
+                         + ", ".join(trainer_option_names()))
     sp.add_argument("--scoring", action="append", default=[], metavar="KEY=VALUE",
                     help="set a field of the scoring config (repeatable), e.g. fusion=bank (fuse the method's "
                          "map with the bank's nearest-neighbour map, both normalised on held-out good images), "
@@ -464,6 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="replace the run already in --out (its checkpoints and model are deleted); without "
                          "--resume or --overwrite an existing run is refused")
     sp.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    sp.add_argument("--yes", action="store_true",
+                    help="without a GPU, train even when the first steps estimate the run over an hour (by "
+                         "default such a run is refused after its first steps, with a resumable checkpoint)")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     sp.set_defaults(func=cmd_train)
 
@@ -529,10 +576,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .config import ConfigError
     from .data.io import ImageReadError
     from .pipeline import CheckpointError
+    from .train_budget import TrainingTooLong
 
     try:
         return int(args.func(args) or 0)
-    except (ImageReadError, CheckpointError, ConfigError, FileNotFoundError, ValueError) as exc:
+    except (ImageReadError, CheckpointError, ConfigError, FileNotFoundError, ValueError, TrainingTooLong) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -54,6 +54,7 @@ from .checkpoints import (  # noqa: F401 - re-exported: ccad.training is where c
     save_optimizer,
 )
 from .config import TrainConfig  # the ``train`` section (re-exported: ccad.training.TrainConfig)
+from .train_budget import TrainingTooLong
 from .train_steps import (  # noqa: F401 - re-exported: ccad.training is where callers import them
     StepBatchSampler,
     _as_dict,
@@ -427,9 +428,15 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr_now:.2e}")
                 want_stop = False
-                for cb in self.callbacks:
-                    if cb(state):
-                        want_stop = True
+                try:
+                    for cb in self.callbacks:
+                        if cb(state):
+                            want_stop = True
+                except TrainingTooLong:  # refused by its time budget: keep what ran, then say why
+                    bar.close()
+                    self._save_checkpoint(step, epoch, losses, prior_seconds + elapsed, unwrapped, ema,
+                                          optimizer, lr_sched)
+                    raise
                 want_stop = want_stop or self._stop.is_set()
                 if world > 1:
                     flag = torch.tensor([1.0 if want_stop else 0.0], device=device)
