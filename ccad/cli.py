@@ -54,6 +54,52 @@ class _Bar:
             self.bar.close()
 
 
+class _Phases:
+    """``phase(text)`` and ``progress(done, total)`` for a long command: each phase is announced on
+    stderr with the time since the start (``[1:02] training``), the previous one with how long it
+    took, and counted phases get a tqdm bar (counts, rate, ETA) named for them, so no stretch of a
+    run is silent (issue 24 item 1). ``quiet`` keeps the lines and drops the bars."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        import time
+
+        self.quiet, self.t0, self.clock = quiet, time.perf_counter(), time.perf_counter
+        self.current: Optional[str] = None
+        self.started = self.t0
+        self.bar: Optional[_Bar] = None
+        self.seen: list[str] = []
+
+    def _stamp(self, t: float) -> str:
+        s = int(t - self.t0)
+        return f"[{s // 60}:{s % 60:02d}]"
+
+    def _end(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __call__(self, text: str) -> None:
+        self._end()
+        now = self.clock()
+        if self.current is not None:
+            print(f"{self._stamp(now)}   done in {now - self.started:.1f} s", file=sys.stderr, flush=True)
+        self.current, self.started = text, now
+        self.seen.append(text)
+        print(f"{self._stamp(now)} {text}", file=sys.stderr, flush=True)
+
+    def progress(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = _Bar((self.current or "working").split(" (")[0][:40], self.quiet)
+        self.bar(done, total)
+
+    def close(self) -> None:
+        self._end()
+        if self.current is not None:
+            now = self.clock()
+            print(f"{self._stamp(now)}   done in {now - self.started:.1f} s", file=sys.stderr, flush=True)
+            self.current = None
+
+
 def _load_model(path: str, revision: Optional[str] = None):
     from .pipeline import AnomalyDetector
 
@@ -84,13 +130,17 @@ def cmd_bank(a: argparse.Namespace) -> int:
 
     if not getattr(a, "overwrite", False):  # a saved model or a run's bank in --out would be overwritten
         refuse_to_overwrite(a.out, None, "--overwrite")
-    bar = _Bar("features", a.quiet)
+    phases = _Phases(a.quiet)
     method = _method_config("patchcore", None, [f"ratio={a.patchcore_ratio}"])
-    det = fit_detector(a.data, backbone=a.backbone, layers=a.layers, bank_size=a.size, image_size=a.image_size,
-                       method=method, calibration_fraction=a.calibration_fraction,
-                       batch_size=a.batch_size, weights=a.weights, progress=bar)
-    bar.close()
-    det.save_pretrained(a.out)
+    try:
+        phases("building the feature bank and the PatchCore memory, then calibrating")
+        det = fit_detector(a.data, backbone=a.backbone, layers=a.layers, bank_size=a.size, image_size=a.image_size,
+                           method=method, calibration_fraction=a.calibration_fraction,
+                           batch_size=a.batch_size, weights=a.weights, progress=phases.progress)
+        phases(f"saving the model to {a.out}")
+        det.save_pretrained(a.out)
+    finally:
+        phases.close()
     _report_skipped(det.info.get("skipped") or [])
     print(json.dumps({"model": str(a.out), **det.bank.summary(), "threshold": det.threshold}, default=str))
     return 0
@@ -189,10 +239,15 @@ def cmd_train(a: argparse.Namespace) -> int:
 
         callbacks.append(TimeBudget(max_seconds=float("inf") if a.yes else 3600.0,
                                     say=lambda line: print(line, file=sys.stderr, flush=True)))
-    det = train_detector(data, a.out, variant=a.variant, method=method, train=train, bank=bank,
-                         image_size=a.image_size, backbone=a.backbone, layers=a.layers, bank_size=a.size,
-                         calibration_fraction=a.calibration_fraction, resume=a.resume, seed=a.seed,
-                         overwrite=a.overwrite, scoring=scoring, callbacks=callbacks)
+    phases = _Phases(a.quiet)
+    try:
+        det = train_detector(data, a.out, variant=a.variant, method=method, train=train, bank=bank,
+                             image_size=a.image_size, backbone=a.backbone, layers=a.layers, bank_size=a.size,
+                             calibration_fraction=a.calibration_fraction, resume=a.resume, seed=a.seed,
+                             overwrite=a.overwrite, scoring=scoring, callbacks=callbacks, phase=phases,
+                             progress=phases.progress)
+    finally:
+        phases.close()
     from .distributed import launched_world_size
 
     if launched_world_size() > 1:

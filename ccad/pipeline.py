@@ -347,6 +347,9 @@ def train_detector(
                           preview=m.preview, preview_image=preview_image)
         result = trainer.train(resume=resume, overwrite=bool(overwrite))
         m.use_trained(result.model)
+        after = m.after_training_phase()
+        if after:
+            say(after)
         m.after_training(train_s)  # e.g. domain adaptation of the scoring extractor (D3AD eq. 10)
         info.update({"train_steps": int(result.step), "stopped_early": bool(result.stopped)})
     info["train_seconds"] = round(time.perf_counter() - t0, 1)
@@ -355,7 +358,7 @@ def train_detector(
     fusion = _build_fusion(config, train_s, cal, m.ctx.device, fusion_memory, progress, cancel, seed)
     det = AnomalyDetector(config, bank, m, device=m.ctx.device, info=info, fusion=fusion)
     if cal:
-        say("calibrating the threshold on held-out good images")
+        say(f"calibrating the threshold on {len(cal)} held-out good images")
         det.calibrate(cal, batch_size=tcfg.batch_size)
     say("saving the model")
     if state is None or state.is_main_process:  # several processes (accelerate launch): one writes the model

@@ -51,6 +51,8 @@ class TimeBudget:
             return False
         self.done = True
         left = int(state.total_steps) - int(state.step)
+        if left <= 0:  # the run is over already: nothing to estimate
+            return False
         per_step = float(state.eta_seconds) / left if left > 0 else 0.0
         self.estimate = float(state.eta_seconds)
         line = (f"estimated {format_seconds(self.estimate)} for the {left} steps left "

@@ -213,6 +213,16 @@ class Method:
         for name, m in modules.items():
             self.modules[name].load_state_dict(m.state_dict())
 
+    def after_training_phase(self) -> Optional[str]:
+        """What :meth:`after_training` does, with its counts, for the phase line (``ccad train``, the
+        app's job status); None when it does nothing. Methods that override ``after_training``
+        override this too, so no stretch of a run is silent (issue 24 item 1)."""
+        epochs = int(getattr(self.config, "domain_adapt_epochs", 0) or 0)
+        if epochs > 0:
+            n = int(getattr(self.config, "domain_adapt_images", 32))
+            return f"adapting the scoring extractor to the domain ({epochs} epoch(s) on up to {n} good images)"
+        return None
+
     def after_training(self, train: Sequence[Any]) -> None:
         """Called by the pipeline once the trained weights are installed, before calibration.
 

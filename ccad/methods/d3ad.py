@@ -143,6 +143,11 @@ class D3AD(DynamicStartMixin, LatentMethod):
         unet = modules["unet"]
         return noise_prediction_loss(lambda z, t: unet(z, t).sample, batch["latent"], self.scheduler, generator)
 
+    def after_training_phase(self) -> Optional[str]:
+        first = super().after_training_phase()
+        norm = f"fitting the map normalisers on {int(self.config.norm_images)} good images"
+        return f"{first}, then {norm}" if first else norm
+
     def after_training(self, train: Sequence[Any]) -> None:
         """Domain adaptation (eq. 10, when ``domain_adapt_epochs`` > 0), then the DIC refitted
         with the adapted extractor, then the map normalisers from good training images."""

@@ -240,6 +240,7 @@ class FeatDiff(Method):
                    "input edited toward nearest normal features; multi-class")
     paper = "LafitE (arXiv 2307.08059) + DPDiff-AD (arXiv 2605.24402) + CCAD eq. 11 in feature space"
     space = "feature"
+    training_data_phase = "caching the backbone features of the training images (once; in the run folder)"
     Config = FeatDiffConfig
     multi_class = True
     components = {"denoiser": FeatDenoiser, "bank_proj": BankProjector}
@@ -404,6 +405,15 @@ class FeatDiff(Method):
                                          x.shape[-2:]))
 
     # ---- hyper-parameters on synthetic anomalies of held-out good images ------------------------
+    def after_training_phase(self) -> Optional[str]:
+        c = self.config
+        if not c.search:
+            return super().after_training_phase()
+        n = min(len(list(self.ctx.held_out)), int(c.search_images))
+        k = len(search_pairs(int(c.num_train_timesteps), c.search_noise, c.search_steps)) * len(c.search_edit)
+        return (f"choosing noise level, steps and edit strength: {k} settings scored on {n} held-out good "
+                f"images and {n} synthetic anomalies")
+
     def after_training(self, train: Sequence[Any]) -> None:
         super().after_training(train)
         if self.config.search:

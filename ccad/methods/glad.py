@@ -193,6 +193,12 @@ class GLAD(Method):
     def preview(self, modules: nn.ModuleDict, image: torch.Tensor) -> Optional[np.ndarray]:
         return self._reconstruct(modules["unet"], image)[0].permute(1, 2, 0).float().cpu().numpy()
 
+    def after_training_phase(self) -> Optional[str]:
+        if self.config.delta_quantile is None:
+            return None
+        n = min(len(list(self.ctx.held_out)) or 0, int(self.config.delta_images))
+        return f"fitting the adaptive-step threshold delta on {n or 'the training'} good images"
+
     def after_training(self, train: Sequence[Any]) -> None:
         """Delta fitted on the held-out good slice (``ctx.held_out``, images the UNet never trained
         on, as a test image is; the training images only when nothing was held out, and the card
