@@ -65,6 +65,17 @@ def domain_text(p: Any, short: bool = False) -> str:
     return "in domain" + dist
 
 
+def verdict_text(p: Any) -> str:
+    """The verdict box: GOOD / ANOMALOUS / ..., or OUT OF DOMAIN first when the image is unlike the
+    model's good images (the model's own verdict beside it, never ANOMALOUS with the warning
+    elsewhere; issue 21 item 2)."""
+    verdict = str(p.verdict).upper()
+    if getattr(p, "out_of_domain", None):
+        return f"OUT OF DOMAIN (score {float(p.score):.4g}; the model would say {verdict}, but it was not built on " \
+               f"images like this one)"
+    return verdict
+
+
 def name_list(items: Sequence[tuple[str, str]], limit: int = 10) -> str:
     """``a.gif (unsupported file type .gif), ...`` for ``(name, reason)`` pairs, at most ``limit``."""
     more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""

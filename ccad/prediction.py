@@ -8,7 +8,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
-from .scoring.heatmap import render_heatmap
+from .scoring.heatmap import display_range, render_heatmap, with_colorbar
 from .scoring.verdict import STATUSES, status_of
 
 @dataclass
@@ -83,21 +83,36 @@ class Prediction:
         lo = min(self.map_floor, hi - 1e-6)
         return np.clip((amap - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
 
-    def heatmap(self) -> np.ndarray:
-        """H x W x 3 uint8 colour-mapped anomaly map (red at or above the threshold)."""
-        return render_heatmap(self.normalized_map(), vmin=0.0, vmax=1.0)
+    def display_range(self) -> tuple[float, float]:
+        """The model's colour range in score units (:func:`ccad.scoring.heatmap.display_range`): the
+        same for every image of one model at one threshold, with the threshold at mid-scale."""
+        finite = self.anomaly_map[np.isfinite(self.anomaly_map)]
+        return display_range(self.map_floor, self.threshold, float(finite.max()) if finite.size else 1.0)
 
-    def overlay(self, alpha: float = 0.5) -> np.ndarray:
-        """H x W x 3 uint8: the heatmap blended over the image, the mask outlined in white."""
+    def heatmap(self, colorbar: bool = False) -> np.ndarray:
+        """H x W x 3 uint8 colour-mapped anomaly map on the model's fixed scale (blue-green below the
+        threshold, yellow-red above); ``colorbar``: the scale in score units, the threshold marked,
+        stacked below (the app shows it; files written for a line stay pixel-aligned without it)."""
+        lo, hi = self.display_range()
+        amap = np.nan_to_num(self.anomaly_map, nan=lo, posinf=hi, neginf=lo)
+        heat = render_heatmap(amap, vmin=lo, vmax=hi)
+        return with_colorbar(heat, lo, hi, self.threshold) if colorbar else heat
+
+    def overlay(self, alpha: float = 0.5, colorbar: bool = False) -> np.ndarray:
+        """H x W x 3 uint8: the heatmap blended over the image; for an anomalous verdict the pixels
+        above the threshold are outlined in white (a good image's map is never outlined as a defect)."""
         import cv2
 
         base = (np.clip(self.image, 0, 1) * 255).astype(np.float32)
         out = (1 - alpha) * base + alpha * self.heatmap().astype(np.float32)
         out = np.clip(out, 0, 255).astype(np.uint8)
-        m = self.mask.astype(np.uint8)
+        m = self.mask.astype(np.uint8) if self.status == "anomalous" else np.zeros(self.anomaly_map.shape, np.uint8)
         if m.any():
             contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
             cv2.drawContours(out, contours, -1, (255, 255, 255), max(1, round(min(m.shape) / 200)))
+        if colorbar:
+            lo, hi = self.display_range()
+            return with_colorbar(out, lo, hi, self.threshold)
         return out
 
     def to_record(self) -> dict[str, Any]:

@@ -107,6 +107,7 @@ def test_one_heatmap_renderer_for_predictions_and_the_review_screen():
     p = Prediction(image=np.zeros((37, 53, 3), np.float32), reconstruction=None, anomaly_map=amap, score=1.0,
                    threshold=1.0, seconds=0.0)
     heat = p.heatmap()
-    np.testing.assert_array_equal(heat, render_heatmap(p.normalized_map(), vmin=0.0, vmax=1.0))
-    jet = cv2.applyColorMap((np.clip(p.normalized_map(), 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    lo, hi = p.display_range()  # the model's fixed scale, the threshold at mid-scale
+    np.testing.assert_array_equal(heat, render_heatmap(amap, vmin=lo, vmax=hi))
+    jet = cv2.applyColorMap((np.clip((amap - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)
     np.testing.assert_array_equal(heat, cv2.cvtColor(jet, cv2.COLOR_BGR2RGB))  # OpenCV's JET, RGB order

@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from .. import views
-from ..batch import Batch, domain_text, name_list, relative_name, seconds_text, to_uint8, unique_names
+from ..batch import Batch, domain_text, name_list, relative_name, seconds_text, to_uint8, unique_names, verdict_text
 from ..engine import ProgressFn
 from ..errors import UserError
 from ..paths import PathError, extracted_zip, remove_stale
@@ -266,8 +266,14 @@ class InspectMixin(ControllerBase):
         else:
             recon = np.full_like(original, 128)
             label = "Reconstruction (n/a: this method does not reconstruct)"
-        return {"original": original, "reconstruction": recon, "heatmap": p.heatmap(), "overlay": p.overlay(),
-                "recon_label": label, "score": f"{float(p.score):.4f}", "verdict": p.verdict.upper(),
+        heat, over = p.heatmap(colorbar=True), p.overlay(colorbar=True)
+        strip = heat.shape[0] - original.shape[0]  # the colour scale under the two map panels
+        if strip > 0:  # the image panels keep the same size (aligned), with an empty strip
+            original = np.concatenate([original, np.full((strip, *original.shape[1:]), 255, np.uint8)])
+            recon = np.concatenate([recon, np.full((strip, *recon.shape[1:]), 255, np.uint8)])
+        verdict = verdict_text(p)
+        return {"original": original, "reconstruction": recon, "heatmap": heat, "overlay": over,
+                "recon_label": label, "score": f"{float(p.score):.4f}", "verdict": verdict,
                 "time": seconds_text(p.seconds), "name": batch.names[i], "model": batch.model,
                 "domain": domain_text(p) or "not reported by this model"}
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-__all__ = ["as_uint8_rgb", "render_heatmap"]
+__all__ = ["as_uint8_rgb", "display_range", "render_colorbar", "render_heatmap", "with_colorbar"]
 
 
 def render_heatmap(anomaly_map: np.ndarray, image: np.ndarray | None = None,
@@ -44,3 +44,57 @@ def as_uint8_rgb(image: np.ndarray) -> np.ndarray:
     elif img.shape[2] > 3:
         img = img[..., :3]
     return np.ascontiguousarray(img)
+
+
+def display_range(floor: float, threshold: float, fallback_max: float = 1.0) -> tuple[float, float]:
+    """The colour range every map of one model is drawn with, in score units: from the map value of
+    a typical good pixel (``floor``, measured on good images at calibration) to twice the
+    threshold's distance above it, so the threshold sits at mid-scale (JET's green): blue to green
+    is below the threshold, yellow to red above it, and a good image's map never looks like a
+    defect's just because it is stretched to its own range (issue 21 item 2). An uncalibrated
+    model (no finite threshold) uses ``floor .. fallback_max``."""
+    floor = float(floor) if np.isfinite(floor) else 0.0
+    if threshold is None or not np.isfinite(float(threshold)):
+        return floor, max(float(fallback_max), floor + 1e-6)
+    thr = float(threshold)
+    lo = min(floor, thr - 1e-6)
+    return lo, thr + (thr - lo)
+
+
+def _label(v: float) -> str:
+    return f"{v:.3g}"
+
+
+def render_colorbar(width: int, vmin: float, vmax: float, threshold: float | None = None,
+                    height: int | None = None) -> np.ndarray:
+    """A horizontal JET colour scale ``height x width`` (uint8 RGB) for maps drawn over
+    ``vmin .. vmax``: the gradient, its two ends labelled in score units, and the threshold (when
+    finite and inside the range) marked by a white tick labelled ``threshold <value>``."""
+    width = max(int(width), 32)
+    height = int(height or max(24, min(48, width // 10)))
+    bar_h = max(6, height // 3)
+    ramp = np.linspace(0, 255, width).astype(np.uint8)[None, :].repeat(bar_h, 0)
+    bar = cv2.applyColorMap(ramp, cv2.COLORMAP_JET)[..., ::-1]
+    out = np.full((height, width, 3), 255, np.uint8)
+    out[:bar_h] = bar
+    scale = max(0.3, min(0.5, height / 70))
+    font, ink = cv2.FONT_HERSHEY_SIMPLEX, (20, 20, 20)
+    base = height - max(2, height // 8)
+    lo_txt, hi_txt = _label(vmin), _label(vmax)
+    cv2.putText(out, lo_txt, (1, base), font, scale, ink, 1, cv2.LINE_AA)
+    (tw, _), _ = cv2.getTextSize(hi_txt, font, scale, 1)
+    cv2.putText(out, hi_txt, (width - tw - 1, base), font, scale, ink, 1, cv2.LINE_AA)
+    if threshold is not None and np.isfinite(threshold) and vmax > vmin and vmin <= threshold <= vmax:
+        x = int(round((float(threshold) - vmin) / (vmax - vmin) * (width - 1)))
+        out[:bar_h, max(0, x - 1):x + 2] = 255
+        out[bar_h:bar_h + 3, max(0, x - 1):x + 2] = 0
+        txt = f"threshold {_label(float(threshold))}"
+        (tw, _), _ = cv2.getTextSize(txt, font, scale, 1)
+        cv2.putText(out, txt, (int(np.clip(x - tw // 2, 0, width - tw)), base), font, scale, ink, 1, cv2.LINE_AA)
+    return np.ascontiguousarray(out)
+
+
+def with_colorbar(image: np.ndarray, vmin: float, vmax: float, threshold: float | None = None) -> np.ndarray:
+    """``image`` (uint8 RGB) with its colour scale (:func:`render_colorbar`) stacked below it."""
+    img = as_uint8_rgb(image)
+    return np.concatenate([img, render_colorbar(img.shape[1], vmin, vmax, threshold)], axis=0)
