@@ -69,6 +69,19 @@ class _Phases:
         self.bar: Optional[_Bar] = None
         self.seen: list[str] = []
 
+    @staticmethod
+    def _short(text: str, width: int = 40) -> str:
+        """The bar's name: the phase up to its first clause, cut at a word within ``width``."""
+        import re
+
+        head = re.split(r" \(|: |, then | on \d", text)[0]
+        if len(head) <= width:
+            return head
+        words = head[:width].rsplit(" ", 1)[0].split(" ")
+        while len(words) > 1 and words[-1] in ("the", "of", "and", "a", "an", "to", "on", "in"):
+            words.pop()  # never end a name on a small word
+        return " ".join(words)
+
     def _stamp(self, t: float) -> str:
         s = int(t - self.t0)
         return f"[{s // 60}:{s % 60:02d}]"
@@ -89,7 +102,7 @@ class _Phases:
 
     def progress(self, done: int, total: int) -> None:
         if self.bar is None:
-            self.bar = _Bar((self.current or "working").split(" (")[0][:40], self.quiet)
+            self.bar = _Bar(self._short(self.current or "working"), self.quiet)
         self.bar(done, total)
 
     def close(self) -> None:
@@ -133,7 +146,7 @@ def cmd_bank(a: argparse.Namespace) -> int:
     phases = _Phases(a.quiet)
     method = _method_config("patchcore", None, [f"ratio={a.patchcore_ratio}"])
     try:
-        phases("building the feature bank and the PatchCore memory, then calibrating")
+        phases("building the feature bank and the PatchCore memory, then calibrating the threshold")
         det = fit_detector(a.data, backbone=a.backbone, layers=a.layers, bank_size=a.size, image_size=a.image_size,
                            method=method, calibration_fraction=a.calibration_fraction,
                            batch_size=a.batch_size, weights=a.weights, progress=phases.progress)
