@@ -61,3 +61,12 @@ def test_an_out_of_domain_verdict_box_says_so_first() -> None:
     assert ood.status == "anomalous" and ood.out_of_domain
     assert verdict_text(ood).startswith("OUT OF DOMAIN (score 3;") and "ANOMALOUS" in verdict_text(ood)
     assert verdict_text(_pred(amap, 3.0, domain_distance=0.5, domain_limit=1.0)) == "ANOMALOUS"
+
+
+def test_the_out_of_domain_limit_is_tighter_when_enough_good_images_back_it() -> None:
+    from ccad.scoring.domain import DomainStats
+
+    few, many = DomainStats.fit([1.0, 2.0, 4.0]), DomainStats.fit(np.linspace(1.0, 4.0, 12))
+    assert few.limit == 6.0 and few.factor == 1.5  # 3 images: their maximum says little
+    assert many.limit == 5.0 and many.factor == 1.25  # measured on MTD: other good images <= 1.08x the max
+    assert DomainStats.fit([2.0], factor=2.0).limit == 4.0

@@ -267,7 +267,7 @@ class InspectMixin(ControllerBase):
             recon = np.full_like(original, 128)
             label = "Reconstruction (n/a: this method does not reconstruct)"
         heat, over = p.heatmap(colorbar=True), p.overlay(colorbar=True)
-        strip = heat.shape[0] - original.shape[0]  # the colour scale under the two map panels
+        strip = heat.shape[0] - p.anomaly_map.shape[0]  # the colour scale's height under the two map panels
         if strip > 0:  # the image panels keep the same size (aligned), with an empty strip
             original = np.concatenate([original, np.full((strip, *original.shape[1:]), 255, np.uint8)])
             recon = np.concatenate([recon, np.full((strip, *recon.shape[1:]), 255, np.uint8)])

@@ -70,13 +70,15 @@ def render_colorbar(width: int, vmin: float, vmax: float, threshold: float | Non
     """A horizontal JET colour scale ``height x width`` (uint8 RGB) for maps drawn over
     ``vmin .. vmax``: the gradient, its two ends labelled in score units, and the threshold (when
     finite and inside the range) marked by a white tick labelled ``threshold <value>``."""
-    width = max(int(width), 32)
-    height = int(height or max(24, min(48, width // 10)))
+    width = max(int(width), 1)
+    height = int(height or (max(24, min(48, width // 10)) if width >= 64 else max(4, width // 4)))
     bar_h = max(6, height // 3)
     ramp = np.linspace(0, 255, width).astype(np.uint8)[None, :].repeat(bar_h, 0)
     bar = cv2.applyColorMap(ramp, cv2.COLORMAP_JET)[..., ::-1]
     out = np.full((height, width, 3), 255, np.uint8)
     out[:bar_h] = bar
+    if width < 64:  # too narrow for labels: the gradient only
+        return np.ascontiguousarray(out)
     scale = max(0.3, min(0.5, height / 70))
     font, ink = cv2.FONT_HERSHEY_SIMPLEX, (20, 20, 20)
     base = height - max(2, height // 8)
