@@ -86,6 +86,17 @@ def export_onnx(detector: Any, path: Path, batch: int = 2) -> list[str]:
     s = int(detector.input_size)
     graph = DetectorGraph(detector).eval()
     x = torch.rand(batch, 3, s, s, generator=torch.Generator().manual_seed(0), device=detector.device)
+    params = [q for q in detector.method.modules.parameters() if q.requires_grad]
+    for q in params:  # a trained network's weights become graph constants
+        q.requires_grad_(False)
+    try:
+        return _trace(graph, x, path)
+    finally:
+        for q in params:
+            q.requires_grad_(True)
+
+
+def _trace(graph: DetectorGraph, x: torch.Tensor, path: Path) -> list[str]:
     with exportable_ops(), torch.no_grad():
         graph(x)  # fills lazily built state (a method's fixed noise field) before tracing
         names = list(graph.output_names)
