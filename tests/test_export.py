@@ -215,3 +215,20 @@ def test_runtime_names_the_bad_file_and_field(patchcore, tmp_path):
     (out / "model.onnx").unlink()
     with pytest.raises(ExportFolderError, match="model.onnx: missing"):
         load(out)
+
+
+def test_app_export_button_gives_a_zip_the_runtime_runs(patchcore, data, tmp_path):
+    import zipfile
+
+    from app.controller import AppController
+
+    det, _ = patchcore
+    c = AppController(data_root=tmp_path, state_dir=tmp_path / "state", samples_dir=None, demo_dir=None)
+    name = c.registry.add("tiles (patchcore)", det, "test")
+    path, msg = c.export_zip(name)
+    assert path.endswith(".zip") and "0 verdicts differ" in msg
+    with zipfile.ZipFile(path) as z:
+        assert {"model.onnx", "verdict.json", "parity.json", "README.md"} <= set(z.namelist())
+        z.extractall(tmp_path / "unzipped")
+    image = good_and_defect_images(data)[0]
+    assert load(tmp_path / "unzipped").predict(image).score == pytest.approx(det.predict(image).score, rel=RTOL)
