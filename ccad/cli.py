@@ -52,10 +52,13 @@ class _Bar:
             self.bar.close()
 
 
-def _load_model(path: str, revision: Optional[str] = None):
+def _load_model(path: str, revision: Optional[str] = None, export_ok: bool = False):
     from .runtime import is_export_folder, load
 
     if is_export_folder(path):  # a folder written by `ccad export`: run it without torch
+        if not export_ok:
+            raise ValueError(f"{path}: an export folder (verdict.json, written by `ccad export`) runs with `ccad "
+                             f"predict` or ccad.runtime only; this command needs the saved model folder")
         return load(path)
     from .pipeline import AnomalyDetector
 
@@ -272,7 +275,7 @@ def _predict(a: argparse.Namespace, shard: Any) -> int:
     from .data.skips import find_images, unsupported_reason
     from .data.naming import OUTPUT_KINDS, output_files, output_stems
 
-    det = _load_model(a.model, a.revision)
+    det = _load_model(a.model, a.revision, export_ok=True)
     if a.threshold is not None:
         det.threshold = a.threshold
     items, unsupported = find_images(a.inputs)  # folders: recursively; other file types are reported

@@ -232,3 +232,12 @@ def test_app_export_button_gives_a_zip_the_runtime_runs(patchcore, data, tmp_pat
         z.extractall(tmp_path / "unzipped")
     image = good_and_defect_images(data)[0]
     assert load(tmp_path / "unzipped").predict(image).score == pytest.approx(det.predict(image).score, rel=RTOL)
+
+
+def test_commands_that_need_the_torch_model_refuse_an_export_folder(patchcore, data, tmp_path, capsys):
+    from ccad.cli import main
+
+    det, _ = patchcore
+    out = export_detector(det, tmp_path / "exp")
+    assert main(["evaluate", str(out), str(data)]) == 2
+    assert "runs with `ccad predict` or ccad.runtime only" in capsys.readouterr().err
