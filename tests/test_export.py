@@ -144,7 +144,7 @@ def test_cli_export_then_predict_writes_the_torch_models_outputs(patchcore, data
     good = str(Path(data) / "granular" / "test" / "good")
     assert main(["export", str(model), "--out", str(tmp_path / "exp"), "--parity-images", good]) == 0
     assert "verdicts differing 0" in capsys.readouterr().out
-    assert json.loads((tmp_path / "exp" / "parity.json").read_text())["sources"].startswith("2 good images given")
+    assert json.loads((tmp_path / "exp" / "parity.json").read_text())["sources"].startswith("2 images given")
     assert main(["export", str(model), "--out", str(tmp_path / "exp")]) == 2  # not empty, no --overwrite
     assert "--overwrite" in capsys.readouterr().err
     test = str(Path(data) / "granular" / "test")

@@ -48,7 +48,7 @@ def parity_items(detector: Any, images: Optional[Sequence[Any]] = None, seed: in
 
     if images:
         goods = [coerce_image(x) for x in images]
-        source = f"{len(goods)} good images given"
+        source = f"{len(goods)} images given"
     else:
         goods = _synthetic_goods(detector.input_size, seed=seed)
         source = f"{len(goods)} synthetic textures (no good images given: pass --parity-images)"
