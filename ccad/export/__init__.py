@@ -31,16 +31,18 @@ PARITY_FILE = "parity.json"
 CARD_FILE = "README.md"
 
 #: why a method is not exported (it never exports something that scores differently)
+_NOT_YET = "no ONNX graph of it has been built and proven to score as the torch model does yet"
 REFUSED = {
-    "ccad-v": "its reconstruction starts DDIM from a per-image dynamic noise level and adds fresh noise "
-              "(diffusion.start_step / dynamic start); the unrolled graph has not been proven equal to it",
-    "ccad-c": "it runs a latent autoencoder, a UNet and a ControlNet over a multi-step DDIM loop whose parity "
-              "in ONNX has not been proven",
-    "ccad-f": "it runs a latent autoencoder, a UNet and a ControlNet over a multi-step DDIM loop whose parity "
-              "in ONNX has not been proven",
-    "deco-diff": "its deviation-corrected reconstruction has not been proven equal in ONNX",
-    "d3ad": "its dynamic-implicit-conditioning reconstruction has not been proven equal in ONNX",
-    "glad": "its adaptive-step reconstruction and DINO backbone have not been proven equal in ONNX",
+    "ccad-v": f"its reconstruction is a DDAD-guided DDIM loop (eq. 12-14) with seeded per-image noise and a second "
+              f"backbone for the eq. 16 map; {_NOT_YET}",
+    "ccad-c": f"it reconstructs through a latent autoencoder and a bank-conditioned UNet over a DDIM loop, with an "
+              f"optional per-image dynamic start; {_NOT_YET}",
+    "ccad-f": f"it reconstructs through a latent autoencoder and a bank-conditioned UNet over a DDIM loop, with an "
+              f"optional per-image dynamic start; {_NOT_YET}",
+    "deco-diff": f"its deviation-corrected reconstruction runs a latent autoencoder and a UNet; {_NOT_YET}",
+    "d3ad": f"its dynamic implicit conditioning picks each image's noise level from the image; {_NOT_YET}",
+    "glad": f"its adaptive reconstruction draws seeded per-image noise and scores with a separate extractor; "
+            f"{_NOT_YET}",
 }
 
 
@@ -56,7 +58,7 @@ def check_exportable(detector: Any) -> None:
     """Raise :class:`ExportRefused` naming the method / setting that cannot be exported."""
     name = detector.variant
     if name not in EXPORTABLE:
-        why = REFUSED.get(name, "no graph of it has been proven to score as the torch detector does")
+        why = REFUSED.get(name, _NOT_YET)
         raise ExportRefused(f"method {name!r} cannot be exported: {why}. Exportable methods: "
                             f"{', '.join(EXPORTABLE)}; serve this model with torch instead (`ccad predict MODEL`)")
     s = detector.input_size
