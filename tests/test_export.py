@@ -51,7 +51,9 @@ def _feat_diff(data, run, fusion):
     from ccad.methods.feat_diff import FeatDiffConfig
 
     cfg = FeatDiffConfig(preset="tiny", memory_size=64, search=False, noise_level=100, steps=2, edit=0.5)
-    kw = {"scoring": ScoringConfig(fusion="bank", fusion_image_size=SIZE, fusion_ratio=0.1)} if fusion else {}
+    # the fused variant also scores by the mean of the top-k map values (the runtime's other score rule)
+    kw = {"scoring": ScoringConfig(fusion="bank", fusion_image_size=SIZE, fusion_ratio=0.1, score="topk")} if fusion \
+        else {}
     return train_detector(load_dataset(str(data), split="train"), run, variant="feat-diff", method=cfg,
                           image_size=SIZE, bank_size=16, calibration_fraction=0.3,
                           train=TrainConfig(steps=2, batch_size=4, lr=1e-3, warmup_steps=1, show_progress=False), **kw)
@@ -114,7 +116,7 @@ def test_feat_diff_export_scores_as_the_torch_detector(data, tmp_path, fusion):
     out = export_detector(det, tmp_path / "export")
     _assert_parity_record(out)
     spec = json.loads((out / "verdict.json").read_text())
-    assert (spec["fusion"] is not None) == fusion
+    assert (spec["fusion"] is not None) == fusion and spec["score"]["score"] == ("topk" if fusion else "max")
     assert "bank_map" in spec["graph"]["outputs"] if fusion else "bank_map" not in spec["graph"]["outputs"]
     _assert_same(det, load(out), good_and_defect_images(data))
 

@@ -46,6 +46,11 @@ REFUSED = {
 }
 
 
+OUTPUTS = {"method_map": "B x 1 x S x S, the method's map (upsampled and Gaussian-smoothed in the graph)",
+           "bank_map": "B x 1 x S x S, the fusion memory's nearest-neighbour map (fusion only)",
+           "patch_distances": "B x P nearest-memory distance per patch (domain distance = lower median)"}
+
+
 class ExportRefused(ValueError):
     """The detector cannot be exported (its method, its sizes); the message says which and why."""
 
@@ -106,9 +111,7 @@ def verdict_spec(detector: Any, outputs: Sequence[str], graph_file: str, backend
                   "resize": "bilinear with antialias (torch F.interpolate antialias=True = PIL triangle filter), "
                             "align_corners=False, then clamp to [0, 1]; none when already S x S",
                   "normalisation": norm},
-        "outputs": {"method_map": "B x 1 x S x S, the method's map (upsampled and Gaussian-smoothed in the graph)",
-                    "bank_map": "B x 1 x S x S, the fusion memory's nearest-neighbour map (fusion only)",
-                    "patch_distances": "B x P nearest-memory distance per patch (domain distance = lower median)"},
+        "outputs": {k: v for k, v in OUTPUTS.items() if k in outputs},
         "map": {"smoothing": {"sigma_at_256px": float(sc.sigma), "in_graph": True},
                 "to_image_size": "bilinear, align_corners=False, no antialias (numpy)"},
         "score": {"score": sc.score, "topk_ratio": float(sc.topk_ratio),
