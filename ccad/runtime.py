@@ -1,5 +1,7 @@
 """The export runtime: a detector written by ``ccad export`` run with numpy, Pillow and
-onnxruntime (or OpenVINO) only. It never imports torch (a test checks it in a fresh process).
+onnxruntime (or OpenVINO) only. It never imports torch (a test checks it in a fresh process);
+the image reader it shares with the torch detector (``ccad.data.io``) uses OpenCV when installed
+(to shrink images over 2048 px; heatmaps and overlays are drawn with it too).
 
     from ccad.runtime import load
     model = load("export_dir")                 # onnxruntime (or OpenVINO for an IR export)
