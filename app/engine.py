@@ -19,7 +19,7 @@ def _lazy(module: str, name: str) -> Callable[..., Any]:
 # attribute -> (module, function) of the real entry point, imported on first use
 DEFAULTS = {"fit": ("ccad.pipeline", "fit_detector"), "train": ("ccad.pipeline", "train_detector"),
             "evaluate": ("ccad.evaluate", "evaluate"), "load_dataset": ("ccad.data.detect", "load_dataset"),
-            "load_image": ("ccad.data.io", "load_image")}
+            "load_image": ("ccad.data.io", "load_image"), "export": ("ccad.export", "export_detector")}
 
 
 @dataclass
@@ -32,6 +32,7 @@ class Engine:
     evaluate: Callable[..., Any] = None  # type: ignore[assignment]
     load_dataset: Callable[..., Any] = None  # type: ignore[assignment]
     load_image: Callable[..., Any] = None  # type: ignore[assignment]
+    export: Callable[..., Any] = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.load is None:

@@ -5,6 +5,7 @@
     ccad evaluate  MODEL DATA              per-category metrics table (+ JSON)
     ccad predict   MODEL IMAGE... --out D  heatmap/overlay/mask PNGs and a CSV of scores
     ccad calibrate MODEL ...               re-calibrate or set the threshold of a saved model
+    ccad export    MODEL --out DIR         ONNX / OpenVINO folder + verdict.json + parity.json (ccad.runtime)
     ccad push      MODEL REPO_ID           upload a saved model to the Hugging Face Hub
     ccad pull      REPO_ID --out DIR       download a model from the Hub
     ccad app                               start the Gradio inspection app
@@ -113,7 +114,14 @@ class _Phases:
             self.current = None
 
 
-def _load_model(path: str, revision: Optional[str] = None):
+def _load_model(path: str, revision: Optional[str] = None, export_ok: bool = False):
+    from .runtime import is_export_folder, load
+
+    if is_export_folder(path):  # a folder written by `ccad export`: run it without torch
+        if not export_ok:
+            raise ValueError(f"{path}: an export folder (verdict.json, written by `ccad export`) runs with `ccad "
+                             f"predict` or ccad.runtime only; this command needs the saved model folder")
+        return load(path)
     from .pipeline import AnomalyDetector
 
     return AnomalyDetector.from_pretrained(path, revision=revision)
@@ -357,6 +365,25 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    from .data.skips import find_images
+    from .export import export_detector
+
+    det = _load_model(a.model, a.revision)
+    images = None
+    if a.parity_images:
+        images, _ = find_images(a.parity_images)
+        if not images:
+            print(f"error: --parity-images {' '.join(a.parity_images)}: no images found", file=sys.stderr)
+            return 2
+    out = export_detector(det, a.out, format=a.format, parity_images=images, overwrite=a.overwrite)
+    par = json.loads((out / "parity.json").read_text())
+    print(f"exported {det.variant} to {out} ({a.format}); parity on {par['n_images']} images: largest score "
+          f"difference {par['max_score_abs_diff']:.3g} (relative {par['max_score_rel_diff']:.3g}), largest map "
+          f"difference {par['max_map_abs_diff']:.3g}, verdicts differing {par['verdicts_differ']}")
+    return 0
+
+
 def cmd_predict(a: argparse.Namespace) -> int:
     from .distributed import current
 
@@ -373,7 +400,7 @@ def _predict(a: argparse.Namespace, shard: Any) -> int:
     from .data.skips import find_images, unsupported_reason
     from .data.naming import OUTPUT_KINDS, output_files, output_stems
 
-    det = _load_model(a.model, a.revision)
+    det = _load_model(a.model, a.revision, export_ok=True)
     if a.threshold is not None:
         det.threshold = a.threshold
     items, unsupported = find_images(a.inputs)  # folders: recursively; other file types are reported
@@ -602,7 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("predict", help="inspect images; write heatmaps, overlays, masks and scores.csv",
                         formatter_class=fmt)
-    sp.add_argument("model", help="model folder or Hub repo id")
+    sp.add_argument("model", help="model folder, Hub repo id, or a folder written by `ccad export` (run with "
+                                  "ccad.runtime: no torch model is loaded)")
     sp.add_argument("inputs", nargs="+", help="image files or folders")
     sp.add_argument("--out", required=True, help="output folder")
     sp.add_argument("--threshold", type=float, default=None, help="override the model's threshold for this run")
@@ -620,6 +648,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--sigma", type=float, default=None, help="instead: threshold = good mean + SIGMA * std")
     sp.add_argument("--threshold", type=float, default=None, help="set this threshold directly")
     sp.set_defaults(func=cmd_calibrate)
+
+    sp = sub.add_parser("export", help="export a model to ONNX / OpenVINO for the torch-free runtime",
+                        formatter_class=fmt,
+                        description="Write DIR: the network as ONNX (or OpenVINO IR), verdict.json (everything the "
+                                    "verdict needs beyond the graph), parity.json (the export against the torch "
+                                    "model on the same images: 0 verdicts may differ, else the export fails) and a "
+                                    "model card. Run it with ccad.runtime.load(DIR) or `ccad predict DIR images/`.")
+    sp.add_argument("model", help="model folder or Hub repo id")
+    sp.add_argument("--out", required=True, help="export folder")
+    sp.add_argument("--format", default="onnx", choices=["onnx", "openvino"],
+                    help="onnx (onnxruntime) or openvino (IR, float32; needs pip install 'ccad[openvino]')")
+    sp.add_argument("--parity-images", nargs="+", default=None, metavar="PATH",
+                    help="good images (files or folders) to prove parity on, e.g. the held-out good images "
+                         "(default: synthetic textures); each also gets a synthetic-anomaly copy")
+    sp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    sp.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    sp.set_defaults(func=cmd_export)
 
     sp = sub.add_parser("push", help="upload a model folder to the Hugging Face Hub", formatter_class=fmt)
     sp.add_argument("model", help="model folder")
@@ -644,11 +689,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .config import ConfigError
     from .data.io import ImageReadError
     from .pipeline import CheckpointError
+    from .export import ExportParityError
     from .train_budget import TrainingTooLong
 
     try:
         return int(args.func(args) or 0)
-    except (ImageReadError, CheckpointError, ConfigError, FileNotFoundError, ValueError, TrainingTooLong) as exc:
+    except (ImageReadError, CheckpointError, ConfigError, FileNotFoundError, FileExistsError, ValueError,
+            ExportParityError, TrainingTooLong) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -65,6 +65,29 @@ class ModelsMixin(ControllerBase):
                             "save_pretrained / `ccad bank` / `ccad train`")
         return self._load_path(path, "folder")
 
+    def export_zip(self, name: Optional[str]) -> tuple[str, str]:
+        """Export a loaded model (``ccad export``: ONNX + verdict.json + parity.json) and zip the folder;
+        returns ``(zip path, status line)``."""
+        import json
+        import re
+        import shutil
+
+        det = self.registry.detector(name)
+        if det is None:
+            raise UserError("no model loaded to export")
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name or det.variant)).strip("_") or "model"
+        out = self.state_dir / "exports" / stem
+        try:
+            self.engine.export(det, out, overwrite=True)
+        except Exception as exc:
+            raise UserError(f"{name}: cannot be exported ({exc})") from None
+        par = json.loads((out / "parity.json").read_text())
+        zipped = shutil.make_archive(str(out), "zip", root_dir=str(out))
+        return zipped, (f"Exported {name} to ONNX ({Path(zipped).name}): run it with `ccad.runtime.load(folder)` or "
+                        f"`ccad predict folder images/`; parity with this model on {par['n_images']} images: "
+                        f"largest score difference {par['max_score_abs_diff']:.2g}, "
+                        f"{par['verdicts_differ']} verdicts differ.")
+
     def load_from_zip(self, zip_file: Optional[str]) -> tuple[str, str]:
         """Load a model from an uploaded zip of a saved model folder."""
         if not zip_file:

@@ -28,6 +28,11 @@ def layout(c: AppController) -> SimpleNamespace:
                                             elem_id="model-training-data")
                 with gr.Accordion("Model card (all facts)", open=False, elem_id="model-card-details"):
                     card_md = gr.Markdown(c.model_card(c.registry.active), elem_id="model-card")
+                with gr.Row():
+                    export_btn = gr.Button("Export (ONNX zip, runs without torch)", elem_id="model-export",
+                                           size="sm")
+                    export_file = gr.File(label="exported model", elem_id="model-export-file", visible=False)
+                export_msg = gr.Markdown("", elem_id="model-export-status")
         with gr.Accordion("Load another model: folder, zip or Hugging Face Hub", open=False,
                           elem_id="model-load"), gr.Row():
             with gr.Column():
@@ -105,6 +110,15 @@ def wire(c: AppController, ui: SimpleNamespace, ins: SimpleNamespace) -> SimpleN
             return [*model_choices(name), msg]
         except Exception as exc:
             return [gr.update()] * 3 + [error_text(exc)]
+
+    def on_export(name: str) -> list[Any]:
+        try:
+            path, msg = c.export_zip(name)
+            return [gr.update(value=path, visible=True), msg]
+        except Exception as exc:
+            return [gr.update(visible=False), error_text(exc)]
+
+    ui.export_btn.click(on_export, [model_dd], [ui.export_file, ui.export_msg], concurrency_limit=1)
 
     choice_outputs = [model_dd, compare_dd, train_bank]
     folder_btn.click(on_folder, [folder_tb], [*choice_outputs, model_status])

@@ -6,79 +6,38 @@ convention and to model tensors), `coerce` (anything a user hands over -> an ima
 `skips` (files left out for their extension), `layouts/` (one loader module per layout family),
 `detect` (layout detection, `load_dataset`), `dataset` (samples as tensors: ImageDataset,
 iter_batches), `synthetic`.
+
+Names are imported lazily (on first use), so reading images (``ccad.data.io`` / ``coerce``) does not
+import torch: the export runtime (``ccad.runtime``) reads images through them without it.
 """
+from __future__ import annotations
 
-from ccad.data.coerce import coerce_image
-from ccad.data.convert import mask_to_tensor, to_tensor
-from ccad.data.dataset import ImageDataset, iter_batches, load_item, load_sample_mask
-from ccad.data.detect import LAYOUTS, detect_layout, load_dataset
-from ccad.data.io import (
-    IMAGE_EXTENSIONS,
-    MAX_PIXELS,
-    ImageReadError,
-    list_images,
-    load_image,
-    load_mask,
-    save_image,
-    save_mask,
-)
-from ccad.data.layouts import (
-    load_anomalib_folder,
-    load_csv_manifest,
-    load_dagm,
-    load_dagm_ccad,
-    load_folder,
-    load_mvtec,
-    load_mvtec3d,
-    load_mvtec_loco,
-    load_visa,
-)
-from ccad.data.sample import Sample, summarize
-from ccad.data.synthetic import (
-    DEFECTS,
-    TEXTURES,
-    SyntheticSample,
-    generate_texture,
-    make_sample,
-    write_dataset,
-)
-from ccad.data.tree import DatasetLayoutError
+import importlib
+from typing import Any
 
-__all__ = [
-    "DEFECTS",
-    "IMAGE_EXTENSIONS",
-    "LAYOUTS",
-    "MAX_PIXELS",
-    "TEXTURES",
-    "DatasetLayoutError",
-    "ImageDataset",
-    "ImageReadError",
-    "Sample",
-    "SyntheticSample",
-    "coerce_image",
-    "detect_layout",
-    "generate_texture",
-    "iter_batches",
-    "list_images",
-    "load_anomalib_folder",
-    "load_csv_manifest",
-    "load_dagm",
-    "load_dagm_ccad",
-    "load_dataset",
-    "load_folder",
-    "load_image",
-    "load_item",
-    "load_mask",
-    "load_mvtec",
-    "load_mvtec3d",
-    "load_mvtec_loco",
-    "load_sample_mask",
-    "load_visa",
-    "make_sample",
-    "mask_to_tensor",
-    "save_image",
-    "save_mask",
-    "summarize",
-    "to_tensor",
-    "write_dataset",
-]
+_EXPORTS = {
+    "coerce_image": "coerce",
+    "mask_to_tensor": "convert", "to_tensor": "convert",
+    "ImageDataset": "dataset", "iter_batches": "dataset", "load_item": "dataset", "load_sample_mask": "dataset",
+    "LAYOUTS": "detect", "detect_layout": "detect", "load_dataset": "detect",
+    "IMAGE_EXTENSIONS": "io", "MAX_PIXELS": "io", "ImageReadError": "io", "list_images": "io", "load_image": "io",
+    "load_mask": "io", "save_image": "io", "save_mask": "io",
+    "load_anomalib_folder": "layouts", "load_csv_manifest": "layouts", "load_dagm": "layouts",
+    "load_dagm_ccad": "layouts", "load_folder": "layouts", "load_mvtec": "layouts", "load_mvtec3d": "layouts",
+    "load_mvtec_loco": "layouts", "load_visa": "layouts",
+    "Sample": "sample", "summarize": "sample",
+    "DEFECTS": "synthetic", "TEXTURES": "synthetic", "SyntheticSample": "synthetic", "generate_texture": "synthetic",
+    "make_sample": "synthetic", "write_dataset": "synthetic",
+    "DatasetLayoutError": "tree",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"ccad.data.{_EXPORTS[name]}"), name)
+    try:  # a submodule reached as an attribute (ccad.data.io)
+        return importlib.import_module(f"ccad.data.{name}")
+    except ModuleNotFoundError:
+        raise AttributeError(f"module 'ccad.data' has no attribute {name!r}") from None

@@ -9,12 +9,12 @@ batch, timing the read and collecting an unreadable item's error instead of stop
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 from PIL import Image
 
 from ccad.data.convert import to_float_rgb
@@ -36,7 +36,8 @@ def coerce_image(x: Any) -> np.ndarray:
         w, h = x.size
         _check_pixels(h, w, "<PIL image>")
         return to_float_rgb(_pil_to_array(x), source="PIL image")
-    if isinstance(x, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor can only come from a process that imported torch
+    if torch is not None and isinstance(x, torch.Tensor):
         t = x.detach().cpu()
         if t.ndim == 4 and t.shape[0] == 1:
             t = t[0]

@@ -10,9 +10,12 @@ images and masks to the model's ``3 x S x S`` / ``1 x S x S`` tensors. No file i
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+if TYPE_CHECKING:  # torch is imported where a tensor is made (the export runtime reads images without it)
+    import torch
 
 __all__ = ["to_float_rgb", "to_tensor", "mask_to_tensor"]
 
@@ -80,6 +83,9 @@ def to_tensor(image: np.ndarray, size: int | tuple[int, int]) -> torch.Tensor:
 
     ``size`` is an int (square) or ``(H, W)``. Values stay in [0, 1].
     """
+    import torch
+    import torch.nn.functional as F
+
     img = to_float_rgb(image) if (image.dtype != np.float32 or image.ndim != 3) else image
     t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).contiguous()
     hw = _size_tuple(size)
@@ -91,6 +97,9 @@ def to_tensor(image: np.ndarray, size: int | tuple[int, int]) -> torch.Tensor:
 
 def mask_to_tensor(mask: np.ndarray | None, size: int | tuple[int, int]) -> torch.Tensor:
     """``H x W`` {0,1} mask -> ``1 x S x S`` float tensor (nearest); ``None`` -> zeros."""
+    import torch
+    import torch.nn.functional as F
+
     hw = _size_tuple(size)
     if mask is None:
         return torch.zeros(1, *hw, dtype=torch.float32)

@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 try:  # OpenCV is the primary decoder; Pillow is the fallback.
     import cv2  # type: ignore
@@ -283,6 +281,9 @@ def _resize_native(arr: np.ndarray, hw: tuple[int, int], nearest: bool = False) 
         if arr.ndim == 3 and out.ndim == 2:  # OpenCV drops a single channel axis
             out = out[..., None]
     else:  # pragma: no cover - OpenCV is a dependency
+        import torch
+        import torch.nn.functional as F
+
         t = torch.from_numpy(np.ascontiguousarray(work).astype(np.float64))
         t = t[None, None] if arr.ndim == 2 else t.permute(2, 0, 1)[None]
         t = F.interpolate(t, size=(h, w), mode="nearest" if nearest else "area")[0]
@@ -432,6 +433,9 @@ def load_mask(path: PathLike, shape: tuple[int, int] | None = None,
     if shape is not None:
         h, w = int(shape[0]), int(shape[1])
         if m.shape != (h, w):
+            import torch
+            import torch.nn.functional as F
+
             t = torch.from_numpy(m)[None, None]
             m = F.interpolate(t, size=(h, w), mode="nearest")[0, 0].numpy()
     return np.ascontiguousarray(m, dtype=np.float32)

@@ -28,8 +28,10 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     if sigma <= 0:
         return maps
     k = gaussian_kernel1d(sigma, maps.device).to(maps.dtype)
+    if torch.jit.is_tracing():  # ONNX export: the kernel as a constant of known shape (same values)
+        k = torch.tensor(k.tolist(), dtype=maps.dtype, device=maps.device)
     r = (k.numel() - 1) // 2
-    c = maps.shape[1]
+    c = int(maps.shape[1])
     h, w = maps.shape[-2:]
     mode = "reflect" if r < min(h, w) else "replicate"
     out = F.pad(maps, (r, r, 0, 0), mode=mode)

@@ -38,8 +38,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # only patch_median takes tensors; the export runtime uses DomainStats without torch
+    import torch
 
 DOMAIN_FACTOR = 1.25
 DOMAIN_FACTOR_FEW = 1.5

@@ -4,7 +4,6 @@ review screen all draw with :func:`render_heatmap`.
 """
 from __future__ import annotations
 
-import cv2
 import numpy as np
 
 __all__ = ["as_uint8_rgb", "display_range", "render_colorbar", "render_heatmap", "with_colorbar"]
@@ -15,6 +14,8 @@ def render_heatmap(anomaly_map: np.ndarray, image: np.ndarray | None = None,
                    vmax: float | None = None) -> np.ndarray:
     """Colour an anomaly map (eq. 16 output, any range) with the JET colormap, optionally
     blended over ``image``; returns uint8 RGB. ``vmin``/``vmax`` default to the map's range."""
+    import cv2  # here, not at import: the export runtime's predict needs no OpenCV
+
     amap = np.asarray(anomaly_map, dtype=np.float32)
     lo = float(np.nanmin(amap)) if vmin is None else float(vmin)
     hi = float(np.nanmax(amap)) if vmax is None else float(vmax)
@@ -70,6 +71,8 @@ def render_colorbar(width: int, vmin: float, vmax: float, threshold: float | Non
     """A horizontal JET colour scale ``height x width`` (uint8 RGB) for maps drawn over
     ``vmin .. vmax``: the gradient, its two ends labelled in score units, and the threshold (when
     finite and inside the range) marked by a white tick labelled ``threshold <value>``."""
+    import cv2
+
     width = max(int(width), 1)
     height = int(height or (max(24, min(48, width // 10)) if width >= 64 else max(4, width // 4)))
     bar_h = max(6, height // 3)
