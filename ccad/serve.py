@@ -47,7 +47,7 @@ The model source is either a saved model folder (or Hub id) loaded by
 Imports of FastAPI, uvicorn and torch happen inside the functions that need them, so ``ccad --help``
 stays fast.
 """
-from __future__ import annotations
+# no `from __future__ import annotations`: FastAPI reads the handlers' annotations (Request) at runtime
 
 import argparse
 import base64
@@ -462,6 +462,9 @@ def create_app(model: ServedModel, settings: Optional[ServeSettings] = None) -> 
             form = await MultiPartParser(request.headers, once(), max_files=settings.max_images,
                                          max_fields=settings.max_images, max_part_size=settings.max_body).parse()
         except MultiPartException as exc:
+            if exc.message.startswith("Too many"):  # starlette: "Too many files. Maximum number of files is N."
+                raise HTTPException(413, f"too many parts in one request (at most {settings.max_images} images): "
+                                         f"{exc.message}") from None
             return [], [{"part": "body", "error": f"malformed multipart/form-data: {exc.message}"}]
         parts, errors, counts = [], [], {}
         try:
