@@ -323,11 +323,21 @@ class _Engine:
 
             self.batcher = PredictionBatcher(model, max_batch=settings.max_batch, max_wait_s=settings.max_wait_s)
         self._model_slots = threading.BoundedSemaphore(settings.workers)
+        self._count_lock = threading.Lock()
+        self.images = 0  # images sent to the model
+        self.calls = 0  # model calls without the batcher (with it: batcher.calls)
+
+    @property
+    def model_calls(self) -> int:
+        return self.batcher.calls if self.batcher is not None else self.calls
 
     def infer(self, images: list[Any]) -> list[Any]:
+        with self._count_lock:
+            self.images += len(images)
         if self.batcher is not None:
             return self.batcher.predict_many(images, on_error="raise")[0]
         with self._model_slots:
+            self.calls += 1
             return self.model.predict_many(images, batch_size=self.settings.max_batch, on_error="raise")[0]
 
     def handle(self, parts: list[tuple[str, str, bytes]], heatmap: bool, overlay: bool) -> dict[str, Any]:
@@ -517,7 +527,8 @@ def create_app(model: ServedModel, settings: Optional[ServeSettings] = None) -> 
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": model.name, "kind": model.kind,
                 "queue": {"admitted": gate.admitted, "limit": gate.limit},
-                "served": gate.served, "refused_busy": gate.refused, "uptime_s": round(time.time() - started, 3)}
+                "served": gate.served, "refused_busy": gate.refused, "images": engine.images,
+                "model_calls": engine.model_calls, "uptime_s": round(time.time() - started, 3)}
 
     @app.get("/model", summary="the model: name, kind, method, threshold, image size, card")
     async def model_info(request: Request) -> Any:
