@@ -253,6 +253,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--max-batch", type=int, default=8, help="the batched rows' --max-batch")
     ap.add_argument("--max-wait-ms", type=float, default=10.0, help="the batched rows' --max-wait-ms")
     ap.add_argument("--modes", default="off,on", help="batching modes to run: off, on or both")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the rows this many times, alternating (off, on, off, on, ...): drift on a shared "
+                         "machine then hits every mode alike")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds one request may take before it is lost")
     ap.add_argument("--startup-timeout", type=float, default=300.0, help="seconds the server may take to start")
     a = parse(ap, argv)
@@ -274,17 +277,18 @@ def main(argv: Optional[list[str]] = None) -> int:
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE (set by import ccad)"),
               "n_images": len(set(images)), **model_facts}
     rows, first = [], None
-    for engine, src in plan:
-        for mode in modes:
-            row = run_row(f"{engine}-batch-{mode}", engine, src, mode == "on", a, images, work, free_port())
-            scores = row.pop("_scores")
-            if first is None:
-                first = scores
-            diffs = [abs(scores[j] - first[j]) for j in scores if j in first]
-            row["max_score_diff"] = _r(max(diffs) if diffs else None, 8)
-            row.update(common)
-            out.emit(row)
-            rows.append(row)
+    runs = [(rep, engine, src, mode) for rep in range(max(1, a.repeat)) for engine, src in plan for mode in modes]
+    for rep, engine, src, mode in runs:
+        label = f"{engine}-batch-{mode}" + (f"-{rep + 1}" if a.repeat > 1 else "")
+        row = run_row(label, engine, src, mode == "on", a, images, work, free_port())
+        scores = row.pop("_scores")
+        if first is None:
+            first = scores
+        diffs = [abs(scores[j] - first[j]) for j in scores if j in first]
+        row["max_score_diff"] = _r(max(diffs) if diffs else None, 8)
+        row.update(common)
+        out.emit(row)
+        rows.append(row)
     if export is None:
         row = {"benchmark": "serve", "row": "onnx", "engine": "onnx", "skipped": why, **common}
         out.emit(row)

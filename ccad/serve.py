@@ -52,6 +52,7 @@ stays fast.
 import argparse
 import base64
 import hmac
+import importlib
 import io
 import logging
 import math
@@ -129,8 +130,8 @@ class ExportModel:
         from .errors import CheckpointError
 
         folder = Path(folder)
-        try:
-            from . import runtime  # type: ignore[attr-defined]
+        try:  # by name: the runtime (issue 22 item 1) is optional here, and imported only for an export folder
+            runtime = importlib.import_module("ccad.runtime")
         except ImportError as exc:
             raise CheckpointError(f"{folder} is an export folder ({EXPORT_MARKER}) but ccad.runtime cannot be "
                                f"imported ({exc}); serve the saved torch model folder instead, or install a ccad "
