@@ -17,8 +17,10 @@ for its verdict before sending the next part). Per row: requests/s (ok requests 
 burst), latency p50/p90/p99/max (send to answer), ``ok`` / ``lost`` (no answer before
 ``--timeout``, or a transport error) / ``refused`` (503) / ``failed`` (any other status);
 ``server_alive`` (``/health`` and one more prediction after the burst); ``mean_batch`` (images per
-model call, from ``/health``); ``max_score_diff`` (largest score difference against the first row,
-per image: batching and the export must not change a score).
+model call, from ``/health``); ``server_cpu_s_per_request`` (the server process's CPU seconds over
+the burst per answered request: on a shared machine the figure others inflate least);
+``max_score_diff`` (largest score difference against the first row, per image: batching and the
+export must not change a score).
 
 Rows: ``torch`` without and with batching, then the ONNX export (``ccad export MODEL --format onnx``
 served by ``ccad.runtime``) without and with batching, in the same run, when ``ccad.runtime`` is
@@ -145,6 +147,14 @@ class Server:
             time.sleep(0.2)
         raise SystemExit(f"error: ccad serve did not answer /health in {timeout} s; see {self.log.name}")
 
+    def cpu_s(self) -> float:
+        """The server process's CPU seconds so far (user + system, all its threads): the figure other
+        processes on a shared machine inflate least."""
+        import psutil
+
+        t = psutil.Process(self.proc.pid).cpu_times()
+        return float(t.user + t.system)
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -205,7 +215,9 @@ def run_row(label: str, engine: str, model: Path, batch: bool, a: Any, images: l
         startup = srv.wait(a.startup_timeout)
         httpx.post(srv.url + "/predict", content=images[0].read_bytes(), timeout=a.timeout)  # warm-up
         h0 = httpx.get(srv.url + "/health", timeout=10).json()
+        cpu0 = srv.cpu_s()
         got = burst(srv.url, images, a.clients, a.requests, a.timeout)
+        cpu = srv.cpu_s() - cpu0
         try:
             h1 = httpx.get(srv.url + "/health", timeout=10).json()
             alive = httpx.post(srv.url + "/predict", content=images[-1].read_bytes(),
@@ -234,7 +246,9 @@ def run_row(label: str, engine: str, model: Path, batch: bool, a: Any, images: l
             "latency_p50_s": _r(percentile(lat, 50)), "latency_p90_s": _r(percentile(lat, 90)),
             "latency_p99_s": _r(percentile(lat, 99)), "latency_max_s": _r(max(lat) if lat else None),
             "latency_mean_s": _r(statistics.fmean(lat) if lat else None),
-            "wall_s": _r(got["wall_s"], 3), "mean_batch": _r(imgs / calls if calls else None, 2),
+            "wall_s": _r(got["wall_s"], 3), "server_cpu_s": _r(cpu, 3),
+            "server_cpu_s_per_request": _r(cpu / len(ok) if ok else None),
+            "mean_batch": _r(imgs / calls if calls else None, 2),
             "server_alive": bool(alive), "startup_s": _r(startup, 2), "loadavg_start": load0,
             "loadavg_end": loadavg(), "_scores": scores}
 
@@ -294,8 +308,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         out.emit(row)
         rows.append(row)
     keys = ("row", "ok", "lost", "refused", "failed", "requests_per_s", "latency_p50_s", "latency_p99_s",
-            "mean_batch", "max_score_diff", "server_alive")
-    print("\n" + "".join(f"{k:>16}" for k in keys))
+            "server_cpu_s_per_request", "mean_batch", "max_score_diff", "server_alive")
+    print("\n" + "".join(f"{k.replace('server_', '').replace('_per_request', '/req'):>16}" for k in keys))
     for r in rows:
         if "skipped" in r:
             print(f"{r['row']:>16}  skipped: {r['skipped']}")

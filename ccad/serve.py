@@ -140,11 +140,14 @@ class ExportModel:
 
     def predict_many(self, items: Sequence[Any], batch_size: int = 8, on_error: str = "raise"
                      ) -> tuple[list[Any], list[tuple[str, str]]]:
+        items = list(items)
         many = getattr(self.runtime, "predict_many", None)
         if many is not None:
-            got = many(list(items), batch_size=batch_size)
-            return got if isinstance(got, tuple) else (list(got), [])
-        return [self.runtime.predict(im) for im in items], []
+            got = many(items, batch_size=batch_size)
+            preds, errors = got if isinstance(got, tuple) else (list(got), [])
+        else:
+            preds, errors = [self.runtime.predict(im) for im in items], []
+        return [_as_prediction(p, im) for p, im in zip(preds, items)], errors
 
     def info(self) -> dict[str, Any]:
         import json
@@ -168,6 +171,28 @@ class ExportModel:
                 "method": getattr(self.runtime, "method", verdict.get("method", verdict.get("variant"))),
                 "threshold": threshold, "image_size": getattr(self.runtime, "image_size", verdict.get("image_size")),
                 "card": card if card is not None else verdict}
+
+
+def _as_prediction(p: Any, image: Any) -> Any:
+    """A runtime's result as the server reads it: kept when it already has the
+    :class:`ccad.prediction.Prediction` fields and renderers; else (a dict, or an object with ``map``
+    for ``anomaly_map``) a Prediction built from its score, threshold, map and domain fields, so the
+    verdict is :func:`ccad.scoring.verdict.status_of`'s, as for a torch model."""
+    if all(hasattr(p, k) for k in ("score", "threshold", "verdict", "anomaly_map", "heatmap", "overlay")):
+        return p
+    from .prediction import Prediction
+
+    def get(key: str, default: Any = None) -> Any:
+        return p.get(key, default) if isinstance(p, dict) else getattr(p, key, default)
+
+    import numpy as np
+
+    amap = get("anomaly_map")
+    amap = get("map") if amap is None else amap
+    return Prediction(image=image, reconstruction=None, anomaly_map=np.asarray(amap, np.float32),
+                      score=float(get("score")), threshold=float(get("threshold", float("nan"))),
+                      seconds=float(get("seconds", 0.0) or 0.0), map_floor=float(get("map_floor", 0.0) or 0.0),
+                      error=get("error"), domain_distance=get("domain_distance"), domain_limit=get("domain_limit"))
 
 
 def load_served(source: str, revision: Optional[str] = None) -> ServedModel:
