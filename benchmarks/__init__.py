@@ -21,6 +21,7 @@ BENCHMARKS: dict[str, str] = {
     "speed": "inference speed: images/s per batch size (throughput), ms/image per size (latency), "
              "or a saved model end to end (--model)",
     "app_load": "`ccad app` under N concurrent sessions on its HTTP queue API",
+    "serve": "`ccad serve` under N concurrent HTTP clients: requests/s, p50/p99, with and without batching",
     "bank_scaling": "feature-bank build time and peak memory versus the number of images",
     "peak_memory": "peak RSS of `ccad predict` on one huge image",
     "metrics_speed": "time and memory of the pixel metrics (AUROC, AP, F1-max, AUPRO)",

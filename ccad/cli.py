@@ -680,6 +680,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--token", default=None, help="Hub token for private repos")
     sp.set_defaults(func=cmd_pull)
 
+    from .serve import add_command as add_serve_command
+
+    add_serve_command(sub)  # ccad serve (its parser and command live in ccad/serve.py)
     _plugin_commands(sub)
     return p
 

@@ -203,6 +203,19 @@ def test_app_load(mtd_run, tmp_path):
     assert {"latency_p50_s", "throughput_per_s", "lost", "failed", "refused"} <= set(r)
 
 
+def test_serve(manifest, tmp_path):
+    """`ccad serve` in a subprocess under 2 clients, with and without batching, on a PatchCore fitted here."""
+    pytest.importorskip("fastapi")
+    rows = run("serve", "--data", str(manifest), "--n-train", "6", "--image-size", "64", "--n-images", "3",
+               "--clients", "2", "--requests", "2", "--workdir", str(tmp_path / "work"), out=tmp_path / "serve.jsonl")
+    served = [r for r in rows if "skipped" not in r]
+    assert [r["row"] for r in served][:2] == ["torch-batch-off", "torch-batch-on"]
+    for r in served:
+        assert r["ok"] == 4 and r["lost"] == 0 and r["refused"] == 0 and r["failed"] == 0 and r["server_alive"]
+        assert r["wrong_answer"] == 0 and r["max_score_diff"] < 1e-4
+        assert {"requests_per_s", "latency_p50_s", "latency_p99_s", "mean_batch", "command"} <= set(r)
+
+
 def test_a_method_without_a_settings_row_gets_a_default_one(monkeypatch):
     """Adding a method needs no benchmark row: without one the method's own defaults are used."""
     from benchmarks import common

@@ -8,7 +8,7 @@ from ccad.cli import build_parser, main
 from ccad.data.synthetic import write_dataset
 
 
-@pytest.mark.parametrize("cmd", ["bank", "train", "evaluate", "predict", "calibrate", "push", "pull", "app"])
+@pytest.mark.parametrize("cmd", ["bank", "train", "evaluate", "predict", "calibrate", "push", "pull", "app", "serve"])
 def test_every_command_explains_its_options(cmd, capsys):
     with pytest.raises(SystemExit) as ex:
         build_parser().parse_args([cmd, "--help"])
