@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-import types
 from pathlib import Path
 
 import cv2
@@ -273,34 +272,21 @@ def test_an_export_folder_without_the_runtime_is_refused_by_name(tmp_path, monke
         load_served(str(tmp_path))
 
 
-def test_an_export_folder_is_served_through_the_runtime(tiny, tmp_path, monkeypatch):
-    """The export adapter is chosen by verdict.json and speaks ``ccad.runtime``'s ``load(DIR).predict``
-    (here a stand-in runtime over the real detector: the runtime is another branch's work)."""
+def test_an_export_folder_is_served_through_the_runtime(tiny, tmp_path):
+    """The export adapter is chosen by verdict.json and runs the real ``ccad.runtime`` (onnxruntime)
+    over a real ``ccad export`` of the same detector: the same score and verdict over HTTP."""
+    from ccad.export import export_detector
+
     det, _, images = tiny
-    loaded = []
-
-    class Runtime:
-        threshold, method, image_size = det.threshold, "patchcore", 64
-
-        def predict(self, image):  # a plain record, as a numpy-only runtime may return
-            r = det.predict(image)
-            return {"score": r.score, "threshold": r.threshold, "map": r.anomaly_map, "map_floor": r.map_floor,
-                    "domain_distance": r.domain_distance, "domain_limit": r.domain_limit}
-
-    def load(folder):
-        loaded.append(Path(folder))
-        return Runtime()
-
-    monkeypatch.setitem(sys.modules, "ccad.runtime", types.SimpleNamespace(load=load))
-    (tmp_path / "verdict.json").write_text('{"threshold": 1.0, "method": "patchcore"}')
-    model = load_served(str(tmp_path))
-    assert isinstance(model, ExportModel) and loaded == [tmp_path]
+    folder = export_detector(det, tmp_path / "export")
+    model = load_served(str(folder))
+    assert isinstance(model, ExportModel)
     with ServerThread(create_app(model)) as srv:
         r = httpx.post(srv.url + "/predict?overlay=1", content=images[-1].read_bytes(), timeout=60)
         assert r.status_code == 200
         (res,) = r.json()["results"]
         want = _own(det, images[-1])
-        assert res["score"] == pytest.approx(want.score, rel=1e-5) and res["verdict"] == want.verdict
+        assert res["score"] == pytest.approx(want.score, rel=1e-4) and res["verdict"] == want.verdict
         assert res["out_of_domain"] == want.out_of_domain
         png = cv2.imdecode(np.frombuffer(base64.b64decode(res["overlay_png"]), np.uint8), cv2.IMREAD_COLOR)
         assert png.shape == (64, 64, 3)
