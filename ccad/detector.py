@@ -25,7 +25,7 @@ from huggingface_hub import ModelHubMixin
 from . import __version__
 from .config import ConfigError
 from .data.coerce import coerce_image, decode_item
-from .data.convert import to_tensor
+from .data.convert import to_tensor, warn_aspect
 from .detector_config import DetectorConfig
 from .detector_folder import default_device, read_folder, write_calibration, write_folder
 from .errors import CheckpointError
@@ -238,6 +238,7 @@ class AnomalyDetector(
         tensors = []
         for i, im in enumerate(images):
             t = time.perf_counter()
+            warn_aspect(im.shape, self.input_size, paths[i])
             tensors.append(to_tensor(im, self.input_size))
             own[i] += time.perf_counter() - t
         t0 = time.perf_counter()

@@ -111,3 +111,37 @@ def mask_to_tensor(mask: np.ndarray | None, size: int | tuple[int, int]) -> torc
         t = F.interpolate(t[None], size=hw, mode="nearest")[0]
     return t
 
+
+
+ASPECT_WARN = 1.5  # a square resize that changes the aspect ratio by more than this is said once
+_aspect_warned: set[str] = set()
+
+
+class AspectRatioWarning(UserWarning):
+    """An image squashed to the model's square input by more than :data:`ASPECT_WARN`."""
+
+
+def warn_aspect(shape: tuple[int, ...], size: int | tuple[int, int], name: str | None = None) -> bool:
+    """Warn (once per process and target shape) when resizing an ``H x W`` image to ``size``
+    changes its aspect ratio by more than :data:`ASPECT_WARN` (issue 24 item 3): a 500 x 1250
+    surface image squashed to 256 x 256 loses 2.5x of its pixels along its long side, and a thin
+    defect running that way loses most of its width. True when this call warned."""
+    import warnings
+
+    h, w = int(shape[0]), int(shape[1])
+    th, tw = _size_tuple(size)
+    if min(h, w) < 1:
+        return False
+    ratio = (h / w) / (th / tw)
+    change = max(ratio, 1.0 / ratio)
+    if change <= ASPECT_WARN:
+        return False
+    key = f"{th}x{tw}"
+    if key in _aspect_warned:
+        return False
+    _aspect_warned.add(key)
+    who = f"{name}: " if name else ""
+    warnings.warn(f"{who}a {h} x {w} image is resized to {th} x {tw}, changing its aspect ratio {change:.2f}x "
+                  f"(said once per run): elongated parts and thin defects along the long side lose detail",
+                  AspectRatioWarning, stacklevel=2)
+    return True

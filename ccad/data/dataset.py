@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ccad.data.convert import mask_to_tensor, to_tensor
+from ccad.data.convert import mask_to_tensor, to_tensor, warn_aspect
 from ccad.data.io import ImageReadError, load_image, load_mask
 from ccad.data.sample import Sample
 
@@ -39,6 +39,7 @@ def load_item(sample: Sample, image_size: int | tuple[int, int]) -> dict[str, An
     """Read one sample as the dict :class:`ImageDataset` yields; raises ImageReadError."""
     img = load_image(sample.image_path)
     h, w = img.shape[:2]
+    warn_aspect((h, w), image_size, sample.image_path)
     mask = load_sample_mask(sample, (h, w))
     return dict(
         image=to_tensor(img, image_size),
