@@ -25,6 +25,7 @@ BENCHMARKS: dict[str, str] = {
     "bank_scaling": "feature-bank build time and peak memory versus the number of images",
     "peak_memory": "peak RSS of `ccad predict` on one huge image",
     "metrics_speed": "time and memory of the pixel metrics (AUROC, AP, F1-max, AUPRO)",
+    "operating_points": "recall and false-alarm rate at good-only thresholds for several target rates",
     "cli_startup": "cold-start time of `ccad --help`, `--version` and argument errors (median of N)",
     "synthetic_speed": "time to generate one synthetic sample per texture and defect",
     "dagm_relabel": "the DAGM re-labelling proposals (mask IoU vs the exact masks) on synthetic DAGM data",

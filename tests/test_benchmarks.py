@@ -245,3 +245,14 @@ def test_synthetic_speed(tmp_path):
 
     assert [r["kind"] for r in rows] == list(TEXTURES)
     assert all(set(r["best_ms"]) == {"good", *DEFECTS} for r in rows)
+
+
+def test_operating_points(manifest, tmp_path):
+    rows = run("operating_points", "--quick", "--datasets", str(manifest), "--methods", "patchcore",
+               "--targets", "0.01,0.5", "--calibration-fraction", "0.5", "--workdir", str(tmp_path / "w"),
+               out=tmp_path / "op.jsonl")
+    assert [r["target_fpr"] for r in rows] == [0.01, 0.5]
+    low, high = rows
+    assert low["threshold_is_max_good"] and low["threshold"] >= high["threshold"]  # a laxer target, a lower bar
+    assert low["recall"] <= high["recall"] and low["n_defects"] == 2 and low["n_good"] == 2
+    assert low["missed"] == round((1 - low["recall"]) * low["n_defects"])
