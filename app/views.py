@@ -65,22 +65,87 @@ def loss_curve(losses: Sequence[tuple[int, float]]) -> go.Figure:
     return _layout(fig, "Training loss", "step", "loss")
 
 
-def roc_figure(curves: dict[str, Any]) -> go.Figure:
+def operating_point(records: Sequence[dict[str, Any]], threshold: Optional[float]) -> Optional[dict[str, float]]:
+    """Where the model's threshold sits on an evaluation: its false-alarm rate, recall and
+    precision over the records' labels (anomalous = score above the threshold, as the verdict)."""
+    if not records:
+        return None
+    labels = np.asarray([int(r["label"]) for r in records])
+    if not ((labels == 0).any() and (labels == 1).any()):
+        return None
+    if threshold is None:  # the verdicts the evaluation recorded at the model's threshold
+        if not all("is_anomalous" in r for r in records):
+            return None
+        flagged = np.asarray([bool(r["is_anomalous"]) for r in records])
+        threshold = float("nan")
+    elif not np.isfinite(float(threshold)):
+        return None
+    else:
+        flagged = np.asarray([float(r["score"]) for r in records]) > float(threshold)
+    tp = float((flagged & (labels == 1)).sum())
+    return {"threshold": float(threshold), "fpr": float(flagged[labels == 0].mean()),
+            "recall": float(flagged[labels == 1].mean()), "precision": tp / max(float(flagged.sum()), 1.0)}
+
+
+def _point_trace(x: float, y: float, op: dict[str, float]) -> go.Scatter:
+    return go.Scatter(x=[x], y=[y], mode="markers", marker=dict(size=12, color="#c62828", symbol="x"),
+                      name=(f"threshold {op['threshold']:.4g}" if np.isfinite(op["threshold"]) else "the threshold")
+                      + f": recall {op['recall']:.2f}, "
+                           f"false alarms {op['fpr']:.2f}")
+
+
+def roc_figure(curves: dict[str, Any], point: Optional[dict[str, float]] = None) -> go.Figure:
+    """The ROC curve; ``point`` (:func:`operating_point`) marks where the current threshold sits."""
     fig = go.Figure()
     if "roc" in curves:
         fpr, tpr = (np.asarray(v) for v in curves["roc"][:2])
         fig.add_trace(go.Scatter(x=fpr, y=tpr, mode="lines", name="ROC"))
         fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="chance",
                                  line=dict(dash="dot", color="grey")))
+        if point is not None:
+            fig.add_trace(_point_trace(point["fpr"], point["recall"], point))
     return _layout(fig, "Image-level ROC", "false positive rate", "true positive rate")
 
 
-def pr_figure(curves: dict[str, Any]) -> go.Figure:
+def pr_figure(curves: dict[str, Any], point: Optional[dict[str, float]] = None) -> go.Figure:
+    """The precision-recall curve; ``point`` marks the current threshold."""
     fig = go.Figure()
     if "pr" in curves:
         recall, precision = (np.asarray(v) for v in curves["pr"][:2])
         fig.add_trace(go.Scatter(x=recall, y=precision, mode="lines", name="PR"))
+        if point is not None:
+            fig.add_trace(_point_trace(point["recall"], point["precision"], point))
     return _layout(fig, "Image-level precision-recall", "recall", "precision")
+
+
+def threshold_sweep_figure(records: Sequence[dict[str, Any]], threshold: Optional[float]) -> go.Figure:
+    """Recall and false-alarm rate as the threshold moves (issue 21 item 1): recall of all defects,
+    recall per defect type (dashed), the false-alarm rate on the good images, and the current
+    threshold as a vertical line, so an engineer sees what moving it would catch and cost."""
+    fig = go.Figure()
+    if records:
+        scores = np.asarray([float(r["score"]) for r in records])
+        labels = np.asarray([int(r["label"]) for r in records])
+        types = np.asarray([str(r.get("defect_type") or "defect") for r in records])
+        finite = scores[np.isfinite(scores)]
+        if finite.size:
+            grid = np.unique(np.quantile(finite, np.linspace(0, 1, 201)))
+            grid = np.concatenate([[grid[0] - 1e-9], grid])
+            above = scores[None, :] > grid[:, None]  # thresholds x images
+            if (labels == 1).any():
+                fig.add_trace(go.Scatter(x=grid, y=above[:, labels == 1].mean(1), mode="lines",
+                                         name="recall (all defects)", line=dict(color="#1565c0", width=3)))
+                for d in sorted(set(types[labels == 1].tolist())):
+                    sel = (labels == 1) & (types == d)
+                    fig.add_trace(go.Scatter(x=grid, y=above[:, sel].mean(1), mode="lines", name=f"recall: {d}",
+                                             line=dict(dash="dash", width=1)))
+            if (labels == 0).any():
+                fig.add_trace(go.Scatter(x=grid, y=above[:, labels == 0].mean(1), mode="lines",
+                                         name="false-alarm rate (good images)", line=dict(color="#c62828", width=3)))
+    if threshold is not None and np.isfinite(float(threshold)):
+        fig.add_vline(x=float(threshold), line=dict(color="black", dash="dot"),
+                      annotation_text=f"threshold {float(threshold):.4g}")
+    return _layout(fig, "Recall and false alarms as the threshold moves", "threshold (anomaly score)", "rate")
 
 
 def category_curve_figures(named: dict[str, dict[str, Any]]) -> tuple[go.Figure, go.Figure]:

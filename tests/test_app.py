@@ -462,7 +462,9 @@ def test_evaluation_reports_metrics_and_worst_cases(ctl: AppController, root: Pa
     r = ctl.run_evaluation("scored", "ds")
     assert r["headers"][0] == "category" and r["rows"][0][0] == "tex"
     assert r["rows"][0][1] == pytest.approx(1.0)  # image AUROC: the dark defect and the mid one are separable
-    assert len(r["roc"].data) == 2 and len(r["fn"]) == 1  # b1 (value 110) is missed at threshold 0.3
+    assert len(r["fn"]) == 1  # b1 (value 110) is missed at threshold 0.3
+    assert [t.name for t in r["roc"].data] == ["ROC", "chance", "threshold 0.3: recall 0.50, false alarms 0.00"]
+    assert r["point"]["recall"] == 0.5 and "recall: " in str([t.name for t in r["sweep"].data])
     with pytest.raises(UserError, match="outside"):
         ctl.run_evaluation("scored", "/etc")
 
@@ -669,7 +671,7 @@ def test_evaluation_of_a_multi_class_model_rows_per_category_and_curves(ctl: App
     roc, pr, note = ctl.category_curves(r["report"], EVERY_CATEGORY)
     assert [t.name for t in roc.data] == ["carpet", "grid", "chance"] and note == ""
     roc, _, _ = ctl.category_curves(r["report"], ALL_IMAGES)
-    assert [t.name for t in roc.data] == ["ROC", "chance"]
+    assert [t.name for t in roc.data][:2] == ["ROC", "chance"] and roc.data[2].name.startswith("the threshold")
     with pytest.raises(UserError, match="no category"):
         ctl.category_curves(r["report"], "wood")
     with pytest.raises(UserError, match="evaluation first"):

@@ -85,10 +85,13 @@ class EvaluateMixin(ControllerBase):
         cats = [c for c in report.per_category if c != "mean"]
         if len(cats) > 1:
             msg += f"; {len(cats)} categories: one row each, then their mean"
-        defect_headers, defect_rows = defect_type_rows(report.records, getattr(det, "threshold", float("nan")))
-        return {"headers": ["category", *METRIC_KEYS], "rows": rows, "roc": views.roc_figure(report.curves),
-                "defect_headers": defect_headers, "defect_rows": defect_rows,
-                "pr": views.pr_figure(report.curves), "fn": self._gallery(report.worst("fn")),
+        threshold = getattr(det, "threshold", float("nan"))
+        defect_headers, defect_rows = defect_type_rows(report.records, threshold)
+        point = views.operating_point(report.records, threshold)  # where the threshold sits on the curves
+        return {"headers": ["category", *METRIC_KEYS], "rows": rows, "roc": views.roc_figure(report.curves, point),
+                "defect_headers": defect_headers, "defect_rows": defect_rows, "point": point,
+                "sweep": views.threshold_sweep_figure(report.records, threshold),
+                "pr": views.pr_figure(report.curves, point), "fn": self._gallery(report.worst("fn")),
                 "fp": self._gallery(report.worst("fp")), "message": msg, "report": report,
                 "categories": cats, "curve_choices": [ALL_IMAGES, *(cats if len(cats) > 1 else []),
                                                       *([EVERY_CATEGORY] if len(cats) > 1 else [])]}
@@ -99,7 +102,8 @@ class EvaluateMixin(ControllerBase):
         if report is None:
             raise UserError("run an evaluation first")
         if not which or which == ALL_IMAGES:
-            return views.roc_figure(report.curves), views.pr_figure(report.curves), ""
+            point = views.operating_point(report.records, None)
+            return views.roc_figure(report.curves, point), views.pr_figure(report.curves, point), ""
         from ccad.metrics import pr_points, roc_points
 
         cats = [c for c in report.per_category if c != "mean"]

@@ -35,6 +35,8 @@ def layout(c: AppController) -> SimpleNamespace:
     with gr.Row():
         eval_roc = gr.Plot(label="ROC", elem_id="eval-roc")
         eval_pr = gr.Plot(label="Precision-recall", elem_id="eval-pr")
+    eval_sweep = gr.Plot(label="Recall and false alarms as the threshold moves (per defect type)",
+                         elem_id="eval-sweep")
     with gr.Row():
         # object_fit="contain": thumbnails keep their aspect; captions name the file and its score
         eval_fn = gr.Gallery(label="Worst false negatives (missed defects)", columns=4, height=300,
@@ -50,6 +52,7 @@ def wire(c: AppController, ui: SimpleNamespace) -> None:
     eval_fn, eval_fp, eval_layout, eval_msg = ui.eval_fn, ui.eval_fp, ui.eval_layout, ui.eval_msg
     eval_path, eval_pr, eval_report, eval_roc = ui.eval_path, ui.eval_pr, ui.eval_report, ui.eval_roc
     eval_run, eval_split, eval_table, model_dd = ui.eval_run, ui.eval_split, ui.eval_table, ui.model_dd
+    eval_sweep = ui.eval_sweep
 
     def on_eval(name: str, path: str, layout: str, split: str,
                 progress: gr.Progress = gr.Progress()) -> list[Any]:
@@ -61,13 +64,13 @@ def wire(c: AppController, ui: SimpleNamespace) -> None:
             return [r["message"], pd.DataFrame(r["rows"], columns=r["headers"]),
                     pd.DataFrame(r["defect_rows"], columns=r["defect_headers"]), r["roc"], r["pr"],
                     r["fn"], r["fp"], r["report"],
-                    gr.update(choices=r["curve_choices"], value=r["curve_choices"][0]), ""]
+                    gr.update(choices=r["curve_choices"], value=r["curve_choices"][0]), "", r["sweep"]]
         except Exception as exc:
-            return [error_text(exc)] + [gr.update()] * 9
+            return [error_text(exc)] + [gr.update()] * 10
 
     eval_run.click(on_eval, [model_dd, eval_path, eval_layout, eval_split],
                    [eval_msg, eval_table, eval_defects, eval_roc, eval_pr, eval_fn, eval_fp, eval_report,
-                    eval_curves, eval_curves_note], concurrency_limit=1, concurrency_id="heavy",
+                    eval_curves, eval_curves_note, eval_sweep], concurrency_limit=1, concurrency_id="heavy",
                    show_progress_on=[eval_msg])
 
     def on_curves(report: Any, which: str) -> list[Any]:
