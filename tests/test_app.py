@@ -204,8 +204,8 @@ def test_inspect_batch_table_panels_and_bad_file(ctl: AppController, tmp_path: P
     v = ctl.panels(batch)
     assert v["name"] == "dark.png" and v["verdict"] == "ANOMALOUS"
     shapes = {v[k].shape for k in ("original", "reconstruction", "heatmap", "overlay")}
-    (shape,) = shapes  # same size: aligned side by side
-    assert shape[1:] == (24, 3) and shape[0] > 24  # with the colour scale under the maps
+    (shape,) = shapes  # same size: aligned side by side, small images enlarged for a legible scale
+    assert shape[1:] == (320, 3) and shape[0] > 320  # with the colour scale under the maps
     assert "n/a" in v["recon_label"]
     assert float(v["score"]) == pytest.approx(abs(10 / 255 - 0.5), abs=1e-3)
     with pytest.raises(UserError, match="no image given"):
@@ -485,7 +485,7 @@ def test_real_engine_bank_build_inspect_and_evaluate(root: Path, tmp_path: Path)
     batch = c.inspect(name, [str(defect)])
     v = c.panels(batch)
     assert v["original"].shape == v["heatmap"].shape == v["overlay"].shape  # aligned panels
-    assert v["heatmap"].shape[1] == 64 and v["heatmap"].shape[0] > 64  # the colour scale under the map
+    assert v["heatmap"].shape[1] == 320 and v["heatmap"].shape[0] > 320  # enlarged, the colour scale under it
     r = c.run_evaluation(name, "synth/fibrous")
     assert r["rows"] and 0.0 <= r["rows"][-1][1] <= 1.0
     assert "Saved" in c.save_model(name, "models/m", "detector")
@@ -621,7 +621,7 @@ def test_comparison_runs_the_second_model_on_the_whole_batch(ctl: AppController,
     v = ctl.compare("strict", batch)
     assert v["name"] == "60.png" and v["verdict"] == "ANOMALOUS"
     (shape,) = {v[k].shape for k in ("original", "reconstruction", "heatmap", "overlay")}  # aligned
-    assert shape[1:] == (24, 3) and shape[0] > 24  # with the colour scale under the maps
+    assert shape[1:] == (320, 3) and shape[0] > 320  # enlarged, with the colour scale under the maps
     assert strict.runs == runs  # row clicks and threshold moves reuse the comparison batch
     assert ctl.compare_batch("", batch) is None and ctl.agreement(None, batch)["text"] == ""
 

@@ -266,13 +266,10 @@ class InspectMixin(ControllerBase):
         else:
             recon = np.full_like(original, 128)
             label = "Reconstruction (n/a: this method does not reconstruct)"
-        heat, over = p.heatmap(colorbar=True), p.overlay(colorbar=True)
-        strip = heat.shape[0] - p.anomaly_map.shape[0]  # the colour scale's height under the two map panels
-        if strip > 0:  # the image panels keep the same size (aligned), with an empty strip
-            original = np.concatenate([original, np.full((strip, *original.shape[1:]), 255, np.uint8)])
-            recon = np.concatenate([recon, np.full((strip, *recon.shape[1:]), 255, np.uint8)])
+        original, recon, heat, over = _with_scale(p, original, recon)
         verdict = verdict_text(p)
         return {"original": original, "reconstruction": recon, "heatmap": heat, "overlay": over,
+                "has_reconstruction": p.reconstruction is not None,
                 "recon_label": label, "score": f"{float(p.score):.4f}", "verdict": verdict,
                 "time": seconds_text(p.seconds), "name": batch.names[i], "model": batch.model,
                 "domain": domain_text(p) or "not reported by this model"}
@@ -390,3 +387,31 @@ class InspectMixin(ControllerBase):
         return {"agree": agree, "disagree": len(only_a) + len(only_b), "both_anomalous": both_bad,
                 "both_good": both_good, "no_verdict": unsure,
                 "only_first": only_a, "only_second": only_b, "text": text + "."}
+
+
+PANEL_MIN_WIDTH = 320  # small images are enlarged (nearest) so the colour scale's labels stay legible
+
+
+def _with_scale(p: Any, original: np.ndarray, recon: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The four panels at one size: the heatmap and overlay with the model's colour scale under
+    them (score units, the threshold marked; issue 21 item 2), the image panels with an empty strip
+    of the same height, all enlarged to at least :data:`PANEL_MIN_WIDTH` pixels wide."""
+    import cv2
+
+    from ccad.scoring.heatmap import with_colorbar
+
+    heat, over = p.heatmap(), p.overlay()
+    panels = [original, recon, heat, over]
+    w = heat.shape[1]
+    if w < PANEL_MIN_WIDTH:
+        f = PANEL_MIN_WIDTH / w
+        panels = [cv2.resize(a, (PANEL_MIN_WIDTH, max(1, round(a.shape[0] * f))), interpolation=cv2.INTER_NEAREST)
+                  for a in panels]
+    original, recon, heat, over = panels
+    lo, hi = p.display_range()
+    heat, over = with_colorbar(heat, lo, hi, p.threshold), with_colorbar(over, lo, hi, p.threshold)
+    strip = heat.shape[0] - original.shape[0]
+    if strip > 0:  # the image panels keep the same size (aligned), with an empty strip
+        original = np.concatenate([original, np.full((strip, *original.shape[1:]), 255, np.uint8)])
+        recon = np.concatenate([recon, np.full((strip, *recon.shape[1:]), 255, np.uint8)])
+    return original, recon, heat, over

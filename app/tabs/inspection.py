@@ -118,13 +118,19 @@ def wire(c: AppController, ui: SimpleNamespace) -> SimpleNamespace:
                        model_tb, domain_tb]
 
     def _slider(v: dict[str, Any]) -> Any:
-        if v["original"] is None:
-            return None
-        return (v["original"], v["reconstruction"])
+        """The original / reconstruction slider, hidden for a method without a reconstruction (it
+        would compare the image with a grey panel; issue 21 item 3)."""
+        shown = v.get("has_reconstruction", True)
+        return gr.update(value=(v["original"], v["reconstruction"]) if v["original"] is not None and shown else None,
+                         visible=shown)
+
+    def _recon(v: dict[str, Any]) -> Any:
+        return gr.update(value=v["reconstruction"] if v.get("has_reconstruction", True) else None,
+                         label=v["recon_label"], visible=v.get("has_reconstruction", True))
 
     def panel_updates(batch: Optional[Batch], t: Optional[float]) -> list[Any]:
         v = c.panels(batch, None, t)
-        return [v["original"], gr.update(value=v["reconstruction"], label=v["recon_label"]), v["heatmap"],
+        return [v["original"], _recon(v), v["heatmap"],
                 v["overlay"], _slider(v), v["score"], v["verdict"], v["time"], v.get("name", ""),
                 v.get("model", ""), v.get("domain", "")]
 
@@ -159,7 +165,7 @@ def wire(c: AppController, ui: SimpleNamespace) -> SimpleNamespace:
         except UserError as exc:
             gr.Warning(str(exc))
             v, agree = c.panels(None), f"⚠️ {exc}"
-        return [v["original"], gr.update(value=v["reconstruction"], label=v["recon_label"]), v["heatmap"],
+        return [v["original"], _recon(v), v["heatmap"],
                 v["overlay"], v["score"], v["verdict"], v["time"], v.get("domain", ""), _slider(v),
                 *table_updates(other, batch, t), agree]
 
