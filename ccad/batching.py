@@ -11,9 +11,9 @@ arrive) and runs them through ``detector.predict_many`` as one batched call; eac
 its own files in its own thread first (in parallel with the model) and gets back its own
 predictions and errors, in its own order.
 
-Predictions are the ones each request would get alone when the detector's predictions do not
-depend on the batch (true for every deterministic method, and for CCAD(V)'s stochastic DDAD
-sampler, which draws each image's noise from its own generator). One detector call runs at a
+Predictions are the ones each request would get alone: no method's prediction depends on the
+batch (the stochastic samplers draw each image's noise from its own generator, seeded alike;
+``tests/test_batch_invariance.py`` checks every registered method). One detector call runs at a
 time, so the detector needs no locking of its own.
 """
 

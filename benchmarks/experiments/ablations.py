@@ -217,16 +217,16 @@ def ablate_d3ad(det: Any, data: Any, test: list, fixed_grid: str = "all") -> dic
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def glad_fixed_reconstruct(method: Any, net: Any, x: torch.Tensor, t_fix: int) -> torch.Tensor:
-    """Noise the input to ``t_fix`` with the same eps draw as ``glad_reconstruct`` (same seed), then
-    deterministic DDIM (eta = 0) down to abar = 1 on GLAD's grid spacing (T / steps)."""
-    from ccad.diffusion.objectives import _randn_like
+    """Noise the input to ``t_fix`` with the same eps draw as ``glad_reconstruct`` (same seed, one
+    generator per image), then deterministic DDIM (eta = 0) down to abar = 1 on GLAD's grid
+    spacing (T / steps)."""
+    from ccad.diffusion.objectives import _randn_like, image_generators
     from ccad.diffusion.reconstruct import ddim_step, reconstruction_timesteps
     from ccad.models.denoiser import images_to_model, model_to_images
 
     c = method.config
     x0 = images_to_model(x).float()
-    gen = torch.Generator(device=x.device).manual_seed(int(c.seed))
-    eps = _randn_like(x0, gen)
+    eps = _randn_like(x0, image_generators(int(c.seed), x0.shape[0], x.device))
     n_train = int(method.scheduler.config.num_train_timesteps)
     n = max(1, int(round(int(t_fix) * int(c.steps) / int(c.T))))
     ts = reconstruction_timesteps(int(t_fix), n, n_train)
@@ -248,11 +248,11 @@ def ablate_glad(det: Any, data: Any, test: list) -> dict[str, Any]:
     seen: list[int] = []
     fired: list[bool] = []
 
-    def recording(net: Any, x: torch.Tensor) -> torch.Tensor:
-        out = adaptive_reconstruct(net, x)
-        seen.extend(int(v) for v in m.last_trace.start_steps)
-        fired.extend(bool(v) for v in m.last_trace.fired)
-        return out
+    def recording(net: Any, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        x_hat, trace = adaptive_reconstruct(net, x)
+        seen.extend(int(v) for v in trace.start_steps)
+        fired.extend(bool(v) for v in trace.fired)
+        return x_hat, trace
 
     m._reconstruct = recording
     arms: dict[str, dict[str, Any]] = {}
@@ -269,7 +269,7 @@ def ablate_glad(det: Any, data: Any, test: list) -> dict[str, Any]:
     grid = sorted({int(c.t_min), *range(int(c.t_min) + 4 * spacing, int(c.T), 4 * spacing), int(c.T)})
     fixed: dict[int, dict[str, Any]] = {}
     for t in grid:
-        m._reconstruct = (lambda net, x, t=t: glad_fixed_reconstruct(m, net, x, t))
+        m._reconstruct = (lambda net, x, t=t: (glad_fixed_reconstruct(m, net, x, t), None))
         fixed[t] = metrics_of(det, test)
     m._reconstruct = adaptive_reconstruct
     best = best_of(fixed)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..scoring.anomaly_map import gaussian_blur, min_cosine_distance_map, scaled_sigma
-from .objectives import _randn_like, training_draws
+from .objectives import Generators, _randn_like, training_draws
 from .sampling import ddim_sample, noised, reconstruction_timesteps
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -163,7 +163,7 @@ class GLADTrace:
 def glad_reconstruct(eps_fn: EpsFn, x0: torch.Tensor, scheduler, score_fn: ScoreFn, start_step: int = 750,
                      steps: int = 15, delta: float = 0.15, t_min: int = 350, fusion: str = "saff",
                      mask: str = "sigmoid", redundancy: int = 0,
-                     generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, GLADTrace]:
+                     generator: Generators = None) -> tuple[torch.Tensor, GLADTrace]:
     """GLAD's reconstruction (Fig. 2): adaptive denoising step + spatial-adaptive fusion.
 
     1. ``x^a_T = sqrt(abar_T) x^a + sqrt(1 - abar_T) eps`` (eq. 1, ``T = start_step``; one eps).

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from .objectives import noise_prediction_loss
+from .objectives import Generators, noise_prediction_loss
 from .reconstruct import guided_ddim
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -51,7 +51,7 @@ def latent_start_step(scheduler: Union[DDPMScheduler, DDIMScheduler]) -> int:
 @torch.no_grad()
 def latent_ddim_reconstruct(eps_fn: EpsFn, z0: torch.Tensor, scheduler: Union[DDPMScheduler, DDIMScheduler],
                             start_step: Optional[int] = None, steps: int = 10, eta: float = 0.0,
-                            generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                            generator: Generators = None) -> torch.Tensor:
     """Reconstruct the normal latent z0_hat (eq. 9 CCAD(F), eq. 19 CCAD(C); DDIM step of eq. 18).
 
     1. z_{T'} = sqrt(abar_{T'}) z0 + sqrt(1 - abar_{T'}) eps, eps from ``generator``

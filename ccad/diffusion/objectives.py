@@ -5,7 +5,7 @@ x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (eq. 17), t ~ U{0, ..., T-1}.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,11 @@ from diffusers import DDPMScheduler
 from torch import nn
 
 
-def _randn_like(x: torch.Tensor, generator: Optional[torch.Generator] | Sequence[torch.Generator]) -> torch.Tensor:
+#: a sampler's ``generator``: one for the whole batch, or one per image (:func:`image_generators`)
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+
+
+def _randn_like(x: torch.Tensor, generator: Generators) -> torch.Tensor:
     """Standard normal noise shaped like ``x``; drawn on the generator's device, then moved.
 
     ``generator`` may be a sequence of one generator per sample (``len == x.shape[0]``): sample
@@ -28,6 +32,13 @@ def _randn_like(x: torch.Tensor, generator: Optional[torch.Generator] | Sequence
     return torch.randn(x.shape, generator=generator, device=generator.device, dtype=torch.float32).to(
         device=x.device, dtype=x.dtype
     )
+
+
+def image_generators(seed: int, batch: int, device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per image of a batch, every one seeded with ``seed``: passed to a sampler (as
+    ``generator``), each image's noise is the draw it would get alone, so its reconstruction, map
+    and score depend only on the image and the model, never on its batch or its place in it."""
+    return [torch.Generator(device=device).manual_seed(int(seed)) for _ in range(int(batch))]
 
 
 def sample_timesteps(batch: int, scheduler: DDPMScheduler, generator: Optional[torch.Generator] = None,

@@ -8,13 +8,13 @@ reconstructions (D3AD, DeCo-Diff, GLAD) live in their own modules, on the same s
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
-from .objectives import _randn_like
+from .objectives import Generators, _randn_like
 from .sampling import ddad_guidance, ddim_sample, ddim_step, noised, reconstruction_timesteps
 
 __all__ = ["ddad_reconstruct", "ddim_step", "guided_ddim", "reconstruction_timesteps"]
@@ -24,7 +24,7 @@ __all__ = ["ddad_reconstruct", "ddim_step", "guided_ddim", "reconstruction_times
 def ddad_reconstruct(model: nn.Module, x0: torch.Tensor, bank: torch.Tensor,
                      scheduler: DDPMScheduler | DDIMScheduler, start_step: int = 250, steps: int = 10,
                      guidance: float = 2.0, eta: float = 1.0,
-                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                     generator: Generators = None) -> torch.Tensor:
     """DDAD-conditioned reconstruction of CCAD(V) (eq. 12-14, DDIM direction term of eq. 18).
 
     1. x_{T'} = sqrt(abar_{T'}) x0 + sqrt(1 - abar_{T'}) eps  (x0 noised to ``start_step``).
@@ -56,7 +56,7 @@ def ddad_reconstruct(model: nn.Module, x0: torch.Tensor, bank: torch.Tensor,
 
 def guided_ddim(eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor,
                 scheduler: DDPMScheduler | DDIMScheduler, start_step: int, steps: int, guidance: float = 0.0,
-                eta: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                eta: float = 0.0, generator: Generators = None) -> torch.Tensor:
     """Noise ``x0`` to ``start_step``, then ``steps`` DDIM updates (eq. 18) back to abar = 1.
 
     ``guidance`` > 0 applies DDAD's conditioning toward ``x0`` (CCAD eq. 13-14); 0 is plain DDIM

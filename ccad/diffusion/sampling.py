@@ -37,7 +37,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from diffusers import DDIMScheduler
 
-from .objectives import _randn_like
+from .objectives import Generators, _randn_like
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: ``correct(x_t, eps, t, abar_t) -> (x_t, eps)``: the state and the prediction the DDIM update
@@ -100,7 +100,7 @@ def _table(scheduler, alphas_cumprod: Optional[torch.Tensor]) -> torch.Tensor:
 
 @torch.no_grad()
 def ddim_sample(eps_fn: EpsFn, x_start: torch.Tensor, scheduler, timesteps: Sequence[int], *,
-                correct: Optional[Correction] = None, eta: float = 0.0, generator: Optional[torch.Generator] = None,
+                correct: Optional[Correction] = None, eta: float = 0.0, generator: Generators = None,
                 alphas_cumprod: Optional[torch.Tensor] = None, prediction_type: str = "epsilon") -> torch.Tensor:
     """DDIM from ``x_start`` (the state at ``timesteps[0]``) over the descending ``timesteps`` to abar = 1.
 
@@ -137,11 +137,15 @@ def ddim_sample(eps_fn: EpsFn, x_start: torch.Tensor, scheduler, timesteps: Sequ
 def noised(x0: torch.Tensor, scheduler, t: int, noise: Optional[torch.Tensor]) -> torch.Tensor:
     """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` (CCAD eq. 17, diffusers ``add_noise``);
     ``noise=None`` is D3AD's noiseless scaling ``sqrt(abar_t) x0`` (papers/d3ad.md Algorithm 1
-    line 4). float32."""
+    line 4). float32.
+
+    The arithmetic of diffusers' ``add_noise`` on the scheduler's table, without calling it:
+    ``add_noise`` assigns ``scheduler.alphas_cumprod`` (moved to the sample's device), a write to
+    the method's shared scheduler, and inference runs from several threads at once."""
     x0 = x0.float()
     eps = torch.zeros_like(x0) if noise is None else noise.to(x0.device, torch.float32)
-    tt = torch.full((x0.shape[0],), int(t), dtype=torch.long)
-    return scheduler.add_noise(x0, eps, tt)
+    abar = torch.as_tensor(scheduler.alphas_cumprod).to(device=x0.device, dtype=x0.dtype)[int(t)]
+    return abar ** 0.5 * x0 + (1 - abar) ** 0.5 * eps
 
 
 def ddad_guidance(target: torch.Tensor, weight: float) -> Correction:

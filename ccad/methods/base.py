@@ -89,13 +89,21 @@ class Context:
 @dataclass
 class MethodOutput:
     """Anomaly maps ``B x 1 x S x S`` (higher = more anomalous) and, for reconstruction methods,
-    the reconstructions ``B x 3 x S x S`` in [0, 1]."""
+    the reconstructions ``B x 3 x S x S`` in [0, 1].
+
+    Everything one call decided is returned here, never stored on the method: :meth:`Method.maps`
+    runs from several threads at once (the app), so it must not write shared state."""
 
     maps: torch.Tensor
     reconstruction: Optional[torch.Tensor] = None
     # per-image domain distance ``B`` (ccad.scoring.domain.patch_median of the method's own
     # nearest-neighbour patch distances), for methods that compute them anyway (PatchCore)
     domain: Optional[torch.Tensor] = None
+    # per-image step the reconstruction started from (``B`` long), for methods that choose it per
+    # image: D3AD's / the dynamic policy's T_hat (Algorithm 2), GLAD's adaptive step
+    start_steps: Optional[torch.Tensor] = None
+    # a method's own per-call record (e.g. GLAD's :class:`ccad.diffusion.glad.GLADTrace`)
+    trace: Any = None
 
 
 class Method:

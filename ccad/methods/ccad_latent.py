@@ -243,27 +243,32 @@ class _CCADLatentBase(DynamicStartMixin, LatentMethod):
         return latent_eps_loss(self._eps_fn(modules, z0, batch.get("image")), z0, self.scheduler, generator)
 
     @torch.no_grad()
-    def _reconstruct(self, modules: nn.ModuleDict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _reconstruct(self, modules: nn.ModuleDict, x: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """``(z0, z0_hat, x_hat, start steps or None)``. Every image draws its noise from its own
+        generator seeded with ``diffusion.seed``, so its reconstruction is the one it gets alone,
+        whatever batch (or start-step group) it is in."""
         from ..diffusion.latent import latent_ddim_reconstruct
+        from ..diffusion.objectives import image_generators
 
         d = self.config.diffusion
         z0 = self.encode(x)
-        gen = torch.Generator(device=x.device).manual_seed(int(d.seed))
+        gens = image_generators(int(d.seed), x.shape[0], x.device)
         if not self.dynamic:
             z_hat = latent_ddim_reconstruct(self._eps_fn(modules, z0, x), z0, self.scheduler, start_step=d.start_step,
-                                            steps=int(d.steps), eta=float(d.eta), generator=gen)
-            return z0, z_hat, self.decode(z_hat)
+                                            steps=int(d.steps), eta=float(d.eta), generator=gens)
+            return z0, z_hat, self.decode(z_hat), None
         starts = self.start_steps(x)  # D3AD Algorithm 2: one DDIM run per distinct start step
         z_hat = torch.empty_like(z0)
         for s in torch.unique(starts).tolist():
             idx = (starts == s).nonzero().flatten().to(z0.device)
             z_hat[idx] = latent_ddim_reconstruct(self._eps_fn(modules, z0[idx], x[idx]), z0[idx], self.scheduler,
                                                  start_step=int(s), steps=min(int(d.steps), int(s)), eta=float(d.eta),
-                                                 generator=gen)
-        return z0, z_hat, self.decode(z_hat)
+                                                 generator=[gens[i] for i in idx.tolist()])
+        return z0, z_hat, self.decode(z_hat), starts
 
     def preview(self, modules: nn.ModuleDict, image: torch.Tensor) -> Optional[np.ndarray]:
-        _, _, x_hat = self._reconstruct(modules, image)
+        x_hat = self._reconstruct(modules, image)[2]
         return x_hat[0].permute(1, 2, 0).cpu().numpy()
 
     @torch.no_grad()
@@ -271,12 +276,12 @@ class _CCADLatentBase(DynamicStartMixin, LatentMethod):
         from ..diffusion.latent import latent_distance_map
 
         sc, c = self.ctx.scoring, self.config
-        z0, z_hat, x_hat = self._reconstruct(self.modules, x)
+        z0, z_hat, x_hat, starts = self._reconstruct(self.modules, x)
         maps = anomaly_map(x, x_hat, self.ctx.scoring_backbone(), pixel_weight=sc.pixel_weight, sigma=sc.sigma,
                            match=sc.feature_match or "same", radius=sc.match_radius)
         if c.latent_weight > 0:
             maps = maps + float(c.latent_weight) * latent_distance_map(z0, z_hat, x.shape[-2:])
-        return MethodOutput(maps, x_hat)
+        return MethodOutput(maps, x_hat, start_steps=starts)
 
     def card(self) -> dict[str, Any]:
         d = self.config.diffusion

@@ -86,11 +86,12 @@ class CCADV(Method):
     @torch.no_grad()
     def _reconstruct(self, denoiser: nn.Module, x: torch.Tensor, steps: Optional[int] = None) -> torch.Tensor:
         from ..diffusion import ddad_reconstruct
+        from ..diffusion.objectives import image_generators
 
         d = self.config.diffusion
         # one generator per image, each seeded alike: an image's DDAD noise (eta > 0) and so its
         # score are the same alone and in any batch (predict == predict_many, any batch size)
-        gen = [torch.Generator(device=x.device).manual_seed(d.seed) for _ in range(x.shape[0])]
+        gen = image_generators(d.seed, x.shape[0], x.device)
         bank = self.ctx.bank_tensor().to(x.device)
         n = d.steps if steps is None else min(int(steps), d.start_step)
         if x.device.type == "cuda":

@@ -220,8 +220,9 @@ class D3AD(DynamicStartMixin, LatentMethod):
         from ..diffusion.d3ad import d3ad_anomaly_map
 
         c = self.config
-        l_map, f_map, x_hat, _ = self._parts_of_map(x)
-        return MethodOutput(d3ad_anomaly_map(l_map, f_map, float(c.lam), c.l_norm, c.f_norm), x_hat)
+        l_map, f_map, x_hat, starts = self._parts_of_map(x)
+        return MethodOutput(d3ad_anomaly_map(l_map, f_map, float(c.lam), c.l_norm, c.f_norm), x_hat,
+                            start_steps=starts)
 
     # ---- device, card, files ------------------------------------------------------------------
     def card(self) -> dict[str, Any]:

@@ -28,13 +28,11 @@ class DynamicStartMixin:
     knn_features: Optional[torch.Tensor]
     train_distances: Optional[torch.Tensor]
     bin_edges: Optional[torch.Tensor]
-    last_start_steps: Optional[list[int]]
 
     def init_conditioning(self) -> None:
         self.knn_features = None  # N x D training features Y_Train
         self.train_distances = None  # N leave-one-out mean KNN distances
         self.bin_edges = None  # n_bins + 1 equal-width edges
-        self.last_start_steps = None
 
     def dic_params(self) -> dict[str, int]:
         raise NotImplementedError
@@ -84,13 +82,13 @@ class DynamicStartMixin:
                                  k=int(self.dic_params()["K"])).cpu()
 
     def start_steps(self, x: torch.Tensor) -> torch.Tensor:
-        """T_hat per image, g(x0, X_Train, T_max) of Algorithm 2 (a CPU LongTensor)."""
+        """T_hat per image, g(x0, X_Train, T_max) of Algorithm 2 (a CPU LongTensor). Stored nowhere:
+        the method returns it in its output (``MethodOutput.start_steps``), since inference runs
+        from several threads at once."""
         from ..diffusion.d3ad import start_steps
 
         p = self.dic_params()
-        steps = start_steps(self.distances(x), self.bin_edges, int(p["T_max"]), int(p["min_bin"]), int(p["round_to"]))
-        self.last_start_steps = [int(s) for s in steps]
-        return steps
+        return start_steps(self.distances(x), self.bin_edges, int(p["T_max"]), int(p["min_bin"]), int(p["round_to"]))
 
     def conditioning_card(self) -> dict[str, Any]:
         from ..diffusion.d3ad import bin_start_step
@@ -104,8 +102,6 @@ class DynamicStartMixin:
             facts["bin_edges"] = [round(float(e), 6) for e in self.bin_edges]
             facts["start_step_per_bin"] = {b + 1: int(s) for b, s in enumerate(steps)}
             facts["n_train_features"] = int(self.knn_features.shape[0]) if self.knn_features is not None else None
-        if self.last_start_steps is not None:
-            facts["last_start_steps"] = list(self.last_start_steps)
         return facts
 
     def save_conditioning(self, directory: Path) -> None:

@@ -257,7 +257,6 @@ class FeatDiff(Method):
         self.search_table: Optional[dict[str, Any]] = None
         self._cache: Any = None
         self._encoder: Optional[FeatureEncoder] = None
-        self._noise: Optional[torch.Tensor] = None
 
     # ---- features ---------------------------------------------------------------------------
     def encoder(self) -> FeatureEncoder:
@@ -356,32 +355,40 @@ class FeatDiff(Method):
 
     # ---- reconstruction and maps ----------------------------------------------------------------
     def _noise_field(self, shape: Sequence[int], device: torch.device) -> torch.Tensor:
-        if self._noise is None or tuple(self._noise.shape) != tuple(shape):
-            g = torch.Generator().manual_seed(int(self.config.seed))
-            self._noise = torch.randn(tuple(shape), generator=g)
-        return self._noise.to(device)
+        """The fixed noise field of item 5 (``C x h x w``, seeded with ``seed``): drawn per call
+        (a few thousand values), not cached on the method, which inference must not write."""
+        g = torch.Generator().manual_seed(int(self.config.seed))
+        return torch.randn(tuple(shape), generator=g).to(device)
 
     @torch.no_grad()
     def denoise(self, z_e: torch.Tensor, noise_level: int, steps: int,
                 modules: Optional[nn.ModuleDict] = None) -> torch.Tensor:
         """Module docstring item 5: noise ``z_e`` to ``noise_level`` and run ``steps`` DDIM steps
-        (diffusers ``DDIMScheduler``, eta 0); returns the last x0-prediction ``z_hat``."""
+        (diffusers ``DDIMScheduler``, eta 0); returns the last x0-prediction ``z_hat``.
+
+        The grid is set on a copy of the method's ``DDIMScheduler`` made for this call: inference
+        runs from several threads at once (the app), and ``set_timesteps`` on a shared scheduler
+        would change another call's grid under it."""
+        from diffusers import DDIMScheduler
+
+        from ..diffusion.sampling import noised
+
         T = int(self.config.num_train_timesteps)
         check_schedule(T, int(noise_level), int(steps), "denoise")
         modules = self.modules if modules is None else modules
         stride = int(noise_level) // int(steps)
-        self.ddim.set_timesteps(T // stride, device=z_e.device)
-        ts = [int(t) for t in self.ddim.timesteps.tolist() if 0 < int(t) <= int(noise_level)][:int(steps)]
+        ddim = DDIMScheduler.from_config(self.ddim.config)
+        ddim.set_timesteps(T // stride, device=z_e.device)
+        ts = [int(t) for t in ddim.timesteps.tolist() if 0 < int(t) <= int(noise_level)][:int(steps)]
         if not ts or ts[0] != int(noise_level):
-            raise RuntimeError(f"DDIM grid {self.ddim.timesteps.tolist()[:5]}... lacks t'={noise_level}")
+            raise RuntimeError(f"DDIM grid {ddim.timesteps.tolist()[:5]}... lacks t'={noise_level}")
         eps_fn = self._eps_fn(modules, z_e.device)
         noise = self._noise_field(z_e.shape[1:], z_e.device).expand_as(z_e)
-        z_t = self.scheduler.add_noise(z_e, noise, torch.full((z_e.shape[0],), ts[0], dtype=torch.long,
-                                                              device=z_e.device))
+        z_t = noised(z_e, self.scheduler, ts[0], noise).to(z_e.dtype)
         z_hat = z_e
         for t in ts:
             tt = torch.full((z_e.shape[0],), t, dtype=torch.long, device=z_e.device)
-            out = self.ddim.step(eps_fn(z_t, tt), t, z_t, eta=0.0)
+            out = ddim.step(eps_fn(z_t, tt), t, z_t, eta=0.0)
             z_t, z_hat = out.prev_sample, out.pred_original_sample
         return z_hat.float()
 

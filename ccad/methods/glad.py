@@ -141,7 +141,6 @@ class GLAD(Method):
         super().__init__(config, ctx)
         self.scheduler = make_scheduler(int(config.num_train_timesteps), config.beta_schedule)
         self._features: Any = None
-        self.last_trace: Any = None
 
     def build(self, train: Sequence[Any]) -> None:
         self.modules["unet"] = build_deco_unet(self.config.preset, 3, self.ctx.image_size)
@@ -178,20 +177,22 @@ class GLAD(Method):
         return topk_mean(m, int(self.config.step_topk)), m
 
     @torch.no_grad()
-    def _reconstruct(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _reconstruct(self, net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """``(x_hat in [0, 1], GLADTrace)``. Each image's noise comes from its own generator seeded
+        with ``seed``: its reconstruction is the one it gets alone, in any batch, at any place."""
         from ..diffusion.glad import glad_reconstruct
+        from ..diffusion.objectives import image_generators
 
         c = self.config
-        gen = torch.Generator(device=x.device).manual_seed(int(c.seed))
         x_hat, trace = glad_reconstruct(lambda x_t, t: net(x_t, t).sample, images_to_model(x), self.scheduler,
                                         self._step_score, start_step=int(c.T), steps=int(c.steps),
                                         delta=float(c.delta), t_min=int(c.t_min), fusion=c.fusion,
-                                        mask=c.fusion_mask, redundancy=int(c.redundancy), generator=gen)
-        self.last_trace = trace
-        return model_to_images(x_hat.float())
+                                        mask=c.fusion_mask, redundancy=int(c.redundancy),
+                                        generator=image_generators(int(c.seed), x.shape[0], x.device))
+        return model_to_images(x_hat.float()), trace
 
     def preview(self, modules: nn.ModuleDict, image: torch.Tensor) -> Optional[np.ndarray]:
-        return self._reconstruct(modules["unet"], image)[0].permute(1, 2, 0).float().cpu().numpy()
+        return self._reconstruct(modules["unet"], image)[0][0].permute(1, 2, 0).float().cpu().numpy()
 
     def after_training_phase(self) -> Optional[str]:
         if self.config.delta_quantile is None:
@@ -221,6 +222,7 @@ class GLAD(Method):
         does. The value is written into the config (saved with the model)."""
         from ..data.dataset import ImageDataset
         from ..diffusion.glad import glad_reconstruct, reconstruction_timesteps
+        from ..diffusion.objectives import image_generators
 
         c = self.config
         items = list(good)[: int(c.delta_images)]
@@ -236,7 +238,7 @@ class GLAD(Method):
             return score, m
 
         net = self.modules["unet"].to(self.ctx.device).eval()
-        gen = torch.Generator(device=x.device).manual_seed(int(c.seed))
+        gen = image_generators(int(c.seed), x.shape[0], x.device)  # each image's inference draw
         ts = reconstruction_timesteps(int(c.T), int(c.steps), int(self.scheduler.config.num_train_timesteps))
         glad_reconstruct(lambda x_t, t: net(x_t, t).sample, images_to_model(x), self.scheduler, record,
                          start_step=int(c.T), steps=int(c.steps), delta=float("inf"), t_min=0, fusion=c.fusion,
@@ -259,10 +261,10 @@ class GLAD(Method):
     def maps(self, x: torch.Tensor) -> MethodOutput:
         from ..diffusion.glad import glad_anomaly_map
 
-        x_hat = self._reconstruct(self.modules["unet"], x)
-        return MethodOutput(glad_anomaly_map(x, x_hat, self.features(), sigma=float(self.ctx.scoring.sigma),
-                                             match=self.ctx.scoring.feature_match or "all",
-                                             radius=self.ctx.scoring.match_radius), x_hat)
+        x_hat, trace = self._reconstruct(self.modules["unet"], x)
+        maps = glad_anomaly_map(x, x_hat, self.features(), sigma=float(self.ctx.scoring.sigma),
+                                match=self.ctx.scoring.feature_match or "all", radius=self.ctx.scoring.match_radius)
+        return MethodOutput(maps, x_hat, start_steps=None if trace is None else trace.start_steps, trace=trace)
 
     def card(self) -> dict[str, Any]:
         c = self.config
