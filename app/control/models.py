@@ -98,6 +98,9 @@ class ModelsMixin(ControllerBase):
             validate_repo_id(repo_id)
         except Exception as exc:
             raise UserError(f"{repo_id!r} is not a valid Hub repo id ({exc})") from None
+        if Path(repo_id).expanduser().exists():  # the loader would read it as a server folder, outside the root
+            raise UserError(f"{repo_id!r} names a folder on the server, not a Hub repo: load server folders with "
+                            "the folder box (inside the data root)")
         online = self.hub_probe()
         try:
             if online:

@@ -81,8 +81,55 @@ class TrainingMixin(ControllerBase):
                     "in the local Hub cache). ")
         return {"visible": True, "value": value, "offline": offline, "info": head + AUTOENCODER_HINT}
 
+    def _local_or_hub(self, target: str, field: str, kind: str = "any") -> str:
+        """``target`` as a browser user typed it (a path or a Hub id) made safe:
+        a path is resolved inside the data root (relative paths from the root; ``..``, a missing
+        path and anything outside, symlinks included, are a :class:`UserError` naming ``field``); a
+        Hub id is kept when no such folder exists under the root, and refused when it would be
+        read as a folder relative to the server's working directory (the loaders try a path first)."""
+        from ccad.models.autoencoder_load import _looks_like_hub_id
+
+        text = target.strip()
+        if _looks_like_hub_id(text) and not (self.data_root / text).exists():
+            if Path(text).exists() and not Path(text).resolve().is_relative_to(self.data_root):
+                raise UserError(f"{field} {text!r} names a folder on the server outside the data root; give a "
+                                f"folder inside the data root {self.data_root} or a Hub id")
+            return text
+        try:
+            return str(self._in_root(text, kind=kind))
+        except UserError as exc:
+            raise UserError(f"{field}: {exc}. Nothing was started.") from None
+
+    def _confine_method_paths(self, cfg: Any) -> None:
+        """Confine every path a browser user can type into the method's config to the data root, in
+        place (issue 20 item 7): the autoencoder spec's path part (``kind:path``; a bare path is a
+        saved autoencoder folder; ``kind:random`` and Hub ids stay), ``pretrained_unet`` (a folder or
+        a Hub id) and ``feature_weights`` (a file). Relative paths are read from the data root."""
+        spec = getattr(cfg, "autoencoder", None)
+        if isinstance(spec, str) and spec.strip():
+            ae_kind, sep, target = spec.strip().partition(":")
+            if not sep:
+                cfg.autoencoder = str(self._root_path(spec, "Autoencoder", kind="any"))
+            elif target.strip() and target.strip().lower() != "random":
+                cfg.autoencoder = f"{ae_kind}:{self._local_or_hub(target, 'Autoencoder')}"
+        unet = getattr(cfg, "pretrained_unet", None)
+        if isinstance(unet, str) and unet.strip():
+            cfg.pretrained_unet = self._local_or_hub(unet, "pretrained_unet", kind="folder")
+        weights = getattr(cfg, "feature_weights", None)
+        if isinstance(weights, str) and weights.strip():
+            cfg.feature_weights = str(self._root_path(weights, "feature_weights", kind="file"))
+
+    def _root_path(self, text: str, field: str, kind: str = "folder") -> Path:
+        """A path (never a Hub id) inside the data root, or a :class:`UserError` naming ``field``."""
+        try:
+            return self._in_root(text.strip(), kind=kind)
+        except UserError as exc:
+            raise UserError(f"{field}: {exc}. Nothing was started.") from None
+
     def _check_autoencoder(self, variant: str, cfg: Any) -> None:
-        """A :class:`UserError` naming the Autoencoder field when its spec would not load here."""
+        """A :class:`UserError` naming the Autoencoder field when its spec would not load here
+        (after its path is confined to the data root, :meth:`_confine_method_paths`)."""
+        self._confine_method_paths(cfg)
         spec = getattr(cfg, "autoencoder", None)
         if spec is None:
             return
@@ -139,7 +186,8 @@ class TrainingMixin(ControllerBase):
             if not mcls.trainable:
                 raise UserError(f"{mcls.title or variant} is not trained (it is fitted): build it in the "
                                 "Feature bank tab")
-            # refuse a bad option, or an autoencoder that would not load, before anything starts
+            # refuse a bad option, a path outside the data root, or an autoencoder that would not load,
+            # before anything starts
             self._check_autoencoder(variant, method_config(variant, preset, options, autoencoder))
             path = self._data_folder(folder, zip_file)
             bank = None
@@ -161,8 +209,7 @@ class TrainingMixin(ControllerBase):
                       "fuse_bank": bool(fuse_bank)}
         # the typed config, rebuilt from the recipe (a resumed job gets a fresh copy of the same config)
         method_cfg = method_config(params["variant"], params["preset"], params["options"], params["autoencoder"])
-        if resume:
-            self._check_autoencoder(params["variant"], method_cfg)
+        self._check_autoencoder(params["variant"], method_cfg)  # confines its paths (what the job reads)
         self._last_train = dict(params, resume=False)
         train_fn = self.engine.train
         last = self.jobs.snapshot() if resume else None
