@@ -19,7 +19,7 @@ import gradio as gr
 from .controller import AppController
 from .state import SAMPLES_DIR, default_state_dir
 from .tabs import bank, evaluation, inspection, models, training
-from .tabs.common import INSPECT_CONCURRENCY
+from .tabs.common import INSPECT_CONCURRENCY, new_browser_id
 
 __all__ = ["CONCURRENCY_LIMIT", "INSPECT_CONCURRENCY", "MAX_FILE_SIZE", "QUEUE_MAX_SIZE", "build_app", "launch"]
 
@@ -82,6 +82,9 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
                     "Diffusion detectors (CCAD V/C/F, DeCo-Diff, D3AD, GLAD) and a PatchCore baseline, trained here.")
         parts = [models.layout(c)]
         batch_state = gr.State(None)
+        # this browser's id (its local storage, so it survives a reload): jobs belong to the browser
+        # that started them; other sessions see them read-only
+        browser_id = gr.BrowserState("", storage_key="ccad-browser-id")
 
         with gr.Tabs(elem_id="tabs"):
             for title, tab_id, tab in TABS:
@@ -91,7 +94,8 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
                 _mount_review(review_builder, review_error, c)
 
         # every component by name (a name used twice is a TypeError here), then each tab's events
-        ui = SimpleNamespace(batch_state=batch_state, **{k: v for p in parts for k, v in vars(p).items()})
+        ui = SimpleNamespace(batch_state=batch_state, browser_id=browser_id,
+                             **{k: v for p in parts for k, v in vars(p).items()})
         ins = inspection.wire(c, ui)
         bar = models.wire(c, ui, ins)
         bank.wire(c, ui, bar)
@@ -102,6 +106,7 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
             return bar.model_choices(selected)
 
         demo.load(on_load, [ui.model_dd], bar.choice_outputs)
+        demo.load(new_browser_id, [browser_id], [browser_id])
 
     demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=QUEUE_MAX_SIZE)
     demo.ccad_controller = c  # type: ignore[attr-defined]

@@ -161,8 +161,13 @@ class TrainingMixin(ControllerBase):
     def start_training(self, folder: Optional[str], zip_file: Optional[str], bank_model: Optional[str],
                        preset: str, image_size: int, steps: int, batch_size: int, preview_every: int = 50,
                        resume: bool = False, variant: str = DEFAULT_VARIANT, options: Optional[str] = None,
-                       autoencoder: Optional[str] = None, fuse_bank: bool = False) -> str:
+                       autoencoder: Optional[str] = None, fuse_bank: bool = False,
+                       owner: Optional[str] = None) -> str:
         """Start training a detector of ``variant`` in the background job manager (one job per server).
+
+        ``owner`` is the browser session starting it (:data:`app.tabs.common` ``browser id``): the job
+        belongs to it; other sessions see it read-only (they can neither stop nor resume it). None
+        (a caller that is no browser session: tests, scripts) owns every job.
 
         ``options`` are ``KEY=VALUE`` lines for the method's config and ``autoencoder`` its
         autoencoder spec (methods with that field); both are validated before anything starts.
@@ -179,6 +184,9 @@ class TrainingMixin(ControllerBase):
             last = self._last_train
             if last is None:
                 raise UserError("nothing to resume: no stopped training job on this server")
+            if not self._owns(owner, last.get("owner")):
+                raise UserError("The stopped job was started in another browser session: only that session can "
+                                "resume it. Start a new job instead.")
             params = dict(last, resume=True)
         else:
             variant = variant or DEFAULT_VARIANT
@@ -206,7 +214,7 @@ class TrainingMixin(ControllerBase):
                       "preview_every": min(max(1, int(preview_every)), int(steps)), "resume": False,
                       "variant": variant,
                       "options": options or "", "autoencoder": (autoencoder or "").strip(),
-                      "fuse_bank": bool(fuse_bank)}
+                      "fuse_bank": bool(fuse_bank), "owner": owner}
         # the typed config, rebuilt from the recipe (a resumed job gets a fresh copy of the same config)
         method_cfg = method_config(params["variant"], params["preset"], params["options"], params["autoencoder"])
         self._check_autoencoder(params["variant"], method_cfg)  # confines its paths (what the job reads)
@@ -295,17 +303,30 @@ class TrainingMixin(ControllerBase):
                 continue
         raise UserError(f"{runs}: could not make a new run folder")
 
-    def stop_training(self) -> str:
+    @staticmethod
+    def _owns(owner: Optional[str], job_owner: Optional[str]) -> bool:
+        """Whether the session ``owner`` may stop / resume a job started by ``job_owner`` (None on
+        either side: not a browser session, e.g. a script or a test, which owns every job)."""
+        return owner is None or job_owner is None or owner == job_owner
+
+    def stop_training(self, owner: Optional[str] = None) -> str:
+        """Ask the running job to stop, if it belongs to the session ``owner`` (see :meth:`start_training`)."""
+        snap = self.jobs.snapshot()
+        if snap is not None and self.jobs.busy() and not self._owns(owner, snap["params"].get("owner")):
+            return (f"Job {snap['id']} was started in another browser session: it is shown here read-only; "
+                    "only that session can stop it.")
         if self.jobs.stop():
             return "Stop requested: the job finishes its current step and saves a resumable checkpoint."
         return "No training job is running."
 
-    def training_status(self) -> dict[str, Any]:
-        """What the Train tab shows; identical for every tab and reload (server-side job)."""
+    def training_status(self, owner: Optional[str] = None) -> dict[str, Any]:
+        """What the Train tab shows; the same job for every tab and reload (server-side job); ``mine``
+        says whether the session ``owner`` may stop / resume it (else it is shown read-only)."""
         snap = self.jobs.snapshot()
         if snap is None:
             return {"status": "No training job has run on this server yet.", "progress": "", "losses": [],
-                    "preview": None, "state": "idle", "model_name": None, "can_resume": False}
+                    "preview": None, "state": "idle", "model_name": None, "can_resume": False, "mine": True}
+        mine = self._owns(owner, snap["params"].get("owner"))
         total = snap["total_steps"] or 0
         pct = f" ({100.0 * snap['step'] / total:.0f} %)" if total else ""
         loss = f"{snap['loss']:.4f}" if math.isfinite(snap["loss"]) else "-"
@@ -313,6 +334,8 @@ class TrainingMixin(ControllerBase):
                     f"{loss} · elapsed {views.format_seconds(snap['elapsed'])} · ETA "
                     f"{views.format_seconds(snap['eta_seconds'])}")
         status = f"Job {snap['id']}: {snap['state']} - {snap['message']}"
+        if not mine:
+            status += " (started in another browser session: read-only here)"
         if snap["params"].get("model_name"):
             status += f". Model loaded as '{snap['params']['model_name']}' (pick it in the model list)."
         skipped = snap["params"].get("skipped") or []
@@ -320,4 +343,5 @@ class TrainingMixin(ControllerBase):
             status += f" Left out {len(skipped)} file(s) of the data: {name_list(skipped)}."
         return {"status": status, "progress": progress, "losses": snap["losses"], "preview": snap["preview"],
                 "state": snap["state"], "model_name": snap["params"].get("model_name"),
-                "can_resume": snap["state"] in (STOPPED, FAILED) and self._last_train is not None}
+                "can_resume": mine and snap["state"] in (STOPPED, FAILED) and self._last_train is not None,
+                "mine": mine}

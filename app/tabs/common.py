@@ -19,6 +19,15 @@ from ..errors import UserError
 INSPECT_CONCURRENCY = int(os.environ.get("CCAD_APP_INSPECT_CONCURRENCY", "1"))
 
 
+def new_browser_id(current: Any) -> str:
+    """The browser's id (kept in its local storage by a ``gr.BrowserState``): ``current`` when it has
+    one, else a new random one. A background job belongs to the browser that started it."""
+    import secrets
+
+    text = str(current or "")
+    return text if len(text) >= 16 else secrets.token_hex(16)
+
+
 def error_text(exc: BaseException) -> str:
     """The line a callback shows for an error: a :class:`UserError` as is, anything else named."""
     if isinstance(exc, UserError):
