@@ -17,8 +17,10 @@ from .. import views
 from ..batch import Batch, domain_text, name_list, relative_name, seconds_text, to_uint8, unique_names
 from ..engine import ProgressFn
 from ..errors import UserError
-from ..paths import PathError, extracted_zip, remove_stale
+from ..paths import PathError, extracted_zip, keep_newest, remove_stale
 from .base import ControllerBase
+
+DOWNLOADS_KEPT = 8  # the Inspect tab's last download folders (dl-*) kept on disk
 
 
 class InspectMixin(ControllerBase):
@@ -302,7 +304,10 @@ class InspectMixin(ControllerBase):
         from PIL import Image
 
         dl_root = self.state_dir / "downloads"
-        remove_stale(dl_root)  # Gradio serves its own copy of what it was given; old folders only take space
+        # Gradio serves its own copy of what it was given (its cache, bounded by the app's janitor): the
+        # folders here only take space; keep the last few (and none over an hour old)
+        remove_stale(dl_root)
+        keep_newest(dl_root, "dl-", DOWNLOADS_KEPT - 1)
         dl_root.mkdir(parents=True, exist_ok=True)
         out = Path(tempfile.mkdtemp(prefix="dl-", dir=dl_root))
         preds = batch.at(threshold)
