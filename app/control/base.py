@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..engine import Engine
-from ..errors import UserError
+from ..errors import UserError, register_private_root
 from ..hub import hub_reachable
 from ..jobs import JobManager
 from ..paths import PathError, count_images, extracted_zip, remove_stale, resolve_in_root, safe_extract_zip
@@ -28,6 +28,7 @@ class ControllerBase:
         self.data_root = Path(data_root).expanduser().resolve()
         self.state_dir = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="ccad-app-"))
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        register_private_root(self.state_dir)  # its paths (uploads, runs) never reach the page
         # uploaded zips are extracted into per-request folders here, removed when the request is done
         self.uploads_dir = self.state_dir / "uploads"
         remove_stale(self.uploads_dir)

@@ -16,7 +16,7 @@ import numpy as np
 from .. import views
 from ..batch import Batch, domain_text, name_list, relative_name, seconds_text, to_uint8, unique_names
 from ..engine import ProgressFn
-from ..errors import UserError
+from ..errors import UserError, hide_paths
 from ..paths import PathError, extracted_zip, keep_newest, remove_stale
 from .base import ControllerBase
 
@@ -76,8 +76,9 @@ class InspectMixin(ControllerBase):
             try:
                 preds, errors = det.predict_many(paths, batch_size=4, on_error="skip", progress=progress)
             except Exception as exc:
-                raise UserError(f"the model failed on this batch ({type(exc).__name__}: {exc})") from None
-        errors = skipped + [(shown.get(p, Path(p).name), msg) for p, msg in errors]
+                raise UserError(f"the model failed on this batch ({type(exc).__name__}: "
+                                f"{hide_paths(str(exc), shown)})") from None
+        errors = skipped + [(shown.get(p, Path(p).name), hide_paths(msg, shown)) for p, msg in errors]
         if not preds:
             raise UserError("no readable image: " + "; ".join(f"{n}: {m}" for n, m in errors[:5]))
         names = unique_names([shown.get(str(p.path), Path(p.path).name) if p.path else f"image {i}"

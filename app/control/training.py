@@ -12,7 +12,7 @@ import numpy as np
 from .. import views
 from ..batch import left_out_files, name_list, to_uint8
 from ..engine import cuda_available, train_config
-from ..errors import UserError
+from ..errors import UserError, hide_paths
 from ..forms import DEFAULT_VARIANT, default_variant, method_class, method_config, method_info
 from ..jobs import FAILED, STOPPED, JobBusy, JobHandle
 from .base import ControllerBase
@@ -333,7 +333,7 @@ class TrainingMixin(ControllerBase):
         progress = (f"step {snap['step']}/{total}{pct} · epoch {snap['epoch']} · loss "
                     f"{loss} · elapsed {views.format_seconds(snap['elapsed'])} · ETA "
                     f"{views.format_seconds(snap['eta_seconds'])}")
-        status = f"Job {snap['id']}: {snap['state']} - {snap['message']}"
+        status = f"Job {snap['id']}: {snap['state']} - {hide_paths(snap['message'])}"
         if not mine:
             status += " (started in another browser session: read-only here)"
         if snap["params"].get("model_name"):

@@ -8,7 +8,7 @@ from typing import Any
 
 import gradio as gr
 
-from ..errors import UserError
+from ..errors import UserError, hide_paths
 
 # Model calls (Inspect button, sample click, Inspect folder) share one queue group run one at a time:
 # with many users they are served strictly in arrival order (Gradio's queue is FIFO per group), a model
@@ -29,10 +29,11 @@ def new_browser_id(current: Any) -> str:
 
 
 def error_text(exc: BaseException) -> str:
-    """The line a callback shows for an error: a :class:`UserError` as is, anything else named."""
+    """The line a callback shows for an error: a :class:`UserError` as is, anything else named; no
+    server path of an upload or of the app's folders (:func:`app.errors.hide_paths`)."""
     if isinstance(exc, UserError):
-        return f"⚠️ {exc}"
-    return f"⚠️ Unexpected error ({type(exc).__name__}): {exc}"
+        return f"⚠️ {hide_paths(str(exc))}"
+    return f"⚠️ Unexpected error ({type(exc).__name__}): {hide_paths(str(exc))}"
 
 
 def blocks(scope: dict[str, Any]) -> SimpleNamespace:
