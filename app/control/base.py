@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -44,6 +45,8 @@ class ControllerBase:
         self.hub_probe: Callable[[], bool] = hub_reachable
         self.hub_cache_dir: Optional[str] = None  # the local Hub cache (None: huggingface_hub's default)
         self._hub_seen: Optional[tuple[float, bool]] = None
+        self._bank_jobs: dict[Optional[str], dict[str, Any]] = {}  # browser id -> its running / last bank build
+        self._bank_lock = threading.Lock()
 
 
     def _detector(self, name: Optional[str]) -> Any:
