@@ -163,7 +163,8 @@ class ModelsMixin(ControllerBase):
         hi = float(f"{hi:.3g}")
         lo = float(f"{lo:.3g}")
         step = float(f"{(hi - lo) / 1000:.2g}") if hi > lo else 0.001
-        return {"value": thr, "minimum": lo, "maximum": max(hi, thr), "step": step}
+        thr = float(f"{thr:.6g}")  # shown rounded (6 significant digits); the verdicts use this value
+        return {"value": thr, "minimum": min(lo, thr), "maximum": max(hi, thr), "step": step}
 
     def false_alarm_text(self, name: Optional[str], threshold: Optional[float]) -> str:
         det = self.registry.detector(name) if name else None
