@@ -146,6 +146,9 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
 
         demo.load(on_load, [ui.model_dd], bar.choice_outputs)
         demo.load(new_browser_id, [browser_id], [browser_id])
+        # the line under the model list says how the page's model in use was loaded (never a stale line)
+        demo.load(lambda sel: c.model_status_line(sel if sel in c.registry.names() else c.registry.active),
+                  [ui.model_dd], [ui.model_status])
 
     demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=QUEUE_MAX_SIZE)
     demo.ccad_controller = c  # type: ignore[attr-defined]

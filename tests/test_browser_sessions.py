@@ -90,5 +90,8 @@ def test_another_browser_sees_the_job_read_only_and_cannot_stop_it(env: dict[str
             ctl.jobs.join(30)
             assert ctl.jobs.snapshot()["state"] == "stopped"
             wait_text(b, "train-status", "stopped")
+            # a stopped job has no time left: no ETA (issue 21 item 3)
+            wait_text(a, "train-status", "stopped")
+            assert "ETA" not in a.locator("#train-progress").inner_text()
         finally:
             browser.close()

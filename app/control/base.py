@@ -41,6 +41,7 @@ class ControllerBase:
         self.samples_dir = Path(samples_dir) if samples_dir else None
         self.demo_dir = Path(demo_dir) if demo_dir else None
         self.startup_message = ""
+        self._model_lines: dict[str, str] = {}  # model name -> how it was loaded (model_status_line)
         self._last_train: Optional[dict[str, Any]] = None
         self.hub_probe: Callable[[], bool] = hub_reachable
         self.hub_cache_dir: Optional[str] = None  # the local Hub cache (None: huggingface_hub's default)

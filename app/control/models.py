@@ -46,8 +46,26 @@ class ModelsMixin(ControllerBase):
                                     "Build a detector in the Feature bank tab or load another model.")
             return self.startup_message
         name = self.registry.add(f"demo ({det.variant})", det, "bundled demo model", folder=str(self.demo_dir))
-        self.startup_message = f"Loaded the bundled demo model: {name}."
+        self.startup_message = self._said(name, f"Loaded the bundled demo model: {name}.")
         return self.startup_message
+
+    def _said(self, name: str, line: str) -> str:
+        """Remember ``line`` (how model ``name`` was loaded) for :meth:`model_status_line`."""
+        self._model_lines[name] = line
+        return line
+
+    def model_status_line(self, name: Optional[str]) -> str:
+        """The line under the model list: how the model in use (``name``) was loaded, never the
+        line of another model (the demo's "Loaded the bundled demo model" goes when it is not in use);
+        a startup problem (no demo, a demo that would not load) while no model is in use."""
+        if name and name in self._model_lines:
+            return self._model_lines[name]
+        entry = self.registry.get(name) if name else None
+        if entry is not None:  # built or trained in this app: its source says how
+            return f"Model in use: {entry.name} ({entry.source})."
+        if not name and self.startup_message and not self._model_lines:
+            return self.startup_message
+        return ""
 
     def _load_path(self, path: Path, how: str) -> tuple[str, str]:
         try:
@@ -55,7 +73,7 @@ class ModelsMixin(ControllerBase):
         except Exception as exc:
             raise UserError(f"{path.name or path}: not a loadable ccad model ({exc})") from None
         name = self.registry.add(f"{path.name} ({det.variant})", det, f"{how} {path}", folder=str(path))
-        return name, f"Loaded {name} from {how} {path}."
+        return name, self._said(name, f"Loaded {name} from {how} {path}.")
 
     def load_from_folder(self, folder: str) -> tuple[str, str]:
         """Load a saved model folder (confined to the data root)."""
@@ -84,7 +102,7 @@ class ModelsMixin(ControllerBase):
         except PathError as exc:
             raise UserError(str(exc)) from None
         name = self.registry.add(f"{Path(label).stem} ({det.variant})", det, f"zip {label}")
-        return name, f"Loaded {name} from the uploaded zip {label}."
+        return name, self._said(name, f"Loaded {name} from the uploaded zip {label}.")
 
     def load_from_hub(self, repo_id: str, revision: Optional[str]) -> tuple[str, str]:
         """Download and load a model from the Hugging Face Hub; offline says so clearly."""
@@ -119,7 +137,7 @@ class ModelsMixin(ControllerBase):
             raise UserError(f"{repo_id}: could not load ({type(exc).__name__}: {exc})") from None
         tag = f"{repo_id}@{revision}" if revision else repo_id
         name = self.registry.add(f"{tag} ({det.variant})", det, f"hub {tag}")
-        return name, f"Loaded {name} from the Hugging Face Hub."
+        return name, self._said(name, f"Loaded {name} from the Hugging Face Hub.")
 
     def _card(self, name: Optional[str]) -> tuple[Any, Any, str]:
         """``(registry entry, its card, "")`` of model ``name``; ``(None, None, "")`` when it is not

@@ -14,7 +14,7 @@ from ..batch import left_out_files, name_list, to_uint8
 from ..engine import cuda_available, train_config
 from ..errors import UserError, hide_paths
 from ..forms import DEFAULT_VARIANT, default_variant, method_class, method_config, method_info
-from ..jobs import FAILED, STOPPED, JobBusy, JobHandle
+from ..jobs import FAILED, RUNNING, STOPPED, JobBusy, JobHandle
 from .base import ControllerBase
 
 CPU_PRESET = "tiny"
@@ -331,8 +331,9 @@ class TrainingMixin(ControllerBase):
         pct = f" ({100.0 * snap['step'] / total:.0f} %)" if total else ""
         loss = f"{snap['loss']:.4f}" if math.isfinite(snap["loss"]) else "-"
         progress = (f"step {snap['step']}/{total}{pct} · epoch {snap['epoch']} · loss "
-                    f"{loss} · elapsed {views.format_seconds(snap['elapsed'])} · ETA "
-                    f"{views.format_seconds(snap['eta_seconds'])}")
+                    f"{loss} · elapsed {views.format_seconds(snap['elapsed'])}")
+        if snap["state"] == RUNNING:  # a stopped, failed or finished job has no time left
+            progress += f" · ETA {views.format_seconds(snap['eta_seconds'])}"
         status = f"Job {snap['id']}: {snap['state']} - {hide_paths(snap['message'])}"
         if not mine:
             status += " (started in another browser session: read-only here)"
