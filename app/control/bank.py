@@ -22,9 +22,14 @@ class BankMixin(ControllerBase):
     def build_bank(self, folder: Optional[str], zip_file: Optional[str], backbone: str, layers: Sequence[int],
                    xi: int, image_size: int, progress: ProgressFn = None,
                    cancel: Optional[Callable[[], bool]] = None,
-                   owner: Optional[str] = None) -> tuple[str, dict[str, Any], Any, str]:
+                   owner: Optional[str] = None,
+                   memory_percent: Optional[float] = None) -> tuple[str, dict[str, Any], Any, str]:
         """Build the feature bank + PatchCore detector (``ccad.fit_detector``); register it as a model.
         An uploaded zip is extracted for this request only and removed when the build is done.
+
+        ``xi`` is the Coarse Feature Bank's size (what the diffusion methods are conditioned on);
+        ``memory_percent`` the PatchCore detector's memory (the coreset ratio, in % of all patches:
+        what its scores are measured against; None: the method's default).
 
         The build is listed server-side (:meth:`bank_jobs_text`) under ``owner`` (the browser that
         asked for it), so a reloaded page still shows it and can cancel it (:meth:`cancel_bank`)."""
@@ -45,7 +50,7 @@ class BankMixin(ControllerBase):
         try:
             with ExitStack() as stack:
                 out = self._build_bank(self._data_folder(folder, zip_file, stack), backbone, layers, xi, image_size,
-                                       prog, stop)
+                                       prog, stop, memory_percent)
         except Exception as exc:
             job["state"] = "cancelled" if job["cancel"] or "cancelled" in str(exc) else "failed"
             job["message"] = str(exc)
@@ -85,17 +90,24 @@ class BankMixin(ControllerBase):
         return "\n\n".join(lines)
 
     def _build_bank(self, path: Path, backbone: str, layers: Sequence[int], xi: int, image_size: int,
-                    progress: ProgressFn = None,
-                    cancel: Optional[Callable[[], bool]] = None) -> tuple[str, dict[str, Any], Any, str]:
+                    progress: ProgressFn = None, cancel: Optional[Callable[[], bool]] = None,
+                    memory_percent: Optional[float] = None) -> tuple[str, dict[str, Any], Any, str]:
         layers = tuple(int(v) for v in layers)
         if not layers:
             raise UserError("choose at least one backbone layer")
         if not 1 <= int(xi) <= 1000:
             raise UserError(f"bank size xi must be in 1..1000, got {xi}")
+        extra: dict[str, Any] = {}
+        if memory_percent is not None:
+            if not 0.0 < float(memory_percent) <= 100.0:
+                raise UserError(f"PatchCore memory must be in (0, 100] % of the patches, got {memory_percent}")
+            from ccad.methods import get_method
+
+            extra["method"] = get_method("patchcore").Config(ratio=float(memory_percent) / 100.0)
         t0 = time.perf_counter()
         try:
             det = self.engine.fit(str(path), backbone=backbone, layers=layers, bank_size=int(xi),
-                                  image_size=int(image_size), progress=progress, cancel=cancel)
+                                  image_size=int(image_size), progress=progress, cancel=cancel, **extra)
         except Exception as exc:
             if type(exc).__name__ == "Cancelled":
                 raise UserError("bank building cancelled") from None
@@ -107,7 +119,11 @@ class BankMixin(ControllerBase):
         fig = self.bank_projection(det, path)
         built = int(det.bank.features.shape[0]) if getattr(det, "bank", None) is not None else int(xi)
         skipped = left_out_files(det)
-        return name, summary, fig, (f"Built a {built}-vector bank and a PatchCore detector from {path.name} in "
+        scorer = getattr(getattr(det, "method", None), "scorer", None)
+        memory = getattr(scorer, "memory_bank", None)
+        mem = (f" (its memory: {int(memory.shape[0])} of {int(getattr(scorer, 'n_patches', 0))} patches)"
+               if memory is not None else "")
+        return name, summary, fig, (f"Built a {built}-vector bank and a PatchCore detector{mem} from {path.name} in "
                                     f"{seconds:.1f} s; it is now the active model in the Inspect tab."
                                     + (f" Left out {len(skipped)} file(s): {name_list(skipped)}." if skipped else ""))
 

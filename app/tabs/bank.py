@@ -26,7 +26,14 @@ def layout(c: AppController) -> SimpleNamespace:
                                         elem_id="bank-backbone")
             bank_layers = gr.CheckboxGroup([1, 2, 3, 4], value=[2, 3], label="Layers",
                                            elem_id="bank-layers")
-            bank_xi = gr.Slider(10, 1000, value=200, step=10, label="Bank size xi", elem_id="bank-xi")
+            bank_xi = gr.Slider(10, 1000, value=200, step=10, label="Bank size xi", elem_id="bank-xi",
+                                info="the Coarse Feature Bank: what the diffusion methods are conditioned on "
+                                     "(Train tab, 'Reuse the bank'); the PatchCore detector built here scores "
+                                     "against its own memory, sized below")
+            bank_memory = gr.Slider(0.1, 10, value=1.0, step=0.1, label="PatchCore memory (% of all patches)",
+                                    elem_id="bank-memory",
+                                    info="the coreset of patch features each test patch is compared with: more "
+                                         "is slower and closer to keeping every patch")
             bank_size = gr.Dropdown([64, 128, 256, 320], value=256, label="Image size",
                                     elem_id="bank-image-size")
     with gr.Row():
@@ -58,18 +65,20 @@ def wire(c: AppController, ui: SimpleNamespace, bar: SimpleNamespace) -> None:
     browser_id, bank_timer, bank_jobs = ui.browser_id, ui.bank_timer, ui.bank_jobs
 
     def on_build(folder: str, zf: Optional[str], backbone: str, layers: list, xi: float, size: int,
-                 owner: str, progress: gr.Progress = gr.Progress()) -> list[Any]:
+                 memory: float, owner: str, progress: gr.Progress = gr.Progress()) -> list[Any]:
         try:
             if not owner:
                 raise UserError("the page is still starting; press Build bank again in a moment")
             name, summary, fig, msg = c.build_bank(
                 folder, zf, backbone, layers, int(xi), int(size),
-                progress=lambda d, n: progress((d, n), desc="building the bank"), owner=owner)
+                progress=lambda d, n: progress((d, n), desc="building the bank"), owner=owner,
+                memory_percent=float(memory))
             return [*model_choices(name), summary, fig, msg]
         except Exception as exc:
             return [gr.update()] * 5 + [error_text(exc)]
 
-    bank_build.click(on_build, [bank_folder, bank_zip, bank_backbone, bank_layers, bank_xi, bank_size, browser_id],
+    bank_build.click(on_build, [bank_folder, bank_zip, bank_backbone, bank_layers, bank_xi, bank_size, ui.bank_memory,
+                                browser_id],
                      [*choice_outputs, bank_summary, bank_plot, bank_msg], concurrency_limit=1,
                      concurrency_id="heavy", show_progress_on=[bank_msg])  # not over the model dropdowns
 
