@@ -10,16 +10,20 @@ own automation).
 from __future__ import annotations
 
 import os
+import threading
+import time
 import warnings
+import weakref
 from types import SimpleNamespace
 from typing import Any, Optional
 
 import gradio as gr
 
 from .controller import AppController
+from .paths import trim_file_cache
 from .state import SAMPLES_DIR, default_state_dir
 from .tabs import bank, evaluation, inspection, models, training
-from .tabs.common import INSPECT_CONCURRENCY
+from .tabs.common import INSPECT_CONCURRENCY, new_browser_id
 
 __all__ = ["CONCURRENCY_LIMIT", "INSPECT_CONCURRENCY", "MAX_FILE_SIZE", "QUEUE_MAX_SIZE", "build_app", "launch"]
 
@@ -28,6 +32,38 @@ CONCURRENCY_LIMIT = 2  # the default queue group; model calls have their own (IN
 # Waiting events (all groups) beyond this are refused with "queue full": generous for ~20-30 browser
 # sessions, each with at most an inspection, a threshold change and a timer tick pending.
 QUEUE_MAX_SIZE = 128
+
+CACHE_MAX_AGE_S = 24 * 3600  # Gradio's cached uploads / served files older than this are removed hourly
+
+
+def start_cache_janitor(demo: gr.Blocks, max_bytes: Optional[int] = None, every_s: Optional[float] = None,
+                        grace_s: Optional[float] = None) -> threading.Thread:
+    """A daemon thread that keeps ``demo``'s Gradio file cache (every upload and every file it
+    served, :func:`app.paths.trim_file_cache`) under ``max_bytes`` (``$CCAD_APP_UPLOAD_CACHE_MB``,
+    default 1024 MB), oldest first, checked every ``every_s`` seconds (``$CCAD_APP_CACHE_CHECK_S``,
+    default 30); files younger than ``grace_s`` (``$CCAD_APP_CACHE_GRACE_S``, default 120) stay."""
+    env = os.environ.get
+    budget = int(max_bytes if max_bytes is not None else float(env("CCAD_APP_UPLOAD_CACHE_MB", "1024")) * 1024**2)
+    every = float(every_s if every_s is not None else env("CCAD_APP_CACHE_CHECK_S", "30"))
+    grace = float(grace_s if grace_s is not None else env("CCAD_APP_CACHE_GRACE_S", "120"))
+    ref = weakref.ref(demo)
+
+    def loop() -> None:
+        while True:
+            time.sleep(every)
+            blocks = ref()
+            if blocks is None:
+                return
+            try:
+                trim_file_cache(list(blocks.temp_file_sets), budget, grace)
+            except Exception:  # noqa: BLE001 - a clean-up never takes the server down
+                pass
+            del blocks
+
+    thread = threading.Thread(target=loop, name="ccad-cache-janitor", daemon=True)
+    thread.start()
+    return thread
+
 
 # (title, id, module): the tabs before DAGM review; element id ``tab-<id>``
 TABS = (("Inspect", "inspect", inspection), ("Feature bank", "bank", bank), ("Train", "train", training),
@@ -75,13 +111,19 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
     with warnings.catch_warnings():
         # Gradio 6 prefers these in launch(); given here they also apply to a plain demo.launch() (Spaces)
         warnings.simplefilter("ignore", UserWarning)
-        demo = gr.Blocks(title="ccad anomaly inspection", theme=gr.themes.Soft(), css=CSS, js=review_js)
+        # Gradio's own clean-up of its file cache (uploads, served files): hourly, files older than
+        # CACHE_MAX_AGE_S, and everything when the server stops; the byte budget: start_cache_janitor
+        demo = gr.Blocks(title="ccad anomaly inspection", theme=gr.themes.Soft(), css=CSS, js=review_js,
+                         delete_cache=(3600, CACHE_MAX_AGE_S))
 
     with demo:
         gr.Markdown("# ccad · visual anomaly inspection\nLearn *good* from good images; flag what differs. "
                     "Diffusion detectors (CCAD V/C/F, DeCo-Diff, D3AD, GLAD) and a PatchCore baseline, trained here.")
         parts = [models.layout(c)]
         batch_state = gr.State(None)
+        # this browser's id (its local storage, so it survives a reload): jobs belong to the browser
+        # that started them; other sessions see them read-only
+        browser_id = gr.BrowserState("", storage_key="ccad-browser-id")
 
         with gr.Tabs(elem_id="tabs"):
             for title, tab_id, tab in TABS:
@@ -91,7 +133,8 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
                 _mount_review(review_builder, review_error, c)
 
         # every component by name (a name used twice is a TypeError here), then each tab's events
-        ui = SimpleNamespace(batch_state=batch_state, **{k: v for p in parts for k, v in vars(p).items()})
+        ui = SimpleNamespace(batch_state=batch_state, browser_id=browser_id,
+                             **{k: v for p in parts for k, v in vars(p).items()})
         ins = inspection.wire(c, ui)
         bar = models.wire(c, ui, ins)
         bank.wire(c, ui, bar)
@@ -102,6 +145,10 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
             return bar.model_choices(selected)
 
         demo.load(on_load, [ui.model_dd], bar.choice_outputs)
+        demo.load(new_browser_id, [browser_id], [browser_id])
+        # the line under the model list says how the page's model in use was loaded (never a stale line)
+        demo.load(lambda sel: c.model_status_line(sel if sel in c.registry.names() else c.registry.active),
+                  [ui.model_dd], [ui.model_status])
 
     demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=QUEUE_MAX_SIZE)
     demo.ccad_controller = c  # type: ignore[attr-defined]
@@ -121,5 +168,9 @@ def launch(host: str = "127.0.0.1", port: int = 7860, data_root: str | os.PathLi
     if controller is not None:  # the Inspect tab's downloads are written there (the state folder is
         allowed.append(str(controller.state_dir / "downloads"))  # neither the temp folder nor the cwd)
     allowed += list(launch_kwargs.pop("allowed_paths", None) or [])
+    if controller is not None:
+        print(f"ccad app: serving the folders under {controller.data_root} (--data-root); its state (runs, "
+              f"uploads being read, downloads) goes to {controller.state_dir}", flush=True)
+    start_cache_janitor(demo)
     return demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE,
                        allowed_paths=allowed, **launch_kwargs)

@@ -173,3 +173,64 @@ def remove_stale(parent: str | os.PathLike, older_than_s: float = 3600.0) -> int
         except OSError:
             continue
     return n
+
+
+def keep_newest(parent: str | os.PathLike, prefix: str, keep: int) -> int:
+    """Remove all but the ``keep`` newest folders named ``prefix*`` under ``parent`` (what one
+    request writes and Gradio has already copied into its own cache, e.g. the Inspect tab's
+    ``dl-*`` downloads); returns how many were removed."""
+    p = Path(parent)
+    if not p.is_dir():
+        return 0
+    found = []
+    for child in p.iterdir():
+        try:
+            if child.name.startswith(prefix) and child.is_dir() and not child.is_symlink():
+                found.append((child.stat().st_mtime, child.name, child))
+        except OSError:
+            continue
+    found.sort(reverse=True)
+    for _, _, child in found[max(0, int(keep)):]:
+        shutil.rmtree(child, ignore_errors=True)
+    return max(0, len(found) - max(0, int(keep)))
+
+
+UPLOAD_CACHE_BYTES = int(float(os.environ.get("CCAD_APP_UPLOAD_CACHE_MB", "1024")) * 1024**2)
+
+
+def trim_file_cache(files: "set[str] | list[set[str]]", max_bytes: int = UPLOAD_CACHE_BYTES,
+                    grace_s: float = 120.0) -> int:
+    """Bound Gradio's file cache of one app (its uploads and the files it served: the
+    ``Blocks.temp_file_sets``) to ``max_bytes``: the oldest files are removed first (and their
+    folders when they are left empty) until the rest fits; a file younger than ``grace_s`` is
+    kept (a request may be reading it). Returns the bytes removed. Only files Gradio recorded for
+    this app are touched; each removed name leaves its set (a name not on disk yet stays in it)."""
+    sets = files if isinstance(files, list) else [files]
+    seen: dict[str, tuple[float, int]] = {}
+    for s in sets:
+        for name in list(s):
+            try:
+                st = os.lstat(name)
+            except OSError:  # not there (yet: Gradio moves an upload into place after answering)
+                continue
+            seen[name] = (st.st_ctime, st.st_size)
+    total = sum(size for _, size in seen.values())
+    removed, now = 0, time.time()
+    for name, (ctime, size) in sorted(seen.items(), key=lambda kv: kv[1][0]):
+        if total <= max_bytes or now - ctime < grace_s:
+            break
+        try:
+            os.remove(name)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            continue
+        for s in sets:
+            s.discard(name)
+        total -= size
+        removed += size
+        try:
+            os.rmdir(os.path.dirname(name))  # Gradio keeps each file in its own hash folder
+        except OSError:
+            pass
+    return removed

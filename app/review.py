@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import threading
 import zipfile
@@ -36,6 +37,7 @@ AUTO = "auto: the model in use if built on this class, else a PatchCore built on
 IN_USE = "the model in use"
 PER_CLASS_MAX_SIZE = 256
 PER_CLASS_BANK = 64
+EXPORTS_KEPT = 4  # the last review export zips of this server kept on disk (older ones are removed)
 PER_CLASS_MAX_IMAGES = 32  # a DAGM class has ~1000 good Train images: an even spread of 32 is plenty
 #: What the per-class bank was built from, by :func:`ccad.relabel.class_normal_images` source.
 _SOURCE_WORDS = {"good Train images": "good image(s)", "good Test images": "good Test image(s)",
@@ -130,6 +132,7 @@ class ReviewUI:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._sessions: dict[str, ReviewSession] = {}
         self._lock = threading.RLock()
+        self._exports: list[Path] = []  # this server's export folders, the last EXPORTS_KEPT kept
 
     # -- sessions ----------------------------------------------------------------------------
     def store_for(self, folder: Path) -> Path:
@@ -428,6 +431,11 @@ class ReviewUI:
                 if p.is_file():
                     zf.write(p, p.relative_to(out_root).as_posix())
         n_masks = sum(1 for _ in folder.rglob("*.png"))
+        shutil.rmtree(folder, ignore_errors=True)  # the zip holds it all
+        with self._lock:  # bounded: the last EXPORTS_KEPT export zips of this server stay downloadable
+            self._exports.append(out_root)
+            while len(self._exports) > EXPORTS_KEPT:
+                shutil.rmtree(self._exports.pop(0), ignore_errors=True)
         using = ""
         if len(sess):
             try:  # keep the model that makes the proposals named on screen

@@ -20,6 +20,7 @@ from . import __version__
 from .config import ConfigError
 from .detector_config import DetectorConfig
 from .errors import CheckpointError
+from .folder_files import bundled_config, check_folder_links, confine_config_paths
 from .methods import Context, get_method
 from .scoring.threshold import Calibration
 
@@ -55,7 +56,8 @@ def write_folder(detector: Any, save_directory: str | Path) -> None:
             raise ValueError(f"{save_directory}: not saved: the calibration is not usable ({exc}); "
                              f"re-calibrate on readable good images") from None
     save_directory.mkdir(parents=True, exist_ok=True)
-    detector.config.save(save_directory / FILES["config"])
+    # a weights file the config names is kept in the folder (weights/), named relative to it
+    bundled_config(detector.config, save_directory).save(save_directory / FILES["config"])
     if detector.bank is not None:
         detector.bank.save(save_directory)
     detector.method.save(save_directory)
@@ -88,6 +90,9 @@ def read_folder(path: str | Path, device: Any = None) -> dict[str, Any]:
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
     mcls = get_method(config.variant)
+    # the folder's files only: no config path or link out of it is ever opened (issue 20 item 7)
+    confine_config_paths(config, path)
+    check_folder_links(path)
     check_weight_files(path)  # a truncated or corrupted safetensors file is named before anything is built
     bank = None
     if (path / "bank.safetensors").is_file():
@@ -95,6 +100,8 @@ def read_folder(path: str | Path, device: Any = None) -> dict[str, Any]:
             bank = FeatureBank.load(path)
         except Exception as exc:  # noqa: BLE001 - any reader error is a checkpoint problem
             raise CheckpointError(f"{path}: cannot read the feature bank ({exc})") from None
+        if isinstance(bank.meta.get("weights"), str) and Path(bank.meta["weights"]).exists():
+            bank.meta["weights"] = config.bank.weights  # the confined file, never bank.json's own path
     elif mcls.uses_bank:
         raise CheckpointError(f"{path}: a {config.variant} detector needs its feature bank (bank.safetensors)")
     dev = torch.device(device) if device is not None else default_device()

@@ -260,3 +260,57 @@ def test_resumed_latent_job_continues_curve_preview_and_name(root: Path, tmp_pat
     assert c.registry.names() == [name] and st["model_name"] == name
     assert c.registry.detector(name).info["train_steps"] == 3
     assert all(math.isfinite(v) for _, v in st["losses"])
+
+
+def test_paths_typed_in_the_train_tab_are_confined_to_the_data_root(root: Path, tmp_path: Path,
+                                                                     offline: Path) -> None:
+    """Issue 20 item 7: the Autoencoder box (and any path-valued advanced option) is confined to the
+    data root like the folder boxes: a folder outside it, a missing one, ``..`` and a symlink out are
+    refused before anything is read or started; a relative path means a folder inside the root; a
+    Hub id cached offline stays allowed."""
+    _synth(root)
+    outside = _taef2_folder(tmp_path / "outside" / "taef2")  # a real TAEF2 folder, outside the root
+    inside = _taef2_folder(root / "weights" / "taef2")
+    (root / "link").symlink_to(outside, target_is_directory=True)
+    started: list[dict[str, Any]] = []
+    c = _ctl(root, tmp_path, offline, train=lambda *a, **k: started.append(k))
+
+    def start(**kw: Any) -> str:
+        return c.start_training("synth/fibrous", None, None, "tiny", 32, 2, 2, **kw)
+
+    for spec in (f"taef2:{outside}", "taef2:/etc", "taef2:/nonexistent", f"taef2:{root}/../outside/taef2",
+                 "taef2:link", str(outside)):
+        with pytest.raises(UserError, match="outside the allowed data root|'..' is not allowed|does not exist"):
+            start(variant="deco-diff", autoencoder=spec)
+        with pytest.raises(UserError, match="outside the allowed data root|'..' is not allowed|does not exist"):
+            start(variant="deco-diff", options=f"autoencoder={spec}")  # the options box too
+    with pytest.raises(UserError, match="outside the allowed data root"):
+        start(variant="glad", options=f"feature_weights={outside / 'taef2_encoder.pth'}")
+    with pytest.raises(UserError, match="outside the allowed data root"):
+        start(variant="ccad-c", autoencoder="taef2:random", options=f"pretrained_unet={tmp_path / 'outside'}")
+    time.sleep(0.2)
+    assert c.jobs.snapshot() is None and started == []
+    # a relative folder is read inside the data root, whatever the server's working directory is
+    assert "Started" in start(variant="deco-diff", autoencoder="taef2:weights/taef2")
+    c.jobs.join(30)
+    assert started[-1]["method"].autoencoder == f"taef2:{inside.resolve()}"
+    # a Hub id in the local Hub cache stays allowed
+    _cache_repo(offline, "madebyollin/taesd")
+    assert "Started" in start(variant="deco-diff", autoencoder="tiny:madebyollin/taesd")
+    c.jobs.join(30)
+    assert started[-1]["method"].autoencoder == "tiny:madebyollin/taesd"
+
+
+def test_the_hub_box_never_loads_a_server_folder(root: Path, tmp_path: Path, offline: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 'Hub id' that names a folder relative to the server's working directory is not loaded from
+    there (it would bypass the data root)."""
+    from ccad import fit_detector  # noqa: F401 - a real saved model in the server's working directory
+
+    work = tmp_path / "cwd"
+    (work / "models" / "m").mkdir(parents=True)
+    (work / "models" / "m" / "config.json").write_text("{}")
+    monkeypatch.chdir(work)
+    c = _ctl(root, tmp_path, offline)
+    with pytest.raises(UserError, match="folder on the server.*folder box"):
+        c.load_from_hub("models/m", None)

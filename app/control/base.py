@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..engine import Engine
-from ..errors import UserError
+from ..errors import UserError, register_private_root
 from ..hub import hub_reachable
 from ..jobs import JobManager
 from ..paths import PathError, count_images, extracted_zip, remove_stale, resolve_in_root, safe_extract_zip
@@ -28,6 +29,7 @@ class ControllerBase:
         self.data_root = Path(data_root).expanduser().resolve()
         self.state_dir = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="ccad-app-"))
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        register_private_root(self.state_dir)  # its paths (uploads, runs) never reach the page
         # uploaded zips are extracted into per-request folders here, removed when the request is done
         self.uploads_dir = self.state_dir / "uploads"
         remove_stale(self.uploads_dir)
@@ -39,10 +41,13 @@ class ControllerBase:
         self.samples_dir = Path(samples_dir) if samples_dir else None
         self.demo_dir = Path(demo_dir) if demo_dir else None
         self.startup_message = ""
+        self._model_lines: dict[str, str] = {}  # model name -> how it was loaded (model_status_line)
         self._last_train: Optional[dict[str, Any]] = None
         self.hub_probe: Callable[[], bool] = hub_reachable
         self.hub_cache_dir: Optional[str] = None  # the local Hub cache (None: huggingface_hub's default)
         self._hub_seen: Optional[tuple[float, bool]] = None
+        self._bank_jobs: dict[Optional[str], dict[str, Any]] = {}  # browser id -> its running / last bank build
+        self._bank_lock = threading.Lock()
 
 
     def _detector(self, name: Optional[str]) -> Any:

@@ -16,9 +16,11 @@ import numpy as np
 from .. import views
 from ..batch import Batch, domain_text, name_list, relative_name, seconds_text, to_uint8, unique_names, verdict_text
 from ..engine import ProgressFn
-from ..errors import UserError
-from ..paths import PathError, extracted_zip, remove_stale
+from ..errors import UserError, hide_paths
+from ..paths import PathError, extracted_zip, keep_newest, remove_stale
 from .base import ControllerBase
+
+DOWNLOADS_KEPT = 8  # the Inspect tab's last download folders (dl-*) kept on disk
 
 
 class InspectMixin(ControllerBase):
@@ -74,8 +76,9 @@ class InspectMixin(ControllerBase):
             try:
                 preds, errors = det.predict_many(paths, batch_size=4, on_error="skip", progress=progress)
             except Exception as exc:
-                raise UserError(f"the model failed on this batch ({type(exc).__name__}: {exc})") from None
-        errors = skipped + [(shown.get(p, Path(p).name), msg) for p, msg in errors]
+                raise UserError(f"the model failed on this batch ({type(exc).__name__}: "
+                                f"{hide_paths(str(exc), shown)})") from None
+        errors = skipped + [(shown.get(p, Path(p).name), hide_paths(msg, shown)) for p, msg in errors]
         if not preds:
             raise UserError("no readable image: " + "; ".join(f"{n}: {m}" for n, m in errors[:5]))
         names = unique_names([shown.get(str(p.path), Path(p.path).name) if p.path else f"image {i}"
@@ -305,7 +308,10 @@ class InspectMixin(ControllerBase):
         from PIL import Image
 
         dl_root = self.state_dir / "downloads"
-        remove_stale(dl_root)  # Gradio serves its own copy of what it was given; old folders only take space
+        # Gradio serves its own copy of what it was given (its cache, bounded by the app's janitor): the
+        # folders here only take space; keep the last few (and none over an hour old)
+        remove_stale(dl_root)
+        keep_newest(dl_root, "dl-", DOWNLOADS_KEPT - 1)
         dl_root.mkdir(parents=True, exist_ok=True)
         out = Path(tempfile.mkdtemp(prefix="dl-", dir=dl_root))
         preds = batch.at(threshold)

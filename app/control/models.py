@@ -46,8 +46,26 @@ class ModelsMixin(ControllerBase):
                                     "Build a detector in the Feature bank tab or load another model.")
             return self.startup_message
         name = self.registry.add(f"demo ({det.variant})", det, "bundled demo model", folder=str(self.demo_dir))
-        self.startup_message = f"Loaded the bundled demo model: {name}."
+        self.startup_message = self._said(name, f"Loaded the bundled demo model: {name}.")
         return self.startup_message
+
+    def _said(self, name: str, line: str) -> str:
+        """Remember ``line`` (how model ``name`` was loaded) for :meth:`model_status_line`."""
+        self._model_lines[name] = line
+        return line
+
+    def model_status_line(self, name: Optional[str]) -> str:
+        """The line under the model list: how the model in use (``name``) was loaded, never the
+        line of another model (the demo's "Loaded the bundled demo model" goes when it is not in use);
+        a startup problem (no demo, a demo that would not load) while no model is in use."""
+        if name and name in self._model_lines:
+            return self._model_lines[name]
+        entry = self.registry.get(name) if name else None
+        if entry is not None:  # built or trained in this app: its source says how
+            return f"Model in use: {entry.name} ({entry.source})."
+        if not name and self.startup_message and not self._model_lines:
+            return self.startup_message
+        return ""
 
     def _load_path(self, path: Path, how: str) -> tuple[str, str]:
         try:
@@ -55,7 +73,7 @@ class ModelsMixin(ControllerBase):
         except Exception as exc:
             raise UserError(f"{path.name or path}: not a loadable ccad model ({exc})") from None
         name = self.registry.add(f"{path.name} ({det.variant})", det, f"{how} {path}", folder=str(path))
-        return name, f"Loaded {name} from {how} {path}."
+        return name, self._said(name, f"Loaded {name} from {how} {path}.")
 
     def load_from_folder(self, folder: str) -> tuple[str, str]:
         """Load a saved model folder (confined to the data root)."""
@@ -107,7 +125,7 @@ class ModelsMixin(ControllerBase):
         except PathError as exc:
             raise UserError(str(exc)) from None
         name = self.registry.add(f"{Path(label).stem} ({det.variant})", det, f"zip {label}")
-        return name, f"Loaded {name} from the uploaded zip {label}."
+        return name, self._said(name, f"Loaded {name} from the uploaded zip {label}.")
 
     def load_from_hub(self, repo_id: str, revision: Optional[str]) -> tuple[str, str]:
         """Download and load a model from the Hugging Face Hub; offline says so clearly."""
@@ -121,6 +139,9 @@ class ModelsMixin(ControllerBase):
             validate_repo_id(repo_id)
         except Exception as exc:
             raise UserError(f"{repo_id!r} is not a valid Hub repo id ({exc})") from None
+        if Path(repo_id).expanduser().exists():  # the loader would read it as a server folder, outside the root
+            raise UserError(f"{repo_id!r} names a folder on the server, not a Hub repo: load server folders with "
+                            "the folder box (inside the data root)")
         online = self.hub_probe()
         try:
             if online:
@@ -139,7 +160,7 @@ class ModelsMixin(ControllerBase):
             raise UserError(f"{repo_id}: could not load ({type(exc).__name__}: {exc})") from None
         tag = f"{repo_id}@{revision}" if revision else repo_id
         name = self.registry.add(f"{tag} ({det.variant})", det, f"hub {tag}")
-        return name, f"Loaded {name} from the Hugging Face Hub."
+        return name, self._said(name, f"Loaded {name} from the Hugging Face Hub.")
 
     def _card(self, name: Optional[str]) -> tuple[Any, Any, str]:
         """``(registry entry, its card, "")`` of model ``name``; ``(None, None, "")`` when it is not
@@ -183,7 +204,8 @@ class ModelsMixin(ControllerBase):
         hi = float(f"{hi:.3g}")
         lo = float(f"{lo:.3g}")
         step = float(f"{(hi - lo) / 1000:.2g}") if hi > lo else 0.001
-        return {"value": thr, "minimum": lo, "maximum": max(hi, thr), "step": step}
+        thr = float(f"{thr:.6g}")  # shown rounded (6 significant digits); the verdicts use this value
+        return {"value": thr, "minimum": min(lo, thr), "maximum": max(hi, thr), "step": step}
 
     def false_alarm_text(self, name: Optional[str], threshold: Optional[float]) -> str:
         det = self.registry.detector(name) if name else None

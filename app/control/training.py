@@ -12,9 +12,9 @@ import numpy as np
 from .. import views
 from ..batch import left_out_files, name_list, to_uint8
 from ..engine import cuda_available, train_config
-from ..errors import UserError
+from ..errors import UserError, hide_paths
 from ..forms import DEFAULT_VARIANT, default_variant, method_class, method_config, method_info
-from ..jobs import FAILED, STOPPED, JobBusy, JobHandle
+from ..jobs import FAILED, RUNNING, STOPPED, JobBusy, JobHandle
 from .base import ControllerBase
 
 CPU_PRESET = "tiny"
@@ -81,8 +81,55 @@ class TrainingMixin(ControllerBase):
                     "in the local Hub cache). ")
         return {"visible": True, "value": value, "offline": offline, "info": head + AUTOENCODER_HINT}
 
+    def _local_or_hub(self, target: str, field: str, kind: str = "any") -> str:
+        """``target`` as a browser user typed it (a path or a Hub id) made safe:
+        a path is resolved inside the data root (relative paths from the root; ``..``, a missing
+        path and anything outside, symlinks included, are a :class:`UserError` naming ``field``); a
+        Hub id is kept when no such folder exists under the root, and refused when it would be
+        read as a folder relative to the server's working directory (the loaders try a path first)."""
+        from ccad.models.autoencoder_load import _looks_like_hub_id
+
+        text = target.strip()
+        if _looks_like_hub_id(text) and not (self.data_root / text).exists():
+            if Path(text).exists() and not Path(text).resolve().is_relative_to(self.data_root):
+                raise UserError(f"{field} {text!r} names a folder on the server outside the data root; give a "
+                                f"folder inside the data root {self.data_root} or a Hub id")
+            return text
+        try:
+            return str(self._in_root(text, kind=kind))
+        except UserError as exc:
+            raise UserError(f"{field}: {exc}. Nothing was started.") from None
+
+    def _confine_method_paths(self, cfg: Any) -> None:
+        """Confine every path a browser user can type into the method's config to the data root, in
+        place (issue 20 item 7): the autoencoder spec's path part (``kind:path``; a bare path is a
+        saved autoencoder folder; ``kind:random`` and Hub ids stay), ``pretrained_unet`` (a folder or
+        a Hub id) and ``feature_weights`` (a file). Relative paths are read from the data root."""
+        spec = getattr(cfg, "autoencoder", None)
+        if isinstance(spec, str) and spec.strip():
+            ae_kind, sep, target = spec.strip().partition(":")
+            if not sep:
+                cfg.autoencoder = str(self._root_path(spec, "Autoencoder", kind="any"))
+            elif target.strip() and target.strip().lower() != "random":
+                cfg.autoencoder = f"{ae_kind}:{self._local_or_hub(target, 'Autoencoder')}"
+        unet = getattr(cfg, "pretrained_unet", None)
+        if isinstance(unet, str) and unet.strip():
+            cfg.pretrained_unet = self._local_or_hub(unet, "pretrained_unet", kind="folder")
+        weights = getattr(cfg, "feature_weights", None)
+        if isinstance(weights, str) and weights.strip():
+            cfg.feature_weights = str(self._root_path(weights, "feature_weights", kind="file"))
+
+    def _root_path(self, text: str, field: str, kind: str = "folder") -> Path:
+        """A path (never a Hub id) inside the data root, or a :class:`UserError` naming ``field``."""
+        try:
+            return self._in_root(text.strip(), kind=kind)
+        except UserError as exc:
+            raise UserError(f"{field}: {exc}. Nothing was started.") from None
+
     def _check_autoencoder(self, variant: str, cfg: Any) -> None:
-        """A :class:`UserError` naming the Autoencoder field when its spec would not load here."""
+        """A :class:`UserError` naming the Autoencoder field when its spec would not load here
+        (after its path is confined to the data root, :meth:`_confine_method_paths`)."""
+        self._confine_method_paths(cfg)
         spec = getattr(cfg, "autoencoder", None)
         if spec is None:
             return
@@ -114,8 +161,13 @@ class TrainingMixin(ControllerBase):
     def start_training(self, folder: Optional[str], zip_file: Optional[str], bank_model: Optional[str],
                        preset: str, image_size: int, steps: int, batch_size: int, preview_every: int = 50,
                        resume: bool = False, variant: str = DEFAULT_VARIANT, options: Optional[str] = None,
-                       autoencoder: Optional[str] = None, fuse_bank: bool = False) -> str:
+                       autoencoder: Optional[str] = None, fuse_bank: bool = False,
+                       owner: Optional[str] = None) -> str:
         """Start training a detector of ``variant`` in the background job manager (one job per server).
+
+        ``owner`` is the browser session starting it (:data:`app.tabs.common` ``browser id``): the job
+        belongs to it; other sessions see it read-only (they can neither stop nor resume it). None
+        (a caller that is no browser session: tests, scripts) owns every job.
 
         ``options`` are ``KEY=VALUE`` lines for the method's config and ``autoencoder`` its
         autoencoder spec (methods with that field); both are validated before anything starts.
@@ -132,6 +184,9 @@ class TrainingMixin(ControllerBase):
             last = self._last_train
             if last is None:
                 raise UserError("nothing to resume: no stopped training job on this server")
+            if not self._owns(owner, last.get("owner")):
+                raise UserError("The stopped job was started in another browser session: only that session can "
+                                "resume it. Start a new job instead.")
             params = dict(last, resume=True)
         else:
             variant = variant or DEFAULT_VARIANT
@@ -139,7 +194,8 @@ class TrainingMixin(ControllerBase):
             if not mcls.trainable:
                 raise UserError(f"{mcls.title or variant} is not trained (it is fitted): build it in the "
                                 "Feature bank tab")
-            # refuse a bad option, or an autoencoder that would not load, before anything starts
+            # refuse a bad option, a path outside the data root, or an autoencoder that would not load,
+            # before anything starts
             self._check_autoencoder(variant, method_config(variant, preset, options, autoencoder))
             path = self._data_folder(folder, zip_file)
             bank = None
@@ -158,11 +214,10 @@ class TrainingMixin(ControllerBase):
                       "preview_every": min(max(1, int(preview_every)), int(steps)), "resume": False,
                       "variant": variant,
                       "options": options or "", "autoencoder": (autoencoder or "").strip(),
-                      "fuse_bank": bool(fuse_bank)}
+                      "fuse_bank": bool(fuse_bank), "owner": owner}
         # the typed config, rebuilt from the recipe (a resumed job gets a fresh copy of the same config)
         method_cfg = method_config(params["variant"], params["preset"], params["options"], params["autoencoder"])
-        if resume:
-            self._check_autoencoder(params["variant"], method_cfg)
+        self._check_autoencoder(params["variant"], method_cfg)  # confines its paths (what the job reads)
         self._last_train = dict(params, resume=False)
         train_fn = self.engine.train
         last = self.jobs.snapshot() if resume else None
@@ -248,24 +303,40 @@ class TrainingMixin(ControllerBase):
                 continue
         raise UserError(f"{runs}: could not make a new run folder")
 
-    def stop_training(self) -> str:
+    @staticmethod
+    def _owns(owner: Optional[str], job_owner: Optional[str]) -> bool:
+        """Whether the session ``owner`` may stop / resume a job started by ``job_owner`` (None on
+        either side: not a browser session, e.g. a script or a test, which owns every job)."""
+        return owner is None or job_owner is None or owner == job_owner
+
+    def stop_training(self, owner: Optional[str] = None) -> str:
+        """Ask the running job to stop, if it belongs to the session ``owner`` (see :meth:`start_training`)."""
+        snap = self.jobs.snapshot()
+        if snap is not None and self.jobs.busy() and not self._owns(owner, snap["params"].get("owner")):
+            return (f"Job {snap['id']} was started in another browser session: it is shown here read-only; "
+                    "only that session can stop it.")
         if self.jobs.stop():
             return "Stop requested: the job finishes its current step and saves a resumable checkpoint."
         return "No training job is running."
 
-    def training_status(self) -> dict[str, Any]:
-        """What the Train tab shows; identical for every tab and reload (server-side job)."""
+    def training_status(self, owner: Optional[str] = None) -> dict[str, Any]:
+        """What the Train tab shows; the same job for every tab and reload (server-side job); ``mine``
+        says whether the session ``owner`` may stop / resume it (else it is shown read-only)."""
         snap = self.jobs.snapshot()
         if snap is None:
             return {"status": "No training job has run on this server yet.", "progress": "", "losses": [],
-                    "preview": None, "state": "idle", "model_name": None, "can_resume": False}
+                    "preview": None, "state": "idle", "model_name": None, "can_resume": False, "mine": True}
+        mine = self._owns(owner, snap["params"].get("owner"))
         total = snap["total_steps"] or 0
         pct = f" ({100.0 * snap['step'] / total:.0f} %)" if total else ""
         loss = f"{snap['loss']:.4f}" if math.isfinite(snap["loss"]) else "-"
         progress = (f"step {snap['step']}/{total}{pct} · epoch {snap['epoch']} · loss "
-                    f"{loss} · elapsed {views.format_seconds(snap['elapsed'])} · ETA "
-                    f"{views.format_seconds(snap['eta_seconds'])}")
-        status = f"Job {snap['id']}: {snap['state']} - {snap['message']}"
+                    f"{loss} · elapsed {views.format_seconds(snap['elapsed'])}")
+        if snap["state"] == RUNNING:  # a stopped, failed or finished job has no time left
+            progress += f" · ETA {views.format_seconds(snap['eta_seconds'])}"
+        status = f"Job {snap['id']}: {snap['state']} - {hide_paths(snap['message'])}"
+        if not mine:
+            status += " (started in another browser session: read-only here)"
         if snap["params"].get("model_name"):
             status += f". Model loaded as '{snap['params']['model_name']}' (pick it in the model list)."
         skipped = snap["params"].get("skipped") or []
@@ -273,4 +344,5 @@ class TrainingMixin(ControllerBase):
             status += f" Left out {len(skipped)} file(s) of the data: {name_list(skipped)}."
         return {"status": status, "progress": progress, "losses": snap["losses"], "preview": snap["preview"],
                 "state": snap["state"], "model_name": snap["params"].get("model_name"),
-                "can_resume": snap["state"] in (STOPPED, FAILED) and self._last_train is not None}
+                "can_resume": mine and snap["state"] in (STOPPED, FAILED) and self._last_train is not None,
+                "mine": mine}

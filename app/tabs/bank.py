@@ -1,13 +1,13 @@
 """The Feature bank tab: build a bank (a PatchCore detector) from good images, see and save it."""
 from __future__ import annotations
 
-import threading
 from types import SimpleNamespace
 from typing import Any, Optional
 
 import gradio as gr
 
 from ..controller import AppController
+from ..errors import UserError
 from .common import blocks, error_text, good_images_inputs
 
 BACKBONES = ["tf_efficientnet_lite0", "tf_efficientnet_lite2", "wide_resnet50_2"]
@@ -26,13 +26,22 @@ def layout(c: AppController) -> SimpleNamespace:
                                         elem_id="bank-backbone")
             bank_layers = gr.CheckboxGroup([1, 2, 3, 4], value=[2, 3], label="Layers",
                                            elem_id="bank-layers")
-            bank_xi = gr.Slider(10, 1000, value=200, step=10, label="Bank size xi", elem_id="bank-xi")
+            bank_xi = gr.Slider(10, 1000, value=200, step=10, label="Bank size xi", elem_id="bank-xi",
+                                info="the Coarse Feature Bank: what the diffusion methods are conditioned on "
+                                     "(Train tab, 'Reuse the bank'); the PatchCore detector built here scores "
+                                     "against its own memory, sized below")
+            bank_memory = gr.Slider(0.1, 10, value=1.0, step=0.1, label="PatchCore memory (% of all patches)",
+                                    elem_id="bank-memory",
+                                    info="the coreset of patch features each test patch is compared with: more "
+                                         "is slower and closer to keeping every patch")
             bank_size = gr.Dropdown([64, 128, 256, 320], value=256, label="Image size",
                                     elem_id="bank-image-size")
     with gr.Row():
         bank_build = gr.Button("Build bank", variant="primary", elem_id="bank-build")
         bank_cancel = gr.Button("Cancel", elem_id="bank-cancel")
     bank_msg = gr.Markdown("", elem_id="bank-status")
+    bank_jobs = gr.Markdown("", elem_id="bank-jobs")  # this browser's build, listed after a reload too
+    bank_timer = gr.Timer(1.5, active=True)  # a tab's own timer: Gradio mounts a tab's contents when it is opened
     with gr.Row():
         bank_summary = gr.JSON(label="Bank summary", elem_id="bank-summary")
         bank_plot = gr.Plot(label="Bank vs all patch features (PCA)", elem_id="bank-plot")
@@ -53,33 +62,31 @@ def wire(c: AppController, ui: SimpleNamespace, bar: SimpleNamespace) -> None:
     model_dd, save_btn, save_msg, save_path = ui.model_dd, ui.save_btn, ui.save_msg, ui.save_path
     save_what = ui.save_what
     choice_outputs, model_choices = bar.choice_outputs, bar.model_choices
-    cancel_flags: dict[str, threading.Event] = {}
+    browser_id, bank_timer, bank_jobs = ui.browser_id, ui.bank_timer, ui.bank_jobs
 
     def on_build(folder: str, zf: Optional[str], backbone: str, layers: list, xi: float, size: int,
-                 request: gr.Request, progress: gr.Progress = gr.Progress()) -> list[Any]:
-        key = getattr(request, "session_hash", None) or "default"
-        flag = cancel_flags.setdefault(key, threading.Event())
-        flag.clear()
+                 memory: float, owner: str, progress: gr.Progress = gr.Progress()) -> list[Any]:
         try:
+            if not owner:
+                raise UserError("the page is still starting; press Build bank again in a moment")
             name, summary, fig, msg = c.build_bank(
                 folder, zf, backbone, layers, int(xi), int(size),
-                progress=lambda d, n: progress((d, n), desc="building the bank"), cancel=flag.is_set)
+                progress=lambda d, n: progress((d, n), desc="building the bank"), owner=owner,
+                memory_percent=float(memory))
             return [*model_choices(name), summary, fig, msg]
         except Exception as exc:
             return [gr.update()] * 5 + [error_text(exc)]
 
-    bank_build.click(on_build, [bank_folder, bank_zip, bank_backbone, bank_layers, bank_xi, bank_size],
+    bank_build.click(on_build, [bank_folder, bank_zip, bank_backbone, bank_layers, bank_xi, bank_size, ui.bank_memory,
+                                browser_id],
                      [*choice_outputs, bank_summary, bank_plot, bank_msg], concurrency_limit=1,
                      concurrency_id="heavy", show_progress_on=[bank_msg])  # not over the model dropdowns
 
-    def on_cancel(request: gr.Request) -> str:
-        key = getattr(request, "session_hash", None) or "default"
-        if key in cancel_flags:
-            cancel_flags[key].set()
-            return "Cancelling the bank build..."
-        return "No bank build is running."
-
-    bank_cancel.click(on_cancel, None, [bank_msg])
+    # the build is the server's, listed per browser: a reload still shows it and can cancel it
+    bank_cancel.click(lambda owner: c.cancel_bank(owner or None) if owner else "No bank build is running.",
+                      [browser_id], [bank_jobs])
+    bank_timer.tick(lambda owner: c.bank_jobs_text(owner or None) if owner else gr.update(), [browser_id],
+                    [bank_jobs], show_progress="hidden")
 
     def on_save(name: str, dest: str, what: str) -> str:
         try:

@@ -10,7 +10,7 @@ import gradio as gr
 from ..batch import AGREE_HEADER, TABLE_HEADERS, Batch
 from ..controller import AppController
 from ..errors import UserError
-from .common import INSPECT_CONCURRENCY, blocks, error_text
+from .common import INSPECT_CONCURRENCY, blocks, error_text, threshold_slider, widened_range
 
 PANEL_HEIGHT = 300
 TABLE_TYPES = ["number", "str", "number", "str", "str", "str"]
@@ -58,7 +58,7 @@ def layout(c: AppController) -> SimpleNamespace:
     rng = c.threshold_range(c.registry.active)
     with gr.Row():
         with gr.Column(scale=2):
-            thr = gr.Slider(minimum=rng["minimum"], maximum=rng["maximum"], value=rng["value"],
+            thr = threshold_slider(minimum=rng["minimum"], maximum=rng["maximum"], value=rng["value"],
                             step=rng["step"], label="Threshold (score above it = anomalous)",
                             elem_id="inspect-threshold")
             reset_thr = gr.Button("Reset to the calibrated threshold", size="sm",
@@ -252,12 +252,14 @@ def wire(c: AppController, ui: SimpleNamespace) -> SimpleNamespace:
         except UserError as exc:
             agree = f"⚠️ {exc}"
         tables = table_updates(other, batch, t) if batch is not None else [gr.update(), gr.update()]
+        # a typed value outside the slider's range is taken: the range widens to it (box = verdicts)
         return [v["verdict"] if v else gr.update(), v["heatmap"] if v else gr.update(),
                 v["overlay"] if v else gr.update(), *tables,
-                c.histogram(name, batch, t), c.false_alarm_text(name, t), agree]
+                c.histogram(name, batch, t), c.false_alarm_text(name, t), agree,
+                widened_range(c.threshold_range(name, batch), float(t))]
 
     thr.change(on_threshold, [batch_state, model_dd, thr, compare_dd],
-               [verdict_tb, p_heat, p_over, table, cmp_table, hist, fa_md, agree_md],
+               [verdict_tb, p_heat, p_over, table, cmp_table, hist, fa_md, agree_md, thr],
                show_progress="hidden", trigger_mode="always_last")
     thr.release(lambda b, t: c.downloads(b, t), [batch_state, thr], [downloads], show_progress="hidden")
 

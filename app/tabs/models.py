@@ -21,7 +21,7 @@ def layout(c: AppController) -> SimpleNamespace:
                                        elem_id="model-select", interactive=True)
                 compare_dd = gr.Dropdown(choices=[""] + c.registry.names(), value="",
                                          label="Compare side by side with (optional)", elem_id="compare-select")
-                model_status = gr.Markdown(c.startup_message, elem_id="model-status")
+                model_status = gr.Markdown(c.model_status_line(c.registry.active), elem_id="model-status")
             with gr.Column(scale=3):
                 card_line = gr.Markdown(c.model_card_line(c.registry.active), elem_id="model-card-line")
                 train_data_md = gr.Markdown(c.training_data_text(c.registry.active),
@@ -71,7 +71,7 @@ def wire(c: AppController, ui: SimpleNamespace, ins: SimpleNamespace) -> SimpleN
         # a batch's verdicts belong to the model that scored it: re-score it with the new model
         # (or clear it), never re-label the old scores at the new model's threshold
         c.registry.set_active(name)
-        head = [c.model_card_line(name), c.model_card(name), c.training_data_text(name)]
+        head = [c.model_card_line(name), c.model_card(name), c.training_data_text(name), c.model_status_line(name)]
         new, msg = c.switch_model(name, batch,
                                   progress=lambda d, n: progress((d, n), desc=f"re-scoring with {name}"))
         if new is None:
@@ -82,7 +82,7 @@ def wire(c: AppController, ui: SimpleNamespace, ins: SimpleNamespace) -> SimpleN
         return head + out
 
     model_dd.change(on_model, [model_dd, batch_state, compare_dd], [card_line, card_md, train_data_md,
-                                                                     *batch_outputs],
+                                                                     model_status, *batch_outputs],
                     show_progress_on=[inspect_msg], concurrency_limit=INSPECT_CONCURRENCY,
                     concurrency_id="inspect")
 

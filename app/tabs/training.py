@@ -34,6 +34,15 @@ def _options_text(info: dict[str, Any]) -> str:
             + "\n".join(f"- `{o}`" for o in opts))
 
 
+def _owner(browser_id: Any) -> str:
+    """The session a Train tab event comes from: the browser's id, or a fresh id that owns nothing
+    while the page has not received its own yet; never None (None would own every job)."""
+    import secrets
+
+    text = str(browser_id or "")
+    return text if text else f"no-id-{secrets.token_hex(8)}"
+
+
 def layout(c: AppController) -> SimpleNamespace:
     """The components (built inside the caller's ``gr.Tab``/``gr.Blocks``), by name."""
     settings = c.default_train_settings()
@@ -107,6 +116,7 @@ def wire(c: AppController, ui: SimpleNamespace, bar: SimpleNamespace) -> None:
     train_start, train_status, train_steps = ui.train_start, ui.train_status, ui.train_steps
     train_stop, train_zip = ui.train_stop, ui.train_zip
     choice_outputs, model_choices = bar.choice_outputs, bar.model_choices
+    browser_id = ui.browser_id  # the job's owner: only the browser that started a job stops / resumes it
 
     def on_method(variant: str) -> list[Any]:
         try:
@@ -136,8 +146,10 @@ def wire(c: AppController, ui: SimpleNamespace, bar: SimpleNamespace) -> None:
 
     def on_train(variant: str, folder: str, zf: Optional[str], bank_model: str, preset: Optional[str],
                  size: Any, steps: float, bs: float, every: float, options: str, autoencoder: str,
-                 form: Any, fuse: bool = False) -> str:
+                 form: Any, fuse: bool = False, owner: str = "") -> str:
         try:
+            if not owner:
+                raise UserError("the page is still starting; press Start training again in a moment")
             try:
                 size_px = int(size)
             except (TypeError, ValueError):
@@ -145,32 +157,34 @@ def wire(c: AppController, ui: SimpleNamespace, bar: SimpleNamespace) -> None:
             return c.start_training(folder, zf, bank_model or None, preset or "", size_px, int(steps or 0),
                                     int(bs or 0), int(every or 50), variant=variant or default_variant(),
                                     options="\n".join(x for x in (form_options(form), options or "") if x),
-                                    autoencoder=autoencoder, fuse_bank=bool(fuse))
+                                    autoencoder=autoencoder, fuse_bank=bool(fuse), owner=_owner(owner))
         except Exception as exc:
             return error_text(exc)
 
     train_start.click(on_train, [train_method, train_folder, train_zip, train_bank, train_preset, train_size,
                                  train_steps, train_bs, train_prev, train_options, train_ae, train_form,
-                                 train_fuse],
+                                 train_fuse, browser_id],
                       [train_msg])
 
-    def on_resume() -> str:
+    def on_resume(owner: str) -> str:
         try:
-            return c.start_training(None, None, None, "", 0, 0, 0, resume=True)
+            return c.start_training(None, None, None, "", 0, 0, 0, resume=True, owner=_owner(owner))
         except Exception as exc:
             return error_text(exc)
 
-    train_resume.click(on_resume, None, [train_msg])
-    train_stop.click(lambda: c.stop_training(), None, [train_msg])
+    train_resume.click(on_resume, [browser_id], [train_msg])
+    train_stop.click(lambda owner: c.stop_training(owner=_owner(owner)), [browser_id], [train_msg])
 
-    def on_tick(selected: Optional[str], seen: Optional[int]) -> list[Any]:
-        s = c.training_status()
+    def on_tick(selected: Optional[str], seen: Optional[int], owner: str) -> list[Any]:
+        s = c.training_status(owner=_owner(owner))
         n = len(c.registry.names())
         choice = model_choices(selected) if n != (seen or 0) else [gr.update()] * 3
         return [s["status"], s["progress"], views.loss_curve(s["losses"]),
-                s["preview"] if s["preview"] is not None else gr.update(), *choice, n]
+                s["preview"] if s["preview"] is not None else gr.update(), *choice, n,
+                gr.update(interactive=s["mine"]), gr.update(interactive=s["mine"])]
 
     seen_models = gr.State(len(c.registry.names()))
-    timer.tick(on_tick, [model_dd, seen_models],
-               [train_status, train_progress, train_loss, train_preview, *choice_outputs, seen_models],
+    timer.tick(on_tick, [model_dd, seen_models, browser_id],
+               [train_status, train_progress, train_loss, train_preview, *choice_outputs, seen_models,
+                train_stop, train_resume],
                show_progress="hidden")
