@@ -364,9 +364,14 @@ def cmd_push(a: argparse.Namespace) -> int:
 def cmd_pull(a: argparse.Namespace) -> int:
     from huggingface_hub import snapshot_download
 
-    path = snapshot_download(repo_id=a.repo_id, revision=a.revision, local_dir=a.out, token=a.token)
-    det = _load_model(path)  # proves the download is a loadable ccad model
-    print(json.dumps({"path": str(path), "variant": det.variant, "threshold": det.threshold}))
+    from .atomic import replace_folder
+
+    # downloaded into a temporary sibling and swapped in only once it loads: a failed or refused
+    # download leaves a model already in --out as it was
+    with replace_folder(a.out) as tmp:
+        snapshot_download(repo_id=a.repo_id, revision=a.revision, local_dir=tmp, token=a.token)
+        det = _load_model(str(tmp))  # proves the download is a loadable ccad model
+    print(json.dumps({"path": str(a.out), "variant": det.variant, "threshold": det.threshold}))
     return 0
 
 

@@ -359,11 +359,7 @@ def train_detector(
         det.calibrate(cal, batch_size=tcfg.batch_size)
     say("saving the model")
     if state is None or state.is_main_process:  # several processes (accelerate launch): one writes the model
-        if overwrite and (out_dir / "model").is_dir():  # replaced as a whole: no stale file of the old model
-            from .training import _remove_dir
-
-            _remove_dir(out_dir / "model")
-        det.save_pretrained(out_dir / "model")
+        det.save_pretrained(out_dir / "model")  # replaced as a whole, in one swap (ccad.atomic)
     if state is not None:
         state.wait_for_everyone()
     return det
