@@ -243,10 +243,9 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
 
 def _predict(a: argparse.Namespace, shard: Any) -> int:
-    import cv2
-
+    from .data.io import save_image
+    from .data.naming import OUTPUT_KINDS, display_name, output_files, output_stems
     from .data.skips import find_images, unsupported_reason
-    from .data.naming import OUTPUT_KINDS, output_files, output_stems
 
     det = _load_model(a.model, a.revision)
     if a.threshold is not None:
@@ -273,20 +272,24 @@ def _predict(a: argparse.Namespace, shard: Any) -> int:
             j += 1
         names = output_files(stems[j], OUTPUT_KINDS if r.reconstruction is not None else OUTPUT_KINDS[:3])
         j += 1
-        cv2.imwrite(str(out / names["heatmap"]), cv2.cvtColor(r.heatmap(), cv2.COLOR_RGB2BGR))
-        cv2.imwrite(str(out / names["overlay"]), cv2.cvtColor(r.overlay(), cv2.COLOR_RGB2BGR))
-        cv2.imwrite(str(out / names["mask"]), r.mask.astype("uint8") * 255)
-        if r.reconstruction is not None:
-            rec = (r.reconstruction * 255).round().astype("uint8")
-            cv2.imwrite(str(out / names["reconstruction"]), cv2.cvtColor(rec, cv2.COLOR_RGB2BGR))
+        write_error = ""
+        try:  # through Pillow (any file name Python can hold); one image's failure never loses the batch
+            save_image(out / names["heatmap"], r.heatmap())
+            save_image(out / names["overlay"], r.overlay())
+            save_image(out / names["mask"], r.mask.astype("uint8") * 255)
+            if r.reconstruction is not None:
+                save_image(out / names["reconstruction"], (r.reconstruction * 255).round().astype("uint8"))
+        except (OSError, ValueError) as exc:
+            write_error = f"cannot write its output images ({exc})"
+            names = {}
         ood = r.out_of_domain
-        rows.append({"file": r.path, "score": f"{r.score:.6f}", "threshold": f"{r.threshold:.6f}",
+        rows.append({"file": display_name(r.path), "score": f"{r.score:.6f}", "threshold": f"{r.threshold:.6f}",
                      "verdict": r.verdict, "seconds": f"{r.seconds:.3f}",
                      # unlike the model's good training images (empty: the model has no such statistic)
                      "out_of_domain": "" if ood is None else ("yes" if ood else "no"),
                      "domain_distance": "" if r.domain_distance is None else f"{r.domain_distance:.6f}",
                      "domain_limit": "" if r.domain_limit is None else f"{r.domain_limit:.6f}",
-                     "error": r.error or "", **names})
+                     "error": "; ".join(e for e in (r.error or "", write_error) if e), **names})
     if shard.distributed:  # the main process writes one CSV: every rank's rows, then every rank's errors
         rows = [row for part in shard.gather(rows) for row in part]
         errors = [e for part in shard.gather(errors) for e in part]
@@ -295,9 +298,10 @@ def _predict(a: argparse.Namespace, shard: Any) -> int:
     n_ok, n_bad = len(rows), sum(row["verdict"] == "anomalous" for row in rows)
     n_good = sum(row["verdict"] == "good" for row in rows)  # Prediction.status: only "good" is good
     for path, why in errors:
-        rows.append({"file": path, "score": "", "threshold": "", "verdict": f"error: {why}", "seconds": ""})
-        print(f"skipped {path}: {why}", file=sys.stderr)
-    rows += [{"file": str(q), "score": "", "threshold": "", "verdict": f"skipped: {unsupported_reason(q)}",
+        rows.append({"file": display_name(path), "score": "", "threshold": "", "verdict": f"error: {why}",
+                     "seconds": ""})
+        print(f"skipped {display_name(path)}: {display_name(why)}", file=sys.stderr)
+    rows += [{"file": display_name(q), "score": "", "threshold": "", "verdict": f"skipped: {unsupported_reason(q)}",
               "seconds": ""} for q in unsupported]
     _report_skipped(unsupported)
     with open(out / "scores.csv", "w", newline="") as f:

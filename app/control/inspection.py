@@ -13,6 +13,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from ccad.data.naming import display_name
+
 from .. import views
 from ..batch import Batch, domain_text, name_list, relative_name, seconds_text, to_uint8, unique_names
 from ..engine import ProgressFn
@@ -75,10 +77,10 @@ class InspectMixin(ControllerBase):
                 preds, errors = det.predict_many(paths, batch_size=4, on_error="skip", progress=progress)
             except Exception as exc:
                 raise UserError(f"the model failed on this batch ({type(exc).__name__}: {exc})") from None
-        errors = skipped + [(shown.get(p, Path(p).name), msg) for p, msg in errors]
+        errors = skipped + [(shown.get(p, relative_name(p)), display_name(msg)) for p, msg in errors]
         if not preds:
             raise UserError("no readable image: " + "; ".join(f"{n}: {m}" for n, m in errors[:5]))
-        names = unique_names([shown.get(str(p.path), Path(p.path).name) if p.path else f"image {i}"
+        names = unique_names([shown.get(str(p.path), relative_name(p.path)) if p.path else f"image {i}"
                               for i, p in enumerate(preds)])
         # an image from a zip no longer exists on disk: later runs (comparison, re-scoring) use its pixels
         preds = [replace(p, path=None) if p.path is not None and str(p.path) in from_zip else p for p in preds]

@@ -1,0 +1,81 @@
+"""Nothing lost, nothing reached (issue 20 item 7): ``ccad predict`` and the app's folder reading
+against inputs a hostile or careless user hands over: file names that are not UTF-8, two runs into
+one output folder, links that lead nowhere or to devices, FIFOs, and unreadable files."""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ccad.cli import main
+from ccad.data.synthetic import write_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A tiny PatchCore model (``ccad bank``) and a few good test images."""
+    base = tmp_path_factory.mktemp("hostile")
+    root = write_dataset(base / "data", kinds=("fibrous",), n_train=6, n_test_good=3, n_test_defect=1,
+                         size=64, seed=4, defects=("spot",))
+    model = base / "model"
+    assert main(["bank", str(root / "fibrous"), "--out", str(model), "--image-size", "64", "--size", "8",
+                 "--quiet"]) == 0
+    return model, sorted((root / "fibrous" / "test" / "good").glob("*.png"))
+
+
+def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "ccad.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def _rows(out: Path) -> list[dict]:
+    with open(out / "scores.csv", newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_predict_scores_a_file_whose_name_is_not_utf8(built, tmp_path):
+    """Was a segfault (exit 139, cv2.imwrite of a surrogate-escaped name) and no scores.csv."""
+    model, goods = built
+    inp = tmp_path / "in"
+    inp.mkdir()
+    shutil.copy(goods[0], os.fsencode(inp) + b"/bad\xffname.png")
+    shutil.copy(goods[1], inp / "ok.png")
+    out = tmp_path / "out"
+    r = _cli("predict", str(model), str(inp), "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    rows = {row["file"]: row for row in _rows(out)}
+    assert set(rows) == {f"{inp}/bad\\xffname.png", f"{inp}/ok.png"}
+    bad = rows[f"{inp}/bad\\xffname.png"]
+    assert bad["verdict"] in ("good", "anomalous") and not bad["error"]
+    for kind in ("heatmap", "overlay", "mask"):
+        assert (out / bad[kind]).is_file() and bad[kind].startswith("bad%FFname_")
+
+
+def test_the_app_names_a_file_whose_name_is_not_utf8(built, tmp_path):
+    """The app's folder reading: the batch's names and errors are UTF-8 text (was a UnicodeEncodeError
+    naming no file when the page was sent)."""
+    import json
+
+    from app.controller import AppController
+    from ccad.pipeline import AnomalyDetector
+
+    model, goods = built
+    root = tmp_path / "root"
+    (root / "in").mkdir(parents=True)
+    shutil.copy(goods[0], os.fsencode(root) + b"/in/bad\xffname.png")
+    (Path(os.fsdecode(os.fsencode(root) + b"/in/broken\xfe.png"))).write_bytes(b"not a png")
+    shutil.copy(goods[1], root / "in" / "ok.png")
+    c = AppController(data_root=root, state_dir=tmp_path / "state", samples_dir=None, demo_dir=None)
+    c.registry.add("m", AnomalyDetector.from_pretrained(model), "test")
+    batch = c.inspect_folder("m", "in")
+    assert sorted(batch.names) == ["bad\\xffname.png", "ok.png"]
+    assert [name for name, _ in batch.errors] == ["broken\\xfe.png"]
+    json.dumps([batch.names, batch.errors, c.table_rows(batch, None)], ensure_ascii=False).encode("utf-8")
