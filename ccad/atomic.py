@@ -31,7 +31,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["replace_folder", "write_bytes_atomic", "write_text_atomic"]
+__all__ = ["FolderBusyError", "folder_lock", "replace_folder", "write_bytes_atomic", "write_text_atomic"]
 
 _TMP = ".{name}.saving-{pid}-{tag}"
 _OLD = ".{name}.old-{pid}-{tag}"
@@ -204,3 +204,91 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """:func:`write_bytes_atomic` of UTF-8 text."""
     write_bytes_atomic(path, text.encode("utf-8"))
+
+
+# ---- one writer per output folder -------------------------------------------------------------
+
+class FolderBusyError(ValueError):
+    """Another live process holds the folder's lock (the message names it)."""
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time (Linux ``/proc/<pid>/stat`` field 22; "" elsewhere): with the pid it
+    tells a live holder from a new process that got a dead holder's pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _holder_alive(info: dict) -> bool:
+    import socket
+
+    try:
+        pid = int(info.get("pid", -1))
+    except (TypeError, ValueError):
+        return False
+    if info.get("host") not in (None, socket.gethostname()):
+        return True  # another machine's process (a shared folder): it cannot be checked from here
+    if pid <= 0 or not _pid_alive(pid):
+        return False
+    started = info.get("started_ticks")
+    return not started or not _start_time(pid) or started == _start_time(pid)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str = "ccad", name: str = ".ccad.lock") -> Iterator[Path]:
+    """Hold ``folder/name`` (created with ``O_EXCL``; it records the pid, host, start time and
+    ``what``) for the ``with`` block, so that two runs never write one folder at once. A lock
+    held by a live process is a :class:`FolderBusyError` naming that run; a lock left by a
+    process that is gone (killed) is taken over. The lock file is removed on exit."""
+    import json
+    import socket
+    import time
+
+    folder = Path(folder)
+    lock = folder / name
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "what": what,
+          "started": time.strftime("%Y-%m-%d %H:%M:%S"), "started_ticks": _start_time(os.getpid())}
+    for _ in range(20):
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                info = json.loads(lock.read_text() or "{}")
+            except (OSError, ValueError):
+                info = {}  # half written by a holder that is starting: look again
+                if time.time() - _mtime(lock) < 5:
+                    time.sleep(0.05)
+                    continue
+            if _holder_alive(info):
+                raise FolderBusyError(
+                    f"{folder}: in use by another run ({info.get('what', 'ccad')}, pid {info.get('pid')}"
+                    + (f" on {info['host']}" if info.get("host") and info.get("host") != me["host"] else "")
+                    + f", started {info.get('started', '?')}): wait for it to finish or choose another folder "
+                    f"(if that run is gone, remove {lock})") from None
+            stale = lock.with_name(f"{name}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            with contextlib.suppress(FileNotFoundError):  # one taker wins the rename; the others look again
+                os.rename(lock, stale)
+                stale.unlink()
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(me))
+        break
+    else:
+        raise FolderBusyError(f"{folder}: could not take its lock {lock}")
+    try:
+        yield lock
+    finally:
+        with contextlib.suppress(OSError):
+            held = json.loads(lock.read_text() or "{}")
+            if held.get("pid") == me["pid"] and held.get("started_ticks") == me["started_ticks"]:
+                lock.unlink()
+
+
+def _mtime(p: Path) -> float:
+    try:
+        return p.stat().st_mtime
+    except OSError:
+        return 0.0

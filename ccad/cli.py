@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import sys
@@ -237,9 +238,39 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
     shard = current()  # under accelerate launch / torchrun: this process's slice (before loading: its GPU)
     try:
-        return _predict(a, shard)
+        with _out_lock(Path(a.out), shard, "ccad predict") as busy:
+            if busy:  # another run writes there: its rows and images would mix with (or replace) ours
+                print(f"error: --out {busy}", file=sys.stderr)
+                return 2
+            return _predict(a, shard)
     finally:
         shard.close()
+
+
+@contextlib.contextmanager
+def _out_lock(out: Path, shard: Any, what: str) -> Any:
+    """Hold ``out``'s lock (:func:`ccad.atomic.folder_lock`) for one run: yields None, or the
+    message naming the run that holds it (on every rank: the main process takes it for all).
+    A folder this run created and left empty (a refused run) is removed."""
+    from .atomic import FolderBusyError, folder_lock
+
+    created = not out.exists()
+    busy, stack = None, contextlib.ExitStack()
+    with stack:
+        if shard.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            try:
+                stack.enter_context(folder_lock(out, what, name=".ccad-predict.lock"))
+            except FolderBusyError as exc:
+                busy = str(exc)
+        busy = shard.broadcast(busy)
+        try:
+            yield busy
+        finally:
+            stack.close()
+            if created and shard.is_main:
+                with contextlib.suppress(OSError):
+                    out.rmdir()  # only when empty
 
 
 def _predict(a: argparse.Namespace, shard: Any) -> int:

@@ -79,3 +79,35 @@ def test_the_app_names_a_file_whose_name_is_not_utf8(built, tmp_path):
     assert sorted(batch.names) == ["bad\\xffname.png", "ok.png"]
     assert [name for name, _ in batch.errors] == ["broken\\xfe.png"]
     json.dumps([batch.names, batch.errors, c.table_rows(batch, None)], ensure_ascii=False).encode("utf-8")
+
+
+def test_a_second_predict_into_the_same_out_is_refused_naming_the_first(built, tmp_path, capsys):
+    """Two runs into one ``--out`` (both used to say "wrote scores.csv"; one run's rows were lost):
+    the second is refused while the first holds the folder, naming it; nothing of the first is touched."""
+    from ccad.atomic import folder_lock
+
+    model, goods = built
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "scores.csv").write_text("the first run's rows\n")
+    with folder_lock(out, "ccad predict", name=".ccad-predict.lock"):  # the first run, still writing
+        assert main(["predict", str(model), str(goods[0]), "--out", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"pid {os.getpid()}" in err and "ccad predict" in err and "another run" in err
+        assert (out / "scores.csv").read_text() == "the first run's rows\n"
+        assert sorted(p.name for p in out.iterdir()) == [".ccad-predict.lock", "scores.csv"]
+    assert main(["predict", str(model), str(goods[0]), "--out", str(out), "--quiet"]) == 0  # the first is done
+    assert len(_rows(out)) == 1 and not (out / ".ccad-predict.lock").exists()
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over(built, tmp_path):
+    model, goods = built
+    out = tmp_path / "out"
+    out.mkdir()
+    code = ("import os, sys; from ccad.atomic import folder_lock; "
+            "held = folder_lock(sys.argv[1], 'ccad predict', name='.ccad-predict.lock'); held.__enter__(); os._exit(9)")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    assert subprocess.run([sys.executable, "-c", code, str(out)], env=env).returncode == 9  # died holding it
+    assert (out / ".ccad-predict.lock").is_file()
+    assert main(["predict", str(model), str(goods[0]), "--out", str(out), "--quiet"]) == 0
+    assert len(_rows(out)) == 1 and not (out / ".ccad-predict.lock").exists()
