@@ -329,8 +329,9 @@ def _predict(a: argparse.Namespace, shard: Any) -> int:
     n_ok, n_bad = len(rows), sum(row["verdict"] == "anomalous" for row in rows)
     n_good = sum(row["verdict"] == "good" for row in rows)  # Prediction.status: only "good" is good
     for path, why in errors:
-        rows.append({"file": display_name(path), "score": "", "threshold": "", "verdict": f"error: {why}",
-                     "seconds": ""})
+        # no verdict: "error" in the verdict column, the reason in the error column (as a scored row's)
+        rows.append({"file": display_name(path), "score": "", "threshold": "", "verdict": "error",
+                     "seconds": "", "error": display_name(why)})
         print(f"skipped {display_name(path)}: {display_name(why)}", file=sys.stderr)
     rows += [{"file": display_name(q), "score": "", "threshold": "", "verdict": f"skipped: {unsupported_reason(q)}",
               "seconds": ""} for q in unsupported]

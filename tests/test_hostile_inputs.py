@@ -111,3 +111,46 @@ def test_a_lock_left_by_a_killed_run_is_taken_over(built, tmp_path):
     assert (out / ".ccad-predict.lock").is_file()
     assert main(["predict", str(model), str(goods[0]), "--out", str(out), "--quiet"]) == 0
     assert len(_rows(out)) == 1 and not (out / ".ccad-predict.lock").exists()
+
+
+def test_every_entry_the_walk_sees_gets_a_row_and_nothing_blocks(built, tmp_path, capsys):
+    """A dangling symlink, a FIFO named ``.png``, a link to /dev/zero, a FIFO without an extension
+    (these had no row and no message): each gets a row saying why, none is opened (a FIFO would
+    block the read, /dev/zero never end it); a FIFO given by name is refused the same way."""
+    model, goods = built
+    inp = tmp_path / "in"
+    inp.mkdir()
+    shutil.copy(goods[0], inp / "ok.png")
+    (inp / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    os.mkfifo(inp / "fifo.png")
+    (inp / "zero.png").symlink_to("/dev/zero")
+    os.mkfifo(inp / "pipe")
+    out = tmp_path / "out"
+    assert main(["predict", str(model), str(inp), str(inp / "fifo.png"), "--out", str(out), "--quiet"]) == 0
+    rows = _rows(out)
+    by_name = {}
+    for row in rows:
+        by_name.setdefault(Path(row["file"]).name, []).append(row)
+    assert sorted(by_name) == ["dangling.png", "fifo.png", "ok.png", "pipe", "zero.png"]
+    assert len(by_name["fifo.png"]) == 2 and len(rows) == 6
+    assert by_name["ok.png"][0]["verdict"] in ("good", "anomalous")
+    why = {"dangling.png": "broken symbolic link", "fifo.png": "FIFO", "zero.png": "character device"}
+    err = capsys.readouterr().err
+    for name, reason in why.items():
+        for row in by_name[name]:  # no verdict; the reason in the error column (was "error: ..." as the verdict)
+            assert row["verdict"] == "error" and reason in row["error"] and name in row["error"]
+            assert row["score"] == "" and not row["heatmap"]
+        assert f"skipped {inp / name}" in err
+    assert by_name["pipe"][0]["verdict"].startswith("skipped") and "pipe" in err
+
+
+def test_an_unreadable_files_row_has_its_reason_in_the_error_column(built, tmp_path):
+    model, goods = built
+    inp = tmp_path / "in"
+    inp.mkdir()
+    shutil.copy(goods[0], inp / "ok.png")
+    (inp / "broken.png").write_bytes(b"\x89PNG not really")
+    out = tmp_path / "out"
+    assert main(["predict", str(model), str(inp), "--out", str(out), "--quiet"]) == 0
+    row = next(r for r in _rows(out) if r["file"].endswith("broken.png"))
+    assert row["verdict"] == "error" and "broken.png" in row["error"] and row["score"] == ""
