@@ -29,6 +29,18 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (``--batch-size 0`` or ``--image-size 0`` is refused, never
+    taken for "the default")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 class _Bar:
     """A tqdm bar driven by ``progress(done, total)`` callbacks."""
 
@@ -96,7 +108,7 @@ def cmd_bank(a: argparse.Namespace) -> int:
 
 def _method_config(variant: str, preset: Optional[str], options: Sequence[str]) -> Any:
     """The variant's typed config with ``--preset`` and every ``--option KEY=VALUE`` applied."""
-    from .config import ConfigError, set_option
+    from .config import ConfigError, check_finite_fields, set_option
     from .methods import get_method
 
     cfg = get_method(variant).default_config(preset)
@@ -105,6 +117,11 @@ def _method_config(variant: str, preset: Optional[str], options: Sequence[str]) 
         if not sep or not key.strip():
             raise ConfigError(f"--option {item!r}: expected KEY=VALUE, e.g. diffusion.start_step=200")
         set_option(cfg, key.strip(), value.strip(), "--option")
+    try:  # the whole section, before any work (a bad value would otherwise surface after training)
+        check_finite_fields(cfg, "method")
+        get_method(variant).validate_config(cfg)
+    except (ConfigError, ValueError) as exc:
+        raise ConfigError(f"--option: {exc}") from None
     return cfg
 
 
@@ -138,11 +155,12 @@ def cmd_train(a: argparse.Namespace) -> int:
     # anything is read or written: never lose a run's checkpoints
     method = _method_config(a.variant, a.preset, a.option)
     scoring = _scoring_config(a.variant, getattr(a, "scoring", None))
+    train = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, checkpoint_every=a.checkpoint_every,
+                        mixed_precision=a.mixed_precision, seed=a.seed, show_progress=not a.quiet)
+    _check_detector_config(a, method, scoring, train)  # the whole config, as it will be saved
     if not a.resume and not a.overwrite:
         refuse_to_overwrite(a.out, "--resume", "--overwrite")
     bank = FeatureBank.load(a.bank) if a.bank else None
-    train = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, checkpoint_every=a.checkpoint_every,
-                        mixed_precision=a.mixed_precision, seed=a.seed, show_progress=not a.quiet)
     data = a.data[0] if len(a.data) == 1 else a.data
     det = train_detector(data, a.out, variant=a.variant, method=method, train=train, bank=bank,
                          image_size=a.image_size, backbone=a.backbone, layers=a.layers, bank_size=a.size,
@@ -160,6 +178,20 @@ def cmd_train(a: argparse.Namespace) -> int:
                       "steps": det.info.get("train_steps"), "threshold": det.threshold,
                       "categories": det.info.get("categories"), "stopped_early": det.info.get("stopped_early")}))
     return 0
+
+
+def _check_detector_config(a: argparse.Namespace, method: Any, scoring: Any, train: Any) -> None:
+    """Build and validate the detector config ``ccad train`` will save (image size, bank settings,
+    method, scoring, training), so that a bad value is refused before the bank or training start."""
+    from .config import BankConfig
+    from .detector_config import DetectorConfig
+    from .methods import get_method
+
+    mcls = get_method(a.variant)
+    bank = BankConfig(backbone=a.backbone, layers=tuple(a.layers), size=a.size)
+    DetectorConfig(variant=a.variant, image_size=mcls.default_image_size if a.image_size is None else a.image_size,
+                   bank=bank, scoring=scoring if scoring is not None else mcls.default_scoring(), method=method,
+                   train=train).validate()
 
 
 def variants_help() -> str:
@@ -450,9 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "bank from good images; saves a working detector folder.")
     data_opts(sp)
     sp.add_argument("--out", required=True, help="output model folder")
-    sp.add_argument("--image-size", type=int, default=256, help="square input size in pixels")
+    sp.add_argument("--image-size", type=_positive_int, default=256, help="square input size in pixels")
     sp.add_argument("--patchcore-ratio", type=float, default=0.01, help="PatchCore memory = this share of all patches")
-    sp.add_argument("--batch-size", type=int, default=8, help="images per feature-extraction batch")
+    sp.add_argument("--batch-size", type=_positive_int, default=8, help="images per feature-extraction batch")
     sp.add_argument("--weights", default=None, help="local backbone weights file (safetensors or .pth)")
     sp.add_argument("--overwrite", action="store_true",
                     help="replace the model (or a run's bank) already in --out; refused without it")
@@ -473,9 +505,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--bank", default=None, help="a folder with a saved bank (bank.safetensors) to reuse")
     sp.add_argument("--preset", default=None, help="network size of the variant: tiny (tests), small (CPU), "
                                                    "base (GPU); default: the variant's")
-    sp.add_argument("--image-size", type=int, default=None, help="square input size (default: the variant's)")
+    sp.add_argument("--image-size", type=_positive_int, default=None,
+                    help="square input size (default: the variant's)")
     sp.add_argument("--steps", type=int, default=2000, help="optimiser steps (default: %(default)s)")
-    sp.add_argument("--batch-size", type=int, default=8, help="batch size (default: %(default)s)")
+    sp.add_argument("--batch-size", type=_positive_int, default=8, help="batch size (default: %(default)s)")
     sp.add_argument("--lr", type=float, default=3e-4, help="peak learning rate, cosine schedule (default: %(default)s)")
     sp.add_argument("--checkpoint-every", type=int, default=500,
                     help="steps between checkpoints (default: %(default)s)")
@@ -502,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("data", help="MVTec/anomalib folder, CSV manifest, VisA, DAGM ... (see --layout)")
     sp.add_argument("--split", default="test", help="which split of the dataset to evaluate")
     sp.add_argument("--layout", default="auto", help="dataset layout (auto-detected by default)")
-    sp.add_argument("--batch-size", type=int, default=8, help="images per batch")
+    sp.add_argument("--batch-size", type=_positive_int, default=8, help="images per batch")
     sp.add_argument("--json", default=None, help="write the full report (metrics, per-image records) here")
     sp.add_argument("--record", action="store_true", help="store the mean metrics in the model's card")
     sp.add_argument("--views", action="store_true",
@@ -520,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("inputs", nargs="+", help="image files or folders")
     sp.add_argument("--out", required=True, help="output folder")
     sp.add_argument("--threshold", type=float, default=None, help="override the model's threshold for this run")
-    sp.add_argument("--batch-size", type=int, default=8, help="images per batch")
+    sp.add_argument("--batch-size", type=_positive_int, default=8, help="images per batch")
     sp.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     sp.set_defaults(func=cmd_predict)

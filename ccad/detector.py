@@ -297,6 +297,8 @@ class AnomalyDetector(
         (``on_error="skip"``) or raises (``"raise"``); nothing already done is lost. Each
         prediction's ``seconds`` is that image's own time (see :meth:`_predict_batch`), its read
         and decode included."""
+        if isinstance(batch_size, bool) or int(batch_size) < 1:
+            raise ValueError(f"batch_size must be a positive number of images, got {batch_size!r}")
         items = list(items)
         results: list[Prediction] = []
         errors: list[tuple[str, str]] = []

@@ -141,7 +141,8 @@ def _detector_config(variant: str, image_size: Optional[int], method: Any, bank_
                        ("size", bank_size), ("weights", weights), ("batch_size", batch_size)):
         if value is not None:
             setattr(bc, key, value)
-    return DetectorConfig(variant=variant, image_size=int(image_size or mcls.default_image_size), bank=bc,
+    size = mcls.default_image_size if image_size is None else int(image_size)  # 0 is refused, never "default"
+    return DetectorConfig(variant=variant, image_size=size, bank=bc,
                           scoring=scoring if scoring is not None else mcls.default_scoring(), method=mcfg).validate()
 
 
