@@ -590,12 +590,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from .config import ConfigError
     from .data.io import ImageReadError
+    from .errors import WeightsNotFound
     from .pipeline import CheckpointError
 
     try:
         return int(args.func(args) or 0)
-    except (ImageReadError, CheckpointError, ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ImageReadError, CheckpointError, ConfigError, FileNotFoundError, ValueError, WeightsNotFound) as exc:
+        print(f"error: {exc}", file=sys.stderr)  # one line naming what and how to fix it; no traceback
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

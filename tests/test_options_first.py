@@ -67,3 +67,14 @@ def test_the_api_refuses_a_zero_image_size_and_batch_size(data, tmp_path):
     det = fit_detector(data, image_size=32, bank_size=4, calibration_fraction=0.25)
     with pytest.raises(ValueError, match="batch_size must be a positive number of images, got 0"):
         det.predict_many([next(data.rglob("*.png"))], batch_size=0)
+
+
+@pytest.mark.parametrize("command", ["bank", "train"])
+def test_an_unknown_backbone_is_one_clear_line_not_a_traceback(data, tmp_path, capsys, monkeypatch, command):
+    """``ccad bank --backbone nosuchnet`` ended in a traceback (WeightsNotFound escaped main())."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = [command, str(data), "--out", str(tmp_path / "out"), "--backbone", "nosuchnet", "--image-size", "32",
+            "--size", "4", "--quiet"] + (["--variant", "patchcore"] if command == "train" else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "nosuchnet" in err and "Traceback" not in err and len(err.splitlines()) == 1
