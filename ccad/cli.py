@@ -162,10 +162,24 @@ def cmd_train(a: argparse.Namespace) -> int:
         refuse_to_overwrite(a.out, "--resume", "--overwrite")
     bank = FeatureBank.load(a.bank) if a.bank else None
     data = a.data[0] if len(a.data) == 1 else a.data
-    det = train_detector(data, a.out, variant=a.variant, method=method, train=train, bank=bank,
-                         image_size=a.image_size, backbone=a.backbone, layers=a.layers, bank_size=a.size,
-                         calibration_fraction=a.calibration_fraction, resume=a.resume, seed=a.seed,
-                         overwrite=a.overwrite, scoring=scoring)
+    with _checkpoint_on_signals(a.quiet) as stop:
+        try:
+            det = train_detector(data, a.out, variant=a.variant, method=method, train=train, bank=bank,
+                                 image_size=a.image_size, backbone=a.backbone, layers=a.layers, bank_size=a.size,
+                                 calibration_fraction=a.calibration_fraction, resume=a.resume, seed=a.seed,
+                                 overwrite=a.overwrite, scoring=scoring, callbacks=[stop.callback],
+                                 phase=stop.phase)
+        except _Interrupted as exc:
+            from .training import latest_checkpoint
+
+            ckpt = latest_checkpoint(a.out) if Path(a.out).is_dir() else None
+            if stop.step and ckpt is not None:
+                why = (f"training stopped at step {stop.step}, checkpoint saved ({ckpt}); continue with the "
+                       "same command and --resume")
+            else:
+                why = "no training step had run" + (f"; the latest checkpoint is {ckpt}" if ckpt else "")
+            print(f"interrupted by {exc.name}: {why}", file=sys.stderr)
+            return 128 + exc.signum
     from .distributed import launched_world_size
 
     if launched_world_size() > 1:
@@ -178,6 +192,61 @@ def cmd_train(a: argparse.Namespace) -> int:
                       "steps": det.info.get("train_steps"), "threshold": det.threshold,
                       "categories": det.info.get("categories"), "stopped_early": det.info.get("stopped_early")}))
     return 0
+
+
+class _Interrupted(KeyboardInterrupt):
+    """SIGTERM / SIGINT while ``ccad train`` runs (after the training loop has checkpointed)."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        super().__init__(signum)
+        self.signum, self.name = signum, signal.Signals(signum).name
+
+
+class _SignalStop:
+    """What ``ccad train`` does on SIGTERM / SIGINT: inside the training loop the loop is asked to
+    stop after the current step (the Trainer then writes a checkpoint) and the run ends when the
+    next phase would start; outside it (bank, data, calibration: nothing a checkpoint could keep)
+    the run ends at once. A second signal ends it at once too."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet, self.signum, self.in_loop, self.step = quiet, None, False, 0
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None or not self.in_loop:
+            self.signum = signum
+            raise _Interrupted(signum)
+        self.signum = signum  # the loop stops after this step, with a checkpoint
+
+    def callback(self, state: Any) -> bool:
+        self.step = int(state.step)
+        return self.signum is not None
+
+    def phase(self, text: str) -> None:
+        if self.signum is not None:
+            raise _Interrupted(self.signum)
+        self.in_loop = text == "training"
+        if not self.quiet:
+            print(f"{text} ...", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _checkpoint_on_signals(quiet: bool) -> Any:
+    """Install :class:`_SignalStop` for SIGTERM and SIGINT (main thread only) for the block."""
+    import signal
+    import threading
+
+    stop = _SignalStop(quiet)
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    old = {sig: signal.signal(sig, stop.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def _check_detector_config(a: argparse.Namespace, method: Any, scoring: Any, train: Any) -> None:
