@@ -12,7 +12,9 @@ caller's ``with`` block has finished writing into it is it swapped in:
   folder that are no model file (a user's notes, ``checkpoint-*`` folders) are moved over, and
   the old folder is removed;
 - the destination is some other folder (empty, or a run folder, or a folder of the user's): its
-  entries stay, the new files are moved in one by one (a same-named entry is replaced).
+  entries stay, the new files are moved in one by one (a same-named entry is replaced,
+  ``config.json`` last); so is a model folder that is the working directory (or holds it), whose
+  old model files are removed afterwards.
 
 An exception inside the ``with`` block (a refused calibration, a full disk, a failed download)
 removes the temporary folder and leaves the destination as it was, byte for byte. A temporary
@@ -122,7 +124,12 @@ def _swap_in(tmp: Path, dest: Path) -> None:
     if not dest.exists() and not dest.is_symlink():
         os.rename(tmp, dest)
         return
-    if not (dest / "config.json").is_file():  # not a model: keep what it holds, move the new files in
+    is_model = (dest / "config.json").is_file()
+    if not is_model or _holds_cwd(dest):
+        # not a model: keep what it holds, move the new files in. A model folder that is (or holds)
+        # the working directory is updated the same way, entry by entry (swapping it would leave
+        # the shell in a deleted folder), and the old model's other files are then removed
+        stale = [e for e in dest.iterdir() if not (tmp / e.name).exists() and _is_model_entry(e)] if is_model else []
         for entry in sorted(tmp.iterdir(), key=lambda e: e.name == "config.json"):  # config.json last
             target = dest / entry.name
             if target.is_dir() and not target.is_symlink():
@@ -132,6 +139,8 @@ def _swap_in(tmp: Path, dest: Path) -> None:
                     target.unlink()  # a file where the new folder goes
                 os.replace(entry, target)
         shutil.rmtree(tmp, ignore_errors=True)
+        for e in stale:
+            shutil.rmtree(e, ignore_errors=True) if e.is_dir() and not e.is_symlink() else e.unlink(missing_ok=True)
         return
     if _exchange(tmp, dest):  # tmp now holds the old model
         old = tmp
@@ -149,6 +158,15 @@ def _swap_in(tmp: Path, dest: Path) -> None:
             with contextlib.suppress(OSError):
                 os.rename(entry, dest / entry.name)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _holds_cwd(dest: Path) -> bool:
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:
+        return False
+    d = dest.resolve()
+    return cwd == d or d in cwd.parents
 
 
 def _replace_dir(new: Path, target: Path) -> None:

@@ -175,3 +175,48 @@ def test_the_apps_save_failing_midway_keeps_the_model(model, tmp_path, monkeypat
         c.save_model("mine", "models/m", "detector")
     monkeypatch.undo()
     _assert_untouched(dest, before)
+
+
+def test_replace_folder_cases(tmp_path, monkeypatch):
+    """The writer alone: a new folder; a model folder swapped whole (stale weights gone, the user's
+    files kept); a model folder that is the working directory (updated in place, the shell's folder
+    survives); a folder that is no model (its files kept); a failure (nothing changed)."""
+    from ccad.atomic import replace_folder
+
+    def write(d: Path, **files: str) -> None:
+        for name, text in files.items():
+            (d / name).parent.mkdir(parents=True, exist_ok=True)
+            (d / name).write_text(text)
+
+    new = tmp_path / "new"
+    with replace_folder(new) as tmp:
+        write(tmp, **{"config.json": "1", "unet/w.safetensors": "a"})
+    assert _snapshot(new) == {"config.json": b"1", "unet/w.safetensors": b"a"}
+
+    for cwd_inside in (False, True):
+        m = tmp_path / f"model{int(cwd_inside)}"
+        m.mkdir()
+        write(m, **{"config.json": "old", "vae/w.safetensors": "old", "notes.txt": "mine",
+                    "checkpoint-5/model.safetensors": "ck"})
+        if cwd_inside:
+            monkeypatch.chdir(m)
+        with replace_folder(m) as tmp:
+            write(tmp, **{"config.json": "new", "unet/w.safetensors": "new"})
+        assert _snapshot(m) == {"config.json": b"new", "unet/w.safetensors": b"new", "notes.txt": b"mine",
+                                "checkpoint-5/model.safetensors": b"ck"}
+        assert Path.cwd().exists()
+        monkeypatch.chdir(tmp_path)
+
+    other = tmp_path / "other"
+    other.mkdir()
+    write(other, **{"data.png": "x"})
+    with replace_folder(other) as tmp:
+        write(tmp, **{"config.json": "1"})
+    assert _snapshot(other) == {"config.json": b"1", "data.png": b"x"}
+
+    before = _snapshot(new)
+    with pytest.raises(_Boom):
+        with replace_folder(new) as tmp:
+            write(tmp, **{"config.json": "2"})
+            raise _Boom("refused")
+    assert _snapshot(new) == before and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
