@@ -90,14 +90,17 @@ def left_out_files(det: Any) -> list[tuple[str, str]]:
 
 
 def relative_name(path: str | os.PathLike, base: Optional[str | os.PathLike] = None) -> str:
-    """``path`` relative to ``base`` (posix separators) when it lies inside it, else its file name."""
+    """``path`` relative to ``base`` (posix separators) when it lies inside it, else its file name;
+    a byte of the name that is not UTF-8 is shown as ``\\xff`` (the page is UTF-8 text)."""
+    from ccad.data.naming import display_name
+
     p = Path(path)
     if base is not None:
         try:
-            return p.resolve().relative_to(Path(base).resolve()).as_posix()
+            return display_name(p.resolve().relative_to(Path(base).resolve()).as_posix())
         except ValueError:
             pass
-    return p.name
+    return display_name(p.name)
 
 
 def unique_names(names: Sequence[str]) -> list[str]:

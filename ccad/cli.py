@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import sys
@@ -27,6 +28,18 @@ def _int_list(text: str) -> tuple[int, ...]:
         return tuple(int(v) for v in text.replace(",", " ").split())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (``--batch-size 0`` or ``--image-size 0`` is refused, never
+    taken for "the default")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
 
 
 class _Bar:
@@ -188,10 +201,10 @@ def _method_config(variant: str, preset: Optional[str], options: Sequence[str],
     """The variant's typed config with ``--preset`` and every ``--option KEY=VALUE`` applied. A key
     that is not a field of the method's config but a trainer setting (``warmup_steps``, ...) is
     set on ``train`` (a TrainConfig; refused when None), so every setting the benchmarks use can
-    be given on the command line (issue 24 item 2)."""
+    be given on the command line (issue 24 item 2). The whole section is checked before any work."""
     import dataclasses
 
-    from .config import ConfigError, set_option
+    from .config import ConfigError, check_finite_fields, set_option
     from .methods import get_method
 
     cfg = get_method(variant).default_config(preset)
@@ -212,6 +225,11 @@ def _method_config(variant: str, preset: Optional[str], options: Sequence[str],
             raise ConfigError(f"--option {key!r}: unknown field {head!r}; known: {', '.join(sorted(method_fields))}"
                               + extra)
         set_option(cfg, key, value, "--option")
+    try:  # the whole section, before any work (a bad value would otherwise surface after training)
+        check_finite_fields(cfg, "method")
+        get_method(variant).validate_config(cfg)
+    except (ConfigError, ValueError) as exc:
+        raise ConfigError(f"--option: {exc}") from None
     return cfg
 
 
@@ -248,6 +266,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     method = _method_config(a.variant, a.preset, a.option, train)
     train.validate()
     scoring = _scoring_config(a.variant, getattr(a, "scoring", None))
+    _check_detector_config(a, method, scoring, train)  # the whole config, as it will be saved
     if not a.resume and not a.overwrite:
         refuse_to_overwrite(a.out, "--resume", "--overwrite")
     bank = FeatureBank.load(a.bank) if a.bank else None
@@ -261,14 +280,33 @@ def cmd_train(a: argparse.Namespace) -> int:
         callbacks.append(TimeBudget(max_seconds=float("inf") if a.yes else 3600.0,
                                     say=lambda line: print(line, file=sys.stderr, flush=True)))
     phases = _Phases(a.quiet)
-    try:
-        det = train_detector(data, a.out, variant=a.variant, method=method, train=train, bank=bank,
-                             image_size=a.image_size, backbone=a.backbone, layers=a.layers, bank_size=a.size,
-                             calibration_fraction=a.calibration_fraction, resume=a.resume, seed=a.seed,
-                             overwrite=a.overwrite, scoring=scoring, callbacks=callbacks, phase=phases,
-                             progress=phases.progress)
-    finally:
-        phases.close()
+    with _checkpoint_on_signals(a.quiet) as stop:
+        callbacks.append(stop.callback)
+
+        def phase(text: str) -> None:
+            stop.phase(text)  # a signal outside the training loop ends the run here
+            phases(text)
+
+        try:
+            det = train_detector(data, a.out, variant=a.variant, method=method, train=train, bank=bank,
+                                 image_size=a.image_size, backbone=a.backbone, layers=a.layers, bank_size=a.size,
+                                 calibration_fraction=a.calibration_fraction, resume=a.resume, seed=a.seed,
+                                 overwrite=a.overwrite, scoring=scoring, callbacks=callbacks, phase=phase,
+                                 progress=phases.progress)
+        except _Interrupted as exc:
+            from .training import latest_checkpoint
+
+            phases.close()
+            ckpt = latest_checkpoint(a.out) if Path(a.out).is_dir() else None
+            if stop.step and ckpt is not None:
+                why = (f"training stopped at step {stop.step}, checkpoint saved ({ckpt}); continue with the "
+                       "same command and --resume")
+            else:
+                why = "no training step had run" + (f"; the latest checkpoint is {ckpt}" if ckpt else "")
+            print(f"interrupted by {exc.name}: {why}", file=sys.stderr)
+            return 128 + exc.signum
+        finally:
+            phases.close()
     from .distributed import launched_world_size
 
     if launched_world_size() > 1:
@@ -281,6 +319,73 @@ def cmd_train(a: argparse.Namespace) -> int:
                       "steps": det.info.get("train_steps"), "threshold": det.threshold,
                       "categories": det.info.get("categories"), "stopped_early": det.info.get("stopped_early")}))
     return 0
+
+
+class _Interrupted(KeyboardInterrupt):
+    """SIGTERM / SIGINT while ``ccad train`` runs (after the training loop has checkpointed)."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        super().__init__(signum)
+        self.signum, self.name = signum, signal.Signals(signum).name
+
+
+class _SignalStop:
+    """What ``ccad train`` does on SIGTERM / SIGINT: inside the training loop the loop is asked to
+    stop after the current step (the Trainer then writes a checkpoint) and the run ends when the
+    next phase would start; outside it (bank, data, calibration: nothing a checkpoint could keep)
+    the run ends at once. A second signal ends it at once too."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet, self.signum, self.in_loop, self.step = quiet, None, False, 0
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None or not self.in_loop:
+            self.signum = signum
+            raise _Interrupted(signum)
+        self.signum = signum  # the loop stops after this step, with a checkpoint
+
+    def callback(self, state: Any) -> bool:
+        self.step = int(state.step)
+        return self.signum is not None
+
+    def phase(self, text: str) -> None:
+        if self.signum is not None:
+            raise _Interrupted(self.signum)
+        self.in_loop = text == "training"  # the phase line itself is printed by _Phases
+
+
+@contextlib.contextmanager
+def _checkpoint_on_signals(quiet: bool) -> Any:
+    """Install :class:`_SignalStop` for SIGTERM and SIGINT (main thread only) for the block."""
+    import signal
+    import threading
+
+    stop = _SignalStop(quiet)
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    old = {sig: signal.signal(sig, stop.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _check_detector_config(a: argparse.Namespace, method: Any, scoring: Any, train: Any) -> None:
+    """Build and validate the detector config ``ccad train`` will save (image size, bank settings,
+    method, scoring, training), so that a bad value is refused before the bank or training start."""
+    from .config import BankConfig
+    from .detector_config import DetectorConfig
+    from .methods import get_method
+
+    mcls = get_method(a.variant)
+    bank = BankConfig(backbone=a.backbone, layers=tuple(a.layers), size=a.size)
+    DetectorConfig(variant=a.variant, image_size=mcls.default_image_size if a.image_size is None else a.image_size,
+                   bank=bank, scoring=scoring if scoring is not None else mcls.default_scoring(), method=method,
+                   train=train).validate()
 
 
 def variants_help() -> str:
@@ -389,16 +494,45 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
     shard = current()  # under accelerate launch / torchrun: this process's slice (before loading: its GPU)
     try:
-        return _predict(a, shard)
+        with _out_lock(Path(a.out), shard, "ccad predict") as busy:
+            if busy:  # another run writes there: its rows and images would mix with (or replace) ours
+                print(f"error: --out {busy}", file=sys.stderr)
+                return 2
+            return _predict(a, shard)
     finally:
         shard.close()
 
 
-def _predict(a: argparse.Namespace, shard: Any) -> int:
-    import cv2
+@contextlib.contextmanager
+def _out_lock(out: Path, shard: Any, what: str) -> Any:
+    """Hold ``out``'s lock (:func:`ccad.atomic.folder_lock`) for one run: yields None, or the
+    message naming the run that holds it (on every rank: the main process takes it for all).
+    A folder this run created and left empty (a refused run) is removed."""
+    from .atomic import FolderBusyError, folder_lock
 
+    created = not out.exists()
+    busy, stack = None, contextlib.ExitStack()
+    with stack:
+        if shard.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            try:
+                stack.enter_context(folder_lock(out, what, name=".ccad-predict.lock"))
+            except FolderBusyError as exc:
+                busy = str(exc)
+        busy = shard.broadcast(busy)
+        try:
+            yield busy
+        finally:
+            stack.close()
+            if created and shard.is_main:
+                with contextlib.suppress(OSError):
+                    out.rmdir()  # only when empty
+
+
+def _predict(a: argparse.Namespace, shard: Any) -> int:
+    from .data.io import save_image
+    from .data.naming import OUTPUT_KINDS, display_name, output_files, output_stems
     from .data.skips import find_images, unsupported_reason
-    from .data.naming import OUTPUT_KINDS, output_files, output_stems
 
     det = _load_model(a.model, a.revision, export_ok=True)
     if a.threshold is not None:
@@ -425,20 +559,24 @@ def _predict(a: argparse.Namespace, shard: Any) -> int:
             j += 1
         names = output_files(stems[j], OUTPUT_KINDS if r.reconstruction is not None else OUTPUT_KINDS[:3])
         j += 1
-        cv2.imwrite(str(out / names["heatmap"]), cv2.cvtColor(r.heatmap(), cv2.COLOR_RGB2BGR))
-        cv2.imwrite(str(out / names["overlay"]), cv2.cvtColor(r.overlay(), cv2.COLOR_RGB2BGR))
-        cv2.imwrite(str(out / names["mask"]), r.mask.astype("uint8") * 255)
-        if r.reconstruction is not None:
-            rec = (r.reconstruction * 255).round().astype("uint8")
-            cv2.imwrite(str(out / names["reconstruction"]), cv2.cvtColor(rec, cv2.COLOR_RGB2BGR))
+        write_error = ""
+        try:  # through Pillow (any file name Python can hold); one image's failure never loses the batch
+            save_image(out / names["heatmap"], r.heatmap())
+            save_image(out / names["overlay"], r.overlay())
+            save_image(out / names["mask"], r.mask.astype("uint8") * 255)
+            if r.reconstruction is not None:
+                save_image(out / names["reconstruction"], (r.reconstruction * 255).round().astype("uint8"))
+        except (OSError, ValueError) as exc:
+            write_error = f"cannot write its output images ({exc})"
+            names = {}
         ood = r.out_of_domain
-        rows.append({"file": r.path, "score": f"{r.score:.6f}", "threshold": f"{r.threshold:.6f}",
+        rows.append({"file": display_name(r.path), "score": f"{r.score:.6f}", "threshold": f"{r.threshold:.6f}",
                      "verdict": r.verdict, "seconds": f"{r.seconds:.3f}",
                      # unlike the model's good training images (empty: the model has no such statistic)
                      "out_of_domain": "" if ood is None else ("yes" if ood else "no"),
                      "domain_distance": "" if r.domain_distance is None else f"{r.domain_distance:.6f}",
                      "domain_limit": "" if r.domain_limit is None else f"{r.domain_limit:.6f}",
-                     "error": r.error or "", **names})
+                     "error": "; ".join(e for e in (r.error or "", write_error) if e), **names})
     if shard.distributed:  # the main process writes one CSV: every rank's rows, then every rank's errors
         rows = [row for part in shard.gather(rows) for row in part]
         errors = [e for part in shard.gather(errors) for e in part]
@@ -447,9 +585,11 @@ def _predict(a: argparse.Namespace, shard: Any) -> int:
     n_ok, n_bad = len(rows), sum(row["verdict"] == "anomalous" for row in rows)
     n_good = sum(row["verdict"] == "good" for row in rows)  # Prediction.status: only "good" is good
     for path, why in errors:
-        rows.append({"file": path, "score": "", "threshold": "", "verdict": f"error: {why}", "seconds": ""})
-        print(f"skipped {path}: {why}", file=sys.stderr)
-    rows += [{"file": str(q), "score": "", "threshold": "", "verdict": f"skipped: {unsupported_reason(q)}",
+        # no verdict: "error" in the verdict column, the reason in the error column (as a scored row's)
+        rows.append({"file": display_name(path), "score": "", "threshold": "", "verdict": "error",
+                     "seconds": "", "error": display_name(why)})
+        print(f"skipped {display_name(path)}: {display_name(why)}", file=sys.stderr)
+    rows += [{"file": display_name(q), "score": "", "threshold": "", "verdict": f"skipped: {unsupported_reason(q)}",
               "seconds": ""} for q in unsupported]
     _report_skipped(unsupported)
     with open(out / "scores.csv", "w", newline="") as f:
@@ -516,9 +656,14 @@ def cmd_push(a: argparse.Namespace) -> int:
 def cmd_pull(a: argparse.Namespace) -> int:
     from huggingface_hub import snapshot_download
 
-    path = snapshot_download(repo_id=a.repo_id, revision=a.revision, local_dir=a.out, token=a.token)
-    det = _load_model(path)  # proves the download is a loadable ccad model
-    print(json.dumps({"path": str(path), "variant": det.variant, "threshold": det.threshold}))
+    from .atomic import replace_folder
+
+    # downloaded into a temporary sibling and swapped in only once it loads: a failed or refused
+    # download leaves a model already in --out as it was
+    with replace_folder(a.out) as tmp:
+        snapshot_download(repo_id=a.repo_id, revision=a.revision, local_dir=tmp, token=a.token)
+        det = _load_model(str(tmp))  # proves the download is a loadable ccad model
+    print(json.dumps({"path": str(a.out), "variant": det.variant, "threshold": det.threshold}))
     return 0
 
 
@@ -561,9 +706,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "bank from good images; saves a working detector folder.")
     data_opts(sp)
     sp.add_argument("--out", required=True, help="output model folder")
-    sp.add_argument("--image-size", type=int, default=256, help="square input size in pixels")
+    sp.add_argument("--image-size", type=_positive_int, default=256, help="square input size in pixels")
     sp.add_argument("--patchcore-ratio", type=float, default=0.01, help="PatchCore memory = this share of all patches")
-    sp.add_argument("--batch-size", type=int, default=8, help="images per feature-extraction batch")
+    sp.add_argument("--batch-size", type=_positive_int, default=8, help="images per feature-extraction batch")
     sp.add_argument("--weights", default=None, help="local backbone weights file (safetensors or .pth)")
     sp.add_argument("--overwrite", action="store_true",
                     help="replace the model (or a run's bank) already in --out; refused without it")
@@ -582,9 +727,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--bank", default=None, help="a folder with a saved bank (bank.safetensors) to reuse")
     sp.add_argument("--preset", default=None, help="network size of the variant: tiny (tests), small (CPU), "
                                                    "base (GPU); default: the variant's")
-    sp.add_argument("--image-size", type=int, default=None, help="square input size (default: the variant's)")
+    sp.add_argument("--image-size", type=_positive_int, default=None,
+                    help="square input size (default: the variant's)")
     sp.add_argument("--steps", type=int, default=2000, help="optimiser steps (default: %(default)s)")
-    sp.add_argument("--batch-size", type=int, default=8, help="batch size (default: %(default)s)")
+    sp.add_argument("--batch-size", type=_positive_int, default=8, help="batch size (default: %(default)s)")
     sp.add_argument("--lr", type=float, default=3e-4, help="peak learning rate, cosine schedule (default: %(default)s)")
     sp.add_argument("--checkpoint-every", type=int, default=500,
                     help="steps between checkpoints (default: %(default)s)")
@@ -615,7 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("data", help="MVTec/anomalib folder, CSV manifest, VisA, DAGM ... (see --layout)")
     sp.add_argument("--split", default="test", help="which split of the dataset to evaluate")
     sp.add_argument("--layout", default="auto", help="dataset layout (auto-detected by default)")
-    sp.add_argument("--batch-size", type=int, default=8, help="images per batch")
+    sp.add_argument("--batch-size", type=_positive_int, default=8, help="images per batch")
     sp.add_argument("--json", default=None, help="write the full report (metrics, per-image records) here")
     sp.add_argument("--record", action="store_true", help="store the mean metrics in the model's card")
     sp.add_argument("--views", action="store_true",
@@ -634,7 +780,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("inputs", nargs="+", help="image files or folders")
     sp.add_argument("--out", required=True, help="output folder")
     sp.add_argument("--threshold", type=float, default=None, help="override the model's threshold for this run")
-    sp.add_argument("--batch-size", type=int, default=8, help="images per batch")
+    sp.add_argument("--batch-size", type=_positive_int, default=8, help="images per batch")
     sp.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     sp.set_defaults(func=cmd_predict)
@@ -691,15 +837,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from .config import ConfigError
     from .data.io import ImageReadError
-    from .pipeline import CheckpointError
+    from .errors import WeightsNotFound
     from .export import ExportParityError
+    from .pipeline import CheckpointError
     from .train_budget import TrainingTooLong
 
     try:
         return int(args.func(args) or 0)
     except (ImageReadError, CheckpointError, ConfigError, FileNotFoundError, FileExistsError, ValueError,
-            ExportParityError, TrainingTooLong) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+            ExportParityError, TrainingTooLong, WeightsNotFound) as exc:
+        print(f"error: {exc}", file=sys.stderr)  # one line naming what and how to fix it; no traceback
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -7,6 +7,7 @@ readable and editable by hand; unknown keys are rejected with a message naming t
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -123,12 +124,16 @@ def _parse_value(tp: Any, text: str, where: str) -> Any:
         if tp is int:
             return int(text)
         if tp is float:
-            return float(text)
+            number = float(text)
+            if math.isfinite(number):
+                return number
         if origin is tuple:
             inner = args[0] if args else str
             return tuple(_parse_value(inner, v, where) for v in text.replace(",", " ").split())
     except ValueError:
         raise ConfigError(f"{where}: cannot read {text!r} as {getattr(tp, '__name__', tp)}") from None
+    if tp is float:  # nan / inf: no setting of ccad means "not a number"
+        raise ConfigError(f"{where}: expected a finite number, got {text!r}")
     return text
 
 
@@ -153,6 +158,22 @@ def set_option(cfg: Any, key: str, value: Any, where: str = "option") -> None:
             setattr(obj, part, value)
         else:
             obj = getattr(obj, part)
+
+
+def check_finite_fields(cfg: Any, where: str = "") -> None:
+    """Refuse a NaN or infinite number anywhere in a config dataclass (nested sections included),
+    naming the dotted field: every float setting of ccad is a finite number."""
+    if not dataclasses.is_dataclass(cfg):
+        return
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        name = _field_where(where, f.name)
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        for v in values:
+            if dataclasses.is_dataclass(v):
+                check_finite_fields(v, name)
+            elif isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{name}: expected a finite number, got {v}")
 
 
 def option_help(cls: type, prefix: str = "") -> list[str]:

@@ -27,7 +27,7 @@ from .config import ConfigError
 from .data.coerce import coerce_image, decode_item
 from .data.convert import to_tensor, warn_aspect
 from .detector_config import DetectorConfig
-from .detector_folder import default_device, read_folder, write_calibration, write_folder
+from .detector_folder import default_device, read_folder, save_folder, write_calibration, write_folder
 from .errors import CheckpointError
 from .methods import Method, get_method
 from .prediction import Prediction
@@ -298,6 +298,8 @@ class AnomalyDetector(
         (``on_error="skip"``) or raises (``"raise"``); nothing already done is lost. Each
         prediction's ``seconds`` is that image's own time (see :meth:`_predict_batch`), its read
         and decode included."""
+        if isinstance(batch_size, bool) or int(batch_size) < 1:
+            raise ValueError(f"batch_size must be a positive number of images, got {batch_size!r}")
         items = list(items)
         results: list[Prediction] = []
         errors: list[tuple[str, str]] = []
@@ -466,11 +468,21 @@ class AnomalyDetector(
         write_folder(self, save_directory)
 
     def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> Optional[str]:  # type: ignore[override]
-        """Write config.json, bank, the method's files (safetensors), calibration and a model card."""
-        return super().save_pretrained(save_directory, **kwargs)
+        """Write config.json, bank, the method's files (safetensors), calibration and a model card.
+
+        Checked first, written into a temporary sibling folder and swapped in whole
+        (:func:`ccad.detector_folder.save_folder`): a refused or failed save leaves an existing
+        folder as it was. ``push_to_hub=True`` (with ``repo_id``) then uploads it."""
+        push = kwargs.pop("push_to_hub", False)
+        repo_id = kwargs.pop("repo_id", None)
+        save_folder(self, save_directory, write=lambda tmp: super(AnomalyDetector, self).save_pretrained(tmp))
+        if push:
+            kwargs.pop("config", None)
+            return self.push_to_hub(repo_id or Path(save_directory).name, **kwargs)
+        return None
 
     def set_threshold_and_save(self, save_directory: str | Path, threshold: float) -> None:
-        """Change a saved model's threshold in place (only calibration.json is rewritten)."""
+        """Change a saved model's threshold in place (only calibration.json is replaced, in one step)."""
         self.threshold = threshold
         write_calibration(save_directory, self.calibration)
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import CONFIG_VERSION, BankConfig, ConfigError, ScoringConfig, TrainConfig, config_from_dict
+from .config import (CONFIG_VERSION, BankConfig, ConfigError, ScoringConfig, TrainConfig, check_finite_fields,
+                     config_from_dict)
 from .methods import UnknownVariant, get_method
 
 
@@ -41,6 +42,8 @@ class DetectorConfig:
     def validate(self) -> "DetectorConfig":
         if not 16 <= int(self.image_size) <= 2048:
             raise ConfigError(f"image_size must be in 16..2048, got {self.image_size}")
+        for name in ("bank", "scoring", "method", "train"):  # no NaN / inf setting anywhere
+            check_finite_fields(getattr(self, name), name)
         self.bank.validate()
         self.scoring.validate()
         cls = get_method(self.variant)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from . import __version__
+from .atomic import replace_folder, write_text_atomic
 from .config import ConfigError
 from .detector_config import DetectorConfig
 from .errors import CheckpointError
@@ -24,8 +25,8 @@ from .folder_files import bundled_config, check_folder_links, confine_config_pat
 from .methods import Context, get_method
 from .scoring.threshold import Calibration
 
-__all__ = ["FILES", "check_weight_files", "default_device", "model_card_text", "read_folder",
-           "write_calibration", "write_folder"]
+__all__ = ["FILES", "check_savable", "check_weight_files", "default_device", "model_card_text", "read_folder",
+           "save_folder", "write_calibration", "write_folder"]
 
 FILES = {
     "config": "config.json",
@@ -40,21 +41,53 @@ def default_device() -> torch.device:
 
 
 def write_calibration(folder: str | Path, calibration: Calibration) -> None:
-    """Write ``calibration.json`` (the threshold and its statistics) into a detector folder."""
-    Path(folder, FILES["calibration"]).write_text(json.dumps(calibration.to_dict(), indent=1))
+    """Replace ``calibration.json`` (the threshold and its statistics) of a detector folder in one
+    step (:func:`ccad.atomic.write_text_atomic`); a non-finite calibration is refused first."""
+    _check_calibration(calibration, folder)
+    write_text_atomic(Path(folder, FILES["calibration"]), json.dumps(calibration.to_dict(), indent=1))
+
+
+def _check_calibration(calibration: Any, where: str | Path) -> None:
+    if calibration is None:
+        return
+    try:
+        calibration.check_finite()
+    except ValueError as exc:  # nothing is written: a NaN threshold would read every image as good
+        raise ValueError(f"{where}: not saved: the calibration is not usable ({exc}); "
+                         f"re-calibrate on readable good images") from None
+
+
+def check_savable(detector: Any, save_directory: str | Path) -> None:
+    """Everything a save can refuse, checked before anything is written: the config, the
+    calibration, and a destination that is a file."""
+    dest = Path(save_directory).expanduser()
+    if dest.exists() and not dest.is_dir():
+        raise ValueError(f"{dest}: exists and is not a folder: the model is not saved there")
+    try:
+        detector.config.validate()
+    except ConfigError as exc:
+        raise ValueError(f"{dest}: not saved: {exc}") from None
+    _check_calibration(detector.calibration, dest)
+
+
+def save_folder(detector: Any, save_directory: str | Path, write: Any = None) -> Path:
+    """The one way a detector folder is written: :func:`check_savable` first, then the whole folder
+    is written into a temporary sibling and swapped in (:func:`ccad.atomic.replace_folder`): a
+    refused, failed or killed save leaves the old folder as it was. ``write(tmp)`` writes the
+    files (default :func:`write_folder`). Returns the folder."""
+    check_savable(detector, save_directory)
+    with replace_folder(save_directory) as tmp:
+        (write or (lambda d: write_folder(detector, d)))(tmp)
+    return Path(save_directory)
 
 
 def write_folder(detector: Any, save_directory: str | Path) -> None:
-    """Write an :class:`~ccad.detector.AnomalyDetector` into ``save_directory``: config, bank, the
-    method's files, the fusion memory, calibration, info and the model card. An unusable
-    (non-finite) calibration is refused before anything is written."""
+    """Write an :class:`~ccad.detector.AnomalyDetector` into ``save_directory`` (a fresh folder:
+    :func:`save_folder` is the safe way to save): config, bank, the method's files, the fusion
+    memory, calibration, info and the model card. An unusable (non-finite) calibration is refused
+    before anything is written."""
     save_directory = Path(save_directory)
-    if detector.calibration is not None:
-        try:
-            detector.calibration.check_finite()
-        except ValueError as exc:  # nothing is written: a NaN threshold would read every image as good
-            raise ValueError(f"{save_directory}: not saved: the calibration is not usable ({exc}); "
-                             f"re-calibrate on readable good images") from None
+    _check_calibration(detector.calibration, save_directory)
     save_directory.mkdir(parents=True, exist_ok=True)
     # a weights file the config names is kept in the folder (weights/), named relative to it
     bundled_config(detector.config, save_directory).save(save_directory / FILES["config"])

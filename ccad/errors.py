@@ -14,3 +14,8 @@ class RunFolderExistsError(ValueError):
 class Cancelled(RuntimeError):
     """A long operation was stopped because its ``cancel()`` callable returned True (the project's
     one cancellation exception: bank builds, latent caches, training)."""
+
+
+class WeightsNotFound(RuntimeError):
+    """Pretrained weights for a backbone are not available; the message says how to get them
+    (raised by :mod:`ccad.features.backbone`; here so the CLI reports it without importing it)."""

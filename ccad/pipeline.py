@@ -141,7 +141,8 @@ def _detector_config(variant: str, image_size: Optional[int], method: Any, bank_
                        ("size", bank_size), ("weights", weights), ("batch_size", batch_size)):
         if value is not None:
             setattr(bc, key, value)
-    return DetectorConfig(variant=variant, image_size=int(image_size or mcls.default_image_size), bank=bc,
+    size = mcls.default_image_size if image_size is None else int(image_size)  # 0 is refused, never "default"
+    return DetectorConfig(variant=variant, image_size=size, bank=bc,
                           scoring=scoring if scoring is not None else mcls.default_scoring(), method=mcfg).validate()
 
 
@@ -362,11 +363,7 @@ def train_detector(
         det.calibrate(cal, batch_size=tcfg.batch_size)
     say("saving the model")
     if state is None or state.is_main_process:  # several processes (accelerate launch): one writes the model
-        if overwrite and (out_dir / "model").is_dir():  # replaced as a whole: no stale file of the old model
-            from .training import _remove_dir
-
-            _remove_dir(out_dir / "model")
-        det.save_pretrained(out_dir / "model")
+        det.save_pretrained(out_dir / "model")  # replaced as a whole, in one swap (ccad.atomic)
     if state is not None:
         state.wait_for_everyone()
     return det

@@ -131,7 +131,7 @@ def test_a_gif_renamed_png_is_refused_naming_the_file(model, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["predict", str(model), str(src), "--out", str(out), "--quiet"]) == 0
     rows = {Path(r["file"]).name: r for r in _rows(out / "scores.csv")}
-    assert rows["fake.png"]["verdict"].startswith("error:") and "GIF" in rows["fake.png"]["verdict"]
+    assert rows["fake.png"]["verdict"] == "error" and "GIF" in rows["fake.png"]["error"]
     assert rows["fake.png"]["score"] == "" and rows["ok.png"]["score"] != ""
     assert "fake.png" in capsys.readouterr().err
 

@@ -13,6 +13,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from ccad.data.naming import display_name
+
 from .. import views
 from ..batch import Batch, domain_text, name_list, relative_name, seconds_text, to_uint8, unique_names, verdict_text
 from ..engine import ProgressFn
@@ -77,11 +79,11 @@ class InspectMixin(ControllerBase):
                 preds, errors = det.predict_many(paths, batch_size=4, on_error="skip", progress=progress)
             except Exception as exc:
                 raise UserError(f"the model failed on this batch ({type(exc).__name__}: "
-                                f"{hide_paths(str(exc), shown)})") from None
-        errors = skipped + [(shown.get(p, Path(p).name), hide_paths(msg, shown)) for p, msg in errors]
+                                f"{hide_paths(display_name(str(exc)), shown)})") from None
+        errors = skipped + [(shown.get(p, relative_name(p)), hide_paths(display_name(msg), shown)) for p, msg in errors]
         if not preds:
             raise UserError("no readable image: " + "; ".join(f"{n}: {m}" for n, m in errors[:5]))
-        names = unique_names([shown.get(str(p.path), Path(p.path).name) if p.path else f"image {i}"
+        names = unique_names([shown.get(str(p.path), relative_name(p.path)) if p.path else f"image {i}"
                               for i, p in enumerate(preds)])
         # an image from a zip no longer exists on disk: later runs (comparison, re-scoring) use its pixels
         preds = [replace(p, path=None) if p.path is not None and str(p.path) in from_zip else p for p in preds]

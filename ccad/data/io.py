@@ -135,11 +135,32 @@ def list_images(directory: PathLike, recursive: bool = False) -> list[Path]:
 # --------------------------------------------------------------------------------------------
 
 
+def _not_regular(path: Path) -> str | None:
+    """Why ``path`` is no regular file (following symlinks), or None when it is one: checked before
+    anything opens it, so a FIFO, ``/dev/zero`` or a socket never blocks or streams a read."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        if path.is_symlink():
+            return f"a broken symbolic link (its target {os.readlink(path)} does not exist)"
+        return "file not found"
+    except OSError as e:
+        return f"cannot access file ({e.strerror or e})"
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a special file")
+    via = f" (a symbolic link to {os.readlink(path)})" if path.is_symlink() else ""
+    return f"not a regular file: {kind}{via}"
+
+
 def _check_file(path: Path, original: PathLike) -> None:
-    if not path.exists():
-        raise ImageReadError(original, "file not found")
-    if not path.is_file():
-        raise ImageReadError(original, "not a regular file")
+    why = _not_regular(path)
+    if why is not None:
+        raise ImageReadError(original, why)
     suffix = path.suffix.lower()
     if suffix not in IMAGE_EXTENSIONS:
         shown = suffix or "(no extension)"

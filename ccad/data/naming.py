@@ -8,7 +8,8 @@ its own ``stem``:
   with the folder separator written as ``+`` (``a/000.png`` -> ``a+000``); a single folder of
   images keeps its plain stems (``000.png`` -> ``000``);
 * the encoding is injective: ``%`` ``+`` ``~``, characters that some file systems refuse
-  (``<>:"/\\|?*``) and control characters are percent-encoded (``b+c.png`` -> ``b%2Bc``), so a
+  (``<>:"/\\|?*``), control characters and bytes of the name that are not UTF-8 are
+  percent-encoded (``b+c.png`` -> ``b%2Bc``, ``\\xff.png`` -> ``%FF``), so a
   top-level ``b_000.png`` (``b_000``) and ``b/000.png`` (``b+000``) can never swap names;
 * what is left (``a.png`` beside ``a.jpg``, or names equal but for case, which collide on
   case-insensitive file systems) gets ``~2``, ``~3``, ... in input order (deterministic; ``~``
@@ -25,7 +26,7 @@ import os
 from pathlib import PurePath
 from typing import Iterable, Optional, Sequence, Union
 
-__all__ = ["OUTPUT_KINDS", "encode_relative", "output_stems", "output_files"]
+__all__ = ["OUTPUT_KINDS", "display_name", "encode_relative", "output_stems", "output_files"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -38,7 +39,15 @@ _ESCAPE = set('%+~<>:"/\\|?*')
 
 
 def _quote(part: str) -> str:
-    return "".join(f"%{ord(c):02X}" if (c in _ESCAPE or ord(c) < 32 or ord(c) == 127) else c for c in part)
+    return "".join(f"%{ord(c):02X}" if (c in _ESCAPE or ord(c) < 32 or ord(c) == 127)
+                   else f"%{ord(c) - 0xDC00:02X}" if 0xDC80 <= ord(c) <= 0xDCFF  # a byte that is not UTF-8
+                   else c for c in part)
+
+
+def display_name(path: PathLike) -> str:
+    """``path`` as text that can be printed and written to a UTF-8 file: a byte of the name
+    that is not valid UTF-8 (held by Python as a surrogate escape) is shown as ``\\xff``."""
+    return os.fsencode(os.fspath(path)).decode("utf-8", "backslashreplace")
 
 
 def encode_relative(parts: Sequence[str]) -> str:

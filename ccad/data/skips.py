@@ -89,7 +89,7 @@ def note_unsupported(d: Path, recursive: bool = False, as_given: bool = False) -
             continue
         if any(part.lower() in MASK_DIR_NAMES for part in parts[:-1]):
             continue
-        if p.is_file() and not is_image_file(p) and not looks_like_mask(p):
+        if not p.is_dir() and not is_image_file(p) and not looks_like_mask(p):  # FIFOs and broken links too
             found.append(p if as_given else abs_path(p))
     for lst in collectors:
         seen = set(lst)
@@ -120,13 +120,16 @@ def find_images(inputs: Iterable[PathLike]) -> tuple[list[str], list[Path]]:
     """Files to inspect from files and folders (``ccad predict``): a file is taken as given, a
     folder is searched recursively for image files. Returns ``(images, skipped)``: ``skipped``
     are the folders' files with unsupported extensions. Both are named as given (the folder as
-    given joined with the path inside it; a symlink by its own name, never its target)."""
+    given joined with the path inside it; a symlink by its own name, never its target). Every
+    entry the walk sees is one or the other: an image-named entry that is no regular file (a
+    broken symlink, a FIFO, a link to a device) is an image to inspect, which the reader refuses
+    with the reason (without opening it), so it gets its own row."""
     items: list[str] = []
     with collect_skipped() as skipped:
         for p in map(Path, inputs):
             if p.is_dir():
                 note_unsupported(p, recursive=True, as_given=True)
-                items.extend(str(f) for f in sorted(p.rglob("*")) if f.is_file() and is_image_file(f))
+                items.extend(str(f) for f in sorted(p.rglob("*")) if not f.is_dir() and is_image_file(f))
             else:
                 items.append(str(p))
     return items, sorted(skipped)

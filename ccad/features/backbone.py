@@ -37,6 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import WeightsNotFound  # noqa: F401  (re-exported: ccad.features.backbone.WeightsNotFound)
+
 __all__ = [
     "Backbone",
     "WeightsNotFound",
@@ -82,8 +84,6 @@ _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class WeightsNotFound(RuntimeError):
-    """Pretrained weights for a backbone are not available; the message says how to get them."""
 
 
 # --------------------------------------------------------------------------------------------

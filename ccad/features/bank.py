@@ -175,22 +175,22 @@ class FeatureBank:
 
     # ---- persistence ------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write ``bank.safetensors`` (the features) and ``bank.json`` (meta) into ``directory``."""
-        from safetensors.torch import save_file
+        """Write ``bank.safetensors`` (the features) and ``bank.json`` (meta) into ``directory``, each
+        replaced in one step (:func:`ccad.atomic.write_bytes_atomic`: a kill leaves the old file)."""
+        from safetensors.torch import save
+
+        from ..atomic import write_bytes_atomic
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        save_file(
+        write_bytes_atomic(d / BANK_WEIGHTS, save(
             {"features": self.features.detach().float().cpu().contiguous()},
-            str(d / BANK_WEIGHTS),
             metadata={"format": "ccad-feature-bank", "ccad_version": _ccad_version()},
-        )
+        ))
         meta = dict(self.meta)
         meta["xi"] = self.size
         meta["feature_dim"] = self.feature_dim
-        tmp = d / (BANK_META + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
-        os.replace(tmp, d / BANK_META)
+        write_bytes_atomic(d / BANK_META, json.dumps(meta, indent=2, default=str).encode("utf-8"))
         return d
 
     @classmethod

@@ -4,7 +4,10 @@ whose split CSV (``object, split, label, image, mask``) the same reader takes.""
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
+
+from PIL import Image
 
 from ccad.data.sample import LABEL_ANOMALOUS, LABEL_GOOD, Sample
 from ccad.data.skips import reports_skipped
@@ -27,10 +30,31 @@ def _resolve(base: Path, value: str) -> Path:
     return p if p.is_absolute() else (base / p)
 
 
+def _decode(cp: Path, data: bytes) -> str:
+    """The CSV's text (UTF-8, with or without a BOM); a byte that is not UTF-8 is a
+    :class:`DatasetLayoutError` naming the file, the line and the column it is in."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        data, start = bytes(e.object), e.start  # (the bytes after a BOM, as the codec saw them)
+        line_start = data.rfind(b"\n", 0, start) + 1
+        line_no = data.count(b"\n", 0, start) + 1
+        header = next(csv.reader([data.split(b"\n", 1)[0].decode("latin-1")]), [])
+        before = data[line_start:start].decode("latin-1")
+        field = len(next(csv.reader([before]), [""])) - 1 if before else 0
+        col = header[field].strip() if line_no > 1 and field < len(header) else None
+        where = f"line {line_no}" + (f", column '{col}'" if col else f", field {field + 1}")
+        raise DatasetLayoutError(
+            f"'{cp}', {where}: not UTF-8 text (byte 0x{data[start]:02x}); save the CSV as UTF-8 "
+            f"(e.g. iconv -f latin1 -t utf-8)") from None
+
+
 def csv_header(path: Path) -> list[str]:
-    """The first row of a CSV file, stripped and lower-cased (``[]`` for an empty file)."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        return [h.strip().lower() for h in next(csv.reader(f), [])]
+    """The first row of a CSV file, stripped and lower-cased (``[]`` for an empty file); a header
+    that is not UTF-8 is a :class:`DatasetLayoutError` naming the file."""
+    with open(path, "rb") as f:
+        first = f.readline()
+    return [h.strip().lower() for h in next(csv.reader([_decode(Path(path), first)]), [])]
 
 
 def manifest_csvs(d: Path) -> list[Path]:
@@ -39,7 +63,7 @@ def manifest_csvs(d: Path) -> list[Path]:
     for c in sorted(d.glob("*.csv")):
         try:
             head = csv_header(c)
-        except (OSError, UnicodeDecodeError, csv.Error):
+        except (OSError, DatasetLayoutError, csv.Error):
             continue
         if any(h in _COL_ALIASES["image"] for h in head):
             out.append(c)
@@ -64,11 +88,11 @@ def load_csv_manifest(csv_path: PathLike, split: str | None = None, root: PathLi
     if not cp.is_file():
         raise DatasetLayoutError(f"CSV manifest '{cp}' not found")
     try:
-        with open(cp, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            header = [h.strip() for h in (reader.fieldnames or [])]
-            rows = [{(k or "").strip().lower(): (v or "") for k, v in row.items()} for row in reader]
-    except (UnicodeDecodeError, csv.Error) as e:
+        text = _decode(cp, cp.read_bytes())
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        rows = [{(k or "").strip().lower(): (v or "") for k, v in row.items()} for row in reader]
+    except csv.Error as e:
         raise DatasetLayoutError(f"cannot parse CSV manifest '{cp}': {e}") from e
     lower = [h.lower() for h in header]
     cols: dict[str, str | None] = {}
@@ -79,6 +103,10 @@ def load_csv_manifest(csv_path: PathLike, split: str | None = None, root: PathLi
             f"CSV manifest '{cp}' has no image column (header: {', '.join(header) or 'empty'}); "
             "expected a column named 'image'"
         )
+    if cols["label"] is None:  # never guessed: a missing column would make every row "unknown" or "good"
+        raise DatasetLayoutError(
+            f"CSV manifest '{cp}' has no label column (header: {', '.join(header)}); add a column 'label' "
+            "(0 or good, 1 or anomaly, -1 for unknown)")
     if root is not None:
         base = Path(root)
     else:
@@ -114,9 +142,42 @@ def load_csv_manifest(csv_path: PathLike, split: str | None = None, root: PathLi
         if sp == "train" and label != LABEL_GOOD:
             continue
         mp = str(abs_path(_resolve(base, mask))) if mask else None
+        if mp is not None:
+            _check_mask(cp, n, cols, _resolve(base, img), Path(mp), label)
         cat = get(row, "category") or default_category
         out.append(Sample(str(abs_path(_resolve(base, img))), mp, label, cat, dt, sp))
     return out
+
+
+def _check_mask(cp: Path, line: int, cols: dict[str, str | None], image: Path, mask: Path, label: int) -> None:
+    """Refuse a row whose mask cannot be this image's: a size other than the image's (it would be
+    stretched onto it), or defect pixels on an image labelled good. Sizes come from the file
+    headers; a mask is decoded only for a good row. Missing or unreadable files are left to
+    the reader (which names them) so that one bad file never stops the others."""
+    from ccad.data.io import ImageReadError, load_mask
+
+    where = f"'{cp}', line {line}, column '{cols['mask']}'"
+    if label == LABEL_GOOD:
+        try:
+            defect = float(load_mask(mask).sum())
+        except ImageReadError:
+            return
+        if defect > 0:
+            raise DatasetLayoutError(
+                f"{where}: the mask {mask.name} marks {int(defect)} defect pixel(s) but column "
+                f"'{cols['label']}' says the image is good (0): fix the label or the mask")
+    sizes = []
+    for p in (image, mask):
+        try:
+            with Image.open(p) as im:
+                sizes.append(im.size)
+        except Exception:  # noqa: BLE001 - unreadable: the reader names it later
+            return
+    if sizes[0] != sizes[1]:
+        (iw, ih), (mw, mh) = sizes
+        raise DatasetLayoutError(
+            f"{where}: the mask {mask.name} is {mw}x{mh} but its image {image.name} is {iw}x{ih}: a mask "
+            "must have its image's size (it would be stretched onto it)")
 
 
 @reports_skipped
