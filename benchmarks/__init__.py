@@ -22,6 +22,7 @@ BENCHMARKS: dict[str, str] = {
              "or a saved model end to end (--model)",
     "app_load": "`ccad app` under N concurrent sessions on its HTTP queue API",
     "bank_scaling": "feature-bank build time and peak memory versus the number of images",
+    "bank_speed": "PatchCore memory coreset modes side by side (fit, selection alone), inference stage shares",
     "peak_memory": "peak RSS of `ccad predict` on one huge image",
     "metrics_speed": "time and memory of the pixel metrics (AUROC, AP, F1-max, AUPRO)",
     "dagm_relabel": "the DAGM re-labelling proposals (mask IoU vs the exact masks) on synthetic DAGM data",

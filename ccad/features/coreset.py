@@ -45,8 +45,8 @@ __all__ = [
 #: first keeps a greedy ``prereduce`` share of each image's patches (see :class:`StreamingCoreset`).
 #: Chosen by measurement on MTD lite0 features: benchmarks/bank_speed.py.
 CORESET_MODES: dict[str, dict[str, Any]] = {
-    "fast": {"proj_dim": 32, "prereduce": 0.1, "exact_budget": 2e9},
-    "legacy": {"proj_dim": 128, "prereduce": None, "exact_budget": 4e10},
+    "fast": {"proj_dim": 32, "prereduce": 0.1, "exact_budget": 2e9, "oneshot_exact_budget": 2e9},
+    "legacy": {"proj_dim": 128, "prereduce": None, "exact_budget": 4e10, "oneshot_exact_budget": 0.0},
 }
 DEFAULT_CORESET = "fast"
 
@@ -169,9 +169,10 @@ def greedy_indices_grouped(z: torch.Tensor, m: int) -> torch.Tensor:
 def greedy_coreset(
     x: torch.Tensor,
     k: int,
-    proj_dim: Optional[int] = 128,
+    proj_dim: Optional[int] | str = "auto",
     seed: int = 0,
     start: Optional[int] = None,
+    mode: str = DEFAULT_CORESET,
 ) -> torch.Tensor:
     """Indices of an approximate greedy k-center coreset of ``x`` (PatchCore Alg. 1, CCAD eq. 6).
 
@@ -179,7 +180,10 @@ def greedy_coreset(
         x: ``N x D`` features.
         k: coreset size; if ``k >= N`` all ``N`` indices are returned.
         proj_dim: dimension of the fixed-seed Gaussian projection ``psi`` (``None``/0, or
-            ``>= D``: no projection, i.e. exact greedy in feature space).
+            ``>= D``: no projection, i.e. exact greedy in feature space). ``"auto"``: the
+            ``mode``'s (:data:`CORESET_MODES`): exact when ``k * N * D`` is at most its
+            ``oneshot_exact_budget`` multiply-adds, else its ``proj_dim``.
+        mode: the :data:`CORESET_MODES` entry ``"auto"`` reads (``fast`` or ``legacy``).
         seed: seeds both the projection and the random start point.
         start: index of the first centre (default: drawn from ``seed``).
 
@@ -198,6 +202,10 @@ def greedy_coreset(
     if start is None:
         g = torch.Generator().manual_seed(int(seed) + 1)
         start = int(torch.randint(n, (1,), generator=g))
+    if proj_dim == "auto":
+        cfg = coreset_mode(mode)
+        exact = float(k) * n * x.shape[1] <= cfg["oneshot_exact_budget"]
+        proj_dim = None if exact else cfg["proj_dim"]
     z = _project(x, proj_dim, seed)
     return greedy_indices(z, k, start=start)
 
