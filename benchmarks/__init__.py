@@ -15,6 +15,11 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+# ``import ccad`` (cheap: its names load lazily) sets OMP_WAIT_POLICY=PASSIVE unless it is set, and
+# libgomp reads it when torch is first imported: it must come before any benchmark imports torch, or
+# the benchmarks would time another setting than the product runs with (rows record it: machine()).
+import ccad  # noqa: F401,E402
+
 BENCHMARKS: dict[str, str] = {
     "mtd": "every method on the fixed MTD split (metrics, fit time, ms/image, peak memory)",
     "multiclass": "one model per latent method over five synthetic texture classes",
