@@ -207,7 +207,7 @@ def test_legacy_selection_stays_selectable() -> None:
     assert set(CORESET_MODES) == {"fast", "legacy"}
     pc = PatchCoreScorer(None, coreset="legacy")
     assert pc.proj_dim == 128 and pc._coreset["prereduce"] is None
-    assert PatchCoreScorer(None).coreset == "fast" and PatchCoreScorer(None).proj_dim == 64
+    assert PatchCoreScorer(None).coreset == "fast" and PatchCoreScorer(None).proj_dim == 32
     x = _clustered(3000, dim=160, seed=1)
     start = int(torch.randint(3000, (1,), generator=torch.Generator().manual_seed(1)))
     want = greedy_indices(x @ random_projection(160, 128, seed=0), 40, start=start)

@@ -21,7 +21,7 @@ CPU speed (:data:`CORESET_MODES`). Each greedy pick costs one pass over the ``N 
 matrix, so selection costs ``~ N * k * d``. PatchCore (Roth et al. 2022, sec. 3.2) notes that by
 the Johnson-Lindenstrauss lemma a random linear projection ``psi`` to a low dimension keeps the
 pairwise distances within a small factor, so the greedy can run in the projected space; the
-``fast`` mode projects to 64 dims (the 152-dim lite0 features were projected to 128 before) and
+``fast`` mode projects to 32 dims (the 152-dim lite0 features were projected to 128 before) and
 first reduces each image's ``h * w`` patches to a greedy 10 % of them (:meth:`StreamingCoreset.
 update`, ``prereduce``), which cuts ``N`` tenfold: by the composition argument below, a patch
 dropped there lies within the image's small covering radius of a kept one. The ``legacy`` mode
@@ -55,7 +55,7 @@ __all__ = [
 #: first keeps a greedy ``prereduce`` share of each image's patches (see :class:`StreamingCoreset`).
 #: Chosen by measurement on MTD lite0 features: benchmarks/bank_speed.py.
 CORESET_MODES: dict[str, dict[str, Any]] = {
-    "fast": {"proj_dim": 64, "prereduce": 0.1, "exact_budget": 2e9, "oneshot_exact_budget": 2e9},
+    "fast": {"proj_dim": 32, "prereduce": 0.1, "exact_budget": 2e9, "oneshot_exact_budget": 2e9},
     "legacy": {"proj_dim": 128, "prereduce": None, "exact_budget": 4e10, "oneshot_exact_budget": 0.0},
 }
 DEFAULT_CORESET = "fast"

@@ -84,7 +84,7 @@ class PatchCoreScorer:
         proj_dim, seed: random projection / start of the greedy selection (``"auto"``: the
             ``coreset`` mode's).
         coreset: selection settings by name, :data:`~ccad.features.coreset.CORESET_MODES`
-            (``fast``, default: 64-dim projection and a 10 % greedy pre-reduction of each
+            (``fast``, default: 32-dim projection and a 10 % greedy pre-reduction of each
             image's patches; ``legacy``: 128 dims, every patch).
     """
 
