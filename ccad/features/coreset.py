@@ -16,24 +16,57 @@ no ``N x N`` matrix is ever formed.
 :class:`StreamingCoreset` applies it to data that does not fit in memory (the patch features of
 thousands of images) by *merge-and-reduce*; see its docstring for the argument why the result
 still approximates the one-shot greedy coreset.
+
+CPU speed (:data:`CORESET_MODES`). Each greedy pick costs one pass over the ``N x d`` candidate
+matrix, so selection costs ``~ N * k * d``. PatchCore (Roth et al. 2022, sec. 3.2) notes that by
+the Johnson-Lindenstrauss lemma a random linear projection ``psi`` to a low dimension keeps the
+pairwise distances within a small factor, so the greedy can run in the projected space; the
+``fast`` mode projects to 32 dims (the 152-dim lite0 features were projected to 128 before) and
+first reduces each image's ``h * w`` patches to a greedy 10 % of them (:meth:`StreamingCoreset.
+update`, ``prereduce``), which cuts ``N`` tenfold: by the composition argument below, a patch
+dropped there lies within the image's small covering radius of a kept one. The ``legacy`` mode
+keeps the earlier selection for comparison (``python -m benchmarks bank_speed``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 __all__ = [
     "greedy_coreset",
     "greedy_indices",
+    "greedy_indices_grouped",
+    "CORESET_MODES",
+    "DEFAULT_CORESET",
+    "coreset_mode",
     "random_projection",
     "covering_radius",
     "StreamingCoreset",
     "MAX_BANK_SIZE",
     "validate_bank_size",
 ]
+
+#: Coreset selection settings by name (``PatchCoreScorer(coreset=...)``, PatchCore's
+#: ``method.coreset``). ``legacy`` is the selection before the CPU-speed work (projection to 128
+#: dims, every patch enters merge-and-reduce); ``fast`` (default) projects to ``proj_dim`` dims and
+#: first keeps a greedy ``prereduce`` share of each image's patches (see :class:`StreamingCoreset`).
+#: Chosen by measurement on MTD lite0 features: benchmarks/bank_speed.py.
+CORESET_MODES: dict[str, dict[str, Any]] = {
+    "fast": {"proj_dim": 32, "prereduce": 0.1, "exact_budget": 2e9, "oneshot_exact_budget": 2e9},
+    "legacy": {"proj_dim": 128, "prereduce": None, "exact_budget": 4e10, "oneshot_exact_budget": 0.0},
+}
+DEFAULT_CORESET = "fast"
+
+
+def coreset_mode(name: str) -> dict[str, Any]:
+    """The settings of coreset mode ``name`` (a copy); ValueError names the known modes."""
+    if name not in CORESET_MODES:
+        raise ValueError(f"unknown coreset mode {name!r}; known: {sorted(CORESET_MODES)}")
+    return dict(CORESET_MODES[name])
+
 
 #: Largest coarse-bank size ``xi`` allowed (CCAD: xi <= 1000; 100-200 suffices, Table 5).
 MAX_BANK_SIZE = 1000
@@ -99,21 +132,57 @@ def greedy_indices(
     else:
         d = min_dist.clone().float()
         first = 0
+    nd = torch.empty_like(sq)
     for i in range(first, k):
         cur_t = torch.argmax(d)
         picks[i] = cur_t
-        nd = (sq - 2.0 * (z @ z[cur_t]) + sq[cur_t]).clamp_min_(0.0)
+        # ||z - c||^2 = |z|^2 - 2 z.c + |c|^2 in one fused matrix-vector product and two in-place
+        # passes (no temporaries); tiny negative rounding is harmless to the argmax
+        torch.addmv(sq, z, z[cur_t], alpha=-2.0, out=nd)
+        nd.add_(sq[cur_t])
         torch.minimum(d, nd, out=d)
         d[cur_t] = 0.0
+    return picks
+
+
+def greedy_indices_grouped(z: torch.Tensor, m: int) -> torch.Tensor:
+    """Greedy k-center run independently in each of ``G`` groups at once (``z``: ``G x n x d``).
+
+    Each group starts from its row farthest from the group mean (deterministic, no random
+    draw), then takes ``m - 1`` farthest-point picks exactly as :func:`greedy_indices`. One
+    batched step serves all groups, so the Python overhead is per pick, not per group and pick.
+    Returns ``G x min(m, n)`` indices into each group's rows, in pick order.
+    """
+    if z.dim() != 3:
+        raise ValueError(f"greedy_indices_grouped expects G x n x d, got {tuple(z.shape)}")
+    g, n, _ = z.shape
+    m = min(int(m), n)
+    z = z.float()
+    sq = (z * z).sum(-1)  # G x n
+    rows = torch.arange(g, device=z.device)
+    picks = torch.empty(g, m, dtype=torch.long, device=z.device)
+    mean = z.mean(1, keepdim=True)
+    cur = ((z - mean) ** 2).sum(-1).argmax(1)
+    d = torch.full_like(sq, float("inf"))
+    nd = torch.empty_like(sq)
+    for i in range(m):
+        picks[:, i] = cur
+        c = z[rows, cur]  # G x d
+        torch.baddbmm(sq.unsqueeze(-1), z, c.unsqueeze(-1), alpha=-2.0, out=nd.unsqueeze(-1))
+        nd.add_(sq[rows, cur].unsqueeze(1))
+        torch.minimum(d, nd, out=d)
+        d[rows, cur] = -1.0
+        cur = d.argmax(1)
     return picks
 
 
 def greedy_coreset(
     x: torch.Tensor,
     k: int,
-    proj_dim: Optional[int] = 128,
+    proj_dim: Optional[int] | str = "auto",
     seed: int = 0,
     start: Optional[int] = None,
+    mode: str = DEFAULT_CORESET,
 ) -> torch.Tensor:
     """Indices of an approximate greedy k-center coreset of ``x`` (PatchCore Alg. 1, CCAD eq. 6).
 
@@ -121,7 +190,10 @@ def greedy_coreset(
         x: ``N x D`` features.
         k: coreset size; if ``k >= N`` all ``N`` indices are returned.
         proj_dim: dimension of the fixed-seed Gaussian projection ``psi`` (``None``/0, or
-            ``>= D``: no projection, i.e. exact greedy in feature space).
+            ``>= D``: no projection, i.e. exact greedy in feature space). ``"auto"``: the
+            ``mode``'s (:data:`CORESET_MODES`): exact when ``k * N * D`` is at most its
+            ``oneshot_exact_budget`` multiply-adds, else its ``proj_dim``.
+        mode: the :data:`CORESET_MODES` entry ``"auto"`` reads (``fast`` or ``legacy``).
         seed: seeds both the projection and the random start point.
         start: index of the first centre (default: drawn from ``seed``).
 
@@ -140,6 +212,10 @@ def greedy_coreset(
     if start is None:
         g = torch.Generator().manual_seed(int(seed) + 1)
         start = int(torch.randint(n, (1,), generator=g))
+    if proj_dim == "auto":
+        cfg = coreset_mode(mode)
+        exact = float(k) * n * x.shape[1] <= cfg["oneshot_exact_budget"]
+        proj_dim = None if exact else cfg["proj_dim"]
     z = _project(x, proj_dim, seed)
     return greedy_indices(z, k, start=start)
 
@@ -199,6 +275,9 @@ class StreamingCoreset:
         seed: int = 0,
         reduce_to: Optional[int] = None,
         exact_final: Optional[bool] = None,
+        prereduce: Optional[float] = None,
+        group: int = 1024,
+        exact_budget: float = 4e10,
     ) -> None:
         if int(k) < 1:
             raise ValueError(f"StreamingCoreset: k must be >= 1, got {k}")
@@ -212,9 +291,16 @@ class StreamingCoreset:
                 f"StreamingCoreset: need 1 <= reduce_to ({self.reduce_to}) < buffer "
                 f"({self.buffer})"
             )
+        if prereduce is not None and not 0.0 < float(prereduce) <= 1.0:
+            raise ValueError(f"StreamingCoreset: prereduce must be in (0, 1], got {prereduce}")
+        if int(group) < 1:
+            raise ValueError(f"StreamingCoreset: group must be >= 1 rows, got {group}")
         self.proj_dim = proj_dim
         self.seed = int(seed)
         self.exact_final = exact_final
+        self.prereduce = None if prereduce is None or float(prereduce) >= 1.0 else float(prereduce)
+        self.group = int(group)
+        self.exact_budget = float(exact_budget)
         self._feats: Optional[torch.Tensor] = None  # rows kept, original space
         self._proj: Optional[torch.Tensor] = None  # same rows, projected
         self._matrix: Optional[torch.Tensor] = None
@@ -250,9 +336,37 @@ class StreamingCoreset:
         self._proj = self._feats if shared else self._proj[idx]
         self.reductions += 1
 
+    def _prereduce(self, features: torch.Tensor, per: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep ``ceil(prereduce * per)`` rows of every group of ``per`` consecutive rows (one
+        image's patches) by a greedy k-center inside the group; returns (rows, their projection)."""
+        assert self.prereduce is not None
+        z = self._psi(features)
+        full = (features.shape[0] // per) * per
+        kept_x, kept_z = [], []
+        if full:
+            m = max(1, math.ceil(self.prereduce * per))
+            zg = z[:full].view(-1, per, z.shape[1])
+            idx = greedy_indices_grouped(zg, m)
+            idx = (idx + torch.arange(0, full, per, device=idx.device).unsqueeze(1)).reshape(-1)
+            kept_x.append(features[idx])
+            kept_z.append(z[idx])
+        if full < features.shape[0]:  # a last, smaller group
+            rest = features.shape[0] - full
+            m = max(1, math.ceil(self.prereduce * rest))
+            idx = greedy_indices_grouped(z[full:].unsqueeze(0), m)[0] + full
+            kept_x.append(features[idx])
+            kept_z.append(z[idx])
+        return torch.cat(kept_x), torch.cat(kept_z)
+
     def update(self, features: torch.Tensor) -> None:
-        """Add ``N x D`` features (or ``B x D x h x w`` maps, flattened to patches)."""
+        """Add ``N x D`` features (or ``B x D x h x w`` maps, flattened to patches).
+
+        With ``prereduce = f``, every image's ``h * w`` patches (for ``N x D`` input: every
+        ``group`` consecutive rows) are first reduced to ``ceil(f * h * w)`` rows by a greedy
+        k-center inside the image; ``seen`` still counts every patch."""
+        per = self.group
         if features.dim() == 4:
+            per = int(features.shape[2] * features.shape[3])
             features = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
         if features.dim() != 2:
             raise ValueError(
@@ -267,21 +381,28 @@ class StreamingCoreset:
                 f"earlier {self._feats.shape[1]}"
             )
         features = features.detach().float()
+        n_in = int(features.shape[0])
+        projections: Optional[torch.Tensor] = None
+        if self.prereduce is not None:
+            features, projections = self._prereduce(features, per)
         step = self.buffer - self.reduce_to
         for i in range(0, features.shape[0], step):
             chunk = features[i : i + step]
             if len(self) + chunk.shape[0] > self.buffer:
                 self._reduce(self.reduce_to)
-            z = self._psi(chunk)
-            projected = z is not chunk
+            projected = self.proj_dim is not None and 0 < self.proj_dim < chunk.shape[1]
+            if not projected:
+                z = chunk  # no projection (proj_dim >= D): one shared tensor
+            else:
+                z = self._psi(chunk) if projections is None else projections[i : i + step]
             if self._feats is None:
                 self._feats = chunk.clone()
                 self._proj = z if projected else self._feats
             else:
                 self._feats = torch.cat([self._feats, chunk])
                 self._proj = torch.cat([self._proj, z]) if projected else self._feats
-            self.seen += int(chunk.shape[0])
             self.peak = max(self.peak, len(self))
+        self.seen += n_in
 
     def result_indices(self, k: Optional[int] = None) -> torch.Tensor:
         """Indices into :meth:`buffer_features` of the final greedy selection."""
@@ -294,8 +415,8 @@ class StreamingCoreset:
             return torch.arange(n, device=self._feats.device)
         start = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(self.seed + 2)))
         exact = self.exact_final
-        if exact is None:  # auto: exact when it costs at most ~4e10 multiply-adds
-            exact = k * n * self._feats.shape[1] <= 4e10
+        if exact is None:  # auto: exact when it costs at most exact_budget multiply-adds
+            exact = k * n * self._feats.shape[1] <= self.exact_budget
         return greedy_indices(self._feats if exact else self._proj, k, start=start)
 
     def buffer_features(self) -> torch.Tensor:

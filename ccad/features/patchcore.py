@@ -29,7 +29,7 @@ from typing import Any, Optional
 import torch
 
 from .stream import CancelFn, ImageStream, ProgressFn, _module_device, stream_features
-from .coreset import StreamingCoreset
+from .coreset import DEFAULT_CORESET, StreamingCoreset, coreset_mode
 
 __all__ = ["PatchCoreScorer", "nearest_distances"]
 
@@ -81,7 +81,11 @@ class PatchCoreScorer:
         buffer: streaming coreset buffer cap in rows (default ``max(2 * bank rows, 4096)``,
             capped by ``max_buffer_mb``).
         max_buffer_mb: memory cap of the coreset buffer.
-        proj_dim, seed: random projection / start of the greedy selection.
+        proj_dim, seed: random projection / start of the greedy selection (``"auto"``: the
+            ``coreset`` mode's).
+        coreset: selection settings by name, :data:`~ccad.features.coreset.CORESET_MODES`
+            (``fast``, default: 32-dim projection and a 10 % greedy pre-reduction of each
+            image's patches; ``legacy``: 128 dims, every patch).
     """
 
     def __init__(
@@ -94,8 +98,9 @@ class PatchCoreScorer:
         reweight: int = 0,
         buffer: Optional[int] = None,
         max_buffer_mb: float = 1024.0,
-        proj_dim: Optional[int] = 128,
+        proj_dim: Optional[int] | str = "auto",
         seed: int = 0,
+        coreset: str = DEFAULT_CORESET,
     ) -> None:
         if not 0.0 < float(ratio) <= 1.0:
             raise ValueError(f"PatchCoreScorer: ratio must be in (0, 1] (PatchCore: 0.01-0.1), got {ratio}")
@@ -111,7 +116,9 @@ class PatchCoreScorer:
         self.reweight = int(reweight)
         self.buffer = buffer
         self.max_buffer_mb = float(max_buffer_mb)
-        self.proj_dim = proj_dim
+        self.coreset = str(coreset)
+        self._coreset = coreset_mode(self.coreset)
+        self.proj_dim = self._coreset["proj_dim"] if proj_dim == "auto" else proj_dim
         self.seed = int(seed)
         self.memory_bank: Optional[torch.Tensor] = None
         self.n_images = 0
@@ -163,6 +170,7 @@ class PatchCoreScorer:
                     max(1, min(est, rows - 1)), buffer=rows,
                     reduce_to=max(1, min(est, rows - 1)),
                     proj_dim=self.proj_dim, seed=self.seed,
+                    prereduce=self._coreset["prereduce"], exact_budget=self._coreset["exact_budget"],
                 )
             core.update(feats)
         if core is None or stream.n_images == 0:
@@ -248,6 +256,7 @@ class PatchCoreScorer:
             "k": self.k,
             "image_size": self.image_size,
             "reweight": self.reweight,
+            "coreset": self.coreset,
             "memory_size": None if self.memory_bank is None else int(self.memory_bank.shape[0]),
             "feature_dim": None if self.memory_bank is None else int(self.memory_bank.shape[1]),
             "n_images": self.n_images,

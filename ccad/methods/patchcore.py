@@ -25,15 +25,22 @@ MEMORY_FILE = "patchcore.safetensors"
 
 @dataclass
 class PatchCoreConfig:
-    """PatchCore memory bank: coreset ``ratio`` of all patches, ``k`` nearest neighbours."""
+    """PatchCore memory bank: coreset ``ratio`` of all patches, ``k`` nearest neighbours;
+    ``coreset`` names the selection settings (``ccad.features.coreset.CORESET_MODES``: ``fast``,
+    the default, or ``legacy``, the slower selection of earlier versions)."""
 
     ratio: float = 0.01
     k: int = 1
+    coreset: str = "fast"
 
     def validate(self) -> None:
+        from ..features.coreset import CORESET_MODES
+
         if not 0.0 < float(self.ratio) <= 1.0:
             raise ConfigError(f"method.ratio (PatchCore coreset ratio) must be in (0, 1], got {self.ratio}")
         at_least(self, 1, "k")
+        if self.coreset not in CORESET_MODES:
+            raise ConfigError(f"method.coreset must be one of {sorted(CORESET_MODES)}, got {self.coreset!r}")
 
 
 def bank_from_memory(pc: Any, samples: Sequence[Any], bank_size: int, image_size: int, batch_size: int = 8,
@@ -101,7 +108,7 @@ class PatchCore(Method):
         bc, ctx = self.ctx.bank_config, self.ctx
         bb = self._backbone()
         self.scorer = PatchCoreScorer(bb, ratio=self.config.ratio, k=self.config.k, image_size=ctx.image_size,
-                                      batch_size=bc.batch_size, seed=ctx.seed)
+                                      batch_size=bc.batch_size, seed=ctx.seed, coreset=self.config.coreset)
         self.scorer.fit(list(train), progress=ctx.progress, cancel=ctx.cancel)
         if self.scorer.memory_bank.shape[0] >= 4 * bc.size:
             return bank_from_memory(self.scorer, train, bc.size, ctx.image_size, bc.batch_size, ctx.seed)

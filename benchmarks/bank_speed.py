@@ -1,0 +1,252 @@
+"""The PatchCore memory bank at CPU speed: the coreset modes side by side, and where inference goes.
+
+    python -m benchmarks bank_speed --part fit --quick            # MTD: legacy vs fast, fit + evaluate
+    python -m benchmarks bank_speed --part coreset --features F.pt  # the selection alone on cached features
+    python -m benchmarks bank_speed --part inference --quick      # ms/image at 256 px, batch 1 and 8
+    python -m benchmarks bank_speed --part backbones --quick      # PatchCore on each offline backbone
+
+``--part fit`` (default) fits the MTD quick PatchCore row (762 train images at 256 px, 10 % held
+out for the threshold, the rest into the memory; ``benchmarks/common.py``'s settings) once per
+coreset mode (``--modes``, default ``legacy,fast``: ``method.coreset``, see
+``ccad.features.coreset.CORESET_MODES``), in the same process, from the same images (the frozen
+backbone gives the same features each time), and evaluates each on the test split: one JSON row
+per mode, then a summary row with the fit speed-up and the metric differences. With
+``--inference`` it also times the last mode's detector (as ``--part inference``).
+
+``--part coreset`` times only the selection: the memory-bank ``StreamingCoreset`` fed image by
+image exactly as ``PatchCoreScorer.fit`` feeds it (batches of 8 images, ``k = ratio * patches``),
+per mode, on features cached with ``--save-features`` (one backbone pass), and reports how well each
+memory covers all patches (max / 99.9 % / mean nearest distance of 40 000 random patches, in the
+original feature space). It also times feat-diff's two one-shot selections (``greedy_coreset`` of
+256 random cells per image: its bank ``xi`` and its edit memory) in each mode.
+
+``--part inference``: the per-image cost of a fitted fast-mode PatchCore detector at 256 px, batch
+1 and 8 (median of ``--repeats``), split into the backbone, the nearest-neighbour search against the
+memory and the map post-processing (upsampling + Gaussian smoothing + the out-of-domain statistic).
+
+``--part backbones``: the MTD quick PatchCore row for each offline backbone (``--backbones``).
+
+Every row records the torch thread count and ``OMP_WAIT_POLICY`` (``import ccad`` sets PASSIVE
+unless it is set already) and the load average: the CPU is shared, compare rows of one run only.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from benchmarks.common import (ALL_CORES, MTD_SPLIT, JsonLines, command, git_commit, machine, make_parser, parse,
+                               settings_for)
+
+METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
+
+
+def _split(data: str, subset: Optional[int]) -> tuple[list, list]:
+    from ccad.data.layouts import load_csv_manifest
+
+    train = load_csv_manifest(data, split="train")
+    test = load_csv_manifest(data, split="test")
+    if subset:
+        train = train[::max(1, len(train) // subset)]
+        test = test[::max(1, len(test) // subset)]
+    return train, test
+
+
+def fit_rows(a: Any, out: JsonLines, run_info: dict) -> Any:
+    """One MTD PatchCore row per coreset mode (same run), then the summary row; returns the last detector."""
+    from benchmarks.mtd import run_method
+
+    train, test = _split(a.data, a.subset)
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="ccad-bank-speed-"))
+    rows, det = {}, None
+    for mode in a.modes.split(","):
+        s = settings_for("patchcore", "quick" if a.quick else "full", "", {"image_size": a.image_size},
+                         {"coreset": mode})
+        new, det = run_method("patchcore", train, test, s, s.get("mode", "quick"), a.device, work / mode,
+                              work / "latents", a.batch_size)
+        row = new[0]
+        row["method"] = f"patchcore[coreset={mode}]"
+        row["settings"]["run"] = run_info
+        row["settings"]["memory_rows"] = int(det.method.scorer.memory_bank.shape[0])
+        out.emit(row)
+        rows[mode] = row
+    if len(rows) >= 2:
+        (old_name, old), *_, (new_name, new) = rows.items()
+        out.emit({"summary": f"{new_name} vs {old_name}",
+                  "fit_speedup": round(old["fit_seconds"] / new["fit_seconds"], 2),
+                  "fit_seconds": {old_name: old["fit_seconds"], new_name: new["fit_seconds"]},
+                  **{f"delta_{k}": round(new[k] - old[k], 4) for k in METRICS},
+                  "within_0.005": all(abs(new[k] - old[k]) <= 0.005 for k in METRICS), "run": run_info})
+    return det, test
+
+
+def backbone_rows(a: Any, out: JsonLines, run_info: dict) -> None:
+    from benchmarks.mtd import run_method
+
+    train, test = _split(a.data, a.subset)
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="ccad-bank-backbones-"))
+    for bb in a.backbones.split(","):
+        s = settings_for("patchcore", "quick" if a.quick else "full", "", {"image_size": a.image_size, "backbone": bb})
+        new, det = run_method("patchcore", train, test, s, "quick" if a.quick else "full", a.device, work / bb,
+                              work / "latents", a.batch_size)
+        row = new[0]
+        row["method"] = f"patchcore[{bb}]"
+        row["settings"]["run"] = run_info
+        row["settings"]["feature_dim"] = int(det.method.scorer.memory_bank.shape[1])
+        out.emit(row)
+
+
+def _features(a: Any) -> Any:
+    """``N x D`` patch features of the training images (image-major, ``h * w`` rows each), cached."""
+    import torch
+
+    if a.features and Path(a.features).is_file():
+        return torch.load(a.features)
+    from ccad.features import get_backbone
+    from ccad.features.stream import ImageStream, stream_features
+
+    train, _ = _split(a.data, a.subset)
+    bb = get_backbone("tf_efficientnet_lite0", layers=(2, 3))
+    rows = [f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).clone()
+            for f in stream_features(ImageStream(train, a.image_size, 8), bb, torch.device("cpu"), None, None)]
+    x = torch.cat(rows)
+    if a.features:
+        torch.save(x, a.features)
+    return x
+
+
+def coreset_rows(a: Any, out: JsonLines, run_info: dict) -> None:
+    import torch
+
+    from ccad.features.coreset import StreamingCoreset, coreset_mode, greedy_coreset
+
+    x = _features(a)
+    n, dim = x.shape
+    per = (a.image_size // 8) ** 2
+    k = math.ceil(a.ratio * n)
+    buffer = max(8 * k, 4096)  # PatchCoreScorer._buffer_rows
+    probe = x[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:40000]]
+    for mode in a.modes.split(","):
+        cfg = coreset_mode(mode)
+        t0 = time.perf_counter()
+        sc = StreamingCoreset(k, buffer=buffer, reduce_to=k, proj_dim=cfg["proj_dim"], seed=0,
+                              prereduce=cfg["prereduce"], group=per, exact_budget=cfg["exact_budget"])
+        for b in x.split(8 * per):
+            sc.update(b)
+        bank = sc.result(k)
+        sec = time.perf_counter() - t0
+        d = torch.cat([torch.cdist(c, bank).min(1).values for c in probe.split(4096)])
+        out.emit({"part": "coreset", "mode": mode, "settings": cfg, "n_patches": n, "dim": dim, "memory_rows": k,
+                  "seconds": round(sec, 1), "reductions": sc.reductions,
+                  "nn_dist_max": round(float(d.max()), 3), "nn_dist_q999": round(float(d.quantile(0.999)), 3),
+                  "nn_dist_mean": round(float(d.mean()), 4), "run": run_info})
+    # feat-diff's selections: 256 random cells per image -> its bank (xi 200) and edit memory (4096 rows)
+    g = torch.Generator().manual_seed(1)
+    cells = torch.cat([x[i:i + per][torch.randperm(per, generator=g)[:256]] for i in range(0, n, per)])
+    for mode in a.modes.split(","):
+        t0 = time.perf_counter()
+        greedy_coreset(cells, 200, seed=0, mode=mode)
+        t_bank = time.perf_counter() - t0
+        mem = cells[greedy_coreset(cells, 4096, seed=1, mode=mode)]
+        t_mem = time.perf_counter() - t0 - t_bank
+        d = torch.cat([torch.cdist(c, mem).min(1).values for c in probe.split(4096)])
+        out.emit({"part": "feat-diff selections", "mode": mode, "cells": int(cells.shape[0]),
+                  "bank_seconds": round(t_bank, 1), "memory_seconds": round(t_mem, 1),
+                  "memory_nn_dist_max": round(float(d.max()), 3), "memory_nn_dist_mean": round(float(d.mean()), 4),
+                  "run": run_info})
+
+
+def inference_rows(a: Any, out: JsonLines, run_info: dict, det: Any = None, test: Optional[list] = None) -> None:
+    """ms/image of a fitted PatchCore detector, batch 1 and 8, and the share of each stage."""
+    import statistics
+
+    import torch
+    import torch.nn.functional as F
+
+    from ccad.data.convert import to_tensor
+    from ccad.data.io import load_image
+    from ccad.features.patchcore import nearest_distances
+    from ccad.scoring.anomaly_map import gaussian_blur, scaled_sigma
+    from ccad.scoring.domain import patch_median
+
+    if det is None:
+        from benchmarks.common import build_detector
+
+        train, test = _split(a.data, a.subset)
+        s = settings_for("patchcore", "quick", "", {"image_size": a.image_size}, {"coreset": "fast"})
+        det = build_detector("patchcore", train, s, Path(tempfile.mkdtemp()), device=a.device)
+    method, sc = det.method, det.method.scorer
+    size = sc.image_size
+    pool = [to_tensor(load_image(s.image_path), size) for s in (test or [])[:8]]
+    imgs = torch.stack([pool[i % len(pool)] for i in range(8)])  # 8 images (repeated if fewer)
+    sigma = scaled_sigma(method.ctx.scoring.sigma, size)
+    for batch in (1, 8):
+        x = imgs[:batch]
+        times: dict[str, list[float]] = {"backbone": [], "knn": [], "post": [], "total": []}
+        with torch.inference_mode():
+            method.maps(x)  # warm-up
+            for _ in range(a.repeats):
+                t0 = time.perf_counter()
+                f = sc.backbone(x)
+                t1 = time.perf_counter()
+                b, d, h, w = f.shape
+                dist, _ = nearest_distances(f.permute(0, 2, 3, 1).reshape(-1, d), sc.memory_bank, sc.k)
+                raw = dist.mean(-1).view(b, 1, h, w)
+                t2 = time.perf_counter()
+                maps = gaussian_blur(F.interpolate(raw, size=x.shape[-2:], mode="bilinear", align_corners=False),
+                                     sigma)
+                patch_median(raw)
+                maps.flatten(1).amax(1)
+                t3 = time.perf_counter()
+                method.maps(x)
+                t4 = time.perf_counter()
+                for key, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                    times[key].append(v)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        parts = med["backbone"] + med["knn"] + med["post"]
+        out.emit({"part": "inference", "batch": batch, "image_size": size, "memory_rows": int(sc.memory_bank.shape[0]),
+                  "ms_per_image": round(1000 * med["total"] / batch, 1),
+                  "ms_per_image_stages": {k: round(1000 * med[k] / batch, 1) for k in ("backbone", "knn", "post")},
+                  "share": {k: round(med[k] / parts, 3) for k in ("backbone", "knn", "post")},
+                  "repeats": a.repeats, "run": run_info})
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = make_parser("bank_speed", __doc__, quick="the MTD quick PatchCore settings (CPU)",
+                     workdir="run folders (default: a temporary folder)", device=True, threads=ALL_CORES)
+    ap.add_argument("--part", choices=["fit", "coreset", "inference", "backbones"], default="fit")
+    ap.add_argument("--modes", default="legacy,fast", help="coreset modes, in order (the last is 'new')")
+    ap.add_argument("--data", default=str(MTD_SPLIT), help="MTD split.csv (or any CSV manifest)")
+    ap.add_argument("--subset", type=int, default=None, help="smoke runs: about N train and N test images")
+    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
+    ap.add_argument("--inference", action="store_true", help="--part fit: also time the last mode's detector")
+    ap.add_argument("--repeats", type=int, default=5, help="--part inference: timed repeats (median)")
+    ap.add_argument("--features", default=None, help="--part coreset: cached features (.pt; written when missing)")
+    ap.add_argument("--ratio", type=float, default=0.01, help="--part coreset: memory = this share of the patches")
+    ap.add_argument("--backbones", default="tf_efficientnet_lite0,tf_efficientnet_lite1,tf_efficientnet_lite2")
+    a = parse(ap, argv)
+    if not Path(a.data).is_file():
+        print(f"error: {a.data} not found (the benchmark reads ../shared/data/mtd/split.csv)", file=sys.stderr)
+        return 2
+    import torch
+
+    a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    run_info = {"commit": git_commit(), "command": command("bank_speed", argv), **machine()}
+    print(f"# {json.dumps(run_info)}", file=sys.stderr, flush=True)
+    out = JsonLines(a.json)
+    if a.part == "fit":
+        det, test = fit_rows(a, out, run_info)
+        if a.inference:
+            inference_rows(a, out, run_info, det, test)
+    elif a.part == "coreset":
+        coreset_rows(a, out, run_info)
+    elif a.part == "inference":
+        inference_rows(a, out, run_info)
+    else:
+        backbone_rows(a, out, run_info)
+    return 0
