@@ -30,6 +30,7 @@ from .detector_config import DetectorConfig
 from .detector_folder import default_device, read_folder, write_calibration, write_folder
 from .errors import CheckpointError
 from .methods import Method, get_method
+from .methods.base import ABLATION_VIEW
 from .prediction import Prediction
 from .scoring.anomaly_map import image_score
 from .scoring.threshold import Calibration
@@ -122,10 +123,13 @@ class AnomalyDetector(
 
     @property
     def views(self) -> tuple[str, ...]:
-        """The maps this detector can give: ``fused`` / ``method`` / ``bank`` with fusion, else ``method``."""
+        """The maps this detector can give: ``fused`` / ``method`` / ``bank`` with fusion, else ``method``;
+        plus ``ablation`` when its method declares one (:attr:`ccad.methods.base.Method.ablation`: the
+        method's own map with its learned part replaced by the trivial one, from the same weights)."""
         from .scoring.fusion import VIEWS
 
-        return VIEWS if self.fusion is not None else ("method",)
+        base = VIEWS if self.fusion is not None else ("method",)
+        return base + (ABLATION_VIEW,) if self.method.ablation is not None else base
 
     @property
     def map_floor(self) -> float:
@@ -206,6 +210,21 @@ class AnomalyDetector(
             return None
         dist, _ = nearest_distances(f.permute(0, 2, 3, 1).reshape(-1, d), feats)
         return patch_median(dist.view(b, -1))
+
+    @torch.no_grad()
+    def ablation_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """The ``ablation`` view's maps ``B x 1 x S' x S'`` for a batch at :attr:`input_size` (the
+        method's :meth:`~ccad.methods.base.Method.ablation_maps`, resized as :meth:`map_parts` does)."""
+        if self.method.ablation is None:
+            raise ValueError(f"view 'ablation': the method {self.variant!r} declares no ablation view")
+        x = x.to(self.device, torch.float32)
+        size = tuple(x.shape[-2:])
+        xm = x if size == (self.image_size, self.image_size) else F.interpolate(
+            x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=True)
+        maps = self.method.ablation_maps(xm).maps.float()
+        if tuple(maps.shape[-2:]) != size:
+            maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+        return maps
 
     def combine(self, maps: torch.Tensor, bank: Optional[torch.Tensor], view: Optional[str] = None) -> torch.Tensor:
         """One view of :meth:`map_parts`: ``fused`` (the default with fusion), ``method`` or ``bank``."""
@@ -450,6 +469,8 @@ class AnomalyDetector(
             "n_train_images": self.info.get("n_train_images", bank_meta.get("n_images")),
             "categories": self.info.get("categories"),
             "metrics": self.info.get("metrics"),
+            "ablation": mcls.ablation,  # what the ablation view replaces the learned part with (None: no view)
+            "view_metrics": self.info.get("view_metrics"),  # per view, from ``ccad evaluate --views --record``
             "created": self.info.get("created"),
         }
         method_facts = self.method.card()

@@ -51,6 +51,13 @@ What is implemented (equation numbers are CCAD's / METHOD.md's notation unless n
    is the mean of image AUROC, pixel AUROC and pixel AUPRO; ties go to fewer UNet evaluations,
    then smaller noise. The chosen values are written into the config (saved with the model) and
    the whole table is in the model card (``search``).
+8. The identity arm (issue 23; DESIGN.md "Every claim carries its ablation"): the search also
+   scores ``z_hat = z_e`` (the denoiser replaced by the identity; for ``l2`` the map is then
+   ``lambda * ||z - m(z)||``, a nearest-neighbour distance to the edit memory) for every
+   ``edit > 0`` of ``search_edit``. It costs no UNet evaluation, so it wins ties. When it wins,
+   ``identity`` is set: inference skips the denoiser (cost) and the card says the denoiser added
+   nothing on the selection images. The same map is the method's ablation view (``ablation``,
+   with ``edit`` 1 when the model's own edit is 0, where the identity would give a flat map).
 
 One model covers every category of its training data (multi-class, like the latent methods).
 """
@@ -77,6 +84,8 @@ from .base import Context, Method, MethodOutput, check_preset, register_method, 
 MEMORY_FILE = "feat_diff_memory.safetensors"
 FEATURES_FOLDER = "features"
 DISTANCES = ("cosine", "l2")
+IDENTITY_NOTE = ("this model's map is a nearest-neighbour distance; the denoiser added nothing on its selection "
+                 "images")
 
 
 @dataclass
@@ -90,7 +99,8 @@ class FeatDiffConfig:
     the edit memory; ``patches_per_image``: random cells per image drawn for the bank / memory
     coresets (0 = all); ``search``: pick noise_level / steps / edit on synthetic anomalies of the
     held-out good slice after training, over ``search_noise`` x ``search_steps`` and
-    ``search_edit``, with ``search_images`` good images; ``seed``: the fixed noise field.
+    ``search_edit``, with ``search_images`` good images; ``seed``: the fixed noise field;
+    ``identity``: skip the denoiser (``z_hat = z_e``), set by the search when its identity arm wins.
     Filled in at build time: ``feature_channels``, ``feature_scale``, ``feature_shift``,
     ``bank_dim``, ``cross_attention_dim``."""
 
@@ -109,6 +119,7 @@ class FeatDiffConfig:
     search_edit: tuple[float, ...] = (0.0, 0.5, 1.0)
     search_images: int = 16
     seed: int = 0
+    identity: bool = False
     feature_channels: Optional[int] = None
     feature_scale: Optional[float] = None
     feature_shift: Optional[float] = None
@@ -244,6 +255,7 @@ class FeatDiff(Method):
     multi_class = True
     components = {"denoiser": FeatDenoiser, "bank_proj": BankProjector}
     default_image_size = 256
+    ablation = "identity denoiser (z_hat = z_e: the edit-memory nearest-neighbour distance)"
 
     def __init__(self, config: FeatDiffConfig, ctx: Context) -> None:
         from ..diffusion import make_scheduler
@@ -390,18 +402,21 @@ class FeatDiff(Method):
 
     @torch.no_grad()
     def raw_maps(self, z: torch.Tensor, noise_level: int, steps: int, edit: float,
-                 nearest: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The grid-level map (item 6) of standardised features ``z`` with given settings."""
+                 nearest: Optional[torch.Tensor] = None, identity: bool = False) -> torch.Tensor:
+        """The grid-level map (item 6) of standardised features ``z`` with given settings;
+        ``identity``: ``z_hat = z_e``, the denoiser is never called (item 8)."""
         z_e, _ = edit_features(z, self.memory, edit, nearest)
-        z_hat = self.denoise(z_e, noise_level, steps)
+        z_hat = z_e if identity else self.denoise(z_e, noise_level, steps)
         return distance_map(z, z_hat, self.config.distance)
 
     @torch.no_grad()
     def maps(self, x: torch.Tensor) -> MethodOutput:
         c = self.config
+        identity = bool(self.ablate or c.identity)  # the ablation view, or a model whose search chose the identity
+        edit = float(c.edit) if not (self.ablate and float(c.edit) == 0.0) else 1.0
         z = self.features(x)
-        return MethodOutput(self._smooth(self.raw_maps(z, int(c.noise_level), int(c.steps), float(c.edit)),
-                                         x.shape[-2:]))
+        return MethodOutput(self._smooth(self.raw_maps(z, int(c.noise_level), int(c.steps), edit,
+                                                       identity=identity), x.shape[-2:]))
 
     # ---- hyper-parameters on synthetic anomalies of held-out good images ------------------------
     def after_training(self, train: Sequence[Any]) -> None:
@@ -449,11 +464,24 @@ class FeatDiff(Method):
                 img = float(auroc(labels, scores))
                 pix = float(pixel_auroc(mask, maps[:, 0].numpy()))
                 pro = float(aupro(mask, maps[:, 0].numpy(), labels=labels))
-                table.append({"noise_level": t, "steps": k, "edit": float(lam), "image_auroc": round(img, 5),
-                              "pixel_auroc": round(pix, 5), "pixel_aupro": round(pro, 5),
+                table.append({"denoiser": "trained", "noise_level": t, "steps": k, "edit": float(lam),
+                              "image_auroc": round(img, 5), "pixel_auroc": round(pix, 5), "pixel_aupro": round(pro, 5),
                               "objective": round((img + pix + pro) / 3, 5)})
+        for lam in sorted({float(e) for e in c.search_edit if float(e) > 0.0}) or [1.0]:  # item 8: the identity arm
+            maps = torch.cat([self._smooth(self.raw_maps(z.to(self.ctx.device), 0, 0, lam, nn_, identity=True),
+                                           size).cpu() for z, nn_ in zip(zs, nearest)])
+            scores = image_score(maps, sc.score, sc.topk_ratio, topk_count=sc.topk_count).numpy()
+            img, pix = float(auroc(labels, scores)), float(pixel_auroc(mask, maps[:, 0].numpy()))
+            pro = float(aupro(mask, maps[:, 0].numpy(), labels=labels))
+            table.append({"denoiser": "identity", "noise_level": 0, "steps": 0, "edit": lam,
+                          "image_auroc": round(img, 5), "pixel_auroc": round(pix, 5), "pixel_aupro": round(pro, 5),
+                          "objective": round((img + pix + pro) / 3, 5)})
         best = max(table, key=lambda r: (r["objective"], -r["steps"], -r["noise_level"]))
-        c.noise_level, c.steps, c.edit = int(best["noise_level"]), int(best["steps"]), float(best["edit"])
+        c.identity = best["denoiser"] == "identity"
+        if c.identity:  # noise_level / steps keep their configured values (unused while identity is set)
+            c.edit = float(best["edit"])
+        else:
+            c.noise_level, c.steps, c.edit = int(best["noise_level"]), int(best["steps"]), float(best["edit"])
         self.search_table = {"source": "synthetic anomalies on held-out good images (the calibration slice)",
                              "n_good": int(n_good), "n_synthetic": int(n_good), "chosen": dict(best), "grid": table}
         return self.search_table
@@ -473,6 +501,10 @@ class FeatDiff(Method):
             "strategy": "feature editing (LafitE) + DDIM from the noised features", "noise_level": c.noise_level,
             "steps": c.steps, "edit": c.edit, "distance": c.distance,
             "memory_rows": None if self.memory is None else int(self.memory.shape[0])}}
+        if c.identity:  # module docstring item 8
+            facts["reconstruction"].update(strategy="identity (z_hat = z_e; the denoiser is skipped at inference)",
+                                           noise_level=None, steps=0)
+            facts["note"] = IDENTITY_NOTE
         if self.search_table is not None:
             facts["search"] = self.search_table
         return facts
