@@ -219,7 +219,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             m = rep.per_category["mean"]
             print(f"{name:<10}" + "".join(f"{float(m[k]):>13.4f}" for k in keys))
         if det.method.ablation is not None:
-            print(f"ablation = {det.variant} with {det.method.ablation} (same saved model)")
+            print(f"(the ablation row: {det.variant} with {det.method.ablation}; the same saved model)")
     for path, why in report.errors:
         print(f"skipped {path}: {why}", file=sys.stderr)
     if a.json:

@@ -191,7 +191,7 @@ def test_cli_evaluate_views_prints_and_records_the_ablation_row(root, feat_model
     assert main(["evaluate", str(feat_model), str(root), "--views", "--quiet", "--json", str(out), "--record"]) == 0
     text = capsys.readouterr().out
     rows = [ln.split()[0] for ln in text.split("views (mean over categories")[1].splitlines()[2:4]]
-    assert rows == ["method", "ablation"] and "ablation = feat-diff with identity denoiser" in text
+    assert rows == ["method", "ablation"] and "the ablation row: feat-diff with identity denoiser" in text
     assert set(json.loads(out.read_text())["views"]) == {"method", "ablation"}
     card = AnomalyDetector.from_pretrained(feat_model, device="cpu").card()
     assert set(card["view_metrics"]) == {"method", "ablation"}

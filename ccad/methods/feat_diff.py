@@ -476,12 +476,14 @@ class FeatDiff(Method):
             table.append({"denoiser": "identity", "noise_level": 0, "steps": 0, "edit": lam,
                           "image_auroc": round(img, 5), "pixel_auroc": round(pix, 5), "pixel_aupro": round(pro, 5),
                           "objective": round((img + pix + pro) / 3, 5)})
-        best = max(table, key=lambda r: (r["objective"], -r["steps"], -r["noise_level"]))
+        def key(r: dict[str, Any]) -> tuple:
+            return r["objective"], -r["steps"], -r["noise_level"]
+
+        best = max(table, key=key)
+        trained = max((r for r in table if r["denoiser"] == "trained"), key=key)
         c.identity = best["denoiser"] == "identity"
-        if c.identity:  # noise_level / steps keep their configured values (unused while identity is set)
-            c.edit = float(best["edit"])
-        else:
-            c.noise_level, c.steps, c.edit = int(best["noise_level"]), int(best["steps"]), float(best["edit"])
+        # with the identity chosen, noise_level / steps are the best trained arm's (unused while identity is set)
+        c.noise_level, c.steps, c.edit = int(trained["noise_level"]), int(trained["steps"]), float(best["edit"])
         self.search_table = {"source": "synthetic anomalies on held-out good images (the calibration slice)",
                              "n_good": int(n_good), "n_synthetic": int(n_good), "chosen": dict(best), "grid": table}
         return self.search_table
