@@ -35,8 +35,8 @@ from typing import Optional
 import torch
 
 from benchmarks.common import (ALL_CORES, DEFAULT_METHODS, MTD_SPLIT, JsonLines, PeakRSS, build_detector, command,
-                               default_autoencoder, git_commit, loss_summary, machine, make_parser, parse,
-                               parse_options, peak_vram_mb, settings_for)
+                               default_autoencoder, git_commit, learned_part_lines, loss_summary, machine,
+                               make_parser, parse, parse_options, peak_vram_mb, settings_for)
 from ccad.data.layouts import load_csv_manifest
 from ccad.evaluate import METRIC_KEYS, evaluate, evaluate_views
 from ccad.methods import get_method
@@ -127,22 +127,6 @@ def print_table(rows: list[dict]) -> None:
         print(f"{r['method']:<20}" + "".join(f"{r[k]:>13}" for k in TABLE_KEYS))
     for line in learned_part_lines(rows):
         print(line)
-
-
-def learned_part_lines(rows: list[dict], keys: tuple[str, ...] = ("image_auroc", "pixel_auroc", "pixel_aupro")
-                       ) -> list[str]:
-    """``method - ablation`` per metric for every method that has both rows (signed, 4 decimals)."""
-    by = {r["method"]: r for r in rows}
-    out = []
-    for name, r in by.items():
-        abl = by.get(f"{name}/{ABLATION_VIEW}")
-        if abl is None:
-            continue
-        what = (r.get("settings") or {}).get("ablation") or "its ablation"
-        deltas = ", ".join(f"{k} {float(r[k]) - float(abl[k]):+.4f}" for k in keys
-                           if r.get(k) is not None and abl.get(k) is not None)
-        out.append(f"# {name}: learned part adds {deltas} (vs {what})")
-    return out
 
 
 def main(argv: Optional[list[str]] = None) -> int:
