@@ -236,6 +236,9 @@ def test_when_the_identity_wins_the_search_the_model_skips_the_denoiser_and_its_
     torch.testing.assert_close(own, m.ablation_maps(x).maps)
     card = det.card()
     assert card["note"] == IDENTITY_NOTE and card["reconstruction"]["steps"] == 0
+    from app.views import card_markdown, card_summary  # the app's one-line card and its table say so too
+
+    assert IDENTITY_NOTE in card_summary(card) and IDENTITY_NOTE in card_markdown(card)
     det.save_pretrained(tmp_path / "saved")
     assert IDENTITY_NOTE in (tmp_path / "saved" / "README.md").read_text()
     back = AnomalyDetector.from_pretrained(tmp_path / "saved", device="cpu")
