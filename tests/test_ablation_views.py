@@ -245,3 +245,23 @@ def test_when_the_identity_wins_the_search_the_model_skips_the_denoiser_and_its_
     assert back.method.config.identity
     with mock.patch.object(FeatDenoiser, "forward", _raise):
         torch.testing.assert_close(back.method.maps(x).maps, own)
+
+
+def test_the_ablation_flag_is_per_thread_and_restored():
+    import threading
+
+    from ccad.features import FeatureBank
+    from ccad.methods import Context
+    from ccad.methods.feat_diff import FeatDiffConfig
+
+    m = get_method("feat-diff")(FeatDiffConfig(preset="tiny"), Context(image_size=SIZE, device=torch.device("cpu"),
+                                                                       bank=FeatureBank(torch.zeros(2, 4))))
+    seen = []
+    with m.ablated():
+        t = threading.Thread(target=lambda: seen.append(m.ablate))  # e.g. a prediction served meanwhile
+        t.start()
+        t.join()
+        with m.ablated():
+            assert m.ablate
+        assert m.ablate  # nested: still inside the outer one
+    assert seen == [False] and not m.ablate

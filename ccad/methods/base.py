@@ -128,7 +128,6 @@ class Method:
     # view). A method that names one checks ``self.ablate`` at the top of its inference and
     # computes the ablated map from the same saved model while it is True (:meth:`ablation_maps`).
     ablation: ClassVar[Optional[str]] = None
-    ablate: bool = False  # set only inside :meth:`ablated`
 
     def __init__(self, config: Any, ctx: Context) -> None:
         if not isinstance(config, self.Config):
@@ -241,18 +240,28 @@ class Method:
         """Anomaly maps (and reconstructions) for a batch ``B x 3 x S x S`` in [0, 1] at the model size."""
         raise NotImplementedError
 
+    @property
+    def ablate(self) -> bool:
+        """True inside :meth:`ablated` (in this thread only: a prediction served from another thread
+        at the same time keeps the model's own map)."""
+        local = self.__dict__.get("_ablation_local")
+        return bool(getattr(local, "on", False)) if local is not None else False
+
     @contextmanager
     def ablated(self) -> Iterator["Method"]:
         """While inside, :meth:`maps` gives the ablation view (the learned part replaced by the
         trivial one named by :attr:`ablation`); restored on exit, errors included."""
+        import threading
+
         if self.ablation is None:
             raise ValueError(f"{self.name} declares no ablation view (its class attribute `ablation` is None)")
-        before = self.ablate
-        self.ablate = True
+        local = self.__dict__.setdefault("_ablation_local", threading.local())
+        before = getattr(local, "on", False)
+        local.on = True
         try:
             yield self
         finally:
-            self.ablate = before
+            local.on = before
 
     def ablation_maps(self, x: torch.Tensor) -> MethodOutput:
         """:meth:`maps` of the ablation view for a batch (same weights, learned part bypassed)."""
