@@ -126,9 +126,15 @@ def score_views(detector: Any, samples: Sequence[Any], batch_size: int = 8,
     for batch in iter_batches(samples, size, batch_size, on_error="skip", errors=errors):
         if hasattr(detector, "map_parts"):
             plain = [v for v in views if v != ABLATION_VIEW]
-            m, bank, _ = detector.map_parts(batch["image"]) if plain else (None, None, None)
+            abl = None
+            if plain and ABLATION_VIEW in views:  # one method call for both (shared work, e.g. features)
+                m, bank, _, abl = detector.map_parts_and_ablation(batch["image"])
+            elif plain:
+                m, bank, _ = detector.map_parts(batch["image"])
+            else:
+                abl = detector.ablation_maps(batch["image"])
             for v in views:
-                mv = detector.ablation_maps(batch["image"]) if v == ABLATION_VIEW else detector.combine(m, bank, v)
+                mv = abl if v == ABLATION_VIEW else detector.combine(m, bank, v)
                 scores[v].append(detector._score(mv).cpu().numpy())
                 maps[v].append(mv[:, 0].cpu().numpy().astype(np.float32))
         else:  # any object with score_batches (e.g. a wrapper in a benchmark)

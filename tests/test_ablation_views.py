@@ -186,6 +186,25 @@ def test_evaluate_views_returns_the_ablation_row_from_the_same_model(root, feat_
                                [r["score"] for r in again["ablation"].records], rtol=1e-5)
 
 
+def test_one_pass_gives_the_same_rows_as_separate_passes_and_feat_diff_extracts_features_once(root, feat_model):
+    det = AnomalyDetector.from_pretrained(feat_model, device="cpu")
+    test = load_dataset(root, split="test")
+    alone = {v: evaluate_views(det, test, batch_size=2, views=(v,))[v] for v in ("method", "ablation")}
+    calls = []
+    real = type(det.method).features
+
+    def counting(self, x):
+        calls.append(len(x))
+        return real(self, x)
+
+    with mock.patch.object(type(det.method), "features", counting):
+        both = evaluate_views(det, test, batch_size=2)
+    assert sum(calls) == len(test)  # each image's backbone features once for both views
+    for v in ("method", "ablation"):
+        np.testing.assert_allclose([r["score"] for r in both[v].records], [r["score"] for r in alone[v].records],
+                                   rtol=1e-5)
+
+
 def test_cli_evaluate_views_prints_and_records_the_ablation_row(root, feat_model, tmp_path, capsys):
     out = tmp_path / "r.json"
     assert main(["evaluate", str(feat_model), str(root), "--views", "--quiet", "--json", str(out), "--record"]) == 0

@@ -268,6 +268,11 @@ class Method:
         with self.ablated():
             return self.maps(x)
 
+    def maps_and_ablation(self, x: torch.Tensor) -> tuple[MethodOutput, MethodOutput]:
+        """``(maps(x), ablation_maps(x))`` of one batch. Default: two calls; a method whose two views
+        share work (feat-diff: the backbone features and the nearest memory rows) overrides this."""
+        return self.maps(x), self.ablation_maps(x)
+
     def to(self, device: torch.device) -> "Method":
         self.modules.to(device).eval()
         return self

@@ -418,6 +418,20 @@ class FeatDiff(Method):
         return MethodOutput(self._smooth(self.raw_maps(z, int(c.noise_level), int(c.steps), edit,
                                                        identity=identity), x.shape[-2:]))
 
+    @torch.no_grad()
+    def maps_and_ablation(self, x: torch.Tensor) -> tuple[MethodOutput, MethodOutput]:
+        """The model's own map and the identity view's (item 8) from one feature pass and one
+        nearest-memory search: the same values as :meth:`maps` and :meth:`ablation_maps`."""
+        c = self.config
+        size = x.shape[-2:]
+        z = self.features(x)
+        abl_edit = float(c.edit) if float(c.edit) > 0.0 else 1.0
+        z_e, nearest = edit_features(z, self.memory, abl_edit)
+        ablated = self._smooth(distance_map(z, z_e, c.distance), size)
+        own = self._smooth(self.raw_maps(z, int(c.noise_level), int(c.steps), float(c.edit), nearest,
+                                         identity=bool(c.identity)), size)
+        return MethodOutput(own), MethodOutput(ablated)
+
     # ---- hyper-parameters on synthetic anomalies of held-out good images ------------------------
     def after_training(self, train: Sequence[Any]) -> None:
         super().after_training(train)
