@@ -244,6 +244,8 @@ def card_summary(card: Optional[dict[str, Any]], name: str = "") -> str:
         auroc = metrics.get("image_AUROC") if isinstance(metrics, dict) else None
         if isinstance(auroc, (int, float)) and math.isfinite(float(auroc)):
             parts.append(f"image AUROC {float(auroc):.3f}")
+    if card.get("note"):  # what the model's own measurement says about it (e.g. its denoiser added nothing)
+        parts.append(f"note: {card['note']}")
     return " · ".join(parts)
 
 

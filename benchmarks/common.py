@@ -413,3 +413,24 @@ class JsonLines:
         if self.path is not None:
             with open(self.path, "a") as f:
                 f.write(line + "\n")
+
+
+def learned_part_lines(rows: list[dict], keys: tuple[str, ...] = ("image_auroc", "pixel_auroc", "pixel_aupro"),
+                       metrics: Any = None) -> list[str]:
+    """``method - ablation`` per metric (signed, 4 decimals) for every method with both rows: the
+    method's own row ``NAME`` and its ablation row ``NAME/ablation`` (the same saved model with its
+    learned part replaced by the trivial one, :attr:`ccad.methods.base.Method.ablation`).
+    ``metrics(row) -> dict`` finds a row's metrics (default: the row itself; multiclass: its mean)."""
+    get = metrics or (lambda r: r)
+    by = {r["method"]: r for r in rows}
+    out = []
+    for name, r in by.items():
+        abl = by.get(f"{name}/ablation")
+        if abl is None:
+            continue
+        what = (r.get("settings") or {}).get("ablation") or "its ablation"
+        a, b = get(r), get(abl)
+        deltas = ", ".join(f"{k} {float(a[k]) - float(b[k]):+.4f}" for k in keys
+                           if a.get(k) is not None and b.get(k) is not None)
+        out.append(f"# {name}: learned part adds {deltas} (vs {what})")
+    return out

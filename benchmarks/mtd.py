@@ -35,11 +35,12 @@ from typing import Optional
 import torch
 
 from benchmarks.common import (ALL_CORES, DEFAULT_METHODS, MTD_SPLIT, JsonLines, PeakRSS, build_detector, command,
-                               default_autoencoder, git_commit, loss_summary, machine, make_parser, parse,
-                               parse_options, peak_vram_mb, settings_for)
+                               default_autoencoder, git_commit, learned_part_lines, loss_summary, machine,
+                               make_parser, parse, parse_options, peak_vram_mb, settings_for)
 from ccad.data.layouts import load_csv_manifest
 from ccad.evaluate import METRIC_KEYS, evaluate, evaluate_views
 from ccad.methods import get_method
+from ccad.methods.base import ABLATION_VIEW
 
 DEFAULT_DATA = MTD_SPLIT
 TABLE_KEYS = ["image_auroc", "pixel_auroc", "pixel_aupro", "image_ap", "pixel_ap", "fit_seconds", "ms_per_image",
@@ -65,8 +66,11 @@ def fusion_memory_from(det: object, s: dict) -> object:
 def run_method(name: str, train: list, test: list, s: dict, mode: str, device: str, work: Path,
                latent_cache: Path, batch_size: int, fuse: bool = False, fusion_memory: object = None
                ) -> tuple[list[dict], object]:
-    """One method's row; a trained method with ``fuse`` gives two rows from one model and one pass
-    over the test images: its own map (``name``) and the fused map (``name+bank``)."""
+    """One method's rows. A trained method with ``fuse`` gives three rows from one model and one pass
+    over the test images: its own map (``name``), the fused map (``name+bank``) and the fusion
+    memory's nearest-neighbour map alone (``name/bank``). A method that declares an ablation
+    (:attr:`ccad.methods.base.Method.ablation`) adds ``name/ablation``: the same saved model with its
+    learned part replaced by the trivial one, scored in a second pass (its own ``ms_per_image``)."""
     run_dir = work / name
     load_start = machine()["loadavg"]
     fuse = fuse and get_method(name).trainable
@@ -79,10 +83,15 @@ def run_method(name: str, train: list, test: list, s: dict, mode: str, device: s
         fit_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         if fuse:
-            reports = evaluate_views(det, test, batch_size=batch_size, views=("method", "fused"))
+            reports = evaluate_views(det, test, batch_size=batch_size, views=("method", "fused", "bank"))
         else:
             reports = {None: evaluate(det, test, batch_size=batch_size)}
         infer_s = time.perf_counter() - t1
+        seconds = {v: infer_s for v in reports}
+        if ABLATION_VIEW in det.views:
+            t2 = time.perf_counter()
+            reports.update(evaluate_views(det, test, batch_size=batch_size, views=(ABLATION_VIEW,)))
+            seconds[ABLATION_VIEW] = time.perf_counter() - t2
     n = len(next(iter(reports.values())).records)
     errors = len(next(iter(reports.values())).errors)
     extra = {"n_train": len(train), "n_test": n, "threshold": det.threshold, "unreadable": errors,
@@ -96,21 +105,28 @@ def run_method(name: str, train: list, test: list, s: dict, mode: str, device: s
                            "note": "both rows come from one model and one pass over the test images; "
                                    "ms_per_image is that shared pass (method map + bank map); the threshold "
                                    "is the fused row's"}
+    if ABLATION_VIEW in seconds:
+        extra["ablation"] = det.method.ablation
     rows = []
     for view, report in reports.items():
         m = report.per_category["mean"]
-        label = name if view in (None, "method") else f"{name}+bank"
+        label = {None: name, "method": name, "fused": f"{name}+bank"}.get(view, f"{name}/{view}")
         rows.append({"method": label, **{k: round(float(m[k]), 4) for k in METRIC_KEYS},
-                     "fit_seconds": round(fit_s, 1), "ms_per_image": round(1000 * infer_s / max(n, 1), 1),
+                     "fit_seconds": round(fit_s, 1), "ms_per_image": round(1000 * seconds[view] / max(n, 1), 1),
                      "peak_ram_mb": mem.peak_mb, "peak_vram_mb": peak_vram_mb(), "device": device,
                      "settings": {**s, **extra, "view": view or "method"}})
     return rows, det
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'method':<16}" + "".join(f"{k:>13}" for k in TABLE_KEYS))
+    """One row per method and view (own map, ``+bank`` fused, ``/bank`` the nearest-neighbour map
+    alone, ``/ablation`` the learned part replaced), then per method what its learned part adds
+    (its own row minus its ablation row, signed)."""
+    print(f"{'method':<20}" + "".join(f"{k:>13}" for k in TABLE_KEYS))
     for r in rows:
-        print(f"{r['method']:<16}" + "".join(f"{r[k]:>13}" for k in TABLE_KEYS))
+        print(f"{r['method']:<20}" + "".join(f"{r[k]:>13}" for k in TABLE_KEYS))
+    for line in learned_part_lines(rows):
+        print(line)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -15,7 +15,10 @@ next to one PatchCore fitted per class. The per-method settings are the rows of
 
 Prints one JSON line per method (``per_class``: the metrics of each class; ``mean``: their mean;
 fit_seconds, ms_per_image, peak_ram_mb, device, settings), then a table of image / pixel AUROC
-and AUPRO per class.
+and AUPRO per class. A method that declares an ablation (:attr:`ccad.methods.base.Method.ablation`)
+adds a row ``NAME/ablation``: the same model(s) with the learned part replaced by the trivial one
+(a second pass over the test images, its own ``ms_per_image``), and the table ends with what each
+learned part adds (own minus ablation, signed).
 """
 from __future__ import annotations
 
@@ -30,11 +33,13 @@ import numpy as np
 import torch
 
 from benchmarks.common import (ALL_CORES, JsonLines, PeakRSS, build_detector, command, default_autoencoder, git_commit,
-                               loss_summary, machine, make_parser, parse, parse_options, peak_vram_mb, settings_for)
+                               learned_part_lines, loss_summary, machine, make_parser, parse, parse_options,
+                               peak_vram_mb, settings_for)
 from ccad.data.detect import load_dataset
 from ccad.data.synthetic import TEXTURES, write_dataset
-from ccad.evaluate import METRIC_KEYS, evaluate
+from ccad.evaluate import METRIC_KEYS, evaluate, evaluate_views
 from ccad.methods import get_method
+from ccad.methods.base import ABLATION_VIEW
 
 SIZES = {  # images per class: good train, good test, defective test per defect type (4 types)
     "quick": {"n_train": 40, "n_test_good": 8, "n_test_defect": 2},
@@ -107,9 +112,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                          {**opts.get("*", {}), **opts.get(name, {})})
         load0 = machine()["loadavg"]
         per_class: dict[str, dict[str, float]] = {}
-        fit_s = infer_s = 0.0
+        ablated: dict[str, dict[str, float]] = {}  # the ablation view per class (methods that declare one)
+        fit_s = infer_s = abl_s = 0.0
         n_eval = 0
         extra: dict = {}
+
+        def ablation_of(det: object, items: list) -> object:
+            nonlocal abl_s
+            t = time.perf_counter()
+            rep = evaluate_views(det, items, batch_size=16, views=(ABLATION_VIEW,))[ABLATION_VIEW]
+            abl_s += time.perf_counter() - t
+            return rep
         with PeakRSS() as mem:
             if get_method(name).multi_class:
                 t0 = time.perf_counter()
@@ -121,6 +134,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 infer_s = time.perf_counter() - t1
                 n_eval = len(rep.records)
                 per_class = {c: clean(r) for c, r in rep.per_category.items() if c != "mean"}
+                if ABLATION_VIEW in det.views:
+                    ablated = {c: clean(r) for c, r in ablation_of(det, test).per_category.items() if c != "mean"}
                 extra = {"models": 1, "threshold": det.threshold, "categories_trained": det.info.get("categories"),
                          "loss": loss_summary(work / name) if trainable else None}
             else:  # one model per class
@@ -137,18 +152,29 @@ def main(argv: Optional[list[str]] = None) -> int:
                     n_eval += len(rep.records)
                     per_class[kind] = clean(rep.per_category.get(kind) or rep.per_category["mean"])
                     thresholds[kind] = det.threshold
+                    if ABLATION_VIEW in det.views:
+                        ab = ablation_of(det, cls_test)
+                        ablated[kind] = clean(ab.per_category.get(kind) or ab.per_category["mean"])
                 extra = {"models": len(TEXTURES), "thresholds": thresholds}
         row = {"method": name, "per_class": per_class, "mean": mean_of(per_class), "fit_seconds": round(fit_s, 1),
                "ms_per_image": round(1000 * infer_s / max(n_eval, 1), 1), "peak_ram_mb": mem.peak_mb,
                "peak_vram_mb": peak_vram_mb(), "device": device,
                "settings": {**s, **extra, "mode": mode, "n_test": n_eval, "loadavg_start": load0,
                             "loadavg_end": machine()["loadavg"], "run": run}}
+        if ablated:
+            row["settings"]["ablation"] = det.method.ablation
         out.emit(row)
+        if ablated:
+            out.emit({**row, "method": f"{name}/{ABLATION_VIEW}", "per_class": ablated, "mean": mean_of(ablated),
+                      "ms_per_image": round(1000 * abl_s / max(n_eval, 1), 1),
+                      "settings": {**row["settings"], "view": ABLATION_VIEW}})
     print()
     for key in ("image_auroc", "pixel_auroc", "pixel_aupro"):
-        print(f"{key:<12}" + "".join(f"{c:>10}" for c in (*TEXTURES, "mean")))
+        print(f"{key:<20}" + "".join(f"{c:>10}" for c in (*TEXTURES, "mean")))
         for r in rows:
             vals = [r["per_class"].get(c, {}).get(key) for c in TEXTURES] + [r["mean"][key]]
-            print(f"{r['method']:<12}" + "".join(f"{'-' if v is None else f'{v:.4f}':>10}" for v in vals))
+            print(f"{r['method']:<20}" + "".join(f"{'-' if v is None else f'{v:.4f}':>10}" for v in vals))
         print()
+    for line in learned_part_lines(rows, metrics=lambda r: r["mean"]):
+        print(line)
     return 0

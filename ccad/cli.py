@@ -422,9 +422,9 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     try:
         det = _load_model(a.model, a.revision)
         if getattr(a, "views", False):
-            if det.fusion is None:
-                print(f"error: --views: {a.model} has no fusion (its only view is 'method'); views need a detector "
-                      f"trained with scoring.fusion='bank'", file=sys.stderr)
+            if len(det.views) < 2:
+                print(f"error: --views: {a.model} has one view only ('method'): no fusion (scoring.fusion='bank' "
+                      f"adds the fused and bank views) and its method declares no ablation view", file=sys.stderr)
                 return 2
             if shard.world > 1:
                 print("error: --views runs in one process; drop --views under accelerate launch / torchrun",
@@ -438,7 +438,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             from .evaluate import evaluate_views
 
             views = evaluate_views(det, samples, batch_size=a.batch_size, progress=bar)
-            report = views["fused"]
+            report = views["fused" if "fused" in views else "method"]
         else:
             report = evaluate_sharded(det, samples, shard, batch_size=a.batch_size, progress=bar,
                                       folder=a.shard_dir)
@@ -450,11 +450,14 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     print(report.table())
     if views is not None:  # one row per view of the same detector and forward passes
         keys = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_ap", "pixel_ap")
-        print("\nviews (mean over categories; fused = the detector's own map)")
-        print(f"{'view':<8}" + "".join(f"{k:>13}" for k in keys))
+        print("\nviews (mean over categories; " + ("fused = the detector's own map" if "fused" in views else
+                                                  "method = the detector's own map") + ")")
+        print(f"{'view':<10}" + "".join(f"{k:>13}" for k in keys))
         for name, rep in views.items():
             m = rep.per_category["mean"]
-            print(f"{name:<8}" + "".join(f"{float(m[k]):>13.4f}" for k in keys))
+            print(f"{name:<10}" + "".join(f"{float(m[k]):>13.4f}" for k in keys))
+        if det.method.ablation is not None:
+            print(f"(the ablation row: {det.variant} with {det.method.ablation}; the same saved model)")
     for path, why in report.errors:
         print(f"skipped {path}: {why}", file=sys.stderr)
     if a.json:
@@ -466,6 +469,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         print(f"wrote {a.json}")
     if a.record:
         det.info["metrics"] = report.to_json()["per_category"]["mean"]
+        if views is not None:  # the card's one row per view (the ablation row included)
+            det.info["view_metrics"] = {name: rep.to_json()["per_category"]["mean"] for name, rep in views.items()}
         det.save_pretrained(a.model)
     return 0
 
@@ -766,7 +771,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", default=None, help="write the full report (metrics, per-image records) here")
     sp.add_argument("--record", action="store_true", help="store the mean metrics in the model's card")
     sp.add_argument("--views", action="store_true",
-                    help="a fused detector: also the method-only and bank-only rows, from the same forward passes")
+                    help="one row per view of the same saved model: a fused detector's method-only and bank-only "
+                         "rows, and the ablation row of a method that declares one (its learned part replaced by "
+                         "the trivial one, e.g. feat-diff's identity denoiser)")
     sp.add_argument("--shard-dir", default=None,
                     help="under accelerate launch / torchrun: the folder for each process's maps (default: a "
                          "temporary folder; processes on several machines need one they all share)")

@@ -30,6 +30,7 @@ from .detector_config import DetectorConfig
 from .detector_folder import default_device, read_folder, save_folder, write_calibration, write_folder
 from .errors import CheckpointError
 from .methods import Method, get_method
+from .methods.base import ABLATION_VIEW
 from .prediction import Prediction
 from .scoring.anomaly_map import image_score
 from .scoring.threshold import Calibration
@@ -122,10 +123,13 @@ class AnomalyDetector(
 
     @property
     def views(self) -> tuple[str, ...]:
-        """The maps this detector can give: ``fused`` / ``method`` / ``bank`` with fusion, else ``method``."""
+        """The maps this detector can give: ``fused`` / ``method`` / ``bank`` with fusion, else ``method``;
+        plus ``ablation`` when its method declares one (:attr:`ccad.methods.base.Method.ablation`: the
+        method's own map with its learned part replaced by the trivial one, from the same weights)."""
         from .scoring.fusion import VIEWS
 
-        return VIEWS if self.fusion is not None else ("method",)
+        base = VIEWS if self.fusion is not None else ("method",)
+        return base + (ABLATION_VIEW,) if self.method.ablation is not None else base
 
     @property
     def map_floor(self) -> float:
@@ -140,17 +144,17 @@ class AnomalyDetector(
         return self._map_parts(x)[:3]
 
     @torch.no_grad()
-    def _map_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor],
-                                                   Optional[torch.Tensor]]:
+    def _map_parts(self, x: torch.Tensor, out: Any = None) -> tuple[torch.Tensor, Optional[torch.Tensor],
+                                                                    Optional[torch.Tensor], Optional[torch.Tensor]]:
         """:meth:`map_parts` and the per-image domain distances ``B`` (:mod:`ccad.scoring.domain`;
-        None when this detector has no memory of good patch features)."""
+        None when this detector has no memory of good patch features). ``out``: the method's
+        :class:`~ccad.methods.base.MethodOutput` for this batch when already computed."""
         from .scoring.domain import patch_median
 
         x = x.to(self.device, torch.float32)
         size = tuple(x.shape[-2:])
-        xm = x if size == (self.image_size, self.image_size) else F.interpolate(
-            x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=True)
-        out = self.method.maps(xm)
+        if out is None:
+            out = self.method.maps(self._model_input(x))
         maps = out.maps.float()
         rec = None if out.reconstruction is None else out.reconstruction.float()
         if tuple(maps.shape[-2:]) != size:
@@ -204,8 +208,43 @@ class AnomalyDetector(
         feats = self.bank.features.to(f.device)
         if d != feats.shape[1]:
             return None
-        dist, _ = nearest_distances(f.permute(0, 2, 3, 1).reshape(-1, d), feats)
+        dist, _ = nearest_distances(f.permute(0, 2, 3, 1).reshape(-1, d), feats, group=f.shape[2] * f.shape[3])
         return patch_median(dist.view(b, -1))
+
+    def _model_input(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch at :attr:`input_size` resized to the method's own size."""
+        size = tuple(x.shape[-2:])
+        return x if size == (self.image_size, self.image_size) else F.interpolate(
+            x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=True)
+
+    def _check_ablation(self) -> None:
+        if self.method.ablation is None:
+            raise ValueError(f"view 'ablation': the method {self.variant!r} declares no ablation view")
+
+    @staticmethod
+    def _at(maps: torch.Tensor, size: tuple) -> torch.Tensor:
+        maps = maps.float()
+        return maps if tuple(maps.shape[-2:]) == tuple(size) else F.interpolate(
+            maps, size=tuple(size), mode="bilinear", align_corners=False)
+
+    @torch.no_grad()
+    def ablation_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """The ``ablation`` view's maps ``B x 1 x S' x S'`` for a batch at :attr:`input_size` (the
+        method's :meth:`~ccad.methods.base.Method.ablation_maps`, resized as :meth:`map_parts` does)."""
+        self._check_ablation()
+        x = x.to(self.device, torch.float32)
+        return self._at(self.method.ablation_maps(self._model_input(x)).maps, x.shape[-2:])
+
+    @torch.no_grad()
+    def map_parts_and_ablation(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor],
+                                                               Optional[torch.Tensor], torch.Tensor]:
+        """:meth:`map_parts` and :meth:`ablation_maps` of one batch from one call of the method's
+        :meth:`~ccad.methods.base.Method.maps_and_ablation` (work both views share is done once)."""
+        self._check_ablation()
+        x = x.to(self.device, torch.float32)
+        out, abl = self.method.maps_and_ablation(self._model_input(x))
+        maps, bank, rec, _ = self._map_parts(x, out=out)
+        return maps, bank, rec, self._at(abl.maps, x.shape[-2:])
 
     def combine(self, maps: torch.Tensor, bank: Optional[torch.Tensor], view: Optional[str] = None) -> torch.Tensor:
         """One view of :meth:`map_parts`: ``fused`` (the default with fusion), ``method`` or ``bank``."""
@@ -453,6 +492,8 @@ class AnomalyDetector(
             "n_train_images": self.info.get("n_train_images", bank_meta.get("n_images")),
             "categories": self.info.get("categories"),
             "metrics": self.info.get("metrics"),
+            "ablation": mcls.ablation,  # what the ablation view replaces the learned part with (None: no view)
+            "view_metrics": self.info.get("view_metrics"),  # per view, from ``ccad evaluate --views --record``
             "created": self.info.get("created"),
         }
         method_facts = self.method.card()

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from .methods.base import ABLATION_VIEW
 from .metrics import METRIC_KEYS  # the one list (ccad.metrics.pixel); re-exported here for the app and benchmarks
 
 
@@ -112,7 +113,10 @@ def score_views(detector: Any, samples: Sequence[Any], batch_size: int = 8,
 
     A fused detector (``scoring.fusion = "bank"``) has the views ``fused`` (what it predicts),
     ``method`` (the method's own map, unfused) and ``bank`` (the nearest-neighbour map alone);
-    ``None`` is the detector's default view."""
+    ``None`` is the detector's default view. ``ablation`` (when the method declares one,
+    :attr:`ccad.methods.base.Method.ablation`) is the method's own map with its learned part
+    replaced by the trivial one: the same weights and the same pass over the data, one more
+    method inference per batch (without its learned part)."""
     from .data.dataset import iter_batches
 
     size = int(getattr(detector, "input_size", detector.image_size))
@@ -124,9 +128,16 @@ def score_views(detector: Any, samples: Sequence[Any], batch_size: int = 8,
     samples = list(samples)
     for batch in iter_batches(samples, size, batch_size, on_error="skip", errors=errors):
         if hasattr(detector, "map_parts"):
-            m, bank, _ = detector.map_parts(batch["image"])
+            plain = [v for v in views if v != ABLATION_VIEW]
+            abl = None
+            if plain and ABLATION_VIEW in views:  # one method call for both (shared work, e.g. features)
+                m, bank, _, abl = detector.map_parts_and_ablation(batch["image"])
+            elif plain:
+                m, bank, _ = detector.map_parts(batch["image"])
+            else:
+                abl = detector.ablation_maps(batch["image"])
             for v in views:
-                mv = detector.combine(m, bank, v)
+                mv = abl if v == ABLATION_VIEW else detector.combine(m, bank, v)
                 scores[v].append(detector._score(mv).cpu().numpy())
                 maps[v].append(mv[:, 0].cpu().numpy().astype(np.float32))
         else:  # any object with score_batches (e.g. a wrapper in a benchmark)
@@ -205,10 +216,14 @@ def evaluate(detector: Any, samples: Sequence[Any], batch_size: int = 8,
 
 def evaluate_views(detector: Any, samples: Sequence[Any], batch_size: int = 8,
                    progress: Optional[Callable[[int, int], None]] = None,
-                   views: Sequence[Optional[str]] = ("fused", "method", "bank")) -> dict[Optional[str], EvalReport]:
-    """:func:`evaluate` for several views of one detector (:func:`score_views`): a fused row and
-    the same method's unfused row from the same trained weights and the same forward passes.
-    The records' verdicts use the detector's threshold, which belongs to its default view."""
+                   views: Optional[Sequence[Optional[str]]] = None) -> dict[Optional[str], EvalReport]:
+    """:func:`evaluate` for several views of one detector (:func:`score_views`): a fused row, the
+    same method's unfused row, the bank's row and the method's ablation row (its learned part
+    replaced by the trivial one) from the same trained weights and the same pass over the data.
+    ``views`` None = every view the detector has (``detector.views``). The records' verdicts use
+    the detector's threshold, which belongs to its default view."""
+    if views is None:
+        views = tuple(detector.views)
     t0 = _clock()
     scored = score_views(detector, samples, batch_size, progress, views)
     seconds = _clock() - t0

@@ -107,7 +107,10 @@ def test_every_benchmark_parses_its_arguments(name, capsys):
 
 def test_mtd(mtd_run):
     work, rows = mtd_run
-    assert [r["method"] for r in rows] == ["patchcore", "deco-diff", "deco-diff+bank"]
+    # own map, fused, the bank's map alone, and the ablation (the same model without its correction steps)
+    assert [r["method"] for r in rows] == ["patchcore", "deco-diff", "deco-diff+bank", "deco-diff/bank",
+                                           "deco-diff/ablation"]
+    assert rows[-1]["settings"]["view"] == "ablation" and rows[-1]["settings"]["ablation"].startswith("zero corr")
     for r in rows:
         for k in (*METRICS, "fit_seconds", "ms_per_image", "peak_ram_mb", "peak_vram_mb", "device", "settings"):
             assert k in r, k
@@ -136,12 +139,15 @@ def test_multiclass(tmp_path):
     rows = run("multiclass", "--quick", "--per-class", "3,1,1", "--methods", "patchcore,deco-diff", "--steps", "1",
                "--image-size", "64", "--autoencoder", AE, "--workdir", str(tmp_path / "work"),
                out=tmp_path / "mc.jsonl")
-    assert [r["method"] for r in rows] == ["patchcore", "deco-diff"]
+    assert [r["method"] for r in rows] == ["patchcore", "deco-diff", "deco-diff/ablation"]
     for r in rows:
         assert {"per_class", "mean", "fit_seconds", "ms_per_image", "peak_ram_mb", "peak_vram_mb", "device",
                 "settings"} <= set(r)
         assert len(r["per_class"]) == 5 and set(METRICS) <= set(r["mean"])
     assert rows[0]["settings"]["models"] == 5 and rows[1]["settings"]["models"] == 1
+    # the ablation row: the same model without its correction steps (DeCo-Diff's declared ablation)
+    assert rows[2]["settings"]["view"] == "ablation" and rows[2]["settings"]["ablation"].startswith("zero correction")
+    assert rows[2]["per_class"] != rows[1]["per_class"]
 
 
 def test_speed_throughput_latency_and_saved_model(mtd_run, manifest, tmp_path):

@@ -179,7 +179,7 @@ def test_an_export_that_scores_differently_is_refused_loudly(patchcore, tmp_path
 
     right = graph.mm_nearest_distances
 
-    def wrong(q, bank, k=1, chunk_elems=0):  # a graph whose distances are 20 % off
+    def wrong(q, bank, k=1, chunk_elems=0, group=None):  # a graph whose distances are 20 % off
         d, i = right(q, bank, k)
         return d * 1.2, i
 

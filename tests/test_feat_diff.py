@@ -126,9 +126,12 @@ def test_trained_detector_picks_settings_on_the_held_out_slice_and_round_trips(t
     assert table["source"].startswith("synthetic anomalies on held-out good images")
     n_cal = det.info["n_calibration_images"]
     assert table["n_good"] == min(4, n_cal) and table["n_synthetic"] == table["n_good"]
-    assert len(table["grid"]) == 4  # (50, 1), (100, 1) x edit 0, 1
+    assert len(table["grid"]) == 5  # (50, 1), (100, 1) x edit 0, 1, and the identity arm at edit 1
     c = det.method.config
-    assert (c.noise_level, c.steps, c.edit) == tuple(table["chosen"][k] for k in ("noise_level", "steps", "edit"))
+    chosen = table["chosen"]
+    assert c.identity == (chosen["denoiser"] == "identity") and c.edit == chosen["edit"]
+    if not c.identity:
+        assert (c.noise_level, c.steps) == (chosen["noise_level"], chosen["steps"])
     assert (root / "run" / "features" / "latents.json").is_file()  # features cached once in the run
     det.save_pretrained(root / "saved")
     again = AnomalyDetector.from_pretrained(root / "saved")

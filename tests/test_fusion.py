@@ -108,7 +108,7 @@ def test_fused_detector_saves_loads_and_reports_all_views(root, fused):
     assert back.predict(img).score == pytest.approx(det.predict(img).score, rel=1e-5)
     assert back.card()["fusion"]["stats"]["bank"]["n_images"] == det.fusion.stats["bank"].n_images
     reports = evaluate_views(back, test, batch_size=4)
-    assert set(reports) == {"fused", "method", "bank"}
+    assert set(reports) == {"fused", "method", "bank", "ablation"}  # every view: CCAD(V) has an ablation
     plain = evaluate(back, test, batch_size=4)
     assert plain.per_category["mean"]["image_auroc"] == pytest.approx(
         reports["fused"].per_category["mean"]["image_auroc"])

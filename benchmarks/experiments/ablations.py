@@ -218,27 +218,18 @@ def ablate_d3ad(det: Any, data: Any, test: list, fixed_grid: str = "all") -> dic
 @torch.no_grad()
 def glad_fixed_reconstruct(method: Any, net: Any, x: torch.Tensor, t_fix: int) -> torch.Tensor:
     """Noise the input to ``t_fix`` with the same eps draw as ``glad_reconstruct`` (same seed, one
-    generator per image), then deterministic DDIM (eta = 0) down to abar = 1 on GLAD's grid
-    spacing (T / steps)."""
-    from ccad.diffusion.objectives import _randn_like, image_generators
-    from ccad.diffusion.reconstruct import ddim_step, reconstruction_timesteps
+    generator per image), then deterministic DDIM (eta = 0) down to abar = 1 on GLAD's grid spacing
+    (T / steps): the package's :func:`ccad.diffusion.glad.fixed_start_reconstruct`, which GLAD's
+    ablation view also uses."""
+    from ccad.diffusion.glad import fixed_start_reconstruct
+    from ccad.diffusion.objectives import image_generators
     from ccad.models.denoiser import images_to_model, model_to_images
 
     c = method.config
-    x0 = images_to_model(x).float()
-    eps = _randn_like(x0, image_generators(int(c.seed), x0.shape[0], x.device))
-    n_train = int(method.scheduler.config.num_train_timesteps)
+    gen = image_generators(int(c.seed), x.shape[0], x.device)
     n = max(1, int(round(int(t_fix) * int(c.steps) / int(c.T))))
-    ts = reconstruction_timesteps(int(t_fix), n, n_train)
-    abar = method.scheduler.alphas_cumprod.double().cpu()
-    a0 = float(abar[ts[0]])
-    x_t = math.sqrt(a0) * x0 + math.sqrt(1.0 - a0) * eps
-    for i, t in enumerate(ts):
-        a_t = float(abar[t])
-        a_prev = float(abar[ts[i + 1]]) if i + 1 < len(ts) else 1.0
-        tb = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
-        x_t = ddim_step(x_t, net(x_t.to(x.dtype), tb).sample.float(), a_t, a_prev, 0.0, None)
-    return model_to_images(x_t)
+    return model_to_images(fixed_start_reconstruct(lambda x_t, t: net(x_t, t).sample, images_to_model(x),
+                                                   method.scheduler, int(t_fix), n, generator=gen))
 
 
 def ablate_glad(det: Any, data: Any, test: list) -> dict[str, Any]:

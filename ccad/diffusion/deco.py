@@ -361,8 +361,20 @@ def deco_anomaly_map(z0: torch.Tensor, z0_tilde: torch.Tensor, x0: torch.Tensor,
     d_l = gaussian_blur(d_l, float(sigma_l))
     if tuple(d_l.shape[-2:]) != (H, W):
         d_l = F.interpolate(d_l, size=(H, W), mode="bilinear", align_corners=False)
+    d_p = deco_pixel_term(x0, x0_tilde, gamma_p, pixel_reduce=pixel_reduce, pixel_scale=pixel_scale, sigma_p=sigma_p)
+    return (d_l.clamp(0, 1) * d_p.clamp(0, 1)).sqrt()
+
+
+def deco_pixel_term(x0: torch.Tensor, x0_tilde: torch.Tensor, gamma_p: float = 0.4, *, pixel_reduce: str = "max",
+                    pixel_scale: float = 2.0, sigma_p: float = 3.0) -> torch.Tensor:
+    """Eq. 15's clipped, smoothed pixel term ``min(d_p, gamma_p) / gamma_p`` alone (B x 1 x H x W,
+    in [0, 1]; see :func:`deco_anomaly_map` for the reduction, scale and smoothing). With zero
+    correction steps (``z0_tilde = z0``) eq. 15's latent term is 0 everywhere, so DeCo-Diff's ablation
+    view is this term between the input and its autoencoder round trip."""
+    if pixel_reduce not in ("max", "mean"):
+        raise ValueError(f"pixel_reduce must be 'max' or 'mean', got {pixel_reduce!r}")
+    W = int(x0.shape[-1])
     diff = (x0_tilde.float() - x0.float()).abs() * float(pixel_scale)
     d_p = diff.amax(dim=1, keepdim=True) if pixel_reduce == "max" else diff.mean(dim=1, keepdim=True)
     d_p = d_p.clamp(max=float(gamma_p)) / float(gamma_p)
-    d_p = gaussian_blur(d_p, scaled_sigma(float(sigma_p), int(W)) if sigma_p > 0 else 0.0)
-    return (d_l.clamp(0, 1) * d_p.clamp(0, 1)).sqrt()
+    return gaussian_blur(d_p, scaled_sigma(float(sigma_p), W) if sigma_p > 0 else 0.0)

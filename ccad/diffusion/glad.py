@@ -275,3 +275,18 @@ def glad_anomaly_map(x: torch.Tensor, x_hat: torch.Tensor, extractor, sigma: flo
             d = layer_distance(fmap[:n], fmap[n:], match, radius)
         total += F.interpolate(d, size=size, mode="bilinear", align_corners=False)
     return gaussian_blur(total, scaled_sigma(sigma, size[-1]))
+
+
+@torch.no_grad()
+def fixed_start_reconstruct(eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor,
+                            scheduler, start_step: int, steps: int, generator=None) -> torch.Tensor:
+    """GLAD's fixed-start baseline (the arm sec. 3.3's adaptive step is compared with): noise the
+    input to ``start_step`` (eq. 1, with the same eps draw as :func:`glad_reconstruct` from the same
+    ``generator``), then deterministic DDIM (eq. 3, eta = 0) down ``reconstruction_timesteps(start_step,
+    steps)`` to abar = 1: no adaptive search, no spatial fusion. Images in model range ``[-1, 1]``."""
+    T = int(scheduler.config.num_train_timesteps)
+    ts = reconstruction_timesteps(int(start_step), int(steps), T)
+    target = x0.float()
+    eps = _randn_like(target, generator)
+    return ddim_sample(lambda x, t: eps_fn(x.to(x0.dtype), t).float(), noised(target, scheduler, ts[0], eps),
+                       scheduler, ts)

@@ -26,8 +26,9 @@ OPSET = 17
 
 
 def mm_nearest_distances(queries: torch.Tensor, bank: torch.Tensor, k: int = 1,
-                         chunk_elems: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`ccad.features.patchcore.nearest_distances` as one matmul (no chunks; see the module docstring)."""
+                         chunk_elems: int = 0, group: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ccad.features.patchcore.nearest_distances` as one matmul (no chunks, so ``group`` is
+    moot; see the module docstring)."""
     q, b = queries.float(), bank.float()
     k = min(int(k), b.shape[0])
     qn = q.pow(2).sum(-1, keepdim=True)

@@ -38,12 +38,18 @@ PATCHCORE_META = "patchcore.json"
 
 
 def nearest_distances(
-    queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk_elems: int = 1 << 24
+    queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk_elems: int = 1 << 24,
+    group: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Distances to and indices of the ``k`` nearest rows of ``bank`` for each query row.
 
     Chunked so that at most ``chunk_elems`` distances are held at once (no full ``N x M``
-    matrix). Returns ``(dist N x k, idx N x k)``, ascending.
+    matrix). Returns ``(dist N x k, idx N x k)``, ascending. ``group``: the queries come in
+    groups of this many rows (one image's patches); chunks then never straddle a group and
+    every group is cut the same way, so an image's distances are computed by the same matrix
+    products whatever batch it is in, at whatever place (cdist's matrix-product path rounds
+    differently for differently shaped chunks: about 1e-4 relative, seen as one image scoring
+    differently alone and in a batch; issue 20 item 1).
     """
     if queries.dim() != 2 or bank.dim() != 2 or queries.shape[1] != bank.shape[1]:
         raise ValueError(
@@ -52,10 +58,16 @@ def nearest_distances(
         )
     k = min(int(k), bank.shape[0])
     rows = max(1, int(chunk_elems) // max(1, bank.shape[0]))
+    n = queries.shape[0]
+    if group is not None and int(group) > 0:
+        g, rows = int(group), min(rows, int(group))
+        starts = [(s, min(s + rows, s0 + g, n)) for s0 in range(0, n, g) for s in range(s0, min(s0 + g, n), rows)]
+    else:
+        starts = [(s, min(s + rows, n)) for s in range(0, n, rows)]
     ds, ids = [], []
     b = bank.float()
-    for i in range(0, queries.shape[0], rows):
-        d = torch.cdist(queries[i : i + rows].float(), b)
+    for i, j in starts:
+        d = torch.cdist(queries[i:j].float(), b)
         if k == 1:
             v, j = d.min(dim=1, keepdim=True)
         else:
@@ -210,7 +222,7 @@ class PatchCoreScorer:
             )
         q = f.permute(0, 2, 3, 1).reshape(-1, d)
         bank = bank.to(q.device)
-        dist, idx = nearest_distances(q, bank, self.k)
+        dist, idx = nearest_distances(q, bank, self.k, group=h * w)
         return q.view(b, h * w, d), dist.view(b, h, w, -1), idx.view(b, h * w, -1)
 
     def score_maps(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,9 +18,10 @@ registry and call these hooks; they never compare method names.
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Optional, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from ..config import BankConfig, ConfigError, ScoringConfig, config_from_dict
 from ..models.presets import PRESET_NAMES
 
 ProgressFn = Optional[Callable[[int, int], None]]
+ABLATION_VIEW = "ablation"  # the view name of a method's ablation (evaluate --views, the benchmarks, the card)
 CancelFn = Optional[Callable[[], bool]]
 
 
@@ -129,6 +131,11 @@ class Method:
     # what the app / train_detector's ``phase`` say while build() and training_dataset() run
     build_phase: ClassVar[str] = "building the model"
     training_data_phase: ClassVar[str] = "reading the training images"
+    # The ablation view (DESIGN.md "Every claim carries its ablation"): one line naming the trivial
+    # replacement of the method's learned part (e.g. "identity denoiser"), or None (no ablation
+    # view). A method that names one checks ``self.ablate`` at the top of its inference and
+    # computes the ablated map from the same saved model while it is True (:meth:`ablation_maps`).
+    ablation: ClassVar[Optional[str]] = None
 
     def __init__(self, config: Any, ctx: Context) -> None:
         if not isinstance(config, self.Config):
@@ -250,6 +257,39 @@ class Method:
     def maps(self, x: torch.Tensor) -> MethodOutput:
         """Anomaly maps (and reconstructions) for a batch ``B x 3 x S x S`` in [0, 1] at the model size."""
         raise NotImplementedError
+
+    @property
+    def ablate(self) -> bool:
+        """True inside :meth:`ablated` (in this thread only: a prediction served from another thread
+        at the same time keeps the model's own map)."""
+        local = self.__dict__.get("_ablation_local")
+        return bool(getattr(local, "on", False)) if local is not None else False
+
+    @contextmanager
+    def ablated(self) -> Iterator["Method"]:
+        """While inside, :meth:`maps` gives the ablation view (the learned part replaced by the
+        trivial one named by :attr:`ablation`); restored on exit, errors included."""
+        import threading
+
+        if self.ablation is None:
+            raise ValueError(f"{self.name} declares no ablation view (its class attribute `ablation` is None)")
+        local = self.__dict__.setdefault("_ablation_local", threading.local())
+        before = getattr(local, "on", False)
+        local.on = True
+        try:
+            yield self
+        finally:
+            local.on = before
+
+    def ablation_maps(self, x: torch.Tensor) -> MethodOutput:
+        """:meth:`maps` of the ablation view for a batch (same weights, learned part bypassed)."""
+        with self.ablated():
+            return self.maps(x)
+
+    def maps_and_ablation(self, x: torch.Tensor) -> tuple[MethodOutput, MethodOutput]:
+        """``(maps(x), ablation_maps(x))`` of one batch. Default: two calls; a method whose two views
+        share work (feat-diff: the backbone features and the nearest memory rows) overrides this."""
+        return self.maps(x), self.ablation_maps(x)
 
     def to(self, device: torch.device) -> "Method":
         self.modules.to(device).eval()

@@ -148,6 +148,8 @@ def _components(controlnet: bool, fcm: bool) -> dict[str, type]:
 
 class _CCADLatentBase(DynamicStartMixin, LatentMethod):
     Config = CCADLatentConfig
+    # CCAD sec. 3.3 / Table 5: the bank condition improves the reconstruction; its ablation removes it
+    ablation = "no bank condition (an all-zero bank as the cross-attention context; no FCM)"
     needs_images = True
     uses_fcm = False
     default_image_size = 256
@@ -216,6 +218,8 @@ class _CCADLatentBase(DynamicStartMixin, LatentMethod):
     def _bank(self, modules: nn.ModuleDict, z0: torch.Tensor) -> torch.Tensor:
         """B_c (shared, CCAD(C)) or the per-image fine bank B_f = tau(D_bs; B_c) (CCAD(F), eq. 7-8)."""
         bank = self.ctx.bank_tensor().to(z0.device)
+        if self.ablate:  # the ablation view: the bank condition removed (identical zero rows, FCM skipped)
+            return torch.zeros_like(bank)
         if not self.uses_fcm:
             return bank
         from ..models.fcm import latent_patch_features

@@ -61,6 +61,8 @@ class CCADV(Method):
     space = "pixel"
     Config = CCADVConfig
     components = {"denoiser": BankConditionedUNet}
+    # CCAD sec. 3.3 / Table 5: the bank condition improves the reconstruction; its ablation removes it
+    ablation = "no bank condition (an all-zero bank as the cross-attention context)"
     default_image_size = 128
 
     @classmethod
@@ -93,6 +95,8 @@ class CCADV(Method):
         # score are the same alone and in any batch (predict == predict_many, any batch size)
         gen = image_generators(d.seed, x.shape[0], x.device)
         bank = self.ctx.bank_tensor().to(x.device)
+        if self.ablate:  # the ablation view: the same UNet with the bank condition removed
+            bank = torch.zeros_like(bank)
         n = d.steps if steps is None else min(int(steps), d.start_step)
         if x.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)

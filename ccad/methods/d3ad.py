@@ -112,6 +112,9 @@ class D3AD(DynamicStartMixin, LatentMethod):
     uses_bank = False
     components = {"unet": UNet2DModel}
     default_image_size = 256
+    # sec. 4.1's claim is the per-image start step; its ablation is one fixed start for every image
+    # (the median good training image's; the map normalisers l_norm / f_norm stay the model's)
+    ablation = "fixed start step (the median good training image's start, for every image)"
 
     @classmethod
     def default_scoring(cls) -> ScoringConfig:
@@ -187,7 +190,9 @@ class D3AD(DynamicStartMixin, LatentMethod):
 
         c = self.config
         z0 = self.encode(x)
-        starts = self.start_steps(x)
+        # the ablation view: one fixed start step for every image (DynamicStartMixin.fixed_start)
+        starts = (torch.full((x.shape[0],), self.fixed_start(), dtype=torch.long) if self.ablate
+                  else self.start_steps(x))
         unet = modules["unet"]
         z_hat = d3ad_reconstruct(lambda z, t: unet(z, t).sample, z0, self.scheduler, starts,
                                  steps=None if c.steps is None else int(c.steps), skip=int(c.skip),

@@ -76,6 +76,9 @@ class DecoDiff(LatentMethod):
         return ScoringConfig(score="max", sigma=0.0)
 
     components = {"net": UNet2DModel}
+    # sec. 4's learned part is the correction; its ablation takes zero correction steps (z_tilde = z0),
+    # which leaves eq. 15's pixel term between the input and its autoencoder round trip
+    ablation = "zero correction steps (the autoencoder round trip alone: eq. 15's pixel term, input vs decode(z0))"
 
     def __init__(self, config: DecoDiffConfig, ctx: Context) -> None:
         from ..diffusion.deco import deco_scheduler
@@ -111,6 +114,11 @@ class DecoDiff(LatentMethod):
         from ..diffusion.deco import deco_anomaly_map
 
         c = self.config
+        if self.ablate:  # the ablation view: the network is never called
+            from ..diffusion.deco import deco_pixel_term
+
+            x_rt = self.decode(self.encode(x))
+            return MethodOutput(deco_pixel_term(x, x_rt, float(c.gamma_p)), x_rt)
         z0, z_tilde = self._correct(self.modules, x)
         x0, x_tilde = self.decode(z0), self.decode(z_tilde)
         maps = deco_anomaly_map(z0, z_tilde, x0, x_tilde, gamma_l=float(c.gamma_l), gamma_p=float(c.gamma_p))

@@ -90,6 +90,20 @@ class DynamicStartMixin:
         p = self.dic_params()
         return start_steps(self.distances(x), self.bin_edges, int(p["T_max"]), int(p["min_bin"]), int(p["round_to"]))
 
+    def fixed_start(self) -> int:
+        """The one start step of the fixed-start variant (the ablation view of a dynamic start): the
+        start Algorithm 2 gives the median good training image (median of the start steps of the
+        training set's leave-one-out KNN distances), so good images start about where they would
+        dynamically and only the per-image adaptation is removed."""
+        from ..diffusion.d3ad import start_steps
+
+        if self.train_distances is None or self.bin_edges is None:
+            raise RuntimeError("the KNN memory of the dynamic start steps is not fitted (build() or load() first)")
+        p = self.dic_params()
+        steps = start_steps(self.train_distances, self.bin_edges, int(p["T_max"]), int(p["min_bin"]),
+                            int(p["round_to"]))
+        return int(steps.median())
+
     def conditioning_card(self) -> dict[str, Any]:
         from ..diffusion.d3ad import bin_start_step
 

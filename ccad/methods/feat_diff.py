@@ -51,11 +51,19 @@ What is implemented (equation numbers are CCAD's / METHOD.md's notation unless n
    is the mean of image AUROC, pixel AUROC and pixel AUPRO; ties go to fewer UNet evaluations,
    then smaller noise. The chosen values are written into the config (saved with the model) and
    the whole table is in the model card (``search``).
+8. The identity arm (issue 23; DESIGN.md "Every claim carries its ablation"): the search also
+   scores ``z_hat = z_e`` (the denoiser replaced by the identity; for ``l2`` the map is then
+   ``lambda * ||z - m(z)||``, a nearest-neighbour distance to the edit memory) for every
+   ``edit > 0`` of ``search_edit``. It costs no UNet evaluation, so it wins ties. When it wins,
+   ``identity`` is set: inference skips the denoiser (cost) and the card says the denoiser added
+   nothing on the selection images. The same map is the method's ablation view (``ablation``,
+   with ``edit`` 1 when the model's own edit is 0, where the identity would give a flat map).
 
 One model covers every category of its training data (multi-class, like the latent methods).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import tempfile
@@ -77,6 +85,8 @@ from .base import Context, Method, MethodOutput, check_preset, register_method, 
 MEMORY_FILE = "feat_diff_memory.safetensors"
 FEATURES_FOLDER = "features"
 DISTANCES = ("cosine", "l2")
+IDENTITY_NOTE = ("this model's map is a nearest-neighbour distance; the denoiser added nothing on its selection "
+                 "images")
 
 
 @dataclass
@@ -90,7 +100,8 @@ class FeatDiffConfig:
     the edit memory; ``patches_per_image``: random cells per image drawn for the bank / memory
     coresets (0 = all); ``search``: pick noise_level / steps / edit on synthetic anomalies of the
     held-out good slice after training, over ``search_noise`` x ``search_steps`` and
-    ``search_edit``, with ``search_images`` good images; ``seed``: the fixed noise field.
+    ``search_edit``, with ``search_images`` good images; ``seed``: the fixed noise field;
+    ``identity``: skip the denoiser (``z_hat = z_e``), set by the search when its identity arm wins.
     Filled in at build time: ``feature_channels``, ``feature_scale``, ``feature_shift``,
     ``bank_dim``, ``cross_attention_dim``."""
 
@@ -109,6 +120,7 @@ class FeatDiffConfig:
     search_edit: tuple[float, ...] = (0.0, 0.5, 1.0)
     search_images: int = 16
     seed: int = 0
+    identity: bool = False
     feature_channels: Optional[int] = None
     feature_scale: Optional[float] = None
     feature_shift: Optional[float] = None
@@ -140,6 +152,12 @@ def check_schedule(T: int, noise_level: int, steps: int, where: str) -> None:
     if noise_level % steps or T % (noise_level // steps):
         raise ConfigError(f"{where}: the DDIM stride noise_level / steps = {noise_level}/{steps} must be a whole "
                           f"number dividing T={T}")
+
+
+@functools.lru_cache(maxsize=16)
+def _seeded_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """``N(0, I)`` of ``shape`` from a generator seeded with ``seed`` (CPU; callers copy it)."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
 def search_pairs(T: int, noises: Sequence[int], steps: Sequence[int]) -> list[tuple[int, int]]:
@@ -227,7 +245,7 @@ def edit_features(z: torch.Tensor, memory: torch.Tensor, strength: float,
     if nearest is None:
         b, c, h, w = z.shape
         q = z.permute(0, 2, 3, 1).reshape(-1, c)
-        _, idx = nearest_distances(q, memory.to(q.device), 1)
+        _, idx = nearest_distances(q, memory.to(q.device), 1, group=h * w)
         nearest = memory.to(q.device)[idx[:, 0]].view(b, h, w, c).permute(0, 3, 1, 2).contiguous()
     return (1.0 - lam) * z + lam * nearest, nearest
 
@@ -245,6 +263,7 @@ class FeatDiff(Method):
     multi_class = True
     components = {"denoiser": FeatDenoiser, "bank_proj": BankProjector}
     default_image_size = 256
+    ablation = "identity denoiser (z_hat = z_e: the edit-memory nearest-neighbour distance)"
 
     def __init__(self, config: FeatDiffConfig, ctx: Context) -> None:
         from ..diffusion import make_scheduler
@@ -355,10 +374,21 @@ class FeatDiff(Method):
 
     # ---- reconstruction and maps ----------------------------------------------------------------
     def _noise_field(self, shape: Sequence[int], device: torch.device) -> torch.Tensor:
-        """The fixed noise field of item 5 (``C x h x w``, seeded with ``seed``): drawn per call
-        (a few thousand values), not cached on the method, which inference must not write."""
-        g = torch.Generator().manual_seed(int(self.config.seed))
-        return torch.randn(tuple(shape), generator=g).to(device)
+        """The fixed noise field of item 5 (``C x h x w``, seeded with ``seed``): a pure function of
+        (seed, shape), kept in a module-level cache (never on the method, which inference must not
+        write) and returned as a copy. While ``ccad export`` traces the graph it is drawn outside
+        the trace, so the graph holds it as a constant (a traced ``torch.Generator`` cannot be
+        exported)."""
+        key = (int(self.config.seed), tuple(int(s) for s in shape))
+        if torch.jit.is_tracing():
+            state = torch._C._get_tracing_state()
+            torch._C._set_tracing_state(None)
+            try:
+                field = _seeded_noise(*key).clone()
+            finally:
+                torch._C._set_tracing_state(state)
+            return field.to(device)
+        return _seeded_noise(*key).to(device).clone()
 
     @torch.no_grad()
     def denoise(self, z_e: torch.Tensor, noise_level: int, steps: int,
@@ -398,18 +428,35 @@ class FeatDiff(Method):
 
     @torch.no_grad()
     def raw_maps(self, z: torch.Tensor, noise_level: int, steps: int, edit: float,
-                 nearest: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The grid-level map (item 6) of standardised features ``z`` with given settings."""
+                 nearest: Optional[torch.Tensor] = None, identity: bool = False) -> torch.Tensor:
+        """The grid-level map (item 6) of standardised features ``z`` with given settings;
+        ``identity``: ``z_hat = z_e``, the denoiser is never called (item 8)."""
         z_e, _ = edit_features(z, self.memory, edit, nearest)
-        z_hat = self.denoise(z_e, noise_level, steps)
+        z_hat = z_e if identity else self.denoise(z_e, noise_level, steps)
         return distance_map(z, z_hat, self.config.distance)
 
     @torch.no_grad()
     def maps(self, x: torch.Tensor) -> MethodOutput:
         c = self.config
+        identity = bool(self.ablate or c.identity)  # the ablation view, or a model whose search chose the identity
+        edit = float(c.edit) if not (self.ablate and float(c.edit) == 0.0) else 1.0
         z = self.features(x)
-        return MethodOutput(self._smooth(self.raw_maps(z, int(c.noise_level), int(c.steps), float(c.edit)),
-                                         x.shape[-2:]))
+        return MethodOutput(self._smooth(self.raw_maps(z, int(c.noise_level), int(c.steps), edit,
+                                                       identity=identity), x.shape[-2:]))
+
+    @torch.no_grad()
+    def maps_and_ablation(self, x: torch.Tensor) -> tuple[MethodOutput, MethodOutput]:
+        """The model's own map and the identity view's (item 8) from one feature pass and one
+        nearest-memory search: the same values as :meth:`maps` and :meth:`ablation_maps`."""
+        c = self.config
+        size = x.shape[-2:]
+        z = self.features(x)
+        abl_edit = float(c.edit) if float(c.edit) > 0.0 else 1.0
+        z_e, nearest = edit_features(z, self.memory, abl_edit)
+        ablated = self._smooth(distance_map(z, z_e, c.distance), size)
+        own = self._smooth(self.raw_maps(z, int(c.noise_level), int(c.steps), float(c.edit), nearest,
+                                         identity=bool(c.identity)), size)
+        return MethodOutput(own), MethodOutput(ablated)
 
     # ---- hyper-parameters on synthetic anomalies of held-out good images ------------------------
     def after_training_phase(self) -> Optional[str]:
@@ -466,11 +513,27 @@ class FeatDiff(Method):
                 img = float(auroc(labels, scores))
                 pix = float(pixel_auroc(mask, maps[:, 0].numpy()))
                 pro = float(aupro(mask, maps[:, 0].numpy(), labels=labels))
-                table.append({"noise_level": t, "steps": k, "edit": float(lam), "image_auroc": round(img, 5),
-                              "pixel_auroc": round(pix, 5), "pixel_aupro": round(pro, 5),
+                table.append({"denoiser": "trained", "noise_level": t, "steps": k, "edit": float(lam),
+                              "image_auroc": round(img, 5), "pixel_auroc": round(pix, 5), "pixel_aupro": round(pro, 5),
                               "objective": round((img + pix + pro) / 3, 5)})
-        best = max(table, key=lambda r: (r["objective"], -r["steps"], -r["noise_level"]))
-        c.noise_level, c.steps, c.edit = int(best["noise_level"]), int(best["steps"]), float(best["edit"])
+        for lam in sorted({float(e) for e in c.search_edit if float(e) > 0.0}) or [1.0]:  # item 8: the identity arm
+            maps = torch.cat([self._smooth(self.raw_maps(z.to(self.ctx.device), 0, 0, lam, nn_, identity=True),
+                                           size).cpu() for z, nn_ in zip(zs, nearest)])
+            scores = image_score(maps, sc.score, sc.topk_ratio, topk_count=sc.topk_count).numpy()
+            img, pix = float(auroc(labels, scores)), float(pixel_auroc(mask, maps[:, 0].numpy()))
+            pro = float(aupro(mask, maps[:, 0].numpy(), labels=labels))
+            table.append({"denoiser": "identity", "noise_level": 0, "steps": 0, "edit": lam,
+                          "image_auroc": round(img, 5), "pixel_auroc": round(pix, 5), "pixel_aupro": round(pro, 5),
+                          "objective": round((img + pix + pro) / 3, 5)})
+
+        def key(r: dict[str, Any]) -> tuple:  # ties: fewer UNet evaluations (the identity has none), less noise
+            return r["objective"], -r["steps"], -r["noise_level"]
+
+        best = max(table, key=key)
+        trained = max((r for r in table if r["denoiser"] == "trained"), key=key)
+        c.identity = best["denoiser"] == "identity"
+        # with the identity chosen, noise_level / steps are the best trained arm's (unused while identity is set)
+        c.noise_level, c.steps, c.edit = int(trained["noise_level"]), int(trained["steps"]), float(best["edit"])
         self.search_table = {"source": "synthetic anomalies on held-out good images (the calibration slice)",
                              "n_good": int(n_good), "n_synthetic": int(n_good), "chosen": dict(best), "grid": table}
         return self.search_table
@@ -490,6 +553,10 @@ class FeatDiff(Method):
             "strategy": "feature editing (LafitE) + DDIM from the noised features", "noise_level": c.noise_level,
             "steps": c.steps, "edit": c.edit, "distance": c.distance,
             "memory_rows": None if self.memory is None else int(self.memory.shape[0])}}
+        if c.identity:  # module docstring item 8
+            facts["reconstruction"].update(strategy="identity (z_hat = z_e; the denoiser is skipped at inference)",
+                                           noise_level=None, steps=0)
+            facts["note"] = IDENTITY_NOTE
         if self.search_table is not None:
             facts["search"] = self.search_table
         return facts

@@ -129,6 +129,15 @@ class GLAD(Method):
     uses_bank = False
     components = {"unet": UNet2DModel}
     default_image_size = 256
+    # sec. 3.3's claim is the adaptive denoising step; its ablation is the fixed-start variant of
+    # benchmarks/experiments/ablations.py (start t_min, or T when t_min is 0; no search, no fusion)
+    ablation = "fixed start step (DDIM from the input noised to t_min; no adaptive step, no fusion)"
+
+    def fixed_start(self) -> int:
+        """The ablation view's start step: ``t_min`` (the start the adaptive rule falls back to when it
+        never fires), or ``T`` when ``t_min`` is 0."""
+        c = self.config
+        return int(c.t_min) if int(c.t_min) > 0 else int(c.T)
 
     @classmethod
     def default_scoring(cls) -> ScoringConfig:
@@ -184,11 +193,19 @@ class GLAD(Method):
         from ..diffusion.objectives import image_generators
 
         c = self.config
+        gens = image_generators(int(c.seed), x.shape[0], x.device)
+        if self.ablate:  # the ablation view: a fixed start, GLAD's grid spacing (T / steps); no trace
+            from ..diffusion.glad import fixed_start_reconstruct
+
+            t0 = self.fixed_start()
+            n = max(1, int(round(t0 * int(c.steps) / int(c.T))))
+            x_fix = fixed_start_reconstruct(lambda x_t, t: net(x_t, t).sample, images_to_model(x), self.scheduler,
+                                            t0, n, generator=gens)
+            return model_to_images(x_fix.float()), None
         x_hat, trace = glad_reconstruct(lambda x_t, t: net(x_t, t).sample, images_to_model(x), self.scheduler,
                                         self._step_score, start_step=int(c.T), steps=int(c.steps),
                                         delta=float(c.delta), t_min=int(c.t_min), fusion=c.fusion,
-                                        mask=c.fusion_mask, redundancy=int(c.redundancy),
-                                        generator=image_generators(int(c.seed), x.shape[0], x.device))
+                                        mask=c.fusion_mask, redundancy=int(c.redundancy), generator=gens)
         return model_to_images(x_hat.float()), trace
 
     def preview(self, modules: nn.ModuleDict, image: torch.Tensor) -> Optional[np.ndarray]:
