@@ -413,3 +413,31 @@ class JsonLines:
         if self.path is not None:
             with open(self.path, "a") as f:
                 f.write(line + "\n")
+
+
+def false_alarm_fields(records: list[dict[str, Any]], det: Any, threshold: Optional[float] = None) -> dict[str, Any]:
+    """What the calibration promised against what the test's good images show (issue 20.3):
+    ``target_fpr`` (the model's ``scoring.target_fpr``), ``test_good_fpr`` (the share of the
+    test's good images scoring above the threshold), the counts it rests on, the recall on the
+    test's defective images at the same threshold, and the calibration's own split
+    (``calibration_split``: how many held-out good images chose settings and how many set the
+    threshold, when the detector records it). ``threshold``: the one the records were judged
+    against (default: the detector's)."""
+    import math
+
+    thr = float(det.threshold if threshold is None else threshold)
+    good = [r["score"] for r in records if int(r["label"]) == 0]
+    bad = [r["score"] for r in records if int(r["label"]) == 1]
+    fa = sum(1 for s in good if s > thr)
+    hit = sum(1 for s in bad if s > thr)
+    cal = getattr(det, "calibration", None)
+    split = (getattr(det, "info", None) or {}).get("calibration_split")
+    out = {"target_fpr": float(det.config.scoring.target_fpr),
+           "calibration_method": getattr(cal, "method", None),
+           "test_good_fpr": round(fa / len(good), 4) if good else None,
+           "test_good_false_alarms": fa, "test_good_n": len(good),
+           "test_recall": round(hit / len(bad), 4) if bad else None, "test_defect_n": len(bad),
+           "threshold_rests_on": None if cal is None else int(len(cal.good_scores))}
+    if split:
+        out["calibration_split"] = {k: v for k, v in split.items() if not isinstance(v, list)}
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
