@@ -190,6 +190,48 @@ def evaluate(detector: Any, samples: Sequence[Any], batch_size: int = 8,
     return report
 
 
+def calibrate_labelled(detector: Any, data: Any, policy: str = "f1", batch_size: int = 8,
+                       progress: Optional[Callable[[int, int], None]] = None) -> dict[str, Any]:
+    """Set ``detector``'s threshold from labelled images (issue 21.1): ``data`` is a dataset path
+    (any layout :func:`ccad.data.detect.load_dataset` reads, its test split: good and defective
+    images with labels) or a list of samples; ``policy`` is ``f1``, ``recall=R`` or ``fpr=F``
+    (:mod:`ccad.scoring.operating_point`). The threshold, the policy, the rates at it and where
+    the images came from are recorded in the calibration (``method = "labelled"``, ``source``;
+    the model card's ``operating_point``); the good-only statistics stay (the held-out false-alarm
+    rate and the synthetic miss estimate are reported at the new threshold too). Returns the
+    chosen point (threshold, recall, false-alarm rate, precision, F1, counts). Nothing is saved:
+    call ``detector.save_pretrained`` (or ``ccad calibrate MODEL --labelled DATA --policy ...``)."""
+    from .scoring.operating_point import choose_threshold, parse_policy
+    from .scoring.threshold import Calibration
+
+    parse_policy(policy)  # a bad policy is refused before any image is scored
+    where = str(data) if isinstance(data, (str, Path)) else "the given samples"
+    if isinstance(data, (str, Path)):
+        from .data.detect import load_dataset
+
+        samples = list(load_dataset(data, split="test"))
+    else:
+        samples = list(data)
+    scored = score_samples(detector, [s for s in samples if int(getattr(s, "label", -1)) in (0, 1)], batch_size,
+                           progress)
+    try:
+        point = choose_threshold(scored.labels, scored.scores, policy)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    # rates rounded for reading; the threshold exact (rounding it could flip a verdict)
+    point = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) and k != "threshold" else v)
+             for k, v in point.items()}
+    point.update({"data": where, "unreadable": len(scored.errors)})
+    cal = detector.calibration
+    if cal is None:
+        cal = Calibration(threshold=float(point["threshold"]))
+    cal.threshold = float(point["threshold"])
+    cal.method = "labelled"
+    cal.source = {"kind": "labelled images", **point}
+    detector.calibration = cal
+    return point
+
+
 def evaluate_views(detector: Any, samples: Sequence[Any], batch_size: int = 8,
                    progress: Optional[Callable[[int, int], None]] = None,
                    views: Sequence[Optional[str]] = ("fused", "method", "bank")) -> dict[Optional[str], EvalReport]:
