@@ -201,8 +201,7 @@ def calibrate_labelled(detector: Any, data: Any, policy: str = "f1", batch_size:
     rate and the synthetic miss estimate are reported at the new threshold too). Returns the
     chosen point (threshold, recall, false-alarm rate, precision, F1, counts). Nothing is saved:
     call ``detector.save_pretrained`` (or ``ccad calibrate MODEL --labelled DATA --policy ...``)."""
-    from .scoring.operating_point import choose_threshold, parse_policy
-    from .scoring.threshold import Calibration
+    from .scoring.operating_point import parse_policy
 
     parse_policy(policy)  # a bad policy is refused before any image is scored
     where = str(data) if isinstance(data, (str, Path)) else "the given samples"
@@ -214,14 +213,24 @@ def calibrate_labelled(detector: Any, data: Any, policy: str = "f1", batch_size:
         samples = list(data)
     scored = score_samples(detector, [s for s in samples if int(getattr(s, "label", -1)) in (0, 1)], batch_size,
                            progress)
+    return set_operating_point(detector, scored.labels, scored.scores, policy, where, len(scored.errors))
+
+
+def set_operating_point(detector: Any, labels: Any, scores: Any, policy: str, data: str,
+                        unreadable: int = 0) -> dict[str, Any]:
+    """:func:`calibrate_labelled` from scores already computed (e.g. an evaluation's records):
+    the threshold ``policy`` picks on them becomes ``detector``'s, with its source recorded."""
+    from .scoring.operating_point import choose_threshold
+    from .scoring.threshold import Calibration
+
     try:
-        point = choose_threshold(scored.labels, scored.scores, policy)
+        point = choose_threshold(labels, scores, policy)
     except ValueError as exc:
-        raise ValueError(f"{where}: {exc}") from None
+        raise ValueError(f"{data}: {exc}") from None
     # rates rounded for reading; the threshold exact (rounding it could flip a verdict)
     point = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) and k != "threshold" else v)
              for k, v in point.items()}
-    point.update({"data": where, "unreadable": len(scored.errors)})
+    point.update({"data": data, "unreadable": int(unreadable)})
     cal = detector.calibration
     if cal is None:
         cal = Calibration(threshold=float(point["threshold"]))

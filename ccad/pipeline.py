@@ -165,6 +165,10 @@ def _prepare(data: Any, config: DetectorConfig, bank: Any, calibration_fraction:
     ctx = Context(image_size=config.image_size, device=dev, bank_config=config.bank, scoring=config.scoring,
                   run_dir=run_dir, progress=progress, cancel=cancel, seed=seed, held_out=list(cal))
     method = mcls(config.method, ctx)
+    if cal and chosen_on_held_out(method, config.scoring):  # two jobs: hold out enough for both parts
+        sc = config.scoring
+        train, cal = hold_out_at_least(train, cal, int(sc.min_selection_images) + int(sc.min_threshold_images))
+        train = SampleList(train, unsupported)
     held = selection_and_threshold(cal, method, config.scoring, seed, data)
     ctx.held_out = list(held[0])
     if bank is None:
@@ -184,6 +188,23 @@ def _prepare(data: Any, config: DetectorConfig, bank: Any, calibration_fraction:
         method.build(train)
     config.validate()
     return method, bank, train, held
+
+
+def hold_out_at_least(train: list, held: list, need: int) -> tuple[list, list]:
+    """Move good images from ``train`` to ``held`` until ``held`` has ``need`` of them (taken from
+    the end of the categories with the most training images, each keeping at least one to train
+    on), so a small data set still gives the selection part and the threshold part their minimum;
+    when it cannot, ``held`` stays short and :func:`selection_and_threshold` refuses with the numbers."""
+    train, held = list(train), list(held)
+    while len(held) < need:
+        by_cat: dict[str, list[int]] = {}
+        for i, s in enumerate(train):
+            by_cat.setdefault(getattr(s, "category", "") or "", []).append(i)
+        spare = [idx for _, idx in sorted(by_cat.items(), key=lambda kv: (-len(kv[1]), kv[0])) if len(idx) >= 2]
+        if not spare:
+            break
+        held.append(train.pop(spare[0][-1]))
+    return train, held
 
 
 def chosen_on_held_out(method: Method, scoring: Any) -> list[str]:

@@ -70,10 +70,16 @@ def test_too_few_held_out_images_are_refused_naming_the_number(root, tmp_path):
 
     from ccad.methods.patchcore import PatchCore
 
+    two = [s for s in load_dataset(root, split="train") if s.label == 0][:2]  # 1 to train on, 1 held out
     with mock.patch.object(PatchCore, "build_bank", side_effect=AssertionError("built before the check")):
         with pytest.raises(ValueError, match=r"1 held-out good image: too few to split.*1 \+ 1.*gave 0 \+ 1"):
-            fit_detector(root, variant="patchcore", image_size=SIZE, scoring=fused_scoring(),
-                         calibration_fraction=0.05, device="cpu")
+            fit_detector(two, variant="patchcore", image_size=SIZE, scoring=fused_scoring(),
+                         calibration_fraction=0.5, device="cpu")
+    # a small fraction of enough images: the held-out slice grows to give each part its minimum
+    det = fit_detector(root, variant="patchcore", image_size=SIZE, scoring=fused_scoring(),
+                       calibration_fraction=0.05, device="cpu")
+    assert (det.info["calibration_split"]["selection"], det.info["calibration_split"]["threshold"]) == (1, 1)
+    assert det.info["n_train_images"] == 10
     # a user who wants more images in each part says so in the config, and is refused with the numbers
     with pytest.raises(ValueError, match=r"6 held-out good images.*at least 4 \+ 1.*gave 3 \+ 3"):
         fit_detector(root, variant="patchcore", image_size=SIZE, scoring=fused_scoring(min_selection_images=4),
@@ -89,6 +95,10 @@ def test_split_is_stratified_deterministic_and_keeps_single_images_for_the_thres
     sel, thr = split_held_out(items, 0.5, 0)
     assert split_held_out(items, 0.5, 0) == (sel, thr)
     assert len([s for s in sel if s.category == "a"]) == 2 and "b0.png" in [s.image_path for s in thr]
+    # categories with one held-out image each are pooled: a multi-class model still gets both parts
+    singles = [Sample(f"{c}.png", None, 0, category=c) for c in "xyz"]
+    sel, thr = split_held_out(singles, 0.5, 0)
+    assert len(sel) == 2 and len(thr) == 1
 
 
 def test_calibration_reports_the_estimated_miss_rate_and_how_many_images_it_rests_on(fused, tmp_path):
@@ -109,7 +119,8 @@ def test_target_miss_policy_takes_the_highest_threshold_meeting_the_estimate():
     syn = np.array([0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3])
     cal = Calibration.fit(good, "miss", synthetic=syn, miss=0.2)  # 2 of 10 may be missed
     assert cal.estimated_miss_rate() == pytest.approx(0.2)
-    assert cal.threshold == np.nextafter(np.float32(0.6), np.float32(-np.inf))  # the highest threshold that still catches 0.6
+    # the highest threshold that still catches 0.6
+    assert cal.threshold == np.nextafter(np.float32(0.6), np.float32(-np.inf))
     assert cal.false_alarm_rate() == 0.0 and cal.report()["target_miss"] == 0.2
     assert Calibration.from_dict(json.loads(json.dumps(cal.to_dict()))).report() == cal.report()
     with pytest.raises(ValueError, match="synthetic"):
@@ -150,3 +161,25 @@ def test_operating_point_from_labelled_images_in_python_and_the_cli(root, tmp_pa
     assert main(["calibrate", str(model), "--labelled", str(root), "--policy", "recall=2"]) == 2
     assert "recall must be a number in (0, 1]" in capsys.readouterr().err
     assert main(["calibrate", str(model), "--good", str(root), "--labelled", str(root)]) == 2
+
+
+def test_app_evaluate_uses_the_chosen_operating_point(tmp_path):
+    from app.controller import AppController
+    from app.errors import UserError
+
+    root = tmp_path / "data"
+    write_dataset(root / "synth", kinds=("fibrous",), n_train=6, n_test_good=3, n_test_defect=2, size=64, seed=1,
+                  defects=("spot",))
+    c = AppController(data_root=root, state_dir=tmp_path / "s", samples_dir=None, demo_dir=None)
+    with pytest.raises(UserError, match="run an evaluation first"):
+        c.use_operating_point(None, None, "f1")
+    name = c.build_bank("synth/fibrous", None, "tf_efficientnet_lite0", [2, 3], 30, 64)[0]
+    report = c.run_evaluation(name, "synth/fibrous")["report"]
+    msg = c.use_operating_point(name, report, "recall=1.0")
+    det = c.registry.detector(name)
+    bad = [r["score"] for r in report.records if r["label"] == 1]
+    assert all(s > det.threshold for s in bad) and "catches 2 of 2 defects" in msg
+    src = det.card()["operating_point"]["source"]
+    assert det.calibration.method == "labelled" and src["policy"] == "recall=1.0"
+    with pytest.raises(UserError, match="expected one of f1"):
+        c.use_operating_point(name, report, "best")

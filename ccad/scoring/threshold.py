@@ -157,9 +157,9 @@ def split_held_out(held_out: Sequence[Any], selection_fraction: float = 0.5,
     """Split the held-out good images into a *selection* part (settings are chosen on it) and a
     *threshold* part (the threshold is set on it), deterministically and stratified by category
     (``sample.category``): a category with ``n >= 2`` held-out images gives ``round(n * fraction)``
-    of them, at least 1 and at most ``n - 1``, to selection; a category with one gives it to the
-    threshold part (every category is calibrated on). Returns ``(selection, threshold)``, each in
-    the input's order."""
+    of them, at least 1 and at most ``n - 1``, to selection; the categories with a single held-out
+    image are pooled and split the same way (one alone goes to the threshold part). Returns
+    ``(selection, threshold)``, each in the input's order."""
     if not 0.0 < float(selection_fraction) < 1.0:
         raise ValueError(f"selection_fraction must be in (0, 1), got {selection_fraction}")
     items = list(held_out)
@@ -168,10 +168,9 @@ def split_held_out(held_out: Sequence[Any], selection_fraction: float = 0.5,
         by_cat.setdefault(getattr(s, "category", "") or "", []).append(i)
     rng = np.random.default_rng(int(seed) + 1)
     chosen: set[int] = set()
-    for cat in sorted(by_cat):
-        idx = by_cat[cat]
-        if len(idx) < 2:
-            continue
+    groups = [by_cat[c] for c in sorted(by_cat) if len(by_cat[c]) >= 2]
+    singles = [by_cat[c][0] for c in sorted(by_cat) if len(by_cat[c]) == 1]
+    for idx in groups + ([singles] if len(singles) >= 2 else []):
         k = min(max(int(round(len(idx) * float(selection_fraction))), 1), len(idx) - 1)
         chosen.update(idx[j] for j in rng.permutation(len(idx))[:k])
     return ([s for i, s in enumerate(items) if i in chosen], [s for i, s in enumerate(items) if i not in chosen])
