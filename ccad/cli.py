@@ -324,6 +324,9 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     if len(given) > 1:
         print(f"error: {' and '.join(given)} exclude each other: give one way to set the threshold", file=sys.stderr)
         return 2
+    if a.sigma is not None and a.miss is not None:
+        print("error: --sigma and --miss exclude each other: one policy sets the threshold", file=sys.stderr)
+        return 2
     if a.policy is not None and a.labelled is None:
         print("error: --policy is for --labelled DATA (an operating point from labelled images); with --good use "
               "--fpr, --miss or --sigma", file=sys.stderr)

@@ -6,6 +6,7 @@ reports the estimated miss rate on synthetic anomalies beside its false-alarm ra
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,6 +162,30 @@ def test_operating_point_from_labelled_images_in_python_and_the_cli(root, tmp_pa
     assert main(["calibrate", str(model), "--labelled", str(root), "--policy", "recall=2"]) == 2
     assert "recall must be a number in (0, 1]" in capsys.readouterr().err
     assert main(["calibrate", str(model), "--good", str(root), "--labelled", str(root)]) == 2
+
+
+def test_recalibrating_a_fused_model_splits_the_good_images_it_is_given(fused, root, tmp_path, capsys):
+    from ccad.cli import main
+
+    good = [s for s in load_dataset(root, split="train") if s.label == 0][:8]
+    fused.calibrate(good)
+    split = fused.info["calibration_split"]
+    assert split["selection"] == 4 and split["threshold"] == 4 == fused.calibration.good_scores.size
+    assert not set(split["selection_images"]) & set(split["threshold_images"])
+    assert fused.fusion.stats["bank"].n_images == 4
+    with pytest.raises(ValueError, match="1 held-out good image: too few to split"):
+        fused.calibrate(good[:1])
+    # the CLI: policy 'miss' from held-out good images, its estimate printed beside the false alarms
+    model = tmp_path / "m"
+    fused.save_pretrained(model)
+    folder = tmp_path / "good"
+    folder.mkdir()
+    for s in good:
+        (folder / Path(s.image_path).name).write_bytes(Path(s.image_path).read_bytes())
+    assert main(["calibrate", str(model), "--good", str(folder), "--miss", "0.0"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["method"] == "miss" and out["estimated_miss_rate"] == 0.0 and out["n_synthetic"] == 4
+    assert main(["calibrate", str(model), "--good", str(folder), "--miss", "0.1", "--sigma", "3"]) == 2
 
 
 def test_app_evaluate_uses_the_chosen_operating_point(tmp_path):
