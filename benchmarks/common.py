@@ -308,18 +308,22 @@ def add_saved_model_args(ap: Any, what: str = "trained models") -> None:
     ap.add_argument("--subset", type=int, default=None, help="as mtd --subset (for a smoke run's workdir)")
 
 
-def saved_model_split(data: str, subset: Optional[int] = None) -> tuple[list, list]:
+def saved_model_split(data: str, subset: Optional[int] = None, at_least: int = 0) -> tuple[list, list]:
     """``(test samples, calibration slice)`` as ``mtd.py`` used them: the slice is the 10 % of the
-    good training images (seed 0) its models were calibrated on; ``subset`` as ``mtd.py --subset``."""
+    good training images (seed 0) its models were calibrated on; ``subset`` as ``mtd.py --subset``;
+    ``at_least``: grown as training grows it for a model that chooses settings on it
+    (``ccad.pipeline.hold_out_at_least``: 2 = one selection and one threshold image)."""
     from ccad.data.layouts import load_csv_manifest
-    from ccad.pipeline import split_good
+    from ccad.pipeline import hold_out_at_least, split_good
 
     train = load_csv_manifest(data, split="train")
     test = load_csv_manifest(data, split="test")
     if subset:
         train = train[::max(1, len(train) // subset)]
         test = test[::max(1, len(test) // subset)]
-    _, cal = split_good([s for s in train if s.label == 0], 0.1, 0)
+    rest, cal = split_good([s for s in train if s.label == 0], 0.1, 0)
+    if at_least:
+        cal = hold_out_at_least(rest, cal, at_least)[1]
     return test, cal
 
 
