@@ -308,18 +308,22 @@ def add_saved_model_args(ap: Any, what: str = "trained models") -> None:
     ap.add_argument("--subset", type=int, default=None, help="as mtd --subset (for a smoke run's workdir)")
 
 
-def saved_model_split(data: str, subset: Optional[int] = None) -> tuple[list, list]:
+def saved_model_split(data: str, subset: Optional[int] = None, at_least: int = 0) -> tuple[list, list]:
     """``(test samples, calibration slice)`` as ``mtd.py`` used them: the slice is the 10 % of the
-    good training images (seed 0) its models were calibrated on; ``subset`` as ``mtd.py --subset``."""
+    good training images (seed 0) its models were calibrated on; ``subset`` as ``mtd.py --subset``;
+    ``at_least``: grown as training grows it for a model that chooses settings on it
+    (``ccad.pipeline.hold_out_at_least``: 2 = one selection and one threshold image)."""
     from ccad.data.layouts import load_csv_manifest
-    from ccad.pipeline import split_good
+    from ccad.pipeline import hold_out_at_least, split_good
 
     train = load_csv_manifest(data, split="train")
     test = load_csv_manifest(data, split="test")
     if subset:
         train = train[::max(1, len(train) // subset)]
         test = test[::max(1, len(test) // subset)]
-    _, cal = split_good([s for s in train if s.label == 0], 0.1, 0)
+    rest, cal = split_good([s for s in train if s.label == 0], 0.1, 0)
+    if at_least:
+        cal = hold_out_at_least(rest, cal, at_least)[1]
     return test, cal
 
 
@@ -434,3 +438,31 @@ def learned_part_lines(rows: list[dict], keys: tuple[str, ...] = ("image_auroc",
                            if a.get(k) is not None and b.get(k) is not None)
         out.append(f"# {name}: learned part adds {deltas} (vs {what})")
     return out
+
+
+def false_alarm_fields(records: list[dict[str, Any]], det: Any, threshold: Optional[float] = None) -> dict[str, Any]:
+    """What the calibration promised against what the test's good images show (issue 20.3):
+    ``target_fpr`` (the model's ``scoring.target_fpr``), ``test_good_fpr`` (the share of the
+    test's good images scoring above the threshold), the counts it rests on, the recall on the
+    test's defective images at the same threshold, and the calibration's own split
+    (``calibration_split``: how many held-out good images chose settings and how many set the
+    threshold, when the detector records it). ``threshold``: the one the records were judged
+    against (default: the detector's)."""
+    import math
+
+    thr = float(det.threshold if threshold is None else threshold)
+    good = [r["score"] for r in records if int(r["label"]) == 0]
+    bad = [r["score"] for r in records if int(r["label"]) == 1]
+    fa = sum(1 for s in good if s > thr)
+    hit = sum(1 for s in bad if s > thr)
+    cal = getattr(det, "calibration", None)
+    split = (getattr(det, "info", None) or {}).get("calibration_split")
+    out = {"target_fpr": float(det.config.scoring.target_fpr),
+           "calibration_method": getattr(cal, "method", None),
+           "test_good_fpr": round(fa / len(good), 4) if good else None,
+           "test_good_false_alarms": fa, "test_good_n": len(good),
+           "test_recall": round(hit / len(bad), 4) if bad else None, "test_defect_n": len(bad),
+           "threshold_rests_on": None if cal is None else int(len(cal.good_scores))}
+    if split:
+        out["calibration_split"] = {k: v for k, v in split.items() if not isinstance(v, list)}
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}

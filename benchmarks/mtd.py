@@ -35,8 +35,8 @@ from typing import Optional
 import torch
 
 from benchmarks.common import (ALL_CORES, DEFAULT_METHODS, MTD_SPLIT, JsonLines, PeakRSS, build_detector, command,
-                               default_autoencoder, git_commit, learned_part_lines, loss_summary, machine,
-                               make_parser, parse, parse_options, peak_vram_mb, settings_for)
+                               default_autoencoder, false_alarm_fields, git_commit, learned_part_lines, loss_summary,
+                               machine, make_parser, parse, parse_options, peak_vram_mb, settings_for)
 from ccad.data.layouts import load_csv_manifest
 from ccad.evaluate import METRIC_KEYS, evaluate, evaluate_views
 from ccad.methods import get_method
@@ -111,7 +111,9 @@ def run_method(name: str, train: list, test: list, s: dict, mode: str, device: s
     for view, report in reports.items():
         m = report.per_category["mean"]
         label = {None: name, "method": name, "fused": f"{name}+bank"}.get(view, f"{name}/{view}")
-        rows.append({"method": label, **{k: round(float(m[k]), 4) for k in METRIC_KEYS},
+        # the threshold is the scored view's own only without fusion, or for the fused view
+        judged = false_alarm_fields(report.records, det) if view in (None, "fused") else {}
+        rows.append({"method": label, **{k: round(float(m[k]), 4) for k in METRIC_KEYS}, **judged,
                      "fit_seconds": round(fit_s, 1), "ms_per_image": round(1000 * seconds[view] / max(n, 1), 1),
                      "peak_ram_mb": mem.peak_mb, "peak_vram_mb": peak_vram_mb(), "device": device,
                      "settings": {**s, **extra, "view": view or "method"}})

@@ -32,9 +32,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from benchmarks.common import (ALL_CORES, JsonLines, PeakRSS, build_detector, command, default_autoencoder, git_commit,
-                               learned_part_lines, loss_summary, machine, make_parser, parse, parse_options,
-                               peak_vram_mb, settings_for)
+from benchmarks.common import (ALL_CORES, JsonLines, PeakRSS, build_detector, command, default_autoencoder,
+                               false_alarm_fields, git_commit, learned_part_lines, loss_summary, machine, make_parser,
+                               parse, parse_options, peak_vram_mb, settings_for)
 from ccad.data.detect import load_dataset
 from ccad.data.synthetic import TEXTURES, write_dataset
 from ccad.evaluate import METRIC_KEYS, evaluate, evaluate_views
@@ -136,10 +136,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                 per_class = {c: clean(r) for c, r in rep.per_category.items() if c != "mean"}
                 if ABLATION_VIEW in det.views:
                     ablated = {c: clean(r) for c, r in ablation_of(det, test).per_category.items() if c != "mean"}
+                judged = false_alarm_fields(rep.records, det)
                 extra = {"models": 1, "threshold": det.threshold, "categories_trained": det.info.get("categories"),
                          "loss": loss_summary(work / name) if trainable else None}
             else:  # one model per class
                 thresholds = {}
+                records: list[dict] = []
                 for kind in TEXTURES:
                     t0 = time.perf_counter()
                     det = build_detector(name, str(root / kind), s, work / f"{name}-{kind}", calibration_fraction=0.1,
@@ -155,8 +157,20 @@ def main(argv: Optional[list[str]] = None) -> int:
                     if ABLATION_VIEW in det.views:
                         ab = ablation_of(det, cls_test)
                         ablated[kind] = clean(ab.per_category.get(kind) or ab.per_category["mean"])
+                    records += [{**r, "threshold": det.threshold} for r in rep.records]
+                    per_class[kind].update(false_alarm_fields(rep.records, det))
                 extra = {"models": len(TEXTURES), "thresholds": thresholds}
-        row = {"method": name, "per_class": per_class, "mean": mean_of(per_class), "fit_seconds": round(fit_s, 1),
+                # pooled over the classes, each image judged against its own class's threshold
+                good = [r for r in records if int(r["label"]) == 0]
+                bad = [r for r in records if int(r["label"]) == 1]
+                judged = {**{k: v for k, v in false_alarm_fields([], det).items() if k == "target_fpr"},
+                          "test_good_fpr": round(sum(r["score"] > r["threshold"] for r in good) / max(len(good), 1), 4),
+                          "test_good_false_alarms": int(sum(r["score"] > r["threshold"] for r in good)),
+                          "test_good_n": len(good),
+                          "test_recall": round(sum(r["score"] > r["threshold"] for r in bad) / max(len(bad), 1), 4),
+                          "test_defect_n": len(bad)}
+        row = {"method": name, "per_class": per_class, "mean": mean_of(per_class), **judged,
+               "fit_seconds": round(fit_s, 1),
                "ms_per_image": round(1000 * infer_s / max(n_eval, 1), 1), "peak_ram_mb": mem.peak_mb,
                "peak_vram_mb": peak_vram_mb(), "device": device,
                "settings": {**s, **extra, "mode": mode, "n_test": n_eval, "loadavg_start": load0,

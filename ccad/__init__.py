@@ -29,6 +29,7 @@ _EXPORTS = {
     "fit_detector": "ccad.pipeline",
     "train_detector": "ccad.pipeline",
     "evaluate": "ccad.evaluate",
+    "calibrate_labelled": "ccad.evaluate",
     "FeatureBank": "ccad.features",
     "Backbone": "ccad.features",
     "PatchCoreScorer": "ccad.features",

@@ -616,16 +616,50 @@ def _predict(a: argparse.Namespace, shard: Any) -> int:
 
 
 def cmd_calibrate(a: argparse.Namespace) -> int:
+    given = [flag for flag, v in (("--threshold", a.threshold), ("--good", a.good), ("--labelled", a.labelled))
+             if v is not None]
+    if len(given) > 1:
+        print(f"error: {' and '.join(given)} exclude each other: give one way to set the threshold", file=sys.stderr)
+        return 2
+    if a.sigma is not None and a.miss is not None:
+        print("error: --sigma and --miss exclude each other: one policy sets the threshold", file=sys.stderr)
+        return 2
+    if a.policy is not None and a.labelled is None:
+        print("error: --policy is for --labelled DATA (an operating point from labelled images); with --good use "
+              "--fpr, --miss or --sigma", file=sys.stderr)
+        return 2
+    if a.labelled is not None:
+        from .scoring.operating_point import parse_policy
+
+        try:
+            parse_policy(a.policy or "f1")
+        except ValueError as exc:
+            print(f"error: --policy: {exc}", file=sys.stderr)
+            return 2
+        if not Path(a.labelled).exists():
+            print(f"error: --labelled {a.labelled}: no such file or folder", file=sys.stderr)
+            return 2
     det = _load_model(a.model)
+    if a.labelled is not None:
+        from .evaluate import calibrate_labelled
+
+        try:
+            point = calibrate_labelled(det, a.labelled, a.policy or "f1")
+        except ValueError as exc:
+            raise ValueError(f"--labelled {a.labelled}: {exc}") from None
+        det.save_pretrained(a.model)
+        print(json.dumps({"threshold": det.threshold, "method": "labelled", **point}))
+        return 0
     if a.threshold is not None:
         det.set_threshold_and_save(a.model, a.threshold)
     else:
         if not a.good:
-            print("error: give --good FOLDER (held-out good images) or --threshold VALUE", file=sys.stderr)
+            print("error: give --good FOLDER (held-out good images), --labelled DATA (good and defective images "
+                  "with labels) or --threshold VALUE", file=sys.stderr)
             return 2
         from .data.layouts import load_folder
 
-        method = "sigma" if a.sigma is not None else "fpr"
+        method = "sigma" if a.sigma is not None else "miss" if a.miss is not None else "fpr"
         good = load_folder(a.good)
         if not good:  # name the folder the user gave, and what it holds instead
             from .data.skips import skipped_summary
@@ -636,7 +670,7 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
                   + (f"; {why}" if why else ""), file=sys.stderr)
             return 2
         try:
-            det.calibrate(good, method=method, fpr=a.fpr, sigma=a.sigma)
+            det.calibrate(good, method=method, fpr=a.fpr, sigma=a.sigma, miss=a.miss)
         except ValueError as exc:  # e.g. none of its images readable: say which folder
             raise ValueError(f"--good {a.good}: {exc}") from None
         finally:  # what was left out is said even when nothing was readable
@@ -645,8 +679,10 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
         _report_skipped(skipped)
         det.save_pretrained(a.model)
     cal = det.calibration
+    rep = cal.report()
     print(json.dumps({"threshold": det.threshold, "method": cal.method, "n_good": int(cal.good_scores.size),
                       "false_alarms": cal.false_alarms(),
+                      **{k: rep[k] for k in ("estimated_miss_rate", "n_synthetic", "resolution_note") if k in rep},
                       **({} if a.threshold is not None else {"skipped": len(good.skipped) + len(skipped)})}))
     return 0
 
@@ -794,12 +830,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_predict)
 
     sp = sub.add_parser("calibrate", help="re-calibrate or set a saved model's threshold", formatter_class=fmt,
-                        description="Either --threshold VALUE (set it) or --good FOLDER with --fpr / --sigma "
-                                    "(calibrate on held-out good images). Rewrites the model folder in place.")
+                        description="One of: --threshold VALUE (set it); --good FOLDER with --fpr / --miss / --sigma "
+                                    "(calibrate on held-out good images: reports the false-alarm rate on them and the "
+                                    "ESTIMATED miss rate on synthetic anomalies pasted into them, a proxy); "
+                                    "--labelled DATA --policy f1|recall=0.95|fpr=0.02 (an operating point from good "
+                                    "and defective images with labels; the card records it). Rewrites the model "
+                                    "folder in place.")
     sp.add_argument("model", help="model folder")
     sp.add_argument("--good", default=None, help="folder of held-out good images")
     sp.add_argument("--fpr", type=float, default=0.01, help="target false-alarm rate on good images")
+    sp.add_argument("--miss", type=float, default=None,
+                    help="instead: target ESTIMATED miss rate on synthetic anomalies pasted into the good images "
+                         "(a proxy for real defects): the highest threshold that meets it")
     sp.add_argument("--sigma", type=float, default=None, help="instead: threshold = good mean + SIGMA * std")
+    sp.add_argument("--labelled", default=None, metavar="DATA",
+                    help="a dataset with good and defective images and labels (any layout ccad reads; its test "
+                         "split): the threshold is chosen on it by --policy")
+    sp.add_argument("--policy", default=None, metavar="f1|recall=R|fpr=F",
+                    help="with --labelled: f1 (default; the F1-max threshold), recall=R (the highest threshold "
+                         "catching at least R of the defects), fpr=F (the lowest threshold with at most F false "
+                         "alarms on the labelled good images)")
     sp.add_argument("--threshold", type=float, default=None, help="set this threshold directly")
     sp.set_defaults(func=cmd_calibrate)
 

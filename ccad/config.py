@@ -243,8 +243,19 @@ class ScoringConfig:
     ``score_layers`` are the scoring backbone's layers; ``pixel_weight`` is DDAD's v;
     ``score`` is ``max`` or ``topk`` (mean of the ``topk_ratio`` highest map values, or of the
     ``topk_count`` highest when that is set: a fixed count, e.g. GLAD's 250).
-    ``calibration`` is ``fpr`` (threshold = the (1 - target_fpr) quantile of held-out good
-    scores) or ``sigma`` (good mean + ``sigma_k`` standard deviations).
+    ``calibration`` is the operating-point policy: ``fpr`` (threshold = the (1 - target_fpr)
+    quantile of held-out good scores), ``sigma`` (good mean + ``sigma_k`` standard deviations) or
+    ``miss`` (the highest threshold whose ESTIMATED miss rate on synthetic anomalies pasted into the
+    held-out good images stays at or below ``target_miss``: a proxy, no real defect is seen).
+    ``miss_estimate``: also score synthetic-anomaly copies of the threshold images, so every
+    calibration reports its estimated miss rate beside its false-alarm rate.
+
+    The held-out good images are split in two (:func:`ccad.pipeline.split_held_out`): a
+    *selection* part (``selection_fraction`` of them, stratified by category) on which settings are
+    chosen (feat-diff's search, GLAD's delta, D3AD's map normalisation, the fusion's weight and
+    normalisation) and a *threshold* part the threshold is set on, so the false-alarm rate it
+    promises is measured on images nothing was tuned on. The split happens only when something is
+    chosen; it is refused with fewer than ``min_selection_images`` / ``min_threshold_images``.
 
     ``fusion = "bank"`` combines the method's map with a PatchCore nearest-neighbour map, each
     normalised by its distribution on the held-out good images (:mod:`ccad.scoring.fusion`):
@@ -268,6 +279,11 @@ class ScoringConfig:
     calibration: str = "fpr"
     target_fpr: float = 0.01
     sigma_k: float = 3.0
+    target_miss: float = 0.05
+    miss_estimate: bool = True
+    selection_fraction: float = 0.5
+    min_selection_images: int = 1
+    min_threshold_images: int = 1
     fusion: str = "none"
     fusion_weight: float = 0.5
     fusion_weight_fit: str = "synthetic"
@@ -298,8 +314,16 @@ class ScoringConfig:
         if self.score not in ("max", "topk"):
             raise ConfigError(f"scoring.score must be 'max' or 'topk', got {self.score!r}")
         at_least(self, 1, "topk_count", section="scoring", optional=True)
-        if self.calibration not in ("fpr", "sigma"):
-            raise ConfigError(f"scoring.calibration must be 'fpr' or 'sigma', got {self.calibration!r}")
+        if self.calibration not in ("fpr", "sigma", "miss"):
+            raise ConfigError(f"scoring.calibration must be 'fpr', 'sigma' or 'miss', got {self.calibration!r}")
+        if not 0.0 <= float(self.target_fpr) < 1.0:
+            raise ConfigError(f"scoring.target_fpr must be in [0, 1), got {self.target_fpr}")
+        if not 0.0 <= float(self.target_miss) < 1.0:
+            raise ConfigError(f"scoring.target_miss must be in [0, 1), got {self.target_miss}")
+        if not 0.0 < float(self.selection_fraction) < 1.0:
+            raise ConfigError(f"scoring.selection_fraction (the share of the held-out good images that choose "
+                              f"settings; the rest set the threshold) must be in (0, 1), got {self.selection_fraction}")
+        at_least(self, 1, "min_selection_images", "min_threshold_images", section="scoring")
 
 
 # Training (the ``train`` section of a detector's config; the loop is ccad.training)

@@ -114,6 +114,7 @@ class AnomalyDetector(
         else:
             self.calibration.threshold = value
             self.calibration.method = "manual"
+            self.calibration.source = None  # typed in: no longer the labelled point it may have been
 
     @property
     def input_size(self) -> int:
@@ -388,24 +389,104 @@ class AnomalyDetector(
         return np.concatenate(scores), np.concatenate(maps)
 
     def calibrate(self, good_items: Sequence[Any], method: Optional[str] = None, fpr: Optional[float] = None,
-                  sigma: Optional[float] = None, batch_size: int = 8) -> Calibration:
-        """Calibrate the threshold on held-out good images only (paths, samples or arrays)."""
+                  sigma: Optional[float] = None, batch_size: int = 8, selection: Optional[Sequence[Any]] = None,
+                  miss: Optional[float] = None, chosen: Optional[Sequence[str]] = None) -> Calibration:
+        """Calibrate on held-out good images only (paths, samples or arrays).
+
+        ``good_items`` set the threshold; ``selection`` (other held-out good images) are where the
+        fusion's normalisation and weight are fitted, so the threshold's promised false-alarm rate
+        is measured on images nothing was tuned on. A fusing detector given no ``selection`` splits
+        ``good_items`` itself (``scoring.selection_fraction``, refusing too few, naming the
+        number). ``method``: the policy (``fpr`` / ``sigma`` / ``miss``; default
+        ``scoring.calibration``); ``fpr`` / ``sigma`` / ``miss`` its targets. With
+        ``scoring.miss_estimate`` the threshold images' synthetic-anomaly copies are scored too, so
+        the calibration reports its estimated (proxy) miss rate beside its false-alarm rate.
+        ``chosen``: what the method chose on ``selection`` (for the record)."""
         from .data.dataset import iter_batches
         from .data.sample import Sample
+        from .scoring.threshold import check_held_out_split, split_held_out
 
         sc = self.config.scoring
+        policy = method or sc.calibration
         samples = [s if isinstance(s, Sample) else Sample(str(s), None, 0) for s in good_items]
+        sel = None if selection is None else [s if isinstance(s, Sample) else Sample(str(s), None, 0)
+                                               for s in selection]
+        chosen = list(chosen or [])
+        if self.fusion is not None:
+            what = ("the fusion's weight and normalisation" if sc.fusion_weight_fit == "synthetic"
+                    else "the fusion's normalisation")
+            if what not in chosen:
+                chosen.append(what)
+            if not sel:
+                sel, samples = split_held_out(samples, float(sc.selection_fraction), 0)
+            check_held_out_split(sel, samples, chosen, sc.min_selection_images, sc.min_threshold_images)
         errors: list[tuple[str, str]] = []
-        parts: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = []
-        fit_weight = self.fusion is not None and sc.fusion_weight_fit == "synthetic"
-        synthetic: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        gen = torch.Generator().manual_seed(0)
+        if self.fusion is not None:  # normalisation and weight come from the selection part only
+            self._fit_fusion(sel, batch_size, errors)
+        parts: list[torch.Tensor] = []
+        syn_scores: list[np.ndarray] = []
+        gen = torch.Generator().manual_seed(1)
         domains: list[torch.Tensor] = []
+        want_syn = bool(sc.miss_estimate) or policy == "miss"
         for b in iter_batches(samples, self.input_size, batch_size, on_error="skip", errors=errors):
             m, bank, _, dom = self._map_parts(b["image"])
-            parts.append((m.cpu(), None if bank is None else bank.cpu()))
+            parts.append(self.combine(m, bank).cpu())
             if dom is not None:
                 domains.append(dom.cpu())
+            if want_syn:  # copies of these good images with a synthetic anomaly each: the miss-rate proxy
+                from .data.anomaly_synth import synthesize_batch
+
+                x_a, _ = synthesize_batch(b["image"].float(), gen, ratio=1.0)
+                m_a, bank_a, _ = self.map_parts(x_a)
+                syn_scores.append(self._score(self.combine(m_a, bank_a)).cpu().numpy())
+        if not parts:
+            raise ValueError("no readable good image to calibrate on" + (f" ({errors[0][0]}: {errors[0][1]})"
+                                                                         if errors else ""))
+        fused = torch.cat(parts)
+        scores = self._score(fused).numpy()
+        maps = fused[:, 0].numpy()
+        syn = np.concatenate(syn_scores) if syn_scores else np.zeros(0)
+        if not (np.all(np.isfinite(scores)) and np.all(np.isfinite(maps)) and np.all(np.isfinite(syn))):
+            bad = int(np.sum(~np.isfinite(scores)) or np.sum(~np.isfinite(maps).reshape(len(maps), -1).all(1))
+                      or np.sum(~np.isfinite(syn)))
+            raise ValueError(f"calibration: {bad} of the {scores.size} good images gave a non-finite score or map "
+                             f"(NaN or inf): no threshold can be set; {self._non_finite_message(float('nan'))}")
+        self.calibration = Calibration.fit(scores, policy, fpr=sc.target_fpr if fpr is None else fpr,
+                                           sigma=sc.sigma_k if sigma is None else sigma, synthetic=syn,
+                                           miss=sc.target_miss if miss is None else miss)
+        self.calibration.domain = self._fit_domain(domains)
+        self.info["map_floor"] = float(np.median(maps))
+        self.info["n_calibration_images"] = int(scores.size)
+        bad_paths = {str(name) for name, _ in errors}
+        self.info["calibration_split"] = {
+            "selection": 0 if not sel else len([s for s in sel if s.image_path not in bad_paths]),
+            "threshold": int(scores.size),
+            "selection_fraction": float(sc.selection_fraction) if sel else None,
+            "chosen_on_selection": chosen,
+            "note": ("settings were chosen on the selection part; the threshold was set on the threshold part "
+                     "(disjoint images)" if sel else "nothing was chosen on held-out images: every one of them "
+                                                     "set the threshold"),
+            "selection_images": [s.image_path for s in sel or [] if s.image_path not in bad_paths],
+            "threshold_images": [s.image_path for s in samples if s.image_path not in bad_paths]}
+        # the good files that could not be read: left out of the threshold, and said so
+        self.info["calibration_skipped"] = [{"path": str(name), "reason": str(why)} for name, why in errors]
+        if self.fusion is not None:
+            self.info["fusion"] = self.fusion.card()
+        return self.calibration
+
+    def _fit_fusion(self, selection: Sequence[Any], batch_size: int, errors: list[tuple[str, str]]) -> None:
+        """The fusion's normalisation (and, with ``fusion_weight_fit = "synthetic"``, its weight and
+        normalisation kind) from the selection part of the held-out good images only."""
+        from .data.dataset import iter_batches
+
+        sc = self.config.scoring
+        fit_weight = sc.fusion_weight_fit == "synthetic"
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        synthetic: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        gen = torch.Generator().manual_seed(0)
+        for b in iter_batches(list(selection), self.input_size, batch_size, on_error="skip", errors=errors):
+            m, bank, _ = self.map_parts(b["image"])
+            parts.append((m.cpu(), bank.cpu()))
             if fit_weight:  # copies of these good images with a synthetic anomaly each (good-only)
                 from .data.anomaly_synth import synthesize_batch
 
@@ -413,34 +494,15 @@ class AnomalyDetector(
                 m_a, bank_a, _ = self.map_parts(x_a)
                 synthetic.append((m_a.cpu(), bank_a.cpu(), masks.cpu()))
         if not parts:
-            raise ValueError("no readable good image to calibrate on" + (f" ({errors[0][0]}: {errors[0][1]})"
-                                                                         if errors else ""))
-        if self.fusion is not None:  # the normalisation of both maps comes from these good images only
-            good = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
-            self.fusion.fit_stats(*good)
-            self.fusion.weight, self.fusion.norm, self.fusion.weight_fit = sc.fusion_weight, sc.fusion_norm, None
-            if fit_weight:
-                syn = [torch.cat([p[k] for p in synthetic]) for k in range(3)]
-                norms = (sc.fusion_norm,) + tuple(n for n in ("std", "quantile") if n != sc.fusion_norm)
-                self.fusion.fit_weight(good, (syn[0], syn[1]), syn[2], self._score, norms=norms)
-        fused = torch.cat([self.combine(m, bank) for m, bank in parts])
-        scores = self._score(fused).numpy()
-        maps = fused[:, 0].numpy()
-        if not (np.all(np.isfinite(scores)) and np.all(np.isfinite(maps))):
-            bad = int(np.sum(~np.isfinite(scores)) or np.sum(~np.isfinite(maps).reshape(len(maps), -1).all(1)))
-            raise ValueError(f"calibration: {bad} of the {scores.size} good images gave a non-finite score or map "
-                             f"(NaN or inf): no threshold can be set; {self._non_finite_message(float('nan'))}")
-        self.calibration = Calibration.fit(scores, method or sc.calibration,
-                                           fpr=sc.target_fpr if fpr is None else fpr,
-                                           sigma=sc.sigma_k if sigma is None else sigma)
-        self.calibration.domain = self._fit_domain(domains)
-        self.info["map_floor"] = float(np.median(maps))
-        self.info["n_calibration_images"] = int(scores.size)
-        # the good files that could not be read: left out of the threshold, and said so
-        self.info["calibration_skipped"] = [{"path": str(name), "reason": str(why)} for name, why in errors]
-        if self.fusion is not None:
-            self.info["fusion"] = self.fusion.card()
-        return self.calibration
+            raise ValueError("no readable good image in the selection part to fit the fusion on"
+                             + (f" ({errors[0][0]}: {errors[0][1]})" if errors else ""))
+        good = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+        self.fusion.fit_stats(*good)
+        self.fusion.weight, self.fusion.norm, self.fusion.weight_fit = sc.fusion_weight, sc.fusion_norm, None
+        if fit_weight:
+            syn = [torch.cat([p[k] for p in synthetic]) for k in range(3)]
+            norms = (sc.fusion_norm,) + tuple(n for n in ("std", "quantile") if n != sc.fusion_norm)
+            self.fusion.fit_weight(good, (syn[0], syn[1]), syn[2], self._score, norms=norms)
 
     def _fit_domain(self, domains: list[torch.Tensor]) -> Any:
         from .scoring.domain import DomainStats
@@ -488,6 +550,9 @@ class AnomalyDetector(
             "threshold": self.threshold,
             "calibration": None if cal is None else {"method": cal.method, "n_good": int(cal.good_scores.size),
                                                      "target_fpr": cal.target_fpr},
+            "operating_point": None if cal is None else cal.report(),
+            "held_out_split": None if not self.info.get("calibration_split") else {
+                k: v for k, v in self.info["calibration_split"].items() if not k.endswith("_images")},
             "domain_limit": None if cal is None or cal.domain is None else round(float(cal.domain.limit), 6),
             "n_train_images": self.info.get("n_train_images", bank_meta.get("n_images")),
             "categories": self.info.get("categories"),

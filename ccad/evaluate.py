@@ -214,6 +214,57 @@ def evaluate(detector: Any, samples: Sequence[Any], batch_size: int = 8,
     return report_from_scored(detector, scored, seconds=_clock() - t0)
 
 
+def calibrate_labelled(detector: Any, data: Any, policy: str = "f1", batch_size: int = 8,
+                       progress: Optional[Callable[[int, int], None]] = None) -> dict[str, Any]:
+    """Set ``detector``'s threshold from labelled images (issue 21.1): ``data`` is a dataset path
+    (any layout :func:`ccad.data.detect.load_dataset` reads, its test split: good and defective
+    images with labels) or a list of samples; ``policy`` is ``f1``, ``recall=R`` or ``fpr=F``
+    (:mod:`ccad.scoring.operating_point`). The threshold, the policy, the rates at it and where
+    the images came from are recorded in the calibration (``method = "labelled"``, ``source``;
+    the model card's ``operating_point``); the good-only statistics stay (the held-out false-alarm
+    rate and the synthetic miss estimate are reported at the new threshold too). Returns the
+    chosen point (threshold, recall, false-alarm rate, precision, F1, counts). Nothing is saved:
+    call ``detector.save_pretrained`` (or ``ccad calibrate MODEL --labelled DATA --policy ...``)."""
+    from .scoring.operating_point import parse_policy
+
+    parse_policy(policy)  # a bad policy is refused before any image is scored
+    where = str(data) if isinstance(data, (str, Path)) else "the given samples"
+    if isinstance(data, (str, Path)):
+        from .data.detect import load_dataset
+
+        samples = list(load_dataset(data, split="test"))
+    else:
+        samples = list(data)
+    scored = score_samples(detector, [s for s in samples if int(getattr(s, "label", -1)) in (0, 1)], batch_size,
+                           progress)
+    return set_operating_point(detector, scored.labels, scored.scores, policy, where, len(scored.errors))
+
+
+def set_operating_point(detector: Any, labels: Any, scores: Any, policy: str, data: str,
+                        unreadable: int = 0) -> dict[str, Any]:
+    """:func:`calibrate_labelled` from scores already computed (e.g. an evaluation's records):
+    the threshold ``policy`` picks on them becomes ``detector``'s, with its source recorded."""
+    from .scoring.operating_point import choose_threshold
+    from .scoring.threshold import Calibration
+
+    try:
+        point = choose_threshold(labels, scores, policy)
+    except ValueError as exc:
+        raise ValueError(f"{data}: {exc}") from None
+    # rates rounded for reading; the threshold exact (rounding it could flip a verdict)
+    point = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) and k != "threshold" else v)
+             for k, v in point.items()}
+    point.update({"data": data, "unreadable": int(unreadable)})
+    cal = detector.calibration
+    if cal is None:
+        cal = Calibration(threshold=float(point["threshold"]))
+    cal.threshold = float(point["threshold"])
+    cal.method = "labelled"
+    cal.source = {"kind": "labelled images", **point}
+    detector.calibration = cal
+    return point
+
+
 def evaluate_views(detector: Any, samples: Sequence[Any], batch_size: int = 8,
                    progress: Optional[Callable[[int, int], None]] = None,
                    views: Optional[Sequence[Optional[str]]] = None) -> dict[Optional[str], EvalReport]:

@@ -20,6 +20,7 @@ from .detector_folder import (  # noqa: F401  (re-exported)
 from .errors import CheckpointError, RunFolderExistsError  # noqa: F401  (re-exported)
 from .methods import Context, Method, get_method
 from .prediction import Prediction, count_statuses  # noqa: F401  (re-exported)
+from .scoring.threshold import check_held_out_split, split_held_out  # noqa: F401  (re-exported)
 from .scoring.verdict import STATUSES, status_of  # noqa: F401  (re-exported)
 
 ProgressFn = Optional[Callable[[int, int], None]]
@@ -148,9 +149,11 @@ def _detector_config(variant: str, image_size: Optional[int], method: Any, bank_
 
 def _prepare(data: Any, config: DetectorConfig, bank: Any, calibration_fraction: float, seed: int, device: Any,
              progress: ProgressFn, cancel: CancelFn, run_dir: Optional[Path],
-             phase: Optional[Callable[[str], None]] = None) -> tuple[Method, Any, list, list]:
-    """Samples -> train / calibration split -> the method with its bank and modules built
-    (``phase(text)`` is told when the bank and the modules are built)."""
+             phase: Optional[Callable[[str], None]] = None) -> tuple[Method, Any, list, tuple[list, list]]:
+    """Samples -> train / held-out split -> the held-out images split into a selection part and a
+    threshold part (:func:`selection_and_threshold`) -> the method with its bank and modules built
+    (``phase(text)`` is told when the bank and the modules are built). Returns ``(method, bank,
+    train, (selection, threshold))``."""
     from .data.skips import SampleList, collect_skipped
 
     with collect_skipped() as unsupported:  # files left out for their extension (info.json "skipped")
@@ -163,6 +166,12 @@ def _prepare(data: Any, config: DetectorConfig, bank: Any, calibration_fraction:
     ctx = Context(image_size=config.image_size, device=dev, bank_config=config.bank, scoring=config.scoring,
                   run_dir=run_dir, progress=progress, cancel=cancel, seed=seed, held_out=list(cal))
     method = mcls(config.method, ctx)
+    if cal and chosen_on_held_out(method, config.scoring):  # two jobs: hold out enough for both parts
+        sc = config.scoring
+        train, cal = hold_out_at_least(train, cal, int(sc.min_selection_images) + int(sc.min_threshold_images))
+        train = SampleList(train, unsupported)
+    held = selection_and_threshold(cal, method, config.scoring, seed, data)
+    ctx.held_out = list(held[0])
     if bank is None:
         if phase is not None and mcls.uses_bank:
             phase("building the feature bank")
@@ -179,7 +188,51 @@ def _prepare(data: Any, config: DetectorConfig, bank: Any, calibration_fraction:
         torch.manual_seed(seed)
         method.build(train)
     config.validate()
-    return method, bank, train, cal
+    return method, bank, train, held
+
+
+def hold_out_at_least(train: list, held: list, need: int) -> tuple[list, list]:
+    """Move good images from ``train`` to ``held`` until ``held`` has ``need`` of them (taken from
+    the end of the categories with the most training images, each keeping at least one to train
+    on), so a small data set still gives the selection part and the threshold part their minimum;
+    when it cannot, ``held`` stays short and :func:`selection_and_threshold` refuses with the numbers."""
+    train, held = list(train), list(held)
+    while len(held) < need:
+        by_cat: dict[str, list[int]] = {}
+        for i, s in enumerate(train):
+            by_cat.setdefault(getattr(s, "category", "") or "", []).append(i)
+        spare = [idx for _, idx in sorted(by_cat.items(), key=lambda kv: (-len(kv[1]), kv[0])) if len(idx) >= 2]
+        if not spare:
+            break
+        held.append(train.pop(spare[0][-1]))
+    return train, held
+
+
+def chosen_on_held_out(method: Method, scoring: Any) -> list[str]:
+    """What is chosen on held-out good images for this method and scoring (words; [] = nothing)."""
+    chosen = list(method.selects_on_held_out())
+    if scoring.fusion == "bank":
+        chosen.append("the fusion's weight and normalisation" if scoring.fusion_weight_fit == "synthetic"
+                      else "the fusion's normalisation")
+    return chosen
+
+
+def selection_and_threshold(held_out: list, method: Method, scoring: Any, seed: int = 0,
+                            where: Any = None) -> tuple[list, list]:
+    """The held-out good images as ``(selection, threshold)`` (issue: one slice must not do two
+    jobs): when this method or the fusion chooses settings on held-out images, they are split by
+    ``scoring.selection_fraction`` (:func:`split_held_out`) and too few to give each part its
+    minimum is a ``ValueError`` naming the numbers, before anything is built; when nothing is
+    chosen, every held-out image sets the threshold. Nothing held out -> ``([], [])``."""
+    if not held_out:
+        return [], []
+    chosen = chosen_on_held_out(method, scoring)
+    if not chosen:
+        return [], list(held_out)
+    sel, thr = split_held_out(held_out, float(scoring.selection_fraction), seed)
+    check_held_out_split(sel, thr, chosen, scoring.min_selection_images, scoring.min_threshold_images,
+                         where if isinstance(where, (str, Path)) else None)
+    return sel, thr
 
 
 def _build_fusion(config: DetectorConfig, train: list, cal: list, device: torch.device, memory: Any,
@@ -241,11 +294,12 @@ def fit_detector(
         raise ValueError(f"{variant!r} is trained: use train_detector (ccad train --variant {variant})")
     config = _detector_config(variant, image_size, method, bank_config, scoring, backbone, layers, bank_size,
                               weights, batch_size, None)
-    m, bank, train, cal = _prepare(data, config, None, calibration_fraction, seed, device, progress, cancel, None)
-    fusion = _build_fusion(config, train, cal, m.ctx.device, fusion_memory, progress, cancel, seed)
+    m, bank, train, (sel, thr) = _prepare(data, config, None, calibration_fraction, seed, device, progress, cancel,
+                                          None)
+    fusion = _build_fusion(config, train, thr, m.ctx.device, fusion_memory, progress, cancel, seed)
     det = AnomalyDetector(config, bank, m, info=_info(train, bank), device=m.ctx.device, fusion=fusion)
-    if cal:
-        det.calibrate(cal, batch_size=batch_size)
+    if thr:
+        det.calibrate(thr, batch_size=batch_size, selection=sel, chosen=chosen_on_held_out(m, config.scoring))
     return det
 
 
@@ -326,8 +380,8 @@ def train_detector(
     tcfg.validate()
     if bank is None and resume and (out_dir / "bank.safetensors").is_file():
         bank = FeatureBank.load(out_dir)  # the bank this run was trained with
-    m, bank, train_s, cal = _prepare(data, config, bank, calibration_fraction, seed, device, progress, cancel,
-                                     out_dir, phase=say)
+    m, bank, train_s, (sel, cal) = _prepare(data, config, bank, calibration_fraction, seed, device, progress,
+                                            cancel, out_dir, phase=say)
     if bank is not None:
         if state is not None:  # every process has read the folder's bank (resume) before it is rewritten
             state.wait_for_everyone()
@@ -360,7 +414,7 @@ def train_detector(
     det = AnomalyDetector(config, bank, m, device=m.ctx.device, info=info, fusion=fusion)
     if cal:
         say(f"calibrating the threshold on {len(cal)} held-out good images")
-        det.calibrate(cal, batch_size=tcfg.batch_size)
+        det.calibrate(cal, batch_size=tcfg.batch_size, selection=sel, chosen=chosen_on_held_out(m, config.scoring))
     say("saving the model")
     if state is None or state.is_main_process:  # several processes (accelerate launch): one writes the model
         det.save_pretrained(out_dir / "model")  # replaced as a whole, in one swap (ccad.atomic)

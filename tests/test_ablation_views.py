@@ -244,10 +244,12 @@ def test_when_the_identity_wins_the_search_the_model_skips_the_denoiser_and_its_
     real = m.modules["denoiser"]
     m.modules["denoiser"] = _Garbage()
     good = [s for s in load_dataset(root, split="train")][:4]  # stand-ins for the held-out selection images
+    m.config.search, m.config.noise_level, m.config.steps = True, None, None  # now the search chooses them
     table = m.search_hyperparameters(good)
     ident = [r for r in table["grid"] if r["denoiser"] == "identity"]
     assert [r["edit"] for r in ident] == [1.0] and len(table["grid"]) == 5  # 2 noises x 2 edits + identity
-    assert table["chosen"]["denoiser"] == "identity" and m.config.identity and m.config.edit == 1.0
+    assert table["chosen"]["denoiser"] == "identity" and m.uses_identity() and m.setting("edit") == 1.0
+    assert not m.config.identity  # the search's choice is fitted state, not the user's config
     m.modules["denoiser"] = real
     x = _batch()
     with mock.patch.object(FeatDenoiser, "forward", _raise):  # inference skips the denoiser (cost)
@@ -261,7 +263,7 @@ def test_when_the_identity_wins_the_search_the_model_skips_the_denoiser_and_its_
     det.save_pretrained(tmp_path / "saved")
     assert IDENTITY_NOTE in (tmp_path / "saved" / "README.md").read_text()
     back = AnomalyDetector.from_pretrained(tmp_path / "saved", device="cpu")
-    assert back.method.config.identity
+    assert back.method.uses_identity()
     with mock.patch.object(FeatDenoiser, "forward", _raise):
         torch.testing.assert_close(back.method.maps(x).maps, own)
 

@@ -123,30 +123,103 @@ def test_trained_detector_picks_settings_on_the_held_out_slice_and_round_trips(t
 
     det, data, root = trained
     table = det.method.search_table
-    assert table["source"].startswith("synthetic anomalies on held-out good images")
-    n_cal = det.info["n_calibration_images"]
-    assert table["n_good"] == min(4, n_cal) and table["n_synthetic"] == table["n_good"]
+    assert table["source"].startswith("synthetic anomalies on held-out good images (the selection part)")
+    split = det.info["calibration_split"]
+    # the search saw the selection part only; the threshold rests on the other, disjoint part
+    assert table["n_good"] == min(4, split["selection"]) and table["n_synthetic"] == table["n_good"]
+    assert det.info["n_calibration_images"] == split["threshold"] >= 1
+    assert not set(split["selection_images"]) & set(split["threshold_images"])
     assert len(table["grid"]) == 5  # (50, 1), (100, 1) x edit 0, 1, and the identity arm at edit 1
-    c = det.method.config
+    m, c = det.method, det.method.config
     chosen = table["chosen"]
-    assert c.identity == (chosen["denoiser"] == "identity") and c.edit == chosen["edit"]
-    if not c.identity:
-        assert (c.noise_level, c.steps) == (chosen["noise_level"], chosen["steps"])
+    assert m.uses_identity() == (chosen["denoiser"] == "identity") and m.setting("edit") == chosen["edit"]
+    if not m.uses_identity():
+        assert (m.setting("noise_level"), m.setting("steps")) == (chosen["noise_level"], chosen["steps"])
+    # fitted state, not the user's config: the config keeps what was given (None = searched)
+    assert (c.noise_level, c.steps, c.edit, c.identity) == (None, None, None, False)
+    assert set(det.card()["reconstruction"]["sources"].values()) == {"search (fitted state)"}
     assert (root / "run" / "features" / "latents.json").is_file()  # features cached once in the run
     det.save_pretrained(root / "saved")
+    saved = json.loads((root / "saved" / "config.json").read_text())["method"]
+    assert (saved["noise_level"], saved["steps"], saved["edit"]) == (None, None, None)
+    fitted = json.loads((root / "saved" / "feat_diff_fitted.json").read_text())
+    assert (fitted["noise_level"], fitted["steps"], fitted["edit"]) == tuple(m.setting(k) for k in
+                                                                            ("noise_level", "steps", "edit"))
+    assert bool(fitted.get("identity")) == m.uses_identity()
     again = AnomalyDetector.from_pretrained(root / "saved")
-    assert again.method.config.noise_level == c.noise_level and again.method.search_table == table
+    assert again.method.setting("noise_level") == m.setting("noise_level") and again.method.search_table == table
+    assert again.method.uses_identity() == m.uses_identity()
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(again.maps_for_batch(x)[0], det.maps_for_batch(x)[0], rtol=1e-5, atol=1e-6)
     one = det.maps_for_batch(x[:1])[0]  # a prediction does not depend on the batch it is in
     torch.testing.assert_close(one, det.maps_for_batch(x)[0][:1], rtol=1e-4, atol=1e-5)
 
 
+def test_a_model_saved_with_the_chosen_values_in_its_config_still_loads(trained):
+    """Models saved before the fitted state existed had the search's values written into config.json
+    and no feat_diff_fitted.json: they load and score the same, and the card says where the values came from."""
+    import shutil
+
+    from ccad.pipeline import AnomalyDetector
+
+    det, data, root = trained
+    old = root / "old"
+    if not (root / "saved").is_dir():
+        det.save_pretrained(root / "saved")
+    shutil.copytree(root / "saved", old)
+    chosen = {k: det.method.setting(k) for k in ("noise_level", "steps", "edit")}
+    cfg = json.loads((old / "config.json").read_text())
+    cfg["method"].update(chosen)
+    (old / "config.json").write_text(json.dumps(cfg))
+    (old / "feat_diff_fitted.json").unlink()
+    back = AnomalyDetector.from_pretrained(old)
+    assert {k: back.method.setting(k) for k in chosen} == chosen
+    assert set(back.card()["reconstruction"]["sources"].values()) == {
+        "search (written into config.json by an older ccad)"}
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(back.maps_for_batch(x)[0], det.maps_for_batch(x)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_values_the_user_set_are_never_replaced_by_the_search(tmp_path):
+    from ccad.data.detect import load_dataset
+    from ccad.data.synthetic import write_dataset
+    from ccad.pipeline import train_detector
+    from ccad.training import TrainConfig
+
+    data = write_dataset(tmp_path / "data", kinds=("granular",), n_train=8, n_test_good=1, n_test_defect=1,
+                         size=64, seed=2)
+    cfg = FeatDiffConfig(preset="tiny", memory_size=32, noise_level=100, edit=0.5, search_noise=(50, 100),
+                         search_steps=(1, 2), search_edit=(0.0, 1.0), search_images=4)
+    det = train_detector(load_dataset(str(data), split="train"), tmp_path / "run", variant="feat-diff", method=cfg,
+                         image_size=64, bank_size=16, calibration_fraction=0.5,
+                         train=TrainConfig(steps=2, batch_size=4, lr=1e-3, warmup_steps=1, show_progress=False))
+    m = det.method
+    table = m.search_table
+    # only steps was left to the search: the grid holds the user's noise level and edit, nothing else
+    assert table["searched"] == ["steps"]
+    trained = [r for r in table["grid"] if r["denoiser"] == "trained"]
+    assert {(r["noise_level"], r["edit"]) for r in trained} == {(100, 0.5)}
+    assert {r["steps"] for r in trained} == {1, 2}
+    assert [r["edit"] for r in table["grid"] if r["denoiser"] == "identity"] == [0.5]  # the identity arm, same edit
+    assert (m.config.noise_level, m.config.edit, m.config.steps) == (100, 0.5, None)
+    assert (m.setting("noise_level"), m.setting("edit")) == (100, 0.5)
+    best_trained = max(trained, key=lambda r: (r["objective"], -r["steps"]))
+    assert m.setting("steps") == best_trained["steps"]
+    src = det.card()["reconstruction"]["sources"]
+    assert src == {"noise_level": "config (as given)", "steps": "search (fitted state)", "edit": "config (as given)"}
+    # every value set: nothing is searched, nothing is chosen on held-out images
+    full = FeatDiffConfig(preset="tiny", noise_level=100, steps=2, edit=0.5)
+    assert full.searched() == []
+    # a set value the search grid cannot pair with is refused with a message
+    with pytest.raises(ConfigError, match="noise_level / method.steps"):
+        FeatDiffConfig(noise_level=300, search_steps=(1, 2)).validate()
+
+
 def test_feat_diff_through_the_cli(tmp_path, capsys):
     from ccad.cli import main
     from ccad.data.synthetic import write_dataset
 
-    data = write_dataset(tmp_path / "data", kinds=("granular",), n_train=5, n_test_good=1, n_test_defect=1,
+    data = write_dataset(tmp_path / "data", kinds=("granular",), n_train=10, n_test_good=1, n_test_defect=1,
                          size=64, seed=1)
     run = tmp_path / "run"
     assert main(["train", str(data / "granular"), "--variant", "feat-diff", "--out", str(run), "--steps", "2",
@@ -155,7 +228,9 @@ def test_feat_diff_through_the_cli(tmp_path, capsys):
                  "--option", "distance=cosine", "--quiet"]) == 0
     cfg = json.loads((run / "model" / "config.json").read_text())
     assert cfg["variant"] == "feat-diff" and cfg["method"]["distance"] == "cosine"
-    assert cfg["method"]["noise_level"] == 50 and cfg["method"]["edit"] == 1.0
+    assert cfg["method"]["noise_level"] is None and cfg["method"]["edit"] is None  # searched: fitted state
+    fitted = json.loads((run / "model" / "feat_diff_fitted.json").read_text())
+    assert fitted["noise_level"] == 50 and fitted["edit"] == 1.0
     capsys.readouterr()
     assert main(["evaluate", str(run / "model"), str(data / "granular"), "--quiet"]) == 0
     assert "image_auroc" in capsys.readouterr().out

@@ -22,7 +22,7 @@ from ccad.data.detect import load_dataset
 from ccad.data.synthetic import write_dataset
 from ccad.features import FeatureBank
 from ccad.methods import Context, get_method
-from ccad.pipeline import split_good, train_detector
+from ccad.pipeline import split_good, split_held_out, train_detector
 from ccad.training import TrainConfig
 
 SIZE = 64
@@ -80,9 +80,13 @@ def test_glad_delta_is_fitted_on_the_held_out_good_slice(root, tmp_path):
         det = train_detector(good, tmp_path / "run", variant="glad", method=cfg, train=quick_train(),
                              image_size=32, calibration_fraction=0.25, device="cpu")
     train, cal = split_good(list(good), 0.25, 0)
-    assert seen == [[s.image_path for s in cal]]
-    assert not set(seen[0]) & {s.image_path for s in train}
-    assert det.method.delta_fit["n_images"] == len(cal) and det.method.delta_fit["source"] == "held-out good slice"
+    sel, thr = split_held_out(cal, 0.5, 0)
+    # delta is chosen on the selection part; the threshold is set on the other part (issue 20.3)
+    assert seen == [[s.image_path for s in sel]] and sel and thr
+    assert not set(seen[0]) & ({s.image_path for s in train} | {s.image_path for s in thr})
+    assert det.info["calibration_split"]["threshold_images"] == [s.image_path for s in thr]
+    assert det.method.delta_fit["n_images"] == len(sel)
+    assert det.method.delta_fit["source"] == "held-out good slice (selection part)"
 
 
 def test_deco_diff_default_image_score_is_the_max_and_top_k_stays_an_option():

@@ -17,7 +17,7 @@ from ccad.data.detect import load_dataset
 from ccad.data.synthetic import write_dataset
 from ccad.evaluate import evaluate, evaluate_views
 from ccad.methods import get_method
-from ccad.pipeline import AnomalyDetector, fit_detector, split_good, train_detector
+from ccad.pipeline import AnomalyDetector, fit_detector, split_good, split_held_out, train_detector
 from ccad.scoring.anomaly_map import feature_cosine_map, layer_distance
 from ccad.scoring.fusion import ComponentStats
 from ccad.training import TrainConfig
@@ -70,12 +70,14 @@ def test_fused_map_is_the_weighted_sum_of_good_normalised_maps(fused):
 def test_normalisation_comes_from_the_held_out_good_images_only(root, fused):
     det, _ = fused
     good = [s for s in load_dataset(root, split="train") if s.label == 0]
-    train, cal = split_good(good, 0.3, 0)
-    assert det.fusion.stats["method"].n_images == len(cal) == det.info["n_calibration_images"]
+    train, held = split_good(good, 0.3, 0)
+    sel, thr = split_held_out(held, 0.5, 0)  # the selection part fits the normalisation, the rest the threshold
+    assert det.fusion.stats["method"].n_images == len(sel) and det.info["n_calibration_images"] == len(thr)
+    assert [s.image_path for s in sel] == det.info["calibration_split"]["selection_images"]
     from ccad.data.dataset import iter_batches
 
     ms, bs = [], []
-    for b in iter_batches(cal, det.input_size, 8):
+    for b in iter_batches(sel, det.input_size, 8):
         m, bank, _ = det.map_parts(b["image"])
         ms.append(m)
         bs.append(bank)
@@ -84,7 +86,7 @@ def test_normalisation_comes_from_the_held_out_good_images_only(root, fused):
     assert det.fusion.stats["bank"].std == pytest.approx(float(b_all.double().std(unbiased=False)), rel=1e-5)
     # on those good images the fused map has mean 0 (both components are centred there)
     assert float(det.combine(m_all, b_all).double().mean()) == pytest.approx(0.0, abs=1e-5)
-    # the bank part scores the calibration images above the memory's own training images
+    # the bank part scores the held-out images above the memory's own training images
     tr = next(iter(iter_batches(train[:4], det.input_size, 4)))["image"]
     assert float(det.map_parts(tr)[1].mean()) < float(b_all.mean())
 
@@ -217,7 +219,9 @@ def test_fusion_weight_can_be_fitted_on_synthetic_anomalies_of_good_images(root,
     grid = fit["grid"]
     assert [g["weight"] for g in grid] == pytest.approx([i / 10 for i in range(11)] * 2)
     assert [g["norm"] for g in grid] == ["std"] * 11 + ["quantile"] * 11
-    assert fit["n_good"] == fit["n_synthetic"] == det.info["n_calibration_images"]
+    # fitted on the selection part of the held-out images; the threshold on the other part
+    assert fit["n_good"] == fit["n_synthetic"] == det.info["calibration_split"]["selection"]
+    assert det.info["n_calibration_images"] == det.info["calibration_split"]["threshold"]
     best = max((g["image_auroc"] + g["pixel_auroc"]) / 2 for g in grid)
     chosen = next(g for g in grid if g["weight"] == pytest.approx(det.fusion.weight) and g["norm"] == det.fusion.norm)
     assert (chosen["image_auroc"] + chosen["pixel_auroc"]) / 2 == pytest.approx(best)

@@ -219,9 +219,10 @@ def test_delta_is_fitted_on_good_images_so_they_do_not_fire(tmp_path):
                          train=TrainConfig(steps=1, batch_size=2, show_progress=False, checkpoint_every=0),
                          calibration_fraction=0.25, device="cpu")
     m = det.method
-    n_cal = min(3, det.info["n_calibration_images"])  # fitted on the held-out good slice (issue 14)
+    # fitted on the held-out good slice (issue 14), its selection part (issue 20.3)
+    n_cal = min(3, det.info["calibration_split"]["selection"])
     assert m.config.delta != 123.0 and m.delta_fit["n_images"] == n_cal and m.delta_fit["n_scores"] == n_cal * 4
-    assert m.delta_fit["source"] == "held-out good slice"
+    assert m.delta_fit["source"] == "held-out good slice (selection part)"
     back = AnomalyDetector.from_pretrained(tmp_path / "run" / "model", device="cpu")
     assert back.config.method.delta == pytest.approx(m.config.delta)
     assert "quantile 1.0" in back.card()["reconstruction"]["delta_source"]

@@ -96,6 +96,29 @@ class EvaluateMixin(ControllerBase):
                 "categories": cats, "curve_choices": [ALL_IMAGES, *(cats if len(cats) > 1 else []),
                                                       *([EVERY_CATEGORY] if len(cats) > 1 else [])]}
 
+    def use_operating_point(self, name: Optional[str], report: Any, policy: str) -> str:
+        """Set the model's threshold to the operating point ``policy`` (``f1``, ``recall=R``,
+        ``fpr=F``) picks on the evaluation's labelled images (``ccad.evaluate.set_operating_point``;
+        the source is recorded in the model's calibration and card). The model folder is not
+        rewritten: the message says how to keep it."""
+        from ccad.evaluate import set_operating_point
+
+        if report is None:
+            raise UserError("run an evaluation first: the operating point is chosen on its labelled images")
+        det = self._detector(name)
+        recs = [r for r in report.records if int(r["label"]) in (0, 1)]
+        try:
+            p = set_operating_point(det, [r["label"] for r in recs], [r["score"] for r in recs], policy or "f1",
+                                    f"the evaluation of {name} ({len(recs)} labelled images)")
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        return (f"Threshold of {name} set to {p['threshold']:.6g} ({p['policy']}): on these images it catches "
+                f"{p['caught']} of {p['n_anomalous']} defects (recall {p['recall']:.3f}) with {p['false_alarms']} "
+                f"false alarms in {p['n_good']} good images (rate {p['false_alarm_rate']:.3f}). Chosen on labelled "
+                f"test images, so these rates are optimistic for new images. Verdicts from now on use it; the model "
+                f"folder is unchanged until you save the model (or run `ccad calibrate MODEL --labelled DATA --policy "
+                f"{p['policy']}`).")
+
     def category_curves(self, report: Any, which: str) -> tuple[Any, Any, str]:
         """(ROC, PR, note) for ``which``: all images pooled, one category, or every category overlaid
         (curves from the report's per-image records, ``ccad.metrics.roc_points`` / ``pr_points``)."""

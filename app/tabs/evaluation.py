@@ -29,6 +29,12 @@ def layout(c: AppController) -> SimpleNamespace:
                                 interactive=False, elem_id="eval-defect-types")
     eval_report = gr.State(None)
     with gr.Row():
+        eval_policy = gr.Dropdown(["f1", "recall=0.95", "recall=0.99", "fpr=0.01", "fpr=0.02", "fpr=0.05"],
+                                  value="f1", allow_custom_value=True, label="Operating point (f1, recall=R, fpr=F)",
+                                  elem_id="eval-policy", scale=2)
+        eval_use = gr.Button("Use this operating point", elem_id="eval-use-point", scale=1)
+    eval_point_msg = gr.Markdown("", elem_id="eval-point-status")
+    with gr.Row():
         eval_curves = gr.Dropdown([], value=None, label="Curves for", elem_id="eval-curves",
                                   interactive=True, scale=2)
         eval_curves_note = gr.Markdown("", elem_id="eval-curves-note")
@@ -80,3 +86,11 @@ def wire(c: AppController, ui: SimpleNamespace) -> None:
             return [gr.update(), gr.update(), error_text(exc)]
 
     eval_curves.input(on_curves, [eval_report, eval_curves], [eval_roc, eval_pr, eval_curves_note])
+
+    def on_use_point(name: str, report: Any, policy: str) -> str:
+        try:
+            return c.use_operating_point(name, report, policy)
+        except Exception as exc:
+            return error_text(exc)
+
+    ui.eval_use.click(on_use_point, [model_dd, eval_report, ui.eval_policy], [ui.eval_point_msg])

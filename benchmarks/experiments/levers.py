@@ -42,7 +42,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--no-baseline", action="store_true", help="skip the model as saved")
     a = parse(ap, argv)
 
-    test, cal = saved_model_split(a.data, a.subset)  # the slice mtd.py calibrated on
+    # the slice mtd.py calibrated on (a fused model's: grown to one selection + one threshold image at least)
+    test, cal = saved_model_split(a.data, a.subset, at_least=2)
     arms = ([] if a.no_baseline else [("baseline", {})]) + [(arm, parse_arm(arm)) for arm in a.arm]
     run = {"commit": git_commit(), "command": command("experiments.levers", argv), **machine()}
     out = JsonLines(a.json)

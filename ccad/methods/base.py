@@ -54,9 +54,10 @@ class Context:
     """What a method sees of the detector around it: size, device, bank, scoring settings.
 
     ``run_dir`` is the training run folder (caches and checkpoints go there); ``progress`` and
-    ``cancel`` report and stop long steps (bank builds, latent caching). ``held_out``: the good
-    images held out of training (the calibration slice) while a detector is being built, for
-    settings a method fits on good images it was not trained on (empty once loaded).
+    ``cancel`` report and stop long steps (bank builds, latent caching). ``held_out``: the
+    *selection* part of the good images held out of training while a detector is being built,
+    for settings a method fits on good images it was not trained on (the threshold is set on the
+    other part, :func:`ccad.pipeline.split_held_out`; empty once loaded).
     """
 
     image_size: int
@@ -294,6 +295,12 @@ class Method:
     def to(self, device: torch.device) -> "Method":
         self.modules.to(device).eval()
         return self
+
+    def selects_on_held_out(self) -> list[str]:
+        """What this method chooses on held-out good images after training (``ctx.held_out``, the
+        selection part of the held-out slice), in words; [] when nothing (then the whole held-out
+        slice sets the threshold)."""
+        return []
 
     def card(self) -> dict[str, Any]:
         """Facts for the model card and the app (parameters, reconstruction settings ...)."""

@@ -20,13 +20,16 @@
   or 7-10), one run per distinct start step of the batch.
 - Map (eq. 9): ``lambda * ||z0 - z0_hat||_1 + (1 - lambda) * f_map``, lambda = 0.85, f_map the
   feature cosine map of blocks 2 and 3 (``scoring.score_layers``, App. A.1), each map divided by
-  its mean over good training images (the paper's "normalized", unspecified), Gaussian sigma = 4,
+  its mean over held-out good images (the selection part of the held-out slice, never the
+  training images the UNet reconstructs best; the training images only when nothing was held
+  out; the paper's "normalized" is unspecified), Gaussian sigma = 4,
   image score = max (sec. 4.2).
 - Domain adaptation (sec. 4.3, eq. 10): ``domain_adapt_epochs`` (App. A.1: 0 to 3) through the
   shared hook :mod:`ccad.methods.adaptation`.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -42,6 +45,8 @@ from .base import Context, MethodOutput, check_preset, register_method
 from .dynamic_start import CONDITIONING_FILE, DynamicStartMixin  # noqa: F401  (CONDITIONING_FILE re-exported)
 from .latent import DEFAULT_AUTOENCODER, LatentMethod, check_autoencoder_spec
 
+NORM_FILE = "d3ad_normalisation.json"  # where l_norm / f_norm were fitted (fitted state, beside the weights)
+
 
 
 @dataclass
@@ -54,8 +59,9 @@ class D3ADConfig:
     to ``knn_pool x knn_pool`` before the KNN (0 = the full map as the paper; pooling caps the
     saved memory); ``skip`` / ``steps``: the DDIM grid (skip 10 in T = 1000; ``steps`` None =
     T_hat // skip evaluations); ``guidance``: DDAD's temperature (eq. 8; 0 = none); ``lam``:
-    eq. 9's lambda; ``norm_images``: good training images whose mean l_map / f_map normalise the
-    two maps (0 = no normalisation); the schedule fields; ``domain_adapt_*``: eq. 10 (epochs 0 = off).
+    eq. 9's lambda; ``norm_images``: held-out good images (the selection part) whose mean l_map /
+    f_map normalise the two maps (0 = no normalisation); the schedule fields; ``domain_adapt_*``:
+    eq. 10 (epochs 0 = off).
     Filled in at build time: ``latent_channels``, ``latent_scale``, ``latent_shift``, ``l_norm``, ``f_norm``.
     """
 
@@ -128,6 +134,7 @@ class D3AD(DynamicStartMixin, LatentMethod):
         c = config
         self.scheduler = make_scheduler(c.num_train_timesteps, c.beta_schedule, c.beta_start, c.beta_end)
         self.init_conditioning()
+        self.norm_fit: Optional[dict[str, Any]] = None  # where l_norm / f_norm were fitted (the card says)
 
     def dic_params(self) -> dict[str, int]:
         c = self.config
@@ -153,15 +160,26 @@ class D3AD(DynamicStartMixin, LatentMethod):
 
     def after_training(self, train: Sequence[Any]) -> None:
         """Domain adaptation (eq. 10, when ``domain_adapt_epochs`` > 0), then the DIC refitted
-        with the adapted extractor, then the map normalisers from good training images."""
+        with the adapted extractor, then the map normalisers from the selection part of the
+        held-out good images (``ctx.held_out``; the training images only when nothing was held
+        out, and the card says which)."""
         super().after_training(train)
         if getattr(self, "adapted", None):
             self.fit_conditioning(train)
-        self.fit_normalisers(train)
+        held = list(self.ctx.held_out)
+        self.fit_normalisers(held if held else train)
+        if self.norm_fit is not None:
+            self.norm_fit["source"] = ("held-out good images (the selection part)" if held
+                                       else "training images (nothing held out)")
+
+    def selects_on_held_out(self) -> list[str]:
+        return ["D3AD's map normalisation (l_norm, f_norm)"] if int(self.config.norm_images) > 0 else []
 
     @torch.no_grad()
     def fit_normalisers(self, train: Sequence[Any]) -> None:
-        """l_norm / f_norm: the mean latent and feature maps over ``norm_images`` good training images."""
+        """l_norm / f_norm: the mean latent and feature maps over up to ``norm_images`` good images
+        (``train``: whatever good images the caller gives; :meth:`after_training` gives the
+        selection part of the held-out slice)."""
         from ..data.dataset import iter_batches
 
         c = self.config
@@ -182,6 +200,7 @@ class D3AD(DynamicStartMixin, LatentMethod):
             fs.append(f_map.flatten(1).mean(1))
         c.l_norm = max(float(torch.cat(ls).mean()), 1e-8)
         c.f_norm = max(float(torch.cat(fs).mean()), 1e-8)
+        self.norm_fit = {"n_images": int(torch.cat(ls).numel()), "l_norm": c.l_norm, "f_norm": c.f_norm}
 
     # ---- inference ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -235,14 +254,24 @@ class D3AD(DynamicStartMixin, LatentMethod):
         facts: dict[str, Any] = {"strategy": "noiseless scaling + DDIM from a per-image start step (Alg. 1-2)",
                                  "skip": c.skip, "steps": c.steps, "guidance": c.guidance, "lam": c.lam,
                                  **self.conditioning_card()}
+        if self.norm_fit is not None:
+            facts["map_normalisation"] = dict(self.norm_fit)
         return {**super().card(), "reconstruction": facts}
 
     def save(self, directory: Path) -> None:
         super().save(directory)
         self.save_conditioning(directory)
+        if self.norm_fit is not None:
+            (Path(directory) / NORM_FILE).write_text(json.dumps(self.norm_fit, indent=1))
 
     @classmethod
     def load(cls, directory: Path, config: D3ADConfig, ctx: Context) -> "D3AD":
         method = super().load(directory, config, ctx)
         method.load_conditioning(directory)
+        f = Path(directory) / NORM_FILE
+        if f.is_file():  # older models have none: the card then shows no normalisation source
+            try:
+                method.norm_fit = json.loads(f.read_text())
+            except ValueError as exc:
+                raise ConfigError(f"{f}: not readable JSON ({exc})") from None
         return method

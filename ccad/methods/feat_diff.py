@@ -49,15 +49,21 @@ What is implemented (equation numbers are CCAD's / METHOD.md's notation unless n
    calibration slice, never training images, never a test label) and on copies of them given
    synthetic anomalies (:mod:`ccad.data.anomaly_synth`, the fusion fit's recipe). The objective
    is the mean of image AUROC, pixel AUROC and pixel AUPRO; ties go to fewer UNet evaluations,
-   then smaller noise. The chosen values are written into the config (saved with the model) and
-   the whole table is in the model card (``search``).
+   then smaller noise. Only the values the user left unset (None) are searched: a value set in
+   the config is the search grid's only value for that setting (the user's value wins). The
+   chosen values are fitted state, saved as ``feat_diff_fitted.json`` in the model folder and
+   never written back into the config (diffusers keeps a model's config as given); the card says
+   which value came from where (``reconstruction.sources``) and holds the whole table (``search``).
+   Unset values with the search off are the defaults (noise 100, 2 steps, edit 0.9).
+   A model saved by an older ccad (the chosen values written into its config) still loads.
 8. The identity arm (issue 23; DESIGN.md "Every claim carries its ablation"): the search also
    scores ``z_hat = z_e`` (the denoiser replaced by the identity; for ``l2`` the map is then
    ``lambda * ||z - m(z)||``, a nearest-neighbour distance to the edit memory) for every
-   ``edit > 0`` of ``search_edit``. It costs no UNet evaluation, so it wins ties. When it wins,
-   ``identity`` is set: inference skips the denoiser (cost) and the card says the denoiser added
-   nothing on the selection images. The same map is the method's ablation view (``ablation``,
-   with ``edit`` 1 when the model's own edit is 0, where the identity would give a flat map).
+   ``edit > 0`` of the edit grid. It costs no UNet evaluation, so it wins ties. When it wins,
+   the fitted state says ``identity``: inference skips the denoiser (cost) and the card says the
+   denoiser added nothing on the selection images (``identity = true`` in the config forces it).
+   The same map is the method's ablation view (``ablation``, with ``edit`` 1 when the model's
+   own edit is 0, where the identity would give a flat map).
 
 One model covers every category of its training data (multi-class, like the latent methods).
 """
@@ -83,6 +89,9 @@ from ..scoring.anomaly_map import gaussian_blur, image_score, scaled_sigma
 from .base import Context, Method, MethodOutput, check_preset, register_method, saved_part
 
 MEMORY_FILE = "feat_diff_memory.safetensors"
+FITTED_FILE = "feat_diff_fitted.json"  # the search's chosen values (fitted state, not the user's config)
+SEARCHED = ("noise_level", "steps", "edit")
+DEFAULTS = {"noise_level": 100, "steps": 2, "edit": 0.9}  # an unset value when the search is off (or ran on nothing)
 FEATURES_FOLDER = "features"
 DISTANCES = ("cosine", "l2")
 IDENTITY_NOTE = ("this model's map is a nearest-neighbour distance; the denoiser added nothing on its selection "
@@ -96,7 +105,9 @@ class FeatDiffConfig:
     ``preset``: the denoiser size (tiny: tests, small: CPU, base: a GPU); ``num_train_timesteps`` /
     ``beta_schedule``: the DDPM table (linear 1e-4 ... 0.02, T = 1000); ``noise_level`` t' and
     ``steps``: the DDIM reconstruction (stride ``noise_level / steps`` must divide T); ``edit``:
-    LafitE's editing strength lambda; ``distance``: ``cosine`` or ``l2``; ``memory_size``: rows of
+    LafitE's editing strength lambda (each None = chosen by the search, or :data:`DEFAULTS` with
+    the search off; a value set here is used as given, never replaced by the search);
+    ``distance``: ``cosine`` or ``l2``; ``memory_size``: rows of
     the edit memory; ``patches_per_image``: random cells per image drawn for the bank / memory
     coresets (0 = all); ``search``: pick noise_level / steps / edit on synthetic anomalies of the
     held-out good slice after training, over ``search_noise`` x ``search_steps`` and
@@ -108,9 +119,9 @@ class FeatDiffConfig:
     preset: str = "small"
     num_train_timesteps: int = 1000
     beta_schedule: str = "linear"
-    noise_level: int = 100
-    steps: int = 2
-    edit: float = 0.9
+    noise_level: Optional[int] = None
+    steps: Optional[int] = None
+    edit: Optional[float] = None
     distance: str = "l2"
     memory_size: int = 2048
     patches_per_image: int = 256
@@ -130,18 +141,37 @@ class FeatDiffConfig:
     def validate(self) -> None:
         check_preset(self.preset)
         T = int(self.num_train_timesteps)
-        check_schedule(T, int(self.noise_level), int(self.steps), "method.noise_level / method.steps")
-        if not 0.0 <= float(self.edit) <= 1.0:
+        if self.edit is not None and not 0.0 <= float(self.edit) <= 1.0:
             raise ConfigError(f"method.edit (the editing strength lambda) must be in [0, 1], got {self.edit}")
+        if self.noise_level is not None and not 1 <= int(self.noise_level) < T:
+            raise ConfigError(f"method.noise_level must be in 1..{T - 1} (T={T}), got {self.noise_level}")
+        at_least(self, 1, "steps", optional=True)
+        searched = self.searched()
+        if not searched or not ({"noise_level", "steps"} & set(searched)):
+            nl = DEFAULTS["noise_level"] if self.noise_level is None else int(self.noise_level)
+            st = DEFAULTS["steps"] if self.steps is None else int(self.steps)
+            check_schedule(T, nl, st, "method.noise_level / method.steps")
         if self.distance not in DISTANCES:
             raise ConfigError(f"method.distance must be 'cosine' or 'l2', got {self.distance!r}")
         at_least(self, 1, "memory_size", "search_images")
         at_least(self, 0, "patches_per_image")
         if any(not 0.0 <= float(e) <= 1.0 for e in self.search_edit) or not self.search_edit:
             raise ConfigError(f"method.search_edit must list values in [0, 1], got {self.search_edit}")
-        if self.search and not search_pairs(T, self.search_noise, self.search_steps):
-            raise ConfigError(f"method.search_noise {self.search_noise} x method.search_steps {self.search_steps}: "
-                              f"no pair whose DDIM stride (noise / steps) divides T={T}")
+        noises, steps = self.search_grid()[:2]
+        if searched and not search_pairs(T, noises, steps):
+            raise ConfigError(f"method.noise_level / method.steps {self.noise_level} / {self.steps} with the search "
+                              f"grid (method.search_noise {self.search_noise} x method.search_steps "
+                              f"{self.search_steps}): no pair whose DDIM stride (noise / steps) divides T={T}")
+
+    def searched(self) -> list[str]:
+        """The settings the search chooses: those left unset (None), when ``search`` is on."""
+        return [k for k in SEARCHED if getattr(self, k) is None] if self.search else []
+
+    def search_grid(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[float, ...]]:
+        """``(noises, steps, edits)`` the search tries: a value the user set is its only entry."""
+        return ((int(self.noise_level),) if self.noise_level is not None else tuple(self.search_noise),
+                (int(self.steps),) if self.steps is not None else tuple(self.search_steps),
+                (float(self.edit),) if self.edit is not None else tuple(self.search_edit))
 
 
 def check_schedule(T: int, noise_level: int, steps: int, where: str) -> None:
@@ -274,6 +304,7 @@ class FeatDiff(Method):
         self.ddim = ddim_from(self.scheduler)
         self.memory: Optional[torch.Tensor] = None  # edit memory, standardised units
         self.search_table: Optional[dict[str, Any]] = None
+        self.fitted: dict[str, Any] = {}  # the search's chosen values (fitted state, FITTED_FILE)
         self._cache: Any = None
         self._encoder: Optional[FeatureEncoder] = None
 
@@ -435,14 +466,41 @@ class FeatDiff(Method):
         z_hat = z_e if identity else self.denoise(z_e, noise_level, steps)
         return distance_map(z, z_hat, self.config.distance)
 
+    def setting(self, name: str) -> Any:
+        """The value of ``noise_level`` / ``steps`` / ``edit`` that runs: the user's (config), else the
+        search's (fitted state), else the default."""
+        value = getattr(self.config, name)
+        if value is None:
+            value = self.fitted.get(name, DEFAULTS[name])
+        return float(value) if name == "edit" else int(value)
+
+    def setting_sources(self) -> dict[str, str]:
+        """Where each of ``noise_level`` / ``steps`` / ``edit`` came from, in words (for the card)."""
+        out = {}
+        chosen = (self.search_table or {}).get("chosen") or {}
+        for k in SEARCHED:
+            if getattr(self.config, k) is None:
+                out[k] = "search (fitted state)" if k in self.fitted else "default (not searched)"
+            elif self.fitted.get("legacy") and k in chosen and chosen[k] == getattr(self.config, k):
+                out[k] = "search (written into config.json by an older ccad)"
+            else:
+                out[k] = "config (as given)"
+        return out
+
     @torch.no_grad()
     def maps(self, x: torch.Tensor) -> MethodOutput:
-        c = self.config
-        identity = bool(self.ablate or c.identity)  # the ablation view, or a model whose search chose the identity
-        edit = float(c.edit) if not (self.ablate and float(c.edit) == 0.0) else 1.0
+        identity = bool(self.ablate or self.uses_identity())  # the ablation view, or the identity chosen
+        edit = self.setting("edit")
+        if self.ablate and edit == 0.0:
+            edit = 1.0
         z = self.features(x)
-        return MethodOutput(self._smooth(self.raw_maps(z, int(c.noise_level), int(c.steps), edit,
+        return MethodOutput(self._smooth(self.raw_maps(z, self.setting("noise_level"), self.setting("steps"), edit,
                                                        identity=identity), x.shape[-2:]))
+
+    def uses_identity(self) -> bool:
+        """Whether the model's own map skips the denoiser (item 8): set in the config, or chosen by
+        the search (fitted state)."""
+        return bool(self.config.identity or self.fitted.get("identity"))
 
     @torch.no_grad()
     def maps_and_ablation(self, x: torch.Tensor) -> tuple[MethodOutput, MethodOutput]:
@@ -451,11 +509,12 @@ class FeatDiff(Method):
         c = self.config
         size = x.shape[-2:]
         z = self.features(x)
-        abl_edit = float(c.edit) if float(c.edit) > 0.0 else 1.0
+        edit = self.setting("edit")
+        abl_edit = edit if edit > 0.0 else 1.0
         z_e, nearest = edit_features(z, self.memory, abl_edit)
         ablated = self._smooth(distance_map(z, z_e, c.distance), size)
-        own = self._smooth(self.raw_maps(z, int(c.noise_level), int(c.steps), float(c.edit), nearest,
-                                         identity=bool(c.identity)), size)
+        own = self._smooth(self.raw_maps(z, self.setting("noise_level"), self.setting("steps"), edit, nearest,
+                                         identity=self.uses_identity()), size)
         return MethodOutput(own), MethodOutput(ablated)
 
     # ---- hyper-parameters on synthetic anomalies of held-out good images ------------------------
@@ -473,6 +532,10 @@ class FeatDiff(Method):
         if self.config.search:
             self.search_hyperparameters(list(self.ctx.held_out))
 
+    def selects_on_held_out(self) -> list[str]:
+        searched = self.config.searched()
+        return [f"feat-diff's {', '.join(searched)} (search on synthetic anomalies)"] if searched else []
+
     @torch.no_grad()
     def search_hyperparameters(self, good: Sequence[Any]) -> Optional[dict[str, Any]]:
         """Module docstring item 7 (LafitE's pseudo-validation set). ``good`` are held-out good
@@ -483,8 +546,13 @@ class FeatDiff(Method):
 
         c, sc = self.config, self.ctx.scoring
         items = list(good)[: int(c.search_images)]
+        self.fitted = {}
+        if not c.searched():
+            self.search_table = {"source": "none: noise_level, steps and edit were all set in the config (used as "
+                                           "given)"}
+            return None
         if not items:
-            self.search_table = {"source": "none: no held-out good images; configured values kept"}
+            self.search_table = {"source": "none: no held-out good images; configured or default values kept"}
             return None
         self.to(self.ctx.device)
         gen = torch.Generator().manual_seed(int(self.ctx.seed) + 7)
@@ -505,8 +573,9 @@ class FeatDiff(Method):
         mask = torch.cat(masks)[:, 0].numpy() > 0.5
         nearest = [edit_features(z.to(self.ctx.device), self.memory, 1.0)[1] for z in zs]
         table = []
-        for t, k in search_pairs(int(c.num_train_timesteps), c.search_noise, c.search_steps):
-            for lam in c.search_edit:
+        noises, steps, edits = c.search_grid()
+        for t, k in search_pairs(int(c.num_train_timesteps), noises, steps):
+            for lam in edits:
                 maps = torch.cat([self._smooth(self.raw_maps(z.to(self.ctx.device), t, k, float(lam), nn_), size).cpu()
                                   for z, nn_ in zip(zs, nearest)])
                 scores = image_score(maps, sc.score, sc.topk_ratio, topk_count=sc.topk_count).numpy()
@@ -516,7 +585,7 @@ class FeatDiff(Method):
                 table.append({"denoiser": "trained", "noise_level": t, "steps": k, "edit": float(lam),
                               "image_auroc": round(img, 5), "pixel_auroc": round(pix, 5), "pixel_aupro": round(pro, 5),
                               "objective": round((img + pix + pro) / 3, 5)})
-        for lam in sorted({float(e) for e in c.search_edit if float(e) > 0.0}) or [1.0]:  # item 8: the identity arm
+        for lam in sorted({float(e) for e in edits if float(e) > 0.0}) or [1.0]:  # item 8: the identity arm
             maps = torch.cat([self._smooth(self.raw_maps(z.to(self.ctx.device), 0, 0, lam, nn_, identity=True),
                                            size).cpu() for z, nn_ in zip(zs, nearest)])
             scores = image_score(maps, sc.score, sc.topk_ratio, topk_count=sc.topk_count).numpy()
@@ -531,11 +600,14 @@ class FeatDiff(Method):
 
         best = max(table, key=key)
         trained = max((r for r in table if r["denoiser"] == "trained"), key=key)
-        c.identity = best["denoiser"] == "identity"
-        # with the identity chosen, noise_level / steps are the best trained arm's (unused while identity is set)
-        c.noise_level, c.steps, c.edit = int(trained["noise_level"]), int(trained["steps"]), float(best["edit"])
-        self.search_table = {"source": "synthetic anomalies on held-out good images (the calibration slice)",
-                             "n_good": int(n_good), "n_synthetic": int(n_good), "chosen": dict(best), "grid": table}
+        # fitted state only: the config keeps what the user gave (None = searched); with the identity
+        # chosen, noise_level / steps are the best trained arm's (unused while the identity is on)
+        self.fitted = {k: (float(best[k]) if k == "edit" else int(trained[k])) for k in c.searched()}
+        if best["denoiser"] == "identity":
+            self.fitted["identity"] = True
+        self.search_table = {"source": "synthetic anomalies on held-out good images (the selection part)",
+                             "n_good": int(n_good), "n_synthetic": int(n_good), "searched": c.searched(),
+                             "chosen": dict(best), "grid": table}
         return self.search_table
 
     # ---- device, card, files --------------------------------------------------------------------
@@ -550,10 +622,10 @@ class FeatDiff(Method):
     def card(self) -> dict[str, Any]:
         c = self.config
         facts = {**super().card(), "reconstruction": {
-            "strategy": "feature editing (LafitE) + DDIM from the noised features", "noise_level": c.noise_level,
-            "steps": c.steps, "edit": c.edit, "distance": c.distance,
+            "strategy": "feature editing (LafitE) + DDIM from the noised features",
+            **{k: self.setting(k) for k in SEARCHED}, "sources": self.setting_sources(), "distance": c.distance,
             "memory_rows": None if self.memory is None else int(self.memory.shape[0])}}
-        if c.identity:  # module docstring item 8
+        if self.uses_identity():  # module docstring item 8
             facts["reconstruction"].update(strategy="identity (z_hat = z_e; the denoiser is skipped at inference)",
                                            noise_level=None, steps=0)
             facts["note"] = IDENTITY_NOTE
@@ -568,6 +640,13 @@ class FeatDiff(Method):
         meta = {"search": json.dumps(self.search_table)} if self.search_table is not None else None
         save_file({"memory": self.memory.detach().float().cpu().contiguous()}, str(Path(directory) / MEMORY_FILE),
                   metadata=meta)
+        fitted = {k: v for k, v in self.fitted.items() if k in SEARCHED or k == "identity"}
+        f = Path(directory) / FITTED_FILE
+        if fitted:
+            f.write_text(json.dumps({**fitted, "source": "search on synthetic anomalies of held-out good images"},
+                                    indent=1))
+        elif f.is_file():  # never leave another model's fitted values behind
+            f.unlink()
 
     @classmethod
     def load(cls, directory: Path, config: FeatDiffConfig, ctx: Context) -> "FeatDiff":
@@ -581,4 +660,15 @@ class FeatDiff(Method):
             meta = fh.metadata() or {}
         if meta.get("search"):
             method.search_table = json.loads(meta["search"])
+        fitted = Path(directory) / FITTED_FILE
+        if fitted.is_file():
+            try:
+                data = json.loads(fitted.read_text())
+                method.fitted = {k: (float(data[k]) if k == "edit" else int(data[k])) for k in SEARCHED if k in data}
+                if data.get("identity"):
+                    method.fitted["identity"] = True
+            except (ValueError, TypeError, KeyError) as exc:
+                raise ConfigError(f"{fitted}: not a readable fitted-state file ({exc}); re-train the model") from None
+        elif (method.search_table or {}).get("chosen"):
+            method.fitted = {"legacy": True}  # an older ccad wrote the chosen values into config.json
         return method

@@ -218,14 +218,19 @@ class GLAD(Method):
         return f"fitting the adaptive-step threshold delta on {n or 'the training'} good images"
 
     def after_training(self, train: Sequence[Any]) -> None:
-        """Delta fitted on the held-out good slice (``ctx.held_out``, images the UNet never trained
-        on, as a test image is; the training images only when nothing was held out, and the card
+        """Delta fitted on the selection part of the held-out good slice (``ctx.held_out``, images
+        the UNet never trained on, as a test image is, and not the images the threshold is set
+        on; the training images only when nothing was held out, and the card
         says which). GLAD has no domain adaptation (its config has no ``domain_adapt_epochs``)."""
         if self.config.delta_quantile is not None:
             held = list(self.ctx.held_out)
             self.calibrate_delta(held if held else train)
             if getattr(self, "delta_fit", None):
-                self.delta_fit["source"] = "held-out good slice" if held else "training images (nothing held out)"
+                self.delta_fit["source"] = ("held-out good slice (selection part)" if held
+                                            else "training images (nothing held out)")
+
+    def selects_on_held_out(self) -> list[str]:
+        return ["GLAD's delta"] if self.config.delta_quantile is not None else []
 
     @torch.no_grad()
     def calibrate_delta(self, good: Sequence[Any]) -> float:
