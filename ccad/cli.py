@@ -838,7 +838,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "folder in place.")
     sp.add_argument("model", help="model folder")
     sp.add_argument("--good", default=None, help="folder of held-out good images")
-    sp.add_argument("--fpr", type=float, default=0.01, help="target false-alarm rate on good images")
+    sp.add_argument("--fpr", type=float, default=0.05, help="target false-alarm rate on good images")
     sp.add_argument("--miss", type=float, default=None,
                     help="instead: target ESTIMATED miss rate on synthetic anomalies pasted into the good images "
                          "(a proxy for real defects): the highest threshold that meets it")
