@@ -46,7 +46,7 @@ from typing import Any, Optional
 
 import httpx
 
-from benchmarks.common import ROOT, JsonLines, make_parser, parse
+from benchmarks.common import ROOT, JsonLines, make_parser, parse, percentile
 
 SAMPLES = ROOT / "assets" / "samples"
 
@@ -75,16 +75,6 @@ def loadavg() -> list[float]:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return []
-
-
-def percentile(xs: list[float], q: float) -> Optional[float]:
-    """Linear-interpolated percentile (q in [0, 100]); None for no data."""
-    if not xs:
-        return None
-    s = sorted(xs)
-    k = (len(s) - 1) * q / 100.0
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def _r(x: Optional[float], nd: int = 3) -> Optional[float]:

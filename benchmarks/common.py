@@ -386,6 +386,16 @@ def parse(ap: argparse.ArgumentParser, argv: Optional[list[str]]) -> argparse.Na
     return a
 
 
+def percentile(xs: list[float], q: float) -> Optional[float]:
+    """Linear-interpolated percentile (q in [0, 100]); None for no data (the latency benchmarks')."""
+    if not xs:
+        return None
+    s = sorted(xs)
+    k = (len(s) - 1) * q / 100.0
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
 def command(name: str, argv: Optional[list[str]]) -> str:
     """The command line a row records: ``python -m benchmarks NAME ARGS``."""
     args = sys.argv[1:] if argv is None else list(argv)

@@ -42,16 +42,7 @@ from typing import Any, Optional
 
 import httpx
 
-from benchmarks.common import MTD_SPLIT, ROOT, JsonLines, command, git_commit, make_parser, parse
-
-
-def percentile(xs: list[float], q: float) -> Optional[float]:
-    if not xs:
-        return None
-    s = sorted(xs)
-    k = (len(s) - 1) * q / 100.0
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+from benchmarks.common import MTD_SPLIT, ROOT, JsonLines, command, git_commit, make_parser, parse, percentile
 
 
 def _r(x: Optional[float], nd: int = 4) -> Optional[float]:
