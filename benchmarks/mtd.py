@@ -139,6 +139,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
     ap.add_argument("--steps", type=int, default=None, help="override every trained method's training steps")
     ap.add_argument("--image-size", type=int, default=None, help="override every method's image size")
+    ap.add_argument("--scoring", action="append", default=[], metavar="KEY=VALUE",
+                    help="a scoring-config field for every method (as ccad train --scoring), e.g. target_fpr=0.01")
     ap.add_argument("--option", action="append", default=[], metavar="[METHOD:]KEY=VALUE",
                     help="a method-config field (dotted, as ccad train --option), for METHOD or every method")
     ap.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
@@ -161,6 +163,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         table = {m: settings_for(m, mode, ae, {"steps": a.steps if get_method(m).trainable else None,
                                                 "image_size": a.image_size}, {**opts.get("*", {}), **opts.get(m, {})})
                  for m in methods}
+        scoring = parse_options(a.scoring).get("*", {})
+        for s in table.values():  # each row's own scoring fields, then the command line's
+            s["scoring"] = {**s.get("scoring", {}), **scoring}
     except KeyError as exc:
         print(f"error: {exc.args[0]}", file=sys.stderr)
         return 2
