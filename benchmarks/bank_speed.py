@@ -77,7 +77,8 @@ def fit_rows(a: Any, out: JsonLines, run_info: dict) -> Any:
     if len(rows) >= 2:
         (old_name, old), *_, (new_name, new) = rows.items()
         out.emit({"summary": f"{new_name} vs {old_name}",
-                  "fit_speedup": round(old["fit_seconds"] / new["fit_seconds"], 2),
+                  # None when the new fit rounds to 0.0 s (tiny smoke data on an idle machine)
+                  "fit_speedup": round(old["fit_seconds"] / new["fit_seconds"], 2) if new["fit_seconds"] > 0 else None,
                   "fit_seconds": {old_name: old["fit_seconds"], new_name: new["fit_seconds"]},
                   **{f"delta_{k}": round(new[k] - old[k], 4) for k in METRICS},
                   "within_0.005": all(abs(new[k] - old[k]) <= 0.005 for k in METRICS), "run": run_info})
