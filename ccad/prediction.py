@@ -98,13 +98,15 @@ class Prediction:
         heat = render_heatmap(amap, vmin=lo, vmax=hi)
         return with_colorbar(heat, lo, hi, self.threshold) if colorbar else heat
 
-    def overlay(self, alpha: float = 0.5, colorbar: bool = False) -> np.ndarray:
+    def overlay(self, alpha: float = 0.5, colorbar: bool = False, heat: Optional[np.ndarray] = None) -> np.ndarray:
         """H x W x 3 uint8: the heatmap blended over the image; for an anomalous verdict the pixels
-        above the threshold are outlined in white (a good image's map is never outlined as a defect)."""
+        above the threshold are outlined in white (a good image's map is never outlined as a defect).
+        ``heat``: this prediction's :meth:`heatmap` when the caller has it already (not drawn twice)."""
         import cv2
 
         base = (np.clip(self.image, 0, 1) * 255).astype(np.float32)
-        out = (1 - alpha) * base + alpha * self.heatmap().astype(np.float32)
+        heat = self.heatmap() if heat is None else heat
+        out = (1 - alpha) * base + alpha * heat.astype(np.float32)
         out = np.clip(out, 0, 255).astype(np.uint8)
         m = self.mask.astype(np.uint8) if self.status == "anomalous" else np.zeros(self.anomaly_map.shape, np.uint8)
         if m.any():

@@ -408,7 +408,8 @@ def _with_scale(p: Any, original: np.ndarray, recon: np.ndarray) -> tuple[np.nda
 
     from ccad.scoring.heatmap import with_colorbar
 
-    heat, over = p.heatmap(), p.overlay()
+    heat = p.heatmap()
+    over = p.overlay(heat=heat)  # the overlay blends the same heatmap: drawn once
     panels = [original, recon, heat, over]
     w = heat.shape[1]
     if w < PANEL_MIN_WIDTH:
