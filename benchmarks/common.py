@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
+
 # torch and ccad are imported where they are used: a benchmark that measures memory (metrics_speed,
 # peak_memory's children) or only drives a server (app_load) must not pay for them at import.
 
@@ -475,4 +477,37 @@ def false_alarm_fields(records: list[dict[str, Any]], det: Any, threshold: Optio
            "threshold_rests_on": None if cal is None else int(len(cal.good_scores))}
     if split:
         out["calibration_split"] = {k: v for k, v in split.items() if not isinstance(v, list)}
+    if cal is not None and len(cal.good_scores) and threshold is None:
+        out["at_targets"] = operating_points(records, cal.good_scores)
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
+
+
+OPERATING_TARGETS = (0.01, 0.02, 0.05)
+
+
+def operating_points(records: list[dict[str, Any]], good_scores: Any,
+                     targets: tuple[float, ...] = OPERATING_TARGETS) -> list[dict[str, Any]]:
+    """Issue 21 item 1 from one fitted model: for each target false-alarm rate, the threshold
+    ``ccad`` would calibrate from the SAME held-out good scores (``Calibration.fit(good, fpr=t)``,
+    no refit, no test label) and what it does on the test images: recall (overall and per defect
+    type), false alarms on the test's good images, and whether the target is simply the held-out
+    maximum (``1 / n`` above the target)."""
+    from ccad.scoring.threshold import Calibration
+
+    good_ref = np.asarray(good_scores, np.float64).ravel()
+    good = [r for r in records if int(r["label"]) == 0]
+    bad = [r for r in records if int(r["label"]) == 1]
+    out = []
+    for t in targets:
+        thr = float(Calibration.fit(good_ref, fpr=t).threshold)
+        per: dict[str, list[int]] = {}
+        for r in bad:
+            per.setdefault(str(r.get("defect_type") or r.get("category") or "defect"), []).append(
+                int(r["score"] > thr))
+        hit = sum(int(r["score"] > thr) for r in bad)
+        fa = sum(int(r["score"] > thr) for r in good)
+        out.append({"target_fpr": t, "threshold": round(thr, 4), "threshold_is_max_good": t < 1.0 / good_ref.size,
+                    "recall": round(hit / len(bad), 4) if bad else None, "caught": hit, "defects": len(bad),
+                    "test_good_false_alarms": fa, "test_good_n": len(good),
+                    "recall_per_type": {k: round(sum(v) / len(v), 4) for k, v in sorted(per.items())}})
+    return out
