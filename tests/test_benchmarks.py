@@ -256,6 +256,8 @@ def test_serve(manifest, tmp_path):
         assert r["ok"] == 4 and r["lost"] == 0 and r["refused"] == 0 and r["failed"] == 0 and r["server_alive"]
         assert r["wrong_answer"] == 0 and r["max_score_diff"] < 1e-4
         assert {"requests_per_s", "latency_p50_s", "latency_p99_s", "mean_batch", "command"} <= set(r)
+        if r["engine"] == "onnx":  # the export's threading, as /model reports it: no spinning by default
+            assert r["runtime_threading"]["spinning"] is False
 
 
 def test_a_method_without_a_settings_row_gets_a_default_one(monkeypatch):
