@@ -26,7 +26,8 @@ memory and the map post-processing (upsampling + Gaussian smoothing + the out-of
 for each engine of ``--engines``: ``torch`` (the detector), ``onnx`` (its ``ccad export`` run by
 ``ccad.runtime`` with its default threading: the graph + the runtime's numpy score and median; the
 stages as three graphs traced from the export's code), ``onnx-spin`` (the same with onnxruntime's
-thread spinning on), alternated within each repeat; ``cpu_ms_per_image`` is the process's CPU time.
+thread spinning on), alternated within each repeat. ``ms_*`` are wall times, ``cpu_ms_*`` the
+process's CPU time (all its threads; what other processes on a shared machine inflate least).
 ``--memory-rows N`` sizes a ``--subset`` fit's memory to about N rows (the full MTD quick model:
 7025), so the kNN costs what the full model's does.
 
@@ -185,6 +186,16 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _clock() -> tuple[float, float]:
+    """(wall, process CPU: every thread's) seconds."""
+    return time.perf_counter(), _cpu_s()
+
+
+def _spans(marks: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds between consecutive :func:`_clock` marks."""
+    return ([b[0] - a[0] for a, b in zip(marks, marks[1:])], [b[1] - a[1] for a, b in zip(marks, marks[1:])])
+
+
 class _OnnxStages:
     """The exported graph's three stages as three ONNX graphs traced from the same torch code the
     export traces (:mod:`ccad.export.graph`: the backbone with its normalisation; the memory
@@ -233,20 +244,20 @@ class _OnnxStages:
             self.sessions[name] = _OnnxSession(path, runtime.threading["threads"], spinning)
         self.runtime = runtime
 
-    def __call__(self, x: Any) -> tuple[float, float, float]:
-        """Seconds of the backbone, the kNN and the post-processing for one batch."""
+    def __call__(self, x: Any) -> tuple[list[float], list[float]]:
+        """Wall and CPU seconds of the backbone, the kNN and the post-processing for one batch."""
         from ccad.runtime import image_score, lower_median
 
-        t0 = time.perf_counter()
+        marks = [_clock()]
         f = self.sessions["backbone"]({"x": x})["y"]
-        t1 = time.perf_counter()
+        marks.append(_clock())
         raw = self.sessions["knn"]({"x": f})["y"]
-        t2 = time.perf_counter()
+        marks.append(_clock())
         maps = self.sessions["post"]({"x": raw})["y"]
         lower_median(raw.reshape(raw.shape[0], -1))
         image_score(maps[:, 0], self.runtime.spec["score"])
-        t3 = time.perf_counter()
-        return t1 - t0, t2 - t1, t3 - t2
+        marks.append(_clock())
+        return _spans(marks)
 
 
 def inference_rows(a: Any, out: JsonLines, run_info: dict, det: Any = None, test: Optional[list] = None) -> None:
@@ -306,48 +317,54 @@ def inference_rows(a: Any, out: JsonLines, run_info: dict, det: Any = None, test
                 rt = load(folder, spinning=True if e == "onnx-spin" else None)
                 runtimes[e] = (rt, _OnnxStages(det, folder, rt, rt.threading["spinning"]))
 
-    def torch_stages(x: Any) -> tuple[float, float, float]:
-        t0 = time.perf_counter()
+    def torch_stages(x: Any) -> tuple[list[float], list[float]]:
+        marks = [_clock()]
         f = sc.backbone(x)
-        t1 = time.perf_counter()
+        marks.append(_clock())
         b, d, h, w = f.shape
         dist, _ = nearest_distances(f.permute(0, 2, 3, 1).reshape(-1, d), sc.memory_bank, sc.k, group=h * w)
         raw = dist.mean(-1).view(b, 1, h, w)
-        t2 = time.perf_counter()
+        marks.append(_clock())
         maps = gaussian_blur(F.interpolate(raw, size=x.shape[-2:], mode="bilinear", align_corners=False), sigma)
         patch_median(raw)
         maps.flatten(1).amax(1)
-        t3 = time.perf_counter()
-        return t1 - t0, t2 - t1, t3 - t2
+        marks.append(_clock())
+        return _spans(marks)
 
     for batch in (1, 8):
         x = imgs[:batch]
         xn = x.numpy()
-        times = {e: {"backbone": [], "knn": [], "post": [], "total": [], "cpu_total": []} for e in engines}
+        keys = ("backbone", "knn", "post", "total", "cpu_backbone", "cpu_knn", "cpu_post", "cpu_total")
+        times = {e: {k: [] for k in keys} for e in engines}
         load0 = _loadavg()
         with torch.inference_mode():
             for e in engines:  # warm-up
                 method.maps(x) if e == "torch" else (runtimes[e][0].maps_and_scores(xn), runtimes[e][1](xn))
             for _ in range(a.repeats):
                 for e in engines:
-                    stages = torch_stages(x) if e == "torch" else runtimes[e][1](xn)
+                    walls, cpus = torch_stages(x) if e == "torch" else runtimes[e][1](xn)
                     c0, t3 = _cpu_s(), time.perf_counter()
                     if e == "torch":  # the method's map, its domain statistic (what _map_parts runs for PatchCore)
                         method.maps(x)
                     else:  # the export: graph + the runtime's numpy score / median (what predict runs per batch)
                         runtimes[e][0].maps_and_scores(xn)
                     t4, c1 = time.perf_counter(), _cpu_s()
-                    for key, v in zip(times[e], (*stages, t4 - t3, c1 - c0)):
+                    for key, v in zip(keys, (*walls, t4 - t3, *cpus, c1 - c0)):
                         times[e][key].append(v)
         for e in engines:
             med = {k: statistics.median(v) for k, v in times[e].items()}
             parts = med["backbone"] + med["knn"] + med["post"]
+            cpu_parts = med["cpu_backbone"] + med["cpu_knn"] + med["cpu_post"]
             row = {"part": "inference", "engine": e, "batch": batch, "image_size": size,
                    "memory_rows": int(sc.memory_bank.shape[0]), "feature_dim": int(sc.memory_bank.shape[1]),
                    "ms_per_image": round(1000 * med["total"] / batch, 1),
                    "cpu_ms_per_image": round(1000 * med["cpu_total"] / batch, 1),
                    "ms_per_image_stages": {k: round(1000 * med[k] / batch, 1) for k in ("backbone", "knn", "post")},
                    "share": {k: round(med[k] / parts, 3) for k in ("backbone", "knn", "post")},
+                   "cpu_ms_per_image_stages": {k: round(1000 * med[f"cpu_{k}"] / batch, 1)
+                                               for k in ("backbone", "knn", "post")},
+                   "cpu_share": {k: round(med[f"cpu_{k}"] / max(cpu_parts, 1e-9), 3)
+                                 for k in ("backbone", "knn", "post")},
                    "repeats": a.repeats, "loadavg_start": load0, "loadavg_end": _loadavg(), **fit_info}
             if e != "torch":
                 row.update(export_info, runtime_threading=runtimes[e][0].threading,

@@ -114,6 +114,26 @@ def test_banded_resize_equals_the_dense_interpolation_matrix():
     assert resize_taps(100, 64, True) is resize_taps(100, 64, True)  # cached
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_the_graphs_nearest_distances_root_only_the_nearest(k):
+    """The graph takes the nearest by squared distance and roots those only: the same values as
+    rooting every distance first (bit for bit) and as the detector's chunked cdist (float32)."""
+    from ccad.export.graph import mm_nearest_distances
+    from ccad.features.patchcore import nearest_distances
+
+    g = torch.Generator().manual_seed(0)
+    q, bank = torch.randn(300, 24, generator=g), torch.randn(500, 24, generator=g)
+    bank[7] = q[3]  # a zero distance: the 1e-30 clamp, then 1e-15
+    v, _ = mm_nearest_distances(q, bank, k)
+    qa = torch.cat([-2.0 * q, q.pow(2).sum(-1, keepdim=True), torch.ones(300, 1)], dim=-1)
+    ba = torch.cat([bank, torch.ones(500, 1), bank.pow(2).sum(-1, keepdim=True)], dim=-1)
+    every = (qa @ ba.T).clamp_min(1e-30).sqrt()
+    first = every.min(1, keepdim=True).values if k == 1 else every.topk(k, dim=1, largest=False).values
+    assert torch.equal(v, first.clamp_min(0.0))
+    ref, _ = nearest_distances(q, bank, k)
+    torch.testing.assert_close(v, ref, rtol=1e-5, atol=1e-3)
+
+
 def test_runtime_threading_defaults_and_overrides(patchcore, tmp_path, monkeypatch):
     """onnxruntime's pool threads do not spin by default (its own default is to spin); an argument,
     else ``$CCAD_RUNTIME_THREADS`` / ``$CCAD_RUNTIME_SPINNING``, overrides; nonsense is refused by name."""
