@@ -204,9 +204,10 @@ def thread_settings(threads: Optional[int] = None, spinning: Optional[bool] = No
     default (one per physical core). ``spinning``: whether onnxruntime's pool threads busy-wait for
     the next operator (``session.intra_op.allow_spinning`` and ``session.inter_op.allow_spinning``);
     default ``$CCAD_RUNTIME_SPINNING`` (``1`` / ``0``), else **off**. onnxruntime spins by default;
-    measured on the shared 2-core machine (issue 22), spinning doubled the graph's CPU time per
-    image and halved ``ccad serve``'s requests/s, as OpenMP's active wait does for torch (``import
-    ccad`` sets ``OMP_WAIT_POLICY=PASSIVE`` for that; onnxruntime's own thread pool does not read it).
+    measured on the shared 2-core machine (issue 22), spinning about doubled the graph's CPU time
+    per image (PatchCore at 256 px, batch 1: 96 vs 40 ms, ``python -m benchmarks bank_speed --part
+    inference``), as OpenMP's active wait does for torch (``import ccad`` sets
+    ``OMP_WAIT_POLICY=PASSIVE`` for that; onnxruntime's own thread pool does not read it).
     Turn it on for a dedicated, idle machine where the lowest latency matters more than CPU."""
     if threads is None and os.environ.get(THREADS_ENV, "").strip():
         try:
