@@ -22,7 +22,16 @@ original feature space). It also times feat-diff's two one-shot selections (``gr
 
 ``--part inference``: the per-image cost of a fitted fast-mode PatchCore detector at 256 px, batch
 1 and 8 (median of ``--repeats``), split into the backbone, the nearest-neighbour search against the
-memory and the map post-processing (upsampling + Gaussian smoothing + the out-of-domain statistic).
+memory and the map post-processing (upsampling + Gaussian smoothing + the out-of-domain statistic),
+for each engine of ``--engines``: ``torch`` (the detector), ``onnx`` (its ``ccad export`` run by
+``ccad.runtime`` with its default threading: the graph + the runtime's numpy score and median; the
+stages as three graphs traced from the export's code), ``onnx-spin`` (the same with onnxruntime's
+thread spinning on), alternated within each repeat. ``ms_*`` are wall times, ``cpu_ms_*`` the
+process's CPU time (all its threads; what other processes on a shared machine inflate least).
+``--memory-rows N`` sizes a ``--subset`` fit's memory to about N rows (the full MTD quick model:
+7025), so the kNN costs what the full model's does.
+
+    python -m benchmarks bank_speed --part inference --subset 100 --memory-rows 7025 --engines torch,onnx
 
 ``--part backbones``: the MTD quick PatchCore row for each offline backbone (``--backbones``).
 
@@ -161,8 +170,101 @@ def coreset_rows(a: Any, out: JsonLines, run_info: dict) -> None:
                   "run": run_info})
 
 
+def _memory_ratio(a: Any, train: list, size: int, calibration_fraction: float = 0.1) -> Optional[float]:
+    """``--memory-rows N``: the coreset ratio that gives about N memory rows from the fitted images
+    (the full MTD quick model holds 7025: 686 images x 1024 patches x 1 %)."""
+    if not a.memory_rows:
+        return None
+    fitted = max(1, len(train) - max(1, round(calibration_fraction * len(train))))
+    return min(1.0, float(a.memory_rows) / (fitted * (size // 8) ** 2))
+
+
+def _cpu_s() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _clock() -> tuple[float, float]:
+    """(wall, process CPU: every thread's) seconds."""
+    return time.perf_counter(), _cpu_s()
+
+
+def _spans(marks: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds between consecutive :func:`_clock` marks."""
+    return ([b[0] - a[0] for a, b in zip(marks, marks[1:])], [b[1] - a[1] for a, b in zip(marks, marks[1:])])
+
+
+class _OnnxStages:
+    """The exported graph's three stages as three ONNX graphs traced from the same torch code the
+    export traces (:mod:`ccad.export.graph`: the backbone with its normalisation; the memory
+    distance as one matmul, :func:`ccad.export.graph.mm_nearest_distances`; the bilinear upsampling
+    and Gaussian smoothing), each run by the runtime's own session class (its threading), plus the
+    runtime's numpy post-processing (lower median, image score) in the last stage."""
+
+    def __init__(self, det: Any, folder: Path, runtime: Any, spinning: Optional[bool]) -> None:
+        import warnings
+
+        import torch
+        import torch.nn.functional as F
+        from torch import nn
+
+        from ccad.export.graph import OPSET, mm_nearest_distances
+        from ccad.runtime import _OnnxSession
+        from ccad.scoring.anomaly_map import gaussian_blur, scaled_sigma
+
+        sc, size = det.method.scorer, int(det.method.scorer.image_size)
+        sigma = scaled_sigma(det.method.ctx.scoring.sigma, size)
+        memory, k = sc.memory_bank.float(), sc.k
+
+        class Knn(nn.Module):
+            def forward(self, f: torch.Tensor) -> torch.Tensor:
+                b, d, h, w = f.shape
+                dist, _ = mm_nearest_distances(f.permute(0, 2, 3, 1).reshape(-1, d), memory, k)
+                return dist.mean(-1).view(b, 1, h, w)
+
+        class Post(nn.Module):
+            def forward(self, raw: torch.Tensor) -> torch.Tensor:
+                return gaussian_blur(F.interpolate(raw, size=(size, size), mode="bilinear", align_corners=False),
+                                     sigma)
+
+        x = torch.rand(2, 3, size, size)
+        with torch.no_grad():
+            f = sc.backbone(x)
+            raw = Knn()(f)
+        self.sessions = {}
+        for name, module, inp in (("backbone", sc.backbone, x), ("knn", Knn(), f), ("post", Post(), raw)):
+            path = folder / f"stage-{name}.onnx"
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(module.eval(), (inp,), str(path), dynamo=False, opset_version=OPSET,
+                                  input_names=["x"], output_names=["y"], do_constant_folding=True,
+                                  dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+            self.sessions[name] = _OnnxSession(path, runtime.threading["threads"], spinning)
+        self.runtime = runtime
+
+    def __call__(self, x: Any) -> tuple[list[float], list[float]]:
+        """Wall and CPU seconds of the backbone, the kNN and the post-processing for one batch."""
+        from ccad.runtime import image_score, lower_median
+
+        marks = [_clock()]
+        f = self.sessions["backbone"]({"x": x})["y"]
+        marks.append(_clock())
+        raw = self.sessions["knn"]({"x": f})["y"]
+        marks.append(_clock())
+        maps = self.sessions["post"]({"x": raw})["y"]
+        lower_median(raw.reshape(raw.shape[0], -1))
+        image_score(maps[:, 0], self.runtime.spec["score"])
+        marks.append(_clock())
+        return _spans(marks)
+
+
 def inference_rows(a: Any, out: JsonLines, run_info: dict, det: Any = None, test: Optional[list] = None) -> None:
-    """ms/image of a fitted PatchCore detector, batch 1 and 8, and the share of each stage."""
+    """ms/image of a fitted PatchCore detector, batch 1 and 8, and the share of each stage, for each
+    engine of ``--engines``: ``torch`` (the detector), ``onnx`` (its ``ccad export``, run by
+    ``ccad.runtime`` with its default threading), ``onnx-spin`` (the same with onnxruntime's
+    spinning on, its own default). Engines alternate within each repeat, so load drift hits all alike."""
     import statistics
 
     import torch
@@ -174,46 +276,109 @@ def inference_rows(a: Any, out: JsonLines, run_info: dict, det: Any = None, test
     from ccad.scoring.anomaly_map import gaussian_blur, scaled_sigma
     from ccad.scoring.domain import patch_median
 
+    engines = [e.strip() for e in a.engines.split(",") if e.strip()]
+    bad = [e for e in engines if e not in ("torch", "onnx", "onnx-spin")]
+    if bad:
+        raise SystemExit(f"error: --engines: unknown {bad}; give torch, onnx and/or onnx-spin")
+    fit_info: dict[str, Any] = {}
     if det is None:
         from benchmarks.common import build_detector
 
         train, test = _split(a.data, a.subset)
-        s = settings_for("patchcore", "quick", "", {"image_size": a.image_size}, {"coreset": "fast"})
+        ratio = _memory_ratio(a, train, a.image_size)
+        s = settings_for("patchcore", "quick", "", {"image_size": a.image_size},
+                         {"coreset": "fast", **({"ratio": ratio} if ratio else {})})
+        t0 = time.perf_counter()
         det = build_detector("patchcore", train, s, Path(tempfile.mkdtemp()), device=a.device)
+        fit_info = {"fit_images": len(train), "coreset_ratio": ratio or s["options"].get("ratio"),
+                    "memory_rows_asked": a.memory_rows, "fit_s": round(time.perf_counter() - t0, 1)}
     method, sc = det.method, det.method.scorer
     size = sc.image_size
     pool = [to_tensor(load_image(s.image_path), size) for s in (test or [])[:8]]
     imgs = torch.stack([pool[i % len(pool)] for i in range(8)])  # 8 images (repeated if fewer)
     sigma = scaled_sigma(method.ctx.scoring.sigma, size)
+
+    runtimes: dict[str, Any] = {}
+    export_info: dict[str, Any] = {}
+    if any(e.startswith("onnx") for e in engines):
+        from ccad.export import export_detector
+        from ccad.runtime import load
+
+        folder = Path(a.workdir or tempfile.mkdtemp(prefix="ccad-bank-speed-")) / "export"
+        parity_images = [s.image_path for s in (test or []) if s.label == 0][:6] or None
+        t0 = time.perf_counter()
+        export_detector(det, folder, "onnx", parity_images=parity_images, overwrite=True)
+        par = json.loads((folder / "parity.json").read_text())
+        export_info = {"export_s": round(time.perf_counter() - t0, 1), "parity_passed": par["passed"],
+                       "parity_n_images": par["n_images"], "parity_max_score_rel_diff": par["max_score_rel_diff"],
+                       "parity_verdicts_differ": par["verdicts_differ"]}
+        for e in engines:
+            if e.startswith("onnx"):
+                rt = load(folder, spinning=True if e == "onnx-spin" else None)
+                runtimes[e] = (rt, _OnnxStages(det, folder, rt, rt.threading["spinning"]))
+
+    def torch_stages(x: Any) -> tuple[list[float], list[float]]:
+        marks = [_clock()]
+        f = sc.backbone(x)
+        marks.append(_clock())
+        b, d, h, w = f.shape
+        dist, _ = nearest_distances(f.permute(0, 2, 3, 1).reshape(-1, d), sc.memory_bank, sc.k, group=h * w)
+        raw = dist.mean(-1).view(b, 1, h, w)
+        marks.append(_clock())
+        maps = gaussian_blur(F.interpolate(raw, size=x.shape[-2:], mode="bilinear", align_corners=False), sigma)
+        patch_median(raw)
+        maps.flatten(1).amax(1)
+        marks.append(_clock())
+        return _spans(marks)
+
     for batch in (1, 8):
         x = imgs[:batch]
-        times: dict[str, list[float]] = {"backbone": [], "knn": [], "post": [], "total": []}
+        xn = x.numpy()
+        keys = ("backbone", "knn", "post", "total", "cpu_backbone", "cpu_knn", "cpu_post", "cpu_total")
+        times = {e: {k: [] for k in keys} for e in engines}
+        load0 = _loadavg()
         with torch.inference_mode():
-            method.maps(x)  # warm-up
+            for e in engines:  # warm-up
+                method.maps(x) if e == "torch" else (runtimes[e][0].maps_and_scores(xn), runtimes[e][1](xn))
             for _ in range(a.repeats):
-                t0 = time.perf_counter()
-                f = sc.backbone(x)
-                t1 = time.perf_counter()
-                b, d, h, w = f.shape
-                dist, _ = nearest_distances(f.permute(0, 2, 3, 1).reshape(-1, d), sc.memory_bank, sc.k)
-                raw = dist.mean(-1).view(b, 1, h, w)
-                t2 = time.perf_counter()
-                maps = gaussian_blur(F.interpolate(raw, size=x.shape[-2:], mode="bilinear", align_corners=False),
-                                     sigma)
-                patch_median(raw)
-                maps.flatten(1).amax(1)
-                t3 = time.perf_counter()
-                method.maps(x)
-                t4 = time.perf_counter()
-                for key, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-                    times[key].append(v)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        parts = med["backbone"] + med["knn"] + med["post"]
-        out.emit({"part": "inference", "batch": batch, "image_size": size, "memory_rows": int(sc.memory_bank.shape[0]),
-                  "ms_per_image": round(1000 * med["total"] / batch, 1),
-                  "ms_per_image_stages": {k: round(1000 * med[k] / batch, 1) for k in ("backbone", "knn", "post")},
-                  "share": {k: round(med[k] / parts, 3) for k in ("backbone", "knn", "post")},
-                  "repeats": a.repeats, "run": run_info})
+                for e in engines:
+                    walls, cpus = torch_stages(x) if e == "torch" else runtimes[e][1](xn)
+                    c0, t3 = _cpu_s(), time.perf_counter()
+                    if e == "torch":  # the method's map, its domain statistic (what _map_parts runs for PatchCore)
+                        method.maps(x)
+                    else:  # the export: graph + the runtime's numpy score / median (what predict runs per batch)
+                        runtimes[e][0].maps_and_scores(xn)
+                    t4, c1 = time.perf_counter(), _cpu_s()
+                    for key, v in zip(keys, (*walls, t4 - t3, *cpus, c1 - c0)):
+                        times[e][key].append(v)
+        for e in engines:
+            med = {k: statistics.median(v) for k, v in times[e].items()}
+            parts = med["backbone"] + med["knn"] + med["post"]
+            cpu_parts = med["cpu_backbone"] + med["cpu_knn"] + med["cpu_post"]
+            row = {"part": "inference", "engine": e, "batch": batch, "image_size": size,
+                   "memory_rows": int(sc.memory_bank.shape[0]), "feature_dim": int(sc.memory_bank.shape[1]),
+                   "ms_per_image": round(1000 * med["total"] / batch, 1),
+                   "cpu_ms_per_image": round(1000 * med["cpu_total"] / batch, 1),
+                   "ms_per_image_stages": {k: round(1000 * med[k] / batch, 1) for k in ("backbone", "knn", "post")},
+                   "share": {k: round(med[k] / parts, 3) for k in ("backbone", "knn", "post")},
+                   "cpu_ms_per_image_stages": {k: round(1000 * med[f"cpu_{k}"] / batch, 1)
+                                               for k in ("backbone", "knn", "post")},
+                   "cpu_share": {k: round(med[f"cpu_{k}"] / max(cpu_parts, 1e-9), 3)
+                                 for k in ("backbone", "knn", "post")},
+                   "repeats": a.repeats, "loadavg_start": load0, "loadavg_end": _loadavg(), **fit_info}
+            if e != "torch":
+                row.update(export_info, runtime_threading=runtimes[e][0].threading,
+                           stages_note="three graphs traced from the export's code, run by the runtime's session")
+            out.emit({**row, "run": run_info})
+
+
+def _loadavg() -> list[float]:
+    import os
+
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return []
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -227,6 +392,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
     ap.add_argument("--inference", action="store_true", help="--part fit: also time the last mode's detector")
     ap.add_argument("--repeats", type=int, default=5, help="--part inference: timed repeats (median)")
+    ap.add_argument("--engines", default="torch",
+                    help="--part inference: torch, onnx (ccad export run by ccad.runtime), onnx-spin (the same "
+                         "with onnxruntime's thread spinning on), comma-separated, alternated within each repeat")
+    ap.add_argument("--memory-rows", type=int, default=None,
+                    help="--part inference: size the memory to about this many rows (the full MTD quick model: "
+                         "7025) by the coreset ratio, so a --subset fit costs what the full model costs per image")
     ap.add_argument("--features", default=None, help="--part coreset: cached features (.pt; written when missing)")
     ap.add_argument("--ratio", type=float, default=0.01, help="--part coreset: memory = this share of the patches")
     ap.add_argument("--backbones", default="tf_efficientnet_lite0,tf_efficientnet_lite1,tf_efficientnet_lite2")

@@ -20,7 +20,8 @@ burst), latency p50/p90/p99/max (send to answer), ``ok`` / ``lost`` (no answer b
 model call, from ``/health``); ``server_cpu_s_per_request`` (the server process's CPU seconds over
 the burst per answered request: on a shared machine the figure others inflate least);
 ``max_score_diff`` (largest score difference against the first row, per image: batching and the
-export must not change a score).
+export must not change a score); ``runtime_threading`` (an export's onnxruntime threads and spinning,
+from ``/model``; ``$CCAD_RUNTIME_THREADS`` / ``$CCAD_RUNTIME_SPINNING`` reach the servers).
 
 Rows: ``torch`` without and with batching, then the ONNX export (``ccad export MODEL --format onnx``
 served by ``ccad.runtime``) without and with batching, in the same run, when ``ccad.runtime`` is
@@ -206,6 +207,7 @@ def run_row(label: str, engine: str, model: Path, batch: bool, a: Any, images: l
         startup = srv.wait(a.startup_timeout)
         httpx.post(srv.url + "/predict", content=images[0].read_bytes(), timeout=a.timeout)  # warm-up
         h0 = httpx.get(srv.url + "/health", timeout=10).json()
+        runtime = httpx.get(srv.url + "/model", timeout=30).json().get("runtime")  # the export's threading
         cpu0 = srv.cpu_s()
         got = burst(srv.url, images, a.clients, a.requests, a.timeout)
         cpu = srv.cpu_s() - cpu0
@@ -240,7 +242,8 @@ def run_row(label: str, engine: str, model: Path, batch: bool, a: Any, images: l
             "wall_s": _r(got["wall_s"], 3), "server_cpu_s": _r(cpu, 3),
             "server_cpu_s_per_request": _r(cpu / len(ok) if ok else None),
             "mean_batch": _r(imgs / calls if calls else None, 2),
-            "server_alive": bool(alive), "startup_s": _r(startup, 2), "loadavg_start": load0,
+            "server_alive": bool(alive), "runtime_threading": runtime, "startup_s": _r(startup, 2),
+            "loadavg_start": load0,
             "loadavg_end": loadavg(), "_scores": scores}
 
 
@@ -280,6 +283,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     plan = [("torch", model)] + ([("onnx", export)] if export is not None else [])
     common = {"command": command("serve", argv), "commit": git_commit(), "cpu_count": os.cpu_count(),
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE (set by import ccad)"),
+              **{k.lower(): os.environ[k] for k in ("CCAD_RUNTIME_THREADS", "CCAD_RUNTIME_SPINNING")
+                 if k in os.environ},
               "n_images": len(set(images)), **model_facts}
     rows, first = [], None
     runs = [(rep, engine, src, mode) for rep in range(max(1, a.repeat)) for engine, src in plan for mode in modes]

@@ -29,11 +29,19 @@ What the graph computes and what this module computes (``verdict.json`` holds ev
    patch distances, as ``torch.median``; :mod:`ccad.scoring.domain`), the verdict
    (:func:`ccad.scoring.verdict.status_of`) and the map's plain bilinear resize back to the
    image's size.
+
+Threading: onnxruntime's pool threads do not busy-wait between operators (onnxruntime's default
+is to spin; on a shared CPU that doubled the CPU per image, issue 22), and the thread count is the
+backend's default; ``load(DIR, threads=N, spinning=True)`` or ``$CCAD_RUNTIME_THREADS`` /
+``$CCAD_RUNTIME_SPINNING=1`` change them (:func:`thread_settings`). Resizing is numpy only, no
+BLAS call (:func:`resize_taps`).
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -88,17 +96,51 @@ def resize_weights(n_in: int, n_out: int, antialias: bool) -> np.ndarray:
     return w
 
 
+@functools.lru_cache(maxsize=64)
+def resize_taps(n_in: int, n_out: int, antialias: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The nonzero band of :func:`resize_weights` per output row: ``(index n_out x K, weight n_out x K
+    float32)`` (a weight of 0 where a row has fewer than ``K`` taps). Cached: a line camera sends one size.
+
+    Each output pixel reads 2 input pixels (bilinear) or ``~2 n_in / n_out + 1`` (antialiased), so the
+    resize costs ``out x K`` multiply-adds instead of the dense matrix's ``out x n_in``, and no BLAS
+    call (numpy's OpenBLAS threads busy-wait after each call: on a shared CPU the dense resize cost
+    more CPU than the graph itself, issue 22)."""
+    w = resize_weights(n_in, n_out, antialias)
+    nz = w != 0
+    first = np.where(nz.any(1), nz.argmax(1), 0)
+    last = np.where(nz.any(1), n_in - 1 - nz[:, ::-1].argmax(1), 0)
+    k = max(1, int((last - first).max()) + 1)
+    idx = first[:, None] + np.arange(k)[None, :]
+    inside = idx < n_in
+    idx = np.minimum(idx, n_in - 1)
+    weight = np.where(inside, np.take_along_axis(w, idx, axis=1), 0.0).astype(np.float32)
+    idx.setflags(write=False)
+    weight.setflags(write=False)
+    return idx, weight
+
+
+def _resize_axis(a: np.ndarray, n_out: int, axis: int, antialias: bool) -> np.ndarray:
+    idx, weight = resize_taps(a.shape[axis], n_out, antialias)
+    shape = [1] * a.ndim
+    shape[axis] = n_out
+    out = np.take(a, idx[:, 0], axis=axis) * weight[:, 0].reshape(shape)
+    for k in range(1, idx.shape[1]):
+        out += np.take(a, idx[:, k], axis=axis) * weight[:, k].reshape(shape)
+    return out
+
+
 def resize(a: np.ndarray, size: tuple[int, int], antialias: bool) -> np.ndarray:
-    """Resize ``H x W`` or ``H x W x C`` float32 as :func:`resize_weights` (float32 out)."""
+    """Resize ``H x W`` or ``H x W x C`` float32 as :func:`resize_weights` (float32 out): rows, then
+    columns, each through its :func:`resize_taps` band."""
     h, w = a.shape[:2]
     if (h, w) == tuple(size):
         return a
-    wh = resize_weights(h, int(size[0]), antialias).astype(np.float32)
-    ww = resize_weights(w, int(size[1]), antialias).astype(np.float32)
-    if a.ndim == 2:
-        return (wh @ a.astype(np.float32) @ ww.T).astype(np.float32)
-    out = np.einsum("ij,jkc->ikc", wh, a.astype(np.float32), optimize=True)
-    return np.einsum("lk,ikc->ilc", ww, out, optimize=True).astype(np.float32)
+    a = a.astype(np.float32, copy=False)
+    if h != int(size[0]):
+        a = _resize_axis(a, int(size[0]), 0, antialias)
+    if w != int(size[1]):
+        a = _resize_axis(a, int(size[1]), 1, antialias)
+    return np.ascontiguousarray(a, dtype=np.float32)
 
 
 def model_input(image: np.ndarray, size: int) -> np.ndarray:
@@ -149,15 +191,53 @@ def fuse(method: np.ndarray, bank: np.ndarray, fusion: dict[str, Any]) -> np.nda
 
 # ---- backends -------------------------------------------------------------------------------
 
+#: environment variables that override the backend's threading (``load(..., threads=, spinning=)`` win)
+THREADS_ENV = "CCAD_RUNTIME_THREADS"
+SPINNING_ENV = "CCAD_RUNTIME_SPINNING"
+
+
+def thread_settings(threads: Optional[int] = None, spinning: Optional[bool] = None) -> dict[str, Any]:
+    """The backend's threading: ``{"threads": N or None, "spinning": bool}``.
+
+    ``threads``: the intra-op threads (onnxruntime ``intra_op_num_threads``, OpenVINO
+    ``INFERENCE_NUM_THREADS``); default ``$CCAD_RUNTIME_THREADS``, else None: the backend's own
+    default (one per physical core). ``spinning``: whether onnxruntime's pool threads busy-wait for
+    the next operator (``session.intra_op.allow_spinning`` and ``session.inter_op.allow_spinning``);
+    default ``$CCAD_RUNTIME_SPINNING`` (``1`` / ``0``), else **off**. onnxruntime spins by default;
+    measured on the shared 2-core machine (issue 22), spinning about doubled the graph's CPU time
+    per image (PatchCore at 256 px, batch 1: 96 vs 40 ms, ``python -m benchmarks bank_speed --part
+    inference``), as OpenMP's active wait does for torch (``import ccad`` sets
+    ``OMP_WAIT_POLICY=PASSIVE`` for that; onnxruntime's own thread pool does not read it).
+    Turn it on for a dedicated, idle machine where the lowest latency matters more than CPU."""
+    if threads is None and os.environ.get(THREADS_ENV, "").strip():
+        try:
+            threads = int(os.environ[THREADS_ENV])
+        except ValueError:
+            raise ExportFolderError(f"${THREADS_ENV} must be a whole number of threads, got "
+                                    f"{os.environ[THREADS_ENV]!r}") from None
+    if threads is not None and int(threads) < 0:
+        raise ExportFolderError(f"threads must be >= 0 (0: the backend's default), got {threads}")
+    if spinning is None:
+        raw = os.environ.get(SPINNING_ENV, "").strip().lower()
+        if raw not in ("", "0", "1", "false", "true", "off", "on", "no", "yes"):
+            raise ExportFolderError(f"${SPINNING_ENV} must be 1 or 0, got {os.environ[SPINNING_ENV]!r}")
+        spinning = raw in ("1", "true", "on", "yes")
+    return {"threads": int(threads) if threads else None, "spinning": bool(spinning)}
+
+
 class _OnnxSession:
-    def __init__(self, path: Path, threads: Optional[int]) -> None:
+    def __init__(self, path: Path, threads: Optional[int], spinning: Optional[bool] = None) -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:  # pragma: no cover - a dependency
             raise ExportFolderError(f"{path}: onnxruntime is not installed (pip install onnxruntime)") from exc
+        self.settings = thread_settings(threads, spinning)
         opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = int(threads)
+        if self.settings["threads"]:
+            opts.intra_op_num_threads = self.settings["threads"]
+        spin = "1" if self.settings["spinning"] else "0"
+        opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
         self.sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.outputs = [o.name for o in self.sess.get_outputs()]
 
@@ -166,15 +246,16 @@ class _OnnxSession:
 
 
 class _OpenVinoSession:
-    def __init__(self, path: Path, threads: Optional[int]) -> None:
+    def __init__(self, path: Path, threads: Optional[int], spinning: Optional[bool] = None) -> None:
         try:
             import openvino as ov
         except ImportError as exc:
             raise ExportFolderError(f"{path}: this export is an OpenVINO IR and openvino is not installed "
                                     "(pip install 'ccad[openvino]')") from exc
+        self.settings = thread_settings(threads, spinning)  # OpenVINO's CPU plugin has no spin setting
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}  # never bf16/fp16 on capable CPUs
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
+        if self.settings["threads"]:
+            config["INFERENCE_NUM_THREADS"] = self.settings["threads"]
         self.model = ov.Core().compile_model(str(path), "CPU", config)
         self.outputs = [o.get_any_name() for o in self.model.outputs]
 
@@ -189,7 +270,8 @@ class ExportedDetector:
     """A detector read from an export folder (see the module docstring). ``threshold`` can be set
     for a run (as ``AnomalyDetector.threshold``); ``spec`` is ``verdict.json``."""
 
-    def __init__(self, path: str | Path, backend: Optional[str] = None, threads: Optional[int] = None) -> None:
+    def __init__(self, path: str | Path, backend: Optional[str] = None, threads: Optional[int] = None,
+                 spinning: Optional[bool] = None) -> None:
         self.path = Path(path)
         f = self.path / VERDICT_FILE
         if not f.is_file():
@@ -214,11 +296,12 @@ class ExportedDetector:
         if not g.is_file():
             raise ExportFolderError(f"{g}: missing (named by {VERDICT_FILE} field 'graph.file')")
         if self.backend == "onnxruntime":
-            self.session: Any = _OnnxSession(g, threads)
+            self.session: Any = _OnnxSession(g, threads, spinning)
         elif self.backend == "openvino":
-            self.session = _OpenVinoSession(g, threads)
+            self.session = _OpenVinoSession(g, threads, spinning)
         else:
             raise ExportFolderError(f"{f}: graph.backend must be 'onnxruntime' or 'openvino', got {self.backend!r}")
+        self.threading: dict[str, Any] = dict(self.session.settings)  # thread_settings(threads, spinning)
         cal = spec.get("calibration") or {}
         self._threshold = float(spec["threshold"]) if spec.get("threshold") is not None else float("nan")
         dom = cal.get("domain") or None
@@ -330,7 +413,10 @@ def is_export_folder(path: str | Path) -> bool:
     return (Path(path) / VERDICT_FILE).is_file()
 
 
-def load(path: str | Path, backend: Optional[str] = None, threads: Optional[int] = None) -> ExportedDetector:
+def load(path: str | Path, backend: Optional[str] = None, threads: Optional[int] = None,
+         spinning: Optional[bool] = None) -> ExportedDetector:
     """Read an export folder: ``load(DIR).predict(image)`` (``backend``: ``onnxruntime`` or
-    ``openvino``; default: the one the folder was exported for)."""
-    return ExportedDetector(path, backend=backend, threads=threads)
+    ``openvino``; default: the one the folder was exported for; ``threads`` / ``spinning``: the
+    backend's threading, see :func:`thread_settings`: default ``$CCAD_RUNTIME_THREADS`` /
+    ``$CCAD_RUNTIME_SPINNING``, else the backend's thread count and no busy-waiting)."""
+    return ExportedDetector(path, backend=backend, threads=threads, spinning=spinning)

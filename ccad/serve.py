@@ -170,7 +170,9 @@ class ExportModel:
         return {"name": self.name, "kind": self.kind,
                 "method": getattr(self.runtime, "method", verdict.get("method", verdict.get("variant"))),
                 "threshold": threshold, "image_size": getattr(self.runtime, "image_size", verdict.get("image_size")),
-                "card": card if card is not None else verdict}
+                "card": card if card is not None else verdict,
+                # the backend's threading (ccad.runtime.thread_settings: threads, spinning)
+                "runtime": getattr(self.runtime, "threading", None)}
 
 
 def _as_prediction(p: Any, image: Any) -> Any:

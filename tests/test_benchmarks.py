@@ -199,6 +199,21 @@ def test_bank_speed(manifest, tmp_path):
     assert rows[0]["memory_rows"] == rows[1]["memory_rows"]
 
 
+def test_bank_speed_inference_torch_and_onnx(manifest, tmp_path):
+    """--part inference times the torch detector and its ONNX export (with and without onnxruntime's
+    spinning) in one run, batch 1 and 8, each with stage shares; the export passed its parity check."""
+    rows = run("bank_speed", "--part", "inference", "--data", str(manifest), "--image-size", "64", "--repeats", "1",
+               "--engines", "torch,onnx,onnx-spin", "--memory-rows", "50", "--workdir", str(tmp_path / "w"),
+               out=tmp_path / "inf.jsonl")
+    assert [(r["engine"], r["batch"]) for r in rows] == [(e, b) for b in (1, 8) for e in ("torch", "onnx", "onnx-spin")]
+    for r in rows:
+        assert abs(sum(r["share"].values()) - 1.0) < 0.01 and r["ms_per_image"] > 0 and r["memory_rows"] >= 1
+        assert r["loadavg_start"] and r["coreset_ratio"] > 0.01  # sized up to ~50 rows from 5 x 64 patches
+    onnx = [r for r in rows if r["engine"] != "torch"]
+    assert all(r["parity_passed"] and r["parity_verdicts_differ"] == 0 for r in onnx)
+    assert [r["runtime_threading"]["spinning"] for r in onnx] == [False, True, False, True]
+
+
 def test_peak_memory(mtd_run, tmp_path):
     work, _ = mtd_run
     rows = run("peak_memory", "--model", str(work / "deco-diff" / "model"), "--side", "0",  # the sample only
@@ -241,6 +256,8 @@ def test_serve(manifest, tmp_path):
         assert r["ok"] == 4 and r["lost"] == 0 and r["refused"] == 0 and r["failed"] == 0 and r["server_alive"]
         assert r["wrong_answer"] == 0 and r["max_score_diff"] < 1e-4
         assert {"requests_per_s", "latency_p50_s", "latency_p99_s", "mean_batch", "command"} <= set(r)
+        if r["engine"] == "onnx":  # the export's threading, as /model reports it: no spinning by default
+            assert r["runtime_threading"]["spinning"] is False
 
 
 def test_a_method_without_a_settings_row_gets_a_default_one(monkeypatch):

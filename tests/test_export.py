@@ -20,7 +20,8 @@ from ccad.config import ScoringConfig
 from ccad.data.synthetic import write_dataset
 from ccad.export import ExportParityError, ExportRefused, export_detector
 from ccad.pipeline import fit_detector, train_detector
-from ccad.runtime import ExportFolderError, load, model_input, resize
+from ccad.runtime import (SPINNING_ENV, THREADS_ENV, ExportFolderError, load, model_input, resize, resize_taps,
+                          resize_weights, thread_settings)
 from ccad.training import TrainConfig
 
 SIZE = 64
@@ -94,6 +95,76 @@ def test_resize_is_torchs():
         np.testing.assert_allclose(resize(m, (h, w), antialias=False), ref[0, 0].numpy(), atol=1e-4 * m.max())
 
 
+def test_banded_resize_equals_the_dense_interpolation_matrix():
+    """``resize`` runs each axis through its band of taps (no BLAS); the numbers are the dense
+    ``resize_weights`` product's, up and down, grey and colour, with and without antialiasing."""
+    rng = np.random.default_rng(2)
+    for (h, w), (oh, ow) in [((368, 502), (64, 64)), ((64, 64), (368, 502)), ((700, 33), (64, 90)),
+                             ((64, 64), (64, 200)), ((5, 300), (64, 64)), ((64, 64), (1, 1))]:
+        for aa in (True, False):
+            wh, ww = resize_weights(h, oh, aa).astype(np.float32), resize_weights(w, ow, aa).astype(np.float32)
+            im = rng.random((h, w, 3), dtype=np.float32)
+            got = resize(im, (oh, ow), antialias=aa)
+            assert got.shape == (oh, ow, 3) and got.dtype == np.float32 and got.flags.c_contiguous
+            np.testing.assert_allclose(got, np.einsum("ij,jkc,lk->ilc", wh, im, ww), atol=1e-5)
+            np.testing.assert_allclose(resize(im[..., 0], (oh, ow), aa), wh @ im[..., 0] @ ww.T, atol=1e-5)
+            idx, wt = resize_taps(h, oh, aa)
+            assert idx.shape == wt.shape and idx.shape[0] == oh and idx.max() < h
+            np.testing.assert_allclose(wt.sum(1), 1.0, atol=1e-5)  # every row's taps, no weight lost or doubled
+    assert resize_taps(100, 64, True) is resize_taps(100, 64, True)  # cached
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_the_graphs_nearest_distances_root_only_the_nearest(k):
+    """The graph takes the nearest by squared distance and roots those only: the same values as
+    rooting every distance first (bit for bit) and as the detector's chunked cdist (float32)."""
+    from ccad.export.graph import mm_nearest_distances
+    from ccad.features.patchcore import nearest_distances
+
+    g = torch.Generator().manual_seed(0)
+    q, bank = torch.randn(300, 24, generator=g), torch.randn(500, 24, generator=g)
+    bank[7] = q[3]  # a zero distance: the 1e-30 clamp, then 1e-15
+    v, _ = mm_nearest_distances(q, bank, k)
+    qa = torch.cat([-2.0 * q, q.pow(2).sum(-1, keepdim=True), torch.ones(300, 1)], dim=-1)
+    ba = torch.cat([bank, torch.ones(500, 1), bank.pow(2).sum(-1, keepdim=True)], dim=-1)
+    every = (qa @ ba.T).clamp_min(1e-30).sqrt()
+    first = every.min(1, keepdim=True).values if k == 1 else every.topk(k, dim=1, largest=False).values
+    assert torch.equal(v, first.clamp_min(0.0))
+    ref, _ = nearest_distances(q, bank, k)
+    torch.testing.assert_close(v, ref, rtol=1e-5, atol=1e-3)
+
+
+def test_runtime_threading_defaults_and_overrides(patchcore, tmp_path, monkeypatch):
+    """onnxruntime's pool threads do not spin by default (its own default is to spin); an argument,
+    else ``$CCAD_RUNTIME_THREADS`` / ``$CCAD_RUNTIME_SPINNING``, overrides; nonsense is refused by name."""
+    det, _ = patchcore
+    out = export_detector(det, tmp_path / "export")
+
+    def entries(m):
+        so = m.session.sess.get_session_options()
+        return (so.get_session_config_entry("session.intra_op.allow_spinning"),
+                so.get_session_config_entry("session.inter_op.allow_spinning"), so.intra_op_num_threads)
+
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    monkeypatch.delenv(SPINNING_ENV, raising=False)
+    m = load(out)
+    assert m.threading == {"threads": None, "spinning": False} and entries(m)[:2] == ("0", "0")
+    m = load(out, threads=1, spinning=True)
+    assert m.threading == {"threads": 1, "spinning": True} and entries(m) == ("1", "1", 1)
+    monkeypatch.setenv(THREADS_ENV, "1")
+    monkeypatch.setenv(SPINNING_ENV, "1")
+    assert entries(load(out)) == ("1", "1", 1)
+    assert load(out, spinning=False).threading == {"threads": 1, "spinning": False}  # the argument wins
+    p = load(out).predict(np.full((40, 50, 3), 0.5, np.float32))
+    assert p.anomaly_map.shape == (40, 50) and np.isfinite(p.score)
+    monkeypatch.setenv(SPINNING_ENV, "sometimes")
+    with pytest.raises(ExportFolderError, match=SPINNING_ENV):
+        thread_settings()
+    monkeypatch.setenv(THREADS_ENV, "two")
+    with pytest.raises(ExportFolderError, match=THREADS_ENV):
+        thread_settings(spinning=False)
+
+
 def test_patchcore_export_scores_as_the_torch_detector(patchcore, data, tmp_path):
     det, _ = patchcore
     out = export_detector(det, tmp_path / "export")
@@ -125,16 +196,22 @@ def test_runtime_never_imports_torch(patchcore, data, tmp_path):
     det, _ = patchcore
     out = export_detector(det, tmp_path / "export")
     image = good_and_defect_images(data)[-1]
-    code = (f"import sys, json\nimport ccad.runtime as rt\nm = rt.load({str(out)!r})\np = m.predict({image!r})\n"
+    code = (f"import os, sys, json\nimport ccad.runtime as rt\nm = rt.load({str(out)!r})\np = m.predict({image!r})\n"
             "from ccad import Prediction\nassert isinstance(p, Prediction)\n"
+            "so = m.session.sess.get_session_options()\n"
             "print(json.dumps({'torch': 'torch' in sys.modules, 'score': p.score, 'verdict': p.verdict, "
-            "'ood': p.out_of_domain, 'shape': list(p.anomaly_map.shape)}))")
+            "'ood': p.out_of_domain, 'shape': list(p.anomaly_map.shape), 'omp': os.environ.get('OMP_WAIT_POLICY'), "
+            "'spin': so.get_session_config_entry('session.intra_op.allow_spinning')}))")
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k not in ("OMP_WAIT_POLICY", "CCAD_RUNTIME_SPINNING", "CCAD_RUNTIME_THREADS")}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT), timeout=300,
-                         env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+                         env={**env, "PYTHONPATH": str(ROOT)})
     assert res.returncode == 0, res.stderr
     got = json.loads(res.stdout.strip().splitlines()[-1])
     ref = det.predict(image)
     assert got["torch"] is False
+    # the torch-free path still gets the package's thread policy: OpenMP passive (import ccad), no ORT spinning
+    assert got["omp"] == "PASSIVE" and got["spin"] == "0"
     assert got["score"] == pytest.approx(ref.score, rel=RTOL)
     assert (got["verdict"], got["ood"], got["shape"]) == (ref.verdict, ref.out_of_domain, list(ref.anomaly_map.shape))
 

@@ -272,13 +272,17 @@ def test_an_export_folder_without_the_runtime_is_refused_by_name(tmp_path, monke
         load_served(str(tmp_path))
 
 
-def test_an_export_folder_is_served_through_the_runtime(tiny, tmp_path):
+def test_an_export_folder_is_served_through_the_runtime(tiny, tmp_path, monkeypatch):
     """The export adapter is chosen by verdict.json and runs the real ``ccad.runtime`` (onnxruntime)
-    over a real ``ccad export`` of the same detector: the same score and verdict over HTTP."""
+    over a real ``ccad export`` of the same detector: the same score and verdict over HTTP; the
+    runtime's threading comes from the environment and ``/model`` says which it is."""
     from ccad.export import export_detector
+    from ccad.runtime import SPINNING_ENV, THREADS_ENV
 
     det, _, images = tiny
     folder = export_detector(det, tmp_path / "export")
+    monkeypatch.setenv(THREADS_ENV, "1")
+    monkeypatch.delenv(SPINNING_ENV, raising=False)
     model = load_served(str(folder))
     assert isinstance(model, ExportModel)
     with ServerThread(create_app(model)) as srv:
@@ -292,6 +296,7 @@ def test_an_export_folder_is_served_through_the_runtime(tiny, tmp_path):
         assert png.shape == (64, 64, 3)
         info = httpx.get(srv.url + "/model", timeout=30).json()
         assert info["kind"] == "export" and info["method"] == "patchcore"
+        assert info["runtime"] == {"threads": 1, "spinning": False}
 
 
 def test_settings_refuse_nonsense():

@@ -7,8 +7,9 @@ that computes the same numbers with operators ONNX has:
 
 - :func:`ccad.features.patchcore.nearest_distances` (``torch.cdist``, chunked) by
   :func:`mm_nearest_distances`: the same Euclidean distance written as ``torch.cdist`` computes it
-  for more than 25 rows (its "use_mm_for_euclid_dist" path): ``d^2 = [-2q, |q|^2, 1] [m, 1, |m|^2]^T``,
-  clamped at 1e-30, square root; the nearest ``k`` by ``min`` / ``topk`` (PatchCore eq. 6);
+  for more than 25 rows (its "use_mm_for_euclid_dist" path): ``d^2 = [-2q, |q|^2, 1] [m, 1, |m|^2]^T``;
+  the nearest ``k`` by ``min`` / ``topk`` of ``d^2`` (PatchCore eq. 6), then clamped at 1e-30 and
+  square-rooted (monotonic, so the same values as rooting every distance first);
 - :func:`ccad.scoring.domain.patch_median` by the flattened patch distances (``torch.median`` has
   no ONNX operator; the runtime takes the lower median in numpy, as ``torch.median`` does).
 """
@@ -35,12 +36,15 @@ def mm_nearest_distances(queries: torch.Tensor, bank: torch.Tensor, k: int = 1,
     bn = b.pow(2).sum(-1, keepdim=True)
     qa = torch.cat([-2.0 * q, qn, torch.ones_like(qn)], dim=-1)
     ba = torch.cat([b, torch.ones_like(bn), bn], dim=-1)
-    d = (qa @ ba.transpose(0, 1)).clamp_min(1e-30).sqrt()
+    d2 = qa @ ba.transpose(0, 1)
+    # the nearest by squared distance, then clamp + square root of those k only: both are
+    # non-decreasing, so the values equal rooting every distance first, bit for bit, without two passes over
+    # the whole queries x memory matrix (a third less CPU for the kNN of a 7025-row memory, issue 22)
     if k == 1:
-        v, j = d.min(dim=1, keepdim=True)
+        v, j = d2.min(dim=1, keepdim=True)
     else:
-        v, j = d.topk(k, dim=1, largest=False)
-    return v.clamp_min(0.0), j
+        v, j = d2.topk(k, dim=1, largest=False)
+    return v.clamp_min(1e-30).sqrt().clamp_min(0.0), j
 
 
 def _flat_distances(distances: torch.Tensor) -> torch.Tensor:
