@@ -225,6 +225,9 @@ class ExportedDetector:
         self.domain_limit: Optional[float] = None if dom is None else float(dom["limit"])
         self.map_floor = float(spec.get("map_floor", 0.0))
         self.input_size = int(spec["input"]["size"])
+        if spec["input"].get("framing", "square") != "square":  # keep-aspect / tile: never scored differently
+            raise ExportFolderError(f"{f}: input.framing is {spec['input'].get('framing')!r}; this runtime reads "
+                                    f"every image as one square input (a model built with resize 'square') only")
         self.variant = str(spec.get("method", ""))
         self.source: Optional[Path] = self.path
 
