@@ -749,7 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--resize", default="square", choices=RESIZE_CHOICES,
                         help="how images of any shape become the model's square input, when it is built and "
                              "whenever it scores (saved in its config): square (resized, aspect ratio changed; "
-                             "the default), keep-aspect (resized without distortion, mirror-padded; the padding "
+                             "the default), keep-aspect (resized without distortion, padded; the padding "
                              "is never scored), tile (overlapping tiles at native resolution, maps stitched; "
                              "the model is built from tiles of the good images)")
         sp.add_argument("--tile-stride", type=_positive_int, default=None,

@@ -30,7 +30,7 @@ class DetectorConfig:
     ``resize`` is how an image of any shape becomes the model's square input
     (:mod:`ccad.data.framing`): ``square`` (resized to ``S x S``, its aspect ratio changed; the
     default, and what a config without the field means), ``keep-aspect`` (resized without
-    distortion, mirror-padded to ``S x S``; the padding is cropped off the map and never scored)
+    distortion, padded to ``S x S`` with its mean colour; the padding is cropped off the map and never scored)
     or ``tile`` (overlapping ``S x S`` tiles at native resolution, ``tile_stride`` pixels apart,
     default ``S // 2``; maps stitched by averaging overlaps). The model is built from its good
     images the same way, and every scorer of the saved model (predict, evaluate, the app, serve)

@@ -9,9 +9,11 @@ A detector's ``resize`` setting (:class:`ccad.detector_config.DetectorConfig`) i
     the ``S x S`` map is resized back to the image's size. One model input per image.
 ``keep-aspect``
     the image is resized without distortion so that its longer side is ``S`` (the shorter side
-    becomes ``round(side * S / longer)``), centred in the ``S x S`` input and the rest filled by
-    mirroring the image (reflection, so that patches at the image's border see texture, not a
-    flat band). The map is cropped to the image's own region (the padding removed: no score is
+    becomes ``round(side * S / longer)``), centred in the ``S x S`` input and the rest filled with
+    the image's mean colour (the good images the model is built from are padded the same way, so
+    the band's edge is normal to it; a mirror fill was tried and copied a defect near the edge
+    into the padding, where the smoothed map merged the two and moved the peak to the edge).
+    The map is cropped to the image's own region (the padding removed: no score is
     ever read there, so padded pixels can neither show a defect nor raise the image score) and
     resized to the image's size; the image score is taken on the cropped map at model
     resolution. One model input per image. It keeps shapes, not pixels: a long image is
@@ -21,7 +23,8 @@ A detector's ``resize`` setting (:class:`ccad.detector_config.DetectorConfig`) i
     model's input size), ``stride`` pixels apart (default ``S // 2``: each pixel is seen by up to
     four tiles); tiles are placed evenly from the first row/column to the last, so no tile hangs
     over the image and no two start more than ``stride`` apart. An image smaller than ``S`` on a
-    side is mirrored out to ``S`` on that side (and the mirrored part cropped off the map). The
+    side is padded to ``S`` on that side (bottom / right) with its mean colour, the padding
+    cropped off the map before the score is taken. The
     tiles' maps are stitched by averaging where they overlap, and the image score is the
     method's own rule (``scoring.score``) applied to the stitched map at the image's size. A
     model with ``tile`` is also *built* from tiles of the good images (every method's bank,
@@ -46,7 +49,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["RESIZE_MODES", "DEFAULT_RESIZE", "check_resize", "tile_stride", "Layout", "plan", "tile_starts",
-           "reflect_index", "frame_tensor", "unframe", "score_region", "FramedSample", "frame_samples",
+           "frame_tensor", "unframe", "score_region", "FramedSample", "frame_samples",
            "frame_item", "frame_key"]
 
 RESIZE_MODES = ("square", "keep-aspect", "tile")
@@ -68,17 +71,6 @@ def tile_stride(size: int, stride: Optional[int]) -> int:
     return max(1, s)
 
 
-def reflect_index(positions: np.ndarray, n: int) -> np.ndarray:
-    """Indices into ``0..n-1`` for ``positions`` outside that range, mirrored (``-1 -> 1``,
-    ``n -> n - 2``, repeatedly for padding wider than the image; ``n = 1``: always 0)."""
-    p = np.asarray(positions, dtype=np.int64)
-    if n <= 1:
-        return np.zeros_like(p)
-    period = 2 * (n - 1)
-    q = np.mod(p, period)
-    return np.where(q < n, q, period - q)
-
-
 def tile_starts(length: int, tile: int, stride: int) -> list[int]:
     """Start offsets of tiles of side ``tile`` covering ``length`` (>= ``tile``) pixels: evenly
     spaced from 0 to ``length - tile``, never more than ``stride`` apart."""
@@ -96,7 +88,7 @@ class Layout:
     ``mode``: the resize mode; ``height`` / ``width``: the image's size; ``size``: the model's
     square input side ``S``. ``keep-aspect``: ``content = (nh, nw)`` is the resized image's size
     and ``offset = (top, left)`` where it sits in the ``S x S`` input. ``tile``: ``canvas`` is
-    the (mirror-padded) image size the tiles cover and ``boxes`` their ``(top, left)`` corners."""
+    the (padded) image size the tiles cover and ``boxes`` their ``(top, left)`` corners."""
 
     mode: str
     height: int
@@ -128,11 +120,6 @@ def plan(height: int, width: int, size: int, mode: str, stride: Optional[int] = 
     return Layout(mode, h, w, s)
 
 
-def _letterbox_index(layout: Layout) -> tuple[np.ndarray, np.ndarray]:
-    (nh, nw), (top, left), s = layout.content, layout.offset, layout.size
-    return reflect_index(np.arange(s) - top, nh), reflect_index(np.arange(s) - left, nw)
-
-
 def frame_tensor(image: np.ndarray, layout: Layout, box: Optional[tuple[int, int]] = None,
                  out_size: Optional[int] = None) -> "torch.Tensor":
     """The model inputs ``K x 3 x S x S`` of an ``H x W x 3`` float image (``K = layout.n_inputs``;
@@ -149,22 +136,27 @@ def frame_tensor(image: np.ndarray, layout: Layout, box: Optional[tuple[int, int
     if layout.mode == "keep-aspect":
         lay = layout if out_size in (None, s) else plan(layout.height, layout.width, int(out_size), "keep-aspect")
         content = to_tensor(img, lay.content)
-        rows, cols = _letterbox_index(lay)
-        return content[:, torch.from_numpy(rows)][:, :, torch.from_numpy(cols)][None].contiguous()
+        (nh, nw), (top, left), s2 = lay.content, lay.offset, lay.size
+        fill = content.mean(dim=(1, 2), keepdim=True)  # the image's mean colour (see the module docstring)
+        out = fill.expand(3, s2, s2).clone()
+        out[:, top:top + nh, left:left + nw] = content
+        return out[None]
     ch, cw = layout.canvas
-    rows = reflect_index(np.arange(ch), layout.height)
-    cols = reflect_index(np.arange(cw), layout.width)
+    if (ch, cw) != img.shape[:2]:  # smaller than a tile on a side: the image's mean colour beyond it
+        canvas = np.empty((ch, cw, 3), np.float32)
+        canvas[:] = img.reshape(-1, 3).mean(0)
+        canvas[:img.shape[0], :img.shape[1]] = img
+        img = canvas
     out = []
     for top, left in ([box] if box is not None else layout.boxes):
-        tile = img[rows[top:top + s]][:, cols[left:left + s]]
-        out.append(to_tensor(np.ascontiguousarray(tile), out_size or s))
+        out.append(to_tensor(np.ascontiguousarray(img[top:top + s, left:left + s]), out_size or s))
     return torch.stack(out)
 
 
 def unframe(maps: "torch.Tensor", layout: Layout) -> "torch.Tensor":
     """The maps (or reconstructions) ``K x C x S' x S'`` of one image's inputs -> ``C x H x W`` at
     the image's size: ``square`` resized; ``keep-aspect`` cropped to the image's region, then
-    resized; ``tile`` stitched (overlaps averaged), mirrored margins cropped."""
+    resized; ``tile`` stitched (overlaps averaged), padded margins cropped."""
     import torch
     import torch.nn.functional as F
 
