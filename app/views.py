@@ -228,7 +228,8 @@ def card_summary(card: Optional[dict[str, Any]], name: str = "") -> str:
     if title:
         parts.append(str(title).split(":")[0])
     if card.get("image_size"):
-        parts.append(f"{card['image_size']} px")
+        resize = card.get("resize")  # keep-aspect / tile: the model frames images itself (ccad.data.framing)
+        parts.append(f"{card['image_size']} px" + (f" {resize}" if resize not in (None, "square") else ""))
     if card.get("bank_size"):
         parts.append(f"bank {card['bank_size']}")
     cats = card.get("categories")

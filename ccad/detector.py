@@ -684,6 +684,7 @@ class AnomalyDetector(
             "bank_size": int(self.bank.features.shape[0]) if self.bank is not None else None,
             "feature_dim": int(self.bank.features.shape[1]) if self.bank is not None else None,
             "image_size": self.image_size,
+            "resize": self.config.resize,  # how images of any shape become its input (ccad.data.framing)
             "threshold": self.threshold,
             "calibration": None if cal is None else {"method": cal.method, "n_good": int(cal.good_scores.size),
                                                      "target_fpr": cal.target_fpr},
