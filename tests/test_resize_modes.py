@@ -3,8 +3,7 @@
 What a user relies on: the mode is saved with the model and every scorer uses it; a keep-aspect
 map has the image's size and its padding is never scored; a tile map has the image's size; a thin
 defect that a square resize squashes away survives tiling; the CLI takes ``--resize`` and refuses
-a bad value; a mode the export runtime cannot reproduce is refused by name. Tiny generated images
-only."""
+a bad value; the export runtime reproduces the mode (parity). Tiny generated images only."""
 from __future__ import annotations
 
 import json
@@ -202,12 +201,37 @@ def test_evaluate_compares_at_each_images_own_size(elongated):
     assert scores[test[-1].image_path] == pytest.approx(p.score, rel=1e-5)  # evaluate scores as predict does
 
 
-def test_export_refuses_a_tile_model_by_method_and_mode(elongated, tmp_path):
-    from ccad.export import ExportRefused, export_detector
+@pytest.mark.parametrize("mode", ["tile", "keep-aspect"])
+def test_export_runtime_reproduces_the_mode_with_parity(elongated, tmp_path, mode):
+    """The numpy runtime frames, stitches and scores as the torch detector: ``ccad export``'s
+    parity check passes (scores within 1e-4 relative, no verdict differs) on images of several
+    shapes, and the exported folder's maps come back at the image's size."""
+    from ccad.export import export_detector
+    from ccad.runtime import load
+
+    train, test = elongated
+    det = _tile_det(train) if mode == "tile" else _fit(train, "keep-aspect", 64)
+    export_detector(det, tmp_path / "exp")
+    parity = json.loads((tmp_path / "exp" / "parity.json").read_text())
+    assert parity["passed"] and parity["verdicts_differ"] == 0, parity
+    rt = load(tmp_path / "exp")
+    assert rt.framing == mode
+    a, b = det.predict(test[-1].image_path), rt.predict(test[-1].image_path)
+    assert b.anomaly_map.shape == (64, 320) and b.score == pytest.approx(a.score, rel=1e-4)
+    np.testing.assert_allclose(b.anomaly_map, a.anomaly_map, rtol=1e-3, atol=1e-3 * float(np.ptp(a.anomaly_map)))
+
+
+def test_the_runtime_refuses_an_unknown_framing(elongated, tmp_path):
+    from ccad.export import export_detector
+    from ccad.runtime import ExportFolderError, load
 
     train, _ = elongated
-    with pytest.raises(ExportRefused, match="method 'patchcore' with resize='tile' cannot be exported"):
-        export_detector(_tile_det(train), tmp_path / "exp")
+    export_detector(_tile_det(train), tmp_path / "exp")
+    spec = json.loads((tmp_path / "exp" / "verdict.json").read_text())
+    spec["input"]["framing"] = "stretch"
+    (tmp_path / "exp" / "verdict.json").write_text(json.dumps(spec))
+    with pytest.raises(ExportFolderError, match="input.framing must be square, keep-aspect or tile, got 'stretch'"):
+        load(tmp_path / "exp")
 
 
 def _ccad(*args, cwd=None):
@@ -241,7 +265,11 @@ def test_cli_resize_is_accepted_recorded_and_a_bad_value_refused(elongated, tmp_
     heat = next((tmp_path / "res").glob("*heatmap*.png"))
     assert Image.open(heat).size == (320, 64)  # the map at the image's size, W x H
     exp = _ccad("export", tmp_path / "m", "--out", tmp_path / "exp")
-    assert exp.returncode != 0 and "resize='keep-aspect' cannot be exported" in exp.stderr
+    assert exp.returncode == 0, exp.stderr
+    assert json.loads((tmp_path / "exp" / "verdict.json").read_text())["input"]["framing"] == "keep-aspect"
+    run = _ccad("predict", tmp_path / "exp", test[-1].image_path, "--out", tmp_path / "res2")
+    assert run.returncode == 0, run.stderr
+    assert Image.open(next((tmp_path / "res2").glob("*heatmap*.png"))).size == (320, 64)
 
 
 def test_feat_diff_trains_and_scores_on_tiles(elongated, tmp_path):

@@ -66,11 +66,6 @@ def check_exportable(detector: Any) -> None:
         why = REFUSED.get(name, _NOT_YET)
         raise ExportRefused(f"method {name!r} cannot be exported: {why}. Exportable methods: "
                             f"{', '.join(EXPORTABLE)}; serve this model with torch instead (`ccad predict MODEL`)")
-    resize = getattr(getattr(detector, "config", None), "resize", "square")
-    if resize != "square":
-        raise ExportRefused(f"method {name!r} with resize={resize!r} cannot be exported: the runtime (ccad.runtime) "
-                            f"reads every image as one square input (resize=square) and does not letterbox or "
-                            f"tile; serve this model with torch instead (`ccad predict MODEL`, `ccad serve MODEL`)")
     s = detector.input_size
     sizes = {"image_size": detector.image_size}
     scorer = getattr(detector.method, "scorer", None)
@@ -111,7 +106,8 @@ def verdict_spec(detector: Any, outputs: Sequence[str], graph_file: str, backend
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "method": detector.variant,
         "graph": {"file": graph_file, "backend": backend, "outputs": list(outputs), "dynamic_batch": True},
-        "input": {"name": "image", "size": int(detector.input_size), "framing": "square",
+        "input": {"name": "image", "size": int(detector.input_size),
+                  "framing": detector.config.resize, "tile_stride": detector.config.tile_stride,
                   "layout": "B x 3 x S x S, RGB, float32 in [0, 1]",
                   "read": "ccad.data.coerce.coerce_image (grey/RGB/RGBA/16-bit -> float32 RGB in [0, 1])",
                   "resize": "bilinear with antialias (torch F.interpolate antialias=True = PIL triangle filter), "
