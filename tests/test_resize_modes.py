@@ -324,3 +324,21 @@ def test_sharded_evaluate_keeps_each_images_own_size(elongated, tmp_path):
     for key, value in one.mean.items():
         assert two.mean[key] == pytest.approx(value, abs=1e-6, nan_ok=True), key
     assert [r["score"] for r in one.records] == pytest.approx([r["score"] for r in two.records], rel=1e-6)
+
+
+def test_latent_cache_of_tiles_reads_back_each_tile_and_keys_on_it(elongated, tmp_path):
+    """A latent method with ``tile`` caches one latent per tile; the images it reads back beside them
+    are those tiles (not the whole image squashed), and the cache of tiles is not the cache of the images."""
+    from ccad.data.dataset import load_item
+    from ccad.data.framing import frame_samples
+    from ccad.data.latent_cache import build_latent_cache, source_hash
+    from ccad.models.autoencoder_load import load_autoencoder
+
+    train, _ = elongated
+    tiles = frame_samples(train[:2], "tile", 64)
+    ae = load_autoencoder("kl:random")
+    cache = build_latent_cache(tiles, ae, 64, tmp_path / "cache", batch_size=4, dtype="float32", with_images=True)
+    assert len(cache) == len(tiles) == 2 * len(plan(64, 320, 64, "tile").boxes)
+    for i in (0, len(tiles) - 1):
+        torch.testing.assert_close(cache[i]["image"], load_item(tiles[i], 64)["image"])
+    assert source_hash(tiles, 64, ae) != source_hash(train[:2], 64, ae)
