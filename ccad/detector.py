@@ -333,21 +333,37 @@ class AnomalyDetector(
         ``own[i]`` (when given) is charged image ``i``'s framing time."""
         from .data.framing import frame_tensor
 
-        layouts, inputs = [], []
+        chunk = max(1, int(chunk))
+        layouts: list[Any] = []
+        pending: list[torch.Tensor] = []  # inputs not run yet: one image's tiles at most beyond a chunk
+        got: dict[str, list] = {}
+        seconds = 0.0
+
+        def run(final: bool) -> None:
+            nonlocal seconds, pending
+            x = torch.cat(pending) if pending else None
+            pending = []
+            if x is None:
+                return
+            stop = len(x) if final else len(x) - len(x) % chunk
+            t0 = time.perf_counter()
+            for start in range(0, stop, chunk):
+                for k, v in fn(x[start:start + chunk]).items():
+                    got.setdefault(k, []).append(None if v is None else v.detach().float().cpu())
+            seconds += time.perf_counter() - t0
+            if stop < len(x):
+                pending = [x[stop:]]
+
         for i, im in enumerate(images):
             t = time.perf_counter()
             lay = self.layout(*im.shape[:2])
             layouts.append(lay)
-            inputs.append(frame_tensor(im, lay))
+            pending.append(frame_tensor(im, lay))
             if own is not None:
                 own[i] += time.perf_counter() - t
-        x = torch.cat(inputs)
-        t0 = time.perf_counter()
-        got: dict[str, list] = {}
-        for start in range(0, len(x), max(1, int(chunk))):
-            for k, v in fn(x[start:start + chunk]).items():
-                got.setdefault(k, []).append(None if v is None else v.detach().float().cpu())
-        seconds = time.perf_counter() - t0
+            if sum(len(p) for p in pending) >= chunk:
+                run(final=False)
+        run(final=True)
         cat = {k: (None if any(p is None for p in v) else torch.cat(v)) for k, v in got.items()}
         per: list[dict[str, Any]] = []
         at = 0
