@@ -138,6 +138,29 @@ def test_tile_map_has_the_image_size(elongated, shape):
     assert lay.n_inputs == len(tile_starts(max(shape[0], 64), 64, 32)) * len(tile_starts(max(shape[1], 64), 64, 32))
 
 
+def test_tile_padding_below_a_short_image_never_raises_the_score(elongated):
+    """A 40 x 150 image under 64 px tiles is padded to 64 rows; a map growing downwards (row index)
+    peaks in that padding. The score (max rule) and the map must stop at the image's last row."""
+    train, _ = elongated
+    det = _tile_det(train)
+    old_rule, real = det.config.scoring.score, det.method.maps
+    det.config.scoring.score = "max"
+
+    def rows(x):
+        out = real(x)
+        s = x.shape[-1]
+        out.maps = torch.arange(s, dtype=torch.float32).view(1, 1, s, 1).expand(x.shape[0], 1, s, s).clone()
+        return out
+
+    det.method.maps = rows
+    try:
+        p = det.predict(np.random.default_rng(2).random((40, 150, 3)).astype(np.float32))
+    finally:
+        det.method.maps, det.config.scoring.score = real, old_rule
+    assert p.anomaly_map.shape == (40, 150)
+    assert p.score == pytest.approx(39.0) and p.anomaly_map.max() == pytest.approx(39.0)  # not 63: padding
+
+
 _TILE = {}
 
 
