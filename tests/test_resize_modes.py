@@ -295,7 +295,7 @@ def test_cli_resize_is_accepted_recorded_and_a_bad_value_refused(elongated, tmp_
     assert Image.open(next((tmp_path / "res2").glob("*heatmap*.png"))).size == (320, 64)
 
 
-def test_feat_diff_trains_and_scores_on_tiles(elongated, tmp_path):
+def test_feat_diff_trains_scores_and_exports_on_tiles(elongated, tmp_path):
     from ccad.methods.feat_diff import FeatDiffConfig
     from ccad.pipeline import AnomalyDetector, train_detector
     from ccad.training import TrainConfig
@@ -308,8 +308,14 @@ def test_feat_diff_trains_and_scores_on_tiles(elongated, tmp_path):
                              train=TrainConfig(steps=2, batch_size=4, lr=1e-3, warmup_steps=1, show_progress=False),
                              calibration_fraction=0.25, resize="tile")
     assert det.info["n_train_inputs"] > det.info["n_train_images"]
-    p = AnomalyDetector.load_folder(tmp_path / "run" / "model", device="cpu").predict(test[-1].image_path)
+    back = AnomalyDetector.load_folder(tmp_path / "run" / "model", device="cpu")
+    p = back.predict(test[-1].image_path)
     assert p.anomaly_map.shape == (64, 320) and np.isfinite(p.score)
+    from ccad.export import export_detector
+
+    export_detector(back, tmp_path / "exp")  # the runtime tiles feat-diff's graph as the torch detector
+    parity = json.loads((tmp_path / "exp" / "parity.json").read_text())
+    assert parity["passed"] and parity["verdicts_differ"] == 0, parity
 
 
 def test_the_square_warning_names_the_flag(monkeypatch):
