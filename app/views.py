@@ -195,8 +195,8 @@ def card_markdown(card: Optional[dict[str, Any]], name: str = "", source: str = 
         return fmt(v).replace("|", "\\|").replace("\n", " ")
 
     # the common facts first, then whatever else the method reports (autoencoder, reconstruction ...)
-    keys = ["variant", "title", "backbone", "layers", "bank_size", "image_size", "threshold", "n_train_images",
-            "calibration", "reconstruction", "denoiser_parameters", "created"]
+    keys = ["variant", "title", "backbone", "layers", "bank_size", "image_size", "resize", "threshold",
+            "n_train_images", "calibration", "reconstruction", "denoiser_parameters", "created"]
     skip = {"metrics", "ccad_version"}
     keys += [k for k in card if k not in keys and k not in skip]
     labels = {"denoiser_parameters": "network parameters"}
