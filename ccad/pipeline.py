@@ -181,7 +181,14 @@ def _prepare(data: Any, config: DetectorConfig, bank: Any, calibration_fraction:
         if phase is not None and mcls.uses_bank:
             phase("building the feature bank")
         bank = method.build_bank(train)
+        if bank is not None and hasattr(bank, "meta") and config.resize != "square":
+            bank.meta["resize"] = config.resize  # built from letterboxed images / tiles: said in bank.json
     elif mcls.uses_bank:
+        built = (getattr(bank, "meta", None) or {}).get("resize", "square")
+        if built != config.resize:
+            raise ConfigError(f"resize: the feature bank given (or resumed) was built with resize={built!r}, this "
+                              f"model is resize={config.resize!r}; rebuild the bank or build the model with "
+                              f"--resize {built}")
         meta = getattr(bank, "meta", {}) or {}
         config.bank.backbone = meta.get("backbone", config.bank.backbone)
         config.bank.layers = tuple(meta.get("layers", config.bank.layers))

@@ -371,3 +371,16 @@ def test_latent_cache_of_tiles_reads_back_each_tile_and_keys_on_it(elongated, tm
     for i in (0, len(tiles) - 1):
         torch.testing.assert_close(cache[i]["image"], load_item(tiles[i], 64)["image"])
     assert source_hash(tiles, 64, ae) != source_hash(train[:2], 64, ae)
+
+
+def test_a_bank_built_from_tiles_is_refused_for_a_square_model(elongated, tmp_path):
+    """``ccad train --bank`` / ``--resume`` reuse a saved bank: one built from tiles is said in its
+    bank.json, and a model of another mode refuses it before anything is built."""
+    from ccad.pipeline import train_detector
+
+    train, _ = elongated
+    bank = _tile_det(train).bank
+    assert bank.meta["resize"] == "tile"
+    with pytest.raises(ConfigError, match="built with resize='tile', this model is resize='square'"):
+        train_detector(train, tmp_path / "run", variant="patchcore", bank=bank, image_size=64,
+                       calibration_fraction=0.25, device="cpu")
