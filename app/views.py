@@ -195,8 +195,8 @@ def card_markdown(card: Optional[dict[str, Any]], name: str = "", source: str = 
         return fmt(v).replace("|", "\\|").replace("\n", " ")
 
     # the common facts first, then whatever else the method reports (autoencoder, reconstruction ...)
-    keys = ["variant", "title", "backbone", "layers", "bank_size", "image_size", "threshold", "n_train_images",
-            "calibration", "reconstruction", "denoiser_parameters", "created"]
+    keys = ["variant", "title", "backbone", "layers", "bank_size", "image_size", "resize", "threshold",
+            "n_train_images", "calibration", "reconstruction", "denoiser_parameters", "created"]
     skip = {"metrics", "ccad_version"}
     keys += [k for k in card if k not in keys and k not in skip]
     labels = {"denoiser_parameters": "network parameters"}
@@ -228,7 +228,8 @@ def card_summary(card: Optional[dict[str, Any]], name: str = "") -> str:
     if title:
         parts.append(str(title).split(":")[0])
     if card.get("image_size"):
-        parts.append(f"{card['image_size']} px")
+        resize = card.get("resize")  # keep-aspect / tile: the model frames images itself (ccad.data.framing)
+        parts.append(f"{card['image_size']} px" + (f" {resize}" if resize not in (None, "square") else ""))
     if card.get("bank_size"):
         parts.append(f"bank {card['bank_size']}")
     cats = card.get("categories")

@@ -35,6 +35,7 @@ BENCHMARKS: dict[str, str] = {
     "cli_startup": "cold-start time of `ccad --help`, `--version` and argument errors (median of N)",
     "synthetic_speed": "time to generate one synthetic sample per texture and defect",
     "dagm_relabel": "the DAGM re-labelling proposals (mask IoU vs the exact masks) on synthetic DAGM data",
+    "resize_modes": "square / keep-aspect / tile resize modes (PatchCore) on elongated thin-defect images and MTD",
 }
 EXPERIMENTS: dict[str, str] = {
     "experiments.ablations": "each seed paper's key claim as an ablation on the synthetic set (issue 8 study)",

@@ -159,6 +159,8 @@ def _report_skipped(skipped: Sequence[Any]) -> None:
 
 # ---- commands ---------------------------------------------------------------------------------
 
+RESIZE_CHOICES = ("square", "keep-aspect", "tile")  # ccad.data.framing.RESIZE_MODES (not imported: start-up time)
+
 def cmd_bank(a: argparse.Namespace) -> int:
     from .pipeline import fit_detector, refuse_to_overwrite
 
@@ -170,13 +172,15 @@ def cmd_bank(a: argparse.Namespace) -> int:
         phases("building the feature bank and the PatchCore memory, then calibrating the threshold")
         det = fit_detector(a.data, backbone=a.backbone, layers=a.layers, bank_size=a.size, image_size=a.image_size,
                            method=method, calibration_fraction=a.calibration_fraction,
-                           batch_size=a.batch_size, weights=a.weights, progress=phases.progress)
+                           batch_size=a.batch_size, weights=a.weights, progress=phases.progress,
+                           resize=a.resize, tile_stride=a.tile_stride)
         phases(f"saving the model to {a.out}")
         det.save_pretrained(a.out)
     finally:
         phases.close()
     _report_skipped(det.info.get("skipped") or [])
-    print(json.dumps({"model": str(a.out), **det.bank.summary(), "threshold": det.threshold}, default=str))
+    print(json.dumps({"model": str(a.out), **det.bank.summary(), "threshold": det.threshold,
+                      "resize": det.config.resize}, default=str))
     return 0
 
 
@@ -292,7 +296,7 @@ def cmd_train(a: argparse.Namespace) -> int:
                                  image_size=a.image_size, backbone=a.backbone, layers=a.layers, bank_size=a.size,
                                  calibration_fraction=a.calibration_fraction, resume=a.resume, seed=a.seed,
                                  overwrite=a.overwrite, scoring=scoring, callbacks=callbacks, phase=phase,
-                                 progress=phases.progress)
+                                 progress=phases.progress, resize=a.resize, tile_stride=a.tile_stride)
         except _Interrupted as exc:
             from .training import latest_checkpoint
 
@@ -385,7 +389,7 @@ def _check_detector_config(a: argparse.Namespace, method: Any, scoring: Any, tra
     bank = BankConfig(backbone=a.backbone, layers=tuple(a.layers), size=a.size)
     DetectorConfig(variant=a.variant, image_size=mcls.default_image_size if a.image_size is None else a.image_size,
                    bank=bank, scoring=scoring if scoring is not None else mcls.default_scoring(), method=method,
-                   train=train).validate()
+                   train=train, resize=a.resize, tile_stride=a.tile_stride).validate()
 
 
 def variants_help() -> str:
@@ -742,6 +746,15 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--size", type=int, default=200, help="coarse bank size xi (1..1000; 100-200 is enough)")
         sp.add_argument("--calibration-fraction", type=float, default=0.2,
                         help="share of the good images held out to calibrate the threshold")
+        sp.add_argument("--resize", default="square", choices=RESIZE_CHOICES,
+                        help="how images of any shape become the model's square input, when it is built and "
+                             "whenever it scores (saved in its config): square (resized, aspect ratio changed; "
+                             "the default), keep-aspect (resized without distortion, padded; the padding "
+                             "is never scored), tile (overlapping tiles at native resolution, maps stitched; "
+                             "the model is built from tiles of the good images)")
+        sp.add_argument("--tile-stride", type=_positive_int, default=None,
+                        help="with --resize tile: pixels between tile starts (default: half the model's input "
+                             "size, i.e. 50%% overlap)")
 
     sp = sub.add_parser("bank", help="build the feature bank and a PatchCore detector", formatter_class=fmt,
                         description="Build the Coarse Feature Bank (coreset of size xi) and the PatchCore memory "

@@ -123,6 +123,17 @@ class AnomalyDetector(
         return max(self.image_size, self.fusion.image_size) if self.fusion is not None else self.image_size
 
     @property
+    def resize(self) -> str:
+        """How images become this model's input (``config.resize``, :mod:`ccad.data.framing`)."""
+        return self.config.resize
+
+    def layout(self, height: int, width: int) -> Any:
+        """Where an ``height x width`` image's model inputs sit in it (:func:`ccad.data.framing.plan`)."""
+        from .data.framing import plan
+
+        return plan(height, width, self.input_size, self.config.resize, self.config.tile_stride)
+
+    @property
     def views(self) -> tuple[str, ...]:
         """The maps this detector can give: ``fused`` / ``method`` / ``bank`` with fusion, else ``method``;
         plus ``ablation`` when its method declares one (:attr:`ccad.methods.base.Method.ablation`: the
@@ -275,6 +286,8 @@ class AnomalyDetector(
         its post-processing (map and reconstruction interpolated back to its size), each timed per
         image, plus its share of the batched forward pass and image score (batch time / batch size)."""
         own = list(read_seconds) if read_seconds is not None else [0.0] * len(images)
+        if self.config.resize != "square":
+            return self._predict_framed(images, paths, own)
         tensors = []
         for i, im in enumerate(images):
             t = time.perf_counter()
@@ -306,6 +319,101 @@ class AnomalyDetector(
                                   domain_distance=None if domain is None else float(domain[i]),
                                   domain_limit=None if dstats is None else float(dstats.limit)))
             out[-1].seconds = own[i] + per + (time.perf_counter() - t)
+        return out
+
+    # ---- keep-aspect / tile (ccad.data.framing) ----------------------------------------------
+    @torch.no_grad()
+    def framed_parts(self, images: Sequence[np.ndarray], fn: Callable[[torch.Tensor], dict[str, Any]],
+                     chunk: int = 8, own: Optional[list[float]] = None
+                     ) -> tuple[list[Any], list[dict[str, Any]], float]:
+        """Run ``fn`` on the model inputs of ``images`` (``H x W x 3`` floats) framed by this model's
+        ``resize`` (every image's letterboxed input or all its tiles, ``chunk`` inputs a call). ``fn``
+        maps a batch ``B x 3 x S x S`` to a dict of per-input tensors (or None). Returns the images'
+        layouts, per image the dict of its inputs' tensors (on the CPU) and the seconds ``fn`` took.
+        ``own[i]`` (when given) is charged image ``i``'s framing time."""
+        from .data.framing import frame_tensor
+
+        chunk = max(1, int(chunk))
+        layouts: list[Any] = []
+        pending: list[torch.Tensor] = []  # inputs not run yet: one image's tiles at most beyond a chunk
+        got: dict[str, list] = {}
+        seconds = 0.0
+
+        def run(final: bool) -> None:
+            nonlocal seconds, pending
+            x = torch.cat(pending) if pending else None
+            pending = []
+            if x is None:
+                return
+            stop = len(x) if final else len(x) - len(x) % chunk
+            t0 = time.perf_counter()
+            for start in range(0, stop, chunk):
+                for k, v in fn(x[start:start + chunk]).items():
+                    got.setdefault(k, []).append(None if v is None else v.detach().float().cpu())
+            seconds += time.perf_counter() - t0
+            if stop < len(x):
+                pending = [x[stop:]]
+
+        for i, im in enumerate(images):
+            t = time.perf_counter()
+            lay = self.layout(*im.shape[:2])
+            layouts.append(lay)
+            pending.append(frame_tensor(im, lay))
+            if own is not None:
+                own[i] += time.perf_counter() - t
+            if sum(len(p) for p in pending) >= chunk:
+                run(final=False)
+        run(final=True)
+        cat = {k: (None if any(p is None for p in v) else torch.cat(v)) for k, v in got.items()}
+        per: list[dict[str, Any]] = []
+        at = 0
+        for lay in layouts:
+            per.append({k: (None if v is None else v[at:at + lay.n_inputs]) for k, v in cat.items()})
+            at += lay.n_inputs
+        return layouts, per, seconds
+
+    def framed_map(self, maps: torch.Tensor, layout: Any) -> tuple[float, torch.Tensor]:
+        """``(image score, map 1 x H x W at the image's size)`` from one image's input maps: the
+        score by this model's rule (``scoring.score``) on :func:`ccad.data.framing.score_region`
+        (keep-aspect: the image's region, no padding; tile: the stitched map)."""
+        from .data.framing import score_region, unframe
+
+        region = score_region(maps, layout)
+        full = region if layout.mode == "tile" else unframe(maps, layout)
+        return float(self._score(region[None])[0]), full
+
+    @staticmethod
+    def framed_domain(domain: Optional[torch.Tensor]) -> Optional[float]:
+        """One image's domain distance from its inputs': the median over its tiles (one input: its own)."""
+        return None if domain is None else float(domain.float().median())
+
+    def _predict_framed(self, images: list[np.ndarray], paths: list[Optional[str]],
+                        own: list[float]) -> list[Prediction]:
+        """:meth:`_predict_batch` for ``resize`` = ``keep-aspect`` / ``tile``: each image's inputs
+        are scored, its map (and reconstruction) put back at its size (:meth:`framed_map`); the
+        forward time is shared by the number of inputs each image had."""
+        def fn(x: torch.Tensor) -> dict[str, Any]:
+            parts, bank, rec, dom = self._map_parts(x)
+            return {"map": self.combine(parts, bank), "rec": rec, "domain": dom}
+
+        from .data.framing import unframe
+
+        layouts, per, seconds = self.framed_parts(images, fn, chunk=max(8, len(images)), own=own)
+        total = sum(lay.n_inputs for lay in layouts)
+        dstats = self.calibration.domain if self.calibration is not None else None
+        out = []
+        for i, (im, lay, got) in enumerate(zip(images, layouts, per)):
+            t = time.perf_counter()
+            score, m = self.framed_map(got["map"], lay)
+            rec = None if got["rec"] is None else unframe(got["rec"], lay).clamp(0, 1).permute(1, 2, 0).numpy()
+            finite = bool(torch.isfinite(m).all()) and math.isfinite(score)
+            dom = self.framed_domain(got["domain"])
+            pred = Prediction(image=im, reconstruction=rec, anomaly_map=m[0].numpy().astype(np.float32), score=score,
+                              threshold=self.threshold, seconds=0.0, path=paths[i], map_floor=self.map_floor,
+                              error=None if finite else self._non_finite_message(score), domain_distance=dom,
+                              domain_limit=None if dstats is None else float(dstats.limit))
+            pred.seconds = own[i] + seconds * lay.n_inputs / total + (time.perf_counter() - t)
+            out.append(pred)
         return out
 
     def weight_files(self) -> list[str]:
@@ -428,7 +536,11 @@ class AnomalyDetector(
         gen = torch.Generator().manual_seed(1)
         domains: list[torch.Tensor] = []
         want_syn = bool(sc.miss_estimate) or policy == "miss"
-        for b in iter_batches(samples, self.input_size, batch_size, on_error="skip", errors=errors):
+        framed = self.config.resize != "square"
+        if framed:  # keep-aspect / tile: each image scored as predict scores it (its own size, its own map)
+            scores, maps, syn, domains = self._calibration_scores_framed(samples, batch_size, errors, want_syn)
+        for b in ([] if framed else iter_batches(samples, self.input_size, batch_size, on_error="skip",
+                                                 errors=errors)):
             m, bank, _, dom = self._map_parts(b["image"])
             parts.append(self.combine(m, bank).cpu())
             if dom is not None:
@@ -439,13 +551,14 @@ class AnomalyDetector(
                 x_a, _ = synthesize_batch(b["image"].float(), gen, ratio=1.0)
                 m_a, bank_a, _ = self.map_parts(x_a)
                 syn_scores.append(self._score(self.combine(m_a, bank_a)).cpu().numpy())
-        if not parts:
+        if not parts and not (framed and len(scores)):
             raise ValueError("no readable good image to calibrate on" + (f" ({errors[0][0]}: {errors[0][1]})"
                                                                          if errors else ""))
-        fused = torch.cat(parts)
-        scores = self._score(fused).numpy()
-        maps = fused[:, 0].numpy()
-        syn = np.concatenate(syn_scores) if syn_scores else np.zeros(0)
+        if not framed:
+            fused = torch.cat(parts)
+            scores = self._score(fused).numpy()
+            maps = fused[:, 0].numpy()
+            syn = np.concatenate(syn_scores) if syn_scores else np.zeros(0)
         if not (np.all(np.isfinite(scores)) and np.all(np.isfinite(maps)) and np.all(np.isfinite(syn))):
             bad = int(np.sum(~np.isfinite(scores)) or np.sum(~np.isfinite(maps).reshape(len(maps), -1).all(1))
                       or np.sum(~np.isfinite(syn)))
@@ -474,6 +587,39 @@ class AnomalyDetector(
             self.info["fusion"] = self.fusion.card()
         return self.calibration
 
+    def _calibration_scores_framed(self, samples: Sequence[Any], batch_size: int, errors: list[tuple[str, str]],
+                                   want_syn: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[torch.Tensor]]:
+        """:meth:`calibrate`'s scores, map values, synthetic-anomaly scores and domain distances for a
+        ``keep-aspect`` / ``tile`` model: every held-out image (and its synthetic-anomaly copy, pasted
+        at the image's own size) scored as :meth:`predict` scores it."""
+        from .data.dataset import iter_native
+
+        def fn(x: torch.Tensor) -> dict[str, Any]:
+            parts, bank, _, dom = self._map_parts(x)
+            return {"map": self.combine(parts, bank), "domain": dom}
+
+        gen = torch.Generator().manual_seed(1)
+        scores, values, syn, domains = [], [], [], []
+        for b in iter_native(samples, batch_size, on_error="skip", errors=errors, masks=False):
+            layouts, per, _ = self.framed_parts(b["image"], fn, chunk=max(8, batch_size))
+            for lay, got in zip(layouts, per):
+                sc, m = self.framed_map(got["map"], lay)
+                scores.append(sc)
+                values.append(m.flatten().numpy())
+                if got["domain"] is not None:
+                    domains.append(torch.tensor([self.framed_domain(got["domain"])]))
+            if want_syn:
+                from .data.anomaly_synth import synthesize_batch
+
+                copies = []
+                for im in b["image"]:
+                    x_a, _ = synthesize_batch(torch.from_numpy(im).permute(2, 0, 1)[None].float(), gen, ratio=1.0)
+                    copies.append(x_a[0].permute(1, 2, 0).clamp(0, 1).contiguous().numpy())
+                layouts, per, _ = self.framed_parts(copies, fn, chunk=max(8, batch_size))
+                syn.extend(self.framed_map(got["map"], lay)[0] for lay, got in zip(layouts, per))
+        vals = np.concatenate(values) if values else np.zeros(0, np.float32)
+        return (np.asarray(scores, np.float64), vals, np.asarray(syn, np.float64), domains)
+
     def _fit_fusion(self, selection: Sequence[Any], batch_size: int, errors: list[tuple[str, str]]) -> None:
         """The fusion's normalisation (and, with ``fusion_weight_fit = "synthetic"``, its weight and
         normalisation kind) from the selection part of the held-out good images only."""
@@ -484,7 +630,11 @@ class AnomalyDetector(
         parts: list[tuple[torch.Tensor, torch.Tensor]] = []
         synthetic: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         gen = torch.Generator().manual_seed(0)
-        for b in iter_batches(list(selection), self.input_size, batch_size, on_error="skip", errors=errors):
+        from .data.framing import frame_samples
+
+        # keep-aspect / tile: the selection images as the model's inputs (letterboxed, or their tiles)
+        inputs = frame_samples(list(selection), self.config.resize, self.input_size, self.config.tile_stride)
+        for b in iter_batches(inputs, self.input_size, batch_size, on_error="skip", errors=errors):
             m, bank, _ = self.map_parts(b["image"])
             parts.append((m.cpu(), bank.cpu()))
             if fit_weight:  # copies of these good images with a synthetic anomaly each (good-only)
@@ -525,8 +675,11 @@ class AnomalyDetector(
         if self.calibration is None:
             raise ValueError("calibrate_domain: the detector is not calibrated; run calibrate() on good images")
         samples = [s if isinstance(s, Sample) else Sample(str(s), None, 0) for s in good_items]
-        domains = [d.cpu() for b in iter_batches(samples, self.input_size, batch_size, on_error="skip")
-                   if (d := self._map_parts(b["image"])[3]) is not None]
+        if self.config.resize != "square":
+            domains = self._calibration_scores_framed(samples, batch_size, [], False)[3]
+        else:
+            domains = [d.cpu() for b in iter_batches(samples, self.input_size, batch_size, on_error="skip")
+                       if (d := self._map_parts(b["image"])[3]) is not None]
         if not domains:
             raise ValueError("calibrate_domain: no readable good image, or this detector has no memory of good "
                              "patch features to measure the domain distance to")
@@ -547,6 +700,7 @@ class AnomalyDetector(
             "bank_size": int(self.bank.features.shape[0]) if self.bank is not None else None,
             "feature_dim": int(self.bank.features.shape[1]) if self.bank is not None else None,
             "image_size": self.image_size,
+            "resize": self.config.resize,  # how images of any shape become its input (ccad.data.framing)
             "threshold": self.threshold,
             "calibration": None if cal is None else {"method": cal.method, "n_good": int(cal.good_scores.size),
                                                      "target_fpr": cal.target_fpr},

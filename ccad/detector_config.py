@@ -10,10 +10,11 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .config import (CONFIG_VERSION, BankConfig, ConfigError, ScoringConfig, TrainConfig, check_finite_fields,
                      config_from_dict)
+from .data.framing import check_resize
 from .methods import UnknownVariant, get_method
 
 
@@ -25,6 +26,15 @@ class DetectorConfig:
     ``method`` is the method's own ``Config`` dataclass (``ccad.methods``); ``train`` a
     :class:`ccad.training.TrainConfig` for trained methods. Version 1 files (``patchcore`` /
     ``denoiser`` / ``diffusion`` sections) are migrated on load.
+
+    ``resize`` is how an image of any shape becomes the model's square input
+    (:mod:`ccad.data.framing`): ``square`` (resized to ``S x S``, its aspect ratio changed; the
+    default, and what a config without the field means), ``keep-aspect`` (resized without
+    distortion, padded to ``S x S`` with its mean colour; the padding is cropped off the map and never scored)
+    or ``tile`` (overlapping ``S x S`` tiles at native resolution, ``tile_stride`` pixels apart,
+    default ``S // 2``; maps stitched by averaging overlaps). The model is built from its good
+    images the same way, and every scorer of the saved model (predict, evaluate, the app, serve)
+    reads it from here. ``S`` is :attr:`input_side`.
     """
 
     variant: str = "patchcore"
@@ -33,15 +43,32 @@ class DetectorConfig:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     method: Any = None
     train: Any = None
+    resize: str = "square"
+    tile_stride: Optional[int] = None
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
         if self.method is None:
             self.method = get_method(self.variant).default_config()
 
+    @property
+    def input_side(self) -> int:
+        """The square side images are framed at: ``image_size``, or the fusion memory's size when
+        it fuses at a larger one (the detector's ``input_size``)."""
+        if self.scoring.fusion == "bank":
+            return max(int(self.image_size), int(self.scoring.fusion_image_size))
+        return int(self.image_size)
+
     def validate(self) -> "DetectorConfig":
         if not 16 <= int(self.image_size) <= 2048:
             raise ConfigError(f"image_size must be in 16..2048, got {self.image_size}")
+        try:
+            check_resize(self.resize, "resize")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.tile_stride is not None and not 1 <= int(self.tile_stride) <= self.input_side:
+            raise ConfigError(f"tile_stride must be in 1..{self.input_side} (the tile side: the model's input size) "
+                              f"or null (half the tile), got {self.tile_stride}")
         for name in ("bank", "scoring", "method", "train"):  # no NaN / inf setting anywhere
             check_finite_fields(getattr(self, name), name)
         self.bank.validate()
@@ -51,6 +78,10 @@ class DetectorConfig:
             raise ConfigError(f"method: a {self.variant} detector needs a {cls.Config.__name__}, "
                               f"got {type(self.method).__name__}")
         cls.validate_config(self.method)
+        if self.resize not in cls.resize_modes:
+            raise ConfigError(f"resize: the method {self.variant!r} cannot score with resize={self.resize!r} "
+                              f"({cls.resize_refusal or 'not supported'}); it supports "
+                              f"{', '.join(cls.resize_modes)}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

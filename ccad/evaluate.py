@@ -88,6 +88,10 @@ class ScoredSet:
             out = cls.empty(image_size)
             out.errors = errors
             return out
+        if any(isinstance(p.maps, list) for p in parts):  # images at their own sizes (keep-aspect / tile)
+            return cls(np.concatenate([p.scores for p in parts]), [m for p in parts for m in p.maps],
+                       np.concatenate([p.labels for p in parts]).astype(int), [m for p in parts for m in p.masks],
+                       [m for p in parts for m in p.metas], errors)
         return cls(np.concatenate([p.scores for p in parts]), np.concatenate([p.maps for p in parts]),
                    np.concatenate([p.labels for p in parts]).astype(int), np.concatenate([p.masks for p in parts]),
                    [m for p in parts for m in p.metas], errors)
@@ -119,6 +123,8 @@ def score_views(detector: Any, samples: Sequence[Any], batch_size: int = 8,
     method inference per batch (without its learned part)."""
     from .data.dataset import iter_batches
 
+    if getattr(getattr(detector, "config", None), "resize", "square") != "square":
+        return _score_views_framed(detector, samples, batch_size, progress, views)
     size = int(getattr(detector, "input_size", detector.image_size))
     errors: list[tuple[str, str]] = []
     scores: dict[Optional[str], list] = {v: [] for v in views}
@@ -163,6 +169,60 @@ def score_views(detector: Any, samples: Sequence[Any], batch_size: int = 8,
     return out
 
 
+def _score_views_framed(detector: Any, samples: Sequence[Any], batch_size: int,
+                        progress: Optional[Callable[[int, int], None]],
+                        views: Sequence[Optional[str]]) -> dict[Optional[str], ScoredSet]:
+    """:func:`score_views` for a detector built with ``resize`` = ``keep-aspect`` or ``tile``
+    (:mod:`ccad.data.framing`): every image is scored as ``predict`` scores it, and its map is
+    compared with its mask at the image's own size (maps and masks are lists of ``H x W`` arrays,
+    images of different sizes side by side), never at a square the image was not scored at."""
+    from .data.dataset import iter_native
+
+    errors: list[tuple[str, str]] = []
+    scores: dict[Optional[str], list] = {v: [] for v in views}
+    maps: dict[Optional[str], list] = {v: [] for v in views}
+    labels, masks, metas = [], [], []
+    plain = [v for v in views if v != ABLATION_VIEW]
+    samples = list(samples)
+    done = 0
+
+    def fn(x: Any) -> dict[str, Any]:
+        abl = None
+        m = bank = None
+        if plain and ABLATION_VIEW in views:
+            m, bank, _, abl = detector.map_parts_and_ablation(x)
+        elif plain:
+            m, bank, _ = detector.map_parts(x)
+        else:
+            abl = detector.ablation_maps(x)
+        return {str(v): (abl if v == ABLATION_VIEW else detector.combine(m, bank, v)) for v in views}
+
+    for batch in iter_native(samples, batch_size, on_error="skip", errors=errors):
+        layouts, per, _ = detector.framed_parts(batch["image"], fn, chunk=max(8, batch_size))
+        for lay, got in zip(layouts, per):
+            for v in views:
+                sc, m = detector.framed_map(got[str(v)], lay)
+                scores[v].append(sc)
+                maps[v].append(m[0].numpy().astype(np.float32))
+        labels.append(batch["label"])
+        masks.extend(batch["mask"])
+        metas.extend({"path": p, "category": c, "defect_type": d}
+                     for p, c, d in zip(batch["path"], batch["category"], batch["defect_type"]))
+        done += len(batch["image"])
+        if progress is not None:
+            progress(done, len(samples))
+    size = int(getattr(detector, "input_size", detector.image_size))
+    out: dict[Optional[str], ScoredSet] = {}
+    for v in views:
+        if not scores[v]:
+            out[v] = ScoredSet.empty(size)
+            out[v].errors = list(errors)
+            continue
+        out[v] = ScoredSet(np.asarray(scores[v], np.float32), list(maps[v]), np.concatenate(labels).astype(int),
+                           list(masks), list(metas), list(errors))
+    return out
+
+
 def _clock() -> float:
     """The clock the reports' ``seconds`` and ``metrics_seconds`` are read from (tests replace it)."""
     return time.perf_counter()
@@ -192,7 +252,8 @@ def _report_from_scored(detector: Any, scored: ScoredSet) -> EvalReport:
                 "is_anomalous": status_of(s, thr) == "anomalous"}
                for meta, y, s in zip(metas, labels_a, scores_a)]
     cats = [m["category"] or "all" for m in metas]
-    has_masks = bool(masks_a.any())
+    has_masks = (any(bool(np.any(m)) for m in masks_a) if isinstance(masks_a, list)  # images at their own sizes
+                 else bool(masks_a.any()))
     per = metrics_by_category(cats, labels_a, scores_a, masks_a if has_masks else None,
                               maps_a if has_masks else None)
     curves = {}
@@ -206,8 +267,10 @@ def evaluate(detector: Any, samples: Sequence[Any], batch_size: int = 8,
     """Score every sample, then compute the metrics per category and their mean.
 
     Maps are compared with the masks at the detector's resolution (``input_size`` squared: the
-    model's ``image_size``, or the fusion memory's when larger), as the papers do; unreadable
-    files are skipped and listed in ``report.errors``.
+    model's ``image_size``, or the fusion memory's when larger), as the papers do; a model built
+    with ``resize`` = ``keep-aspect`` or ``tile`` is compared at each image's own size (the map
+    ``predict`` returns against the full-size mask). Unreadable files are skipped and listed in
+    ``report.errors``.
     """
     t0 = _clock()
     scored = score_samples(detector, samples, batch_size, progress)
@@ -304,7 +367,13 @@ def evaluate_sharded(detector: Any, samples: Sequence[Any], shard: Any, batch_si
     scored = score_samples(detector, shard.split(list(samples), batch_size), batch_size, progress)
     where.mkdir(parents=True, exist_ok=True)
     stem = where / f"rank{shard.rank}"
-    np.savez(f"{stem}.npz", scores=scored.scores, maps=scored.maps, labels=scored.labels, masks=scored.masks)
+    if isinstance(scored.maps, list):  # images at their own sizes: flattened, with their shapes
+        shapes = np.asarray([m.shape for m in scored.maps], np.int64).reshape(-1, 2)
+        flat = lambda xs, dt: np.concatenate([np.asarray(x, dt).ravel() for x in xs]) if xs else np.zeros(0, dt)  # noqa: E731
+        np.savez(f"{stem}.npz", scores=scored.scores, maps_flat=flat(scored.maps, np.float32), shapes=shapes,
+                 labels=scored.labels, masks_flat=flat(scored.masks, bool))
+    else:
+        np.savez(f"{stem}.npz", scores=scored.scores, maps=scored.maps, labels=scored.labels, masks=scored.masks)
     Path(f"{stem}.json").write_text(json.dumps({"metas": scored.metas, "errors": [list(e) for e in scored.errors]}))
     shard.wait()
     if not shard.is_main:
@@ -318,8 +387,15 @@ def evaluate_sharded(detector: Any, samples: Sequence[Any], shard: Any, batch_si
                                         f"need --shard-dir on a file system they all share)")
             with np.load(npz) as z:
                 side = json.loads(meta.read_text())
-                parts.append(ScoredSet(z["scores"], z["maps"], z["labels"], z["masks"], side["metas"],
-                                       [tuple(e) for e in side["errors"]]))
+                if "shapes" in z:  # keep-aspect / tile: per-image maps and masks at their own sizes
+                    cuts = np.cumsum([0] + [int(h) * int(w) for h, w in z["shapes"]])
+                    mp = [z["maps_flat"][a:b].reshape(hw) for a, b, hw in zip(cuts[:-1], cuts[1:], z["shapes"])]
+                    mk = [z["masks_flat"][a:b].reshape(hw) for a, b, hw in zip(cuts[:-1], cuts[1:], z["shapes"])]
+                    parts.append(ScoredSet(z["scores"], mp, z["labels"], mk, side["metas"],
+                                           [tuple(e) for e in side["errors"]]))
+                else:
+                    parts.append(ScoredSet(z["scores"], z["maps"], z["labels"], z["masks"], side["metas"],
+                                           [tuple(e) for e in side["errors"]]))
     finally:
         if made:
             shutil.rmtree(where, ignore_errors=True)

@@ -130,7 +130,8 @@ def refuse_to_overwrite(folder: str | Path, flag_resume: Optional[str] = "resume
 
 def _detector_config(variant: str, image_size: Optional[int], method: Any, bank_config: Any, scoring: Any,
                      backbone: Optional[str], layers: Optional[Sequence[int]], bank_size: Optional[int],
-                     weights: Optional[str], batch_size: Optional[int], preset: Optional[str]) -> DetectorConfig:
+                     weights: Optional[str], batch_size: Optional[int], preset: Optional[str],
+                     resize: Optional[str] = None, tile_stride: Optional[int] = None) -> DetectorConfig:
     from .config import BankConfig
 
     mcls = get_method(variant)
@@ -144,7 +145,8 @@ def _detector_config(variant: str, image_size: Optional[int], method: Any, bank_
             setattr(bc, key, value)
     size = mcls.default_image_size if image_size is None else int(image_size)  # 0 is refused, never "default"
     return DetectorConfig(variant=variant, image_size=size, bank=bc,
-                          scoring=scoring if scoring is not None else mcls.default_scoring(), method=mcfg).validate()
+                          scoring=scoring if scoring is not None else mcls.default_scoring(), method=mcfg,
+                          resize="square" if resize is None else resize, tile_stride=tile_stride).validate()
 
 
 def _prepare(data: Any, config: DetectorConfig, bank: Any, calibration_fraction: float, seed: int, device: Any,
@@ -171,12 +173,22 @@ def _prepare(data: Any, config: DetectorConfig, bank: Any, calibration_fraction:
         train, cal = hold_out_at_least(train, cal, int(sc.min_selection_images) + int(sc.min_threshold_images))
         train = SampleList(train, unsupported)
     held = selection_and_threshold(cal, method, config.scoring, seed, data)
-    ctx.held_out = list(held[0])
+    n_images = len(train)
+    train = SampleList(framed(train, config), unsupported)  # keep-aspect / tile: what the model is built from
+    train.n_images = n_images
+    ctx.held_out = framed(held[0], config)
     if bank is None:
         if phase is not None and mcls.uses_bank:
             phase("building the feature bank")
         bank = method.build_bank(train)
+        if bank is not None and hasattr(bank, "meta") and config.resize != "square":
+            bank.meta["resize"] = config.resize  # built from letterboxed images / tiles: said in bank.json
     elif mcls.uses_bank:
+        built = (getattr(bank, "meta", None) or {}).get("resize", "square")
+        if built != config.resize:
+            raise ConfigError(f"resize: the feature bank given (or resumed) was built with resize={built!r}, this "
+                              f"model is resize={config.resize!r}; rebuild the bank or build the model with "
+                              f"--resize {built}")
         meta = getattr(bank, "meta", {}) or {}
         config.bank.backbone = meta.get("backbone", config.bank.backbone)
         config.bank.layers = tuple(meta.get("layers", config.bank.layers))
@@ -189,6 +201,14 @@ def _prepare(data: Any, config: DetectorConfig, bank: Any, calibration_fraction:
         method.build(train)
     config.validate()
     return method, bank, train, held
+
+
+def framed(samples: Sequence[Any], config: DetectorConfig) -> list:
+    """The samples as the model with ``config.resize`` reads them (:func:`ccad.data.framing.frame_samples`):
+    as given for ``square``, letterboxed for ``keep-aspect``, one sample per tile for ``tile``."""
+    from .data.framing import frame_samples
+
+    return frame_samples(list(samples), config.resize, config.input_side, config.tile_stride)
 
 
 def hold_out_at_least(train: list, held: list, need: int) -> tuple[list, list]:
@@ -262,7 +282,11 @@ def _info(train: list, bank: Any) -> dict[str, Any]:
 
     skipped = list((getattr(bank, "meta", {}) or {}).get("skipped", []) if bank is not None else [])
     skipped += [{"path": str(p), "reason": unsupported_reason(p)} for p in getattr(train, "skipped", [])]
-    return {"n_train_images": len(train), "skipped": skipped, "categories": cats or None}
+    info: dict[str, Any] = {"n_train_images": int(getattr(train, "n_images", len(train))), "skipped": skipped,
+                            "categories": cats or None}
+    if getattr(train, "n_images", len(train)) != len(train):
+        info["n_train_inputs"] = len(train)  # tiles (resize = tile): the model was built from this many inputs
+    return info
 
 
 def fit_detector(
@@ -283,17 +307,21 @@ def fit_detector(
     device: Any = None,
     seed: int = 0,
     fusion_memory: Any = None,
+    resize: str = "square",
+    tile_stride: Optional[int] = None,
 ) -> AnomalyDetector:
     """Build a detector whose method needs no training (e.g. PatchCore) from good images: a working
     detector within seconds, calibrated on a held-out good slice. ``method`` is the method's own
     config (e.g. ``get_method("patchcore").Config(ratio=0.05)``); the bank settings default to
     :class:`ccad.config.BankConfig`. With ``scoring.fusion = "bank"`` the method's map is fused
     with a nearest-neighbour map (:mod:`ccad.scoring.fusion`; ``fusion_memory`` reuses a fitted
-    ``PatchCoreScorer`` of the same training images)."""
+    ``PatchCoreScorer`` of the same training images). ``resize``: ``square`` (default),
+    ``keep-aspect`` or ``tile`` (with ``tile_stride``), how images of any shape become the model's
+    input, at building and at scoring (:mod:`ccad.data.framing`)."""
     if get_method(variant).trainable:
         raise ValueError(f"{variant!r} is trained: use train_detector (ccad train --variant {variant})")
     config = _detector_config(variant, image_size, method, bank_config, scoring, backbone, layers, bank_size,
-                              weights, batch_size, None)
+                              weights, batch_size, None, resize, tile_stride)
     m, bank, train, (sel, thr) = _prepare(data, config, None, calibration_fraction, seed, device, progress, cancel,
                                           None)
     fusion = _build_fusion(config, train, thr, m.ctx.device, fusion_memory, progress, cancel, seed)
@@ -330,6 +358,8 @@ def train_detector(
     fusion_memory: Any = None,
     overwrite: bool = False,
     phase: Optional[Callable[[str], None]] = None,
+    resize: Optional[str] = None,
+    tile_stride: Optional[int] = None,
 ) -> AnomalyDetector:
     """Build and train a detector of any registered method on good images; save ``out_dir/model``.
 
@@ -352,6 +382,8 @@ def train_detector(
     ``phase(text)`` is told what runs now, as it starts ("building the feature bank" only for a
     method that builds one, the method's own text for preparing its training data, "training",
     "calibrating ...", "saving ..."); ``progress(done, total)`` counts within a phase.
+    ``resize`` / ``tile_stride``: as :func:`fit_detector` (the model is trained on what it scores:
+    letterboxed images or tiles).
     """
     from .features import FeatureBank
     from .training import TrainConfig, Trainer
@@ -371,7 +403,7 @@ def train_detector(
         state.wait_for_everyone()
     out_dir.mkdir(parents=True, exist_ok=True)
     config = _detector_config(variant, image_size, method, bank_config, scoring, backbone, layers, bank_size,
-                              None, None, preset)
+                              None, None, preset, resize, tile_stride)
     mcls = get_method(variant)
     tcfg = train if train is not None else TrainConfig(seed=seed)
     for key, value in (("steps", steps), ("batch_size", batch_size), ("lr", lr)):

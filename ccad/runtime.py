@@ -35,6 +35,13 @@ is to spin; on a shared CPU that doubled the CPU per image, issue 22), and the t
 backend's default; ``load(DIR, threads=N, spinning=True)`` or ``$CCAD_RUNTIME_THREADS`` /
 ``$CCAD_RUNTIME_SPINNING=1`` change them (:func:`thread_settings`). Resizing is numpy only, no
 BLAS call (:func:`resize_taps`).
+
+A model built with ``resize`` = ``keep-aspect`` or ``tile`` (``input.framing`` in ``verdict.json``,
+:mod:`ccad.data.framing`) is framed here as the torch detector frames it: step 1 letterboxes the
+image (resized without distortion, centred on its mean colour) or cuts its tiles at native size
+(:func:`framed_inputs`); step 3 crops the map to the image's region or stitches the tiles' maps
+(overlaps averaged, :func:`framed_region`), takes the score on that region and the domain
+distance as the lower median over the image's inputs.
 """
 from __future__ import annotations
 
@@ -149,6 +156,48 @@ def model_input(image: np.ndarray, size: int) -> np.ndarray:
     if tuple(image.shape[:2]) != (size, size):
         image = np.clip(resize(image, (size, size), antialias=True), 0.0, 1.0)
     return np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
+
+
+def framed_inputs(image: np.ndarray, layout: Any) -> list[np.ndarray]:
+    """The ``3 x S x S`` inputs of one image under ``keep-aspect`` / ``tile``
+    (:func:`ccad.data.framing.frame_tensor` in numpy): the image resized without distortion and
+    centred on its mean colour, or its tiles at native size (padded with its mean colour where
+    the image is smaller than a tile)."""
+    s = layout.size
+    if layout.mode == "keep-aspect":
+        nh, nw = layout.content
+        content = image if (nh, nw) == tuple(image.shape[:2]) else np.clip(
+            resize(image, (nh, nw), antialias=True), 0.0, 1.0)
+        content = np.ascontiguousarray(content.transpose(2, 0, 1), dtype=np.float32)
+        top, left = layout.offset
+        x = np.empty((3, s, s), np.float32)
+        x[:] = content.mean(axis=(1, 2), keepdims=True)
+        x[:, top:top + nh, left:left + nw] = content
+        return [x]
+    ch, cw = layout.canvas
+    img = image
+    if (ch, cw) != image.shape[:2]:
+        img = np.empty((ch, cw, 3), np.float32)
+        img[:] = image.reshape(-1, 3).mean(0)
+        img[:image.shape[0], :image.shape[1]] = image
+    return [np.ascontiguousarray(img[t:t + s, le:le + s].transpose(2, 0, 1), dtype=np.float32)
+            for t, le in layout.boxes]
+
+
+def framed_region(maps: np.ndarray, layout: Any) -> np.ndarray:
+    """One image's maps ``K x S x S`` -> the map its score is taken on (:func:`ccad.data.framing.score_region`):
+    keep-aspect: the image's region of the input; tile: the stitched map at the image's size."""
+    if layout.mode == "keep-aspect":
+        (nh, nw), (top, left) = layout.content, layout.offset
+        return maps[0, top:top + nh, left:left + nw]
+    s = layout.size
+    ch, cw = layout.canvas
+    acc = np.zeros((ch, cw), np.float32)
+    cnt = np.zeros((ch, cw), np.float32)
+    for k, (t, le) in enumerate(layout.boxes):
+        acc[t:t + s, le:le + s] += maps[k]
+        cnt[t:t + s, le:le + s] += 1
+    return (acc / cnt)[:layout.height, :layout.width]
 
 
 # ---- the post-processing the graph leaves to numpy -----------------------------------------
@@ -308,6 +357,10 @@ class ExportedDetector:
         self.domain_limit: Optional[float] = None if dom is None else float(dom["limit"])
         self.map_floor = float(spec.get("map_floor", 0.0))
         self.input_size = int(spec["input"]["size"])
+        self.framing = spec["input"].get("framing", "square")  # the model's resize mode (ccad.data.framing)
+        self.tile_stride = spec["input"].get("tile_stride")
+        if self.framing not in ("square", "keep-aspect", "tile"):
+            raise ExportFolderError(f"{f}: input.framing must be square, keep-aspect or tile, got {self.framing!r}")
         self.variant = str(spec.get("method", ""))
         self.source: Optional[Path] = self.path
 
@@ -349,6 +402,8 @@ class ExportedDetector:
     def _predict_batch(self, images: list[np.ndarray], paths: list[Optional[str]],
                        read_seconds: Sequence[float]) -> list[Prediction]:
         own = list(read_seconds)
+        if self.framing != "square":
+            return self._predict_framed(images, paths, own)
         xs = []
         for i, im in enumerate(images):
             t = time.perf_counter()
@@ -370,6 +425,44 @@ class ExportedDetector:
                            domain_distance=None if domain is None else float(domain[i]),
                            domain_limit=self.domain_limit)
             p.seconds = own[i] + per + (time.perf_counter() - t)
+            out.append(p)
+        return out
+
+    def _predict_framed(self, images: list[np.ndarray], paths: list[Optional[str]],
+                        own: list[float]) -> list[Prediction]:
+        """``keep-aspect`` / ``tile`` (:mod:`ccad.data.framing`, as ``AnomalyDetector._predict_framed``):
+        each image's letterboxed input or tiles through the graph; the map cropped to the image
+        (keep-aspect) or stitched (tile, overlaps averaged), the score by the model's rule on that
+        region, the domain distance the (lower) median over the image's inputs."""
+        from .data.framing import plan
+
+        layouts, xs = [], []
+        for i, im in enumerate(images):
+            t = time.perf_counter()
+            lay = plan(im.shape[0], im.shape[1], self.input_size, self.framing, self.tile_stride)
+            layouts.append(lay)
+            xs.extend(framed_inputs(im, lay))
+            own[i] += time.perf_counter() - t
+        t0 = time.perf_counter()
+        maps, _, domain = self.maps_and_scores(np.stack(xs))
+        seconds = time.perf_counter() - t0
+        total = len(xs)
+        out, at = [], 0
+        for i, (im, lay) in enumerate(zip(images, layouts)):
+            t = time.perf_counter()
+            k = lay.n_inputs
+            region = framed_region(maps[at:at + k], lay)
+            score = float(image_score(region[None], self.spec["score"])[0])
+            m = region if lay.mode == "tile" else resize(region, (lay.height, lay.width), antialias=False)
+            dom = None if domain is None else float(lower_median(domain[at:at + k][None].astype(np.float32))[0])
+            at += k
+            finite = bool(np.isfinite(m).all() and math.isfinite(score))
+            err = None if finite else (f"the exported model gave a non-finite anomaly score or map (NaN or inf): no "
+                                       f"verdict; check the export folder {self.path} (re-export it)")
+            p = Prediction(image=im, reconstruction=None, anomaly_map=m.astype(np.float32), score=score,
+                           threshold=self.threshold, seconds=0.0, path=paths[i], map_floor=self.map_floor, error=err,
+                           domain_distance=dom, domain_limit=self.domain_limit)
+            p.seconds = own[i] + seconds * k / total + (time.perf_counter() - t)
             out.append(p)
         return out
 

@@ -113,7 +113,7 @@ class TorchModel:
     def info(self) -> dict[str, Any]:
         det = self.detector
         return {"name": self.name, "kind": self.kind, "method": det.variant, "threshold": det.threshold,
-                "image_size": det.image_size, "card": det.card()}
+                "image_size": det.image_size, "resize": det.config.resize, "card": det.card()}
 
 
 class ExportModel:

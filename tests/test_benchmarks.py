@@ -300,3 +300,13 @@ def test_operating_points(manifest, tmp_path):
     assert low["threshold_is_max_good"] and low["threshold"] >= high["threshold"]  # a laxer target, a lower bar
     assert low["recall"] <= high["recall"] and low["n_defects"] == 2 and low["n_good"] == 2
     assert low["missed"] == round((1 - low["recall"]) * low["n_defects"])
+
+
+def test_resize_modes(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    assert benchmarks.run("resize_modes", ["--skip-mtd", "--elong-shape", "32x96", "--elong-size", "32",
+                                           "--workdir", str(tmp_path / "w"), "--json", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["mode"] for r in rows] == ["square", "keep-aspect", "tile"]
+    assert all(r["n_test"] == 12 and 0.0 <= r["pixel_auroc"] <= 1.0 for r in rows)
+    assert rows[2]["settings"]["n_train_inputs"] > rows[2]["settings"]["n_train"]  # built from tiles

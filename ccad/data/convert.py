@@ -142,6 +142,8 @@ def warn_aspect(shape: tuple[int, ...], size: int | tuple[int, int], name: str |
     _aspect_warned.add(key)
     who = f"{name}: " if name else ""
     warnings.warn(f"{who}a {h} x {w} image is resized to {th} x {tw}, changing its aspect ratio {change:.2f}x "
-                  f"(said once per run): elongated parts and thin defects along the long side lose detail",
+                  f"(said once per run): elongated parts and thin defects along the long side lose detail; "
+                  f"a model built with --resize keep-aspect (no distortion) or --resize tile (native "
+                  f"resolution) keeps them (resize= in the Python API)",
                   AspectRatioWarning, stacklevel=2)
     return True

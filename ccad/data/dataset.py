@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from collections import deque
+import threading
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, Sequence
 
@@ -15,7 +16,7 @@ from ccad.data.convert import mask_to_tensor, to_tensor, warn_aspect
 from ccad.data.io import ImageReadError, load_image, load_mask
 from ccad.data.sample import Sample
 
-__all__ = ["load_sample_mask", "load_item", "ImageDataset", "iter_batches"]
+__all__ = ["load_sample_mask", "load_item", "ImageDataset", "iter_batches", "iter_native"]
 
 
 def _check_on_error(on_error: str) -> None:
@@ -35,15 +36,45 @@ def load_sample_mask(sample: Sample, shape: tuple[int, int] | None = None) -> np
     return m
 
 
+_recent: "OrderedDict[str, np.ndarray]" = OrderedDict()  # the last images decoded for their tiles
+_recent_lock = threading.Lock()
+
+
+def _read_for_tiles(path: str) -> np.ndarray:
+    """:func:`load_image`, keeping the last two images: the tiles of one image are read one after
+    another (:func:`ccad.data.framing.frame_samples`), so each image is decoded once, not per tile."""
+    with _recent_lock:
+        if path in _recent:
+            _recent.move_to_end(path)
+            return _recent[path]
+    img = load_image(path)
+    with _recent_lock:
+        _recent[path] = img
+        while len(_recent) > 2:
+            _recent.popitem(last=False)
+    return img
+
+
 def load_item(sample: Sample, image_size: int | tuple[int, int]) -> dict[str, Any]:
-    """Read one sample as the dict :class:`ImageDataset` yields; raises ImageReadError."""
-    img = load_image(sample.image_path)
+    """Read one sample as the dict :class:`ImageDataset` yields; raises ImageReadError.
+
+    A :class:`ccad.data.framing.FramedSample` (a model built with ``resize = keep-aspect`` or
+    ``tile``) is read as that mode's model input: the letterboxed image or its one tile."""
+    resize = getattr(sample, "resize", "square")
+    img = _read_for_tiles(sample.image_path) if resize == "tile" else load_image(sample.image_path)
     h, w = img.shape[:2]
-    warn_aspect((h, w), image_size, sample.image_path)
     mask = load_sample_mask(sample, (h, w))
+    if resize != "square":
+        from ccad.data.framing import frame_item
+
+        size = image_size if isinstance(image_size, int) else int(image_size[0])
+        x, m = frame_item(img, mask, sample, size)  # type: ignore[arg-type]
+    else:
+        warn_aspect((h, w), image_size, sample.image_path)
+        x, m = to_tensor(img, image_size), mask_to_tensor(mask, image_size)
     return dict(
-        image=to_tensor(img, image_size),
-        mask=mask_to_tensor(mask, image_size),
+        image=x,
+        mask=m,
         label=int(sample.label),
         path=sample.image_path,
         category=sample.category,
@@ -175,3 +206,48 @@ def iter_batches(samples: Sequence[Sample], image_size: int | tuple[int, int] = 
             items, idx, errs = [], [], []
     if items:
         yield _collate(items, idx, errs)
+
+
+def iter_native(samples: Sequence[Sample], batch_size: int = 8, on_error: str = "skip",
+                errors: list[tuple[str, str]] | None = None, masks: bool = True) -> Iterator[dict[str, Any]]:
+    """Batches of readable samples at their own size, for detectors whose ``resize`` is not
+    ``square`` (:mod:`ccad.data.framing`: the detector frames each image itself). Yields dicts with
+    lists ``image`` (``H x W x 3`` float32), ``mask`` (``H x W`` bool, all False without a mask;
+    ``None`` entries when ``masks=False``), ``path``, ``category``, ``defect_type``, ``index``,
+    ``label`` (int array) and ``errors`` as :func:`iter_batches`. Unreadable files are skipped and
+    listed (``on_error="raise"`` re-raises)."""
+    _check_on_error(on_error)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    keys = ("image", "mask", "path", "category", "defect_type", "index", "label")
+    batch: dict[str, list] = {k: [] for k in keys}
+    errs: list[tuple[str, str]] = []
+
+    def out() -> dict[str, Any]:
+        d: dict[str, Any] = dict(batch)
+        d["label"] = np.asarray(batch["label"], dtype=int)
+        d["errors"] = list(errs)
+        return d
+
+    for i, s in enumerate(samples):
+        try:
+            img = load_image(s.image_path)
+            m = None
+            if masks:
+                m = load_sample_mask(s, img.shape[:2])
+                m = np.zeros(img.shape[:2], bool) if m is None else np.asarray(m) > 0
+        except ImageReadError as e:
+            if on_error == "raise":
+                raise
+            errs.append((e.path, e.reason))
+            if errors is not None:
+                errors.append((e.path, e.reason))
+            continue
+        for k, v in zip(keys, (img, m, s.image_path, s.category, s.defect_type, i, int(s.label))):
+            batch[k].append(v)
+        if len(batch["image"]) == batch_size:
+            yield out()
+            batch = {k: [] for k in keys}
+            errs = []
+    if batch["image"]:
+        yield out()

@@ -71,7 +71,8 @@ def source_hash(samples: Sequence[Sample], image_size: int | tuple[int, int], au
     h.update(json.dumps(head, sort_keys=True, default=str).encode())
     for s in samples:
         size_b, mtime = _stat(s.image_path)
-        h.update(f"\n{s.image_path}\t{size_b}\t{mtime}\t{s.category}".encode())
+        frame = s.frame_key() if hasattr(s, "frame_key") else ""  # a letterboxed image or one tile of it
+        h.update(f"\n{s.image_path}\t{size_b}\t{mtime}\t{s.category}{frame}".encode())
     return h.hexdigest()
 
 
@@ -159,7 +160,16 @@ class LatentCache(Dataset):
             flipped=flipped,
         )
         if self.with_images:
-            img = to_tensor(load_image(self.meta["paths"][index]), self.image_size)
+            frame = (self.meta.get("frames") or [None] * n)[index]
+            if frame:  # resize = keep-aspect / tile (ccad.data.framing): the input the latent was encoded from
+                from .framing import FramedSample, frame_item
+
+                fs = FramedSample(self.meta["paths"][index], resize=frame[0],
+                                  box=None if frame[1] is None else tuple(frame[1]), tile_stride=frame[2])
+                side = self.image_size if isinstance(self.image_size, int) else int(list(self.image_size)[0])
+                img = frame_item(load_image(fs.image_path), None, fs, side)[0]
+            else:
+                img = to_tensor(load_image(self.meta["paths"][index]), self.image_size)
             item["image"] = img.flip(-1) if flipped else img
         return item
 
@@ -322,6 +332,8 @@ def build_latent_cache(samples: Sequence[Sample], autoencoder: Any, image_size: 
         shape=[out_rows, *shape[1:]],
         dtype=dtype,
         paths=paths,
+        frames=[(samples[i].resize, samples[i].box, samples[i].tile_stride)
+                if getattr(samples[i], "resize", "square") != "square" else None for i in ok] * n_views,
         categories=[samples[i].category for i in ok] * n_views,
         sample_index=ok * n_views,
         flipped=[False] * n_ok + ([True] * n_ok if hflip else []),

@@ -106,7 +106,9 @@ def verdict_spec(detector: Any, outputs: Sequence[str], graph_file: str, backend
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "method": detector.variant,
         "graph": {"file": graph_file, "backend": backend, "outputs": list(outputs), "dynamic_batch": True},
-        "input": {"name": "image", "size": int(detector.input_size), "layout": "B x 3 x S x S, RGB, float32 in [0, 1]",
+        "input": {"name": "image", "size": int(detector.input_size),
+                  "framing": detector.config.resize, "tile_stride": detector.config.tile_stride,
+                  "layout": "B x 3 x S x S, RGB, float32 in [0, 1]",
                   "read": "ccad.data.coerce.coerce_image (grey/RGB/RGBA/16-bit -> float32 RGB in [0, 1])",
                   "resize": "bilinear with antialias (torch F.interpolate antialias=True = PIL triangle filter), "
                             "align_corners=False, then clamp to [0, 1]; none when already S x S",

@@ -82,6 +82,7 @@ class ImageStream:
         self.consumed = 0  # source items processed (images yielded + skipped)
         self._hash = hashlib.sha256()
         self._paths: Optional[list[str]] = None
+        self._framed: list[Any] = []
         self._data = data
         self._kind = "batches"
         self.total: Optional[int] = None
@@ -97,6 +98,8 @@ class ImageStream:
         elif isinstance(data, (list, tuple)) and data and all(_as_path(d) is not None for d in data):
             self._kind = "files"
             self._paths = [_as_path(d) for d in data]  # type: ignore[misc]
+            # framed samples (resize = keep-aspect / tile, ccad.data.framing) are read as framed
+            self._framed = [d if getattr(d, "resize", "square") != "square" else None for d in data]
             self.total = len(self._paths)
         elif isinstance(data, (list, tuple)):
             if not data:
@@ -121,12 +124,13 @@ class ImageStream:
         """SHA-256 identifying the source (see class docstring)."""
         if self._paths is not None:
             h = hashlib.sha256()
-            for p in sorted(self._paths):
+            keys = [p + (f.frame_key() if f is not None else "") for p, f in zip(self._paths, self._framed)]
+            for p, k in sorted(zip(self._paths, keys), key=lambda pk: pk[1]):
                 try:
                     size = os.path.getsize(p)
                 except OSError:
                     size = -1
-                h.update(f"{p}\0{size}\n".encode("utf-8", "surrogateescape"))
+                h.update(f"{k}\0{size}\n".encode("utf-8", "surrogateescape"))
             return h.hexdigest()
         return self._hash.hexdigest()
 
@@ -150,7 +154,8 @@ class ImageStream:
                 self.consumed = c0 + (self.n_images - n0) + len(errors)
 
             # one decode thread reads the next images while the backbone runs on this batch
-            for b in iter_batches([Sample(p, None, 0) for p in self._paths], self.image_size, bs, on_error="skip",
+            items = [f if f is not None else Sample(p, None, 0) for p, f in zip(self._paths, self._framed)]
+            for b in iter_batches(items, self.image_size, bs, on_error="skip",
                                   errors=errors, num_workers=1):
                 self.n_images += int(b["image"].shape[0])
                 sync()

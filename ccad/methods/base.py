@@ -137,6 +137,10 @@ class Method:
     # view). A method that names one checks ``self.ablate`` at the top of its inference and
     # computes the ablated map from the same saved model while it is True (:meth:`ablation_maps`).
     ablation: ClassVar[Optional[str]] = None
+    # the resize modes (ccad.data.framing) this method can be built and scored with; the mechanism is
+    # generic (the data layer frames every image it reads), so every mode unless a method says why not
+    resize_modes: ClassVar[tuple[str, ...]] = ("square", "keep-aspect", "tile")
+    resize_refusal: ClassVar[str] = ""  # why a mode is missing from resize_modes (shown when refused)
 
     def __init__(self, config: Any, ctx: Context) -> None:
         if not isinstance(config, self.Config):
