@@ -18,6 +18,7 @@ from ..jobs import FAILED, RUNNING, STOPPED, JobBusy, JobHandle
 from .base import ControllerBase
 
 CPU_PRESET = "tiny"
+PREVIEW_LABEL = "Reconstruction preview"
 CPU_MAX_IMAGE_SIZE = 128
 AUTOENCODER_HINT = ("taef2:/path/to/folder (the folder holding taef2_encoder.pth and taef2_decoder.pth); "
                     "kl:/path/to/folder or tiny:/path/to/folder (a diffusers folder); or a Hub id such as "
@@ -319,13 +320,31 @@ class TrainingMixin(ControllerBase):
             return "Stop requested: the job finishes its current step and saves a resumable checkpoint."
         return "No training job is running."
 
+    @staticmethod
+    def _preview_label(snap: dict[str, Any]) -> str:
+        """The preview panel's label for the job ``snap``: a method without a pixel reconstruction
+        (feat-diff) says it has none, so an empty panel is not taken for a missing picture."""
+        from ccad.methods.base import Method
+
+        variant = snap["params"].get("variant") or DEFAULT_VARIANT
+        try:
+            mcls = method_class(variant)
+        except Exception:
+            return PREVIEW_LABEL
+        if getattr(mcls, "preview", None) is Method.preview:
+            return f"No reconstruction preview: {mcls.title or variant} has no pixel reconstruction"
+        if snap["preview"] is None:
+            return f"{PREVIEW_LABEL} (the first one comes at step {snap['params'].get('preview_every', '?')})"
+        return f"{PREVIEW_LABEL} (step {snap['preview_step']})"
+
     def training_status(self, owner: Optional[str] = None) -> dict[str, Any]:
         """What the Train tab shows; the same job for every tab and reload (server-side job); ``mine``
         says whether the session ``owner`` may stop / resume it (else it is shown read-only)."""
         snap = self.jobs.snapshot()
         if snap is None:
             return {"status": "No training job has run on this server yet.", "progress": "", "losses": [],
-                    "preview": None, "state": "idle", "model_name": None, "can_resume": False, "mine": True}
+                    "preview": None, "preview_label": PREVIEW_LABEL, "state": "idle",
+                    "model_name": None, "can_resume": False, "mine": True}
         mine = self._owns(owner, snap["params"].get("owner"))
         total = snap["total_steps"] or 0
         pct = f" ({100.0 * snap['step'] / total:.0f} %)" if total else ""
@@ -343,6 +362,7 @@ class TrainingMixin(ControllerBase):
         if skipped:
             status += f" Left out {len(skipped)} file(s) of the data: {name_list(skipped)}."
         return {"status": status, "progress": progress, "losses": snap["losses"], "preview": snap["preview"],
-                "state": snap["state"], "model_name": snap["params"].get("model_name"),
+                "preview_label": self._preview_label(snap), "state": snap["state"],
+                "model_name": snap["params"].get("model_name"),
                 "can_resume": mine and snap["state"] in (STOPPED, FAILED) and self._last_train is not None,
                 "mine": mine}

@@ -179,8 +179,9 @@ def wire(c: AppController, ui: SimpleNamespace, bar: SimpleNamespace) -> None:
         s = c.training_status(owner=_owner(owner))
         n = len(c.registry.names())
         choice = model_choices(selected) if n != (seen or 0) else [gr.update()] * 3
+        # the job's own preview, or none: never the previous job's picture (issue 21)
         return [s["status"], s["progress"], views.loss_curve(s["losses"]),
-                s["preview"] if s["preview"] is not None else gr.update(), *choice, n,
+                gr.update(value=s["preview"], label=s["preview_label"]), *choice, n,
                 gr.update(interactive=s["mine"]), gr.update(interactive=s["mine"])]
 
     seen_models = gr.State(len(c.registry.names()))
