@@ -246,9 +246,9 @@ def test_folder_batch_relative_paths_and_whole_batch_comparison(app_env: dict[st
             wait_text(page, "inspect-table", n)
         wait_textbox(page, "inspect-file", lambda v: v in names)
         _select_dropdown(page, "compare-select", "small bank (patchcore)")
-        page.locator("#compare-table").wait_for(state="visible")
+        wait_text(page, "inspect-table", "score · small bank (patchcore)")  # one table, both models
         for n in names:
-            wait_text(page, "compare-table", n)
+            wait_text(page, "inspect-table", n)
         wait_text(page, "compare-agreement", "Agreement on 3 image(s)")
         text = page.locator("#compare-agreement").inner_text()
         m = re.search(r"(\d+) agree .*?(\d+) disagree", text)
