@@ -124,9 +124,10 @@ def test_review_tab_accept_flow(app_env: dict[str, Any]) -> None:
         wait_text(page, "review-progress", "0 / 2 reviewed")
         wait_text(page, "review-item", "1 / 2")
         # the model in use was built on the synthetic fibrous folder, not on DAGM Class1: the review
-        # builds a PatchCore on Class1's own good images and says so
+        # builds a PatchCore on every non-defective Class1 image of the folder (Train and Test) and says so
         wait_text(page, "review-status", "not built on Class1")
-        wait_text(page, "review-status", "PatchCore built on Class1 from its 3 good image(s)")
+        wait_text(page, "review-status",
+                  "PatchCore built on Class1 from all 4 of its non-defective images (3 good Train, 1 good Test)")
         page.locator("#review-panel-heatmap img").first.wait_for(state="visible")
         screenshot(page, "review_per_class_patchcore")
         page.locator("#review-panel-mask img").first.wait_for(state="visible")
