@@ -41,6 +41,17 @@ def _fake_train(data: str, out_dir: str, callbacks: Any = (), variant: str = "",
     return None
 
 
+MEASURED: list[tuple[str, str, int, int]] = []
+PER_STEP = {"tiny": 0.5, "small": 4.0, "base": 40.0}
+
+
+def _fake_measure(variant: str, method: Any, image_size: int, batch_size: int, probe_steps: int = 3) -> dict:
+    """Stands in for ccad.train_budget.measure_step_seconds (its real run is tested in
+    tests/test_train_budget.py): seconds per step by preset."""
+    MEASURED.append((variant, method.preset, image_size, batch_size))
+    return {"per_step": PER_STEP[method.preset], "steps": probe_steps, "setup_seconds": 1.0, "seconds": 3.0}
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     from app.controller import AppController, Engine
@@ -54,6 +65,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                   defects=("spot",))
     ctl = AppController(data_root=root, state_dir=tmp_path_factory.mktemp("state"), samples_dir=None,
                         demo_dir=None, engine=Engine(train=_fake_train))
+    ctl.engine.measure_steps = _fake_measure
     ctl.hub_cache_dir = str(tmp_path_factory.mktemp("hub-cache"))
     ctl.hub_probe = lambda: False
     demo = build_app(ctl)
@@ -99,3 +111,51 @@ def test_a_feat_diff_job_never_shows_the_previous_jobs_preview(env: dict[str, An
         screenshot(page, "train_feat_diff_no_old_preview")
         assert _preview_images(page) == 0, "the feat-diff job shows the previous job's reconstruction preview"
         wait_text(page, "train-preview", "no pixel reconstruction")
+
+
+def _select_dropdown(page: Any, elem_id: str, label: str) -> None:
+    box = page.locator(f"#{elem_id} input").first
+    box.click()
+    box.fill(label)
+    page.wait_for_timeout(300)
+    box.press("Enter")
+    page.keyboard.press("Escape")
+
+
+def test_the_estimate_before_start_follows_method_preset_and_steps(env: dict[str, Any]) -> None:
+    from app.engine import cuda_available
+    from ccad.train_budget import format_seconds
+
+    ctl = env["ctl"]
+    cpu = not cuda_available()
+    d = ctl.default_train_settings("ccad-v")
+    with browser_page(CHROMIUM, height=1600) as page:
+        _open_train(page, env["url"])  # opening the tab measures the default setting
+        steps, size, bs = d["steps"], d["image_size"], d["batch_size"]
+        first = f"Estimated training time: {format_seconds(0.5 * steps)} for {steps} steps"
+        wait_text(page, "train-estimate", first, timeout_ms=120_000)
+        text = page.locator("#train-estimate").inner_text()
+        assert "0.50 s/step measured over 3 step(s)" in text and "An estimate" in text, text
+        assert "real training steps were timed here" in text and f"{size} px, batch {bs}" in text, text
+        if cpu:
+            assert "Without a GPU this run fits in 10 minutes" in text, text
+        assert ("ccad-v", "tiny", size, bs) in MEASURED
+        screenshot(page, "train_estimate_default")
+
+        # a bigger preset: measured for itself; without a GPU the steps that fit, and the smaller preset's
+        _select_dropdown(page, "train-preset", "small")
+        wait_text(page, "train-estimate", f"Estimated training time: {format_seconds(4.0 * steps)} for {steps} steps",
+                  timeout_ms=120_000)
+        text = page.locator("#train-estimate").inner_text()
+        if cpu:
+            assert "Without a GPU: 150 steps of the small preset fit in 10 minutes" in text, text
+            assert "The tiny preset: 0.50 s/step measured, 1200 steps fit in 10 minutes" in text, text
+        n_measured = len(MEASURED)
+
+        # more steps: the estimate follows at once, from the same measurement
+        box = page.locator("#train-steps input").first
+        box.fill(str(2 * steps))
+        box.press("Enter")
+        wait_text(page, "train-estimate", f"{format_seconds(8.0 * steps)} for {2 * steps} steps", timeout_ms=60_000)
+        assert len(MEASURED) == n_measured
+        screenshot(page, "train_estimate_small_preset")
