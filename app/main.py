@@ -72,6 +72,9 @@ TABS = (("Inspect", "inspect", inspection), ("Feature bank", "bank", bank), ("Tr
 CSS = """
 .verdict-box textarea {font-weight: 700; font-size: 1.15em;}
 #inspect-panels .image-container img {object-fit: contain;}
+#inspect-panels, #compare-panels {justify-content: flex-start !important; gap: 16px !important;}
+#inspect-panels > div, #compare-panels > div {flex: 0 0 calc(20% - 12.8px) !important; margin: 0 !important;
+    min-width: 0 !important;}
 """
 
 

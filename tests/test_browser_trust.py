@@ -53,9 +53,23 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     ctl.registry.add("scaled", ScaledDetector(), "test")
     ctl.registry.add("domain", DomainDetector(), "test")
     ctl.registry.add("fake", FakeDetector(), "test")
+    ctl.registry.add("recon", _recon_detector(), "test", activate=False)
     demo = build_app(ctl)
     with serve(demo) as url:
         yield {"url": url, "root": root, "files": files, "ds": ds / "fibrous", "ctl": ctl}
+
+
+def _recon_detector() -> Any:
+    """A FakeDetector whose predictions carry a reconstruction (the input itself)."""
+    from test_app import FakeDetector
+
+    class Recon(FakeDetector):
+        def predict(self, item: Any) -> Any:
+            p = super().predict(item)
+            return type(p)(image=p.image, reconstruction=p.image, anomaly_map=p.anomaly_map, score=p.score,
+                           threshold=self.threshold, seconds=p.seconds, path=p.path)
+
+    return Recon()
 
 
 def _text(page: Any, elem_id: str) -> str:
@@ -184,6 +198,17 @@ def test_out_of_domain_images_and_one_comparison_table(env: dict[str, Any]) -> N
         assert abs(second["x"] - first["x"]) < 20 and abs(second["width"] - first["width"]) < 20, (first, second)
         assert "Heatmap · scaled" in _text(page, "compare-heatmap")
         screenshot(page, "trust_compare_one_table")
+
+        # a comparison model WITH a reconstruction (the model in use has none): its extra panels come
+        # after the heatmap and overlay, so those still line up column by column
+        _pick(page, "compare-select", "recon")
+        page.locator("#compare-reconstruction img").first.wait_for(state="visible")
+        wait_text(page, "compare-reconstruction", "· recon")
+        assert not page.locator("#panel-reconstruction").is_visible()
+        for kind in ("original", "heatmap", "overlay"):
+            a, b = page.locator(f"#panel-{kind}").bounding_box(), page.locator(f"#compare-{kind}").bounding_box()
+            assert abs(a["x"] - b["x"]) < 20 and abs(a["width"] - b["width"]) < 20, (kind, a, b)
+        screenshot(page, "trust_compare_with_reconstruction")
 
 
 def test_evaluate_per_defect_type_rows_and_unstretched_false_negatives(env: dict[str, Any]) -> None:

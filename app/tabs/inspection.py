@@ -37,12 +37,12 @@ def layout(c: AppController) -> SimpleNamespace:
     with gr.Row(elem_id="inspect-panels", equal_height=True):
         p_orig = gr.Image(label="Original", height=PANEL_HEIGHT, format="png", interactive=False,
                           elem_id="panel-original")
-        p_rec = gr.Image(label="Reconstruction", height=PANEL_HEIGHT, format="png", interactive=False,
-                         elem_id="panel-reconstruction")
         p_heat = gr.Image(label="Heatmap", height=PANEL_HEIGHT, format="png", interactive=False,
                           elem_id="panel-heatmap")
         p_over = gr.Image(label="Overlay", height=PANEL_HEIGHT, format="png", interactive=False,
                           elem_id="panel-overlay")
+        p_rec = gr.Image(label="Reconstruction", height=PANEL_HEIGHT, format="png", interactive=False,
+                         elem_id="panel-reconstruction")
         p_slider = gr.ImageSlider(label="Original ↔ reconstruction (drag)", height=PANEL_HEIGHT,
                                   format="png", interactive=False, type="numpy",
                                   elem_id="panel-slider")
@@ -56,17 +56,19 @@ def layout(c: AppController) -> SimpleNamespace:
         file_tb = gr.Textbox(label="File", interactive=False, elem_id="inspect-file")
         model_tb = gr.Textbox(label="Scored by (model)", interactive=False, elem_id="inspect-model")
         domain_tb = gr.Textbox(label="Training domain", interactive=False, elem_id="inspect-domain")
-    # the comparison model's panels directly under the first model's, column by column (issue 21)
+    # the comparison model's panels directly under the first model's, column by column (issue 21): in
+    # both rows the image, heatmap and overlay come first and every panel is a fifth of the row wide
+    # (main.CSS), so they line up whether or not each model has a reconstruction
     with gr.Group(visible=False, elem_id="compare-group") as compare_group:
-        with gr.Row(equal_height=True):
+        with gr.Row(equal_height=True, elem_id="compare-panels"):
             q_orig = gr.Image(label="Original", height=PANEL_HEIGHT, format="png", interactive=False,
                               elem_id="compare-original")
-            q_rec = gr.Image(label="Reconstruction", height=PANEL_HEIGHT, format="png", interactive=False,
-                             elem_id="compare-reconstruction")
             q_heat = gr.Image(label="Heatmap", height=PANEL_HEIGHT, format="png", interactive=False,
                               elem_id="compare-heatmap")
             q_over = gr.Image(label="Overlay", height=PANEL_HEIGHT, format="png", interactive=False,
                               elem_id="compare-overlay")
+            q_rec = gr.Image(label="Reconstruction", height=PANEL_HEIGHT, format="png", interactive=False,
+                             elem_id="compare-reconstruction")
             q_slider = gr.ImageSlider(label="Original ↔ reconstruction (comparison model)", height=PANEL_HEIGHT,
                                       format="png", interactive=False, type="numpy",
                                       elem_id="compare-slider")
