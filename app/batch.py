@@ -30,7 +30,7 @@ class Batch:
 
 
 TABLE_HEADERS = ["#", "file", "score", "verdict", "seconds", "training domain"]
-AGREE_HEADER = "same verdict as the other model"
+AGREE_HEADER = "verdicts agree"
 
 
 def seconds_text(v: Any) -> str:

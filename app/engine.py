@@ -19,7 +19,8 @@ def _lazy(module: str, name: str) -> Callable[..., Any]:
 # attribute -> (module, function) of the real entry point, imported on first use
 DEFAULTS = {"fit": ("ccad.pipeline", "fit_detector"), "train": ("ccad.pipeline", "train_detector"),
             "evaluate": ("ccad.evaluate", "evaluate"), "load_dataset": ("ccad.data.detect", "load_dataset"),
-            "load_image": ("ccad.data.io", "load_image"), "export": ("ccad.export", "export_detector")}
+            "load_image": ("ccad.data.io", "load_image"), "export": ("ccad.export", "export_detector"),
+            "measure_steps": ("ccad.train_budget", "measure_step_seconds")}
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Engine:
     load_dataset: Callable[..., Any] = None  # type: ignore[assignment]
     load_image: Callable[..., Any] = None  # type: ignore[assignment]
     export: Callable[..., Any] = None  # type: ignore[assignment]
+    measure_steps: Callable[..., Any] = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.load is None:

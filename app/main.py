@@ -72,6 +72,9 @@ TABS = (("Inspect", "inspect", inspection), ("Feature bank", "bank", bank), ("Tr
 CSS = """
 .verdict-box textarea {font-weight: 700; font-size: 1.15em;}
 #inspect-panels .image-container img {object-fit: contain;}
+#inspect-panels, #compare-panels {justify-content: flex-start !important; gap: 16px !important;}
+#inspect-panels > div, #compare-panels > div {flex: 0 0 calc(20% - 12.8px) !important; margin: 0 !important;
+    min-width: 0 !important;}
 """
 
 
@@ -125,15 +128,16 @@ def build_app(controller: Optional[AppController] = None, data_root: str | os.Pa
         # that started them; other sessions see them read-only
         browser_id = gr.BrowserState("", storage_key="ccad-browser-id")
 
+        tab_blocks: dict[str, gr.Tab] = {}
         with gr.Tabs(elem_id="tabs"):
             for title, tab_id, tab in TABS:
-                with gr.Tab(title, id=tab_id, elem_id=f"tab-{tab_id}"):
+                with gr.Tab(title, id=tab_id, elem_id=f"tab-{tab_id}") as tab_blocks[tab_id]:
                     parts.append(tab.layout(c))
             with gr.Tab("DAGM review", id="review", elem_id="tab-review"):
                 _mount_review(review_builder, review_error, c)
 
         # every component by name (a name used twice is a TypeError here), then each tab's events
-        ui = SimpleNamespace(batch_state=batch_state, browser_id=browser_id,
+        ui = SimpleNamespace(batch_state=batch_state, browser_id=browser_id, train_tab=tab_blocks["train"],
                              **{k: v for p in parts for k, v in vars(p).items()})
         ins = inspection.wire(c, ui)
         bar = models.wire(c, ui, ins)

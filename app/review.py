@@ -31,17 +31,16 @@ __all__ = ["ReviewUI", "editor_value", "mask_from_editor"]
 
 ELLIPSE_COLOR = (255, 200, 0)
 MASK_COLOR = (255, 40, 40)
-EDIT_RGBA = (255, 0, 0, 110)
+EDIT_RGBA = (255, 0, 0, 150)  # the proposal: a filled red layer, the image visible through it
 PANEL_HEIGHT = 320
 AUTO = "auto: the model in use if built on this class, else a PatchCore built on the class"
 IN_USE = "the model in use"
 PER_CLASS_MAX_SIZE = 256
 PER_CLASS_BANK = 64
 EXPORTS_KEPT = 4  # the last review export zips of this server kept on disk (older ones are removed)
-PER_CLASS_MAX_IMAGES = 32  # a DAGM class has ~1000 good Train images: an even spread of 32 is plenty
-#: What the per-class bank was built from, by :func:`ccad.relabel.class_normal_images` source.
-_SOURCE_WORDS = {"good Train images": "good image(s)", "good Test images": "good Test image(s)",
-                 "images without a defect label": "image(s) without a defect label (no label file)"}
+#: How the per-class bank's sources are named on the page, by :func:`ccad.relabel.class_normal_images` source.
+_SOURCE_WORDS = {"good Train images": "good Train", "good Test images": "good Test",
+                 "images without a defect label": "without a defect label"}
 #: The editor's starting canvas. gr.ImageEditor (Gradio 6) centres a layer in the larger of the
 #: canvas and the background, so with the default 800 x 800 canvas a 512 px image got its mask
 #: layer drawn 144 px right of and below the image, and the first stroke saved it there. A canvas
@@ -50,6 +49,10 @@ EDITOR_CANVAS = (16, 16)
 #: Brush and eraser radius (image px). Gradio's "auto" radius was ~18 px on a 512 px DAGM image: one dab
 #: (~1000 px) swamped a 270 px proposal. A tight mask needs a fine brush (the size is adjustable).
 EDITOR_BRUSH = 4
+#: The editor's height (CSS): about the width of the page's content, but no taller than the window,
+#: so that a (square) DAGM image, which the editor zooms to fit, is shown as wide as the editor where
+#: the window allows (it was a small stamp in a 300 px box; issue 21).
+EDITOR_HEIGHT = "min(calc(100vw - 100px), calc(100vh - 80px))"
 
 #: Stable element ids (browser tests and users' automation find the components by them).
 def _note_image(text: str, size: tuple[int, int] = (256, 256)) -> np.ndarray:
@@ -187,16 +190,32 @@ class ReviewUI:
                 return False
         return False
 
-    def _good_of_class(self, sess: ReviewSession, category: str) -> tuple[list[Any], str, int]:
-        """(the class's non-defective images, their source in words, how many there are in all):
-        :func:`ccad.relabel.class_normal_images`, at most ``PER_CLASS_MAX_IMAGES`` of them."""
+    def _good_of_class(self, sess: ReviewSession, category: str) -> Any:
+        """Every non-defective image of the class that the folder holds
+        (:func:`ccad.relabel.class_normal_images`: good Train, good Test, or without a label file);
+        None when there are none or the folder is no DAGM layout."""
         if sess.root is None or not category:
-            return [], "", 0
+            return None
         try:
-            found = class_normal_images(sess.root, category, limit=PER_CLASS_MAX_IMAGES)
+            found = class_normal_images(sess.root, category)
         except Exception:
-            return [], "", 0
-        return found.samples, found.source, found.total
+            return None
+        return found if found.samples else None
+
+    @staticmethod
+    def bank_source_text(found: Any) -> str:
+        """What the per-class bank was built from, with the counts: "all 40 of its non-defective
+        images (36 good Train, 4 good Test)", "all 2 of its images without a defect label (no
+        label file)"."""
+        n = len(found.samples)
+        counts = dict(found.counts or {found.source: n})
+        if len(counts) == 1:
+            words = next(iter(counts))
+            if words == "images without a defect label":
+                return f"all {n} of its images without a defect label (no label file)"
+            return f"all {n} of its {words}"
+        parts = ", ".join(f"{k} {_SOURCE_WORDS.get(w, w)}" for w, k in counts.items())
+        return f"all {n} of its non-defective images ({parts})"
 
     def _in_use_name(self) -> str:
         try:
@@ -206,9 +225,10 @@ class ReviewUI:
         return str(name) if name else "the model in use"
 
     def _class_detector(self, key: str, sess: ReviewSession, category: str,
-                        good: list[Any], source: str = "good Train images", total: int = 0) -> tuple[Any, str]:
+                        found: Any) -> tuple[Any, str]:
         """A fit-only detector (the registry's first method that needs no training: PatchCore) built
-        from the class's own non-defective images, once per folder and class; and its name."""
+        from every non-defective image of the class (``found``, :meth:`_good_of_class`), once per
+        folder and class; and its name with how many images it was built from."""
         import time
 
         if (key, category) in self._class_dets:
@@ -222,11 +242,10 @@ class ReviewUI:
         if fit is None:
             from ccad.pipeline import fit_detector as fit
         t0 = time.perf_counter()
-        det = fit(good, variant=variant, image_size=size, bank_size=PER_CLASS_BANK, calibration_fraction=0.0)
+        det = fit(list(found.samples), variant=variant, image_size=size, bank_size=PER_CLASS_BANK,
+                  calibration_fraction=0.0)
         title = (get_method(variant).title or variant).split(":")[0].split(" (")[0]
-        words = _SOURCE_WORDS.get(source, "good image(s)")
-        count = f"its {len(good)}" if total <= len(good) else f"{len(good)} of its {total}"
-        note = (f"**a {title} built on {category} from {count} {words}** (a bank of "
+        note = (f"**a {title} built on {category} from {self.bank_source_text(found)}** (a bank of "
                 f"{PER_CLASS_BANK} patches at {size} px, built here in {time.perf_counter() - t0:.1f} s)")
         self._class_dets[(key, category)] = (det, note)
         return det, note
@@ -251,14 +270,15 @@ class ReviewUI:
             return None, None, f"model unavailable ({type(exc).__name__}: {exc})", ""
         if choice == AUTO and sess is not None and len(sess):
             category = sess.current.category
-            good, source, total = self._good_of_class(sess, category) if category else ([], "", 0)
+            found = self._good_of_class(sess, category) if category else None
+            good = list(found.samples) if found is not None else []
             if det is None or not self.built_on(det, category, good):
                 name = self._in_use_name()
                 in_use = "the model in use" + (f" (**{name}**)" if name != "the model in use" else "")
                 why = "no model is loaded" if det is None else f"{in_use} was not built on {category}"
                 if good:
                     try:
-                        det, note = self._class_detector(key or "", sess, category, good, source, total)
+                        det, note = self._class_detector(key or "", sess, category, found)
                         using = f"{why[0].upper() + why[1:]}: heatmap and proposal from {note}."
                     except Exception as exc:
                         using = (f"{why[0].upper() + why[1:]}; building a per-class model failed "

@@ -36,12 +36,13 @@ def defect_image(rng: np.random.Generator, size: int, centre: tuple[int, int],
 
 def write_dagm_like(root: Path, n_good: int = 4, n_defect: int = 2, size: int = 128,
                     cls: str = "Class1", loose: bool = False, seed: int = 0,
-                    axes: tuple[int, int] = (18, 12)) -> dict[str, list[str]]:
+                    axes: tuple[int, int] = (18, 12), split: str = "Train") -> dict[str, list[str]]:
     """Write one class; returns ``{"good": [names], "defect": [names]}`` (the file names).
 
-    Defective images come first (0001.PNG ...), each with its blob at the image centre."""
+    Defective images come first (0001.PNG ...), each with its blob at the image centre. ``split``:
+    the published layout's ``Train`` or ``Test`` folder."""
     rng = np.random.default_rng(seed)
-    folder = root / ("test_data" / Path(cls) if loose else Path(cls) / "Train")
+    folder = root / ("test_data" / Path(cls) if loose else Path(cls) / split)
     label_dir = folder / ("true_masks" if loose else "Label")
     label_dir.mkdir(parents=True, exist_ok=True)
     names: dict[str, list[str]] = {"good": [], "defect": []}

@@ -633,7 +633,7 @@ def test_app_has_the_original_reconstruction_slider_and_collapsed_card(ctl: AppC
     by_id = {c["props"].get("elem_id"): c for c in cfg["components"]}
     assert by_id["panel-slider"]["type"] == "imageslider" and by_id["compare-slider"]["type"] == "imageslider"
     assert by_id["model-card-details"]["props"]["open"] is False
-    assert "compare-table" in by_id and "compare-agreement" in by_id and "inspect-folder" in by_id
+    assert "compare-table" not in by_id and "compare-agreement" in by_id and "inspect-folder" in by_id
     assert by_id["train-form"]["type"] == "dataframe" and "eval-curves" in by_id
 
 
@@ -787,5 +787,5 @@ def test_comparison_with_an_uncalibrated_model_never_counts_both_good(ctl: AppCo
     assert (a["agree"], a["both_good"], a["disagree"]) == (0, 0, 0)
     assert sorted(a["no_verdict"]) == ["10.png", "128.png", "60.png"]
     assert "3 without a verdict" in a["text"]
-    rows_a, rows_b = ctl.compare_rows("raw", batch, 0.3)
-    assert [r[4] for r in rows_a] == ["? no verdict"] * 3
+    _, rows = ctl.compare_table("raw", batch, 0.3)
+    assert [r[6] for r in rows] == ["? no verdict"] * 3

@@ -287,17 +287,20 @@ def test_the_page_says_what_the_bundled_demo_was_trained_on(root: Path, tmp_path
 
 # ------------------------------------------------------------------------------- item 13: compare, evaluate
 
-def test_comparison_tables_are_sorted_by_file_with_agreement_per_row(ctl: AppController, tmp_path: Path) -> None:
+def test_comparison_is_one_table_with_both_scores_verdicts_and_agreement(ctl: AppController, tmp_path: Path) -> None:
     ctl.registry.add("scaled", ScaledDetector(), "test", activate=False)
     files = [str(grey(tmp_path / n, v)) for n, v in (("c.png", 70), ("a.png", 128), ("b.png", 10))]
     batch = ctl.inspect("fake", files)  # scores: c ~0.225, a ~0.002, b ~0.46
-    a, b = ctl.compare_rows("scaled", batch, 0.3)
-    assert [r[1] for r in a] == [r[1] for r in b] == ["a.png", "b.png", "c.png"]  # the same image on each row
-    assert [r[0] for r in a] == [r[0] for r in b]  # and the same batch index (row clicks select it)
-    assert [(r[3], q[3]) for r, q in zip(a, b)] == [("good", "good"), ("anomalous", "anomalous"),
-                                                    ("good", "anomalous")]
-    assert [r[4] for r in a] == [r[4] for r in b] == ["✓ same", "✓ same", "✗ DIFFERS"]
-    assert ctl.compare_rows("", batch) == ([], [])
+    head, rows = ctl.compare_table("scaled", batch, 0.3)
+    assert head[:7] == ["#", "file", "score · fake", "verdict · fake", "score · scaled", "verdict · scaled",
+                        "verdicts agree"]
+    # the disagreement first, then worst first by the model in use
+    assert [r[1] for r in rows] == ["c.png", "b.png", "a.png"]
+    assert [batch.names[r[0]] for r in rows] == [r[1] for r in rows]  # '#' is the batch index (row clicks)
+    assert [(r[3], r[5]) for r in rows] == [("good", "anomalous"), ("anomalous", "anomalous"), ("good", "good")]
+    assert [r[6] for r in rows] == ["✗ DIFFERS", "✓ same", "✓ same"]
+    assert rows[0][4] == pytest.approx(10 * rows[0][2], rel=1e-3)  # each model's own score
+    assert ctl.compare_table("", batch) == ([], [])
 
 
 def test_each_row_shows_that_images_own_time(ctl: AppController, tmp_path: Path) -> None:

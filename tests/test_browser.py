@@ -124,9 +124,10 @@ def test_review_tab_accept_flow(app_env: dict[str, Any]) -> None:
         wait_text(page, "review-progress", "0 / 2 reviewed")
         wait_text(page, "review-item", "1 / 2")
         # the model in use was built on the synthetic fibrous folder, not on DAGM Class1: the review
-        # builds a PatchCore on Class1's own good images and says so
+        # builds a PatchCore on every non-defective Class1 image of the folder (Train and Test) and says so
         wait_text(page, "review-status", "not built on Class1")
-        wait_text(page, "review-status", "PatchCore built on Class1 from its 3 good image(s)")
+        wait_text(page, "review-status",
+                  "PatchCore built on Class1 from all 4 of its non-defective images (3 good Train, 1 good Test)")
         page.locator("#review-panel-heatmap img").first.wait_for(state="visible")
         screenshot(page, "review_per_class_patchcore")
         page.locator("#review-panel-mask img").first.wait_for(state="visible")
@@ -246,9 +247,9 @@ def test_folder_batch_relative_paths_and_whole_batch_comparison(app_env: dict[st
             wait_text(page, "inspect-table", n)
         wait_textbox(page, "inspect-file", lambda v: v in names)
         _select_dropdown(page, "compare-select", "small bank (patchcore)")
-        page.locator("#compare-table").wait_for(state="visible")
+        wait_text(page, "inspect-table", "score · small bank (patchcore)")  # one table, both models
         for n in names:
-            wait_text(page, "compare-table", n)
+            wait_text(page, "inspect-table", n)
         wait_text(page, "compare-agreement", "Agreement on 3 image(s)")
         text = page.locator("#compare-agreement").inner_text()
         m = re.search(r"(\d+) agree .*?(\d+) disagree", text)

@@ -1,6 +1,7 @@
 """Issue 13 ("Trust") in a real headless Chromium: a model switch re-scores the batch (also the
 switch a finished bank build makes), the model that scored a result is named, out-of-domain images
-are flagged, the Compare tables line up by file, the bank-build progress stays off the model
+are flagged, a comparison is one table (both scores, both verdicts, agreement per image) with the
+second model's panels under the first's, the bank-build progress stays off the model
 dropdowns, and the Evaluate tab has per-defect-type rows and false-negative thumbnails.
 
 Models: the deterministic fakes of tests/test_app_trust.py (so the wrong "good" of the bug is
@@ -52,9 +53,23 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     ctl.registry.add("scaled", ScaledDetector(), "test")
     ctl.registry.add("domain", DomainDetector(), "test")
     ctl.registry.add("fake", FakeDetector(), "test")
+    ctl.registry.add("recon", _recon_detector(), "test", activate=False)
     demo = build_app(ctl)
     with serve(demo) as url:
         yield {"url": url, "root": root, "files": files, "ds": ds / "fibrous", "ctl": ctl}
+
+
+def _recon_detector() -> Any:
+    """A FakeDetector whose predictions carry a reconstruction (the input itself)."""
+    from test_app import FakeDetector
+
+    class Recon(FakeDetector):
+        def predict(self, item: Any) -> Any:
+            p = super().predict(item)
+            return type(p)(image=p.image, reconstruction=p.image, anomaly_map=p.anomaly_map, score=p.score,
+                           threshold=self.threshold, seconds=p.seconds, path=p.path)
+
+    return Recon()
 
 
 def _text(page: Any, elem_id: str) -> str:
@@ -133,7 +148,12 @@ def test_model_switch_and_bank_build_rescore_the_batch(env: dict[str, Any]) -> N
         print("progress elements seen on the bank status:", on_status)
 
 
-def test_out_of_domain_images_and_comparison_tables_line_up(env: dict[str, Any]) -> None:
+def _header(page: Any, elem_id: str) -> list[str]:
+    return [h.strip() for h in page.evaluate(
+        "id => Array.from(document.querySelectorAll('#' + id + ' thead th')).map(th => th.innerText)", elem_id)]
+
+
+def test_out_of_domain_images_and_one_comparison_table(env: dict[str, Any]) -> None:
     with browser_page(CHROMIUM) as page:
         page.goto(env["url"])
         page.wait_for_selector("#inspect-upload")
@@ -149,14 +169,46 @@ def test_out_of_domain_images_and_comparison_tables_line_up(env: dict[str, Any])
         screenshot(page, "trust_out_of_domain")
 
         _pick(page, "compare-select", "scaled")
-        page.locator("#compare-table").wait_for(state="visible")
-        wait_text(page, "compare-table", "c_mid.png")
-        a, b = _table(page, "inspect-table"), _table(page, "compare-table")
-        assert [r[1] for r in a] == [r[1] for r in b] == ["a_ok.png", "b_defect.png", "c_mid.png"]  # by file
-        # c_mid (score ~0.225): good for domain (0.3), anomalous for scaled (2.25 > 2.0)
-        assert [r[4] for r in a] == [r[4] for r in b] == ["✓ same", "✓ same", "✗ DIFFERS"]
-        assert "sorted by file" in _text(page, "inspect-table") and "scored by scaled" in _text(page, "compare-table")
-        screenshot(page, "trust_compare_lined_up")
+        # ONE table: per image both scores, both verdicts and whether they agree (issue 21)
+        wait_text(page, "inspect-table", "agree")
+        deadline = time.time() + 60
+        while "score · scaled" not in _header(page, "inspect-table") and time.time() < deadline:
+            page.wait_for_timeout(300)
+        head = _header(page, "inspect-table")
+        assert head[:7] == ["#", "file", "score · domain", "verdict · domain", "score · scaled", "verdict · scaled",
+                            "verdicts agree"], head
+        assert not page.locator("#compare-table").is_visible()  # no second table beside it
+        rows = _table(page, "inspect-table")
+        by_file = {r[1]: r for r in rows}
+        # c_mid (score ~0.225): good for domain (0.3), anomalous for scaled (2.25 > 2.0); it disagrees: first
+        assert rows[0][1] == "c_mid.png"
+        assert by_file["c_mid.png"][3:7] == ["good", by_file["c_mid.png"][4], "anomalous", "✗ DIFFERS"]
+        assert by_file["a_ok.png"][6] == by_file["b_defect.png"][6] == "✓ same"
+        # the agreement column is in view, not scrolled off to the right of a half-width table
+        table_box = page.locator("#inspect-table").bounding_box()
+        cell = page.locator("#inspect-table [role=row].virtual-row [role=gridcell]").nth(6)
+        cell_box = cell.bounding_box()
+        assert cell_box is not None and cell_box["x"] + cell_box["width"] <= table_box["x"] + table_box["width"] + 1
+        assert "DIFFERS" in cell.inner_text() or "same" in cell.inner_text()
+        # the second model's panels sit under the first's, column by column (not a page further down)
+        page.locator("#compare-heatmap img").first.wait_for(state="visible")
+        first, second = page.locator("#panel-heatmap").bounding_box(), page.locator("#compare-heatmap").bounding_box()
+        gap = second["y"] - (first["y"] + first["height"])
+        assert 0 <= gap < first["height"], (first, second)  # only the first model's score line between
+        assert abs(second["x"] - first["x"]) < 20 and abs(second["width"] - first["width"]) < 20, (first, second)
+        assert "Heatmap · scaled" in _text(page, "compare-heatmap")
+        screenshot(page, "trust_compare_one_table")
+
+        # a comparison model WITH a reconstruction (the model in use has none): its extra panels come
+        # after the heatmap and overlay, so those still line up column by column
+        _pick(page, "compare-select", "recon")
+        page.locator("#compare-reconstruction img").first.wait_for(state="visible")
+        wait_text(page, "compare-reconstruction", "· recon")
+        assert not page.locator("#panel-reconstruction").is_visible()
+        for kind in ("original", "heatmap", "overlay"):
+            a, b = page.locator(f"#panel-{kind}").bounding_box(), page.locator(f"#compare-{kind}").bounding_box()
+            assert abs(a["x"] - b["x"]) < 20 and abs(a["width"] - b["width"]) < 20, (kind, a, b)
+        screenshot(page, "trust_compare_with_reconstruction")
 
 
 def test_evaluate_per_defect_type_rows_and_unstretched_false_negatives(env: dict[str, Any]) -> None:

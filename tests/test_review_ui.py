@@ -332,7 +332,7 @@ def test_per_class_patchcore_when_the_model_was_not_built_on_the_class(tmp_path:
                   get_model=lambda n: other if n == "other" else None, fit=fake_fit)
     assert ui.model_choices() == [AUTO, IN_USE, "m1", "other"]
     key, status, *_ = ui.load("dagm")
-    assert "not built on Class1" in status and "PatchCore built on Class1 from its 4 good image(s)" in status
+    assert "not built on Class1" in status and "PatchCore built on Class1 from all 4 of its good Train images" in status
     assert fitted == [(4, "Class1", 64)] and in_use.calls == 0
     ui.views(key)
     assert len(fitted) == 1  # built once per class
@@ -388,7 +388,7 @@ def test_per_class_bank_on_a_loose_dagm_sample_names_the_model(tmp_path: Path) -
     key, status, *_ = ui.load("sample")
     assert fitted == [names["good"]]
     assert "The model in use (**demo (ccad-v)**) was not built on class1" in status, status
-    assert "**a PatchCore built on class1 from its 2 image(s) without a defect label" in status, status
+    assert "**a PatchCore built on class1 from all 2 of its images without a defect label" in status, status
     assert "no good" not in status and "using the model in use" not in status
     assert "PatchCore built on class1" in ui.export(key)[1]  # still named after an export
     status = ui.choose_model(key, IN_USE)[0]
@@ -466,7 +466,7 @@ def test_mask_editor_in_chromium_proposal_over_image_strokes_add_unchanged_accep
         page.get_by_text("Edit the mask").click()  # open the editor before loading
         page.locator("#review-load").click()
         wait_for(page, "review-item", "1 / 3")
-        wait_for(page, "review-status", "PatchCore built on Class1 from its 3 good image(s)")
+        wait_for(page, "review-status", "PatchCore built on Class1 from all 3 of its good Train images")
         sess = ui.session(str((root / "dagm").resolve()))
         proposal = sess.proposal(0).copy()
         assert proposal[64, 64] and 300 < proposal.sum() < 3000  # the dark blob at the centre

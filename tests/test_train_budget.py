@@ -44,3 +44,24 @@ def test_the_trainer_writes_a_checkpoint_before_the_refusal_and_resume_continues
     assert (tmp_path / "checkpoint-2").is_dir()
     resumed = trainer(small_model(seed=5), data, cfg(steps=6), tmp_path).train(resume=True)
     assert resumed.start_step == 2 and resumed.step == 6
+
+
+def test_the_step_time_is_measured_before_a_run_by_a_short_real_probe(tmp_path, monkeypatch) -> None:
+    """Issue 24: the Train tab's estimate before Start times real training steps of the method on
+    synthetic images; the probe stops after them (nothing calibrated or saved, its folder removed)."""
+    import tempfile
+
+    import torch
+
+    from ccad.methods import get_method
+    from ccad.train_budget import estimate_text, measure_step_seconds, steps_that_fit
+
+    torch.set_num_threads(1)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    cfg = get_method("feat-diff").default_config("tiny")
+    got = measure_step_seconds("feat-diff", cfg, image_size=32, batch_size=2, probe_steps=2)
+    assert got["steps"] == 2 and got["per_step"] > 0 and got["seconds"] >= got["setup_seconds"] >= 0
+    assert list(tmp_path.iterdir()) == []  # the probe's images and run folder are gone
+    line = estimate_text(2.0, 300, 2, "of this method ")
+    assert line == "estimated 10 min for 300 steps (2.00 s/step measured over 2 step(s) of this method on this machine)"
+    assert steps_that_fit(2.0, 600) == 300 and steps_that_fit(0.0, 600) == 0

@@ -43,6 +43,7 @@ class ControllerBase:
         self.startup_message = ""
         self._model_lines: dict[str, str] = {}  # model name -> how it was loaded (model_status_line)
         self._last_train: Optional[dict[str, Any]] = None
+        self._step_times: dict[tuple, dict[str, Any]] = {}  # measured s/step per training setting (estimate)
         self.hub_probe: Callable[[], bool] = hub_reachable
         self.hub_cache_dir: Optional[str] = None  # the local Hub cache (None: huggingface_hub's default)
         self._hub_seen: Optional[tuple[float, bool]] = None

@@ -16,7 +16,8 @@ import numpy as np
 from ccad.data.naming import display_name
 
 from .. import views
-from ..batch import Batch, domain_text, name_list, relative_name, seconds_text, to_uint8, unique_names, verdict_text
+from ..batch import (AGREE_HEADER, Batch, domain_text, name_list, relative_name, seconds_text, to_uint8, unique_names,
+                     verdict_text)
 from ..engine import ProgressFn
 from ..errors import UserError, hide_paths
 from ..paths import PathError, extracted_zip, keep_newest, remove_stale
@@ -145,33 +146,44 @@ class InspectMixin(ControllerBase):
         return [i, name, round(score, 5) if math.isfinite(score) else score, p.verdict, seconds_text(p.seconds),
                 domain_text(p, short=True)]
 
-    def batch_label(self, batch: Optional[Batch], compared: bool = False) -> str:
+    def batch_label(self, batch: Optional[Batch], compared: str = "") -> str:
         """The batch table's label: which model scored it (verdicts belong to that model)."""
         if batch is None or not batch.predictions:
             return "Batch (inspect images to fill it)"
-        order = "sorted by file, rows line up with the other table" if compared else "worst first"
-        return f"Batch scored by {batch.model} ({order}; click a row to show it; click a header to sort)"
+        if compared:
+            return (f"Batch scored by {batch.model} and by {compared} (disagreements first, then worst first by "
+                    f"{batch.model}; {compared}'s verdicts at its own calibrated threshold; click a row to show it)")
+        return f"Batch scored by {batch.model} (worst first; click a row to show it; click a header to sort)"
 
-    def compare_rows(self, other: Optional[str], batch: Optional[Batch],
-                     threshold: Optional[float] = None) -> tuple[list[list[Any]], list[list[Any]]]:
-        """The batch and its comparison batch as two tables sorted by file (row ``k`` of both is the
-        same image), each row marked (column 5, :data:`AGREE_HEADER`) with whether the two verdicts
-        agree (the model in use at ``threshold``, the other at its own calibrated threshold)."""
+    def compare_table(self, other: Optional[str], batch: Optional[Batch],
+                      threshold: Optional[float] = None) -> tuple[list[str], list[list[Any]]]:
+        """The batch and its comparison batch as ONE table (issue 21): per image its '#' (row
+        clicks select it), file, the score and verdict of the model in use (at ``threshold``),
+        those of ``other`` (at its own calibrated threshold), whether the two verdicts agree
+        (:data:`AGREE_HEADER`) and each model's training-domain note. Disagreements first, then
+        worst first by the model in use. Returns ``(headers, rows)``; no comparison: ``([], [])``."""
         cmp = self.compare_batch(other, batch)
         if cmp is None or batch is None:
             return [], []
         a, b = batch.at(threshold), cmp.predictions
-        order = sorted(range(len(a)), key=lambda i: (batch.names[i].lower(), batch.names[i]))
-        rows_a, rows_b = [], []
-        for i in order:
+        rows = []
+        for i in range(len(a)):
             if not {a[i].status, b[i].status} <= {"good", "anomalous"}:
                 mark = "? no verdict"  # an error or an uncalibrated model agrees with nothing
             else:
                 mark = "✓ same" if a[i].status == b[i].status else "✗ DIFFERS"
             ra, rb = self._row(i, batch.names[i], a[i]), self._row(i, cmp.names[i], b[i])
-            rows_a.append([*ra[:4], mark, *ra[4:]])  # the mark beside the verdict, in view
-            rows_b.append([*rb[:4], mark, *rb[4:]])
-        return rows_a, rows_b
+            rows.append([i, batch.names[i], ra[2], ra[3], rb[2], rb[3], mark, ra[5], rb[5]])
+
+        def key(r: list[Any]) -> tuple[int, float, str]:
+            score = float(r[2])
+            return (0 if r[6].startswith("✗") else 1, -score if math.isfinite(score) else math.inf, r[1])
+
+        rows.sort(key=key)
+        first, second = batch.model, other
+        headers = ["#", "file", f"score · {first}", f"verdict · {first}", f"score · {second}",
+                   f"verdict · {second}", AGREE_HEADER, f"training domain · {first}", f"training domain · {second}"]
+        return headers, rows
 
     def out_of_domain_names(self, batch: Optional[Batch]) -> list[str]:
         """Names of the batch's images whose features lie far outside the model's training

@@ -18,6 +18,9 @@ from ..jobs import FAILED, RUNNING, STOPPED, JobBusy, JobHandle
 from .base import ControllerBase
 
 CPU_PRESET = "tiny"
+FIT_MINUTES = 10  # without CUDA, the estimate says which preset / steps fit in this many minutes
+ESTIMATE_PROBE_STEPS = 3
+PREVIEW_LABEL = "Reconstruction preview"
 CPU_MAX_IMAGE_SIZE = 128
 AUTOENCODER_HINT = ("taef2:/path/to/folder (the folder holding taef2_encoder.pth and taef2_decoder.pth); "
                     "kl:/path/to/folder or tiny:/path/to/folder (a diffusers folder); or a Hub id such as "
@@ -157,6 +160,83 @@ class TrainingMixin(ControllerBase):
             preset = CPU_PRESET if CPU_PRESET in info["presets"] else info["presets"][0]
         return {"variant": info["name"], "preset": preset, "image_size": min(info["image_size"], CPU_MAX_IMAGE_SIZE),
                 "autoencoder": info["autoencoder"], "steps": 300, "batch_size": 4, "device": "cpu"}
+
+    def training_estimate(self, variant: Optional[str], preset: Optional[str], image_size: Any, steps: Any,
+                          batch_size: Any, options: Optional[str] = None, autoencoder: Optional[str] = None,
+                          measure: bool = True) -> str:
+        """The Train tab's line before Start (issue 24): how long ``steps`` steps of ``variant`` at
+        ``preset`` / ``image_size`` / ``batch_size`` would train on this machine. The seconds per
+        step are measured (:func:`ccad.train_budget.measure_step_seconds`: a few real steps of the
+        same method on synthetic images; cached per setting, so changing the steps only multiplies);
+        ``measure=False`` only uses a cached measurement. Without CUDA it also says how many steps
+        fit in :data:`FIT_MINUTES` minutes, and with a smaller preset when this one does not fit."""
+        from ccad.train_budget import estimate_text, format_seconds, steps_that_fit
+
+        variant = variant or default_variant()
+        mcls = method_class(variant)
+        title = mcls.title or variant
+        if not mcls.trainable:
+            return f"{title} is fitted, not trained: it needs no training time (build it in the Feature bank tab)."
+        try:
+            size, n_steps, bs = int(image_size), int(steps or 0), int(batch_size or 0)
+        except (TypeError, ValueError):
+            return "Estimated training time: give a whole number of pixels, steps and batch size."
+        if size < 8 or n_steps < 1 or bs < 1:
+            return "Estimated training time: steps, batch size and image size must be positive."
+        presets = list(method_info(variant)["presets"] or [])
+        preset = preset if preset in presets else (presets[0] if presets else None)
+        device = "cuda" if cuda_available() else "cpu"
+
+        def per_step(p: Optional[str], run: bool) -> Optional[dict[str, Any]]:
+            key = (variant, p, size, bs, options or "", (autoencoder or "").strip(), device)
+            cached = self._step_times.get(key)
+            if cached is not None or not run:
+                return cached
+            cfg = method_config(variant, p or "", options, autoencoder)
+            self._check_autoencoder(variant, cfg)
+            got = self.engine.measure_steps(variant, cfg, size, bs, probe_steps=ESTIMATE_PROBE_STEPS)
+            self._step_times[key] = got
+            return got
+
+        busy = self.jobs.busy()
+        try:
+            got = per_step(preset, measure and not busy)
+        except UserError as exc:
+            return f"Estimated training time: not measured: {hide_paths(str(exc))}"
+        except Exception as exc:
+            return f"Estimated training time: the measurement failed ({type(exc).__name__}: {hide_paths(str(exc))})."
+        what = f"{title}" + (f", {preset} preset" if preset else "") + f", {size} px, batch {bs}"
+        if got is None:
+            if busy:
+                return (f"Estimated training time ({what}): not measured while a training job runs on this server "
+                        "(it would slow the job and read high); the job's status shows its own estimate.")
+            return f"Estimated training time ({what}): press **Estimate** to measure it on this machine."
+        s = float(got["per_step"])
+        line = estimate_text(s, n_steps, int(got["steps"]), "of this method and setting ")
+        text = (f"**{line.replace('estimated', 'Estimated training time:', 1)}** ({what}). An estimate: "
+                f"{int(got['steps'])} real training steps were timed here on synthetic images of this size "
+                f"(the first step left out); other work on this machine changes it, and reading your images, the "
+                f"bank or latents and the calibration after training add time beyond it.")
+        if device == "cpu":
+            budget = FIT_MINUTES * 60.0
+            fit_here = steps_that_fit(s, budget)
+            if s * n_steps <= budget:
+                text += f" Without a GPU this run fits in {FIT_MINUTES} minutes."
+            else:
+                which = f"{preset} preset" if preset else "current setting"
+                text += f" Without a GPU: {fit_here} steps of the {which} fit in {FIT_MINUTES} minutes."
+                smaller = presets[:presets.index(preset)] if preset in presets else []
+                if smaller:
+                    try:
+                        small = per_step(smaller[0], measure and not busy)
+                    except Exception:
+                        small = None
+                    if small is not None:
+                        n_small = steps_that_fit(float(small["per_step"]), budget)
+                        text += (f" The {smaller[0]} preset: {float(small['per_step']):.2f} s/step measured, "
+                                 f"{n_small} steps fit in {FIT_MINUTES} minutes "
+                                 f"({format_seconds(float(small['per_step']) * n_steps)} for {n_steps} steps).")
+        return text
 
     def start_training(self, folder: Optional[str], zip_file: Optional[str], bank_model: Optional[str],
                        preset: str, image_size: int, steps: int, batch_size: int, preview_every: int = 50,
@@ -319,13 +399,31 @@ class TrainingMixin(ControllerBase):
             return "Stop requested: the job finishes its current step and saves a resumable checkpoint."
         return "No training job is running."
 
+    @staticmethod
+    def _preview_label(snap: dict[str, Any]) -> str:
+        """The preview panel's label for the job ``snap``: a method without a pixel reconstruction
+        (feat-diff) says it has none, so an empty panel is not taken for a missing picture."""
+        from ccad.methods.base import Method
+
+        variant = snap["params"].get("variant") or DEFAULT_VARIANT
+        try:
+            mcls = method_class(variant)
+        except Exception:
+            return PREVIEW_LABEL
+        if getattr(mcls, "preview", None) is Method.preview:
+            return f"No reconstruction preview: {mcls.title or variant} has no pixel reconstruction"
+        if snap["preview"] is None:
+            return f"{PREVIEW_LABEL} (the first one comes at step {snap['params'].get('preview_every', '?')})"
+        return f"{PREVIEW_LABEL} (step {snap['preview_step']})"
+
     def training_status(self, owner: Optional[str] = None) -> dict[str, Any]:
         """What the Train tab shows; the same job for every tab and reload (server-side job); ``mine``
         says whether the session ``owner`` may stop / resume it (else it is shown read-only)."""
         snap = self.jobs.snapshot()
         if snap is None:
             return {"status": "No training job has run on this server yet.", "progress": "", "losses": [],
-                    "preview": None, "state": "idle", "model_name": None, "can_resume": False, "mine": True}
+                    "preview": None, "preview_label": PREVIEW_LABEL, "state": "idle",
+                    "model_name": None, "can_resume": False, "mine": True}
         mine = self._owns(owner, snap["params"].get("owner"))
         total = snap["total_steps"] or 0
         pct = f" ({100.0 * snap['step'] / total:.0f} %)" if total else ""
@@ -343,6 +441,7 @@ class TrainingMixin(ControllerBase):
         if skipped:
             status += f" Left out {len(skipped)} file(s) of the data: {name_list(skipped)}."
         return {"status": status, "progress": progress, "losses": snap["losses"], "preview": snap["preview"],
-                "state": snap["state"], "model_name": snap["params"].get("model_name"),
+                "preview_label": self._preview_label(snap), "state": snap["state"],
+                "model_name": snap["params"].get("model_name"),
                 "can_resume": mine and snap["state"] in (STOPPED, FAILED) and self._last_train is not None,
                 "mine": mine}

@@ -7,13 +7,14 @@ from typing import Any, Optional
 
 import gradio as gr
 
-from ..batch import AGREE_HEADER, TABLE_HEADERS, Batch
+from ..batch import TABLE_HEADERS, Batch
 from ..controller import AppController
 from ..errors import UserError
 from .common import INSPECT_CONCURRENCY, blocks, error_text, threshold_slider, widened_range
 
 PANEL_HEIGHT = 300
 TABLE_TYPES = ["number", "str", "number", "str", "str", "str"]
+COMPARE_TYPES = ["number", "str", "number", "str", "number", "str", "str", "str", "str"]
 
 
 def layout(c: AppController) -> SimpleNamespace:
@@ -36,12 +37,12 @@ def layout(c: AppController) -> SimpleNamespace:
     with gr.Row(elem_id="inspect-panels", equal_height=True):
         p_orig = gr.Image(label="Original", height=PANEL_HEIGHT, format="png", interactive=False,
                           elem_id="panel-original")
-        p_rec = gr.Image(label="Reconstruction", height=PANEL_HEIGHT, format="png", interactive=False,
-                         elem_id="panel-reconstruction")
         p_heat = gr.Image(label="Heatmap", height=PANEL_HEIGHT, format="png", interactive=False,
                           elem_id="panel-heatmap")
         p_over = gr.Image(label="Overlay", height=PANEL_HEIGHT, format="png", interactive=False,
                           elem_id="panel-overlay")
+        p_rec = gr.Image(label="Reconstruction", height=PANEL_HEIGHT, format="png", interactive=False,
+                         elem_id="panel-reconstruction")
         p_slider = gr.ImageSlider(label="Original ↔ reconstruction (drag)", height=PANEL_HEIGHT,
                                   format="png", interactive=False, type="numpy",
                                   elem_id="panel-slider")
@@ -55,6 +56,27 @@ def layout(c: AppController) -> SimpleNamespace:
         file_tb = gr.Textbox(label="File", interactive=False, elem_id="inspect-file")
         model_tb = gr.Textbox(label="Scored by (model)", interactive=False, elem_id="inspect-model")
         domain_tb = gr.Textbox(label="Training domain", interactive=False, elem_id="inspect-domain")
+    # the comparison model's panels directly under the first model's, column by column (issue 21): in
+    # both rows the image, heatmap and overlay come first and every panel is a fifth of the row wide
+    # (main.CSS), so they line up whether or not each model has a reconstruction
+    with gr.Group(visible=False, elem_id="compare-group") as compare_group:
+        with gr.Row(equal_height=True, elem_id="compare-panels"):
+            q_orig = gr.Image(label="Original", height=PANEL_HEIGHT, format="png", interactive=False,
+                              elem_id="compare-original")
+            q_heat = gr.Image(label="Heatmap", height=PANEL_HEIGHT, format="png", interactive=False,
+                              elem_id="compare-heatmap")
+            q_over = gr.Image(label="Overlay", height=PANEL_HEIGHT, format="png", interactive=False,
+                              elem_id="compare-overlay")
+            q_rec = gr.Image(label="Reconstruction", height=PANEL_HEIGHT, format="png", interactive=False,
+                             elem_id="compare-reconstruction")
+            q_slider = gr.ImageSlider(label="Original ↔ reconstruction (comparison model)", height=PANEL_HEIGHT,
+                                      format="png", interactive=False, type="numpy",
+                                      elem_id="compare-slider")
+        with gr.Row():
+            q_score = gr.Textbox(label="Score", interactive=False, elem_id="compare-score")
+            q_verdict = gr.Textbox(label="Verdict", interactive=False, elem_id="compare-verdict")
+            q_time = gr.Textbox(label="Time taken", interactive=False, elem_id="compare-time")
+            q_domain = gr.Textbox(label="Training domain", interactive=False, elem_id="compare-domain")
     rng = c.threshold_range(c.registry.active)
     with gr.Row():
         with gr.Column(scale=2):
@@ -68,43 +90,18 @@ def layout(c: AppController) -> SimpleNamespace:
         with gr.Column(scale=3):
             hist = gr.Plot(c.histogram(c.registry.active, None, rng["value"]), label="Scores",
                            elem_id="inspect-histogram")
-    with gr.Row(equal_height=False):
-        table = gr.Dataframe(headers=TABLE_HEADERS, value=[], interactive=False, label=(
-            "Batch (worst first; click a row to show it; click a header to sort)"),
-            elem_id="inspect-table", datatype=TABLE_TYPES)
-        with gr.Column(visible=False, elem_id="compare-table-col") as compare_table_col:
-            cmp_table = gr.Dataframe(headers=TABLE_HEADERS, value=[], interactive=False,
-                                     label="The same batch through the comparison model",
-                                     elem_id="compare-table", datatype=TABLE_TYPES)
+    table = gr.Dataframe(headers=TABLE_HEADERS, value=[], interactive=False, label=(
+        "Batch (worst first; click a row to show it; click a header to sort)"),
+        elem_id="inspect-table", datatype=TABLE_TYPES)
     agree_md = gr.Markdown("", elem_id="compare-agreement")
     downloads = gr.File(label="Downloads: heatmap, overlay, mask (selected image) and the batch CSV",
                         file_count="multiple", interactive=False, elem_id="inspect-downloads")
-    with gr.Group(visible=False, elem_id="compare-group") as compare_group:
-        gr.Markdown("**Comparison model**: the selected image through the second model "
-                    "(verdicts at its own calibrated threshold)")
-        with gr.Row():
-            q_orig = gr.Image(label="Original", height=220, format="png", interactive=False,
-                              elem_id="compare-original")
-            q_rec = gr.Image(label="Reconstruction", height=220, format="png", interactive=False,
-                             elem_id="compare-reconstruction")
-            q_heat = gr.Image(label="Heatmap", height=220, format="png", interactive=False,
-                              elem_id="compare-heatmap")
-            q_over = gr.Image(label="Overlay", height=220, format="png", interactive=False,
-                              elem_id="compare-overlay")
-        with gr.Row():
-            q_score = gr.Textbox(label="Score", interactive=False, elem_id="compare-score")
-            q_verdict = gr.Textbox(label="Verdict", interactive=False, elem_id="compare-verdict")
-            q_time = gr.Textbox(label="Time taken", interactive=False, elem_id="compare-time")
-            q_domain = gr.Textbox(label="Training domain", interactive=False, elem_id="compare-domain")
-        q_slider = gr.ImageSlider(label="Original ↔ reconstruction (comparison model)", height=220,
-                                  format="png", interactive=False, type="numpy",
-                                  elem_id="compare-slider")
     return blocks(locals())
 
 
 def wire(c: AppController, ui: SimpleNamespace) -> SimpleNamespace:
     """The tab's events; returns what the model bar re-uses (show / clear a batch, the comparison)."""
-    agree_md, batch_state, cmp_table, compare_dd = ui.agree_md, ui.batch_state, ui.cmp_table, ui.compare_dd
+    agree_md, batch_state, compare_dd = ui.agree_md, ui.batch_state, ui.compare_dd
     domain_tb, downloads, fa_md, file_tb, hist = ui.domain_tb, ui.downloads, ui.fa_md, ui.file_tb, ui.hist
     inspect_folder_btn, inspect_folder_tb, inspect_msg = ui.inspect_folder_btn, ui.inspect_folder_tb, ui.inspect_msg
     model_dd, model_tb, p_heat, p_orig, p_over = ui.model_dd, ui.model_tb, ui.p_heat, ui.p_orig, ui.p_over
@@ -134,29 +131,22 @@ def wire(c: AppController, ui: SimpleNamespace) -> SimpleNamespace:
                 v["overlay"], _slider(v), v["score"], v["verdict"], v["time"], v.get("name", ""),
                 v.get("model", ""), v.get("domain", "")]
 
-    def table_updates(other: Optional[str], batch: Optional[Batch], t: Optional[float]) -> list[Any]:
-        """Both tables: alone, the batch worst first; with a comparison model, both sorted by file
-        (row k is the same image) with each row marked same / differs."""
+    def table_updates(other: Optional[str], batch: Optional[Batch], t: Optional[float]) -> Any:
+        """The batch table: alone, the batch worst first; with a comparison model, ONE table with per
+        image both scores, both verdicts and whether they agree (issue 21)."""
         import pandas as pd
 
-        rows_a, rows_b = ([], [])
+        head, rows = [], []
         if other and batch is not None:
             try:
-                rows_a, rows_b = c.compare_rows(other, batch, t)
+                head, rows = c.compare_table(other, batch, t)
             except UserError:
-                rows_a, rows_b = [], []
-        if rows_a:
-            cols = [*TABLE_HEADERS[:4], AGREE_HEADER, *TABLE_HEADERS[4:]]
-            types = [*TABLE_TYPES[:4], "str", *TABLE_TYPES[4:]]
-            main = gr.update(value=pd.DataFrame(rows_a, columns=cols), label=c.batch_label(batch, True),
-                             datatype=types)
-            cmp = gr.update(value=pd.DataFrame(rows_b, columns=cols), datatype=types,
-                            label=f"The same batch scored by {other} (sorted by file; verdicts at its own "
-                                  "calibrated threshold)")
-            return [main, cmp]
-        main = gr.update(value=pd.DataFrame(c.table_rows(batch, t), columns=TABLE_HEADERS),
+                head, rows = [], []
+        if rows:
+            return gr.update(value=pd.DataFrame(rows, columns=head), label=c.batch_label(batch, other),
+                             datatype=COMPARE_TYPES)
+        return gr.update(value=pd.DataFrame(c.table_rows(batch, t), columns=TABLE_HEADERS),
                          label=c.batch_label(batch), datatype=TABLE_TYPES)
-        return [main, gr.update(value=pd.DataFrame([], columns=TABLE_HEADERS), datatype=TABLE_TYPES)]
 
     def compare_updates(other: Optional[str], batch: Optional[Batch], t: Optional[float] = None) -> list[Any]:
         try:
@@ -165,12 +155,18 @@ def wire(c: AppController, ui: SimpleNamespace) -> SimpleNamespace:
         except UserError as exc:
             gr.Warning(str(exc))
             v, agree = c.panels(None), f"⚠️ {exc}"
-        return [v["original"], _recon(v), v["heatmap"],
-                v["overlay"], v["score"], v["verdict"], v["time"], v.get("domain", ""), _slider(v),
-                *table_updates(other, batch, t), agree]
+        by = f" · {other}" if other else ""  # each panel names the comparison model it shows
+        recon = _recon(v)
+        recon["label"] = f"{v['recon_label']}{by}"
+        return [gr.update(value=v["original"], label=f"Original{by}"), recon,
+                gr.update(value=v["heatmap"], label=f"Heatmap{by}"),
+                gr.update(value=v["overlay"], label=f"Overlay{by}"),
+                gr.update(value=v["score"], label=f"Score{by}"),
+                gr.update(value=v["verdict"], label=f"Verdict{by} (at its own calibrated threshold)"),
+                v["time"], v.get("domain", ""), _slider(v), table_updates(other, batch, t), agree]
 
     compare_outputs = [q_orig, q_rec, q_heat, q_over, q_score, q_verdict, q_time, q_domain, q_slider, table,
-                       cmp_table, agree_md]
+                       agree_md]
 
     def show_batch(batch: Batch, name: str, t: float, other: Optional[str]) -> list[Any]:
         rng = c.threshold_range(name, batch)
@@ -239,8 +235,6 @@ def wire(c: AppController, ui: SimpleNamespace) -> SimpleNamespace:
 
     table.select(on_row, [batch_state, thr, compare_dd],
                  [batch_state, *inspect_outputs, downloads, inspect_msg, *compare_outputs])
-    cmp_table.select(on_row, [batch_state, thr, compare_dd],
-                     [batch_state, *inspect_outputs, downloads, inspect_msg, *compare_outputs])
 
     def on_threshold(batch: Optional[Batch], name: str, t: float, other: str) -> list[Any]:
         # re-label only: no model call (Prediction.with_threshold; the comparison batch is cached).
@@ -251,15 +245,15 @@ def wire(c: AppController, ui: SimpleNamespace) -> SimpleNamespace:
             agree = c.agreement(other, batch, t)["text"] if batch is not None and other else gr.update()
         except UserError as exc:
             agree = f"⚠️ {exc}"
-        tables = table_updates(other, batch, t) if batch is not None else [gr.update(), gr.update()]
+        tables = table_updates(other, batch, t) if batch is not None else gr.update()
         # a typed value outside the slider's range is taken: the range widens to it (box = verdicts)
         return [v["verdict"] if v else gr.update(), v["heatmap"] if v else gr.update(),
-                v["overlay"] if v else gr.update(), *tables,
+                v["overlay"] if v else gr.update(), tables,
                 c.histogram(name, batch, t), c.false_alarm_text(name, t), agree,
                 widened_range(c.threshold_range(name, batch), float(t))]
 
     thr.change(on_threshold, [batch_state, model_dd, thr, compare_dd],
-               [verdict_tb, p_heat, p_over, table, cmp_table, hist, fa_md, agree_md, thr],
+               [verdict_tb, p_heat, p_over, table, hist, fa_md, agree_md, thr],
                show_progress="hidden", trigger_mode="always_last")
     thr.release(lambda b, t: c.downloads(b, t), [batch_state, thr], [downloads], show_progress="hidden")
 

@@ -53,7 +53,7 @@ def layout(c: AppController) -> SimpleNamespace:
 def wire(c: AppController, ui: SimpleNamespace, ins: SimpleNamespace) -> SimpleNamespace:
     """The bar's events; returns ``model_choices`` (fresh model lists) and the components it fills."""
     batch_state, card_line, card_md, compare_dd = ui.batch_state, ui.card_line, ui.card_md, ui.compare_dd
-    compare_group, compare_table_col, folder_btn = ui.compare_group, ui.compare_table_col, ui.folder_btn
+    compare_group, folder_btn = ui.compare_group, ui.folder_btn
     folder_tb, hub_btn, hub_msg, hub_rev, hub_tb = ui.folder_tb, ui.hub_btn, ui.hub_msg, ui.hub_rev, ui.hub_tb
     inspect_msg, model_dd, model_status, thr = ui.inspect_msg, ui.model_dd, ui.model_status, ui.thr
     train_bank, train_data_md, zip_up = ui.train_bank, ui.train_data_md, ui.zip_up
@@ -126,10 +126,8 @@ def wire(c: AppController, ui: SimpleNamespace, ins: SimpleNamespace) -> SimpleN
     hub_btn.click(on_hub, [hub_tb, hub_rev], [*choice_outputs, hub_msg])
 
     def on_compare(other: str, batch: Optional[Batch], t: float) -> list[Any]:
-        return [gr.update(visible=bool(other)), gr.update(visible=bool(other)),
-                *compare_updates(other, batch, t)]
+        return [gr.update(visible=bool(other)), *compare_updates(other, batch, t)]
 
-    compare_dd.change(on_compare, [compare_dd, batch_state, thr],
-                      [compare_group, compare_table_col, *compare_outputs])
+    compare_dd.change(on_compare, [compare_dd, batch_state, thr], [compare_group, *compare_outputs])
 
     return SimpleNamespace(model_choices=model_choices, choice_outputs=choice_outputs)

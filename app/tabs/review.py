@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Optional
 
-from ..review import AUTO, EDITOR_BRUSH, EDITOR_CANVAS, PANEL_HEIGHT, ReviewUI
+from ..review import AUTO, EDITOR_BRUSH, EDITOR_CANVAS, EDITOR_HEIGHT, PANEL_HEIGHT, ReviewUI
 
 __all__ = ["ELEM_IDS", "REVIEW_SHORTCUTS_JS", "build_review_tab"]
 
@@ -105,7 +105,7 @@ def build_review_tab(get_detector: Callable[[], Any], data_root: str | os.PathLi
                                                color_mode="fixed", default_size=EDITOR_BRUSH),
                                 eraser=gr.Eraser(default_size=EDITOR_BRUSH),
                                 layers=gr.LayerOptions(allow_additional_layers=False),
-                                canvas_size=EDITOR_CANVAS, elem_id=ids["editor"])
+                                canvas_size=EDITOR_CANVAS, height=EDITOR_HEIGHT, elem_id=ids["editor"])
         save_b = gr.Button("Save edit", elem_id=ids["save_edit"])
     with gr.Row():
         export_b = gr.Button("Export masks + CSV (zip)", elem_id=ids["export"])

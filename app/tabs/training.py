@@ -89,6 +89,10 @@ def layout(c: AppController) -> SimpleNamespace:
         train_options = gr.Textbox(label="Advanced options (one KEY=VALUE per line)", lines=4,
                                    placeholder="diffusion.start_step=200", elem_id="train-options")
         train_options_help = gr.Markdown(_options_text(minfo), elem_id="train-options-help")
+    with gr.Row(equal_height=True):
+        train_estimate = gr.Markdown("Estimated training time: measured when you open this tab or change the "
+                                     "method, preset, image size, steps or batch size.", elem_id="train-estimate")
+        train_estimate_btn = gr.Button("Estimate", size="sm", scale=0, min_width=120, elem_id="train-estimate-run")
     with gr.Row():
         train_start = gr.Button("Start training", variant="primary", elem_id="train-start")
         train_stop = gr.Button("Stop (saves a resumable checkpoint)", variant="stop",
@@ -115,6 +119,7 @@ def wire(c: AppController, ui: SimpleNamespace, bar: SimpleNamespace) -> None:
     train_resume, train_settings_acc, train_size = ui.train_resume, ui.train_settings_acc, ui.train_size
     train_start, train_status, train_steps = ui.train_start, ui.train_status, ui.train_steps
     train_stop, train_zip = ui.train_stop, ui.train_zip
+    train_estimate, train_estimate_btn = ui.train_estimate, ui.train_estimate_btn
     choice_outputs, model_choices = bar.choice_outputs, bar.model_choices
     browser_id = ui.browser_id  # the job's owner: only the browser that started a job stops / resumes it
 
@@ -143,6 +148,26 @@ def wire(c: AppController, ui: SimpleNamespace, bar: SimpleNamespace) -> None:
             return gr.update()
 
     train_preset.input(on_preset, [train_method, train_preset], [train_form])
+
+    def on_estimate(variant: str, preset: Optional[str], size: Any, steps: float, bs: float, options: str,
+                    autoencoder: str, form: Any) -> str:
+        """The estimated training time of the chosen setting on this machine, before Start (issue 24)."""
+        try:
+            opts = "\n".join(x for x in (form_options(form), options or "") if x)
+            return c.training_estimate(variant or default_variant(), preset, size, steps, bs, options=opts,
+                                       autoencoder=autoencoder)
+        except Exception as exc:
+            return error_text(exc)
+
+    estimate_inputs = [train_method, train_preset, train_size, train_steps, train_bs, train_options, train_ae,
+                       train_form]
+    # one measurement at a time; a burst of changes (a new method sets preset and size) measures the last
+    estimate_kw = dict(concurrency_limit=1, concurrency_id="train-estimate", trigger_mode="always_last",
+                       show_progress="minimal")
+    train_estimate_btn.click(on_estimate, estimate_inputs, [train_estimate], **estimate_kw)
+    ui.train_tab.select(on_estimate, estimate_inputs, [train_estimate], **estimate_kw)
+    for box in (train_preset, train_size, train_steps, train_bs, train_ae):
+        box.change(on_estimate, estimate_inputs, [train_estimate], **estimate_kw)
 
     def on_train(variant: str, folder: str, zf: Optional[str], bank_model: str, preset: Optional[str],
                  size: Any, steps: float, bs: float, every: float, options: str, autoencoder: str,
@@ -179,8 +204,9 @@ def wire(c: AppController, ui: SimpleNamespace, bar: SimpleNamespace) -> None:
         s = c.training_status(owner=_owner(owner))
         n = len(c.registry.names())
         choice = model_choices(selected) if n != (seen or 0) else [gr.update()] * 3
+        # the job's own preview, or none: never the previous job's picture (issue 21)
         return [s["status"], s["progress"], views.loss_curve(s["losses"]),
-                s["preview"] if s["preview"] is not None else gr.update(), *choice, n,
+                gr.update(value=s["preview"], label=s["preview_label"]), *choice, n,
                 gr.update(interactive=s["mine"]), gr.update(interactive=s["mine"])]
 
     seen_models = gr.State(len(c.registry.names()))

@@ -5,7 +5,7 @@ one class to build its bank from (:func:`class_normal_images`)."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -180,34 +180,38 @@ def _items_from_loader(root: Path, loader: str) -> tuple[list[ReviewItem], list[
 class NormalImages:
     """The non-defective images of one DAGM class (see :func:`class_normal_images`).
 
-    ``samples`` carry label 0 (good), ``source`` says where they came from in words
-    (e.g. ``"good Train images"``), ``total`` how many there were before ``limit``.
+    ``samples`` carry label 0 (good); ``counts`` says how many came from where, in words (e.g.
+    ``{"good Train images": 36, "good Test images": 4}``, before ``limit``); ``source`` is the one
+    source's words, or ``"non-defective images"`` for several; ``total`` how many there were in
+    all before ``limit``.
     """
 
     samples: list[Any]
     source: str
     total: int
+    counts: dict[str, int] = field(default_factory=dict)
 
 
 def class_normal_images(root: str | os.PathLike[str], category: str,
                         limit: int | None = None) -> NormalImages:
-    """The non-defective images of DAGM class ``category`` under ``root``, to build a per-class
+    """Every non-defective image of DAGM class ``category`` under ``root``, to build a per-class
     bank from (the model that makes the heatmap and the proposals of that class).
 
     DAGM marks every defective image with a label (a ``Labels.txt`` row with flag 1 and a
-    ``<stem>_label.PNG`` ellipse), so the non-defective images are the others, taken in this
-    order of preference: the class's good ``Train`` images (``Labels.txt`` flag 0, or no label
-    file), else its good ``Test`` images, else (a loose sample such as ``classN/*.PNG`` with
-    ``true_masks/``, which has no ``Labels.txt``) the images that have no label file. At most
-    ``limit`` of them, evenly spread over the sorted list. Defective images are never included.
-    An empty :class:`NormalImages` when the folder is no DAGM layout or holds none.
+    ``<stem>_label.PNG`` ellipse), so the non-defective images are the others, from every split the
+    folder holds: the class's good ``Train`` images (``Labels.txt`` flag 0, or no label file), its
+    good ``Test`` images, and (a loose sample such as ``classN/*.PNG`` with ``true_masks/``, which has
+    no ``Labels.txt``) the images that have no label file. Each image once. ``limit`` (None: all)
+    keeps that many, evenly spread over the sorted list. Defective images are never included. An
+    empty :class:`NormalImages` when the folder is no DAGM layout or holds none.
     """
     from ccad.data.layouts import load_dagm
     from ccad.data.sample import LABEL_ANOMALOUS, LABEL_GOOD
 
     name = str(category).split("/")[0]
     picked: list[Any] = []
-    source = ""
+    seen: set[str] = set()
+    counts: dict[str, int] = {}
     for split, words in (("train", "good Train images"), ("test", "good Test images"),
                          ("all", "images without a defect label")):
         try:
@@ -215,17 +219,24 @@ def class_normal_images(root: str | os.PathLike[str], category: str,
         except (ValueError, OSError, TypeError):
             return NormalImages([], "", 0)
         if words.startswith("good"):
-            picked = [smp for smp in samples if smp.label == LABEL_GOOD]
+            found = [smp for smp in samples if smp.label == LABEL_GOOD]
         else:  # no Labels.txt: an image without a label file is not known to be defective
-            picked = [replace(smp, label=LABEL_GOOD, defect_type="good") for smp in samples
-                      if smp.label != LABEL_ANOMALOUS and not smp.mask_path]
-        if picked:
-            source = words
-            break
+            found = [replace(smp, label=LABEL_GOOD, defect_type="good") for smp in samples
+                     if smp.label != LABEL_ANOMALOUS and not smp.mask_path]
+        new = []
+        for smp in found:
+            key = os.path.realpath(str(smp.image_path))
+            if key not in seen:
+                seen.add(key)
+                new.append(smp)
+        if new:
+            counts[words] = len(new)
+            picked.extend(new)
     total = len(picked)
+    source = next(iter(counts)) if len(counts) == 1 else ("non-defective images" if counts else "")
     if limit is not None and total > int(limit) > 0:
         picked = [picked[i] for i in np.linspace(0, total - 1, int(limit)).round().astype(int)]
-    return NormalImages(picked, source, total)
+    return NormalImages(picked, source, total, counts)
 
 
 def _items_from_samples(samples: Iterable[Any]) -> list[ReviewItem]:
