@@ -41,3 +41,12 @@ def test_curves_mark_the_threshold_and_the_sweep_has_a_line_per_defect_type() ->
     fa = next(t for t in sweep.data if t.name.startswith("false-alarm"))
     assert np.all(np.diff(np.asarray(fa.y)) <= 0)  # a higher threshold never raises false alarms
     assert any(getattr(s, "x0", None) == 1.5 for s in sweep.layout.shapes)  # the current threshold
+
+
+def test_an_empty_worst_case_gallery_says_there_are_none() -> None:
+    from app.tabs.evaluation import FN_LABEL, worst_gallery
+
+    none = worst_gallery([], FN_LABEL, "none: every defect scored above the threshold")
+    assert none["label"].startswith(FN_LABEL) and "none" in none["label"] and none["value"] == []
+    some = worst_gallery([("a.png", "a.png 3.1")], FN_LABEL, "none")
+    assert some["label"] == FN_LABEL and len(some["value"]) == 1

@@ -70,3 +70,12 @@ def test_the_out_of_domain_limit_is_tighter_when_enough_good_images_back_it() ->
     assert few.limit == 6.0 and few.factor == 1.5  # 3 images: their maximum says little
     assert many.limit == 5.0 and many.factor == 1.25  # measured on MTD: other good images <= 1.08x the max
     assert DomainStats.fit([2.0], factor=2.0).limit == 4.0
+
+
+def test_scale_end_labels_read_zero_near_zero_and_keep_real_values() -> None:
+    from ccad.scoring.heatmap import _label
+
+    assert _label(-0.00369, 5.5) == "0"  # the screenshot's "-0.00369" on a 0..5.5 scale
+    assert _label(5.5, 5.5) == "5.5"
+    assert _label(0.4, 5.5) == "0.4"  # 7 % of the span is a real value
+    assert _label(-0.00369) == "-0.00369"  # no span given: printed as is

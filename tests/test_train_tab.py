@@ -245,6 +245,7 @@ def test_resumed_latent_job_continues_curve_preview_and_name(root: Path, tmp_pat
     c.jobs.join(600)
     st = c.training_status()
     assert st["state"] == "finished", c.jobs.snapshot()["error"]
+    assert "finished - finished" not in st["status"]  # the state is said once
     assert [s for s, _ in st["losses"]] == [1, 2, 3]
     np.testing.assert_allclose(st["losses"][0][1], first_losses[0][1], rtol=1e-6)
     last = st["losses"][-1][1]

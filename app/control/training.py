@@ -432,7 +432,10 @@ class TrainingMixin(ControllerBase):
                     f"{loss} · elapsed {views.format_seconds(snap['elapsed'])}")
         if snap["state"] == RUNNING:  # a stopped, failed or finished job has no time left
             progress += f" · ETA {views.format_seconds(snap['eta_seconds'])}"
-        status = f"Job {snap['id']}: {snap['state']} - {hide_paths(snap['message'])}"
+        message = hide_paths(snap['message'])
+        # a message that only repeats the state ("finished - finished") is said once
+        status = (f"Job {snap['id']}: {snap['state']}" if message.strip().lower() in ("", str(snap['state']).lower())
+                  else f"Job {snap['id']}: {snap['state']} - {message}")
         if not mine:
             status += " (started in another browser session: read-only here)"
         if snap["params"].get("model_name"):

@@ -10,6 +10,10 @@ from ..controller import AppController
 from .common import blocks, error_text
 
 
+FN_LABEL = "Worst false negatives (missed defects)"
+FP_LABEL = "Worst false positives (false alarms)"
+
+
 def layout(c: AppController) -> SimpleNamespace:
     """The components (built inside the caller's ``gr.Tab``/``gr.Blocks``), by name."""
     gr.Markdown("Run the model in use on a labelled dataset (MVTec / anomalib folder layout, a CSV "
@@ -45,11 +49,17 @@ def layout(c: AppController) -> SimpleNamespace:
                          elem_id="eval-sweep")
     with gr.Row():
         # object_fit="contain": thumbnails keep their aspect; captions name the file and its score
-        eval_fn = gr.Gallery(label="Worst false negatives (missed defects)", columns=4, height=300,
+        eval_fn = gr.Gallery(label=FN_LABEL, columns=4, height=300,
                              object_fit="contain", allow_preview=True, elem_id="eval-fn")
-        eval_fp = gr.Gallery(label="Worst false positives (false alarms)", columns=4, height=300,
+        eval_fp = gr.Gallery(label=FP_LABEL, columns=4, height=300,
                              object_fit="contain", allow_preview=True, elem_id="eval-fp")
     return blocks(locals())
+
+
+def worst_gallery(items: list, label: str, none_text: str) -> Any:
+    """The gallery's update: its items under its own label, or, with none, a label that says
+    there are none (an empty gallery alone shows a bare image icon, which reads as broken)."""
+    return gr.update(value=items, label=label if items else f"{label}: {none_text}")
 
 
 def wire(c: AppController, ui: SimpleNamespace) -> None:
@@ -69,7 +79,9 @@ def wire(c: AppController, ui: SimpleNamespace) -> None:
 
             return [r["message"], pd.DataFrame(r["rows"], columns=r["headers"]),
                     pd.DataFrame(r["defect_rows"], columns=r["defect_headers"]), r["roc"], r["pr"],
-                    r["fn"], r["fp"], r["report"],
+                    worst_gallery(r["fn"], FN_LABEL, "none: every defect scored above the threshold"),
+                    worst_gallery(r["fp"], FP_LABEL, "none: every good image scored at or below the threshold"),
+                    r["report"],
                     gr.update(choices=r["curve_choices"], value=r["curve_choices"][0]), "", r["sweep"]]
         except Exception as exc:
             return [error_text(exc)] + [gr.update()] * 10

@@ -62,7 +62,11 @@ def display_range(floor: float, threshold: float, fallback_max: float = 1.0) -> 
     return lo, thr + (thr - lo)
 
 
-def _label(v: float) -> str:
+def _label(v: float, span: float = 0.0) -> str:
+    """Three significant digits; a value within 1 % of ``span`` (the scale's width) of zero reads
+    ``0`` (a scale from -0.00369 to 5.5 is a scale from 0 to 5.5 to the eye)."""
+    if span > 0 and abs(v) < 0.01 * span:
+        return "0"
     return f"{v:.3g}"
 
 
@@ -85,7 +89,7 @@ def render_colorbar(width: int, vmin: float, vmax: float, threshold: float | Non
     scale = max(0.3, min(0.5, height / 70))
     font, ink = cv2.FONT_HERSHEY_SIMPLEX, (20, 20, 20)
     base = height - max(2, height // 8)
-    lo_txt, hi_txt = _label(vmin), _label(vmax)
+    lo_txt, hi_txt = _label(vmin, vmax - vmin), _label(vmax, vmax - vmin)
     cv2.putText(out, lo_txt, (1, base), font, scale, ink, 1, cv2.LINE_AA)
     (tw, _), _ = cv2.getTextSize(hi_txt, font, scale, 1)
     cv2.putText(out, hi_txt, (width - tw - 1, base), font, scale, ink, 1, cv2.LINE_AA)
