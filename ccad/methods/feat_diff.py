@@ -64,6 +64,16 @@ What is implemented (equation numbers are CCAD's / METHOD.md's notation unless n
    denoiser added nothing on the selection images (``identity = true`` in the config forces it).
    The same map is the method's ablation view (``ablation``, with ``edit`` 1 when the model's
    own edit is 0, where the identity would give a flat map).
+9. Training levers (issue 23 item 2: can the denoiser beat its identity?), each a config option,
+   defaults = items 1 and 3 unchanged: ``standardize = "channel"`` adds a per-channel step on top of
+   item 1's global one, ``z_c = (z_c - m_c) * s_c`` with ``m_c`` / ``1 / s_c`` each channel's mean /
+   std over the cached training features (so high-variance channels no longer dominate the L2 map
+   and the loss); the bank, the memory, the context and every map use it. ``train_max_timestep``:
+   t ~ U{0..t_max} in item 3 instead of U{0..T-1} (train only where the reconstruction runs; the
+   config refuses a t_max below a noise level the search or the config may use).
+   ``prediction_type``: ``epsilon`` (eq. 11), ``sample`` (x0-prediction, loss ``||z - f(z_t)||^2``) or
+   ``v_prediction`` (Salimans & Ho 2022, ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) z``); it is the
+   DDPM / DDIM schedulers' ``prediction_type``, so item 5's DDIM step reads the output accordingly.
 
 One model covers every category of its training data (multi-class, like the latent methods).
 """
@@ -94,6 +104,8 @@ SEARCHED = ("noise_level", "steps", "edit")
 DEFAULTS = {"noise_level": 100, "steps": 2, "edit": 0.9}  # an unset value when the search is off (or ran on nothing)
 FEATURES_FOLDER = "features"
 DISTANCES = ("cosine", "l2")
+STANDARDIZE = ("global", "channel")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 IDENTITY_NOTE = ("this model's map is a nearest-neighbour distance; the denoiser added nothing on its selection "
                  "images")
 
@@ -113,8 +125,15 @@ class FeatDiffConfig:
     held-out good slice after training, over ``search_noise`` x ``search_steps`` and
     ``search_edit``, with ``search_images`` good images; ``seed``: the fixed noise field;
     ``identity``: skip the denoiser (``z_hat = z_e``), set by the search when its identity arm wins.
+    Training levers (issue 23 item 2; module docstring item 9): ``standardize``: ``global`` (one
+    mean / std for every value) or ``channel`` (one per channel, on top of the global one);
+    ``train_max_timestep``: draw training t from U{0..train_max_timestep} instead of U{0..T-1}
+    (None = all; must cover every noise level the reconstruction may use); ``prediction_type``:
+    what the denoiser predicts, ``epsilon``, ``sample`` (x0) or ``v_prediction`` (diffusers'
+    scheduler ``prediction_type``; the loss target follows it).
     Filled in at build time: ``feature_channels``, ``feature_scale``, ``feature_shift``,
-    ``bank_dim``, ``cross_attention_dim``."""
+    ``feature_channel_shift`` / ``feature_channel_scale`` (``channel`` only), ``bank_dim``,
+    ``cross_attention_dim``."""
 
     preset: str = "small"
     num_train_timesteps: int = 1000
@@ -132,9 +151,14 @@ class FeatDiffConfig:
     search_images: int = 16
     seed: int = 0
     identity: bool = False
+    standardize: str = "global"
+    train_max_timestep: Optional[int] = None
+    prediction_type: str = "epsilon"
     feature_channels: Optional[int] = None
     feature_scale: Optional[float] = None
     feature_shift: Optional[float] = None
+    feature_channel_shift: Optional[tuple[float, ...]] = None
+    feature_channel_scale: Optional[tuple[float, ...]] = None
     bank_dim: Optional[int] = None
     cross_attention_dim: Optional[int] = None
 
@@ -153,6 +177,25 @@ class FeatDiffConfig:
             check_schedule(T, nl, st, "method.noise_level / method.steps")
         if self.distance not in DISTANCES:
             raise ConfigError(f"method.distance must be 'cosine' or 'l2', got {self.distance!r}")
+        if self.standardize not in STANDARDIZE:
+            raise ConfigError(f"method.standardize must be one of {STANDARDIZE}, got {self.standardize!r}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ConfigError(f"method.prediction_type must be one of {PREDICTION_TYPES}, got "
+                              f"{self.prediction_type!r}")
+        if (self.feature_channel_shift is None) != (self.feature_channel_scale is None) or (
+                self.feature_channel_shift is not None
+                and len(self.feature_channel_shift) != len(self.feature_channel_scale)):
+            raise ConfigError("method.feature_channel_shift / feature_channel_scale: both or neither, one entry per "
+                              "channel each")
+        if self.train_max_timestep is not None:
+            tmax = int(self.train_max_timestep)
+            if not 1 <= tmax < T:
+                raise ConfigError(f"method.train_max_timestep must be in 1..{T - 1} (T={T}), got {tmax}")
+            used = max(self.search_grid()[0]) if self.search and "noise_level" in self.searched() else (
+                DEFAULTS["noise_level"] if self.noise_level is None else int(self.noise_level))
+            if used > tmax:
+                raise ConfigError(f"method.train_max_timestep={tmax} is below a noise level the reconstruction may "
+                                  f"use ({used}): the denoiser would run at timesteps it never saw in training")
         at_least(self, 1, "memory_size", "search_images")
         at_least(self, 0, "patches_per_image")
         if any(not 0.0 <= float(e) <= 1.0 for e in self.search_edit) or not self.search_edit:
@@ -253,6 +296,23 @@ def _sample_cells(cache: Any, per_image: int, seed: int) -> torch.Tensor:
     return torch.cat(rows)
 
 
+def prediction_target(scheduler: Any, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                      prediction_type: str) -> torch.Tensor:
+    """The training target for ``prediction_type`` (diffusers' names): ``epsilon`` -> eps (DDPM eq. 14 /
+    CCAD eq. 11); ``sample`` -> z0 (x0-prediction); ``v_prediction`` -> ``v = sqrt(abar_t) eps -
+    sqrt(1 - abar_t) z0`` (Salimans & Ho 2022, "Progressive distillation", sec. 4; diffusers'
+    ``get_velocity``, computed here without writing to the scheduler)."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "sample":
+        return z0
+    if prediction_type == "v_prediction":
+        abar = torch.as_tensor(scheduler.alphas_cumprod).to(device=z0.device, dtype=torch.float32)[t.long()]
+        abar = abar.view(-1, *([1] * (z0.dim() - 1)))
+        return abar.sqrt() * noise.float() - (1.0 - abar).sqrt() * z0.float()
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
 def distance_map(z: torch.Tensor, z_hat: torch.Tensor, distance: str) -> torch.Tensor:
     """Per-location ``1 - cos(z, z_hat)`` or ``||z - z_hat||_2`` over channels, ``B x 1 x h x w``."""
     if distance == "cosine":
@@ -299,9 +359,14 @@ class FeatDiff(Method):
         from ..diffusion import make_scheduler
         from ..diffusion.schedule import ddim_from
 
+        from diffusers import DDIMScheduler, DDPMScheduler
+
         super().__init__(config, ctx)
-        self.scheduler = make_scheduler(int(config.num_train_timesteps), config.beta_schedule)
-        self.ddim = ddim_from(self.scheduler)
+        # item 9: what the denoiser predicts is the schedulers' prediction_type (DDIM's step reads it)
+        pt = str(config.prediction_type)
+        self.scheduler = DDPMScheduler.from_config(
+            make_scheduler(int(config.num_train_timesteps), config.beta_schedule).config, prediction_type=pt)
+        self.ddim = DDIMScheduler.from_config(ddim_from(self.scheduler).config, prediction_type=pt)
         self.memory: Optional[torch.Tensor] = None  # edit memory, standardised units
         self.search_table: Optional[dict[str, Any]] = None
         self.fitted: dict[str, Any] = {}  # the search's chosen values (fitted state, FITTED_FILE)
@@ -323,7 +388,44 @@ class FeatDiff(Method):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Standardised bank features ``z`` of a batch ``B x 3 x S x S`` in [0, 1]: ``B x C x h x w``."""
         enc = self.encoder()
-        return enc.scale_latents(enc.encode_raw(x.to(self.ctx.device)))
+        return self.per_channel(enc.scale_latents(enc.encode_raw(x.to(self.ctx.device))))
+
+    def _channel_stats(self, like: torch.Tensor, dim: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        c = self.config
+        if c.standardize != "channel":
+            return None
+        if c.feature_channel_shift is None:
+            raise RuntimeError("feat-diff: standardize = 'channel' but the per-channel statistics are not fitted yet")
+        shape = [1] * like.dim()
+        shape[dim] = -1
+        kw = dict(dtype=torch.float32, device=like.device)
+        return (torch.tensor(c.feature_channel_shift, **kw).view(shape),
+                torch.tensor(c.feature_channel_scale, **kw).view(shape))
+
+    def per_channel(self, z: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Item 9, ``standardize = "channel"``: ``(z - m_c) * s_c`` on globally standardised ``z`` (channels
+        along ``dim``), ``m_c`` / ``1 / s_c`` each channel's mean / std over the cached training features;
+        the identity for ``global``."""
+        stats = self._channel_stats(z, dim)
+        return z if stats is None else (z.float() - stats[0]) * stats[1]
+
+    def un_per_channel(self, z: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """The inverse of :meth:`per_channel` (back to the globally standardised units)."""
+        stats = self._channel_stats(z, dim)
+        return z if stats is None else z.float() / stats[1] + stats[0]
+
+    def _fit_channel_stats(self, cache: Any) -> None:
+        """Per-channel mean / std of every cached (globally standardised) value: one entry per channel."""
+        total, sq, n = None, None, 0
+        for start in range(0, len(cache), 64):
+            z = torch.from_numpy(np.asarray(cache.latents[start:start + 64], dtype=np.float64))
+            s1, s2 = z.sum((0, 2, 3)), (z * z).sum((0, 2, 3))
+            total, sq = (s1, s2) if total is None else (total + s1, sq + s2)
+            n += z.shape[0] * z.shape[2] * z.shape[3]
+        mean = total / n
+        std = (sq / n - mean * mean).clamp_min(0.0).sqrt().clamp_min(1e-6)
+        self.config.feature_channel_shift = tuple(float(v) for v in mean)
+        self.config.feature_channel_scale = tuple(float(v) for v in 1.0 / std)
 
     def feature_cache(self, train: Sequence[Any]) -> Any:
         """Extract the training features once into ``<run>/features`` (or reuse a matching cache)
@@ -338,6 +440,8 @@ class FeatDiff(Method):
                                    batch_size=self.ctx.bank_config.batch_size, progress=self.ctx.progress,
                                    cancel=self.ctx.cancel, fit_scaling=self.config.feature_scale is None)
         self.config.feature_scale, self.config.feature_shift = float(enc.scale), float(enc.shift)
+        if self.config.standardize == "channel" and self.config.feature_channel_shift is None:
+            self._fit_channel_stats(cache)
         self._cache = cache
         return cache
 
@@ -352,9 +456,9 @@ class FeatDiff(Method):
         bc, c = self.ctx.bank_config, self.config
         xi = validate_bank_size(bc.size)
         cache = self.feature_cache(train)
-        cells = _sample_cells(cache, int(c.patches_per_image), self.ctx.seed)
+        cells = self.per_channel(_sample_cells(cache, int(c.patches_per_image), self.ctx.seed), dim=-1)
         rows = cells[greedy_coreset(cells, xi, seed=self.ctx.seed)]
-        raw = rows / float(c.feature_scale) + float(c.feature_shift)
+        raw = self.un_per_channel(rows, dim=-1) / float(c.feature_scale) + float(c.feature_shift)
         bb = self.encoder().backbone
         meta = {"backbone": bb.name, "layers": list(bb.layers), "image_size": int(self.ctx.image_size),
                 "xi": int(raw.shape[0]), "xi_requested": xi, "feature_dim": int(raw.shape[1]),
@@ -379,7 +483,7 @@ class FeatDiff(Method):
                               f"channels: build the bank with the same bank.backbone / bank.layers")
         self.modules["denoiser"] = net
         self.modules["bank_proj"] = BankProjector(c.bank_dim, c.cross_attention_dim)
-        cells = _sample_cells(cache, int(c.patches_per_image), self.ctx.seed + 1)
+        cells = self.per_channel(_sample_cells(cache, int(c.patches_per_image), self.ctx.seed + 1), dim=-1)
         self.memory = cells[greedy_coreset(cells, int(c.memory_size), seed=self.ctx.seed + 1)].float().contiguous()
 
     def training_dataset(self, train: Sequence[Any]) -> Any:
@@ -387,7 +491,8 @@ class FeatDiff(Method):
 
     def _context_bank(self, device: torch.device) -> torch.Tensor:
         c = self.config
-        return ((self.ctx.bank_tensor() - float(c.feature_shift)) * float(c.feature_scale)).to(device)
+        bank = (self.ctx.bank_tensor() - float(c.feature_shift)) * float(c.feature_scale)
+        return self.per_channel(bank, dim=-1).to(device)
 
     def _eps_fn(self, modules: nn.ModuleDict, device: torch.device) -> Any:
         bank = self._context_bank(device)
@@ -398,10 +503,22 @@ class FeatDiff(Method):
         return eps_fn
 
     def training_loss(self, modules: nn.ModuleDict, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
-        from ..diffusion.objectives import noise_prediction_loss
+        """Item 3 with the item-9 levers: t ~ U{0..train_max_timestep} (default U{0..T-1}), the cached
+        features standardised per channel when asked, and the target the ``prediction_type`` names
+        (:func:`prediction_target`). With the defaults this is exactly eq. 11's epsilon loss."""
+        from ..diffusion.objectives import training_draws
 
-        z = batch["latent"]
-        return noise_prediction_loss(self._eps_fn(modules, z.device), z, self.scheduler, generator)
+        c = self.config
+        z = self.per_channel(batch["latent"])
+        t = None
+        if c.train_max_timestep is not None:
+            gdev = generator.device if generator is not None else "cpu"
+            t = torch.randint(0, int(c.train_max_timestep) + 1, (z.shape[0],), generator=generator, device=gdev)
+        t, noise = training_draws(z, self.scheduler, generator, timesteps=t)
+        noise = noise.to(z.device, z.dtype)
+        z_t = self.scheduler.add_noise(z, noise, t)
+        out = self._eps_fn(modules, z.device)(z_t, t)
+        return F.mse_loss(out.float(), prediction_target(self.scheduler, z, noise, t, c.prediction_type).float())
 
     # ---- reconstruction and maps ----------------------------------------------------------------
     def _noise_field(self, shape: Sequence[int], device: torch.device) -> torch.Tensor:
