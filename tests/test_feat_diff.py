@@ -234,3 +234,20 @@ def test_feat_diff_through_the_cli(tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", str(run / "model"), str(data / "granular"), "--quiet"]) == 0
     assert "image_auroc" in capsys.readouterr().out
+
+
+def test_the_card_states_the_denoisers_measured_share_from_the_search() -> None:
+    from ccad.methods.feat_diff import denoiser_share
+
+    def grid(trained: float, identity: float) -> dict:
+        return {"grid": [{"denoiser": "trained", "objective": trained - 0.1},
+                         {"denoiser": "trained", "objective": trained},
+                         {"denoiser": "identity", "objective": identity}]}
+
+    tiny = denoiser_share(grid(0.81728, 0.81718))  # run A's MTD model: a margin of 0.0001
+    assert tiny["margin"] == 0.0001 and "within the noise" in tiny["note"]
+    assert "added nothing" in denoiser_share(grid(0.8, 0.8))["note"]
+    clear = denoiser_share(grid(0.85, 0.80))
+    assert clear["margin"] == 0.05 and "within the noise" not in clear["note"]
+    assert denoiser_share({"grid": [{"denoiser": "trained", "objective": 0.8}]}) is None  # no identity arm
+    assert denoiser_share(None) is None

@@ -106,6 +106,31 @@ FEATURES_FOLDER = "features"
 DISTANCES = ("cosine", "l2")
 STANDARDIZE = ("global", "channel")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+def denoiser_share(search: Any) -> Optional[dict[str, Any]]:
+    """What the trained denoiser added on the selection images, from the settings search's own
+    grid (issue 23 item 2: the card states the measured share): the best trained arm's objective,
+    the best identity arm's, their difference, and one sentence. ``None`` when the grid has no
+    identity arm (a model saved before the identity arm existed)."""
+    grid = (search or {}).get("grid") if isinstance(search, dict) else None
+    if not grid:
+        return None
+    best = {kind: max((float(r["objective"]) for r in grid if r.get("denoiser") == kind), default=None)
+            for kind in ("trained", "identity")}
+    if best["identity"] is None or best["trained"] is None:
+        return None
+    margin = best["trained"] - best["identity"]
+    if margin <= 0:
+        says = "the identity (a nearest-neighbour distance) scored at least as well: the denoiser added nothing"
+    elif margin < 0.005:
+        says = (f"the trained denoiser beat the identity by {margin:.5f} on the search objective: within the "
+                "noise of a few selection images; treat this map as a nearest-neighbour distance")
+    else:
+        says = f"the trained denoiser beat the identity by {margin:.4f} on the search objective"
+    return {"objective_trained": round(best["trained"], 5), "objective_identity": round(best["identity"], 5),
+            "margin": round(margin, 5),
+            "note": f"on the selection images (held-out good + synthetic anomalies), {says}"}
+
+
 IDENTITY_NOTE = ("this model's map is a nearest-neighbour distance; the denoiser added nothing on its selection "
                  "images")
 
@@ -748,6 +773,11 @@ class FeatDiff(Method):
             facts["note"] = IDENTITY_NOTE
         if self.search_table is not None:
             facts["search"] = self.search_table
+            share = denoiser_share(self.search_table)
+            if share is not None:
+                facts["denoiser_share"] = share
+                if share["margin"] < 0.005 and "note" not in facts:  # the app's model line shows the note
+                    facts["note"] = share["note"]
         return facts
 
     def save(self, directory: Path) -> None:
