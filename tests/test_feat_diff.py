@@ -234,3 +234,46 @@ def test_feat_diff_through_the_cli(tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", str(run / "model"), str(data / "granular"), "--quiet"]) == 0
     assert "image_auroc" in capsys.readouterr().out
+
+
+class _RandomEps(nn.Module):
+    """A fixed random 'network' whose prediction depends on z_t and t (so every DDIM step matters)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(c, c, generator=torch.Generator().manual_seed(7)) / c ** 0.5)
+
+    def forward(self, z_t, t, ctx):
+        return torch.einsum("dc,bchw->bdhw", self.w, z_t) * (1.0 + t.float().view(-1, 1, 1, 1) / 1000.0)
+
+
+@pytest.mark.parametrize("noise_level,steps", [(50, 1), (100, 2), (400, 4)])
+def test_reconstruction_is_the_shared_samplers_partial_ddim_with_per_image_generators(noise_level, steps):
+    """feat-diff reconstructs on the package's one sampler: its result is partial_ddim's (DDIM from the
+    features noised to noise_level, each image's noise from its own generator seeded with ``seed``),
+    and an image's reconstruction is the one it gets alone."""
+    from ccad.diffusion.objectives import image_generators
+    from ccad.diffusion.sampling import partial_ddim
+
+    m = _method()
+    m.config.seed = 3
+    m.modules["denoiser"] = _RandomEps(6)
+    z_e = torch.randn(3, 6, 4, 4, generator=torch.Generator().manual_seed(2))
+    got = m.denoise(z_e, noise_level, steps)
+    want = partial_ddim(m._eps_fn(m.modules, z_e.device), z_e, m.scheduler, noise_level, steps,
+                        generator=image_generators(3, 3))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert float((got - z_e).abs().max()) > 1e-2  # the random network really changed the features
+    torch.testing.assert_close(m.denoise(z_e[1:2], noise_level, steps), got[1:2], rtol=1e-4, atol=1e-5)
+
+
+def test_denoiser_presets_come_from_the_one_preset_table():
+    from ccad.models.feat_denoiser import build_feat_denoiser
+    from ccad.models.presets import PRESET_NAMES, unet_preset
+
+    for name in PRESET_NAMES:  # every preset name a user can pass builds, with the table's row
+        net = build_feat_denoiser(name, 12)
+        row = unet_preset("feat", name)
+        assert {k: net.config[k] for k in row} == row and net.config["in_channels"] == 12
+    with pytest.raises(ValueError, match="tiny"):
+        build_feat_denoiser("huge", 12)

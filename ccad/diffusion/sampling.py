@@ -134,6 +134,32 @@ def ddim_sample(eps_fn: EpsFn, x_start: torch.Tensor, scheduler, timesteps: Sequ
     return x
 
 
+@torch.no_grad()
+def partial_ddim(eps_fn: EpsFn, x0: torch.Tensor, scheduler, start_step: int, steps: int, *,
+                 noise: Optional[torch.Tensor] = None, generator: Generators = None,
+                 correct: Optional[Correction] = None, eta: float = 0.0) -> torch.Tensor:
+    """Reconstruct ``x0`` by a partial DDIM run: noise it to ``start_step`` T' (CCAD eq. 17,
+    :func:`noised`), then ``steps`` DDIM updates (eq. 18) over :func:`reconstruction_timesteps`
+    ``[T', T' - skip, ..., skip]`` to abar = 1 (:func:`ddim_sample`); returns the x0 estimate,
+    float32.
+
+    The start noise eps is ``noise`` when given (any shape that broadcasts to ``x0``'s, e.g. one
+    fixed ``C x h x w`` field for every image), else drawn from ``generator`` (one per image from
+    :func:`ccad.diffusion.objectives.image_generators` keeps every image's result independent of
+    its batch). Each call builds its own respaced ``DDIMScheduler`` (:func:`ddim_sample`), so
+    calls from several threads never share a timestep grid. ``eps_fn`` is called with ``x_t`` in
+    ``x0``'s dtype. Serves CCAD(V)/(C)/(F) (:func:`ccad.diffusion.reconstruct.guided_ddim`) and
+    feat-diff (:meth:`ccad.methods.feat_diff.FeatDiff.denoise`)."""
+    T = int(scheduler.config.num_train_timesteps)
+    timesteps = reconstruction_timesteps(int(start_step), int(steps), T)
+    if x0.dim() < 2:
+        raise ValueError(f"x0 must be B x ..., got shape {tuple(x0.shape)}")
+    target = x0.float()
+    eps = _randn_like(target, generator) if noise is None else noise.to(target.device, torch.float32).expand_as(target)
+    return ddim_sample(lambda x, t: eps_fn(x.to(x0.dtype), t), noised(target, scheduler, timesteps[0], eps),
+                       scheduler, timesteps, correct=correct, eta=float(eta), generator=generator)
+
+
 def noised(x0: torch.Tensor, scheduler, t: int, noise: Optional[torch.Tensor]) -> torch.Tensor:
     """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` (CCAD eq. 17, diffusers ``add_noise``);
     ``noise=None`` is D3AD's noiseless scaling ``sqrt(abar_t) x0`` (papers/d3ad.md Algorithm 1

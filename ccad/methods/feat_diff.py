@@ -35,10 +35,11 @@ What is implemented (equation numbers are CCAD's / METHOD.md's notation unless n
    ``z_e = (1 - lambda) z + lambda m(z)`` per location, ``lambda = edit`` in [0, 1]. An anomalous
    cell is pulled toward normal before noising, so the denoiser cannot copy it back (the
    "identity shortcut" LafitE names); a normal cell moves little (its neighbour is close).
-5. Reconstruction (DDIM, eq. 18, diffusers ``DDIMScheduler``, eta = 0): noise ``z_e`` to
-   ``t' = noise_level`` with one fixed noise field (seeded, the same for every image, so a
-   prediction never depends on the batch it is in), then ``steps`` DDIM steps of stride
-   ``noise_level / steps``; ``z_hat`` is the last step's x0-prediction.
+5. Reconstruction (DDIM, eq. 18, diffusers ``DDIMScheduler``, eta = 0, on the package's one
+   sampler :func:`ccad.diffusion.sampling.partial_ddim`): noise ``z_e`` to ``t' = noise_level``
+   with one fixed noise field (seeded, the same for every image, so a prediction never depends on
+   the batch it is in), then ``steps`` DDIM steps of stride ``noise_level / steps``; ``z_hat`` is
+   the last step's x0-prediction (the update to abar = 1).
 6. Map: per location ``1 - cos(z, z_hat)`` (``distance = "cosine"``) or ``||z - z_hat||_2``
    (``"l2"``), bilinearly upsampled to the image and Gaussian-smoothed with ``scoring.sigma``
    (scaled to the size) exactly as the bank's PatchCore map; the image score is the map's max
@@ -297,11 +298,9 @@ class FeatDiff(Method):
 
     def __init__(self, config: FeatDiffConfig, ctx: Context) -> None:
         from ..diffusion import make_scheduler
-        from ..diffusion.schedule import ddim_from
 
         super().__init__(config, ctx)
         self.scheduler = make_scheduler(int(config.num_train_timesteps), config.beta_schedule)
-        self.ddim = ddim_from(self.scheduler)
         self.memory: Optional[torch.Tensor] = None  # edit memory, standardised units
         self.search_table: Optional[dict[str, Any]] = None
         self.fitted: dict[str, Any] = {}  # the search's chosen values (fitted state, FITTED_FILE)
@@ -425,33 +424,21 @@ class FeatDiff(Method):
     def denoise(self, z_e: torch.Tensor, noise_level: int, steps: int,
                 modules: Optional[nn.ModuleDict] = None) -> torch.Tensor:
         """Module docstring item 5: noise ``z_e`` to ``noise_level`` and run ``steps`` DDIM steps
-        (diffusers ``DDIMScheduler``, eta 0); returns the last x0-prediction ``z_hat``.
+        (eta 0) on the package's one sampler, :func:`ccad.diffusion.sampling.partial_ddim`; returns
+        the last step's x0 estimate ``z_hat``.
 
-        The grid is set on a copy of the method's ``DDIMScheduler`` made for this call: inference
-        runs from several threads at once (the app), and ``set_timesteps`` on a shared scheduler
-        would change another call's grid under it."""
-        from diffusers import DDIMScheduler
+        The start noise is the fixed field :meth:`_noise_field` for every image: the draw a
+        per-image generator seeded with ``seed`` gives (:func:`ccad.diffusion.objectives.
+        image_generators`), kept in a cache and drawn outside an export trace. The sampler builds
+        its own respaced ``DDIMScheduler`` per call, so calls from several threads (the app) never
+        share a grid."""
+        from ..diffusion.sampling import partial_ddim
 
-        from ..diffusion.sampling import noised
-
-        T = int(self.config.num_train_timesteps)
-        check_schedule(T, int(noise_level), int(steps), "denoise")
+        check_schedule(int(self.config.num_train_timesteps), int(noise_level), int(steps), "denoise")
         modules = self.modules if modules is None else modules
-        stride = int(noise_level) // int(steps)
-        ddim = DDIMScheduler.from_config(self.ddim.config)
-        ddim.set_timesteps(T // stride, device=z_e.device)
-        ts = [int(t) for t in ddim.timesteps.tolist() if 0 < int(t) <= int(noise_level)][:int(steps)]
-        if not ts or ts[0] != int(noise_level):
-            raise RuntimeError(f"DDIM grid {ddim.timesteps.tolist()[:5]}... lacks t'={noise_level}")
-        eps_fn = self._eps_fn(modules, z_e.device)
-        noise = self._noise_field(z_e.shape[1:], z_e.device).expand_as(z_e)
-        z_t = noised(z_e, self.scheduler, ts[0], noise).to(z_e.dtype)
-        z_hat = z_e
-        for t in ts:
-            tt = torch.full((z_e.shape[0],), t, dtype=torch.long, device=z_e.device)
-            out = ddim.step(eps_fn(z_t, tt), t, z_t, eta=0.0)
-            z_t, z_hat = out.prev_sample, out.pred_original_sample
-        return z_hat.float()
+        noise = self._noise_field(z_e.shape[1:], z_e.device)
+        return partial_ddim(self._eps_fn(modules, z_e.device), z_e, self.scheduler, int(noise_level), int(steps),
+                            noise=noise).float()
 
     def _smooth(self, raw: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         maps = F.interpolate(raw, size=tuple(size), mode="bilinear", align_corners=False)
