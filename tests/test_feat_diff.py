@@ -169,7 +169,7 @@ def test_a_model_saved_with_the_chosen_values_in_its_config_still_loads(trained)
     shutil.copytree(root / "saved", old)
     chosen = {k: det.method.setting(k) for k in ("noise_level", "steps", "edit")}
     cfg = json.loads((old / "config.json").read_text())
-    cfg["method"].update(chosen)
+    cfg["method"].update(chosen, identity=det.method.uses_identity())  # an older ccad set identity too
     (old / "config.json").write_text(json.dumps(cfg))
     (old / "feat_diff_fitted.json").unlink()
     back = AnomalyDetector.from_pretrained(old)
@@ -277,3 +277,45 @@ def test_denoiser_presets_come_from_the_one_preset_table():
         assert {k: net.config[k] for k in row} == row and net.config["in_channels"] == 12
     with pytest.raises(ValueError, match="tiny"):
         build_feat_denoiser("huge", 12)
+
+
+class _Cache:
+    """A feature cache as feat-diff reads it: ``latents`` (N x C x h x w, float16) and ``len``."""
+
+    def __init__(self, latents):
+        self.latents = latents
+
+    def __len__(self):
+        return len(self.latents)
+
+
+def test_bank_and_edit_memory_are_selected_in_bounded_memory_and_cover_the_cells():
+    """The bank and the edit memory come from one streamed pass over the cache: the coresets never
+    hold more than their buffer however many cells stream past, and the streamed memory covers every
+    cell nearly as well as the one-shot greedy over all of them."""
+    import numpy as np
+
+    from ccad.features.coreset import covering_radius, greedy_coreset
+    from ccad.methods.feat_diff import select_cells
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(40, 8, generator=g) * 4
+    n, side = 400, 8  # 400 maps of 8 x 8 cells: 25600 cells, many buffers' worth
+    which = torch.randint(40, (n, side, side), generator=g)
+    z = (centres[which] + 0.3 * torch.randn(n, side, side, 8, generator=g)).permute(0, 3, 1, 2)
+    cache = _Cache(z.numpy().astype(np.float16))
+    bank, memory = select_cells(cache, 0, [(16, 0), (48, 1)], chunk=64)
+    cells = torch.from_numpy(cache.latents.astype(np.float32)).permute(0, 2, 3, 1).reshape(-1, 8)
+    assert bank.seen == memory.seen == cells.shape[0]
+    for core in (bank, memory):
+        assert core.reductions > 0 and core.peak <= core.buffer < cells.shape[0] // 10
+    rows = memory.result()
+    assert rows.shape == (48, 8)
+    streamed = covering_radius(cells, rows)
+    one_shot = covering_radius(cells, cells[greedy_coreset(cells, 48, seed=1)])
+    assert streamed <= 1.5 * one_shot
+    # every row is a cached cell (selected, never averaged)
+    assert float(torch.cdist(rows, cells).min(1).values.max()) < 1e-4
+    # patches_per_image draws that many cells of every map
+    few = select_cells(cache, 5, [(16, 0)])[0]
+    assert few.seen == 5 * n

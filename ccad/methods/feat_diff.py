@@ -21,8 +21,10 @@ What is implemented (equation numbers are CCAD's / METHOD.md's notation unless n
    latent methods' TAEF2 latents). Written to ``<run>/features`` as a float16 memmap; an epoch
    costs only the denoiser.
 2. Coarse bank B_c (CCAD eq. 5-6): the greedy k-center coreset (PatchCore Alg. 1) of
-   ``patches_per_image`` random cells of every cached map (one pass over the images gives the
-   cache, the bank and the edit memory). The bank is stored in the backbone's raw units, like
+   ``patches_per_image`` random cells of every cached map, selected by merge-and-reduce
+   (:class:`ccad.features.coreset.StreamingCoreset`, the default "fast" projection) in one pass
+   over the on-disk cache that also selects the edit memory (:func:`select_cells`): memory stays
+   bounded however many images. The bank is stored in the backbone's raw units, like
    every other method's bank; the denoiser sees it standardised and projected (``BankProjector``).
 3. Training (CCAD eq. 11 in feature space, DDPM eq. 2): ``z_t = sqrt(abar_t) z + sqrt(1 - abar_t) eps``
    and ``|| eps - eps_theta(z_t, t; B_c) ||^2``; ``eps_theta`` is
@@ -238,20 +240,50 @@ class FeatureEncoder:
         self.scale, self.shift, self.fitted = float(scale), float(shift), bool(fitted)
 
 
-def _sample_cells(cache: Any, per_image: int, seed: int) -> torch.Tensor:
-    """``per_image`` random cells (rows of C standardised values) of every cached map (0 = all)."""
-    g = torch.Generator().manual_seed(int(seed))
-    rows = []
+def _draw_cells(z: torch.Tensor, per_image: int, g: torch.Generator) -> torch.Tensor:
+    """``per_image`` random cells of every map of ``z`` (``B x C x h x w``; 0 or more than ``h * w``:
+    all cells): ``B * n x C`` rows, each image's ``n`` rows consecutive."""
+    b, c, h, w = z.shape
+    cells = z.permute(0, 2, 3, 1).reshape(b, h * w, c)
+    if per_image and h * w > per_image:
+        idx = torch.stack([torch.randperm(h * w, generator=g)[:per_image] for _ in range(b)])
+        cells = torch.gather(cells, 1, idx[..., None].expand(-1, -1, c))
+    return cells.reshape(-1, c)
+
+
+def select_cells(cache: Any, per_image: int, picks: Sequence[tuple[int, int]], cancel: Any = None,
+                 chunk: int = 64) -> list[Any]:
+    """Greedy k-center coresets (PatchCore Alg. 1, CCAD eq. 6) of the cached feature cells in
+    bounded memory: one pass over the on-disk cache, ``chunk`` maps at a time, feeding one
+    :class:`ccad.features.coreset.StreamingCoreset` per ``(k, seed)`` of ``picks`` (the bank and
+    the edit memory), each with its own ``per_image`` random cells per map drawn from a generator
+    seeded with its ``seed``. The reductions run in the default ("fast") mode's random projection
+    psi (:data:`ccad.features.coreset.CORESET_MODES`: 32 dims) and keep a quarter of the buffer
+    (``5 k`` rows, many more than k: the composition bound of :class:`StreamingCoreset` stays tight,
+    at a third of the picks of halving). PatchCore's per-image pre-reduction is not used: a random
+    draw of cells has no spatial redundancy for it to remove, and on clustered cells it dropped
+    whole clusters (tests/test_feat_diff.py). Memory: ``chunk`` maps plus each coreset's buffer
+    (``max(20 k, 1000)`` rows), whatever the number of images. Returns the coresets (``.result()``:
+    the rows; ``.seen``: cells drawn)."""
+    from ..errors import Cancelled
+    from ..features.coreset import DEFAULT_CORESET, StreamingCoreset, coreset_mode
+
+    mode = coreset_mode(DEFAULT_CORESET)
     n = len(cache)
-    for start in range(0, n, 64):
-        z = torch.from_numpy(np.asarray(cache.latents[start:start + 64], dtype=np.float32))
-        b, c, h, w = z.shape
-        cells = z.permute(0, 2, 3, 1).reshape(b, h * w, c)
-        if per_image and h * w > per_image:
-            idx = torch.stack([torch.randperm(h * w, generator=g)[:per_image] for _ in range(b)])
-            cells = torch.gather(cells, 1, idx[..., None].expand(-1, -1, c))
-        rows.append(cells.reshape(-1, c))
-    return torch.cat(rows)
+    gens = [torch.Generator().manual_seed(int(seed)) for _, seed in picks]
+    cores: list[Any] = []
+    for start in range(0, n, int(chunk)):
+        if cancel is not None and cancel():
+            raise Cancelled("feat-diff's bank / edit memory selection cancelled")
+        z = torch.from_numpy(np.asarray(cache.latents[start:start + int(chunk)], dtype=np.float32))
+        for i, ((k, seed), g) in enumerate(zip(picks, gens)):
+            rows = _draw_cells(z, per_image, g)
+            if i == len(cores):
+                buffer = max(20 * int(k), 1000)
+                cores.append(StreamingCoreset(int(k), buffer=buffer, reduce_to=buffer // 4, proj_dim=mode["proj_dim"],
+                                              seed=int(seed), exact_budget=mode["exact_budget"]))
+            cores[i].update(rows)
+    return cores
 
 
 def distance_map(z: torch.Tensor, z_hat: torch.Tensor, distance: str) -> torch.Tensor:
@@ -302,6 +334,7 @@ class FeatDiff(Method):
         super().__init__(config, ctx)
         self.scheduler = make_scheduler(int(config.num_train_timesteps), config.beta_schedule)
         self.memory: Optional[torch.Tensor] = None  # edit memory, standardised units
+        self._memory: Optional[torch.Tensor] = None  # the edit memory build_bank selected in its pass
         self.search_table: Optional[dict[str, Any]] = None
         self.fitted: dict[str, Any] = {}  # the search's chosen values (fitted state, FITTED_FILE)
         self._cache: Any = None
@@ -346,26 +379,27 @@ class FeatDiff(Method):
 
         from .. import __version__
         from ..features import FeatureBank
-        from ..features.coreset import greedy_coreset, validate_bank_size
+        from ..features.coreset import validate_bank_size
 
         bc, c = self.ctx.bank_config, self.config
         xi = validate_bank_size(bc.size)
         cache = self.feature_cache(train)
-        cells = _sample_cells(cache, int(c.patches_per_image), self.ctx.seed)
-        rows = cells[greedy_coreset(cells, xi, seed=self.ctx.seed)]
+        picks = [(xi, int(self.ctx.seed)), (int(c.memory_size), int(self.ctx.seed) + 1)]
+        bank_core, memory_core = select_cells(cache, int(c.patches_per_image), picks, self.ctx.cancel)
+        self._memory = memory_core.result().float().contiguous()  # build() takes it (the same pass)
+        rows = bank_core.result()
         raw = rows / float(c.feature_scale) + float(c.feature_shift)
         bb = self.encoder().backbone
         meta = {"backbone": bb.name, "layers": list(bb.layers), "image_size": int(self.ctx.image_size),
                 "xi": int(raw.shape[0]), "xi_requested": xi, "feature_dim": int(raw.shape[1]),
-                "n_images": len(cache), "n_patches": int(cells.shape[0]), "skipped": [list(e) for e in cache.errors],
+                "n_images": len(cache), "n_patches": int(bank_core.seen), "skipped": [list(e) for e in cache.errors],
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "ccad_version": __version__,
-                "coreset": {"method": "greedy k-center of the cached feature cells", "per_image":
-                            int(c.patches_per_image), "seed": self.ctx.seed}}
+                "coreset": {"method": "streaming greedy k-center of the cached feature cells", "per_image":
+                            int(c.patches_per_image), "seed": self.ctx.seed, "mode": "fast"}}
         return FeatureBank(raw.float(), meta)
 
     # ---- building and training ----------------------------------------------------------------
     def build(self, train: Sequence[Any]) -> None:
-        from ..features.coreset import greedy_coreset
         from ..models.feat_denoiser import build_feat_denoiser
 
         c = self.config
@@ -378,8 +412,11 @@ class FeatDiff(Method):
                               f"channels: build the bank with the same bank.backbone / bank.layers")
         self.modules["denoiser"] = net
         self.modules["bank_proj"] = BankProjector(c.bank_dim, c.cross_attention_dim)
-        cells = _sample_cells(cache, int(c.patches_per_image), self.ctx.seed + 1)
-        self.memory = cells[greedy_coreset(cells, int(c.memory_size), seed=self.ctx.seed + 1)].float().contiguous()
+        memory, self._memory = self._memory, None
+        if memory is None:  # the bank came from elsewhere: select the edit memory alone
+            pick = [(int(c.memory_size), int(self.ctx.seed) + 1)]
+            memory = select_cells(cache, int(c.patches_per_image), pick, self.ctx.cancel)[0].result().float()
+        self.memory = memory.contiguous()
 
     def training_dataset(self, train: Sequence[Any]) -> Any:
         return self.feature_cache(train)
@@ -468,7 +505,10 @@ class FeatDiff(Method):
         for k in SEARCHED:
             if getattr(self.config, k) is None:
                 out[k] = "search (fitted state)" if k in self.fitted else "default (not searched)"
-            elif self.fitted.get("legacy") and k in chosen and chosen[k] == getattr(self.config, k):
+            elif self.fitted.get("legacy") and k in chosen and (
+                    chosen[k] == getattr(self.config, k)
+                    # the identity won: its row says noise 0 / steps 0, the config got the best trained arm's
+                    or (chosen.get("denoiser") == "identity" and k != "edit")):
                 out[k] = "search (written into config.json by an older ccad)"
             else:
                 out[k] = "config (as given)"
