@@ -79,7 +79,7 @@ def respaced_ddim(abar_grid: Sequence[float] | torch.Tensor, prediction_type: st
     ``alphas_cumprod`` is then the table itself (float32, as the training table holds it, not
     re-multiplied from the betas)."""
     a = torch.as_tensor(abar_grid, dtype=torch.float32).flatten().flip(0)  # ascending t
-    n = a.numel()
+    n = int(a.numel())  # a plain int, also while ccad export traces the graph
     if n < 1 or not bool(((a > 0) & (a <= 1)).all()):
         raise ValueError(f"abar values must be in (0, 1], got {a.tolist()}")
     a64 = a.double()
