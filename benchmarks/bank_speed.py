@@ -18,7 +18,9 @@ image exactly as ``PatchCoreScorer.fit`` feeds it (batches of 8 images, ``k = ra
 per mode, on features cached with ``--save-features`` (one backbone pass), and reports how well each
 memory covers all patches (max / 99.9 % / mean nearest distance of 40 000 random patches, in the
 original feature space). It also times feat-diff's two one-shot selections (``greedy_coreset`` of
-256 random cells per image: its bank ``xi`` and its edit memory) in each mode.
+256 random cells per image: its bank ``xi`` and its edit memory) in each mode, and the streamed
+selection feat-diff runs above its one-shot budget (:func:`ccad.methods.feat_diff.select_cells`,
+both in one pass; below ``ONE_SHOT_BYTES`` of cells it selects one-shot, as the rows above).
 
 ``--part inference``: the per-image cost of a fitted fast-mode PatchCore detector at 256 px, batch
 1 and 8 (median of ``--repeats``), split into the backbone, the nearest-neighbour search against the
@@ -168,6 +170,23 @@ def coreset_rows(a: Any, out: JsonLines, run_info: dict) -> None:
                   "bank_seconds": round(t_bank, 1), "memory_seconds": round(t_mem, 1),
                   "memory_nn_dist_max": round(float(d.max()), 3), "memory_nn_dist_mean": round(float(d.mean()), 4),
                   "run": run_info})
+    from ccad.methods.feat_diff import select_cells
+
+    class _Cache:  # each image's drawn cells as one "map", as feat-diff reads its on-disk cache
+        latents = cells.view(-1, min(per, 256), dim).permute(0, 2, 1).unsqueeze(-1).numpy()
+
+        def __len__(self) -> int:
+            return len(self.latents)
+
+    t0 = time.perf_counter()
+    bank_core, mem_core = select_cells(_Cache(), 0, [(200, 0), (4096, 1)], one_shot_bytes=0)  # the streamed path
+    mem = mem_core.result()
+    sec = time.perf_counter() - t0
+    d = torch.cat([torch.cdist(c, mem).min(1).values for c in probe.split(4096)])
+    out.emit({"part": "feat-diff selections", "mode": "streamed (select_cells)", "cells": int(cells.shape[0]),
+              "bank_and_memory_seconds": round(sec, 1), "buffer_rows": [bank_core.buffer, mem_core.buffer],
+              "memory_nn_dist_max": round(float(d.max()), 3), "memory_nn_dist_mean": round(float(d.mean()), 4),
+              "run": run_info})
 
 
 def _memory_ratio(a: Any, train: list, size: int, calibration_fraction: float = 0.1) -> Optional[float]:

@@ -195,7 +195,7 @@ def test_bank_speed(manifest, tmp_path):
                str(feats), "--ratio", "0.1", out=tmp_path / "coreset.jsonl")
     assert feats.is_file() and [(r["part"], r["mode"]) for r in rows] == [
         ("coreset", "legacy"), ("coreset", "fast"), ("feat-diff selections", "legacy"),
-        ("feat-diff selections", "fast")]
+        ("feat-diff selections", "fast"), ("feat-diff selections", "streamed (select_cells)")]
     assert rows[0]["memory_rows"] == rows[1]["memory_rows"]
 
 

@@ -4,7 +4,9 @@ noiseless start (Algorithm 1), the lambda-weighted map (eq. 9), a tiny train / s
 predict with a random-init TAEF2 autoencoder, and domain adaptation (eq. 10) on a tiny CCAD(V)."""
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from unittest import mock
 
 import pytest
@@ -23,7 +25,7 @@ from ccad.diffusion.d3ad import (
 )
 from ccad.methods import get_method
 from ccad.methods.adaptation import ADAPTED_FILE
-from ccad.methods.d3ad import CONDITIONING_FILE
+from ccad.methods.d3ad import CONDITIONING_FILE, NORM_FILE
 from ccad.models.deco_net import build_deco_unet
 from ccad.pipeline import AnomalyDetector, train_detector
 from ccad.training import TrainConfig
@@ -137,15 +139,20 @@ def test_d3ad_trains_saves_loads_and_predicts(root, tmp_path):
                          image_size=SIZE, calibration_fraction=0.2, device="cpu")
     m = det.method
     assert m.knn_features.shape[0] == det.info["n_train_images"] == m.train_distances.shape[0]
-    assert m.bin_edges.numel() == 11 and m.config.l_norm > 0 and m.config.f_norm > 0
+    l_norm, f_norm = m.normalisers()
+    assert m.bin_edges.numel() == 11 and l_norm > 0 and f_norm > 0
     model = tmp_path / "run" / "model"
+    # fitted state, not the user's config: config.json holds no fitted normaliser
+    saved = json.loads((model / "config.json").read_text())["method"]
+    assert (saved["l_norm"], saved["f_norm"]) == (None, None) and (m.config.l_norm, m.config.f_norm) == (None, None)
+    fitted = json.loads((model / NORM_FILE).read_text())
+    assert (fitted["l_norm"], fitted["f_norm"]) == (l_norm, f_norm)
     assert (model / CONDITIONING_FILE).is_file() and (model / "unet" / "config.json").is_file()
     assert (model / ADAPTED_FILE).is_file()  # D3AD adapts its extractor by default (1 epoch, eq. 10)
     x = torch.rand(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
     out = m.maps(x)
     l_map, f_map, _, starts = m._parts_of_map(x)
-    c = m.config
-    assert torch.allclose(out.maps, 0.85 * l_map / c.l_norm + 0.15 * f_map / c.f_norm, atol=1e-5)
+    assert torch.allclose(out.maps, 0.85 * l_map / l_norm + 0.15 * f_map / f_norm, atol=1e-5)
     assert all(int(s) in {20, 30, 40, 50, 60, 70, 80} for s in starts)
     test = load_dataset(root, split="test")
     img = next(s.image_path for s in test if s.label == 1)
@@ -159,6 +166,23 @@ def test_d3ad_trains_saves_loads_and_predicts(root, tmp_path):
     assert card["domain_adaptation"]["epochs"] == 1
     # the start steps are the call's own output (MethodOutput.start_steps), not method state
     assert "last_start_steps" not in rec and torch.equal(out.start_steps, starts)
+    assert back.method.normalisers() == (l_norm, f_norm)
+
+    # a model saved by an older ccad: the normalisers written into config.json, no fitted-state file
+    old = tmp_path / "old"
+    shutil.copytree(model, old)
+    cfg_old = json.loads((old / "config.json").read_text())
+    cfg_old["method"].update(l_norm=l_norm, f_norm=f_norm)
+    (old / "config.json").write_text(json.dumps(cfg_old))
+    (old / NORM_FILE).unlink()
+    legacy = AnomalyDetector.from_pretrained(old, device="cpu")
+    assert legacy.method.normalisers() == (l_norm, f_norm)
+    torch.testing.assert_close(legacy.method.maps(x).maps, back.method.maps(x).maps, rtol=1e-5, atol=1e-6)
+    assert legacy.card()["reconstruction"]["map_normalisation"]["source"].endswith("by an older ccad")
+    # ... and re-saving it keeps its values (in config.json, as loaded: nothing is refitted)
+    legacy.save_pretrained(tmp_path / "resaved")
+    again = AnomalyDetector.from_pretrained(tmp_path / "resaved", device="cpu")
+    assert again.method.normalisers() == (l_norm, f_norm)
 
 
 def test_domain_adaptation_of_ccad_v_is_saved_reloaded_and_changes_the_maps(root, tmp_path):

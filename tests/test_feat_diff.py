@@ -169,7 +169,7 @@ def test_a_model_saved_with_the_chosen_values_in_its_config_still_loads(trained)
     shutil.copytree(root / "saved", old)
     chosen = {k: det.method.setting(k) for k in ("noise_level", "steps", "edit")}
     cfg = json.loads((old / "config.json").read_text())
-    cfg["method"].update(chosen)
+    cfg["method"].update(chosen, identity=det.method.uses_identity())  # an older ccad set identity too
     (old / "config.json").write_text(json.dumps(cfg))
     (old / "feat_diff_fitted.json").unlink()
     back = AnomalyDetector.from_pretrained(old)
@@ -251,3 +251,96 @@ def test_the_card_states_the_denoisers_measured_share_from_the_search() -> None:
     assert clear["margin"] == 0.05 and "within the noise" not in clear["note"]
     assert denoiser_share({"grid": [{"denoiser": "trained", "objective": 0.8}]}) is None  # no identity arm
     assert denoiser_share(None) is None
+
+
+class _RandomEps(nn.Module):
+    """A fixed random 'network' whose prediction depends on z_t and t (so every DDIM step matters)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(c, c, generator=torch.Generator().manual_seed(7)) / c ** 0.5)
+
+    def forward(self, z_t, t, ctx):
+        return torch.einsum("dc,bchw->bdhw", self.w, z_t) * (1.0 + t.float().view(-1, 1, 1, 1) / 1000.0)
+
+
+@pytest.mark.parametrize("noise_level,steps", [(50, 1), (100, 2), (400, 4)])
+def test_reconstruction_is_the_shared_samplers_partial_ddim_with_per_image_generators(noise_level, steps):
+    """feat-diff reconstructs on the package's one sampler: its result is partial_ddim's (DDIM from the
+    features noised to noise_level, each image's noise from its own generator seeded with ``seed``),
+    and an image's reconstruction is the one it gets alone."""
+    from ccad.diffusion.objectives import image_generators
+    from ccad.diffusion.sampling import partial_ddim
+
+    m = _method()
+    m.config.seed = 3
+    m.modules["denoiser"] = _RandomEps(6)
+    z_e = torch.randn(3, 6, 4, 4, generator=torch.Generator().manual_seed(2))
+    got = m.denoise(z_e, noise_level, steps)
+    want = partial_ddim(m._eps_fn(m.modules, z_e.device), z_e, m.scheduler, noise_level, steps,
+                        generator=image_generators(3, 3))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert float((got - z_e).abs().max()) > 1e-2  # the random network really changed the features
+    torch.testing.assert_close(m.denoise(z_e[1:2], noise_level, steps), got[1:2], rtol=1e-4, atol=1e-5)
+
+
+def test_denoiser_presets_come_from_the_one_preset_table():
+    from ccad.models.feat_denoiser import build_feat_denoiser
+    from ccad.models.presets import PRESET_NAMES, unet_preset
+
+    for name in PRESET_NAMES:  # every preset name a user can pass builds, with the table's row
+        net = build_feat_denoiser(name, 12)
+        row = unet_preset("feat", name)
+        assert {k: net.config[k] for k in row} == row and net.config["in_channels"] == 12
+    with pytest.raises(ValueError, match="tiny"):
+        build_feat_denoiser("huge", 12)
+
+
+class _Cache:
+    """A feature cache as feat-diff reads it: ``latents`` (N x C x h x w, float16) and ``len``."""
+
+    def __init__(self, latents):
+        self.latents = latents
+
+    def __len__(self):
+        return len(self.latents)
+
+
+def test_bank_and_edit_memory_are_selected_in_bounded_memory_and_cover_the_cells():
+    """The bank and the edit memory come from one streamed pass over the cache: the coresets never
+    hold more than their buffer however many cells stream past, and the streamed memory covers every
+    cell nearly as well as the one-shot greedy over all of them."""
+    import numpy as np
+
+    from ccad.features.coreset import covering_radius, greedy_coreset
+    from ccad.methods.feat_diff import select_cells
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(40, 8, generator=g) * 4
+    n, side = 400, 8  # 400 maps of 8 x 8 cells: 25600 cells, many buffers' worth
+    which = torch.randint(40, (n, side, side), generator=g)
+    z = (centres[which] + 0.3 * torch.randn(n, side, side, 8, generator=g)).permute(0, 3, 1, 2)
+    cache = _Cache(z.numpy().astype(np.float16))
+    bank, memory = select_cells(cache, 0, [(16, 0), (48, 1)], chunk=64, one_shot_bytes=0)  # force streaming
+    cells = torch.from_numpy(cache.latents.astype(np.float32)).permute(0, 2, 3, 1).reshape(-1, 8)
+    assert bank.seen == memory.seen == cells.shape[0]
+    for core in (bank, memory):
+        assert core.reductions > 0 and core.peak <= core.buffer < cells.shape[0] // 10
+    rows = memory.result()
+    assert rows.shape == (48, 8)
+    streamed = covering_radius(cells, rows)
+    one_shot = covering_radius(cells, cells[greedy_coreset(cells, 48, seed=1)])
+    assert streamed <= 1.5 * one_shot
+    # every row is a cached cell (selected, never averaged)
+    assert float(torch.cdist(rows, cells).min(1).values.max()) < 1e-4
+    # patches_per_image draws that many cells of every map
+    few = select_cells(cache, 5, [(16, 0)], one_shot_bytes=0)[0]
+    assert few.seen == 5 * n
+    # under the budget (the default, 512 MB) the same cells are selected one-shot: exactly the
+    # greedy coreset of every cell, the selection models had before streaming existed
+    small = select_cells(cache, 0, [(48, 1)])[0]
+    assert small.seen == cells.shape[0]
+    torch.testing.assert_close(small.result(), cells[greedy_coreset(cells, 48, seed=1)])
+    # a transform (per-channel standardisation) is applied before selection
+    halved = select_cells(cache, 0, [(48, 1)], transform=lambda r: 0.5 * r)[0].result()
+    torch.testing.assert_close(halved, 0.5 * small.result())

@@ -132,7 +132,7 @@ def test_the_timestep_range_must_cover_every_noise_level_used():
 @pytest.mark.parametrize("ptype", ["epsilon", "sample", "v_prediction"])
 def test_prediction_type_is_the_schedulers_and_the_loss_targets(ptype):
     m = _method(prediction_type=ptype)
-    assert m.scheduler.config.prediction_type == ptype and m.ddim.config.prediction_type == ptype
+    assert m.scheduler.config.prediction_type == ptype  # the shared sampler's DDIM reads it (next test)
     z = torch.randn(5, C, 4, 4, generator=torch.Generator().manual_seed(4))
     loss = m.training_loss(m.modules, {"latent": z}, torch.Generator().manual_seed(5))
     # the same draws by hand: a zero predictor's loss is the mean square of the target
@@ -198,6 +198,6 @@ def test_levers_train_save_and_load(tmp_path):
     back = AnomalyDetector.from_pretrained(tmp_path / "saved")
     bc = back.method.config
     assert (bc.standardize, bc.prediction_type, bc.train_max_timestep) == ("channel", "v_prediction", 100)
-    assert back.method.ddim.config.prediction_type == "v_prediction"
+    assert back.method.scheduler.config.prediction_type == "v_prediction"
     assert tuple(bc.feature_channel_scale) == tuple(c.feature_channel_scale)
     torch.testing.assert_close(back.maps_for_batch(x)[0], det.maps_for_batch(x)[0], rtol=1e-5, atol=1e-6)

@@ -2,7 +2,9 @@
 min-over-locations map, the eq. 10 target, fixed-count top-k scoring, and a tiny end-to-end run."""
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -221,11 +223,32 @@ def test_delta_is_fitted_on_good_images_so_they_do_not_fire(tmp_path):
     m = det.method
     # fitted on the held-out good slice (issue 14), its selection part (issue 20.3)
     n_cal = min(3, det.info["calibration_split"]["selection"])
-    assert m.config.delta != 123.0 and m.delta_fit["n_images"] == n_cal and m.delta_fit["n_scores"] == n_cal * 4
+    fitted = m.delta_value()
+    assert fitted != 123.0 and m.delta_fit["n_images"] == n_cal and m.delta_fit["n_scores"] == n_cal * 4
     assert m.delta_fit["source"] == "held-out good slice (selection part)"
-    back = AnomalyDetector.from_pretrained(tmp_path / "run" / "model", device="cpu")
-    assert back.config.method.delta == pytest.approx(m.config.delta)
+    # fitted state, not the user's config: the config (and config.json) keep the delta the user gave
+    model = tmp_path / "run" / "model"
+    assert m.config.delta == 123.0 and json.loads((model / "config.json").read_text())["method"]["delta"] == 123.0
+    assert json.loads((model / "glad_fitted.json").read_text())["delta"] == fitted
+    back = AnomalyDetector.from_pretrained(model, device="cpu")
+    assert back.method.delta_value() == fitted and back.card()["reconstruction"]["delta"] == fitted
     assert "quantile 1.0" in back.card()["reconstruction"]["delta_source"]
+    x_all = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(8))
+    want = back.method.maps(x_all)
+
+    # a model saved by an older ccad: the fitted delta written into config.json, no glad_fitted.json
+    old = tmp_path / "old"
+    shutil.copytree(model, old)
+    cfg_old = json.loads((old / "config.json").read_text())
+    cfg_old["method"]["delta"] = fitted
+    (old / "config.json").write_text(json.dumps(cfg_old))
+    (old / "glad_fitted.json").unlink()
+    legacy = AnomalyDetector.from_pretrained(old, device="cpu")
+    assert legacy.method.delta_value() == fitted
+    assert "older ccad" in legacy.card()["reconstruction"]["delta_source"]
+    got = legacy.method.maps(x_all)
+    torch.testing.assert_close(got.maps, want.maps, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got.trace.start_steps, want.trace.start_steps)
 
     good = [s for s in load_dataset(root, split="train") if s.label == 0][:3]
     x = torch.stack([ImageDataset(good, SIZE)[i]["image"] for i in range(3)])

@@ -278,8 +278,9 @@ def ablate_glad(det: Any, data: Any, test: list) -> dict[str, Any]:
             **compare(claimed, fixed[best]),
             "full_glad_vs_best_fixed": compare(arms["adaptive_saff"], fixed[best]),
             "eval_seconds": round(sum(r["eval_seconds"] for r in (*arms.values(), *fixed.values())), 1),
-            "inference": {"T": c.T, "steps": c.steps, "delta": c.delta, "t_min": c.t_min, "step_topk": c.step_topk,
-                          "fusion_mask": c.fusion_mask, "fixed_grid": grid, "feature_backbone": c.feature_backbone}}
+            "inference": {"T": c.T, "steps": c.steps, "delta": m.delta_value(), "t_min": c.t_min,
+                          "step_topk": c.step_topk, "fusion_mask": c.fusion_mask, "fixed_grid": grid,
+                          "feature_backbone": c.feature_backbone}}
 
 
 # --------------------------------------------------------------------------------------------

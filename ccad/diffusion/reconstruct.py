@@ -14,8 +14,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
-from .objectives import Generators, _randn_like
-from .sampling import ddad_guidance, ddim_sample, ddim_step, noised, reconstruction_timesteps
+from .objectives import Generators
+from .sampling import ddad_guidance, ddim_step, partial_ddim, reconstruction_timesteps
 
 __all__ = ["ddad_reconstruct", "ddim_step", "guided_ddim", "reconstruction_timesteps"]
 
@@ -63,15 +63,13 @@ def guided_ddim(eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0
     (the latent variants' eq. 9 / 19). ``eps_fn(x_t, t) -> eps`` closes over the network and its
     conditions. Serves :func:`ddad_reconstruct` and
     :func:`ccad.diffusion.latent.latent_ddim_reconstruct`; the loop is
-    :func:`ccad.diffusion.sampling.ddim_sample`.
+    :func:`ccad.diffusion.sampling.partial_ddim` (noising + :func:`ccad.diffusion.sampling.ddim_sample`).
     """
-    timesteps = reconstruction_timesteps(start_step, steps, int(scheduler.config.num_train_timesteps))
+    reconstruction_timesteps(start_step, steps, int(scheduler.config.num_train_timesteps))  # names a bad field
     if x0.dim() != 4:
         raise ValueError(f"x0 must be B x C x h x w, got shape {tuple(x0.shape)}")
     if not math.isfinite(float(guidance)) or not math.isfinite(float(eta)) or eta < 0:
         raise ValueError(f"guidance must be finite and eta >= 0, got guidance={guidance}, eta={eta}")
-    x_t = noised(x0, scheduler, timesteps[0], _randn_like(x0.float(), generator))
-    return ddim_sample(lambda x, t: eps_fn(x.to(x0.dtype), t), x_t, scheduler, timesteps,
-                       correct=ddad_guidance(x0, guidance) if guidance else None, eta=float(eta),
-                       generator=generator)
+    return partial_ddim(eps_fn, x0, scheduler, start_step, steps, generator=generator,
+                        correct=ddad_guidance(x0, guidance) if guidance else None, eta=float(eta))
 

@@ -79,7 +79,7 @@ def respaced_ddim(abar_grid: Sequence[float] | torch.Tensor, prediction_type: st
     ``alphas_cumprod`` is then the table itself (float32, as the training table holds it, not
     re-multiplied from the betas)."""
     a = torch.as_tensor(abar_grid, dtype=torch.float32).flatten().flip(0)  # ascending t
-    n = a.numel()
+    n = int(a.numel())  # a plain int, also while ccad export traces the graph
     if n < 1 or not bool(((a > 0) & (a <= 1)).all()):
         raise ValueError(f"abar values must be in (0, 1], got {a.tolist()}")
     a64 = a.double()
@@ -132,6 +132,35 @@ def ddim_sample(eps_fn: EpsFn, x_start: torch.Tensor, scheduler, timesteps: Sequ
             noise = _randn_like(x, generator) if k > 0 else torch.zeros_like(x)
         x = ddim.step(eps, k, x, eta=float(eta), variance_noise=noise).prev_sample
     return x
+
+
+@torch.no_grad()
+def partial_ddim(eps_fn: EpsFn, x0: torch.Tensor, scheduler, start_step: int, steps: int, *,
+                 noise: Optional[torch.Tensor] = None, generator: Generators = None,
+                 correct: Optional[Correction] = None, eta: float = 0.0) -> torch.Tensor:
+    """Reconstruct ``x0`` by a partial DDIM run: noise it to ``start_step`` T' (CCAD eq. 17,
+    :func:`noised`), then ``steps`` DDIM updates (eq. 18) over :func:`reconstruction_timesteps`
+    ``[T', T' - skip, ..., skip]`` to abar = 1 (:func:`ddim_sample`); returns the x0 estimate,
+    float32.
+
+    The start noise eps is ``noise`` when given (any shape that broadcasts to ``x0``'s, e.g. one
+    fixed ``C x h x w`` field for every image), else drawn from ``generator`` (one per image from
+    :func:`ccad.diffusion.objectives.image_generators` keeps every image's result independent of
+    its batch). Each call builds its own respaced ``DDIMScheduler`` (:func:`ddim_sample`), so
+    calls from several threads never share a timestep grid. ``eps_fn`` is called with ``x_t`` in
+    ``x0``'s dtype. Serves CCAD(V)/(C)/(F) (:func:`ccad.diffusion.reconstruct.guided_ddim`) and
+    feat-diff (:meth:`ccad.methods.feat_diff.FeatDiff.denoise`)."""
+    T = int(scheduler.config.num_train_timesteps)
+    timesteps = reconstruction_timesteps(int(start_step), int(steps), T)
+    if x0.dim() < 2:
+        raise ValueError(f"x0 must be B x ..., got shape {tuple(x0.shape)}")
+    target = x0.float()
+    eps = _randn_like(target, generator) if noise is None else noise.to(target.device, torch.float32).expand_as(target)
+    # what eps_fn predicts is the scheduler's prediction_type (feat-diff may train x0- or v-prediction)
+    prediction_type = str(getattr(scheduler.config, "prediction_type", None) or "epsilon")
+    return ddim_sample(lambda x, t: eps_fn(x.to(x0.dtype), t), noised(target, scheduler, timesteps[0], eps),
+                       scheduler, timesteps, correct=correct, eta=float(eta), generator=generator,
+                       prediction_type=prediction_type)
 
 
 def noised(x0: torch.Tensor, scheduler, t: int, noise: Optional[torch.Tensor]) -> torch.Tensor:

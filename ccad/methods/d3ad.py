@@ -62,7 +62,9 @@ class D3ADConfig:
     eq. 9's lambda; ``norm_images``: held-out good images (the selection part) whose mean l_map /
     f_map normalise the two maps (0 = no normalisation); the schedule fields; ``domain_adapt_*``:
     eq. 10 (epochs 0 = off).
-    Filled in at build time: ``latent_channels``, ``latent_scale``, ``latent_shift``, ``l_norm``, ``f_norm``.
+    Filled in at build time: ``latent_channels``, ``latent_scale``, ``latent_shift``. ``l_norm`` /
+    ``f_norm`` are never written now (the fitted normalisers are fitted state, ``d3ad_normalisation.json``);
+    they are read from models saved by an older ccad, which wrote them here.
     """
 
     preset: str = "small"
@@ -183,7 +185,8 @@ class D3AD(DynamicStartMixin, LatentMethod):
         from ..data.dataset import iter_batches
 
         c = self.config
-        c.l_norm = c.f_norm = None
+        c.l_norm = c.f_norm = None  # fitted state, never the config (an older ccad wrote them here)
+        self.norm_fit = None
         n = int(c.norm_images)
         if n <= 0:
             return
@@ -198,9 +201,16 @@ class D3AD(DynamicStartMixin, LatentMethod):
             l_map, f_map, _, _ = self._parts_of_map(x)
             ls.append(l_map.flatten(1).mean(1))
             fs.append(f_map.flatten(1).mean(1))
-        c.l_norm = max(float(torch.cat(ls).mean()), 1e-8)
-        c.f_norm = max(float(torch.cat(fs).mean()), 1e-8)
-        self.norm_fit = {"n_images": int(torch.cat(ls).numel()), "l_norm": c.l_norm, "f_norm": c.f_norm}
+        self.norm_fit = {"n_images": int(torch.cat(ls).numel()), "l_norm": max(float(torch.cat(ls).mean()), 1e-8),
+                         "f_norm": max(float(torch.cat(fs).mean()), 1e-8)}
+
+    def normalisers(self) -> tuple[Optional[float], Optional[float]]:
+        """``(l_norm, f_norm)`` of eq. 9's normalisation: the fitted ones (:meth:`fit_normalisers`,
+        fitted state), else those an older ccad wrote into the config (None: no normalisation)."""
+        fit = self.norm_fit or {}
+        if "l_norm" in fit and "f_norm" in fit:
+            return float(fit["l_norm"]), float(fit["f_norm"])
+        return self.config.l_norm, self.config.f_norm
 
     # ---- inference ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -243,9 +253,9 @@ class D3AD(DynamicStartMixin, LatentMethod):
         equals smoothing A_map)."""
         from ..diffusion.d3ad import d3ad_anomaly_map
 
-        c = self.config
         l_map, f_map, x_hat, starts = self._parts_of_map(x)
-        return MethodOutput(d3ad_anomaly_map(l_map, f_map, float(c.lam), c.l_norm, c.f_norm), x_hat,
+        l_norm, f_norm = self.normalisers()
+        return MethodOutput(d3ad_anomaly_map(l_map, f_map, float(self.config.lam), l_norm, f_norm), x_hat,
                             start_steps=starts)
 
     # ---- device, card, files ------------------------------------------------------------------
@@ -256,20 +266,26 @@ class D3AD(DynamicStartMixin, LatentMethod):
                                  **self.conditioning_card()}
         if self.norm_fit is not None:
             facts["map_normalisation"] = dict(self.norm_fit)
+        elif c.l_norm is not None or c.f_norm is not None:
+            facts["map_normalisation"] = {"l_norm": c.l_norm, "f_norm": c.f_norm,
+                                          "source": "written into config.json by an older ccad"}
         return {**super().card(), "reconstruction": facts}
 
     def save(self, directory: Path) -> None:
         super().save(directory)
         self.save_conditioning(directory)
+        f = Path(directory) / NORM_FILE
         if self.norm_fit is not None:
-            (Path(directory) / NORM_FILE).write_text(json.dumps(self.norm_fit, indent=1))
+            f.write_text(json.dumps(self.norm_fit, indent=1))
+        elif f.is_file():  # never leave another model's normalisers behind
+            f.unlink()
 
     @classmethod
     def load(cls, directory: Path, config: D3ADConfig, ctx: Context) -> "D3AD":
         method = super().load(directory, config, ctx)
         method.load_conditioning(directory)
         f = Path(directory) / NORM_FILE
-        if f.is_file():  # older models have none: the card then shows no normalisation source
+        if f.is_file():  # older models have none: their normalisers are in config.json (normalisers())
             try:
                 method.norm_fit = json.loads(f.read_text())
             except ValueError as exc:

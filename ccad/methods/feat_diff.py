@@ -21,8 +21,10 @@ What is implemented (equation numbers are CCAD's / METHOD.md's notation unless n
    latent methods' TAEF2 latents). Written to ``<run>/features`` as a float16 memmap; an epoch
    costs only the denoiser.
 2. Coarse bank B_c (CCAD eq. 5-6): the greedy k-center coreset (PatchCore Alg. 1) of
-   ``patches_per_image`` random cells of every cached map (one pass over the images gives the
-   cache, the bank and the edit memory). The bank is stored in the backbone's raw units, like
+   ``patches_per_image`` random cells of every cached map, selected by merge-and-reduce
+   (:class:`ccad.features.coreset.StreamingCoreset`, the default "fast" projection) in one pass
+   over the on-disk cache that also selects the edit memory (:func:`select_cells`): memory stays
+   bounded however many images. The bank is stored in the backbone's raw units, like
    every other method's bank; the denoiser sees it standardised and projected (``BankProjector``).
 3. Training (CCAD eq. 11 in feature space, DDPM eq. 2): ``z_t = sqrt(abar_t) z + sqrt(1 - abar_t) eps``
    and ``|| eps - eps_theta(z_t, t; B_c) ||^2``; ``eps_theta`` is
@@ -35,10 +37,11 @@ What is implemented (equation numbers are CCAD's / METHOD.md's notation unless n
    ``z_e = (1 - lambda) z + lambda m(z)`` per location, ``lambda = edit`` in [0, 1]. An anomalous
    cell is pulled toward normal before noising, so the denoiser cannot copy it back (the
    "identity shortcut" LafitE names); a normal cell moves little (its neighbour is close).
-5. Reconstruction (DDIM, eq. 18, diffusers ``DDIMScheduler``, eta = 0): noise ``z_e`` to
-   ``t' = noise_level`` with one fixed noise field (seeded, the same for every image, so a
-   prediction never depends on the batch it is in), then ``steps`` DDIM steps of stride
-   ``noise_level / steps``; ``z_hat`` is the last step's x0-prediction.
+5. Reconstruction (DDIM, eq. 18, diffusers ``DDIMScheduler``, eta = 0, on the package's one
+   sampler :func:`ccad.diffusion.sampling.partial_ddim`): noise ``z_e`` to ``t' = noise_level``
+   with one fixed noise field (seeded, the same for every image, so a prediction never depends on
+   the batch it is in), then ``steps`` DDIM steps of stride ``noise_level / steps``; ``z_hat`` is
+   the last step's x0-prediction (the update to abar = 1).
 6. Map: per location ``1 - cos(z, z_hat)`` (``distance = "cosine"``) or ``||z - z_hat||_2``
    (``"l2"``), bilinearly upsampled to the image and Gaussian-smoothed with ``scoring.sigma``
    (scaled to the size) exactly as the bank's PatchCore map; the image score is the map's max
@@ -305,20 +308,88 @@ class FeatureEncoder:
         self.scale, self.shift, self.fitted = float(scale), float(shift), bool(fitted)
 
 
-def _sample_cells(cache: Any, per_image: int, seed: int) -> torch.Tensor:
-    """``per_image`` random cells (rows of C standardised values) of every cached map (0 = all)."""
-    g = torch.Generator().manual_seed(int(seed))
-    rows = []
+def _draw_cells(z: torch.Tensor, per_image: int, g: torch.Generator) -> torch.Tensor:
+    """``per_image`` random cells of every map of ``z`` (``B x C x h x w``; 0 or more than ``h * w``:
+    all cells): ``B * n x C`` rows, each image's ``n`` rows consecutive."""
+    b, c, h, w = z.shape
+    cells = z.permute(0, 2, 3, 1).reshape(b, h * w, c)
+    if per_image and h * w > per_image:
+        idx = torch.stack([torch.randperm(h * w, generator=g)[:per_image] for _ in range(b)])
+        cells = torch.gather(cells, 1, idx[..., None].expand(-1, -1, c))
+    return cells.reshape(-1, c)
+
+
+#: Below this many bytes of drawn cells (float32) the coresets are selected one-shot in RAM (the
+#: exact greedy of the fast mode, seconds); above it they stream in bounded memory (minutes: about a
+#: third of the cells become greedy picks). 512 MB = 880 000 cells of lite0's 152 channels.
+ONE_SHOT_BYTES = 512 * 2 ** 20
+
+
+class _OneShot:
+    """A finished one-shot coreset with :class:`StreamingCoreset`'s read side (``result()``, ``seen``)."""
+
+    def __init__(self, rows: torch.Tensor, seen: int) -> None:
+        self.rows, self.seen = rows, int(seen)
+
+    def result(self) -> torch.Tensor:
+        return self.rows
+
+
+def select_cells(cache: Any, per_image: int, picks: Sequence[tuple[int, int]], cancel: Any = None,
+                 chunk: int = 64, transform: Any = None, one_shot_bytes: int = ONE_SHOT_BYTES) -> list[Any]:
+    """Greedy k-center coresets (PatchCore Alg. 1, CCAD eq. 6) of the cached feature cells in
+    bounded memory: one pass over the on-disk cache, ``chunk`` maps at a time, feeding one
+    :class:`ccad.features.coreset.StreamingCoreset` per ``(k, seed)`` of ``picks`` (the bank and
+    the edit memory), each with its own ``per_image`` random cells per map drawn from a generator
+    seeded with its ``seed``. The reductions run in the default ("fast") mode's random projection
+    psi (:data:`ccad.features.coreset.CORESET_MODES`: 32 dims) and keep a quarter of the buffer
+    (``5 k`` rows, many more than k: the composition bound of :class:`StreamingCoreset` stays tight,
+    at a third of the picks of halving). PatchCore's per-image pre-reduction is not used: a random
+    draw of cells has no spatial redundancy for it to remove, and on clustered cells it dropped
+    whole clusters (tests/test_feat_diff.py). Memory: ``chunk`` maps plus each coreset's buffer
+    (``max(20 k, 1000)`` rows), whatever the number of images. When all drawn cells of one pick fit
+    in ``one_shot_bytes`` (float32), that pick is selected one-shot instead (the same cells and
+    :func:`ccad.features.coreset.greedy_coreset` call as before streaming existed, so those models
+    are unchanged): streaming costs about a
+    third of the cells as greedy picks, one-shot costs ``k``; the memory bound only matters above
+    the budget. ``transform`` maps each drawn ``rows x C`` block before selection (feat-diff's
+    per-channel standardisation). Returns the coresets (``.result()``: the rows; ``.seen``: cells
+    drawn)."""
+    from ..errors import Cancelled
+    from ..features.coreset import DEFAULT_CORESET, StreamingCoreset, coreset_mode, greedy_coreset
+
+    mode = coreset_mode(DEFAULT_CORESET)
     n = len(cache)
-    for start in range(0, n, 64):
-        z = torch.from_numpy(np.asarray(cache.latents[start:start + 64], dtype=np.float32))
-        b, c, h, w = z.shape
-        cells = z.permute(0, 2, 3, 1).reshape(b, h * w, c)
-        if per_image and h * w > per_image:
-            idx = torch.stack([torch.randperm(h * w, generator=g)[:per_image] for _ in range(b)])
-            cells = torch.gather(cells, 1, idx[..., None].expand(-1, -1, c))
-        rows.append(cells.reshape(-1, c))
-    return torch.cat(rows)
+    if n == 0:
+        raise ValueError("feat-diff: no cached feature maps to select the bank / edit memory from")
+    _, c, h, w = (int(v) for v in np.asarray(cache.latents[0:1]).shape)
+    per = h * w if not per_image or per_image >= h * w else int(per_image)
+    one_shot = n * per * c * 4 <= int(one_shot_bytes)
+    gens = [torch.Generator().manual_seed(int(seed)) for _, seed in picks]
+    cores: list[Any] = []
+    drawn: list[list[torch.Tensor]] = [[] for _ in picks]
+    for start in range(0, n, int(chunk)):
+        if cancel is not None and cancel():
+            raise Cancelled("feat-diff's bank / edit memory selection cancelled")
+        z = torch.from_numpy(np.asarray(cache.latents[start:start + int(chunk)], dtype=np.float32))
+        for i, ((k, seed), g) in enumerate(zip(picks, gens)):
+            rows = _draw_cells(z, per_image, g)
+            if transform is not None:
+                rows = transform(rows)
+            if one_shot:
+                drawn[i].append(rows)
+                continue
+            if i == len(cores):
+                buffer = max(20 * int(k), 1000)
+                cores.append(StreamingCoreset(int(k), buffer=buffer, reduce_to=buffer // 4, proj_dim=mode["proj_dim"],
+                                              seed=int(seed), exact_budget=mode["exact_budget"]))
+            cores[i].update(rows)
+    if one_shot:
+        for (k, seed), parts in zip(picks, drawn):
+            cells = torch.cat(parts)
+            idx = greedy_coreset(cells, int(k), seed=int(seed))  # the pre-streaming selection, exactly
+            cores.append(_OneShot(cells[idx], cells.shape[0]))
+    return cores
 
 
 def prediction_target(scheduler: Any, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
@@ -382,17 +453,17 @@ class FeatDiff(Method):
 
     def __init__(self, config: FeatDiffConfig, ctx: Context) -> None:
         from ..diffusion import make_scheduler
-        from ..diffusion.schedule import ddim_from
 
-        from diffusers import DDIMScheduler, DDPMScheduler
+        from diffusers import DDPMScheduler
 
         super().__init__(config, ctx)
-        # item 9: what the denoiser predicts is the schedulers' prediction_type (DDIM's step reads it)
-        pt = str(config.prediction_type)
+        # item 9: what the denoiser predicts is the scheduler's prediction_type (the shared sampler's
+        # DDIM step reads it from this scheduler's config)
         self.scheduler = DDPMScheduler.from_config(
-            make_scheduler(int(config.num_train_timesteps), config.beta_schedule).config, prediction_type=pt)
-        self.ddim = DDIMScheduler.from_config(ddim_from(self.scheduler).config, prediction_type=pt)
+            make_scheduler(int(config.num_train_timesteps), config.beta_schedule).config,
+            prediction_type=str(config.prediction_type))
         self.memory: Optional[torch.Tensor] = None  # edit memory, standardised units
+        self._memory: Optional[torch.Tensor] = None  # the edit memory build_bank selected in its pass
         self.search_table: Optional[dict[str, Any]] = None
         self.fitted: dict[str, Any] = {}  # the search's chosen values (fitted state, FITTED_FILE)
         self._cache: Any = None
@@ -476,26 +547,28 @@ class FeatDiff(Method):
 
         from .. import __version__
         from ..features import FeatureBank
-        from ..features.coreset import greedy_coreset, validate_bank_size
+        from ..features.coreset import validate_bank_size
 
         bc, c = self.ctx.bank_config, self.config
         xi = validate_bank_size(bc.size)
         cache = self.feature_cache(train)
-        cells = self.per_channel(_sample_cells(cache, int(c.patches_per_image), self.ctx.seed), dim=-1)
-        rows = cells[greedy_coreset(cells, xi, seed=self.ctx.seed)]
+        picks = [(xi, int(self.ctx.seed)), (int(c.memory_size), int(self.ctx.seed) + 1)]
+        bank_core, memory_core = select_cells(cache, int(c.patches_per_image), picks, self.ctx.cancel,
+                                              transform=lambda r: self.per_channel(r, dim=-1))
+        self._memory = memory_core.result().float().contiguous()  # build() takes it (the same pass)
+        rows = bank_core.result()
         raw = self.un_per_channel(rows, dim=-1) / float(c.feature_scale) + float(c.feature_shift)
         bb = self.encoder().backbone
         meta = {"backbone": bb.name, "layers": list(bb.layers), "image_size": int(self.ctx.image_size),
                 "xi": int(raw.shape[0]), "xi_requested": xi, "feature_dim": int(raw.shape[1]),
-                "n_images": len(cache), "n_patches": int(cells.shape[0]), "skipped": [list(e) for e in cache.errors],
+                "n_images": len(cache), "n_patches": int(bank_core.seen), "skipped": [list(e) for e in cache.errors],
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "ccad_version": __version__,
-                "coreset": {"method": "greedy k-center of the cached feature cells", "per_image":
-                            int(c.patches_per_image), "seed": self.ctx.seed}}
+                "coreset": {"method": "streaming greedy k-center of the cached feature cells", "per_image":
+                            int(c.patches_per_image), "seed": self.ctx.seed, "mode": "fast"}}
         return FeatureBank(raw.float(), meta)
 
     # ---- building and training ----------------------------------------------------------------
     def build(self, train: Sequence[Any]) -> None:
-        from ..features.coreset import greedy_coreset
         from ..models.feat_denoiser import build_feat_denoiser
 
         c = self.config
@@ -508,8 +581,12 @@ class FeatDiff(Method):
                               f"channels: build the bank with the same bank.backbone / bank.layers")
         self.modules["denoiser"] = net
         self.modules["bank_proj"] = BankProjector(c.bank_dim, c.cross_attention_dim)
-        cells = self.per_channel(_sample_cells(cache, int(c.patches_per_image), self.ctx.seed + 1), dim=-1)
-        self.memory = cells[greedy_coreset(cells, int(c.memory_size), seed=self.ctx.seed + 1)].float().contiguous()
+        memory, self._memory = self._memory, None
+        if memory is None:  # the bank came from elsewhere: select the edit memory alone
+            pick = [(int(c.memory_size), int(self.ctx.seed) + 1)]
+            memory = select_cells(cache, int(c.patches_per_image), pick, self.ctx.cancel,
+                                  transform=lambda r: self.per_channel(r, dim=-1))[0].result().float()
+        self.memory = memory.contiguous()
 
     def training_dataset(self, train: Sequence[Any]) -> Any:
         return self.feature_cache(train)
@@ -567,33 +644,21 @@ class FeatDiff(Method):
     def denoise(self, z_e: torch.Tensor, noise_level: int, steps: int,
                 modules: Optional[nn.ModuleDict] = None) -> torch.Tensor:
         """Module docstring item 5: noise ``z_e`` to ``noise_level`` and run ``steps`` DDIM steps
-        (diffusers ``DDIMScheduler``, eta 0); returns the last x0-prediction ``z_hat``.
+        (eta 0) on the package's one sampler, :func:`ccad.diffusion.sampling.partial_ddim`; returns
+        the last step's x0 estimate ``z_hat``.
 
-        The grid is set on a copy of the method's ``DDIMScheduler`` made for this call: inference
-        runs from several threads at once (the app), and ``set_timesteps`` on a shared scheduler
-        would change another call's grid under it."""
-        from diffusers import DDIMScheduler
+        The start noise is the fixed field :meth:`_noise_field` for every image: the draw a
+        per-image generator seeded with ``seed`` gives (:func:`ccad.diffusion.objectives.
+        image_generators`), kept in a cache and drawn outside an export trace. The sampler builds
+        its own respaced ``DDIMScheduler`` per call, so calls from several threads (the app) never
+        share a grid."""
+        from ..diffusion.sampling import partial_ddim
 
-        from ..diffusion.sampling import noised
-
-        T = int(self.config.num_train_timesteps)
-        check_schedule(T, int(noise_level), int(steps), "denoise")
+        check_schedule(int(self.config.num_train_timesteps), int(noise_level), int(steps), "denoise")
         modules = self.modules if modules is None else modules
-        stride = int(noise_level) // int(steps)
-        ddim = DDIMScheduler.from_config(self.ddim.config)
-        ddim.set_timesteps(T // stride, device=z_e.device)
-        ts = [int(t) for t in ddim.timesteps.tolist() if 0 < int(t) <= int(noise_level)][:int(steps)]
-        if not ts or ts[0] != int(noise_level):
-            raise RuntimeError(f"DDIM grid {ddim.timesteps.tolist()[:5]}... lacks t'={noise_level}")
-        eps_fn = self._eps_fn(modules, z_e.device)
-        noise = self._noise_field(z_e.shape[1:], z_e.device).expand_as(z_e)
-        z_t = noised(z_e, self.scheduler, ts[0], noise).to(z_e.dtype)
-        z_hat = z_e
-        for t in ts:
-            tt = torch.full((z_e.shape[0],), t, dtype=torch.long, device=z_e.device)
-            out = ddim.step(eps_fn(z_t, tt), t, z_t, eta=0.0)
-            z_t, z_hat = out.prev_sample, out.pred_original_sample
-        return z_hat.float()
+        noise = self._noise_field(z_e.shape[1:], z_e.device)
+        return partial_ddim(self._eps_fn(modules, z_e.device), z_e, self.scheduler, int(noise_level), int(steps),
+                            noise=noise).float()
 
     def _smooth(self, raw: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         maps = F.interpolate(raw, size=tuple(size), mode="bilinear", align_corners=False)
@@ -623,7 +688,10 @@ class FeatDiff(Method):
         for k in SEARCHED:
             if getattr(self.config, k) is None:
                 out[k] = "search (fitted state)" if k in self.fitted else "default (not searched)"
-            elif self.fitted.get("legacy") and k in chosen and chosen[k] == getattr(self.config, k):
+            elif self.fitted.get("legacy") and k in chosen and (
+                    chosen[k] == getattr(self.config, k)
+                    # the identity won: its row says noise 0 / steps 0, the config got the best trained arm's
+                    or (chosen.get("denoiser") == "identity" and k != "edit")):
                 out[k] = "search (written into config.json by an older ccad)"
             else:
                 out[k] = "config (as given)"

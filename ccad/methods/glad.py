@@ -32,7 +32,9 @@ Choices and departures (say so in the model card too):
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -46,6 +48,8 @@ from ..models.denoiser import images_to_model, model_to_images
 from .base import Context, Method, MethodOutput, check_preset, register_method
 
 PAPER_FEATURES = "DINO ViT-B/8, layers 3, 6, 9, 12 (GLAD sec. 4.2)"
+FITTED_FILE = "glad_fitted.json"  # the fitted delta (fitted state beside the weights, never the user's config)
+LEGACY_SOURCE = "written into config.json by an older ccad"
 
 
 @dataclass
@@ -60,8 +64,10 @@ class GLADConfig:
     ``feature_weights`` (optional local file). ``delta_quantile``: when set, ``delta`` is fitted
     after training from good images only (:meth:`GLAD.calibrate_delta`: that quantile of the
     per-step scores of held-out good images along their search path, so a good image rarely
-    fires); None keeps ``delta`` as given (the paper hand-sets it). Training: ``anomaly_ratio`` (share of images given
-    an anomaly), ``beta_max`` (opacity), ``perlin_threshold``, ``anomaly_schedule``."""
+    fires; the fitted value is fitted state, saved as ``glad_fitted.json``, and ``delta`` in the
+    config stays as given); None uses ``delta`` as given (the paper hand-sets it). Training:
+    ``anomaly_ratio`` (share of images given an anomaly), ``beta_max`` (opacity),
+    ``perlin_threshold``, ``anomaly_schedule``."""
 
     preset: str = "small"
     num_train_timesteps: int = 1000
@@ -150,6 +156,8 @@ class GLAD(Method):
         super().__init__(config, ctx)
         self.scheduler = make_scheduler(int(config.num_train_timesteps), config.beta_schedule)
         self._features: Any = None
+        self.delta_fit: Optional[dict[str, Any]] = None  # the fitted delta and where (FITTED_FILE)
+        self._legacy_delta = False  # loaded from an older ccad that wrote the fitted delta into config.json
 
     def build(self, train: Sequence[Any]) -> None:
         self.modules["unet"] = build_deco_unet(self.config.preset, 3, self.ctx.image_size)
@@ -204,7 +212,7 @@ class GLAD(Method):
             return model_to_images(x_fix.float()), None
         x_hat, trace = glad_reconstruct(lambda x_t, t: net(x_t, t).sample, images_to_model(x), self.scheduler,
                                         self._step_score, start_step=int(c.T), steps=int(c.steps),
-                                        delta=float(c.delta), t_min=int(c.t_min), fusion=c.fusion,
+                                        delta=self.delta_value(), t_min=int(c.t_min), fusion=c.fusion,
                                         mask=c.fusion_mask, redundancy=int(c.redundancy), generator=gens)
         return model_to_images(x_hat.float()), trace
 
@@ -225,7 +233,7 @@ class GLAD(Method):
         if self.config.delta_quantile is not None:
             held = list(self.ctx.held_out)
             self.calibrate_delta(held if held else train)
-            if getattr(self, "delta_fit", None):
+            if self.delta_fit:
                 self.delta_fit["source"] = ("held-out good slice (selection part)" if held
                                             else "training images (nothing held out)")
 
@@ -241,7 +249,8 @@ class GLAD(Method):
         :meth:`_step_score`) is recorded, and delta becomes their ``delta_quantile`` quantile
         over the steps the rule can fire at (t > t_min). A good image then seldom fires, and an
         anomaly that makes the two noise-free estimates differ more than good images ever do
-        does. The value is written into the config (saved with the model)."""
+        does. The value is fitted state (``delta_fit``, saved as ``glad_fitted.json``), used by
+        :meth:`delta_value`; the config's ``delta`` keeps the value the user gave."""
         from ..data.dataset import ImageDataset
         from ..diffusion.glad import glad_reconstruct, reconstruction_timesteps
         from ..diffusion.objectives import image_generators
@@ -267,17 +276,28 @@ class GLAD(Method):
                          mask=c.fusion_mask, generator=gen)
         usable = [sc for sc, t in zip(seen, ts) if int(t) > int(c.t_min)] or seen
         scores = torch.cat(usable).double()
-        c.delta = float(torch.quantile(scores, float(c.delta_quantile)))
+        delta = float(torch.quantile(scores, float(c.delta_quantile)))
         self.delta_fit = {"quantile": float(c.delta_quantile), "n_images": int(x.shape[0]),
-                          "n_scores": int(scores.numel()), "delta": c.delta}
-        return c.delta
+                          "n_scores": int(scores.numel()), "delta": delta}
+        self._legacy_delta = False
+        return delta
+
+    def delta_value(self) -> float:
+        """The adaptive-step threshold delta in use: the fitted one (:meth:`calibrate_delta`, fitted
+        state), else the config's (as given; or, for a model saved by an older ccad, the fitted value
+        it wrote there)."""
+        fit = self.delta_fit or {}
+        return float(fit["delta"]) if "delta" in fit else float(self.config.delta)
 
     def _delta_source(self) -> str:
         c = self.config
-        if c.delta_quantile is None:
-            return "as configured"
-        src = (getattr(self, "delta_fit", None) or {}).get("source")
-        return f"quantile {c.delta_quantile} of good images' step scores" + (f" ({src})" if src else "")
+        fit = self.delta_fit or {}
+        if "delta" in fit:
+            src = fit.get("source")
+            return f"quantile {fit.get('quantile')} of good images' step scores" + (f" ({src})" if src else "")
+        if self._legacy_delta:
+            return f"quantile {c.delta_quantile} of good images' step scores ({LEGACY_SOURCE})"
+        return "as configured"
 
     @torch.no_grad()
     def maps(self, x: torch.Tensor) -> MethodOutput:
@@ -293,8 +313,33 @@ class GLAD(Method):
         feats = self.features()
         return {**super().card(),
                 "reconstruction": {"strategy": f"GLAD adaptive step ({c.fusion})", "T": c.T, "steps": c.steps,
-                                   "delta": c.delta, "t_min": c.t_min, "fusion_mask": c.fusion_mask,
+                                   "delta": self.delta_value(), "t_min": c.t_min, "fusion_mask": c.fusion_mask,
                                    "delta_source": self._delta_source()},
                 "feature_backbone": {"name": c.feature_backbone, "layers": list(c.feature_layers),
                                      "weights": getattr(feats, "weights_source", None),
                                      "paper_used": PAPER_FEATURES}}
+
+    def save(self, directory: Path) -> None:
+        super().save(directory)
+        f = Path(directory) / FITTED_FILE
+        if self.delta_fit and "delta" in self.delta_fit:
+            f.write_text(json.dumps(self.delta_fit, indent=1))
+        elif f.is_file():  # never leave another model's fitted delta behind
+            f.unlink()
+
+    @classmethod
+    def load(cls, directory: Path, config: GLADConfig, ctx: Context) -> "GLAD":
+        """A model saved by an older ccad has no ``glad_fitted.json``: its fitted delta is the one it
+        wrote into config.json, used as it is (it scores as it did)."""
+        method = super().load(directory, config, ctx)
+        f = Path(directory) / FITTED_FILE
+        if f.is_file():
+            try:
+                fit = json.loads(f.read_text())
+                float(fit["delta"])
+            except (ValueError, TypeError, KeyError) as exc:
+                raise ConfigError(f"{f}: not a readable fitted-state file ({exc}); re-train the model") from None
+            method.delta_fit = fit
+        else:
+            method._legacy_delta = config.delta_quantile is not None
+        return method

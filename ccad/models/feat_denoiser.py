@@ -28,10 +28,10 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
-#: width w and attention head width per preset (tiny: tests, small: CPU default, base: a GPU)
-FEAT_DENOISER_PRESETS = {"tiny": dict(width=16, head_dim=16, cross_attention_dim=32),
-                         "small": dict(width=48, head_dim=32, cross_attention_dim=96),
-                         "base": dict(width=128, head_dim=64, cross_attention_dim=256)}
+from .presets import UNET_PRESETS, unet_preset
+
+#: the rows of the one preset table (:data:`ccad.models.presets.UNET_PRESETS` ``["feat"]``), by name
+FEAT_DENOISER_PRESETS = UNET_PRESETS["feat"]
 
 
 def _groups(ch: int) -> int:
@@ -85,6 +85,6 @@ class FeatDenoiser(ModelMixin, ConfigMixin):
 
 
 def build_feat_denoiser(preset: str, in_channels: int) -> FeatDenoiser:
-    if preset not in FEAT_DENOISER_PRESETS:
-        raise ValueError(f"unknown feat-diff preset {preset!r}; choose one of {sorted(FEAT_DENOISER_PRESETS)}")
-    return FeatDenoiser(int(in_channels), **FEAT_DENOISER_PRESETS[preset])
+    """The denoiser of preset ``preset`` (``UNET_PRESETS["feat"]``: tiny / small / base) over
+    ``in_channels`` feature channels; an unknown name is a ``ValueError`` listing the known ones."""
+    return FeatDenoiser(int(in_channels), **unet_preset("feat", preset))

@@ -1,4 +1,4 @@
-"""The one table of network presets: ``tiny`` (tests), ``small`` (CPU), ``base`` (GPU) per UNet family.
+"""The one table of network presets: ``tiny`` (tests), ``small`` (CPU), ``base`` (GPU) per network family.
 
 Families (the builder that reads each row):
 
@@ -12,6 +12,10 @@ Families (the builder that reads each row):
 * ``"deco"``: :func:`ccad.models.deco_net.build_deco_unet`, the plain ``UNet2DModel`` of
   DeCo-Diff, D3AD and GLAD (papers/deco-diff.md sec. 5.1): attention on levels whose grid side is
   at most ``attn_max_grid`` (None: no attention).
+
+* ``"feat"``: :class:`ccad.models.feat_denoiser.FeatDenoiser`, feat-diff's conv + transformer net
+  on the bank's feature grid (the row's keys are its ``register_to_config`` arguments besides
+  ``in_channels``: width w, attention head width, context width).
 
 Parameter counts and CPU timings of the rows are in the builders' docstrings.
 """
@@ -58,10 +62,16 @@ UNET_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "base": dict(block_out_channels=(128, 256, 512), layers_per_block=2, attn_max_grid=16,
                      norm_num_groups=32, attention_head_dim=64, dropout=0.0),
     },
+    "feat": {
+        # width w and attention head width (tiny: tests, small: CPU default, base: a GPU)
+        "tiny": dict(width=16, head_dim=16, cross_attention_dim=32),
+        "small": dict(width=48, head_dim=32, cross_attention_dim=96),
+        "base": dict(width=128, head_dim=64, cross_attention_dim=256),
+    },
 }
 
 #: how errors name each family (the words users saw before the tables were merged)
-_FAMILY_NAMES = {"bank": "denoiser", "latent": "latent UNet", "deco": "DeCo net"}
+_FAMILY_NAMES = {"bank": "denoiser", "latent": "latent UNet", "deco": "DeCo net", "feat": "feat-diff"}
 
 
 def unet_preset(family: str, name: str) -> dict[str, Any]:
