@@ -197,6 +197,22 @@ def test_bank_speed(manifest, tmp_path):
         ("coreset", "legacy"), ("coreset", "fast"), ("feat-diff selections", "legacy"),
         ("feat-diff selections", "fast")]
     assert rows[0]["memory_rows"] == rows[1]["memory_rows"]
+    # coreset variants and seeds from one feature pass, scored by the fitted detector's own path
+    rows = run("bank_speed", "--part", "seeds", "--quick", "--data", str(manifest), "--image-size", "64",
+               "--batch-size", "4", "--variants", "fast@0,fast@1,legacy@0,fast-noprecut@0",
+               out=tmp_path / "seeds.jsonl")
+    scores = ("image_auroc", "pixel_auroc", "pixel_aupro")
+    assert [(r["part"], r["variant"]) for r in rows[:5]] == [
+        ("seeds", "fit"), ("seeds", "fast"), ("seeds", "fast"), ("seeds", "legacy"), ("seeds", "fast-noprecut")]
+    fit, fast0 = rows[0], rows[1]
+    assert fast0["memory_equals_fit"] and all(fast0[k] == fit[k] for k in scores)  # the replay is the fit
+    assert all(r["backbone_misses"] == rows[1]["backbone_misses"] for r in rows[1:5])  # no image ran twice
+    for r in rows[1:5]:
+        assert {*scores, "selection_seconds", "coverage_held_out", "coverage_train"} <= set(r)
+        assert r["memory_rows"] == fit["memory_rows"] and set(r["coverage_held_out"]) == {"max", "q999", "mean"}
+    assert [(r["part"], r["variant"]) for r in rows[5:]] == [
+        ("seeds summary", "fast"), ("seeds summary", "legacy"), ("seeds summary", "fast-noprecut")]
+    assert rows[5]["seeds"] == [0, 1] and set(rows[5]["image_auroc"]) == {"min", "max", "range", "mean"}
 
 
 def test_peak_memory(mtd_run, tmp_path):
