@@ -177,6 +177,13 @@ SEED_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+def _image_keys(x: Any) -> list[str]:
+    """SHA-1 of each image of a ``B x 3 x S x S`` batch as the backbone receives it."""
+    import hashlib
+
+    return [hashlib.sha1(xi.float().contiguous().cpu().numpy().tobytes()).hexdigest() for xi in x]
+
+
 class _Remembered:
     """A backbone that remembers each image's features by the image's bytes (SHA-1 of the float
     tensor it is given): the detector's own scoring path (``PatchCoreScorer.score_maps``, the
@@ -193,11 +200,9 @@ class _Remembered:
         return getattr(self._bb, name)
 
     def __call__(self, x: Any) -> Any:
-        import hashlib
-
         import torch
 
-        keys = [hashlib.sha1(xi.float().contiguous().cpu().numpy().tobytes()).hexdigest() for xi in x]
+        keys = _image_keys(x)
         if all(k in self.store for k in keys):
             self.hits += len(keys)
             return torch.stack([self.store[k] for k in keys]).to(x.device)
@@ -221,17 +226,19 @@ def seeds_rows(a: Any, out: JsonLines, run_info: dict) -> None:
     """Each coreset variant and seed selected from ONE feature pass and scored by the real detector.
 
     The MTD quick PatchCore detector is fitted once (``build_detector``, the benchmark's one code
-    path: fast mode, seed 0, 10 % held out). Its training images' features are then computed once
-    in the batches ``PatchCoreScorer.fit`` feeds (``ImageStream``, the scorer's batch size), and
-    for each variant ``variant@seed`` a fresh ``PatchCoreScorer`` selects its memory from them
-    with ``fit_features`` (the code ``fit`` runs on the backbone's output). That scorer replaces the
+    path: fast mode, seed 0, 10 % held out), and a forward hook on its (shared, cached) backbone
+    keeps the features of every batch the fit computed, in order. For each variant
+    ``variant@seed`` a fresh ``PatchCoreScorer`` selects its memory from those batches with
+    ``fit_features`` (the code ``fit`` runs on the backbone's output). That scorer replaces the
     detector's, the detector is recalibrated on its own held-out images and evaluated on the test
     split: the map post-processing, image score and metrics are the detector's. The backbone
-    remembers each held-out and test image's features (:class:`_Remembered`), so only the first
-    pass runs it. ``fast@0`` reproduces the fitted detector's memory exactly (``memory_equals_fit``).
+    remembers each held-out and test image's features (:class:`_Remembered`), so every image passes
+    through it once in the whole run. ``fast@0`` reproduces the fitted detector's memory exactly
+    (``memory_equals_fit``).
 
     Coverage (label-free): the nearest-memory distance of every patch of the held-out good images
-    (not in the memory's training set) and of 40 000 random training patches.
+    (not in the memory's training set; the fit's last forwards, its calibration) and of 40 000
+    random training patches.
     """
     import statistics
 
@@ -239,8 +246,7 @@ def seeds_rows(a: Any, out: JsonLines, run_info: dict) -> None:
 
     from benchmarks.common import build_detector
     from ccad.evaluate import evaluate
-    from ccad.features import PatchCoreScorer
-    from ccad.features.stream import ImageStream, stream_features
+    from ccad.features import PatchCoreScorer, get_backbone
 
     variants = []
     for spec in a.variants.split(","):
@@ -252,25 +258,42 @@ def seeds_rows(a: Any, out: JsonLines, run_info: dict) -> None:
     work = Path(a.workdir or tempfile.mkdtemp(prefix="ccad-bank-seeds-"))
     s = settings_for("patchcore", "quick" if a.quick else "full", "", {"image_size": a.image_size},
                      {"coreset": "fast"})
+    # the fit's own backbone forwards, in order (get_backbone is shared and cached: the scorer's is this one)
+    log: list[tuple[list[str], Any]] = []
+    shared = get_backbone(s["backbone"], layers=tuple(s["layers"]))
+    handle = shared.register_forward_hook(lambda _m, inp, out_: log.append((_image_keys(inp[0]),
+                                                                            out_.detach().cpu().clone())))
     t0 = time.perf_counter()
-    det = build_detector("patchcore", good, s, work / "fit", device=a.device)
+    try:
+        det = build_detector("patchcore", good, s, work / "fit", device=a.device)
+    finally:
+        handle.remove()
     fit_s = time.perf_counter() - t0
     fitted = det.method.scorer
+    if fitted.backbone is not shared:
+        raise RuntimeError("seeds: the fitted scorer's backbone is not the shared one; its forwards were not seen")
     split = det.info["calibration_split"]
     held_paths = list(split["selection_images"]) + list(split["threshold_images"])
-    held_set = set(held_paths)
-    train = [x for x in good if x.image_path not in held_set]  # split_good keeps the manifest order
-    if len(train) != fitted.n_images:
-        raise RuntimeError(f"seeds: {len(train)} training images here, the fitted memory saw {fitted.n_images}")
+    n_train = fitted.n_images  # fit's forwards come first (its batches), then the calibration's
+    batches, seen, i = [], 0, 0
+    while seen < n_train:
+        batches.append(log[i][1])
+        seen += int(log[i][1].shape[0])
+        i += 1
+    if seen != n_train:
+        raise RuntimeError(f"seeds: the fit's forwards hold {seen} images, the memory saw {n_train}")
     bb = _Remembered(fitted.backbone)
+    for keys, f in log[i:]:  # later forwards (calibration; a small memory's bank pass), remembered
+        for k, fi in zip(keys, f):
+            bb.store.setdefault(k, fi)
+    held, j = [], len(log)  # the calibration scored the held-out images last
+    while sum(int(f.shape[0]) for f in held) < len(held_paths) and j > i:
+        j -= 1
+        held.insert(0, log[j][1])
+    if sum(int(f.shape[0]) for f in held) != len(held_paths):
+        raise RuntimeError(f"seeds: the last forwards do not hold the {len(held_paths)} held-out images")
+    log.clear()
     fitted.backbone = bb
-    t0 = time.perf_counter()
-    batches = [f.cpu() for f in stream_features(ImageStream(train, fitted.image_size, fitted.batch_size),
-                                                 fitted.backbone._bb, torch.device(a.device), None, None)]
-    held_samples = [x for x in good if x.image_path in held_set]
-    held = [f.cpu() for f in stream_features(ImageStream(held_samples, fitted.image_size, 8), bb,
-                                             torch.device(a.device), None, None)]
-    extract_s = time.perf_counter() - t0
     d = batches[0].shape[1]
     probe_held = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, d) for f in held])
     train_flat = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, d) for f in batches])
@@ -281,8 +304,9 @@ def seeds_rows(a: Any, out: JsonLines, run_info: dict) -> None:
     ev = evaluate(det, test, batch_size=a.batch_size)  # the fitted detector; the test features are remembered
     m = ev.per_category["mean"]
     out.emit({"part": "seeds", "variant": "fit", "coreset": "fast", "seed": 0, "fit_seconds": round(fit_s, 1),
-              "feature_pass_seconds": round(extract_s, 1), "eval_seconds": round(time.perf_counter() - t0, 1),
-              "n_train": len(train), "n_held_out": len(held_paths), "n_test": len(ev.records),
+              "eval_seconds": round(time.perf_counter() - t0, 1),
+              "n_train": n_train, "n_held_out": len(held_paths), "n_held_out_features": len(bb.store),
+              "n_test": len(ev.records),
               "memory_rows": int(fitted.memory_bank.shape[0]),
               **{k: round(float(m[k]), 4) for k in METRICS}, "run": run_info})
     rows = []
@@ -293,7 +317,7 @@ def seeds_rows(a: Any, out: JsonLines, run_info: dict) -> None:
         sc._coreset.update(changes)  # a variant of a mode: the settings fit_features reads
         load0 = machine()["loadavg"]
         t0 = time.perf_counter()
-        sc.fit_features(batches, n_images=len(train))
+        sc.fit_features(batches, n_images=n_train)
         sel_s = time.perf_counter() - t0
         memory = sc.memory_bank
         det.method.scorer = sc
@@ -401,7 +425,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--repeats", type=int, default=5, help="--part inference: timed repeats (median)")
     ap.add_argument("--features", default=None, help="--part coreset: cached features (.pt; written when missing)")
     ap.add_argument("--ratio", type=float, default=0.01, help="--part coreset: memory = this share of the patches")
-    ap.add_argument("--variants", default="fast@0,fast@1,fast@2,legacy@1,legacy@0,legacy@2,fast-noprecut@0",
+    ap.add_argument("--variants", default="fast@0,legacy@1,fast@1,fast@2,legacy@0,legacy@2,fast-noprecut@0",
                     help=f"--part seeds: VARIANT@SEED, in order; variants {sorted(SEED_VARIANTS)}")
     ap.add_argument("--backbones", default="tf_efficientnet_lite0,tf_efficientnet_lite1,tf_efficientnet_lite2")
     a = parse(ap, argv)
