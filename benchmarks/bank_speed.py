@@ -237,14 +237,15 @@ def seeds_rows(a: Any, out: JsonLines, run_info: dict) -> None:
     (``memory_equals_fit``).
 
     Coverage (label-free): the nearest-memory distance of every patch of the held-out good images
-    (not in the memory's training set; the fit's last forwards, its calibration) and of 40 000
-    random training patches.
+    (not in the memory's training set) and of 40 000 random training patches.
     """
     import statistics
 
     import torch
 
     from benchmarks.common import build_detector
+    from ccad.data.dataset import iter_batches
+    from ccad.data.sample import Sample
     from ccad.evaluate import evaluate
     from ccad.features import PatchCoreScorer, get_backbone
 
@@ -286,12 +287,14 @@ def seeds_rows(a: Any, out: JsonLines, run_info: dict) -> None:
     for keys, f in log[i:]:  # later forwards (calibration; a small memory's bank pass), remembered
         for k, fi in zip(keys, f):
             bb.store.setdefault(k, fi)
-    held, j = [], len(log)  # the calibration scored the held-out images last
-    while sum(int(f.shape[0]) for f in held) < len(held_paths) and j > i:
-        j -= 1
-        held.insert(0, log[j][1])
-    if sum(int(f.shape[0]) for f in held) != len(held_paths):
-        raise RuntimeError(f"seeds: the last forwards do not hold the {len(held_paths)} held-out images")
+    # the held-out images as the calibration loads them (it also scores synthetic-anomaly copies, so
+    # its forwards are not all held-out images): their keys pick their features
+    held_keys = [k for b in iter_batches([Sample(p, None, 0) for p in held_paths], det.input_size, 8,
+                                         on_error="skip") for k in _image_keys(b["image"])]
+    missing = [k for k in held_keys if k not in bb.store]
+    if missing or len(held_keys) != len(held_paths):
+        raise RuntimeError(f"seeds: {len(missing)} of the {len(held_paths)} held-out images were not seen by the fit")
+    held = [bb.store[k].unsqueeze(0) for k in held_keys]
     log.clear()
     fitted.backbone = bb
     d = batches[0].shape[1]
@@ -305,7 +308,7 @@ def seeds_rows(a: Any, out: JsonLines, run_info: dict) -> None:
     m = ev.per_category["mean"]
     out.emit({"part": "seeds", "variant": "fit", "coreset": "fast", "seed": 0, "fit_seconds": round(fit_s, 1),
               "eval_seconds": round(time.perf_counter() - t0, 1),
-              "n_train": n_train, "n_held_out": len(held_paths), "n_held_out_features": len(bb.store),
+              "n_train": n_train, "n_held_out": len(held_paths), "n_held_out_patches": int(probe_held.shape[0]),
               "n_test": len(ev.records),
               "memory_rows": int(fitted.memory_bank.shape[0]),
               **{k: round(float(m[k]), 4) for k in METRICS}, "run": run_info})

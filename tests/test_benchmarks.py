@@ -210,6 +210,7 @@ def test_bank_speed(manifest, tmp_path):
     for r in rows[1:5]:
         assert {*scores, "selection_seconds", "coverage_held_out", "coverage_train"} <= set(r)
         assert r["memory_rows"] == fit["memory_rows"] and set(r["coverage_held_out"]) == {"max", "q999", "mean"}
+    assert fit["n_held_out_patches"] == fit["n_held_out"] * 64  # 64 px: 8 x 8 patches per image
     assert [(r["part"], r["variant"]) for r in rows[5:]] == [
         ("seeds summary", "fast"), ("seeds summary", "legacy"), ("seeds summary", "fast-noprecut")]
     assert rows[5]["seeds"] == [0, 1] and set(rows[5]["image_auroc"]) == {"min", "max", "range", "mean"}
