@@ -174,6 +174,7 @@ def coreset_rows(a: Any, out: JsonLines, run_info: dict) -> None:
 SEED_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "legacy": ("legacy", {}), "fast": ("fast", {}),
     "fast-noprecut": ("fast", {"prereduce": None}),  # the 32-dim projection alone, every patch streamed
+    "fast-64": ("fast", {"proj_dim": 64}),  # the pre-cut with a 64-dim projection
 }
 
 
@@ -318,6 +319,7 @@ def seeds_rows(a: Any, out: JsonLines, run_info: dict) -> None:
         sc = PatchCoreScorer(bb, ratio=fitted.ratio, k=fitted.k, image_size=fitted.image_size,
                              batch_size=fitted.batch_size, reweight=fitted.reweight, seed=seed, coreset=mode)
         sc._coreset.update(changes)  # a variant of a mode: the settings fit_features reads
+        sc.proj_dim = sc._coreset["proj_dim"]
         load0 = machine()["loadavg"]
         t0 = time.perf_counter()
         sc.fit_features(batches, n_images=n_train)

@@ -199,7 +199,7 @@ def test_bank_speed(manifest, tmp_path):
     assert rows[0]["memory_rows"] == rows[1]["memory_rows"]
     # coreset variants and seeds from one feature pass, scored by the fitted detector's own path
     rows = run("bank_speed", "--part", "seeds", "--quick", "--data", str(manifest), "--image-size", "64",
-               "--batch-size", "4", "--variants", "fast@0,fast@1,legacy@0,fast-noprecut@0",
+               "--batch-size", "4", "--variants", "fast@0,fast@1,legacy@0,fast-noprecut@0,fast-64@0",
                out=tmp_path / "seeds.jsonl")
     scores = ("image_auroc", "pixel_auroc", "pixel_aupro")
     assert [(r["part"], r["variant"]) for r in rows[:5]] == [
@@ -211,9 +211,11 @@ def test_bank_speed(manifest, tmp_path):
         assert {*scores, "selection_seconds", "coverage_held_out", "coverage_train"} <= set(r)
         assert r["memory_rows"] == fit["memory_rows"] and set(r["coverage_held_out"]) == {"max", "q999", "mean"}
     assert fit["n_held_out_patches"] == fit["n_held_out"] * 64  # 64 px: 8 x 8 patches per image
-    assert [(r["part"], r["variant"]) for r in rows[5:]] == [
-        ("seeds summary", "fast"), ("seeds summary", "legacy"), ("seeds summary", "fast-noprecut")]
-    assert rows[5]["seeds"] == [0, 1] and set(rows[5]["image_auroc"]) == {"min", "max", "range", "mean"}
+    assert rows[5]["variant"] == "fast-64" and rows[5]["changes"] == {"proj_dim": 64}
+    assert [(r["part"], r["variant"]) for r in rows[6:]] == [
+        ("seeds summary", "fast"), ("seeds summary", "legacy"), ("seeds summary", "fast-noprecut"),
+        ("seeds summary", "fast-64")]
+    assert rows[6]["seeds"] == [0, 1] and set(rows[6]["image_auroc"]) == {"min", "max", "range", "mean"}
 
 
 def test_peak_memory(mtd_run, tmp_path):
