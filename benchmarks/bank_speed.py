@@ -4,6 +4,7 @@
     python -m benchmarks bank_speed --part coreset --features F.pt  # the selection alone on cached features
     python -m benchmarks bank_speed --part inference --quick      # ms/image at 256 px, batch 1 and 8
     python -m benchmarks bank_speed --part backbones --quick      # PatchCore on each offline backbone
+    python -m benchmarks bank_speed --part seeds --quick          # coreset variants x seeds, one feature pass
 
 ``--part fit`` (default) fits the MTD quick PatchCore row (762 train images at 256 px, 10 % held
 out for the threshold, the rest into the memory; ``benchmarks/common.py``'s settings) once per
@@ -36,6 +37,14 @@ process's CPU time (all its threads; what other processes on a shared machine in
     python -m benchmarks bank_speed --part inference --subset 100 --memory-rows 7025 --engines torch,onnx
 
 ``--part backbones``: the MTD quick PatchCore row for each offline backbone (``--backbones``).
+
+``--part seeds``: the selection's own seed-to-seed spread, cheaply. The MTD quick PatchCore detector
+is fitted once; every ``VARIANT@SEED`` of ``--variants`` (``legacy``, ``fast``, ``fast-noprecut`` =
+fast without the per-image pre-reduction) then selects its memory from one pass of training features
+(``PatchCoreScorer.fit_features``, the selection ``fit`` runs), replaces the detector's memory, is
+recalibrated and evaluated through the detector (see :func:`seeds_rows`): one row per variant with
+its selection seconds, label-free coverage (nearest-memory distance of held-out good patches) and
+test metrics, then one summary row per variant (min / max / range / mean over its seeds).
 
 Every row records the torch thread count and ``OMP_WAIT_POLICY`` (``import ccad`` sets PASSIVE
 unless it is set already) and the load average: the CPU is shared, compare rows of one run only.
@@ -279,6 +288,198 @@ class _OnnxStages:
         return _spans(marks)
 
 
+#: ``--part seeds`` variants: a coreset mode, or a mode with some of its settings changed.
+SEED_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "legacy": ("legacy", {}), "fast": ("fast", {}),
+    "fast-noprecut": ("fast", {"prereduce": None}),  # the 32-dim projection alone, every patch streamed
+    "fast-64": ("fast", {"proj_dim": 64}),  # the pre-cut with a 64-dim projection
+}
+
+
+def _image_keys(x: Any) -> list[str]:
+    """SHA-1 of each image of a ``B x 3 x S x S`` batch as the backbone receives it."""
+    import hashlib
+
+    return [hashlib.sha1(xi.float().contiguous().cpu().numpy().tobytes()).hexdigest() for xi in x]
+
+
+class _Remembered:
+    """A backbone that remembers each image's features by the image's bytes (SHA-1 of the float
+    tensor it is given): the detector's own scoring path (``PatchCoreScorer.score_maps``, the
+    method's map post-processing, ``evaluate``) runs unchanged, and every image after the first pass
+    costs a dictionary look-up instead of a backbone forward. A batch with any image not seen yet
+    runs the real backbone. Everything else is the wrapped backbone's."""
+
+    def __init__(self, backbone: Any) -> None:
+        self._bb = backbone
+        self.store: dict[str, Any] = {}
+        self.hits = self.misses = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bb, name)
+
+    def __call__(self, x: Any) -> Any:
+        import torch
+
+        keys = _image_keys(x)
+        if all(k in self.store for k in keys):
+            self.hits += len(keys)
+            return torch.stack([self.store[k] for k in keys]).to(x.device)
+        f = self._bb(x)
+        self.misses += len(keys)
+        for k, fi in zip(keys, f):
+            self.store.setdefault(k, fi.detach().cpu().clone())
+        return f
+
+
+def _coverage(probe: Any, memory: Any) -> dict[str, float]:
+    """Nearest-memory distance of each probe patch: max, 99.9 % quantile, mean (label-free)."""
+    import torch
+
+    d = torch.cat([torch.cdist(c, memory).min(1).values for c in probe.split(4096)])
+    return {"max": round(float(d.max()), 3), "q999": round(float(d.quantile(0.999)), 3),
+            "mean": round(float(d.mean()), 4)}
+
+
+def seeds_rows(a: Any, out: JsonLines, run_info: dict) -> None:
+    """Each coreset variant and seed selected from ONE feature pass and scored by the real detector.
+
+    The MTD quick PatchCore detector is fitted once (``build_detector``, the benchmark's one code
+    path: fast mode, seed 0, 10 % held out), and a forward hook on its (shared, cached) backbone
+    keeps the features of every batch the fit computed, in order. For each variant
+    ``variant@seed`` a fresh ``PatchCoreScorer`` selects its memory from those batches with
+    ``fit_features`` (the code ``fit`` runs on the backbone's output). That scorer replaces the
+    detector's, the detector is recalibrated on its own held-out images and evaluated on the test
+    split: the map post-processing, image score and metrics are the detector's. The backbone
+    remembers each held-out and test image's features (:class:`_Remembered`), so every image passes
+    through it once in the whole run. ``fast@0`` reproduces the fitted detector's memory exactly
+    (``memory_equals_fit``).
+
+    Coverage (label-free): the nearest-memory distance of every patch of the held-out good images
+    (not in the memory's training set) and of 40 000 random training patches.
+    """
+    import statistics
+
+    import torch
+
+    from benchmarks.common import build_detector
+    from ccad.data.dataset import iter_batches
+    from ccad.data.sample import Sample
+    from ccad.evaluate import evaluate
+    from ccad.features import PatchCoreScorer, get_backbone
+
+    variants = []
+    for spec in a.variants.split(","):
+        name, _, seed = spec.strip().partition("@")
+        if name not in SEED_VARIANTS:
+            raise SystemExit(f"error: unknown variant {name!r} (known: {sorted(SEED_VARIANTS)})")
+        variants.append((name, int(seed or 0)))
+    good, test = _split(a.data, a.subset)
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="ccad-bank-seeds-"))
+    s = settings_for("patchcore", "quick" if a.quick else "full", "", {"image_size": a.image_size},
+                     {"coreset": "fast"})
+    # the fit's own backbone forwards, in order (get_backbone is shared and cached: the scorer's is this one)
+    log: list[tuple[list[str], Any]] = []
+    shared = get_backbone(s["backbone"], layers=tuple(s["layers"]))
+    handle = shared.register_forward_hook(lambda _m, inp, out_: log.append((_image_keys(inp[0]),
+                                                                            out_.detach().cpu().clone())))
+    t0 = time.perf_counter()
+    try:
+        det = build_detector("patchcore", good, s, work / "fit", device=a.device)
+    finally:
+        handle.remove()
+    fit_s = time.perf_counter() - t0
+    fitted = det.method.scorer
+    if fitted.backbone is not shared:
+        raise RuntimeError("seeds: the fitted scorer's backbone is not the shared one; its forwards were not seen")
+    split = det.info["calibration_split"]
+    held_paths = list(split["selection_images"]) + list(split["threshold_images"])
+    n_train = fitted.n_images  # fit's forwards come first (its batches), then the calibration's
+    batches, seen, i = [], 0, 0
+    while seen < n_train:
+        batches.append(log[i][1])
+        seen += int(log[i][1].shape[0])
+        i += 1
+    if seen != n_train:
+        raise RuntimeError(f"seeds: the fit's forwards hold {seen} images, the memory saw {n_train}")
+    bb = _Remembered(fitted.backbone)
+    for keys, f in log[i:]:  # later forwards (calibration; a small memory's bank pass), remembered
+        for k, fi in zip(keys, f):
+            bb.store.setdefault(k, fi)
+    # the held-out images as the calibration loads them (it also scores synthetic-anomaly copies, so
+    # its forwards are not all held-out images): their keys pick their features
+    held_keys = [k for b in iter_batches([Sample(p, None, 0) for p in held_paths], det.input_size, 8,
+                                         on_error="skip") for k in _image_keys(b["image"])]
+    missing = [k for k in held_keys if k not in bb.store]
+    if missing or len(held_keys) != len(held_paths):
+        raise RuntimeError(f"seeds: {len(missing)} of the {len(held_paths)} held-out images were not seen by the fit")
+    held = [bb.store[k].unsqueeze(0) for k in held_keys]
+    log.clear()
+    fitted.backbone = bb
+    d = batches[0].shape[1]
+    probe_held = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, d) for f in held])
+    train_flat = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, d) for f in batches])
+    g = torch.Generator().manual_seed(0)
+    probe_train = train_flat[torch.randperm(train_flat.shape[0], generator=g)[:40000]]
+    del train_flat
+    t0 = time.perf_counter()
+    ev = evaluate(det, test, batch_size=a.batch_size)  # the fitted detector; the test features are remembered
+    m = ev.per_category["mean"]
+    out.emit({"part": "seeds", "variant": "fit", "coreset": "fast", "seed": 0, "fit_seconds": round(fit_s, 1),
+              "eval_seconds": round(time.perf_counter() - t0, 1),
+              "n_train": n_train, "n_held_out": len(held_paths), "n_held_out_patches": int(probe_held.shape[0]),
+              "n_test": len(ev.records),
+              "memory_rows": int(fitted.memory_bank.shape[0]),
+              **{k: round(float(m[k]), 4) for k in METRICS}, "run": run_info})
+    rows = []
+    for name, seed in variants:
+        mode, changes = SEED_VARIANTS[name]
+        sc = PatchCoreScorer(bb, ratio=fitted.ratio, k=fitted.k, image_size=fitted.image_size,
+                             batch_size=fitted.batch_size, reweight=fitted.reweight, seed=seed, coreset=mode)
+        sc._coreset.update(changes)  # a variant of a mode: the settings fit_features reads
+        sc.proj_dim = sc._coreset["proj_dim"]
+        load0 = machine()["loadavg"]
+        t0 = time.perf_counter()
+        sc.fit_features(batches, n_images=n_train)
+        sel_s = time.perf_counter() - t0
+        memory = sc.memory_bank
+        det.method.scorer = sc
+        det.calibrate(split["threshold_images"], batch_size=8, selection=split["selection_images"],
+                      chosen=split["chosen_on_selection"])
+        t0 = time.perf_counter()
+        ev = evaluate(det, test, batch_size=a.batch_size)
+        m = ev.per_category["mean"]
+        row = {"part": "seeds", "variant": name, "coreset": mode, "changes": changes, "seed": seed,
+               "selection_seconds": round(sel_s, 1), "eval_seconds": round(time.perf_counter() - t0, 1),
+               "memory_rows": int(memory.shape[0]),
+               "coverage_held_out": _coverage(probe_held, memory), "coverage_train": _coverage(probe_train, memory),
+               **{k: round(float(m[k]), 4) for k in METRICS}, "threshold": det.threshold,
+               "memory_equals_fit": bool(memory.shape == fitted.memory_bank.shape
+                                         and torch.equal(memory, fitted.memory_bank.cpu())),
+               "backbone_misses": bb.misses, "loadavg_start": load0, "loadavg_end": machine()["loadavg"],
+               "run": run_info}
+        out.emit(row)
+        rows.append(row)
+    print(f"{'variant':<16}{'seed':>5}{'sel s':>8}{'img AUROC':>11}{'pix AUROC':>11}{'AUPRO':>9}"
+          f"{'held max':>10}{'q99.9':>8}{'mean':>8}", file=sys.stderr)
+    for r in rows:
+        c = r["coverage_held_out"]
+        print(f"{r['variant']:<16}{r['seed']:>5}{r['selection_seconds']:>8}{r['image_auroc']:>11}"
+              f"{r['pixel_auroc']:>11}{r['pixel_aupro']:>9}{c['max']:>10}{c['q999']:>8}{c['mean']:>8}",
+              file=sys.stderr)
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        mine = [r for r in rows if r["variant"] == name]
+        summary: dict[str, Any] = {"part": "seeds summary", "variant": name, "seeds": [r["seed"] for r in mine],
+                                   "selection_seconds_mean": round(statistics.mean(r["selection_seconds"]
+                                                                                   for r in mine), 1)}
+        for k in (*METRICS, "coverage_held_out.max", "coverage_held_out.q999", "coverage_held_out.mean"):
+            vals = [r[k] if "." not in k else r[k.split(".")[0]][k.split(".")[1]] for r in mine]
+            summary[k] = {"min": min(vals), "max": max(vals), "range": round(max(vals) - min(vals), 4),
+                          "mean": round(statistics.mean(vals), 4)}
+        summary["run"] = run_info
+        out.emit(summary)
+
+
 def inference_rows(a: Any, out: JsonLines, run_info: dict, det: Any = None, test: Optional[list] = None) -> None:
     """ms/image of a fitted PatchCore detector, batch 1 and 8, and the share of each stage, for each
     engine of ``--engines``: ``torch`` (the detector), ``onnx`` (its ``ccad export``, run by
@@ -403,7 +604,7 @@ def _loadavg() -> list[float]:
 def main(argv: Optional[list[str]] = None) -> int:
     ap = make_parser("bank_speed", __doc__, quick="the MTD quick PatchCore settings (CPU)",
                      workdir="run folders (default: a temporary folder)", device=True, threads=ALL_CORES)
-    ap.add_argument("--part", choices=["fit", "coreset", "inference", "backbones"], default="fit")
+    ap.add_argument("--part", choices=["fit", "coreset", "inference", "backbones", "seeds"], default="fit")
     ap.add_argument("--modes", default="legacy,fast", help="coreset modes, in order (the last is 'new')")
     ap.add_argument("--data", default=str(MTD_SPLIT), help="MTD split.csv (or any CSV manifest)")
     ap.add_argument("--subset", type=int, default=None, help="smoke runs: about N train and N test images")
@@ -419,6 +620,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                          "7025) by the coreset ratio, so a --subset fit costs what the full model costs per image")
     ap.add_argument("--features", default=None, help="--part coreset: cached features (.pt; written when missing)")
     ap.add_argument("--ratio", type=float, default=0.01, help="--part coreset: memory = this share of the patches")
+    ap.add_argument("--variants", default="fast@0,legacy@1,fast@1,fast@2,legacy@0,legacy@2,fast-noprecut@0",
+                    help=f"--part seeds: VARIANT@SEED, in order; variants {sorted(SEED_VARIANTS)}")
     ap.add_argument("--backbones", default="tf_efficientnet_lite0,tf_efficientnet_lite1,tf_efficientnet_lite2")
     a = parse(ap, argv)
     if not Path(a.data).is_file():
@@ -438,6 +641,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         coreset_rows(a, out, run_info)
     elif a.part == "inference":
         inference_rows(a, out, run_info)
+    elif a.part == "seeds":
+        seeds_rows(a, out, run_info)
     else:
         backbone_rows(a, out, run_info)
     return 0

@@ -197,6 +197,25 @@ def test_bank_speed(manifest, tmp_path):
         ("coreset", "legacy"), ("coreset", "fast"), ("feat-diff selections", "legacy"),
         ("feat-diff selections", "fast"), ("feat-diff selections", "streamed (select_cells)")]
     assert rows[0]["memory_rows"] == rows[1]["memory_rows"]
+    # coreset variants and seeds from one feature pass, scored by the fitted detector's own path
+    rows = run("bank_speed", "--part", "seeds", "--quick", "--data", str(manifest), "--image-size", "64",
+               "--batch-size", "4", "--variants", "fast@0,fast@1,legacy@0,fast-noprecut@0,fast-64@0",
+               out=tmp_path / "seeds.jsonl")
+    scores = ("image_auroc", "pixel_auroc", "pixel_aupro")
+    assert [(r["part"], r["variant"]) for r in rows[:5]] == [
+        ("seeds", "fit"), ("seeds", "fast"), ("seeds", "fast"), ("seeds", "legacy"), ("seeds", "fast-noprecut")]
+    fit, fast0 = rows[0], rows[1]
+    assert fast0["memory_equals_fit"] and all(fast0[k] == fit[k] for k in scores)  # the replay is the fit
+    assert all(r["backbone_misses"] == rows[1]["backbone_misses"] for r in rows[1:5])  # no image ran twice
+    for r in rows[1:5]:
+        assert {*scores, "selection_seconds", "coverage_held_out", "coverage_train"} <= set(r)
+        assert r["memory_rows"] == fit["memory_rows"] and set(r["coverage_held_out"]) == {"max", "q999", "mean"}
+    assert fit["n_held_out_patches"] == fit["n_held_out"] * 64  # 64 px: 8 x 8 patches per image
+    assert rows[5]["variant"] == "fast-64" and rows[5]["changes"] == {"proj_dim": 64}
+    assert [(r["part"], r["variant"]) for r in rows[6:]] == [
+        ("seeds summary", "fast"), ("seeds summary", "legacy"), ("seeds summary", "fast-noprecut"),
+        ("seeds summary", "fast-64")]
+    assert rows[6]["seeds"] == [0, 1] and set(rows[6]["image_auroc"]) == {"min", "max", "range", "mean"}
 
 
 def test_bank_speed_inference_torch_and_onnx(manifest, tmp_path):

@@ -47,6 +47,22 @@ def test_memory_bank_size_follows_ratio(scorer: PatchCoreScorer) -> None:
     assert scorer.memory_bank.shape == (int(np.ceil(0.1 * 10 * h * w)), 152)
 
 
+def test_fit_features_is_fit_without_the_backbone(scorer: PatchCoreScorer) -> None:
+    """Precomputed features in fit's batches give fit's memory, for a given seed and mode."""
+    train = to_batch([texture(i) for i in range(10)])
+    with torch.no_grad():
+        batches = [scorer.backbone(b) for b in train.split(4)]
+    again = PatchCoreScorer(scorer.backbone, ratio=0.1, image_size=SIZE, batch_size=4).fit_features(batches)
+    assert torch.equal(again.memory_bank, scorer.memory_bank)
+    assert (again.n_images, again.n_patches, again.grid) == (scorer.n_images, scorer.n_patches, scorer.grid)
+    kw = dict(ratio=0.1, image_size=SIZE, batch_size=4, seed=3, coreset="legacy")
+    fitted = PatchCoreScorer(scorer.backbone, **kw).fit(train)
+    assert torch.equal(PatchCoreScorer(scorer.backbone, **kw).fit_features(iter(batches), n_images=10).memory_bank,
+                       fitted.memory_bank)
+    with pytest.raises(ValueError, match="no features"):
+        PatchCoreScorer(scorer.backbone).fit_features([])
+
+
 def test_defect_scores_higher_than_clean(scorer: PatchCoreScorer) -> None:
     clean = [texture(100 + i) for i in range(4)]
     bad, boxes = zip(*(with_defect(texture(200 + i), i) for i in range(4)))

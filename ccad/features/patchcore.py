@@ -24,7 +24,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 
@@ -171,8 +171,37 @@ class PatchCoreScorer:
         stream = ImageStream(samples, self.image_size, self.batch_size)
         total = stream.total if stream.total is not None else n_images
         dev = _module_device(self.backbone)
+        core = self._select(stream_features(stream, self.backbone, dev, progress, cancel), total)
+        if core is None or stream.n_images == 0:
+            reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in stream.skipped[:3])
+            raise ValueError(
+                "PatchCoreScorer.fit: no readable image"
+                + (f" ({len(stream.skipped)} skipped: {reasons})" if stream.skipped else "")
+            )
+        self._finish(core, int(stream.n_images), dev)
+        self.skipped = list(stream.skipped)
+        return self
+
+    def fit_features(self, batches: Iterable[torch.Tensor], n_images: Optional[int] = None) -> "PatchCoreScorer":
+        """Build the memory bank from backbone features already computed: ``B x D x h x w`` maps,
+        one per batch, in the order :meth:`fit` would compute them (its ``batch_size`` images at a
+        time). The same selection as :meth:`fit` (which calls this code on the backbone's output),
+        without the backbone: ``python -m benchmarks bank_speed --part seeds`` selects many memories
+        from one feature pass this way. ``n_images``: the number of images (sizes the buffer, as in
+        :meth:`fit`; default: counted, which needs a list)."""
+        batches = list(batches) if n_images is None else batches
+        total = sum(int(b.shape[0]) for b in batches) if n_images is None else int(n_images)  # type: ignore[union-attr]
+        core = self._select(batches, total)
+        if core is None:
+            raise ValueError("PatchCoreScorer.fit_features: no features given")
+        self._finish(core, int(total), None)
+        self.skipped = []
+        return self
+
+    def _select(self, batches: Iterable[torch.Tensor], total: Optional[int]) -> Optional[StreamingCoreset]:
+        """Feed every feature map to the streaming coreset, sized from the first (``None``: no batch)."""
         core: Optional[StreamingCoreset] = None
-        for feats in stream_features(stream, self.backbone, dev, progress, cancel):
+        for feats in batches:
             if core is None:
                 h, w = int(feats.shape[-2]), int(feats.shape[-1])
                 self.grid = (h, w)
@@ -185,18 +214,14 @@ class PatchCoreScorer:
                     prereduce=self._coreset["prereduce"], exact_budget=self._coreset["exact_budget"],
                 )
             core.update(feats)
-        if core is None or stream.n_images == 0:
-            reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in stream.skipped[:3])
-            raise ValueError(
-                "PatchCoreScorer.fit: no readable image"
-                + (f" ({len(stream.skipped)} skipped: {reasons})" if stream.skipped else "")
-            )
+        return core
+
+    def _finish(self, core: StreamingCoreset, n_images: int, device: Any) -> None:
         m = max(1, math.ceil(self.ratio * core.seen))
-        self.memory_bank = core.result(m).to(dev)
-        self.n_images = int(stream.n_images)
+        bank = core.result(m)
+        self.memory_bank = bank.to(device) if device is not None else bank
+        self.n_images = int(n_images)
         self.n_patches = int(core.seen)
-        self.skipped = list(stream.skipped)
-        return self
 
     # ---- scoring ----------------------------------------------------------------------------
     def _require(self) -> torch.Tensor:
