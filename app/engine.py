@@ -20,7 +20,7 @@ def _lazy(module: str, name: str) -> Callable[..., Any]:
 DEFAULTS = {"fit": ("ccad.pipeline", "fit_detector"), "train": ("ccad.pipeline", "train_detector"),
             "evaluate": ("ccad.evaluate", "evaluate"), "load_dataset": ("ccad.data.detect", "load_dataset"),
             "load_image": ("ccad.data.io", "load_image"), "export": ("ccad.export", "export_detector"),
-            "measure_steps": ("ccad.train_budget", "measure_step_seconds")}
+            "measure_steps": ("ccad.train_probe", "measure_step_seconds")}
 
 
 @dataclass

@@ -46,7 +46,7 @@ PER_STEP = {"tiny": 0.5, "small": 4.0, "base": 40.0}
 
 
 def _fake_measure(variant: str, method: Any, image_size: int, batch_size: int, probe_steps: int = 3) -> dict:
-    """Stands in for ccad.train_budget.measure_step_seconds (its real run is tested in
+    """Stands in for ccad.train_probe.measure_step_seconds (its real run is tested in
     tests/test_train_budget.py): seconds per step by preset."""
     MEASURED.append((variant, method.preset, image_size, batch_size))
     return {"per_step": PER_STEP[method.preset], "steps": probe_steps, "setup_seconds": 1.0, "seconds": 3.0}

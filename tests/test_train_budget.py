@@ -54,7 +54,8 @@ def test_the_step_time_is_measured_before_a_run_by_a_short_real_probe(tmp_path, 
     import torch
 
     from ccad.methods import get_method
-    from ccad.train_budget import estimate_text, measure_step_seconds, steps_that_fit
+    from ccad.train_budget import estimate_text, steps_that_fit
+    from ccad.train_probe import measure_step_seconds
 
     torch.set_num_threads(1)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))

@@ -166,7 +166,7 @@ class TrainingMixin(ControllerBase):
                           measure: bool = True) -> str:
         """The Train tab's line before Start (issue 24): how long ``steps`` steps of ``variant`` at
         ``preset`` / ``image_size`` / ``batch_size`` would train on this machine. The seconds per
-        step are measured (:func:`ccad.train_budget.measure_step_seconds`: a few real steps of the
+        step are measured (:func:`ccad.train_probe.measure_step_seconds`: a few real steps of the
         same method on synthetic images; cached per setting, so changing the steps only multiplies);
         ``measure=False`` only uses a cached measurement. Without CUDA it also says how many steps
         fit in :data:`FIT_MINUTES` minutes, and with a smaller preset when this one does not fit."""
