@@ -293,6 +293,10 @@ SEED_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "legacy": ("legacy", {}), "fast": ("fast", {}),
     "fast-noprecut": ("fast", {"prereduce": None}),  # the 32-dim projection alone, every patch streamed
     "fast-64": ("fast", {"proj_dim": 64}),  # the pre-cut with a 64-dim projection
+    # the pre-cut in the 32-dim projection, the final selection on the original features
+    "fast-exactfinal": ("fast", {"exact_budget": 1e12}),
+    "fast-exact": ("fast", {"proj_dim": None}),  # the pre-cut and the final selection unprojected
+    "fast-20": ("fast", {"prereduce": 0.2}),  # a 20 % pre-cut, 32-dim projection
 }
 
 
