@@ -185,6 +185,37 @@ def test_fast_coreset_is_deterministic_and_seeded() -> None:
     assert not torch.equal(random_projection(160, 32, seed=5), random_projection(160, 32, seed=6))
 
 
+def test_fast_final_selection_runs_on_the_original_features() -> None:
+    """In ``fast`` mode only the per-image pre-cut uses the 32-dim projection: the final picks
+    are the exact greedy k-center of the kept rows in feature space (within the budget), so the
+    bank covers the patches the pre-cut kept as the true greedy would, not as the projection
+    sees them."""
+    from ccad.features.coreset import coreset_mode
+
+    maps, _ = _patch_maps(16, dim=160, seed=4)
+    cfg = coreset_mode("fast")
+    sc = StreamingCoreset(40, buffer=8 * 40, reduce_to=40, proj_dim=cfg["proj_dim"], seed=0,
+                          prereduce=cfg["prereduce"], exact_budget=cfg["exact_budget"])
+    for b in maps.split(4):
+        sc.update(b)
+    kept = sc.buffer_features()
+    start = int(torch.randint(kept.shape[0], (1,), generator=torch.Generator().manual_seed(2)))
+    exact = greedy_indices(kept, 40, start=start)
+    assert sc.result_indices().tolist() == exact.tolist()
+    projected = greedy_indices(kept @ random_projection(160, 32, seed=0), 40, start=start)
+    assert projected.tolist() != exact.tolist()  # the projection would have chosen otherwise
+    # a budget too small for the exact pass falls back to the projection
+    small = StreamingCoreset(40, buffer=8 * 40, reduce_to=40, proj_dim=32, seed=0,
+                             prereduce=cfg["prereduce"], exact_budget=1.0)
+    for b in maps.split(4):
+        small.update(b)
+    assert small.result_indices().tolist() == projected.tolist()
+    # and the budget covers a bank of MTD quick's size (686 images x 1024 patches of 152 dims,
+    # pre-cut to 10 %, memory 1 %: 7 025 picks), where the projected final pass lost tail coverage
+    k, rows, dim = 7025, 686 * 103, 152
+    assert k * rows * dim <= cfg["exact_budget"]
+
+
 def test_grouped_greedy_is_the_greedy_of_each_group() -> None:
     from ccad.features.coreset import greedy_indices_grouped
 
