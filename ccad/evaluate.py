@@ -158,14 +158,25 @@ def score_views(detector: Any, samples: Sequence[Any], batch_size: int = 8,
         done += len(labels[-1])
         if progress is not None:
             progress(done, len(samples))
+    return _scored_sets(views, scores, maps, labels, masks, metas, errors, size, framed=False)
+
+
+def _scored_sets(views: Sequence[Optional[str]], scores: dict, maps: dict, labels: list, masks: list,
+                 metas: list, errors: list, size: int, framed: bool) -> dict[Optional[str], ScoredSet]:
+    """One :class:`ScoredSet` per view from the per-batch lists (``framed``: maps and masks stay
+    lists of arrays of each image's own size, one score per image)."""
     out: dict[Optional[str], ScoredSet] = {}
     for v in views:
         if not scores[v]:
             out[v] = ScoredSet.empty(size)
             out[v].errors = list(errors)
             continue
-        out[v] = ScoredSet(np.concatenate(scores[v]), np.concatenate(maps[v]), np.concatenate(labels).astype(int),
-                           np.concatenate(masks), list(metas), list(errors))
+        if framed:
+            out[v] = ScoredSet(np.asarray(scores[v], np.float32), list(maps[v]), np.concatenate(labels).astype(int),
+                               list(masks), list(metas), list(errors))
+        else:
+            out[v] = ScoredSet(np.concatenate(scores[v]), np.concatenate(maps[v]),
+                               np.concatenate(labels).astype(int), np.concatenate(masks), list(metas), list(errors))
     return out
 
 
@@ -212,15 +223,7 @@ def _score_views_framed(detector: Any, samples: Sequence[Any], batch_size: int,
         if progress is not None:
             progress(done, len(samples))
     size = int(getattr(detector, "input_size", detector.image_size))
-    out: dict[Optional[str], ScoredSet] = {}
-    for v in views:
-        if not scores[v]:
-            out[v] = ScoredSet.empty(size)
-            out[v].errors = list(errors)
-            continue
-        out[v] = ScoredSet(np.asarray(scores[v], np.float32), list(maps[v]), np.concatenate(labels).astype(int),
-                           list(masks), list(metas), list(errors))
-    return out
+    return _scored_sets(views, scores, maps, labels, masks, metas, errors, size, framed=True)
 
 
 def _clock() -> float:

@@ -17,6 +17,18 @@ TABLE_TYPES = ["number", "str", "number", "str", "str", "str"]
 COMPARE_TYPES = ["number", "str", "number", "str", "number", "str", "str", "str", "str"]
 
 
+def _panels(prefix: str, slider_label: str) -> tuple[Any, ...]:
+    """The five image panels of one model (original, heatmap, overlay, reconstruction, slider),
+    created in the current row, with element ids ``{prefix}-original`` and so on."""
+    images = [gr.Image(label=label, height=PANEL_HEIGHT, format="png", interactive=False,
+                       elem_id=f"{prefix}-{key}")
+              for key, label in (("original", "Original"), ("heatmap", "Heatmap"), ("overlay", "Overlay"),
+                                 ("reconstruction", "Reconstruction"))]
+    slider = gr.ImageSlider(label=slider_label, height=PANEL_HEIGHT, format="png", interactive=False,
+                            type="numpy", elem_id=f"{prefix}-slider")
+    return (*images, slider)
+
+
 def layout(c: AppController) -> SimpleNamespace:
     """The components (built inside the caller's ``gr.Tab``/``gr.Blocks``), by name."""
     gallery = c.gallery_items()
@@ -35,17 +47,7 @@ def layout(c: AppController) -> SimpleNamespace:
                                         interactive=False, elem_id="inspect-samples")
     inspect_msg = gr.Markdown("", elem_id="inspect-status")
     with gr.Row(elem_id="inspect-panels", equal_height=True):
-        p_orig = gr.Image(label="Original", height=PANEL_HEIGHT, format="png", interactive=False,
-                          elem_id="panel-original")
-        p_heat = gr.Image(label="Heatmap", height=PANEL_HEIGHT, format="png", interactive=False,
-                          elem_id="panel-heatmap")
-        p_over = gr.Image(label="Overlay", height=PANEL_HEIGHT, format="png", interactive=False,
-                          elem_id="panel-overlay")
-        p_rec = gr.Image(label="Reconstruction", height=PANEL_HEIGHT, format="png", interactive=False,
-                         elem_id="panel-reconstruction")
-        p_slider = gr.ImageSlider(label="Original ↔ reconstruction (drag)", height=PANEL_HEIGHT,
-                                  format="png", interactive=False, type="numpy",
-                                  elem_id="panel-slider")
+        p_orig, p_heat, p_over, p_rec, p_slider = _panels("panel", "Original ↔ reconstruction (drag)")
     with gr.Row():
         score_tb = gr.Textbox(label="Image score", interactive=False, elem_id="inspect-score")
         verdict_tb = gr.Textbox(label="Verdict", interactive=False, elem_id="inspect-verdict",
@@ -61,17 +63,8 @@ def layout(c: AppController) -> SimpleNamespace:
     # (main.CSS), so they line up whether or not each model has a reconstruction
     with gr.Group(visible=False, elem_id="compare-group") as compare_group:
         with gr.Row(equal_height=True, elem_id="compare-panels"):
-            q_orig = gr.Image(label="Original", height=PANEL_HEIGHT, format="png", interactive=False,
-                              elem_id="compare-original")
-            q_heat = gr.Image(label="Heatmap", height=PANEL_HEIGHT, format="png", interactive=False,
-                              elem_id="compare-heatmap")
-            q_over = gr.Image(label="Overlay", height=PANEL_HEIGHT, format="png", interactive=False,
-                              elem_id="compare-overlay")
-            q_rec = gr.Image(label="Reconstruction", height=PANEL_HEIGHT, format="png", interactive=False,
-                             elem_id="compare-reconstruction")
-            q_slider = gr.ImageSlider(label="Original ↔ reconstruction (comparison model)", height=PANEL_HEIGHT,
-                                      format="png", interactive=False, type="numpy",
-                                      elem_id="compare-slider")
+            q_orig, q_heat, q_over, q_rec, q_slider = _panels(
+                "compare", "Original ↔ reconstruction (comparison model)")
         with gr.Row():
             q_score = gr.Textbox(label="Score", interactive=False, elem_id="compare-score")
             q_verdict = gr.Textbox(label="Verdict", interactive=False, elem_id="compare-verdict")
