@@ -43,6 +43,19 @@ def elongated(tmp_path_factory):
 
 # ---- the config ----------------------------------------------------------------------------------
 
+
+def _row_index_maps(real):
+    """``method.maps`` with each map replaced by its row index (0 at the top, growing downwards),
+    so the largest value of a padded input lies in its bottom padding."""
+
+    def rows(x):
+        out = real(x)
+        s = x.shape[-1]
+        out.maps = torch.arange(s, dtype=torch.float32).view(1, 1, s, 1).expand(x.shape[0], 1, s, s).clone()
+        return out
+
+    return rows
+
 def test_config_round_trip_and_old_configs_load_as_square():
     cfg = DetectorConfig(image_size=64, resize="tile", tile_stride=16).validate()
     back = DetectorConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
@@ -84,13 +97,7 @@ def test_keep_aspect_map_has_the_image_size_and_padding_never_raises_the_score(e
     det.config.scoring.score = "max"
     real = det.method.maps
 
-    def rows(x):
-        out = real(x)
-        s = x.shape[-1]
-        out.maps = torch.arange(s, dtype=torch.float32).view(1, 1, s, 1).expand(x.shape[0], 1, s, s).clone()
-        return out
-
-    det.method.maps = rows
+    det.method.maps = _row_index_maps(real)
     img = np.random.default_rng(0).random((64, 320, 3)).astype(np.float32)
     p = det.predict(img)
     lay = det.layout(64, 320)
@@ -146,13 +153,7 @@ def test_tile_padding_below_a_short_image_never_raises_the_score(elongated):
     old_rule, real = det.config.scoring.score, det.method.maps
     det.config.scoring.score = "max"
 
-    def rows(x):
-        out = real(x)
-        s = x.shape[-1]
-        out.maps = torch.arange(s, dtype=torch.float32).view(1, 1, s, 1).expand(x.shape[0], 1, s, s).clone()
-        return out
-
-    det.method.maps = rows
+    det.method.maps = _row_index_maps(real)
     try:
         p = det.predict(np.random.default_rng(2).random((40, 150, 3)).astype(np.float32))
     finally:
