@@ -129,3 +129,45 @@ def fill_textbox(page: Any, elem_id: str, text: str, timeout: float = 30.0) -> N
             return
         if time.time() > deadline:
             raise AssertionError(f"#{elem_id} did not keep the typed value {text!r}")
+
+
+@contextmanager
+def offline_train_app(tmp_path_factory: Any, engine: Any = None, prepare: Any = None,
+                      configure: Any = None) -> Iterator[tuple[str, Path, Any]]:
+    """The app served on a free port with ``HF_HUB_OFFLINE=1`` over a tiny generated one-texture
+    data root (``synth/fibrous``); ``prepare(root)`` runs before the controller is built,
+    ``configure(controller)`` before the app is built on it. Yields
+    ``(url, root, controller)`` and restores ``HF_HUB_OFFLINE`` afterwards."""
+    from app.controller import AppController
+    from app.main import build_app
+    from ccad.data.synthetic import write_dataset
+
+    old = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        root = tmp_path_factory.mktemp("data")
+        write_dataset(root / "synth", kinds=("fibrous",), n_train=6, n_test_good=1, n_test_defect=1, size=32,
+                      seed=2, defects=("spot",))
+        if prepare is not None:
+            prepare(root)
+        kw = {} if engine is None else {"engine": engine}
+        ctl = AppController(data_root=root, state_dir=tmp_path_factory.mktemp("state"), samples_dir=None,
+                            demo_dir=None, **kw)
+        ctl.hub_cache_dir = str(tmp_path_factory.mktemp("hub-cache"))
+        ctl.hub_probe = lambda: False
+        if configure is not None:
+            configure(ctl)
+        with serve(build_app(ctl)) as url:
+            yield url, root, ctl
+    finally:
+        if old is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old
+
+
+def open_train(page: Any, url: str) -> None:
+    """Open the app's Train tab and wait for its method box."""
+    page.goto(url)
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#train-method input").first.wait_for(state="visible")

@@ -6,7 +6,6 @@ preview, and one short model name. Offline: HF_HUB_OFFLINE=1 and an empty Hub ca
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Iterator
 
 import pytest
@@ -15,8 +14,9 @@ from browser_util import (
     browser_page,
     chromium_or_skip,
     fill_textbox,
+    offline_train_app,
+    open_train,
     screenshot,
-    serve,
     wait_text,
     wait_textbox,
 )
@@ -30,32 +30,14 @@ DEFAULT_KL = "kl:stabilityai/sd-vae-ft-mse"
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    from app.controller import AppController
-    from app.main import build_app
-    from ccad.data.synthetic import write_dataset
+    def taef2_files(root: Any) -> None:
+        taef2 = root / "weights" / "taef2"
+        taef2.mkdir(parents=True)
+        for f in ("taef2_encoder.pth", "taef2_decoder.pth"):
+            (taef2 / f).write_bytes(b"")  # listed by what is in the folder; no job here loads it
 
-    old = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    root = tmp_path_factory.mktemp("data")
-    write_dataset(root / "synth", kinds=("fibrous",), n_train=6, n_test_good=1, n_test_defect=1, size=32, seed=2,
-                  defects=("spot",))
-    taef2 = root / "weights" / "taef2"
-    taef2.mkdir(parents=True)
-    for f in ("taef2_encoder.pth", "taef2_decoder.pth"):
-        (taef2 / f).write_bytes(b"")  # listed by what is in the folder; no job here loads it
-    ctl = AppController(data_root=root, state_dir=tmp_path_factory.mktemp("state"), samples_dir=None,
-                        demo_dir=None)
-    ctl.hub_cache_dir = str(tmp_path_factory.mktemp("hub-cache"))
-    ctl.hub_probe = lambda: False
-    demo = build_app(ctl)
-    try:
-        with serve(demo) as url:
-            yield {"url": url, "root": root, "ctl": ctl, "taef2": taef2}
-    finally:
-        if old is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = old
+    with offline_train_app(tmp_path_factory, prepare=taef2_files) as (url, root, ctl):
+        yield {"url": url, "root": root, "ctl": ctl, "taef2": root / "weights" / "taef2"}
 
 
 def _select_dropdown(page: Any, elem_id: str, label: str) -> None:
@@ -67,10 +49,7 @@ def _select_dropdown(page: Any, elem_id: str, label: str) -> None:
     page.keyboard.press("Escape")
 
 
-def _open_train(page: Any, url: str) -> None:
-    page.goto(url)
-    page.get_by_role("tab", name="Train").click()
-    page.locator("#train-method input").first.wait_for(state="visible")
+_open_train = open_train
 
 
 def test_autoencoder_box_offers_offline_first_and_refuses_what_will_not_load(env: dict[str, Any]) -> None:

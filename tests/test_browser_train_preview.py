@@ -10,7 +10,6 @@ tests/test_train_tab.py): what is tested is what the page shows of a job, not th
 """
 from __future__ import annotations
 
-import os
 import time
 from types import SimpleNamespace
 from typing import Any, Iterator
@@ -18,7 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 
-from browser_util import browser_page, chromium_or_skip, screenshot, serve, wait_text
+from browser_util import browser_page, chromium_or_skip, offline_train_app, open_train, screenshot, wait_text
 
 pytestmark = pytest.mark.browser
 
@@ -54,35 +53,17 @@ def _fake_measure(variant: str, method: Any, image_size: int, batch_size: int, p
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    from app.controller import AppController, Engine
-    from app.main import build_app
-    from ccad.data.synthetic import write_dataset
+    from app.controller import Engine
 
-    old = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    root = tmp_path_factory.mktemp("data")
-    write_dataset(root / "synth", kinds=("fibrous",), n_train=6, n_test_good=1, n_test_defect=1, size=32, seed=2,
-                  defects=("spot",))
-    ctl = AppController(data_root=root, state_dir=tmp_path_factory.mktemp("state"), samples_dir=None,
-                        demo_dir=None, engine=Engine(train=_fake_train))
-    ctl.engine.measure_steps = _fake_measure
-    ctl.hub_cache_dir = str(tmp_path_factory.mktemp("hub-cache"))
-    ctl.hub_probe = lambda: False
-    demo = build_app(ctl)
-    try:
-        with serve(demo) as url:
-            yield {"url": url, "root": root, "ctl": ctl}
-    finally:
-        if old is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = old
+    def fake_probe(ctl: Any) -> None:
+        ctl.engine.measure_steps = _fake_measure
+
+    app = offline_train_app(tmp_path_factory, engine=Engine(train=_fake_train), configure=fake_probe)
+    with app as (url, root, ctl):
+        yield {"url": url, "root": root, "ctl": ctl}
 
 
-def _open_train(page: Any, url: str) -> None:
-    page.goto(url)
-    page.get_by_role("tab", name="Train").click()
-    page.locator("#train-method input").first.wait_for(state="visible")
+_open_train = open_train
 
 
 def _preview_images(page: Any) -> int:
