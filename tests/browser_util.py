@@ -171,3 +171,13 @@ def open_train(page: Any, url: str) -> None:
     page.goto(url)
     page.get_by_role("tab", name="Train").click()
     page.locator("#train-method input").first.wait_for(state="visible")
+
+
+def select_dropdown(page: Any, elem_id: str, label: str) -> None:
+    """Choose ``label`` in the Gradio dropdown ``elem_id`` by typing it and pressing Enter."""
+    box = page.locator(f"#{elem_id} input").first
+    box.click()
+    box.fill(label)
+    page.wait_for_timeout(300)
+    box.press("Enter")
+    page.keyboard.press("Escape")

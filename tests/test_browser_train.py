@@ -16,6 +16,7 @@ from browser_util import (
     fill_textbox,
     offline_train_app,
     open_train,
+    select_dropdown,
     screenshot,
     wait_text,
     wait_textbox,
@@ -40,25 +41,13 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         yield {"url": url, "root": root, "ctl": ctl, "taef2": root / "weights" / "taef2"}
 
 
-def _select_dropdown(page: Any, elem_id: str, label: str) -> None:
-    box = page.locator(f"#{elem_id} input").first
-    box.click()
-    box.fill(label)
-    page.wait_for_timeout(300)
-    box.press("Enter")
-    page.keyboard.press("Escape")
-
-
-_open_train = open_train
-
-
 def test_autoencoder_box_offers_offline_first_and_refuses_what_will_not_load(env: dict[str, Any]) -> None:
     from ccad.methods import get_method
 
     deco = get_method("deco-diff")
     with browser_page(CHROMIUM, height=1400) as page:
-        _open_train(page, env["url"])
-        _select_dropdown(page, "train-method", deco.title)
+        open_train(page, env["url"])
+        select_dropdown(page, "train-method", deco.title)
         page.locator("#train-autoencoder").wait_for(state="visible")
         spec = f"taef2:{env['taef2']}"
         wait_textbox(page, "train-autoencoder", lambda v: v == spec, timeout=20)  # what loads offline first
@@ -108,7 +97,7 @@ def test_resumed_job_shows_real_step_loss_preview_and_one_model_name(env: dict[s
     st = ctl.training_status()
     last = st["losses"][-1][1]
     with browser_page(CHROMIUM, height=1600) as page:
-        _open_train(page, env["url"])
+        open_train(page, env["url"])
         wait_text(page, "train-progress", "step 3/3")
         progress = page.locator("#train-progress").inner_text()
         assert f"loss {last:.4f}" in progress and "nan" not in progress

@@ -17,7 +17,15 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 
-from browser_util import browser_page, chromium_or_skip, offline_train_app, open_train, screenshot, wait_text
+from browser_util import (
+    browser_page,
+    chromium_or_skip,
+    offline_train_app,
+    open_train,
+    screenshot,
+    select_dropdown,
+    wait_text,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -63,9 +71,6 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         yield {"url": url, "root": root, "ctl": ctl}
 
 
-_open_train = open_train
-
-
 def _preview_images(page: Any) -> int:
     return page.locator("#train-preview img").count()
 
@@ -73,7 +78,7 @@ def _preview_images(page: Any) -> int:
 def test_a_feat_diff_job_never_shows_the_previous_jobs_preview(env: dict[str, Any]) -> None:
     ctl = env["ctl"]
     with browser_page(CHROMIUM, height=1600) as page:
-        _open_train(page, env["url"])
+        open_train(page, env["url"])
         ctl.start_training("synth/fibrous", None, None, "tiny", 32, 1, 2, preview_every=1, variant="ccad-v")
         ctl.jobs.join(60)
         first = ctl.jobs.snapshot()
@@ -94,15 +99,6 @@ def test_a_feat_diff_job_never_shows_the_previous_jobs_preview(env: dict[str, An
         wait_text(page, "train-preview", "no pixel reconstruction")
 
 
-def _select_dropdown(page: Any, elem_id: str, label: str) -> None:
-    box = page.locator(f"#{elem_id} input").first
-    box.click()
-    box.fill(label)
-    page.wait_for_timeout(300)
-    box.press("Enter")
-    page.keyboard.press("Escape")
-
-
 def test_the_estimate_before_start_follows_method_preset_and_steps(env: dict[str, Any]) -> None:
     from app.engine import cuda_available
     from ccad.train_budget import format_seconds
@@ -111,7 +107,7 @@ def test_the_estimate_before_start_follows_method_preset_and_steps(env: dict[str
     cpu = not cuda_available()
     d = ctl.default_train_settings("ccad-v")
     with browser_page(CHROMIUM, height=1600) as page:
-        _open_train(page, env["url"])  # opening the tab measures the default setting
+        open_train(page, env["url"])  # opening the tab measures the default setting
         steps, size, bs = d["steps"], d["image_size"], d["batch_size"]
         first = f"Estimated training time: {format_seconds(0.5 * steps)} for {steps} steps"
         wait_text(page, "train-estimate", first, timeout_ms=120_000)
@@ -124,7 +120,7 @@ def test_the_estimate_before_start_follows_method_preset_and_steps(env: dict[str
         screenshot(page, "train_estimate_default")
 
         # a bigger preset: measured for itself; without a GPU the steps that fit, and the smaller preset's
-        _select_dropdown(page, "train-preset", "small")
+        select_dropdown(page, "train-preset", "small")
         wait_text(page, "train-estimate", f"Estimated training time: {format_seconds(4.0 * steps)} for {steps} steps",
                   timeout_ms=120_000)
         text = page.locator("#train-estimate").inner_text()
