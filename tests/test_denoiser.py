@@ -59,6 +59,51 @@ def test_gcb_only_at_low_resolutions():
     assert cfg.heads_per_level() == tuple(c // cfg.attention_head_dim for c in cfg.block_out_channels)
 
 
+@pytest.mark.parametrize("preset,size", [("tiny", 32), ("tiny", 64), ("tiny", 128), ("tiny", 256),
+                                         ("small", 64), ("small", 128), ("small", 256)])
+def test_every_preset_reads_the_bank_at_every_size(preset, size):
+    """CCAD(V)'s denoiser must cross-attend to the bank at any input size a user can choose. The
+    tiny preset's grids (16, 8) are sized for 64 px; at 128 px (the app's CPU default) its levels
+    run at 128 / 64 / 32, so before this check no block attended and the bank was never read
+    (an MTD quick run scored identically with and without the bank). There the deepest level and
+    the middle block attend instead (a grid above 32 x 32 tokens only when no level is smaller)."""
+    cfg = DenoiserConfig.preset(preset, sample_size=size, bank_dim=D)
+    assert cfg.reads_bank()
+    grids = [r for r, t in zip(cfg.level_resolutions(), cfg.down_block_types()) if t == "CrossAttnDownBlock2D"]
+    assert grids and max(grids) <= max(32, cfg.level_resolutions()[-1])  # deepest level if none is <= 32
+    if preset == "tiny" and size == 128:
+        assert cfg.attention_resolutions == (32,) and cfg.mid_block_type() == "UNetMidBlock2DCrossAttn"
+        torch.manual_seed(0)
+        m = BankConditionedUNet.from_spec(cfg).eval()
+        x, t = torch.randn(1, 3, size, size), torch.tensor([100])
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            e1 = m(x, t, torch.randn(XI, D, generator=g))
+            e2 = m(x, t, torch.randn(XI, D, generator=g))
+        assert (e1 - e2).abs().mean() > 1e-4  # the bank changes the output
+    # an explicit choice is kept as given
+    assert DenoiserConfig.preset(preset, sample_size=size, bank_dim=D,
+                                 attention_resolutions=(8,)).attention_resolutions == (8,)
+
+
+def test_a_saved_ccad_v_model_that_never_reads_its_bank_says_so(tmp_path):
+    """Models saved before the fix above (e.g. tiny at 128 px) load as they are, with a warning
+    naming the folder, and their card records that the bank condition is not read."""
+    from ccad.methods.ccad_v import CCADV
+
+    cfg = DenoiserConfig.preset("tiny", sample_size=128, bank_dim=D, attention_resolutions=(16, 8))
+    assert not cfg.reads_bank()
+    method = CCADV.__new__(CCADV)
+    method.modules = torch.nn.ModuleDict({"denoiser": BankConditionedUNet.from_spec(cfg)})
+    assert not method.bank_is_read()
+    with pytest.warns(UserWarning, match="never reads the bank"):
+        method._warn_if_bank_unread(tmp_path)
+    fixed = CCADV.__new__(CCADV)
+    fixed.modules = torch.nn.ModuleDict({"denoiser": BankConditionedUNet.from_spec(
+        DenoiserConfig.preset("tiny", sample_size=128, bank_dim=D))})
+    assert fixed.bank_is_read()
+
+
 def test_config_json_round_trip_and_errors():
     cfg = DenoiserConfig.preset("base", sample_size=256, bank_dim=272)
     again = DenoiserConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))

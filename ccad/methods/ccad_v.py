@@ -8,6 +8,8 @@ the image and its reconstruction.
 """
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -126,7 +128,8 @@ class CCADV(Method):
     def card(self) -> dict[str, Any]:
         d = self.config.diffusion
         return {**super().card(), "reconstruction": {"strategy": d.strategy, "start_step": d.start_step,
-                                                     "steps": d.steps, "guidance": d.guidance}}
+                                                     "steps": d.steps, "guidance": d.guidance},
+                "bank_condition_read": self.bank_is_read()}
 
     @classmethod
     def load(cls, directory: Path, config: CCADVConfig, ctx: Context) -> "CCADV":
@@ -136,5 +139,23 @@ class CCADV(Method):
                 raise FileNotFoundError(f"{directory}: {LEGACY_WEIGHTS} without a denoiser config")
             method = cls(config, ctx)
             method.modules["denoiser"] = BankConditionedUNet.load_legacy(legacy, config.denoiser)
-            return method
-        return super().load(directory, config, ctx)
+            return method._warn_if_bank_unread(directory)
+        return super().load(directory, config, ctx)._warn_if_bank_unread(directory)
+
+    def bank_is_read(self) -> bool:
+        """Whether this model's denoiser has a cross-attention block, i.e. reads the bank."""
+        net = self.modules["denoiser"] if "denoiser" in self.modules else None
+        if net is None:
+            return True
+        return DenoiserConfig.from_config(net.config).reads_bank()
+
+    def _warn_if_bank_unread(self, directory: Path) -> "CCADV":
+        if not self.bank_is_read():
+            warnings.warn(
+                f"{directory}: this CCAD(V) model's denoiser has no cross-attention block at its "
+                f"input size (attention_resolutions {list(self.modules['denoiser'].config.attention_resolutions)}, "
+                f"grids {DenoiserConfig.from_config(self.modules['denoiser'].config).level_resolutions()}), "
+                "so it never reads the bank: it reconstructs as an unconditioned DDPM. Models built "
+                "by this version attend on the deepest level at such sizes; retrain to get the bank "
+                "condition.", UserWarning, stacklevel=3)
+        return self

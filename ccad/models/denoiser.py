@@ -126,6 +126,13 @@ class _DenoiserLayout:
             return "UNetMidBlock2DCrossAttn"
         return "UNetMidBlock2D"  # ResBlocks only
 
+    def reads_bank(self) -> bool:
+        """Whether any block cross-attends to the bank: a level whose grid is in
+        ``attention_resolutions``, or the middle block. Without one the bank condition is never
+        read (the network is an unconditioned DDPM UNet)."""
+        return ("CrossAttnDownBlock2D" in self.down_block_types()
+                or self.mid_block_type() == "UNetMidBlock2DCrossAttn")
+
     def heads_per_level(self) -> tuple[int, ...]:
         return tuple(max(1, c // self.attention_head_dim) for c in self.block_out_channels)
 
@@ -146,7 +153,14 @@ class _DenoiserLayout:
         while levels > 1 and kwargs["sample_size"] % (2 ** (levels - 1)):
             levels -= 1  # small inputs: drop the deepest levels rather than fail
         kwargs["block_out_channels"] = tuple(kwargs["block_out_channels"])[:levels]
-        return cls(**kwargs)
+        spec = cls(**kwargs)
+        if spec.attention_resolutions and not spec.reads_bank() and "attention_resolutions" not in overrides:
+            # the preset's grids (tiny: 16 and 8, sized for 64 px) are absent at this input size
+            # (tiny at 128 px runs at 128 / 64 / 32): attend on the deepest level and the middle block
+            # instead, so the bank condition (CCAD sec. 3.3, eqs. 12-13) is read at every size
+            kwargs["attention_resolutions"] = (spec.level_resolutions()[-1],)
+            spec = cls(**kwargs)
+        return spec
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
