@@ -149,16 +149,21 @@ def _patch_maps(n_images: int, dim: int = 64, hw: int = 16, clusters: int = 24, 
     return torch.stack(maps), torch.cat(labels)
 
 
+def _streamed(maps: torch.Tensor, k: int, proj_dim, prereduce, exact_budget, seed: int = 0) -> StreamingCoreset:
+    """A StreamingCoreset (buffer 8k, reductions to k) fed ``maps`` four images at a time."""
+    sc = StreamingCoreset(k, buffer=8 * k, reduce_to=k, proj_dim=proj_dim, seed=seed,
+                          prereduce=prereduce, exact_budget=exact_budget)
+    for b in maps.split(4):
+        sc.update(b)
+    assert sc.seen == maps.shape[0] * maps.shape[2] * maps.shape[3]
+    return sc
+
+
 def _stream(maps: torch.Tensor, k: int, mode: str, seed: int = 0) -> torch.Tensor:
     from ccad.features.coreset import coreset_mode
 
     cfg = coreset_mode(mode)
-    sc = StreamingCoreset(k, buffer=8 * k, reduce_to=k, proj_dim=cfg["proj_dim"], seed=seed,
-                          prereduce=cfg["prereduce"], exact_budget=cfg["exact_budget"])
-    for b in maps.split(4):
-        sc.update(b)
-    assert sc.seen == maps.shape[0] * maps.shape[2] * maps.shape[3]
-    return sc.result()
+    return _streamed(maps, k, cfg["proj_dim"], cfg["prereduce"], cfg["exact_budget"], seed=seed).result()
 
 
 def test_fast_coreset_keeps_every_cluster_even_rare_ones() -> None:
@@ -194,10 +199,7 @@ def test_fast_final_selection_runs_on_the_original_features() -> None:
 
     maps, _ = _patch_maps(16, dim=160, seed=4)
     cfg = coreset_mode("fast")
-    sc = StreamingCoreset(40, buffer=8 * 40, reduce_to=40, proj_dim=cfg["proj_dim"], seed=0,
-                          prereduce=cfg["prereduce"], exact_budget=cfg["exact_budget"])
-    for b in maps.split(4):
-        sc.update(b)
+    sc = _streamed(maps, 40, cfg["proj_dim"], cfg["prereduce"], cfg["exact_budget"])
     kept = sc.buffer_features()
     start = int(torch.randint(kept.shape[0], (1,), generator=torch.Generator().manual_seed(2)))
     exact = greedy_indices(kept, 40, start=start)
@@ -205,10 +207,7 @@ def test_fast_final_selection_runs_on_the_original_features() -> None:
     projected = greedy_indices(kept @ random_projection(160, 32, seed=0), 40, start=start)
     assert projected.tolist() != exact.tolist()  # the projection would have chosen otherwise
     # a budget too small for the exact pass falls back to the projection
-    small = StreamingCoreset(40, buffer=8 * 40, reduce_to=40, proj_dim=32, seed=0,
-                             prereduce=cfg["prereduce"], exact_budget=1.0)
-    for b in maps.split(4):
-        small.update(b)
+    small = _streamed(maps, 40, 32, cfg["prereduce"], exact_budget=1.0)
     assert small.result_indices().tolist() == projected.tolist()
     # and the budget covers a bank of MTD quick's size (686 images x 1024 patches of 152 dims,
     # pre-cut to 10 %, memory 1 %: 7 025 picks), where the projected final pass lost tail coverage

@@ -142,19 +142,21 @@ class CCADV(Method):
             return method._warn_if_bank_unread(directory)
         return super().load(directory, config, ctx)._warn_if_bank_unread(directory)
 
+    def _denoiser_spec(self) -> Optional[DenoiserConfig]:
+        return DenoiserConfig.from_config(self.modules["denoiser"].config) if "denoiser" in self.modules else None
+
     def bank_is_read(self) -> bool:
         """Whether this model's denoiser has a cross-attention block, i.e. reads the bank."""
-        net = self.modules["denoiser"] if "denoiser" in self.modules else None
-        if net is None:
-            return True
-        return DenoiserConfig.from_config(net.config).reads_bank()
+        spec = self._denoiser_spec()
+        return spec is None or spec.reads_bank()
 
     def _warn_if_bank_unread(self, directory: Path) -> "CCADV":
-        if not self.bank_is_read():
+        spec = self._denoiser_spec()
+        if spec is not None and not spec.reads_bank():
             warnings.warn(
                 f"{directory}: this CCAD(V) model's denoiser has no cross-attention block at its "
-                f"input size (attention_resolutions {list(self.modules['denoiser'].config.attention_resolutions)}, "
-                f"grids {DenoiserConfig.from_config(self.modules['denoiser'].config).level_resolutions()}), "
+                f"input size (attention_resolutions {list(spec.attention_resolutions)}, "
+                f"grids {spec.level_resolutions()}), "
                 "so it never reads the bank: it reconstructs as an unconditioned DDPM. Models built "
                 "by this version attend on the deepest level at such sizes; retrain to get the bank "
                 "condition.", UserWarning, stacklevel=3)
